@@ -1,0 +1,107 @@
+"""Parsing perturbation labels such as ``"control"``, ``"KLF1"`` or ``"SET+KLF1"`` into gene sets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+
+
+def parse_perturbation(label: str, control_value: str = "control", delimiter: str = "+") -> tuple[str, ...]:
+    """Split one perturbation label into the tuple of perturbed genes.
+
+    Parameters
+    ----------
+    label
+        A perturbation label, e.g. ``"KLF1"`` or ``"SET+KLF1"``.
+    control_value
+        The label of control cells; it parses to the empty tuple. Tokens equal to it inside a
+        combination (``"KLF1+control"``, as some screens write singles) are dropped.
+    delimiter
+        The separator between genes in a combination.
+
+    Returns
+    -------
+    The perturbed genes in the order they appear, without duplicates.
+
+    Raises
+    ------
+    ValueError
+        If the label has an empty token (``"A++B"``, ``"+A"``).
+
+    Examples
+    --------
+    >>> parse_perturbation("SET+KLF1")
+    ('SET', 'KLF1')
+    >>> parse_perturbation("control")
+    ()
+    """
+    label = str(label)
+    if label == control_value:
+        return ()
+    tokens = [token.strip() for token in label.split(delimiter)]
+    if any(token == "" for token in tokens):
+        raise ValueError(
+            f"Perturbation label {label!r} has an empty gene name between {delimiter!r} delimiters."
+        )
+    genes = [token for token in tokens if token != control_value]
+    return tuple(dict.fromkeys(genes))
+
+
+def perturbation_gene_sets(
+    labels: Iterable[str], control_value: str = "control", delimiter: str = "+"
+) -> dict[str, tuple[str, ...]]:
+    """Parse every distinct perturbation label once.
+
+    Parameters
+    ----------
+    labels
+        Perturbation labels, typically ``adata.obs[perturbation_key]``.
+    control_value
+        The control label.
+    delimiter
+        The separator between genes in a combination.
+
+    Returns
+    -------
+    ``{label: genes}`` for each distinct label, in order of first appearance.
+
+    Examples
+    --------
+    >>> perturbation_gene_sets(["control", "A", "A+B", "A"])
+    {'control': (), 'A': ('A',), 'A+B': ('A', 'B')}
+    """
+    distinct = pd.unique(pd.Series(list(labels), dtype=str))
+    return {label: parse_perturbation(label, control_value, delimiter) for label in distinct}
+
+
+def check_control_present(labels: pd.Series, key: str, control_value: str) -> None:
+    """Raise a ``ValueError`` naming ``key`` if no label equals ``control_value``.
+
+    Parameters
+    ----------
+    labels
+        The perturbation column.
+    key
+        Its name in ``adata.obs``, used in the message.
+    control_value
+        The expected control label.
+
+    Raises
+    ------
+    ValueError
+        If ``control_value`` is absent; the message lists up to 10 of the values found.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> check_control_present(pd.Series(["control", "A"]), "perturbation", "control")
+    """
+    values = pd.unique(labels.astype(str))
+    if control_value not in set(values):
+        shown = ", ".join(repr(v) for v in values[:10])
+        more = f" (and {len(values) - 10} more)" if len(values) > 10 else ""
+        raise ValueError(
+            f"control_value {control_value!r} not found in adata.obs[{key!r}]. "
+            f"Values found: {shown}{more}."
+        )

@@ -1,0 +1,3 @@
+"""Plots, one function per result type."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Gradient probes of trained scVI-family decoders (CELLxGENE Census models included)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Analyses on AnnData: genetic-interaction calls and related tools."""
+
+__all__: list[str] = []
