@@ -3,10 +3,12 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import benchmark, data, embeddings, pl, probe, tl
+from .model import ScopeVI
+from .module import ScopeVAE
 
 try:
     __version__ = version("perturbscope")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["benchmark", "data", "embeddings", "pl", "probe", "tl"]
+__all__ = ["ScopeVAE", "ScopeVI", "benchmark", "data", "embeddings", "pl", "probe", "tl"]

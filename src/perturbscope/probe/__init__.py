@@ -1,3 +1,26 @@
-"""Gradient probes of trained scVI-family decoders (CELLxGENE Census models included)."""
+"""Gradient probes of trained scVI-family decoders (CELLxGENE Census models included).
 
-__all__: list[str] = []
+Differentiate a trained decoder with respect to its latent variables (Bjerregaard, Das, Krogh
+& Prada-Luengo, Genes 2025) to read what it has learnt about perturbations without labels:
+per-cell Jacobians, gene vector fields and flows, axis-alignment gene scores, and pathway
+rankings of those scores.
+"""
+
+from ._alignment import axis_alignment_scores, mean_expression_baseline
+from ._census import load_census_scvi
+from ._flow import gradient_field, gradient_flow
+from ._jacobian import decoder_jacobian
+from ._pathways import rank_pathways, read_gene_sets
+from ._safe_load import load_model_file
+
+__all__ = [
+    "axis_alignment_scores",
+    "decoder_jacobian",
+    "gradient_field",
+    "gradient_flow",
+    "load_census_scvi",
+    "load_model_file",
+    "mean_expression_baseline",
+    "rank_pathways",
+    "read_gene_sets",
+]

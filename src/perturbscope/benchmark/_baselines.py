@@ -1,0 +1,691 @@
+"""Simple baselines behind the same ``fit`` / ``predict`` interface as :class:`~perturbscope.ScopeVI`.
+
+Every baseline works in log1p-normalised space. ``fit`` computes, with the one
+:func:`~perturbscope.benchmark.pseudobulk`, the mean of every training perturbation in every
+context and its *shift* from that context's control mean. A baseline is a rule that turns
+these shifts into the predicted shift of a perturbation in a context. ``predict`` adds that
+shift to each given control cell, so the predicted cells keep the control cells' heterogeneity
+and their mean is exactly the control mean plus the predicted shift.
+
+Where a context has no training shift of the perturbation (an unseen cell type or line), the
+shift is transferred: the mean over the other contexts where it was seen.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from .._constants import OUTPUT_KEYS, TARGET_SUM
+from ..data import check_control_present, parse_perturbation
+from ._pseudobulk import log1p_normalized, pseudobulk
+
+_ALL = "all"  # the single context of data without a context column
+
+DataScale = Literal["counts", "log1p_norm"]
+
+
+def log1p_expression(
+    adata: ad.AnnData, layer: str | None = None, data_scale: DataScale = "counts"
+) -> np.ndarray:
+    """Dense log1p-normalised expression of ``adata``, whatever scale it is stored on.
+
+    Parameters
+    ----------
+    adata
+        Cells.
+    layer
+        Layer to read; ``X`` when ``None``.
+    data_scale
+        ``"counts"``: raw counts, normalised to 1e4 and log1p-transformed here.
+        ``"log1p_norm"``: already log1p-normalised, used as is.
+
+    Returns
+    -------
+    A dense ``float64`` array (cells x genes).
+
+    Raises
+    ------
+    ValueError
+        If ``data_scale`` is not one of the two values.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> log1p_expression(ad.AnnData(np.array([[1.0, 3.0]])), data_scale="log1p_norm")
+    array([[1., 3.]])
+    """
+    if data_scale == "counts":
+        X = log1p_normalized(adata, layer=layer)
+    elif data_scale == "log1p_norm":
+        X = adata.X if layer is None else adata.layers[layer]
+    else:
+        raise ValueError(f"data_scale must be 'counts' or 'log1p_norm', got {data_scale!r}.")
+    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+    return X.astype(np.float64)
+
+
+class Baseline:
+    """Shared machinery of the baselines: training shifts per context and cell-level prediction.
+
+    Subclasses implement :meth:`_shift`. Use a concrete baseline, e.g.
+    :class:`PerturbedMeanBaseline`.
+
+    Attributes
+    ----------
+    control_means_
+        Control mean per context (contexts x genes), set by :meth:`fit`.
+    shifts_
+        Mean shift from the context's control of every training perturbation and context
+        (``MultiIndex`` (perturbation, context) x genes), set by :meth:`fit`.
+
+    Examples
+    --------
+    >>> from perturbscope.data import simulate_perturbseq
+    >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=1,
+    ...                                n_cell_types=1, n_cells_per_condition=5)
+    >>> model = NoChangeBaseline().fit(adata, "perturbation")
+    >>> model.shifts_.shape
+    (5, 30)
+    """
+
+    name = "baseline"
+
+    def fit(
+        self,
+        adata_train: ad.AnnData,
+        perturbation_key: str,
+        control_value: str = "control",
+        context_key: str | None = None,
+        layer: str | None = None,
+        data_scale: DataScale = "counts",
+        delimiter: str = "+",
+    ) -> Baseline:
+        """Compute the training shifts.
+
+        Parameters
+        ----------
+        adata_train
+            Training cells (not modified).
+        perturbation_key
+            ``obs`` column of perturbation labels.
+        control_value
+            The control label.
+        context_key
+            ``obs`` column of contexts (cell type, line); shifts are computed per context.
+        layer
+            Layer holding expression; ``X`` when ``None``.
+        data_scale
+            ``"counts"`` or ``"log1p_norm"``: the scale of the stored expression, which is
+            also the scale of the predicted ``X``.
+        delimiter
+            Separator of genes in combination labels.
+
+        Returns
+        -------
+        The fitted baseline (``self``).
+
+        Raises
+        ------
+        KeyError
+            If ``perturbation_key`` or ``context_key`` is not in ``adata_train.obs``.
+        ValueError
+            If a context has no control cells.
+        """
+        for key, role in ((perturbation_key, "perturbation_key"), (context_key, "context_key")):
+            if key is not None and key not in adata_train.obs.columns:
+                raise KeyError(
+                    f"{role} {key!r} not in adata.obs; columns are "
+                    f"{list(adata_train.obs.columns)}."
+                )
+        labels = adata_train.obs[perturbation_key].astype(str)
+        check_control_present(labels, perturbation_key, control_value)
+        contexts = (
+            pd.Series(_ALL, index=adata_train.obs_names)
+            if context_key is None
+            else adata_train.obs[context_key].astype(str)
+        )
+        expression = ad.AnnData(
+            log1p_expression(adata_train, layer, data_scale),
+            obs=pd.DataFrame({"perturbation": labels.to_numpy(), "context": contexts.to_numpy()},
+                             index=adata_train.obs_names),
+            var=pd.DataFrame(index=adata_train.var_names),
+        )
+        means = pseudobulk(expression, ["perturbation", "context"])
+        control = means.xs(control_value, level="perturbation")
+        no_control = sorted(set(contexts) - set(control.index))
+        if no_control:
+            raise ValueError(
+                f"contexts {no_control} in adata.obs[{context_key!r}] have no {control_value!r} "
+                "cells, so their shifts cannot be computed."
+            )
+        perturbed = means.drop(index=control_value, level="perturbation")
+        context_of_row = perturbed.index.get_level_values("context")
+        self.shifts_ = perturbed - control.loc[context_of_row].to_numpy()
+        self.control_means_ = control
+        self.var_names_ = adata_train.var_names.copy()
+        self.perturbation_key_ = perturbation_key
+        self.control_value_ = control_value
+        self.context_key_ = context_key
+        self.data_scale_ = data_scale
+        self.delimiter_ = delimiter
+        self.seen_ = set(self.shifts_.index.get_level_values("perturbation"))
+        self.fallbacks_: set[str] = set()
+        self._fit_extra(expression)
+        return self
+
+    def _fit_extra(self, expression: ad.AnnData) -> None:
+        """Hook for subclasses that need more than the shifts."""
+
+    def _genes(self, perturbation: str) -> tuple[str, ...]:
+        return parse_perturbation(perturbation, self.control_value_, self.delimiter_)
+
+    def _seen_shift(self, perturbation: str, context: str) -> np.ndarray | None:
+        """The training shift in ``context``, else its mean over other contexts, else ``None``."""
+        if perturbation not in self.seen_:
+            return None
+        if (perturbation, context) in self.shifts_.index:
+            return self.shifts_.loc[(perturbation, context)].to_numpy()
+        return self.shifts_.xs(perturbation, level="perturbation").mean(axis=0).to_numpy()
+
+    def _perturbed_mean(self, context: str) -> np.ndarray:
+        contexts = self.shifts_.index.get_level_values("context")
+        rows = self.shifts_[contexts == context] if (contexts == context).any() else self.shifts_
+        if len(rows) == 0:
+            return np.zeros(len(self.var_names_))
+        return rows.mean(axis=0).to_numpy()
+
+    def _shift(self, perturbation: str, context: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "shifts_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(adata_train, ...).")
+
+    def predict_shifts(self, perturbations: Sequence[str], context: str | None = None) -> pd.DataFrame:
+        """Predicted mean shift from control (log1p-normalised) of each perturbation.
+
+        Parameters
+        ----------
+        perturbations
+            Perturbation labels, e.g. ``["KLF1", "SET+KLF1"]``.
+        context
+            The context to predict in; required when fitted with a ``context_key``.
+
+        Returns
+        -------
+        A DataFrame (perturbations x genes).
+
+        Raises
+        ------
+        ValueError
+            If ``context`` is missing although the model was fitted with contexts.
+
+        Examples
+        --------
+        >>> from perturbscope.data import simulate_perturbseq
+        >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=1,
+        ...                                n_cell_types=1, n_cells_per_condition=5)
+        >>> NoChangeBaseline().fit(adata, "perturbation").predict_shifts(["G00"]).abs().sum().sum()
+        np.float64(0.0)
+        """
+        self._check_fitted()
+        if context is None:
+            if self.context_key_ is not None:
+                raise ValueError(
+                    f"{type(self).__name__} was fitted with context_key={self.context_key_!r}; "
+                    "pass the context to predict in."
+                )
+            context = _ALL
+        rows = [self._shift(str(p), str(context)) for p in perturbations]
+        return pd.DataFrame(np.vstack(rows), index=list(map(str, perturbations)),
+                            columns=self.var_names_)
+
+    def predict(
+        self,
+        adata_control: ad.AnnData,
+        perturbations: Sequence[str],
+        aggregate: Literal["mean"] | None = None,
+    ) -> ad.AnnData:
+        """Predict perturbed cells: each control cell shifted by the predicted mean shift.
+
+        Parameters
+        ----------
+        adata_control
+            Control cells to start from, with the training genes (and the context column when
+            fitted with one). Not modified.
+        perturbations
+            Perturbation labels to predict.
+        aggregate
+            ``None``: one row per (perturbation, control cell). ``"mean"``: one row per
+            perturbation (and context), the mean of those cells.
+
+        Returns
+        -------
+        A new AnnData with the training ``var_names`` and
+
+        * ``obs["perturbation"]``; the context column when fitted with one;
+          ``obs["control_cell"]`` (cells) or ``obs["n_cells"]`` (means);
+        * ``X`` on the training scale: expected counts at the control cell's library size for
+          ``data_scale="counts"`` (negative values clipped to 0), else log1p-normalised values;
+        * ``layers["log1p_norm"]``: log1p-normalised predictions (not clipped, so their mean is
+          exactly the control mean plus the shift);
+        * ``uns["perturbscope"]``: the baseline's name and the perturbations that fell back to
+          the perturbed mean.
+
+        Raises
+        ------
+        ValueError
+            If the genes differ from training, ``aggregate`` is unknown or no perturbation is
+            given.
+        KeyError
+            If the context column is missing from ``adata_control.obs``.
+
+        Examples
+        --------
+        >>> from perturbscope.data import simulate_perturbseq
+        >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=1,
+        ...                                n_cell_types=1, n_cells_per_condition=5)
+        >>> model = PerturbedMeanBaseline().fit(adata, "perturbation")
+        >>> control = adata[adata.obs["perturbation"] == "control"]
+        >>> model.predict(control, ["G00", "G01"], aggregate="mean").obs["perturbation"].tolist()
+        ['G00', 'G01']
+        """
+        self._check_fitted()
+        if aggregate not in (None, "mean"):
+            raise ValueError(f"aggregate must be None or 'mean', got {aggregate!r}.")
+        perturbations = [str(p) for p in perturbations]
+        if not perturbations:
+            raise ValueError("perturbations is empty; give at least one perturbation label.")
+        if not adata_control.var_names.equals(self.var_names_):
+            missing = self.var_names_.difference(adata_control.var_names)[:10].tolist()
+            raise ValueError(
+                "adata_control must have the training genes in the training order; "
+                f"{len(self.var_names_.difference(adata_control.var_names))} are missing "
+                f"(first: {missing})."
+            )
+        if self.context_key_ is not None and self.context_key_ not in adata_control.obs.columns:
+            raise KeyError(
+                f"context_key {self.context_key_!r} not in adata_control.obs; columns are "
+                f"{list(adata_control.obs.columns)}."
+            )
+        self.fallbacks_ = set()
+        control = log1p_expression(adata_control, None, self.data_scale_)
+        contexts = (
+            np.full(adata_control.n_obs, _ALL)
+            if self.context_key_ is None
+            else adata_control.obs[self.context_key_].astype(str).to_numpy()
+        )
+        shift_tables = {c: self.predict_shifts(perturbations, c if self.context_key_ else None)
+                        for c in pd.unique(contexts)}
+        blocks, obs = [], []
+        for p in perturbations:
+            shifts = np.vstack([shift_tables[c].loc[p].to_numpy() for c in pd.unique(contexts)])
+            context_index = pd.Index(pd.unique(contexts)).get_indexer(contexts)
+            blocks.append(control + shifts[context_index])
+            frame = pd.DataFrame({OUTPUT_KEYS.PERTURBATION: p,
+                                  OUTPUT_KEYS.CONTROL_CELL: adata_control.obs_names.to_numpy()})
+            if self.context_key_ is not None:
+                frame[self.context_key_] = contexts
+            obs.append(frame)
+        log_values = np.vstack(blocks)
+        obs_frame = pd.concat(obs, ignore_index=True)
+        obs_frame.index = (obs_frame[OUTPUT_KEYS.PERTURBATION] + "_"
+                           + obs_frame[OUTPUT_KEYS.CONTROL_CELL]).to_numpy()
+        if self.data_scale_ == "counts":
+            X_control = adata_control.X
+            library = np.asarray(X_control.sum(axis=1)).ravel()
+            X = np.clip(np.expm1(log_values), 0, None) * np.tile(library, len(perturbations))[
+                :, None
+            ] / TARGET_SUM
+        else:
+            X = log_values.copy()
+        out = ad.AnnData(X=X.astype(np.float32), obs=obs_frame,
+                         var=pd.DataFrame(index=self.var_names_.copy()))
+        out.layers[OUTPUT_KEYS.LOG1P_NORM_LAYER] = log_values.astype(np.float32)
+        out.obs[OUTPUT_KEYS.PERTURBATION] = pd.Categorical(
+            out.obs[OUTPUT_KEYS.PERTURBATION], categories=perturbations
+        )
+        if aggregate == "mean":
+            out = _aggregate(out, self.context_key_)
+        out.uns[OUTPUT_KEYS.PROVENANCE_UNS] = {
+            "model": self.name,
+            "fallback_to_perturbed_mean": sorted(self.fallbacks_),
+        }
+        return out
+
+
+def _aggregate(cells: ad.AnnData, context_key: str | None) -> ad.AnnData:
+    keys = [OUTPUT_KEYS.PERTURBATION] + ([context_key] if context_key else [])
+    x_mean = pseudobulk(cells, keys)
+    log_mean = pseudobulk(cells, keys, layer=OUTPUT_KEYS.LOG1P_NORM_LAYER)
+    n_cells = cells.obs.groupby(keys, observed=True).size()
+    obs = x_mean.index.to_frame(index=False)
+    order = list(cells.obs[OUTPUT_KEYS.PERTURBATION].cat.categories)
+    obs["_order"] = obs[OUTPUT_KEYS.PERTURBATION].map(order.index)
+    obs = obs.sort_values("_order", kind="stable")
+    rows = obs.index.to_numpy()
+    obs = obs.drop(columns="_order").reset_index(drop=True)
+    obs[OUTPUT_KEYS.N_CELLS] = [int(n_cells.loc[tuple(r) if len(keys) > 1 else r[0]])
+                                for r in obs[keys].itertuples(index=False)]
+    obs.index = ["_".join(map(str, r)) for r in obs[keys].itertuples(index=False)]
+    out = ad.AnnData(X=x_mean.to_numpy()[rows].astype(np.float32), obs=obs,
+                     var=pd.DataFrame(index=cells.var_names.copy()))
+    out.layers[OUTPUT_KEYS.LOG1P_NORM_LAYER] = log_mean.to_numpy()[rows].astype(np.float32)
+    return out
+
+
+class NoChangeBaseline(Baseline):
+    """Predict no change: every perturbation is the control mean.
+
+    Examples
+    --------
+    >>> from perturbscope.data import simulate_perturbseq
+    >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=1,
+    ...                                n_cell_types=1, n_cells_per_condition=5)
+    >>> float(NoChangeBaseline().fit(adata, "perturbation").predict_shifts(["G00"]).abs().max(axis=1).iloc[0])
+    0.0
+    """
+
+    name = "no_change"
+
+    def _shift(self, perturbation: str, context: str) -> np.ndarray:
+        return np.zeros(len(self.var_names_))
+
+
+class PerturbedMeanBaseline(Baseline):
+    """Predict the mean shift of all training perturbations (Systema's perturbed mean).
+
+    Every training perturbation counts once, whatever its number of cells. In a context
+    without training perturbations (zero-shot) the mean over all contexts is used.
+
+    Examples
+    --------
+    >>> from perturbscope.data import simulate_perturbseq
+    >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=1,
+    ...                                n_cell_types=1, n_cells_per_condition=5)
+    >>> model = PerturbedMeanBaseline().fit(adata, "perturbation")
+    >>> shifts = model.predict_shifts(["G00", "new"])
+    >>> bool((shifts.loc["G00"] == shifts.loc["new"]).all())
+    True
+    """
+
+    name = "perturbed_mean"
+
+    def _shift(self, perturbation: str, context: str) -> np.ndarray:
+        return self._perturbed_mean(context)
+
+
+class MatchingMeanBaseline(Baseline):
+    """Predict the mean shift of the matching training perturbations (Systema's matching mean).
+
+    A perturbation seen in training (in this context, else in others: the transfer across
+    cell types or lines) is predicted by its own shift; a combination by the mean of the shifts
+    of its genes seen as singles; anything else by the perturbed mean.
+
+    Examples
+    --------
+    >>> from perturbscope.data import simulate_perturbseq
+    >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=1,
+    ...                                n_cell_types=1, n_cells_per_condition=5)
+    >>> model = MatchingMeanBaseline().fit(adata[adata.obs["perturbation"].isin(
+    ...     ["control", "G00", "G01"])], "perturbation")
+    >>> s = model.predict_shifts(["G00+G01", "G00", "G01"])
+    >>> bool(np.allclose(s.loc["G00+G01"], (s.loc["G00"] + s.loc["G01"]) / 2))
+    True
+    """
+
+    name = "matching_mean"
+
+    def _shift(self, perturbation: str, context: str) -> np.ndarray:
+        own = self._seen_shift(perturbation, context)
+        if own is not None:
+            return own
+        parts = [self._seen_shift(g, context) for g in self._genes(perturbation)]
+        parts = [s for s in parts if s is not None]
+        if not parts:
+            self.fallbacks_.add(perturbation)
+            return self._perturbed_mean(context)
+        return np.mean(parts, axis=0)
+
+
+class AdditiveBaseline(Baseline):
+    """Predict a combination as the sum of its genes' single shifts, in log space.
+
+    A perturbation seen in training is predicted by its own shift. Genes not seen as singles
+    add nothing (an unseen single is predicted as no change), so only ``seen2`` combinations
+    get a full additive prediction.
+
+    Examples
+    --------
+    >>> from perturbscope.data import simulate_perturbseq
+    >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=1,
+    ...                                n_cell_types=1, n_cells_per_condition=5)
+    >>> model = AdditiveBaseline().fit(adata[adata.obs["perturbation"].isin(
+    ...     ["control", "G00", "G01"])], "perturbation")
+    >>> s = model.predict_shifts(["G00+G01", "G00", "G01"])
+    >>> bool(np.allclose(s.loc["G00+G01"], s.loc["G00"] + s.loc["G01"]))
+    True
+    """
+
+    name = "additive"
+
+    def _shift(self, perturbation: str, context: str) -> np.ndarray:
+        own = self._seen_shift(perturbation, context)
+        if own is not None:
+            return own
+        total = np.zeros(len(self.var_names_))
+        for gene in self._genes(perturbation):
+            part = self._seen_shift(gene, context)
+            if part is not None:
+                total += part
+        return total
+
+
+def _check_embeddings(gene_embeddings: pd.DataFrame) -> pd.DataFrame:
+    if not isinstance(gene_embeddings, pd.DataFrame):
+        raise TypeError(
+            f"gene_embeddings must be a DataFrame (genes x dimensions), got "
+            f"{type(gene_embeddings).__name__}."
+        )
+    values = gene_embeddings.to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all():
+        bad = gene_embeddings.index[~np.isfinite(values).all(axis=1)][:10].tolist()
+        raise ValueError(f"gene_embeddings has non-finite values for genes {bad}.")
+    return pd.DataFrame(values, index=gene_embeddings.index.astype(str),
+                        columns=gene_embeddings.columns)
+
+
+class EmbeddingNeighborsBaseline(Baseline):
+    """Predict an unseen gene by a similarity-weighted mean of the training singles' shifts.
+
+    The weights are a softmax over the cosine similarity of the gene embeddings divided by
+    ``temperature``. A combination is the sum over its genes (the seen shift of a gene seen
+    as a single, else its neighbour prediction). Genes without an embedding are not
+    zero-filled: they fall back to the perturbed mean, with a warning, and are listed in the
+    prediction's ``uns["perturbscope"]["fallback_to_perturbed_mean"]``.
+
+    Parameters
+    ----------
+    gene_embeddings
+        Genes (index: symbols) x dimensions, e.g. GO-derived embeddings.
+    temperature
+        Softmax temperature on cosine similarity; small values approach the nearest neighbour.
+
+    Examples
+    --------
+    >>> from perturbscope.data import simulate_perturbseq
+    >>> adata, emb = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=1,
+    ...                                  n_cell_types=1, n_cells_per_condition=5)
+    >>> train = adata[adata.obs["perturbation"].isin(["control", "G00", "G01", "G02"])]
+    >>> model = EmbeddingNeighborsBaseline(emb, temperature=0.1).fit(train, "perturbation")
+    >>> model.predict_shifts(["G03"]).shape
+    (1, 30)
+    """
+
+    name = "embedding_nn"
+
+    def __init__(self, gene_embeddings: pd.DataFrame, temperature: float = 0.1):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}.")
+        self.gene_embeddings = _check_embeddings(gene_embeddings)
+        self.temperature = temperature
+
+    def neighbor_weights(self, gene: str) -> pd.Series | None:
+        """Softmax weights of the training singles for ``gene`` (``None`` without embedding).
+
+        Parameters
+        ----------
+        gene
+            A gene symbol.
+
+        Returns
+        -------
+        Weights indexed by training single-gene perturbations, summing to 1.
+        """
+        self._check_fitted()
+        if gene not in self.gene_embeddings.index or not self._reference:
+            return None
+        reference = self.gene_embeddings.loc[self._reference].to_numpy()
+        query = self.gene_embeddings.loc[gene].to_numpy()
+        norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(query)
+        cosine = reference @ query / np.where(norms > 0, norms, 1.0)
+        logits = cosine / self.temperature
+        weights = np.exp(logits - logits.max())
+        return pd.Series(weights / weights.sum(), index=self._reference)
+
+    def _fit_extra(self, expression: ad.AnnData) -> None:
+        singles = sorted(p for p in self.seen_ if len(self._genes(p)) == 1)
+        self._reference = [p for p in singles if p in self.gene_embeddings.index]
+
+    def _shift(self, perturbation: str, context: str) -> np.ndarray:
+        own = self._seen_shift(perturbation, context)
+        if own is not None:
+            return own
+        total = np.zeros(len(self.var_names_))
+        for gene in self._genes(perturbation):
+            part = self._seen_shift(gene, context)
+            if part is None:
+                weights = self.neighbor_weights(gene)
+                if weights is None:
+                    warnings.warn(
+                        f"{gene!r} has no gene embedding; {self.name} predicts it by the "
+                        "perturbed mean.",
+                        stacklevel=3,
+                    )
+                    self.fallbacks_.add(perturbation)
+                    part = self._perturbed_mean(context)
+                else:
+                    part = sum(w * self._seen_shift(q, context) for q, w in weights.items())
+            total += part
+        return total
+
+
+class LinearBaseline(Baseline):
+    """Ahlmann-Eltze et al.'s linear model ``Y ~ G W P^T + b`` on pseudobulk shifts.
+
+    ``Y`` (genes x training perturbations) holds the training shifts from control and ``b``
+    their row means. ``G`` (genes x ``n_components``) comes from a PCA of the training
+    pseudobulk expression with genes as observations. ``P`` (perturbations x dimensions) is the
+    row of ``G`` of the perturbed gene (only possible where that gene is measured), or the row
+    of ``gene_embeddings`` when given; a combination sums its genes' rows. ``W`` is the ridge
+    solution in closed form::
+
+        W = (G^T G + lambda I)^-1 G^T (Y - b) P (P^T P + lambda I)^-1
+
+    A perturbation whose genes have no row in ``P`` gets ``b``, the perturbed mean (with a
+    warning and listed as a fallback), not a zero-filled embedding in disguise.
+
+    Parameters
+    ----------
+    gene_embeddings
+        Optional perturbation embeddings (genes x dimensions), e.g. GO-derived.
+    n_components
+        ``K``, the number of principal components in ``G`` (capped at the number of training
+        groups).
+    ridge
+        ``lambda``, the ridge penalty.
+
+    Examples
+    --------
+    >>> from perturbscope.data import simulate_perturbseq
+    >>> adata, _ = simulate_perturbseq(n_genes=40, n_perturbed_genes=12, n_combinations=1,
+    ...                                n_cell_types=1, n_cells_per_condition=10)
+    >>> train = adata[~adata.obs["perturbation"].isin(["G00", "G00+G01"])]
+    >>> LinearBaseline().fit(train, "perturbation").predict_shifts(["G00"]).shape
+    (1, 40)
+    """
+
+    name = "linear"
+
+    def __init__(
+        self,
+        gene_embeddings: pd.DataFrame | None = None,
+        n_components: int = 10,
+        ridge: float = 0.1,
+    ):
+        self.gene_embeddings = None if gene_embeddings is None else _check_embeddings(
+            gene_embeddings
+        )
+        self.n_components = n_components
+        self.ridge = ridge
+
+    def _fit_extra(self, expression: ad.AnnData) -> None:
+        from sklearn.decomposition import PCA
+
+        means = pseudobulk(expression, ["perturbation", "context"])
+        n_components = min(self.n_components, *means.shape)
+        self.G_ = PCA(n_components=n_components).fit_transform(means.to_numpy().T)
+        table = (
+            pd.DataFrame(self.G_, index=self.var_names_)
+            if self.gene_embeddings is None
+            else self.gene_embeddings
+        )
+        self._table = table
+        rows = [p for p in self.shifts_.index.get_level_values("perturbation")]
+        P = [self._embed(p) for p in rows]
+        usable = np.array([e is not None for e in P])
+        if not usable.any():
+            raise ValueError(
+                "No training perturbation has an embedding row; the linear baseline cannot be "
+                f"fitted (training perturbations: {sorted(self.seen_)[:10]})."
+            )
+        dropped = sorted({p for p, u in zip(rows, usable) if not u})
+        if dropped:
+            warnings.warn(
+                f"linear baseline: training perturbations without an embedding row are left "
+                f"out of the fit: {dropped}.",
+                stacklevel=3,
+            )
+        Y = self.shifts_.to_numpy()[usable].T  # genes x perturbations
+        P_train = np.vstack([e for e in P if e is not None])
+        self.b_ = Y.mean(axis=1)
+        G, lam = self.G_, self.ridge
+        left = np.linalg.solve(G.T @ G + lam * np.eye(G.shape[1]), G.T @ (Y - self.b_[:, None]))
+        self.W_ = np.linalg.solve(
+            (P_train.T @ P_train + lam * np.eye(P_train.shape[1])).T, (left @ P_train).T
+        ).T
+
+    def _embed(self, perturbation: str) -> np.ndarray | None:
+        genes = [g for g in self._genes(perturbation) if g in self._table.index]
+        if not genes:
+            return None
+        return self._table.loc[genes].to_numpy().sum(axis=0)
+
+    def _shift(self, perturbation: str, context: str) -> np.ndarray:
+        embedding = self._embed(perturbation)
+        if embedding is None:
+            warnings.warn(
+                f"{perturbation!r} has no embedding row; the linear baseline predicts the "
+                "perturbed mean for it.",
+                stacklevel=3,
+            )
+            self.fallbacks_.add(perturbation)
+            return self.b_.copy()
+        return self.G_ @ self.W_ @ embedding + self.b_

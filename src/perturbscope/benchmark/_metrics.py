@@ -1,0 +1,631 @@
+"""Metrics of predicted perturbation effects, on log1p-normalised expression.
+
+Profile metrics compare pseudobulks (from the one :func:`~perturbscope.benchmark.pseudobulk`);
+distributional metrics compare cells. :func:`prepare_reference` computes what the observed
+data of a split contributes (control mean, observed means, DE genes, the perturbed centroid,
+the PCA) once, and :func:`evaluate` scores any number of predictions against it.
+
+Differential expression (DE) settings: ``scanpy.tl.rank_genes_groups`` with
+``method="t-test"`` (Welch's t-test), ``reference`` the control cells, ``rankby_abs=True``;
+the top-``n_de`` genes by absolute t statistic are a perturbation's DE genes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy import sparse, stats
+from scipy.spatial.distance import cdist
+
+from .._constants import OUTPUT_KEYS
+from ._pseudobulk import pseudobulk
+
+#: Fixed bin edges (log1p-normalised expression) of :func:`histogram_kl`.
+DEFAULT_BINS = np.linspace(0.0, 8.0, 33)
+
+#: Profile metrics (higher is better unless named in :data:`LOWER_IS_BETTER`).
+PROFILE_METRICS = (
+    "pearson_delta",
+    "pearson_delta_top_de",
+    "pearson_delta_perturbed",
+    "mse_top_de",
+    "l2_top_expressed",
+    "direction_top_de",
+    "discrimination_score",
+    "de_overlap",
+)
+DISTRIBUTION_METRICS = (
+    "variance_error",
+    "skewness_error",
+    "kurtosis_error",
+    "histogram_kl",
+    "energy_distance",
+)
+LOWER_IS_BETTER = frozenset(
+    {"mse_top_de", "l2_top_expressed", *DISTRIBUTION_METRICS}
+)
+
+
+def _dense(X) -> np.ndarray:
+    return np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float64)
+
+
+def pearson_delta(
+    predicted: np.ndarray, observed: np.ndarray, reference: np.ndarray, tol: float = 1e-6
+) -> float:
+    """Pearson correlation of the predicted and observed change from a reference profile.
+
+    Parameters
+    ----------
+    predicted, observed
+        Mean profiles (genes).
+    reference
+        The profile both are compared to: the control mean (Pearson delta) or the perturbed
+        centroid (Systema).
+    tol
+        A change whose standard deviation is below ``tol`` is constant (float32 rounding of
+        a no-change prediction is not a signal): it carries no information and scores 0
+        rather than an undefined or random correlation.
+
+    Returns
+    -------
+    The correlation, in ``[-1, 1]``.
+
+    Examples
+    --------
+    >>> round(pearson_delta(np.array([2.0, 1, 0]), np.array([3.0, 1, 1]), np.array([1.0, 1, 1])), 3)
+    0.866
+    """
+    a = np.asarray(predicted, dtype=np.float64) - reference
+    b = np.asarray(observed, dtype=np.float64) - reference
+    if a.std() < tol or b.std() < tol:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def mean_squared_error(predicted: np.ndarray, observed: np.ndarray) -> float:
+    """Mean squared difference of two profiles.
+
+    Parameters
+    ----------
+    predicted, observed
+        Profiles (genes).
+
+    Returns
+    -------
+    ``mean((predicted - observed) ** 2)``.
+
+    Examples
+    --------
+    >>> mean_squared_error(np.array([1.0, 2.0]), np.array([0.0, 4.0]))
+    2.5
+    """
+    return float(np.mean((np.asarray(predicted) - np.asarray(observed)) ** 2))
+
+
+def l2_distance(predicted: np.ndarray, observed: np.ndarray) -> float:
+    """Euclidean distance of two profiles.
+
+    Parameters
+    ----------
+    predicted, observed
+        Profiles (genes).
+
+    Returns
+    -------
+    ``||predicted - observed||_2``.
+
+    Examples
+    --------
+    >>> l2_distance(np.array([0.0, 3.0]), np.array([4.0, 0.0]))
+    5.0
+    """
+    return float(np.linalg.norm(np.asarray(predicted) - np.asarray(observed)))
+
+
+def direction_agreement(predicted: np.ndarray, observed: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of genes whose predicted change from ``reference`` has the observed sign.
+
+    Parameters
+    ----------
+    predicted, observed
+        Profiles (genes), typically restricted to the DE genes.
+    reference
+        The control mean.
+
+    Returns
+    -------
+    A fraction in ``[0, 1]``; a zero change counts as its own sign.
+
+    Examples
+    --------
+    >>> direction_agreement(np.array([2.0, 0, 1]), np.array([3.0, 2, 1]), np.array([1.0, 1, 1]))
+    0.6666666666666666
+    """
+    signs_p = np.sign(np.asarray(predicted) - reference)
+    signs_o = np.sign(np.asarray(observed) - reference)
+    return float(np.mean(signs_p == signs_o))
+
+
+def discrimination_score(predicted: pd.DataFrame, observed: pd.DataFrame) -> pd.Series:
+    """Perturbation discrimination score (cell-eval's PDS) with L1 distance.
+
+    For each perturbation ``p``, the predicted profiles of all perturbations are ranked by L1
+    distance to the observed profile of ``p``; ``r`` is the number of other perturbations whose
+    prediction lies closer than ``p``'s own, ties counting one half. The score is
+    ``1 - r / (n - 1)``: 1 when ``p``'s prediction is the closest, 0.5 for a random prediction
+    or one shared by all perturbations, 0 when it is the farthest. (Distances between profiles equal distances between changes from a common
+    control.)
+
+    Parameters
+    ----------
+    predicted, observed
+        Profiles (perturbations x genes) with the same index.
+
+    Returns
+    -------
+    A score per perturbation; ``NaN`` for fewer than two perturbations.
+
+    Raises
+    ------
+    ValueError
+        If the two indexes differ.
+
+    Examples
+    --------
+    >>> obs = pd.DataFrame([[0.0, 0], [1, 1], [4, 4]], index=["a", "b", "c"])
+    >>> pred = pd.DataFrame([[1.0, 1], [0, 0], [4, 3]], index=["a", "b", "c"])
+    >>> discrimination_score(pred, obs).tolist()
+    [0.5, 0.5, 1.0]
+    >>> discrimination_score(pred.iloc[[0, 0, 0]].set_axis(obs.index), obs).tolist()
+    [0.5, 0.5, 0.5]
+    """
+    if not predicted.index.equals(observed.index):
+        raise ValueError(
+            "predicted and observed must list the same perturbations in the same order; got "
+            f"{predicted.index.tolist()[:5]} and {observed.index.tolist()[:5]}."
+        )
+    n = len(observed)
+    if n < 2:
+        return pd.Series(np.nan, index=observed.index)
+    distances = cdist(observed.to_numpy(), predicted.to_numpy(), metric="cityblock")
+    own = np.diag(distances)
+    ties = np.isclose(distances, own[:, None], rtol=1e-6, atol=1e-9)
+    closer = ((distances < own[:, None]) & ~ties).sum(axis=1) + 0.5 * (ties.sum(axis=1) - 1)
+    return pd.Series(1.0 - closer / (n - 1), index=observed.index)
+
+
+def de_overlap(predicted_genes: Sequence[str], observed_genes: Sequence[str]) -> float:
+    """Fraction of the observed DE genes that are among the predicted DE genes.
+
+    Parameters
+    ----------
+    predicted_genes, observed_genes
+        Top DE genes of the prediction and of the observed cells.
+
+    Returns
+    -------
+    ``|predicted & observed| / |observed|``.
+
+    Examples
+    --------
+    >>> de_overlap(["a", "b", "c"], ["b", "c", "d", "e"])
+    0.5
+    """
+    observed_genes = list(observed_genes)
+    if not observed_genes:
+        return float("nan")
+    return len(set(predicted_genes) & set(observed_genes)) / len(observed_genes)
+
+
+def top_de_genes(
+    adata: ad.AnnData,
+    groupby: str,
+    reference: str,
+    n_genes: int = 20,
+    layer: str | None = None,
+) -> dict[str, list[str]]:
+    """Top DE genes of each group against ``reference`` (scanpy t-test, ranked by ``|t|``).
+
+    Parameters
+    ----------
+    adata
+        Log1p-normalised cells of the groups and the reference (not modified).
+    groupby
+        ``obs`` column of groups.
+    reference
+        The reference group, e.g. ``"control"``.
+    n_genes
+        How many genes per group.
+    layer
+        Layer to test; ``X`` when ``None``.
+
+    Returns
+    -------
+    ``{group: genes}`` for every group except the reference.
+
+    Raises
+    ------
+    ValueError
+        If ``reference`` is not a group.
+
+    Examples
+    --------
+    >>> import anndata as ad
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(1, 0.1, (20, 3)); X[10:, 2] += 2
+    >>> a = ad.AnnData(X, obs=pd.DataFrame({"g": ["control"] * 10 + ["A"] * 10},
+    ...                                    index=[str(i) for i in range(20)]))
+    >>> top_de_genes(a, "g", "control", n_genes=1)
+    {'A': ['2']}
+    """
+    import scanpy as sc
+
+    labels = adata.obs[groupby].astype(str)
+    if reference not in set(labels):
+        raise ValueError(f"reference {reference!r} is not a value of adata.obs[{groupby!r}].")
+    X = adata.X if layer is None else adata.layers[layer]
+    work = ad.AnnData(_dense(X), obs=pd.DataFrame({"group": labels.to_numpy()}, index=adata.obs_names),
+                      var=pd.DataFrame(index=adata.var_names))
+    work.obs["group"] = work.obs["group"].astype("category")
+    work.uns["log1p"] = {"base": None}
+    sc.tl.rank_genes_groups(work, "group", reference=reference, method="t-test",
+                            rankby_abs=True, n_genes=n_genes, use_raw=False)
+    names = pd.DataFrame(work.uns["rank_genes_groups"]["names"])
+    return {str(g): names[g].astype(str).tolist() for g in names.columns}
+
+
+def moment_errors(predicted: np.ndarray, observed: np.ndarray) -> dict[str, float]:
+    """Mean absolute per-gene errors of variance, skewness and (excess) kurtosis.
+
+    Parameters
+    ----------
+    predicted, observed
+        Cells x genes, log1p-normalised.
+
+    Returns
+    -------
+    ``{"variance_error", "skewness_error", "kurtosis_error"}``; genes constant in a set
+    have skewness and kurtosis 0 there.
+
+    Examples
+    --------
+    >>> pred = np.array([[0.0], [2.0]]); obs = np.array([[0.0], [4.0]])
+    >>> moment_errors(pred, obs)["variance_error"]
+    3.0
+    """
+    out = {}
+    variance = [np.var(m, axis=0) for m in (predicted, observed)]
+    out["variance_error"] = float(np.mean(np.abs(variance[0] - variance[1])))
+    for name, fn in (("skewness_error", stats.skew), ("kurtosis_error", stats.kurtosis)):
+        with np.errstate(all="ignore"):
+            values = [np.where(v > 0, np.nan_to_num(fn(m, axis=0)), 0.0)
+                      for m, v in zip((predicted, observed), variance)]
+        out[name] = float(np.mean(np.abs(values[0] - values[1])))
+    return out
+
+
+def histogram_kl(
+    predicted: np.ndarray,
+    observed: np.ndarray,
+    bins: np.ndarray = DEFAULT_BINS,
+    pseudocount: float = 1e-3,
+) -> np.ndarray:
+    """Per-gene KL divergence ``KL(observed || predicted)`` of histograms over fixed bins.
+
+    Values outside the bins count in the first or last bin. Each histogram is normalised,
+    ``pseudocount`` is added to every bin and it is normalised again, so empty bins stay finite.
+
+    Parameters
+    ----------
+    predicted, observed
+        Cells x genes, log1p-normalised.
+    bins
+        Bin edges, the same for every gene and every model.
+    pseudocount
+        Probability added to every bin.
+
+    Returns
+    -------
+    One divergence per gene.
+
+    Examples
+    --------
+    >>> kl = histogram_kl(np.array([[0.5], [1.5]]), np.array([[0.5], [0.5]]),
+    ...                   bins=np.array([0.0, 1, 2]), pseudocount=0.0)
+    >>> kl.round(4).tolist()
+    [0.6931]
+    """
+    bins = np.asarray(bins, dtype=np.float64)
+    n_bins = len(bins) - 1
+
+    def histograms(x: np.ndarray) -> np.ndarray:
+        index = np.clip(np.searchsorted(bins, x, side="right") - 1, 0, n_bins - 1)
+        counts = np.stack([np.bincount(index[:, j], minlength=n_bins) for j in range(x.shape[1])])
+        p = counts / counts.sum(axis=1, keepdims=True) + pseudocount
+        return p / p.sum(axis=1, keepdims=True)
+
+    p, q = histograms(np.asarray(observed)), histograms(np.asarray(predicted))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p / q), 0.0)
+    return terms.sum(axis=1)
+
+
+def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Energy distance with Euclidean (not squared) distances.
+
+    ``2 E|X - Y| - E|X - X'| - E|Y - Y'|``, with every expectation the mean over all pairs
+    (the V-statistic, never negative).
+    Squared distances would reduce it to the distance between the means; Euclidean distances
+    make it zero only when the two distributions are equal.
+
+    Parameters
+    ----------
+    x, y
+        Samples (cells x dimensions), e.g. PCA coordinates.
+
+    Returns
+    -------
+    The energy distance: 0 for identical samples, small for samples of one distribution.
+
+    Examples
+    --------
+    >>> energy_distance(np.array([[0.0], [2.0]]), np.array([[1.0], [3.0]]))
+    1.0
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())
+
+
+@dataclass
+class EvaluationReference:
+    """What the observed data of a split contributes to every score, computed once.
+
+    Build it with :func:`prepare_reference`.
+
+    Attributes
+    ----------
+    control_mean
+        Mean log1p-normalised control profile (genes).
+    observed_means
+        Observed profiles of the held-out perturbations (perturbations x genes).
+    de_genes
+        Top DE genes of each held-out perturbation against control.
+    perturbed_centroid
+        The mean of the perturbed profiles (Systema's reference).
+    top_expressed
+        Genes of the ``L2`` metric: the most expressed in control.
+    observed_cells
+        ``{perturbation: cells x genes}`` log1p-normalised observed cells.
+    control_cells
+        Log1p-normalised control cells (cells x genes).
+    pca
+        A PCA fitted on observed control and perturbed cells (energy distance).
+    var_names
+        The genes.
+    """
+
+    control_mean: np.ndarray
+    observed_means: pd.DataFrame
+    de_genes: dict[str, list[str]]
+    perturbed_centroid: np.ndarray
+    top_expressed: np.ndarray
+    observed_cells: dict[str, np.ndarray]
+    control_cells: np.ndarray
+    pca: object
+    var_names: pd.Index
+
+
+def prepare_reference(
+    observed: ad.AnnData,
+    control: ad.AnnData,
+    perturbation_key: str,
+    de_genes: dict[str, list[str]] | None = None,
+    perturbed_centroid: np.ndarray | None = None,
+    n_de: int = 20,
+    n_top_expressed: int = 1000,
+    n_pcs: int = 20,
+    seed: int = 0,
+) -> EvaluationReference:
+    """Compute the observed side of a split's scores once.
+
+    Parameters
+    ----------
+    observed
+        Log1p-normalised held-out perturbed cells (in ``X``).
+    control
+        Log1p-normalised control cells (in ``X``) of the same context.
+    perturbation_key
+        ``obs`` column of ``observed`` with the perturbation labels.
+    de_genes
+        Precomputed DE genes (e.g. from all cells when ``observed`` is a half); computed
+        with :func:`top_de_genes` otherwise.
+    perturbed_centroid
+        Systema's reference; the mean of the observed profiles by default.
+    n_de
+        DE genes per perturbation.
+    n_top_expressed
+        Genes of the L2 metric.
+    n_pcs
+        PCA dimensions of the energy distance.
+    seed
+        Seed of the PCA solver.
+
+    Returns
+    -------
+    An :class:`EvaluationReference`.
+
+    Raises
+    ------
+    KeyError
+        If ``perturbation_key`` is not in ``observed.obs``.
+    ValueError
+        If the genes of ``observed`` and ``control`` differ.
+
+    Examples
+    --------
+    >>> import anndata as ad
+    >>> rng = np.random.default_rng(0)
+    >>> obs = ad.AnnData(rng.random((6, 4)), obs=pd.DataFrame({"p": list("aaabbb")}, index=list("123456")))
+    >>> ctrl = ad.AnnData(rng.random((3, 4)), obs=pd.DataFrame(index=list("xyz")))
+    >>> prepare_reference(obs, ctrl, "p", n_de=2, n_pcs=2).observed_means.shape
+    (2, 4)
+    """
+    from sklearn.decomposition import PCA
+
+    if perturbation_key not in observed.obs.columns:
+        raise KeyError(
+            f"perturbation_key {perturbation_key!r} not in observed.obs; columns are "
+            f"{list(observed.obs.columns)}."
+        )
+    if not observed.var_names.equals(control.var_names):
+        raise ValueError("observed and control cells must have the same genes in the same order.")
+    labels = observed.obs[perturbation_key].astype(str)
+    observed_X, control_X = _dense(observed.X), _dense(control.X)
+    frame = ad.AnnData(observed_X, obs=pd.DataFrame({"p": labels.to_numpy()}, index=observed.obs_names),
+                       var=pd.DataFrame(index=observed.var_names))
+    observed_means = pseudobulk(frame, "p")
+    observed_means.index = observed_means.index.astype(str)
+    control_mean = control_X.mean(axis=0)
+    if de_genes is None:
+        both = ad.concat(
+            [frame, ad.AnnData(control_X, obs=pd.DataFrame({"p": "__control__"},
+                                                           index=[f"control_{i}" for i in range(len(control_X))]),
+                               var=frame.var)],
+        )
+        de_genes = top_de_genes(both, "p", "__control__", n_genes=n_de)
+    centroid = observed_means.to_numpy().mean(axis=0) if perturbed_centroid is None else perturbed_centroid
+    top = np.argsort(-control_mean, kind="stable")[: min(n_top_expressed, len(control_mean))]
+    cells = {p: observed_X[(labels == p).to_numpy()] for p in observed_means.index}
+    stacked = np.vstack([control_X, observed_X])
+    n_pcs = min(n_pcs, *stacked.shape)
+    pca = PCA(n_components=n_pcs, random_state=seed).fit(stacked)
+    return EvaluationReference(
+        control_mean=control_mean, observed_means=observed_means, de_genes=de_genes,
+        perturbed_centroid=np.asarray(centroid, dtype=np.float64), top_expressed=top,
+        observed_cells=cells, control_cells=control_X, pca=pca,
+        var_names=observed.var_names.copy(),
+    )
+
+
+def evaluate(
+    predicted: ad.AnnData,
+    reference: EvaluationReference,
+    perturbation_key: str = OUTPUT_KEYS.PERTURBATION,
+    layer: str | None = OUTPUT_KEYS.LOG1P_NORM_LAYER,
+    distributional: bool = True,
+    max_cells: int = 500,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Score predictions of the held-out perturbations with every metric.
+
+    Parameters
+    ----------
+    predicted
+        Predicted cells or means (e.g. the output of ``predict``) of the perturbations in
+        ``reference``, log1p-normalised in ``layer``.
+    reference
+        The observed side, from :func:`prepare_reference`.
+    perturbation_key
+        ``obs`` column of ``predicted`` with the perturbation labels.
+    layer
+        Layer of ``predicted`` with log1p-normalised values; ``X`` when ``None``.
+    distributional
+        Also compute the distributional metrics and DE overlap (needs predicted cells, not
+        only means; skipped, as ``NaN``, when each perturbation has a single row).
+    max_cells
+        Cells per side used by the energy distance (subsampled with ``seed``).
+    seed
+        Seed of the subsampling.
+
+    Returns
+    -------
+    A DataFrame (perturbations x metrics) with the columns :data:`PROFILE_METRICS` and
+    :data:`DISTRIBUTION_METRICS`.
+
+    Raises
+    ------
+    ValueError
+        If genes differ or perturbations of ``reference`` are not predicted.
+
+    Examples
+    --------
+    >>> import anndata as ad
+    >>> rng = np.random.default_rng(0)
+    >>> obs = ad.AnnData(rng.random((6, 4)), obs=pd.DataFrame({"p": list("aaabbb")}, index=list("123456")))
+    >>> ctrl = ad.AnnData(rng.random((3, 4)), obs=pd.DataFrame(index=list("xyz")))
+    >>> ref = prepare_reference(obs, ctrl, "p", n_de=2, n_pcs=2)
+    >>> evaluate(obs, ref, perturbation_key="p", layer=None).loc["a", "l2_top_expressed"]
+    np.float64(0.0)
+    """
+    if not predicted.var_names.equals(reference.var_names):
+        raise ValueError("predicted must have the observed genes in the same order.")
+    if perturbation_key not in predicted.obs.columns:
+        raise KeyError(
+            f"perturbation_key {perturbation_key!r} not in predicted.obs; columns are "
+            f"{list(predicted.obs.columns)}."
+        )
+    labels = predicted.obs[perturbation_key].astype(str)
+    perturbations = list(reference.observed_means.index)
+    missing = sorted(set(perturbations) - set(labels))
+    if missing:
+        raise ValueError(f"perturbations {missing} are observed but not predicted.")
+    X = _dense(predicted.X if layer is None else predicted.layers[layer])
+    frame = ad.AnnData(X, obs=pd.DataFrame({"p": labels.to_numpy()}, index=predicted.obs_names),
+                       var=pd.DataFrame(index=predicted.var_names))
+    predicted_means = pseudobulk(frame, "p")
+    predicted_means.index = predicted_means.index.astype(str)
+    predicted_means = predicted_means.loc[perturbations]
+    observed_means = reference.observed_means
+    genes = reference.var_names
+    control = reference.control_mean
+    has_cells = bool(labels.value_counts().min() > 1)
+
+    predicted_de: dict[str, list[str]] = {}
+    if distributional and has_cells:
+        keep = labels.isin(perturbations).to_numpy()
+        both = ad.concat([
+            frame[keep],
+            ad.AnnData(reference.control_cells,
+                       obs=pd.DataFrame({"p": "__control__"}, index=[
+                           f"control_{i}" for i in range(len(reference.control_cells))]),
+                       var=frame.var),
+        ])
+        n_de = max(len(v) for v in reference.de_genes.values())
+        predicted_de = top_de_genes(both, "p", "__control__", n_genes=n_de)
+
+    pds = discrimination_score(predicted_means, observed_means)
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for p in perturbations:
+        pred, obs = predicted_means.loc[p].to_numpy(), observed_means.loc[p].to_numpy()
+        de = genes.get_indexer(reference.de_genes[p])
+        top = reference.top_expressed
+        row = {
+            "pearson_delta": pearson_delta(pred, obs, control),
+            "pearson_delta_top_de": pearson_delta(pred[de], obs[de], control[de]),
+            "pearson_delta_perturbed": pearson_delta(pred, obs, reference.perturbed_centroid),
+            "mse_top_de": mean_squared_error(pred[de], obs[de]),
+            "l2_top_expressed": l2_distance(pred[top], obs[top]),
+            "direction_top_de": direction_agreement(pred[de], obs[de], control[de]),
+            "discrimination_score": float(pds.loc[p]),
+            "de_overlap": (de_overlap(predicted_de[p], reference.de_genes[p])
+                           if p in predicted_de else np.nan),
+        }
+        if distributional and has_cells:
+            cells_pred = X[(labels == p).to_numpy()]
+            cells_obs = reference.observed_cells[p]
+            row.update(moment_errors(cells_pred, cells_obs))
+            row["histogram_kl"] = float(np.mean(histogram_kl(cells_pred, cells_obs)))
+            sub = [c[rng.choice(len(c), min(max_cells, len(c)), replace=False)]
+                   for c in (cells_pred, cells_obs)]
+            row["energy_distance"] = energy_distance(*(reference.pca.transform(c) for c in sub))
+        else:
+            row.update(dict.fromkeys(DISTRIBUTION_METRICS, np.nan))
+        rows[p] = row
+    return pd.DataFrame.from_dict(rows, orient="index")[list(PROFILE_METRICS + DISTRIBUTION_METRICS)]

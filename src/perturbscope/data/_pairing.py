@@ -1,0 +1,125 @@
+"""Control-cell anchoring: who is paired with whom during training.
+
+Every training cell (perturbed or control) is paired with a control cell drawn uniformly from the
+control cells of its *pairing group*: the same context (``context_key``) and batch
+(``batch_key``). The draw happens each time a minibatch is produced, so the pairing is resampled
+on every epoch and a perturbed cell sees many anchors over training. Pairing within the group
+keeps the anchor's cell type and batch identical to the perturbed cell's, so the conditional prior
+learns the perturbation's effect rather than the difference between contexts.
+
+This is built on scvi-tools' extension points: :class:`AnchoredAnnDataLoader` is an
+:class:`~scvi.dataloaders.AnnDataLoader` that adds the registry key ``anchor_X`` to each batch,
+and :class:`AnchoredDataSplitter` is a :class:`~scvi.dataloaders.DataSplitter` whose
+``data_loader_cls`` is that loader (the model sets it as ``_data_splitter_cls``), so the standard
+``TrainingPlan``/``TrainRunner`` loop is used unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scvi import settings
+from scvi.data import AnnDataManager
+from scvi.dataloaders import AnnDataLoader, DataSplitter
+
+from .._constants import REGISTRY_KEYS
+
+
+def pairing_groups(context: np.ndarray, batch: np.ndarray, n_batch: int) -> np.ndarray:
+    """Integer pairing group (context x batch) from registered context and batch codes."""
+    return np.asarray(context).ravel().astype(int) * n_batch + np.asarray(batch).ravel().astype(int)
+
+
+def registered_pairing_groups(adata_manager: AnnDataManager) -> tuple[np.ndarray, int]:
+    """Pairing group of every registered cell, and the number of batch codes."""
+    context = adata_manager.get_from_registry(REGISTRY_KEYS.CONTEXT_KEY)
+    batch = adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)
+    n_batch = int(np.asarray(batch).max()) + 1
+    return pairing_groups(context, batch, n_batch), n_batch
+
+
+def control_mask(adata_manager: AnnDataManager) -> np.ndarray:
+    """Boolean mask of control cells (an empty perturbation set)."""
+    genes = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.PERTURBATION_KEY))
+    return (genes < 0).all(axis=1)
+
+
+class ControlAnchorSampler:
+    """Draw, for each cell, a random control cell from the same pairing group.
+
+    Parameters
+    ----------
+    groups
+        Pairing group of every cell of the AnnData.
+    is_control
+        Control mask over the same cells.
+    seed
+        Seed of the sampler's generator.
+
+    Examples
+    --------
+    >>> sampler = ControlAnchorSampler(np.array([0, 0, 1, 1]), np.array([True, False, True, False]))
+    >>> sampler.sample(np.array([0, 1, 1])).tolist()
+    [0, 2, 2]
+    """
+
+    def __init__(self, groups: np.ndarray, is_control: np.ndarray, seed: int = 0):
+        self.groups = np.asarray(groups)
+        self.pools = {g: np.flatnonzero(is_control & (self.groups == g)) for g in np.unique(self.groups)}
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, groups: np.ndarray) -> np.ndarray:
+        """One random control cell (index into the full AnnData) per entry of ``groups``."""
+        groups = np.asarray(groups)
+        anchors = np.empty(len(groups), dtype=np.int64)
+        for group in np.unique(groups):
+            where = groups == group
+            pool = self.pools.get(group, np.empty(0, dtype=np.int64))
+            if len(pool) == 0:
+                raise ValueError(f"Pairing group {group} has no control cells to anchor on.")
+            anchors[where] = self.rng.choice(pool, size=int(where.sum()))
+        return anchors
+
+
+class AnchoredAnnDataLoader(AnnDataLoader):
+    """An :class:`~scvi.dataloaders.AnnDataLoader` whose batches carry a control anchor.
+
+    Each yielded batch has the usual registry tensors plus ``anchor_X``: the expression of one
+    control cell per row, drawn from that row's pairing group and redrawn on every pass.
+
+    Parameters
+    ----------
+    adata_manager
+        The model's :class:`~scvi.data.AnnDataManager`.
+    indices
+        Cells to iterate over.
+    seed
+        Seed of the anchor sampler; ``scvi.settings.seed`` when ``None``.
+    **kwargs
+        Passed to :class:`~scvi.dataloaders.AnnDataLoader`.
+    """
+
+    def __init__(self, adata_manager: AnnDataManager, indices=None, seed: int | None = None, **kwargs):
+        super().__init__(adata_manager, indices=indices, **kwargs)
+        groups, self.n_batch = registered_pairing_groups(adata_manager)
+        seed = int(settings.seed or 0) if seed is None else seed
+        self.anchor_sampler = ControlAnchorSampler(groups, control_mask(adata_manager), seed=seed)
+        self.anchor_dataset = adata_manager.create_torch_dataset(
+            data_and_attributes={REGISTRY_KEYS.X_KEY: np.float32}
+        )
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            groups = pairing_groups(
+                batch[REGISTRY_KEYS.CONTEXT_KEY].numpy(), batch[REGISTRY_KEYS.BATCH_KEY].numpy(), self.n_batch
+            )
+            anchors = self.anchor_sampler.sample(groups)
+            anchor_x = self.anchor_dataset[anchors][REGISTRY_KEYS.X_KEY]
+            batch[REGISTRY_KEYS.ANCHOR_X_KEY] = torch.as_tensor(anchor_x)
+            yield batch
+
+
+class AnchoredDataSplitter(DataSplitter):
+    """A :class:`~scvi.dataloaders.DataSplitter` whose loaders add control anchors."""
+
+    data_loader_cls = AnchoredAnnDataLoader

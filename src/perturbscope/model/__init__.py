@@ -1,0 +1,5 @@
+"""scvi-tools models."""
+
+from ._scopevi import ScopeVI
+
+__all__ = ["ScopeVI"]

@@ -1,0 +1,513 @@
+"""ScopeVI: predict single-cell responses to perturbations that were never measured.
+
+The model (:class:`ScopeVI`) owns the AnnData registry, training and prediction; the maths lives
+in :class:`perturbscope.module.ScopeVAE`. Perturbations are registered as lookups into a gene
+embedding table (:class:`~perturbscope.model._fields.PerturbationGenesField`), so any gene in
+that table, perturbed in training or not, can be predicted, alone or in combination. Training is
+scvi-tools' loop with one change: the data splitter's loaders pair every cell with a control cell
+of its context (:mod:`perturbscope.data._pairing`). Prediction draws ``z`` from the conditional
+prior of real control cells and decodes it under the requested perturbation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+from scvi import settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, LayerField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
+from tqdm.auto import tqdm
+
+from .._constants import OUTPUT_KEYS, REGISTRY_KEYS, TARGET_SUM
+from ..benchmark import pseudobulk
+from ..data import AnchoredDataSplitter, parse_perturbation
+from ..data._perturbations import check_control_present
+from ..module import ScopeVAE
+from ..module._scopevae import COUNT_LIKELIHOODS, GeneLikelihood
+from ._fields import PerturbationGenesField, encode_gene_sets
+
+logger = logging.getLogger(__name__)
+
+
+def _matrix_of(adata: ad.AnnData, layer: str | None):
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} not found in adata.layers; layers are {list(adata.layers)}.")
+    return adata.layers[layer]
+
+
+def _describe_layer(layer: str | None) -> str:
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def check_count_data(matrix, layer: str | None) -> None:
+    """Raise a ``ValueError`` naming the layer if it is not non-negative, finite integers."""
+    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
+    where = _describe_layer(layer)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{where} has NaN or inf values; count likelihoods need finite counts.")
+    if (values < 0).any():
+        raise ValueError(f"{where} has negative values; count likelihoods need non-negative counts.")
+    if not np.array_equal(values, np.round(values)):
+        raise ValueError(
+            f"{where} has non-integer values; count likelihoods ('nb', 'zinb', 'poisson') need raw "
+            "counts. Use a counts layer, or gene_likelihood='normal' for log-normalised input."
+        )
+
+
+def check_controls_per_context(obs: pd.DataFrame, perturbation_key: str, control_value: str,
+                               group_keys: Sequence[str]) -> None:
+    """Raise a ``ValueError`` naming every context (and batch) that has no control cells."""
+    if not group_keys:
+        return
+    is_control = obs[perturbation_key].astype(str) == control_value
+    groups = obs[list(group_keys)].astype(str)
+    has_control = is_control.groupby([groups[k] for k in group_keys], observed=True).any()
+    lacking = has_control.index[~has_control.to_numpy()].tolist()
+    if lacking:
+        names = ", ".join(repr(g) for g in lacking)
+        raise ValueError(
+            f"No control cells ({perturbation_key} == {control_value!r}) in context {names} of "
+            f"{list(group_keys)}; every context needs control cells to anchor predictions."
+        )
+
+
+class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
+    """Perturbation-response model anchored on control cells (DeSCOPE in scvi-tools form).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_latent
+        Latent dimension.
+    n_hidden
+        Hidden width of encoders and decoder.
+    n_layers
+        Hidden layers of encoders and decoder.
+    n_perturbation
+        Dimension of the perturbation vector.
+    dropout_rate
+        Encoder dropout.
+    gene_likelihood
+        ``"nb"``, ``"zinb"``, ``"poisson"`` (raw counts) or ``"normal"`` (log-normalised values).
+    free_bits
+        Per-dimension KL floor in nats, keeping the latent informative about each cell.
+
+    Examples
+    --------
+    >>> import perturbscope as ps
+    >>> adata, embeddings = ps.data.simulate_perturbseq(n_genes=40, n_perturbed_genes=8,
+    ...                                                 n_combinations=3, n_cells_per_condition=10)
+    >>> ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=embeddings,
+    ...                          context_key="cell_type")
+    >>> model = ps.ScopeVI(adata, n_latent=4, n_hidden=16)
+    >>> model.train(max_epochs=1, enable_progress_bar=False)
+    >>> controls = adata[adata.obs["perturbation"] == "control"]
+    >>> model.predict(controls, ["G00", "G01+G02"], aggregate="mean").shape
+    (4, 40)
+    """
+
+    _module_cls = ScopeVAE
+    _data_splitter_cls = AnchoredDataSplitter
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        n_latent: int = 16,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_perturbation: int = 64,
+        dropout_rate: float = 0.1,
+        gene_likelihood: GeneLikelihood = "nb",
+        free_bits: float = 0.0,
+    ):
+        super().__init__(adata)
+        if gene_likelihood in COUNT_LIKELIHOODS:
+            check_count_data(self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), self._layer)
+        perturbation_state = self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY)
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            gene_embeddings=torch.as_tensor(perturbation_state["embeddings"]),
+            n_batch=self.summary_stats.n_batch,
+            n_cats_per_cov=self._n_cats_per_covariate(),
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_perturbation=n_perturbation,
+            dropout_rate=dropout_rate,
+            gene_likelihood=gene_likelihood,
+            free_bits=free_bits,
+        )
+        self._model_summary_string = (
+            f"ScopeVI: n_latent {n_latent}, n_hidden {n_hidden}, n_layers {n_layers}, "
+            f"gene_likelihood {gene_likelihood}, {len(perturbation_state['genes'])} embedded genes"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: ad.AnnData,
+        perturbation_key: str,
+        control_value: str = "control",
+        gene_embeddings: pd.DataFrame | None = None,
+        layer: str | None = None,
+        context_key: str | None = None,
+        batch_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        combination_delimiter: str = "+",
+        **kwargs,
+    ) -> None:
+        """Register an AnnData for ScopeVI.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes. Counts for count likelihoods, log-normalised values for ``"normal"``.
+        perturbation_key
+            ``obs`` column of perturbation labels: ``control_value``, a gene (``"KLF1"``) or a
+            combination joined by ``combination_delimiter`` (``"SET+KLF1"``).
+        control_value
+            Label of control cells.
+        gene_embeddings
+            Genes x dimensions table (see :mod:`perturbscope.embeddings`). Every perturbed gene
+            must be in it (a ``KeyError`` lists those that are not; nothing is zero-filled).
+            Genes in the table that were never perturbed can be predicted later. ``None`` uses
+            one-hot embeddings, which cannot reach unseen genes. The table and its ``.attrs``
+            provenance are stored with the model.
+        layer
+            Layer with the expression; ``X`` when ``None``.
+        context_key
+            ``obs`` column of the biological context (cell type or line). Cells are anchored on
+            control cells of their own context; it is not a decoder covariate, so unseen contexts
+            can be predicted from their control cells.
+        batch_key
+            ``obs`` column of technical batches: a decoder covariate, and anchoring stays within
+            a batch.
+        categorical_covariate_keys
+            Further categorical decoder covariates.
+        combination_delimiter
+            Separator of genes in combination labels.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Notes
+        -----
+        Besides scvi-tools' own setup keys (``obs["_scvi_batch"]``, ``obs["_scvi_context"]``,
+        ``uns["_scvi_uuid"]``, ``uns["_scvi_manager_uuid"]`` and, for covariates,
+        ``obsm["_scvi_extra_categorical_covs"]``), setup writes
+        ``obsm["_scopevi_perturbation_genes"]``: each cell's perturbed genes as row indices
+        into the embedding table, ``-1``-padded. Nothing else in ``adata`` changes.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        # The embedding table travels in the perturbation field's state registry; keeping a second
+        # copy in the saved setup arguments would double the size of every saved model.
+        setup_method_args.get("setup_args", {})["gene_embeddings"] = None
+        if perturbation_key not in adata.obs.columns:
+            raise KeyError(
+                f"perturbation_key {perturbation_key!r} not found in adata.obs; columns are "
+                f"{list(adata.obs.columns)}."
+            )
+        if kwargs.get("source_registry") is None:
+            check_control_present(adata.obs[perturbation_key], perturbation_key, control_value)
+            group_keys = [k for k in (context_key, batch_key) if k is not None]
+            check_controls_per_context(adata.obs, perturbation_key, control_value, group_keys)
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            PerturbationGenesField(perturbation_key, control_value, gene_embeddings, combination_delimiter),
+            CategoricalObsField(REGISTRY_KEYS.CONTEXT_KEY, context_key),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ registry views
+    @property
+    def _layer(self) -> str | None:
+        location = self.adata_manager.data_registry[REGISTRY_KEYS.X_KEY]
+        return None if location.attr_name == "X" else location.attr_key
+
+    @property
+    def _perturbation_state(self) -> dict:
+        return self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY)
+
+    def _n_cats_per_covariate(self) -> list[int]:
+        if REGISTRY_KEYS.CAT_COVS_KEY not in self.adata_manager.data_registry:
+            return []
+        return list(self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key)
+
+    def _original_key(self, registry_key: str) -> str | None:
+        """The user's ``obs`` column behind a categorical field, ``None`` if it was defaulted."""
+        state = self.adata_manager.get_state_registry(registry_key)
+        key = state.original_key
+        return None if key == f"_scvi_{registry_key}" else key
+
+    @property
+    def gene_embeddings(self) -> pd.DataFrame:
+        """The embedding table stored with the model (genes x dimensions), with provenance."""
+        state = self._perturbation_state
+        table = pd.DataFrame(state["embeddings"], index=pd.Index(state["genes"], name="gene"))
+        table.attrs = dict(state.get("provenance", {}))
+        return table
+
+    @property
+    def training_perturbations(self) -> list[str]:
+        """Distinct non-control perturbation labels in the registered AnnData."""
+        state = self._perturbation_state
+        labels = self.adata.obs[state["perturbation_key"]].astype(str)
+        return [p for p in pd.unique(labels) if p != state["control_value"]]
+
+    # ------------------------------------------------------------------ prediction inputs
+    def _category_codes(self, adata: ad.AnnData, registry_key: str) -> np.ndarray | None:
+        key = self._original_key(registry_key)
+        if key is None:
+            return None
+        if key not in adata.obs.columns:
+            raise KeyError(f"adata.obs has no column {key!r}, which the model was set up with.")
+        mapping = pd.Index(self.adata_manager.get_state_registry(registry_key).categorical_mapping)
+        values = adata.obs[key].astype(str)
+        codes = mapping.get_indexer(values)
+        if (codes < 0).any():
+            unseen = sorted(set(values[codes < 0]))
+            raise ValueError(
+                f"adata.obs[{key!r}] has values not seen in training: {unseen[:10]}; known values "
+                f"are {mapping.tolist()[:10]}."
+            )
+        return codes
+
+    def _covariate_codes(self, adata: ad.AnnData) -> np.ndarray | None:
+        if REGISTRY_KEYS.CAT_COVS_KEY not in self.adata_manager.data_registry:
+            return None
+        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY)
+        columns = []
+        for key in state.field_keys:
+            mapping = pd.Index(state.mappings[key])
+            values = adata.obs[key].astype(str)
+            codes = mapping.get_indexer(values)
+            if (codes < 0).any():
+                raise ValueError(
+                    f"adata.obs[{key!r}] has values not seen in training: "
+                    f"{sorted(set(values[codes < 0]))[:10]}."
+                )
+            columns.append(codes)
+        return np.stack(columns, axis=1) if columns else None
+
+    def _check_var_names(self, adata: ad.AnnData) -> None:
+        expected = self.adata.var_names
+        if not adata.var_names.equals(expected):
+            missing = expected.difference(adata.var_names)
+            extra = adata.var_names.difference(expected)
+            raise ValueError(
+                "adata.var_names differ from the genes the model was trained on "
+                f"({len(missing)} missing, {len(extra)} extra, or a different order); subset and "
+                "order the AnnData as adata[:, model.adata.var_names]."
+            )
+
+    def _check_only_controls(self, adata: ad.AnnData) -> None:
+        state = self._perturbation_state
+        key = state["perturbation_key"]
+        if key in adata.obs.columns:
+            labels = adata.obs[key].astype(str)
+            other = pd.unique(labels[labels != state["control_value"]])
+            if len(other):
+                raise ValueError(
+                    f"adata_control must hold control cells only; adata.obs[{key!r}] also has "
+                    f"{list(other[:10])}. Pass adata[adata.obs[{key!r}] == {state['control_value']!r}]."
+                )
+
+    def encode_perturbations(self, perturbations: Sequence[str]) -> np.ndarray:
+        """Padded embedding-row indices of perturbation labels (``KeyError`` for unknown genes).
+
+        Parameters
+        ----------
+        perturbations
+            Labels such as ``"KLF1"`` or ``"SET+KLF1"``.
+
+        Returns
+        -------
+        An integer array ``(len(perturbations), max_genes)``, ``-1``-padded.
+        """
+        state = self._perturbation_state
+        gene_sets = [
+            parse_perturbation(p, state["control_value"], state["combination_delimiter"])
+            for p in perturbations
+        ]
+        return encode_gene_sets(gene_sets, pd.Index(state["genes"]))
+
+    # ------------------------------------------------------------------ prediction
+    @torch.inference_mode()
+    def predict(
+        self,
+        adata_control: ad.AnnData | None = None,
+        perturbations: Sequence[str] | None = None,
+        n_samples: int = 1,
+        aggregate: Literal["mean"] | None = None,
+        use_prior_mean: bool = False,
+        batch_size: int = 512,
+        seed: int | None = None,
+    ) -> ad.AnnData:
+        """Predict perturbed cells from control cells.
+
+        Every control cell is an anchor: ``z`` is drawn from the conditional prior
+        ``p(z | control cell, perturbation)`` and decoded under the perturbation, so the
+        prediction keeps that cell's basal state, context and batch. Control cells of a context
+        never seen in training work too (zero-shot): the prior is conditioned on them.
+
+        Parameters
+        ----------
+        adata_control
+            Control cells with the training genes (same ``var_names``, same order), on the
+            training scale. Defaults to the control cells of the training AnnData.
+        perturbations
+            Labels to predict (``"KLF1"``, ``"SET+KLF1"``); genes need only be in the embedding
+            table. Defaults to the training perturbations.
+        n_samples
+            Draws of ``z`` per control cell.
+        aggregate
+            ``"mean"`` returns one row per perturbation (and context, when the model has a
+            context key) instead of one per cell: the pseudobulk of ``X`` and ``log1p_norm``.
+        use_prior_mean
+            Decode the prior mean instead of a sample.
+        batch_size
+            Control cells per forward pass.
+        seed
+            Seed of the prior draws; defaults to ``scvi.settings.seed``.
+
+        Returns
+        -------
+        A new AnnData (``adata_control`` is untouched) with the training ``var_names`` and
+
+        * ``X``: expected expression on the training scale (expected counts at the control
+          cell's library size for count likelihoods; log-normalised values for ``"normal"``);
+        * ``layers["log1p_norm"]``: ``log1p`` of expression normalised to 1e4 counts (equal to
+          ``X`` for ``"normal"``, whose input is already log-normalised);
+        * ``obs["perturbation"]``, ``obs["control_cell"]`` (the anchor's name), the control
+          cells' context, batch and covariate columns, and ``obs["sample"]``;
+          with ``aggregate="mean"``, ``obs["perturbation"]``, the context column and
+          ``obs["n_cells"]``;
+        * ``uns["perturbscope"]``: the model, likelihood and embedding provenance.
+
+        Raises
+        ------
+        ValueError
+            If ``var_names`` differ from training, ``adata_control`` holds non-control cells, or
+            a batch/covariate value was not seen in training.
+        KeyError
+            If a perturbed gene is not in the embedding table.
+        """
+        self._check_if_trained(warn=True)
+        state = self._perturbation_state
+        if adata_control is None:
+            adata_control = self.adata[self.adata.obs[state["perturbation_key"]].astype(str)
+                                       == state["control_value"]]
+        if perturbations is None:
+            perturbations = self.training_perturbations
+        perturbations = [str(p) for p in perturbations]
+        if not perturbations:
+            raise ValueError("perturbations is empty; pass at least one perturbation label.")
+        if aggregate not in (None, "mean"):
+            raise ValueError(f"aggregate must be None or 'mean', got {aggregate!r}.")
+        self._check_var_names(adata_control)
+        self._check_only_controls(adata_control)
+        matrix = _matrix_of(adata_control, self._layer)
+        if self.module.gene_likelihood in COUNT_LIKELIHOODS:
+            check_count_data(matrix, self._layer)
+        gene_index = torch.as_tensor(self.encode_perturbations(perturbations))
+        batch_codes = self._category_codes(adata_control, REGISTRY_KEYS.BATCH_KEY)
+        covariate_codes = self._covariate_codes(adata_control)
+
+        self.module.eval()
+        device = self.device
+        generator = torch.Generator().manual_seed(int(seed if seed is not None else (settings.seed or 0)))
+        n_cells, n_genes = adata_control.shape
+        X = np.empty((len(perturbations), n_samples, n_cells, n_genes), dtype=np.float32)
+        log1p_norm = np.empty_like(X)
+        for start in tqdm(range(0, n_cells, batch_size), desc="ScopeVI predict", disable=n_cells <= batch_size):
+            stop = min(start + batch_size, n_cells)
+            chunk = matrix[start:stop]
+            anchor_x = torch.as_tensor(chunk.toarray() if sparse.issparse(chunk) else np.asarray(chunk),
+                                       dtype=torch.float32, device=device)
+            batch_index = (None if batch_codes is None else
+                           torch.as_tensor(batch_codes[start:stop, None], dtype=torch.float32, device=device))
+            cat_covs = (None if covariate_codes is None else
+                        torch.as_tensor(covariate_codes[start:stop], dtype=torch.float32, device=device))
+            for p in range(len(perturbations)):
+                genes = gene_index[p].expand(stop - start, -1).to(device)
+                mean, scale = self.module.predict_from_anchor(
+                    anchor_x, genes, batch_index, cat_covs, n_samples=n_samples,
+                    use_prior_mean=use_prior_mean, generator=generator,
+                )
+                X[p, :, start:stop] = mean.cpu().numpy()
+                log1p_norm[p, :, start:stop] = (
+                    mean.cpu().numpy() if scale is None else np.log1p(scale.cpu().numpy() * TARGET_SUM)
+                )
+        prediction = self._prediction_anndata(adata_control, perturbations, n_samples, X, log1p_norm)
+        if aggregate == "mean":
+            prediction = self._aggregate(prediction)
+        return prediction
+
+    def _prediction_anndata(self, adata_control, perturbations, n_samples, X, log1p_norm) -> ad.AnnData:
+        n_perts, _, n_cells, n_genes = X.shape
+        context_columns = [k for k in (self._original_key(REGISTRY_KEYS.CONTEXT_KEY),
+                                       self._original_key(REGISTRY_KEYS.BATCH_KEY)) if k is not None]
+        if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
+            context_columns += list(self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).field_keys)
+        context_columns = list(dict.fromkeys(k for k in context_columns if k in adata_control.obs))
+        repeat = n_perts * n_samples
+        obs = pd.DataFrame({
+            OUTPUT_KEYS.PERTURBATION: pd.Categorical(np.repeat(perturbations, n_samples * n_cells),
+                                                     categories=list(dict.fromkeys(perturbations))),
+            OUTPUT_KEYS.CONTROL_CELL: np.tile(adata_control.obs_names.to_numpy(), repeat),
+            OUTPUT_KEYS.SAMPLE: np.tile(np.repeat(np.arange(n_samples), n_cells), n_perts),
+        })
+        for column in context_columns:
+            obs[column] = np.tile(adata_control.obs[column].to_numpy(), repeat)
+            if isinstance(adata_control.obs[column].dtype, pd.CategoricalDtype):
+                obs[column] = pd.Categorical(obs[column], categories=adata_control.obs[column].cat.categories)
+        obs.index = [f"{p}|{c}|{s}" for p, c, s in zip(obs[OUTPUT_KEYS.PERTURBATION],
+                                                       obs[OUTPUT_KEYS.CONTROL_CELL], obs[OUTPUT_KEYS.SAMPLE])]
+        prediction = ad.AnnData(
+            X=X.reshape(-1, n_genes), obs=obs, var=pd.DataFrame(index=adata_control.var_names.copy()),
+            layers={OUTPUT_KEYS.LOG1P_NORM_LAYER: log1p_norm.reshape(-1, n_genes)},
+        )
+        prediction.uns[OUTPUT_KEYS.PROVENANCE_UNS] = {
+            "model": "ScopeVI",
+            "gene_likelihood": self.module.gene_likelihood,
+            "context_columns": context_columns,
+            "gene_embeddings": {str(k): str(v) for k, v in self._perturbation_state.get("provenance", {}).items()},
+        }
+        return prediction
+
+    def _aggregate(self, prediction: ad.AnnData) -> ad.AnnData:
+        context = self._original_key(REGISTRY_KEYS.CONTEXT_KEY)
+        groupby = [OUTPUT_KEYS.PERTURBATION] + ([context] if context in prediction.obs else [])
+        X = pseudobulk(prediction, groupby)
+        log1p_norm = pseudobulk(prediction, groupby, layer=OUTPUT_KEYS.LOG1P_NORM_LAYER)
+        sizes = prediction.obs.groupby(groupby, observed=True).size()
+        obs = X.index.to_frame(index=False)
+        order = list(prediction.obs[OUTPUT_KEYS.PERTURBATION].cat.categories)
+        obs[OUTPUT_KEYS.PERTURBATION] = pd.Categorical(obs[OUTPUT_KEYS.PERTURBATION], categories=order)
+        obs[OUTPUT_KEYS.N_CELLS] = sizes.reindex(X.index).to_numpy()
+        obs.index = ["|".join(map(str, row)) for row in X.index.to_flat_index()] if len(groupby) > 1 \
+            else X.index.astype(str).tolist()
+        sort = np.argsort(obs[OUTPUT_KEYS.PERTURBATION].cat.codes.to_numpy(), kind="stable")
+        aggregated = ad.AnnData(
+            X=X.to_numpy(dtype=np.float32)[sort], obs=obs.iloc[sort],
+            var=pd.DataFrame(index=prediction.var_names.copy()),
+            layers={OUTPUT_KEYS.LOG1P_NORM_LAYER: log1p_norm.to_numpy(dtype=np.float32)[sort]},
+        )
+        aggregated.uns[OUTPUT_KEYS.PROVENANCE_UNS] = prediction.uns[OUTPUT_KEYS.PROVENANCE_UNS]
+        return aggregated

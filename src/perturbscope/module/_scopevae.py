@@ -1,0 +1,261 @@
+"""ScopeVAE: DeSCOPE's anchored conditional VAE as an scvi-tools module.
+
+Design
+------
+A perturbed cell ``x`` with perturbation set ``S`` is modelled as
+
+* perturbation vector ``p = PerturbationEncoder(S)`` (empty set -> 0);
+* posterior ``q(z | x, p)``;
+* **conditional prior** ``p(z | x_c, p)`` where ``x_c`` is a *control* cell drawn from the same
+  context (cell type / batch). This is the anchor: at prediction time ``z`` is drawn from the
+  prior of a real control cell, so each prediction inherits that cell's basal state;
+* decoder ``p(x | z, p, covariates)`` with an scVI likelihood (``nb``, ``zinb``, ``poisson`` at
+  the observed library size, or ``normal`` for log-normalised input, DeSCOPE's MSE).
+
+The loss is ``-log p(x | z, p) + kl_weight * KL(q || prior)``; the KL warm-up comes from
+scvi-tools' ``TrainingPlan``. Pairs ``(x, x_c)`` are drawn by
+:class:`perturbscope.data.AnchoredAnnDataLoader`, which adds ``anchor_X`` to every minibatch and
+resamples it on every pass. When no anchor is present (e.g. ``get_latent_representation``,
+``get_elbo``) the prior falls back to ``N(0, I)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.nn import DecoderSCVI, Encoder, FCLayers
+from torch import nn
+from torch.distributions import Normal, Poisson, kl_divergence
+
+from .._constants import REGISTRY_KEYS
+from ._perturbation_encoder import PerturbationEncoder
+
+GeneLikelihood = Literal["nb", "zinb", "poisson", "normal"]
+COUNT_LIKELIHOODS = ("nb", "zinb", "poisson")
+
+
+class _NormalDecoder(nn.Module):
+    """Gaussian decoder for log-normalised input: an MLP mean and a learned per-gene variance."""
+
+    def __init__(self, n_input: int, n_output: int, n_cat_list: Iterable[int], n_layers: int, n_hidden: int):
+        super().__init__()
+        self.body = FCLayers(
+            n_in=n_input, n_out=n_hidden, n_cat_list=n_cat_list, n_layers=n_layers,
+            n_hidden=n_hidden, dropout_rate=0.0, use_batch_norm=False, use_layer_norm=True,
+        )
+        self.mean = nn.Linear(n_hidden, n_output)
+        self.log_scale = nn.Parameter(torch.full((n_output,), -1.0))
+
+    def forward(self, decoder_input: torch.Tensor, *cat_list: torch.Tensor) -> Normal:
+        mean = self.mean(self.body(decoder_input, *cat_list))
+        return Normal(mean, self.log_scale.exp().clamp(min=1e-3).expand_as(mean))
+
+
+class ScopeVAE(BaseModuleClass):
+    """Anchored conditional VAE over gene-embedding perturbations.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    gene_embeddings
+        ``(n_embedded_genes, embedding_dim)`` table that perturbation indices point into.
+    n_batch
+        Number of batches (decoder covariate); 0 or 1 means none.
+    n_cats_per_cov
+        Categories of each extra categorical covariate (decoder covariates).
+    n_latent
+        Latent dimension.
+    n_hidden
+        Hidden width of encoders and decoder.
+    n_layers
+        Hidden layers of encoders and decoder.
+    n_perturbation
+        Dimension of the perturbation vector.
+    dropout_rate
+        Dropout in the encoders.
+    gene_likelihood
+        ``"nb"``, ``"zinb"``, ``"poisson"`` (counts) or ``"normal"`` (log-normalised input).
+    free_bits
+        Per-dimension KL floor (nats); keeps the latent informative. 0 disables it.
+
+    Examples
+    --------
+    >>> module = ScopeVAE(n_input=20, gene_embeddings=torch.randn(6, 4), n_latent=3)
+    >>> tensors = {"X": torch.poisson(torch.full((5, 20), 3.0)),
+    ...            "perturbation_genes": torch.tensor([[-1.0], [0.0], [1.0], [2.0], [-1.0]]),
+    ...            "anchor_X": torch.poisson(torch.full((5, 20), 3.0))}
+    >>> _, _, loss = module(tensors)
+    >>> loss.loss.ndim
+    0
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        gene_embeddings: torch.Tensor,
+        n_batch: int = 0,
+        n_cats_per_cov: Iterable[int] | None = None,
+        n_latent: int = 16,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_perturbation: int = 64,
+        dropout_rate: float = 0.1,
+        gene_likelihood: GeneLikelihood = "nb",
+        free_bits: float = 0.0,
+    ):
+        super().__init__()
+        if gene_likelihood not in (*COUNT_LIKELIHOODS, "normal"):
+            raise ValueError(
+                f"gene_likelihood must be one of {(*COUNT_LIKELIHOODS, 'normal')}, got {gene_likelihood!r}."
+            )
+        self.n_input = n_input
+        self.n_latent = n_latent
+        self.n_batch = n_batch
+        self.gene_likelihood = gene_likelihood
+        self.free_bits = free_bits
+        self.perturbation_encoder = PerturbationEncoder(gene_embeddings, n_output=n_perturbation)
+
+        encoder_kwargs = {
+            "n_input": n_input + n_perturbation, "n_output": n_latent, "n_layers": n_layers,
+            "n_hidden": n_hidden, "dropout_rate": dropout_rate, "return_dist": True,
+        }
+        self.z_encoder = Encoder(**encoder_kwargs)
+        self.prior_encoder = Encoder(**encoder_kwargs)
+
+        cat_list = [n_batch if n_batch > 1 else 0, *list(n_cats_per_cov or [])]
+        self._use_batch = n_batch > 1
+        decoder_input = n_latent + n_perturbation
+        if gene_likelihood == "normal":
+            self.decoder = _NormalDecoder(decoder_input, n_input, cat_list, n_layers, n_hidden)
+        else:
+            self.decoder = DecoderSCVI(decoder_input, n_input, n_cat_list=cat_list,
+                                       n_layers=n_layers, n_hidden=n_hidden)
+            self.px_r = nn.Parameter(torch.randn(n_input))
+
+    # ------------------------------------------------------------------ helpers
+    def _encoder_input(self, x: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
+        expression = torch.log1p(x) if self.gene_likelihood in COUNT_LIKELIHOODS else x
+        return torch.cat([expression, perturbation], dim=-1)
+
+    def _covariates(self, batch_index: torch.Tensor | None, cat_covs: torch.Tensor | None) -> list[torch.Tensor]:
+        # FCLayers expects one entry per declared covariate; the batch slot is ignored (None)
+        # when there is a single batch.
+        covariates = [batch_index if self._use_batch else None]
+        if cat_covs is not None:
+            covariates.extend(torch.split(cat_covs, 1, dim=1))
+        return covariates
+
+    def prior(self, anchor_x: torch.Tensor | None, perturbation: torch.Tensor) -> Normal:
+        """The conditional prior ``p(z | x_c, p)``, or ``N(0, I)`` without an anchor."""
+        if anchor_x is None:
+            zeros = torch.zeros(perturbation.shape[0], self.n_latent, device=perturbation.device)
+            return Normal(zeros, torch.ones_like(zeros))
+        pz, _ = self.prior_encoder(self._encoder_input(anchor_x, perturbation))
+        return pz
+
+    # ------------------------------------------------------------------ scvi-tools API
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return {
+            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "perturbation_genes": tensors[REGISTRY_KEYS.PERTURBATION_KEY],
+            "anchor_x": tensors.get(REGISTRY_KEYS.ANCHOR_X_KEY),
+        }
+
+    @auto_move_data
+    def inference(
+        self,
+        x: torch.Tensor,
+        perturbation_genes: torch.Tensor,
+        anchor_x: torch.Tensor | None = None,
+        n_samples: int = 1,
+    ) -> dict[str, torch.Tensor | Normal]:
+        """Posterior ``q(z | x, p)``, the conditional prior and the observed log library size."""
+        perturbation = self.perturbation_encoder(perturbation_genes)
+        qz, z = self.z_encoder(self._encoder_input(x, perturbation))
+        if n_samples > 1:
+            z = qz.sample((n_samples,))
+        library = torch.log(x.sum(dim=1, keepdim=True).clamp(min=1.0))
+        return {"z": z, "qz": qz, "pz": self.prior(anchor_x, perturbation),
+                "perturbation": perturbation, "library": library}
+
+    def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor | None]:
+        cat_covs = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
+        return {
+            "z": inference_outputs["z"],
+            "perturbation": inference_outputs["perturbation"],
+            "library": inference_outputs["library"],
+            "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY) if self._use_batch else None,
+            "cat_covs": cat_covs,
+        }
+
+    @auto_move_data
+    def generative(
+        self,
+        z: torch.Tensor,
+        perturbation: torch.Tensor,
+        library: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+    ) -> dict[str, torch.distributions.Distribution]:
+        """The likelihood ``p(x | z, p, covariates)``; ``px.mean`` is on the input's scale."""
+        if z.dim() == 3:  # several samples of z share the perturbation and covariates
+            perturbation = perturbation.expand(z.shape[0], *perturbation.shape)
+        decoder_input = torch.cat([z, perturbation], dim=-1)
+        covariates = self._covariates(batch_index, cat_covs)
+        if self.gene_likelihood == "normal":
+            return {"px": self.decoder(decoder_input, *covariates), "px_scale": None}
+        px_scale, _, px_rate, px_dropout = self.decoder("gene", decoder_input, library, *covariates)
+        theta = self.px_r.exp()
+        if self.gene_likelihood == "nb":
+            px = NegativeBinomial(mu=px_rate, theta=theta, scale=px_scale)
+        elif self.gene_likelihood == "zinb":
+            px = ZeroInflatedNegativeBinomial(mu=px_rate, theta=theta, zi_logits=px_dropout, scale=px_scale)
+        else:
+            px = Poisson(px_rate)
+        return {"px": px, "px_scale": px_scale}
+
+    def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0) -> LossOutput:
+        """Reconstruction plus ``kl_weight`` times ``KL(q(z | x, p) || p(z | x_c, p))``."""
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        reconstruction = -generative_outputs["px"].log_prob(x).sum(dim=-1)
+        kl_per_dim = kl_divergence(inference_outputs["qz"], inference_outputs["pz"])
+        kl = kl_per_dim.sum(dim=-1)
+        kl_for_loss = kl_per_dim.clamp(min=self.free_bits).sum(dim=-1) if self.free_bits > 0 else kl
+        loss = torch.mean(reconstruction + kl_weight * kl_for_loss)
+        return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local=kl)
+
+    # ------------------------------------------------------------------ prediction
+    @torch.inference_mode()
+    def predict_from_anchor(
+        self,
+        anchor_x: torch.Tensor,
+        perturbation_genes: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        n_samples: int = 1,
+        use_prior_mean: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Expected expression of perturbed cells anchored on control cells.
+
+        Returns
+        -------
+        ``(mean, scale)`` of shape ``(n_samples, n_cells, n_genes)``: ``mean`` is on the input's
+        scale (expected counts at the anchor's library size, or log-normalised values) and
+        ``scale`` the normalised expression (``None`` for the normal likelihood).
+        """
+        perturbation = self.perturbation_encoder(perturbation_genes)
+        pz = self.prior(anchor_x, perturbation)
+        if use_prior_mean:
+            z = pz.loc.expand(n_samples, *pz.loc.shape)
+        else:
+            noise = torch.randn((n_samples, *pz.loc.shape), generator=generator, device="cpu")
+            z = pz.loc + pz.scale * noise.to(pz.loc.device)
+        library = torch.log(anchor_x.sum(dim=1, keepdim=True).clamp(min=1.0))
+        out = self.generative(z, perturbation, library, batch_index, cat_covs)
+        return out["px"].mean, out["px_scale"]

@@ -1,0 +1,197 @@
+"""Plots of benchmark results (the long table of :func:`perturbscope.benchmark.run_benchmark`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+_CEILING = "noise_ceiling"
+_OBSERVED = "observed"
+
+
+def _select(results: pd.DataFrame, metric: str, task: str | None, group: str | None) -> pd.DataFrame:
+    required = {"task", "group", "model", "perturbation", "metric", "value", "seed"}
+    missing = sorted(required - set(results.columns))
+    if missing:
+        raise KeyError(f"results lacks columns {missing}; pass the output of run_benchmark.")
+    rows = results[results["metric"] == metric]
+    if rows.empty:
+        raise ValueError(f"metric {metric!r} not in results; found {sorted(results['metric'].unique())}.")
+    if task is not None:
+        rows = rows[rows["task"] == task]
+    if group is not None:
+        rows = rows[rows["group"] == group]
+    if rows.empty:
+        raise ValueError(f"no rows for task={task!r}, group={group!r}.")
+    return rows
+
+
+def benchmark_scores(
+    results: pd.DataFrame,
+    metric: str = "pearson_delta_top_de",
+    task: str | None = None,
+    group: str | None = None,
+    ax=None,
+):
+    """Per-seed mean score of each model, with the split-half noise ceiling as a line.
+
+    Parameters
+    ----------
+    results
+        Long results from :func:`~perturbscope.benchmark.run_benchmark`.
+    metric
+        The metric to plot.
+    task, group
+        Restrict to one task or one group (``seen2``, ``zero-shot``...).
+    ax
+        Matplotlib axes; a new figure when ``None``.
+
+    Returns
+    -------
+    The axes: one dot per seed, a bar at the mean, a dashed line at the ceiling.
+
+    Raises
+    ------
+    KeyError
+        If ``results`` lacks the columns of the runner's table.
+    ValueError
+        If ``metric`` (or the task/group) has no rows.
+
+    Examples
+    --------
+    >>> from perturbscope.benchmark import run_benchmark
+    >>> results = run_benchmark(None, "simulated", models=["additive", "perturbed_mean"],
+    ...                         seeds=1, distributional=False, progress=False)
+    >>> ax = benchmark_scores(results, "pearson_delta_top_de")
+    >>> ax.get_ylabel()
+    'pearson_delta_top_de'
+    """
+    import matplotlib.pyplot as plt
+
+    rows = _select(results, metric, task, group)
+    rows = rows[rows["model"] != _OBSERVED]
+    per_seed = rows.groupby(["model", "seed"])["value"].mean().reset_index()
+    models = [m for m in pd.unique(per_seed["model"]) if m != _CEILING]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.0 + 0.8 * len(models), 3.2))
+    for i, model in enumerate(models):
+        values = per_seed.loc[per_seed["model"] == model, "value"].to_numpy()
+        ax.bar(i, np.nanmean(values), color="#9ecae1", width=0.6)
+        ax.scatter(np.full(len(values), i), values, color="#08519c", s=12, zorder=3)
+    ceiling = per_seed.loc[per_seed["model"] == _CEILING, "value"]
+    if len(ceiling):
+        ax.axhline(float(ceiling.mean()), color="#cb181d", linestyle="--", label="noise ceiling")
+        ax.legend(frameon=False, fontsize=8)
+    ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
+    ax.set_ylabel(metric)
+    title = " / ".join(str(x) for x in (task, group) if x is not None)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def benchmark_scatter(
+    results: pd.DataFrame,
+    x_model: str,
+    y_model: str,
+    metric: str = "pearson_delta_top_de",
+    task: str | None = None,
+    group: str | None = None,
+    ax=None,
+):
+    """Per-perturbation scores of two models against each other, with the diagonal.
+
+    Points are the mean over seeds of each held-out perturbation's score; a point above the
+    diagonal is a perturbation ``y_model`` predicts better (for higher-is-better metrics).
+
+    Parameters
+    ----------
+    results
+        Long results from :func:`~perturbscope.benchmark.run_benchmark`.
+    x_model, y_model
+        Models to compare (``"noise_ceiling"`` is allowed).
+    metric
+        The metric.
+    task, group
+        Restrict to one task or group.
+    ax
+        Matplotlib axes; a new figure when ``None``.
+
+    Returns
+    -------
+    The axes.
+
+    Raises
+    ------
+    ValueError
+        If a model has no rows.
+
+    Examples
+    --------
+    >>> from perturbscope.benchmark import run_benchmark
+    >>> results = run_benchmark(None, "simulated", models=["additive", "perturbed_mean"],
+    ...                         seeds=1, distributional=False, progress=False)
+    >>> ax = benchmark_scatter(results, "perturbed_mean", "additive")
+    >>> ax.get_xlabel()
+    'perturbed_mean'
+    """
+    import matplotlib.pyplot as plt
+
+    rows = _select(results, metric, task, group)
+    rows = rows[rows["perturbation"] != "(all)"]
+    table = rows.groupby(["model", "perturbation"])["value"].mean().unstack("model")
+    for model in (x_model, y_model):
+        if model not in table.columns:
+            raise ValueError(f"model {model!r} not in results; found {list(table.columns)}.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.4, 3.4))
+    x, y = table[x_model], table[y_model]
+    ax.scatter(x, y, s=14, color="#08519c")
+    low = float(np.nanmin([x.min(), y.min()]))
+    high = float(np.nanmax([x.max(), y.max()]))
+    ax.plot([low, high], [low, high], color="grey", linewidth=0.8)
+    ax.set_xlabel(x_model)
+    ax.set_ylabel(y_model)
+    ax.set_title(metric)
+    return ax
+
+
+def mode_collapse(results: pd.DataFrame, task: str | None = None, ax=None):
+    """Mean pairwise correlation of predicted changes per model, beside the observed one.
+
+    Parameters
+    ----------
+    results
+        Long results from :func:`~perturbscope.benchmark.run_benchmark`.
+    task
+        Restrict to one task.
+    ax
+        Matplotlib axes; a new figure when ``None``.
+
+    Returns
+    -------
+    The axes: a bar per model and a dashed line at the observed figure. Bars well above the
+    line flag predictions collapsed onto one common change.
+
+    Examples
+    --------
+    >>> from perturbscope.benchmark import run_benchmark
+    >>> results = run_benchmark(None, "simulated", models=["additive", "perturbed_mean"],
+    ...                         seeds=1, distributional=False, progress=False)
+    >>> mode_collapse(results).get_ylabel()
+    'mean pairwise correlation of changes'
+    """
+    import matplotlib.pyplot as plt
+
+    rows = _select(results, "delta_correlation", task, None)
+    means = rows.groupby("model")["value"].mean()
+    models = [m for m in means.index if m != _OBSERVED]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.0 + 0.8 * len(models), 3.2))
+    ax.bar(range(len(models)), means.loc[models].to_numpy(), color="#fdae6b", width=0.6)
+    if _OBSERVED in means.index:
+        ax.axhline(float(means.loc[_OBSERVED]), color="black", linestyle="--", label="observed")
+        ax.legend(frameon=False, fontsize=8)
+    ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
+    ax.set_ylabel("mean pairwise correlation of changes")
+    return ax

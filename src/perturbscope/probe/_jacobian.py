@@ -1,0 +1,411 @@
+"""Decoder Jacobians ``d output / d z`` for every cell, vectorised and chunked.
+
+Which output is differentiated
+------------------------------
+``"log_scale"`` (default) is the log of the decoder's normalised expression ``px_scale``; its
+gradient is the relative change ``d y / y`` and is what the vector-field, flow and alignment
+probes use. ``"scale"`` is ``px_scale`` itself (it sums to one over genes, so when all genes are
+included its Jacobian's columns sum to zero over genes). ``"rate"`` is the NB mean at a fixed
+library size ``library_size * px_scale``; the library is held constant, so it is not a
+function of ``z``.
+
+How it is vectorised
+--------------------
+In eval mode the decoder treats cells independently, so for a chunk of cells ``Z`` the map
+``v -> f(Z + v)`` (one latent shift ``v`` shared by every cell) has Jacobian
+``d f_n / d v = d f_n / d z_n``: one :func:`torch.func.jacfwd` call (a ``vmap`` of
+``n_latent`` forward-mode products) yields the whole ``(cells, genes, latent)`` block. When
+fewer genes than latent dimensions are asked for, :func:`torch.func.jacrev` of the per-gene sum
+over cells is cheaper (one reverse pass per gene). Memory is bounded by
+``batch_size * n_genes * n_latent`` numbers per chunk.
+
+scvi-tools' public getters run under ``torch.inference_mode``, which forbids differentiation,
+so the probes call the module's ``generative`` themselves, under ``torch.enable_grad``, through
+the small adapter :func:`_decoder_fn`; it is the only place that knows a model class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._constants import TARGET_SUM
+from ._census import REFERENCE_BATCHES_ATTR
+
+Output = Literal["log_scale", "scale", "rate"]
+OUTPUTS: tuple[str, ...] = ("log_scale", "scale", "rate")
+
+# (n_cells, n_latent) latent -> (scale or None, rate), both (n_cells, n_genes)
+Decoder = Callable[[torch.Tensor, np.ndarray], tuple[torch.Tensor | None, torch.Tensor]]
+
+
+@dataclass
+class _Probe:
+    """Everything a probe needs for one model and one set of cells."""
+
+    decode: Decoder
+    z: torch.Tensor  # (n_cells, n_latent), posterior means unless given
+    gene_names: np.ndarray  # the decoder's genes, in output order
+
+    @property
+    def n_latent(self) -> int:
+        return self.z.shape[1]
+
+
+def _model_kind(model: Any) -> str:
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if "ScopeVI" in names:
+        return "ScopeVI"
+    if "SCVI" in names:
+        return "SCVI"
+    raise TypeError(
+        f"probes work on scvi.model.SCVI and perturbscope.ScopeVI models, not {type(model).__name__}"
+    )
+
+
+def _batch_codes(model: Any, names: Sequence[str]) -> list[int]:
+    """Integer codes of batch names, with a clear error listing the model's batches."""
+    from scvi import REGISTRY_KEYS
+
+    manager = model.adata_manager
+    if REGISTRY_KEYS.BATCH_KEY not in manager.data_registry:
+        return [0]
+    mapping = list(
+        manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping.astype(str)
+    )
+    unknown = [n for n in names if str(n) not in mapping]
+    if unknown:
+        shown = mapping[:20] + (["..."] if len(mapping) > 20 else [])
+        raise ValueError(
+            f"transform_batch {unknown!r} is not a batch of the model; its batches are {shown} "
+            f"({len(mapping)} in all)"
+        )
+    return [mapping.index(str(n)) for n in names]
+
+
+def _transform_batches(model: Any, transform_batch: str | Sequence[str] | None) -> list[int] | None:
+    """Batch codes to decode through (averaged), or ``None`` for each cell's own batch."""
+    if transform_batch is None:
+        transform_batch = getattr(model, REFERENCE_BATCHES_ATTR, None)
+    if transform_batch is None:
+        return None
+    names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+    return _batch_codes(model, names)
+
+
+def _registry_tensor(manager: Any, key: str) -> np.ndarray | None:
+    if key not in manager.data_registry:
+        return None
+    values = manager.get_from_registry(key)
+    values = values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)
+    return values
+
+
+def _decoder_fn(
+    model: Any,
+    adata: ad.AnnData | None,
+    transform_batch: str | Sequence[str] | None,
+    library_size: float,
+) -> Decoder:
+    """Return ``decode(z, rows) -> (scale, rate)`` for the cells ``rows`` of ``adata``.
+
+    This adapter is the one place that knows how each model class decodes. Covariates are
+    read once from the model's registry for ``adata``; ``z`` is the only differentiated input.
+    With several transform batches, expression is averaged over them (scvi-tools' convention
+    for ``transform_batch`` lists).
+    """
+    from scvi import REGISTRY_KEYS
+
+    kind = _model_kind(model)
+    module = model.module
+    codes = _transform_batches(model, transform_batch)
+    # scvi-tools getters register an unseen AnnData the same way (adding its ``_scvi_*`` keys)
+    manager = None
+    if adata is not None:
+        adata = model._validate_anndata(adata)
+        manager = model.get_anndata_manager(adata, required=True)
+    if manager is None and codes is None:
+        n_batch = getattr(module, "n_batch", 1) or 1
+        codes = list(range(n_batch))  # no cells to read batches from: average over all
+
+    def from_registry(key: str) -> np.ndarray | None:
+        return None if manager is None else _registry_tensor(manager, key)
+
+    own_batch = from_registry(REGISTRY_KEYS.BATCH_KEY)
+    cont = from_registry(REGISTRY_KEYS.CONT_COVS_KEY)
+    cat = from_registry(REGISTRY_KEYS.CAT_COVS_KEY)
+    if manager is None and (
+        REGISTRY_KEYS.CONT_COVS_KEY in model.adata_manager.data_registry
+        or REGISTRY_KEYS.CAT_COVS_KEY in model.adata_manager.data_registry
+    ):
+        raise ValueError("this model has covariates: pass adata with z so they can be read")
+    perturbation = None
+    if kind == "ScopeVI":
+        from .._constants import REGISTRY_KEYS as SCOPE_KEYS
+
+        perturbation = from_registry(SCOPE_KEYS.PERTURBATION_KEY)
+
+    param = next(module.parameters())
+    device, dtype = param.device, param.dtype
+
+    def tensor(values: np.ndarray | None, rows: np.ndarray, as_dtype: torch.dtype) -> Any:
+        if values is None:
+            return None
+        return torch.as_tensor(np.asarray(values)[rows], device=device, dtype=as_dtype)
+
+    def decode(z: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor | None, torch.Tensor]:
+        n = z.shape[0]
+        log_library = torch.full((n, 1), float(np.log(library_size)), device=device, dtype=dtype)
+        if codes is None:
+            batches = [tensor(own_batch, rows, torch.long)]
+        else:
+            batches = [torch.full((n, 1), c, device=device, dtype=torch.long) for c in codes]
+        scale_sum, rate_sum = None, None
+        for batch_index in batches:
+            if kind == "SCVI":
+                out = module.generative(
+                    z=z,
+                    library=log_library,
+                    batch_index=batch_index
+                    if batch_index is not None
+                    else torch.zeros((n, 1), dtype=torch.long, device=device),
+                    cont_covs=tensor(cont, rows, dtype),
+                    cat_covs=tensor(cat, rows, torch.long),
+                )
+                scale, rate = out["px"].scale, out["px"].mu
+            else:
+                scale, rate = _scopevi_decode(
+                    module, z, log_library, batch_index, tensor(cat, rows, torch.long),
+                    tensor(perturbation, rows, torch.long),
+                )
+            scale_sum = scale if scale_sum is None else scale_sum + scale
+            rate_sum = rate if rate_sum is None else rate_sum + rate
+        k = len(batches)
+        return (None if scale_sum is None else scale_sum / k), rate_sum / k
+
+    return decode
+
+
+def _scopevi_decode(
+    module: Any,
+    z: torch.Tensor,
+    log_library: torch.Tensor,
+    batch_index: torch.Tensor | None,
+    cat_covs: torch.Tensor | None,
+    perturbation_genes: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """ScopeVI's decoder at each cell's own perturbation (the control cells' is empty)."""
+    if hasattr(module, "decode_expression"):
+        return module.decode_expression(
+            z, perturbation_genes, batch_index=batch_index, cat_covs=cat_covs, library=log_library
+        )
+    if perturbation_genes is None or not hasattr(module, "perturbation_encoder"):
+        raise NotImplementedError("this ScopeVI module exposes no decoder the probes can call")
+    perturbation = module.perturbation_encoder(perturbation_genes)
+    out = module.generative(z, perturbation, log_library, batch_index, cat_covs)
+    px = out["px"]
+    scale = out.get("px_scale")
+    return scale, px.mean
+
+
+def _select(
+    scale: torch.Tensor | None, rate: torch.Tensor, output: str, genes: torch.Tensor | None
+) -> torch.Tensor:
+    if output == "rate":
+        y = rate
+    elif scale is None:
+        raise ValueError(
+            f"output={output!r} needs a normalised expression (px_scale); this model's likelihood "
+            "has none, use output='rate'"
+        )
+    else:
+        y = torch.log(scale) if output == "log_scale" else scale
+    return y if genes is None else y.index_select(-1, genes)
+
+
+def _check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
+
+
+def _gene_indices(gene_names: np.ndarray, genes: str | Sequence[str] | None) -> np.ndarray | None:
+    if genes is None:
+        return None
+    wanted = [genes] if isinstance(genes, str) else list(genes)
+    lookup = {g: i for i, g in enumerate(gene_names)}
+    missing = [g for g in wanted if g not in lookup]
+    if missing:
+        raise ValueError(
+            f"genes {missing[:10]!r}{' ...' if len(missing) > 10 else ''} are not decoded by the "
+            f"model ({len(gene_names)} genes, e.g. {list(gene_names[:5])})"
+        )
+    return np.array([lookup[g] for g in wanted], dtype=np.int64)
+
+
+def _latent(model: Any, adata: ad.AnnData, batch_size: int) -> np.ndarray:
+    return np.asarray(model.get_latent_representation(adata, batch_size=batch_size))
+
+
+def _make_probe(
+    model: Any,
+    adata: ad.AnnData | None,
+    z: np.ndarray | torch.Tensor | None,
+    transform_batch: str | Sequence[str] | None,
+    library_size: float,
+    batch_size: int,
+) -> tuple[_Probe, ad.AnnData | None]:
+    _model_kind(model)
+    if adata is None and z is None:
+        adata = model.adata
+        if adata is None:
+            raise ValueError("the model holds no AnnData: pass adata or z")
+    param = next(model.module.parameters())
+    if z is None:
+        z_array = _latent(model, adata, batch_size)
+    else:
+        z_array = z.detach().cpu().numpy() if isinstance(z, torch.Tensor) else np.asarray(z)
+        n_latent = model.module.n_latent
+        if z_array.ndim != 2 or z_array.shape[1] != n_latent:
+            raise ValueError(
+                f"z must have shape (n_cells, n_latent={n_latent}), got {z_array.shape}"
+            )
+        if adata is not None and adata.n_obs != z_array.shape[0]:
+            raise ValueError(
+                f"z has {z_array.shape[0]} rows but adata has {adata.n_obs} cells; they must match"
+            )
+    decode = _decoder_fn(model, adata, transform_batch, library_size)
+    source = adata if adata is not None else model.adata
+    if source is not None:
+        gene_names = np.asarray(source.var_names)
+    else:
+        gene_names = np.asarray(model.adata_manager.get_state_registry("X").column_names)
+    z_tensor = torch.as_tensor(z_array, dtype=param.dtype, device=param.device)
+    return _Probe(decode=decode, z=z_tensor, gene_names=gene_names.astype(str)), adata
+
+
+class _eval_mode:
+    """Put the module in eval mode (independent cells, no dropout) and restore it after."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.was_training = self.module.training
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was_training)
+
+
+def _iter_jacobian(
+    probe: _Probe,
+    rows: np.ndarray,
+    genes: np.ndarray | None,
+    output: str,
+    batch_size: int,
+    progress: bool,
+    desc: str = "decoder Jacobian",
+    z: torch.Tensor | None = None,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(positions in rows, J)`` with ``J`` of shape ``(chunk, genes, latent)``."""
+    from torch.func import jacfwd, jacrev
+
+    z_all = probe.z if z is None else z
+    gene_tensor = None if genes is None else torch.as_tensor(genes, device=z_all.device)
+    n_out = len(probe.gene_names) if genes is None else len(genes)
+    use_forward = n_out >= probe.n_latent
+    starts = range(0, len(rows), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
+        part = slice(start, min(start + batch_size, len(rows)))
+        chunk_rows = rows[part]
+        z_chunk = z_all[torch.as_tensor(chunk_rows, device=z_all.device)].detach()
+
+        def f(zc: torch.Tensor, chunk_rows: np.ndarray = chunk_rows) -> torch.Tensor:
+            return _select(*probe.decode(zc, chunk_rows), output, gene_tensor)
+
+        with torch.enable_grad():
+            if use_forward:
+                shift = torch.zeros(probe.n_latent, dtype=z_chunk.dtype, device=z_chunk.device)
+                jac = jacfwd(lambda v, zc=z_chunk, f=f: f(zc + v))(shift)
+            else:
+                jac = jacrev(lambda zc, f=f: f(zc).sum(0))(z_chunk).permute(1, 0, 2)
+        yield part, jac.detach()
+
+
+def decoder_jacobian(
+    model: Any,
+    adata: ad.AnnData | None = None,
+    z: np.ndarray | torch.Tensor | None = None,
+    genes: str | Sequence[str] | None = None,
+    output: Output = "log_scale",
+    transform_batch: str | Sequence[str] | None = None,
+    batch_size: int = 64,
+    library_size: float = TARGET_SUM,
+    progress_bar: bool = True,
+) -> np.ndarray:
+    """Jacobian of the decoder output with respect to the latent variables, per cell.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`scvi.model.SCVI` (Census models from :func:`load_census_scvi`
+        included) or :class:`perturbscope.ScopeVI`.
+    adata
+        Cells to probe, set up like the model's training data. ``None`` uses ``model.adata``
+        (unless ``z`` is given, in which case the decoder's covariates default to the average
+        over all batches).
+    z
+        Latent points ``(n_cells, n_latent)`` to differentiate at. ``None`` uses the posterior
+        means of ``adata``'s cells.
+    genes
+        Gene names (``var_names`` of the model) to return, in this order; ``None`` returns all.
+    output
+        ``"log_scale"``: log normalised expression. ``"scale"``: normalised expression
+        ``px_scale``; it sums to one over genes, so with all genes the Jacobian's columns sum to
+        zero across genes. ``"rate"``: expected counts at the fixed ``library_size``.
+    transform_batch
+        Batch name, or list of names to average decoded expression over; ``None`` uses each
+        cell's own batch, or ``model.probe_reference_batches_`` for Census models.
+    batch_size
+        Cells per chunk; peak memory grows as ``batch_size * n_genes * n_latent``.
+    library_size
+        Library size for ``output="rate"``.
+    progress_bar
+        Show a tqdm bar over chunks.
+
+    Returns
+    -------
+    Array of shape ``(n_cells, n_genes, n_latent)``: ``J[c, g, k] = d output_g / d z_k`` at cell
+    ``c``, genes in the order of ``genes`` (or the model's ``var_names``).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``output``, genes the model does not decode, a batch the model does not
+        have, or ``z`` of the wrong shape.
+
+    Examples
+    --------
+    >>> import perturbscope as ps
+    >>> jac = ps.probe.decoder_jacobian(model, adata, genes=["ISG15", "IFI6"])  # doctest: +SKIP
+    >>> jac.shape  # doctest: +SKIP
+    (1975, 2, 10)
+    """
+    _check_output(output)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    probe, _ = _make_probe(model, adata, z, transform_batch, library_size, batch_size)
+    gene_idx = _gene_indices(probe.gene_names, genes)
+    n_genes = len(probe.gene_names) if gene_idx is None else len(gene_idx)
+    rows = np.arange(probe.z.shape[0])
+    result = np.empty((len(rows), n_genes, probe.n_latent), dtype=np.float64)
+    with _eval_mode(model.module):
+        for part, jac in _iter_jacobian(probe, rows, gene_idx, output, batch_size, progress_bar):
+            result[part] = jac.cpu().numpy()
+    return result.astype(probe.z.cpu().numpy().dtype, copy=False)

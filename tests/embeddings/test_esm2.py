@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from perturbscope.embeddings import esm2_embeddings, read_protein_fasta
+
+SEQUENCES = {
+    "KLF1": "MATAETALPSISTLTALGPFPDTQDDFLKWWRSEEAQDMGPGPPDPTEPPLHVKSEDQPGEEEDDERGADATWDLDLLLTNFSG",
+    "SET": "MSAPAAKVSKKELNSNHDGADETSEKEQQEAIEHIDEVQNEIDRLNEQASEEILKVEQKYNKLRQPFFQKRSELIAKIPNFWV",
+    "MIDN": "MEQRGQ",
+}
+
+
+def direct_mean(model, sequence: str, layer: int = 2) -> np.ndarray:
+    """Mean over residues (BOS/EOS dropped) of one unpadded forward pass."""
+    _, _, tokens = model.alphabet.get_batch_converter()([("x", sequence)])
+    with torch.no_grad():
+        hidden = model(tokens, repr_layers=[layer])["representations"][layer][0]
+    return hidden[1 : len(sequence) + 1].mean(0).double().numpy()
+
+
+def test_local_checkpoint_equals_direct_forward(tiny_esm2):
+    path, model = tiny_esm2
+    emb = esm2_embeddings(SEQUENCES, model=path, show_progress=False)
+    assert list(emb.index) == list(SEQUENCES)
+    assert list(emb.columns) == [f"esm2_{i}" for i in range(32)]
+    for gene, sequence in SEQUENCES.items():
+        np.testing.assert_allclose(
+            emb.loc[gene].to_numpy(), direct_mean(model, sequence), atol=1e-5
+        )
+    assert emb.attrs == {
+        "source": "esm2",
+        "model": str(path),
+        "layer": 2,
+        "pooling": "mean",
+        "window": 1022,
+        "stride": 511,
+    }
+
+
+def test_checkpoint_needs_the_allow_list(tiny_esm2):
+    # The trap the loader avoids: a weights-only load refuses the Namespace in cfg.
+    path, _ = tiny_esm2
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, weights_only=True)
+
+
+def test_deterministic_and_batching_invariant(tiny_esm2):
+    path, _ = tiny_esm2
+    first = esm2_embeddings(SEQUENCES, model=path, show_progress=False)
+    again = esm2_embeddings(SEQUENCES, model=path, show_progress=False)
+    np.testing.assert_array_equal(first.to_numpy(), again.to_numpy())
+    # A budget of one sequence per batch removes padding altogether; results must not change.
+    one_by_one = esm2_embeddings(
+        SEQUENCES, model=path, max_tokens=100, window=98, show_progress=False
+    )
+    np.testing.assert_allclose(one_by_one.to_numpy(), first.to_numpy(), atol=1e-5)
+
+
+def test_loaded_pair_and_bos_pooling_and_layer(tiny_esm2):
+    path, model = tiny_esm2
+    from_path = esm2_embeddings(SEQUENCES, model=path, show_progress=False)
+    from_pair = esm2_embeddings(SEQUENCES, model=(model, model.alphabet), show_progress=False)
+    np.testing.assert_allclose(from_pair.to_numpy(), from_path.to_numpy(), atol=1e-6)
+    assert from_pair.attrs["model"] == "ESM2"
+
+    bos = esm2_embeddings(
+        {"MIDN": "MEQRGQ"}, model=path, pooling="bos", repr_layer=1, show_progress=False
+    )
+    _, _, tokens = model.alphabet.get_batch_converter()([("x", "MEQRGQ")])
+    with torch.no_grad():
+        expected = model(tokens, repr_layers=[1])["representations"][1][0, 0].double().numpy()
+    np.testing.assert_allclose(bos.loc["MIDN"].to_numpy(), expected, atol=1e-5)
+    assert (bos.attrs["layer"], bos.attrs["pooling"]) == (1, "bos")
+
+
+def test_long_sequences_are_windowed_and_averaged(tiny_esm2):
+    path, model = tiny_esm2
+    sequence = "MSAPAAKVSKKELNSNHDGADET"  # 23 residues
+    emb = esm2_embeddings(
+        {"SET": sequence}, model=path, window=10, stride=4, max_tokens=40, show_progress=False
+    )
+    # Starts 0, 4, 8, 12, then 13 so that the last window ends at the last residue.
+    windows = [sequence[s : s + 10] for s in (0, 4, 8, 12, 13)]
+    expected = np.mean([direct_mean(model, w) for w in windows], axis=0)
+    np.testing.assert_allclose(emb.loc["SET"].to_numpy(), expected, atol=1e-5)
+    # Not the same as one pass over the whole protein.
+    assert not np.allclose(emb.loc["SET"].to_numpy(), direct_mean(model, sequence), atol=1e-3)
+
+
+def test_cache_computes_only_new_genes(tiny_esm2, tmp_path, monkeypatch):
+    import esm
+
+    path, _ = tiny_esm2
+    seen: list[int] = []
+    forward = esm.model.esm2.ESM2.forward
+
+    def counting(self, tokens, *args, **kwargs):
+        seen.append(tokens.shape[0])
+        return forward(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(esm.model.esm2.ESM2, "forward", counting)
+    cache = tmp_path / "cache"
+    two = {g: SEQUENCES[g] for g in ("KLF1", "SET")}
+    first = esm2_embeddings(two, model=path, cache_dir=cache, show_progress=False)
+    assert sum(seen) == 2
+    assert len(list(cache.rglob("*.npy"))) == 2
+
+    again = esm2_embeddings(two, model=path, cache_dir=cache, show_progress=False)
+    assert sum(seen) == 2  # nothing recomputed
+    np.testing.assert_array_equal(again.to_numpy(), first.to_numpy())
+    assert again.attrs == first.attrs
+
+    three = esm2_embeddings(SEQUENCES, model=path, cache_dir=cache, show_progress=False)
+    assert sum(seen) == 3  # only MIDN was computed
+    np.testing.assert_array_equal(three.loc[["KLF1", "SET"]].to_numpy(), first.to_numpy())
+
+    # A different layer is a different cache entry.
+    esm2_embeddings(two, model=path, cache_dir=cache, repr_layer=1, show_progress=False)
+    assert sum(seen) == 5
+
+
+def test_fasta_input(tiny_esm2, tmp_path):
+    path, _ = tiny_esm2
+    fasta = tmp_path / "human.fasta"
+    fasta.write_text(
+        ">sp|P1|KLF1_HUMAN Krueppel-like factor 1 OS=Homo sapiens OX=9606 GN=KLF1 PE=1 SV=2\n"
+        f"{SEQUENCES['KLF1'][:40]}\n{SEQUENCES['KLF1'][40:]}\n"
+        f">SET protein SET\n{SEQUENCES['SET']}*\n"
+    )
+    assert read_protein_fasta(fasta) == {"KLF1": SEQUENCES["KLF1"], "SET": SEQUENCES["SET"]}
+    from_fasta = esm2_embeddings(fasta, model=path, show_progress=False)
+    from_dict = esm2_embeddings(
+        {g: SEQUENCES[g] for g in ("KLF1", "SET")}, model=path, show_progress=False
+    )
+    np.testing.assert_array_equal(from_fasta.to_numpy(), from_dict.to_numpy())
+
+
+def test_fasta_duplicates(tmp_path):
+    fasta = tmp_path / "dup.fasta"
+    fasta.write_text(">A\nMKV\n>B\nMM\n>A isoform 2\nMKVLL\n")
+    with pytest.raises(
+        ValueError, match=r"several entries for genes \['A'\].*duplicates='longest'"
+    ):
+        read_protein_fasta(fasta)
+    assert read_protein_fasta(fasta, duplicates="first") == {"A": "MKV", "B": "MM"}
+    assert read_protein_fasta(fasta, duplicates="longest") == {"A": "MKVLL", "B": "MM"}
+    with pytest.raises(ValueError, match="duplicates must be"):
+        read_protein_fasta(fasta, duplicates="last")
+    bad = tmp_path / "bad.fasta"
+    bad.write_text("MKV\n>A\nMKV\n")
+    with pytest.raises(ValueError, match="line 1: sequence before any '>' header"):
+        read_protein_fasta(bad)
+    empty = tmp_path / "empty.fasta"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no FASTA entries"):
+        read_protein_fasta(empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_protein_fasta(tmp_path / "absent.fasta")
+
+
+def test_model_name_error_says_internet(monkeypatch):
+    import esm
+
+    def offline(name):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(esm.pretrained, "load_model_and_alphabet", offline)
+    with pytest.raises(RuntimeError, match=r"'esm2_t6_8M_UR50D'.*needs internet.*local"):
+        esm2_embeddings({"A": "MKV"}, model="esm2_t6_8M_UR50D", show_progress=False)
+    with pytest.raises(
+        ValueError, match="neither an existing checkpoint file nor a fair-esm model name"
+    ):
+        esm2_embeddings({"A": "MKV"}, model="esm2_typo", show_progress=False)
+
+
+def test_bad_checkpoints(tiny_esm2, tmp_path):
+    path, _ = tiny_esm2
+    with pytest.raises(FileNotFoundError, match="ESM checkpoint .* does not exist"):
+        esm2_embeddings({"A": "MKV"}, model=tmp_path / "missing.pt", show_progress=False)
+    (tmp_path / "esm2_t2_tiny-contact-regression.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="contact-regression weights"):
+        esm2_embeddings({"A": "MKV"}, model=path, show_progress=False)
+    with pytest.raises(TypeError, match=r"\(model, alphabet\) pair"):
+        esm2_embeddings({"A": "MKV"}, model=3, show_progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"sequences": {"A": "MKV", "B": "MK1V"}},
+            ValueError,
+            r"not amino-acid letters: \{'B': \['1'\]\}",
+        ),
+        ({"sequences": {"A": ""}}, ValueError, r"Genes \['A'\] have empty protein sequences"),
+        ({"sequences": {}}, ValueError, "sequences is empty"),
+        (
+            {"sequences": ["MKV"]},
+            TypeError,
+            "must be a \\{gene: protein sequence\\} dict or a FASTA path",
+        ),
+        ({"pooling": "max"}, ValueError, "pooling must be 'mean' or 'bos', got 'max'"),
+        ({"repr_layer": 3}, ValueError, r"repr_layer=3 is out of range: the model has layers 0..2"),
+        ({"repr_layer": -1}, ValueError, "repr_layer must be a non-negative"),
+        (
+            {"max_tokens": 100},
+            ValueError,
+            r"max_tokens=100 cannot hold one window of 1022 residues",
+        ),
+        (
+            {"window": 10, "stride": 11},
+            ValueError,
+            "stride must be between 1 and window=10, got 11",
+        ),
+    ],
+)
+def test_bad_arguments(tiny_esm2, kwargs, error, match):
+    path, _ = tiny_esm2
+    arguments = {"sequences": {"A": "MKV"}, "model": path, "show_progress": False, **kwargs}
+    with pytest.raises(error, match=match):
+        esm2_embeddings(**arguments)
