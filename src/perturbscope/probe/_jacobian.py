@@ -76,9 +76,9 @@ def _batch_codes(model: Any, names: Sequence[str]) -> list[int]:
     manager = model.adata_manager
     if REGISTRY_KEYS.BATCH_KEY not in manager.data_registry:
         return [0]
-    mapping = list(
-        manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping.astype(str)
-    )
+    mapping = [
+        str(b) for b in manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+    ]
     unknown = [n for n in names if str(n) not in mapping]
     if unknown:
         shown = mapping[:20] + (["..."] if len(mapping) > 20 else [])

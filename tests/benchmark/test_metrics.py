@@ -1,0 +1,129 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from perturbscope.benchmark import (
+    de_overlap,
+    direction_agreement,
+    discrimination_score,
+    energy_distance,
+    evaluate,
+    histogram_kl,
+    l2_distance,
+    mean_squared_error,
+    moment_errors,
+    pearson_delta,
+    prepare_reference,
+    top_de_genes,
+)
+
+
+def test_pearson_delta_hand_computed():
+    # deltas (1, 0, -1) and (2, 0, 0): cov = 2/3... r = 2 / (sqrt(2) * sqrt(8/3) * sqrt(3/2)) = sqrt(3)/2
+    value = pearson_delta(np.array([2.0, 1, 0]), np.array([3.0, 1, 1]), np.array([1.0, 1, 1]))
+    assert value == pytest.approx(np.sqrt(3) / 2)
+    # a constant change (no-change prediction, even with float32 rounding) scores 0
+    assert pearson_delta(np.array([1.0, 1, 1]) + 1e-8, np.array([3.0, 1, 1]), np.ones(3)) == 0.0
+
+
+def test_mse_l2_direction_overlap_hand_computed():
+    assert mean_squared_error(np.array([1.0, 2]), np.array([0.0, 4])) == pytest.approx(2.5)
+    assert l2_distance(np.array([0.0, 3]), np.array([4.0, 0])) == pytest.approx(5.0)
+    assert direction_agreement(np.array([2.0, 0, 1, 3]), np.array([3.0, 2, 1, 0]),
+                               np.ones(4)) == pytest.approx(0.5)
+    assert de_overlap(["a", "b", "c"], ["b", "c", "d", "e"]) == 0.5
+
+
+def test_discrimination_score_hand_computed():
+    obs = pd.DataFrame([[0.0, 0], [1, 1], [4, 4]], index=["a", "b", "c"])
+    # L1 from observed a: pred a 2, pred b 0, pred c 7 -> one closer -> 1 - 1/2
+    pred = pd.DataFrame([[1.0, 1], [0, 0], [4, 3]], index=["a", "b", "c"])
+    assert discrimination_score(pred, obs).tolist() == [0.5, 0.5, 1.0]
+    assert discrimination_score(obs, obs).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="same perturbations in the same order"):
+        discrimination_score(pred.iloc[::-1], obs)
+
+
+def test_moment_errors_hand_computed():
+    pred = np.array([[0.0, 1], [2, 1], [4, 1]])  # gene 0: var 8/3, skew 0; gene 1 constant
+    obs = np.array([[0.0, 0], [0, 0], [3, 3]])  # var 2, skew 1/sqrt(2), kurtosis -1.5
+    errors = moment_errors(pred, obs)
+    assert errors["variance_error"] == pytest.approx((abs(8 / 3 - 2) + 2) / 2)
+    assert errors["skewness_error"] == pytest.approx(1 / np.sqrt(2))
+    # kurtosis of (0, 2, 4) is -1.5; constant gene counts 0
+    assert errors["kurtosis_error"] == pytest.approx((0 + 1.5) / 2)
+
+
+def test_histogram_kl_hand_computed():
+    bins = np.array([0.0, 1, 2])
+    # observed (0.5, 1.5) -> (1/2, 1/2); predicted (0.5, 0.5, 0.5, 1.5) -> (3/4, 1/4)
+    kl = histogram_kl(np.array([[0.5], [0.5], [0.5], [1.5]]), np.array([[0.5], [1.5]]),
+                      bins=bins, pseudocount=0.0)
+    expected = 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)
+    assert kl[0] == pytest.approx(expected)
+    # out-of-range values fall in the end bins
+    assert histogram_kl(np.array([[-3.0]]), np.array([[0.2]]), bins=bins)[0] == pytest.approx(0.0)
+
+
+def test_energy_distance_is_euclidean_not_squared():
+    x, y = np.array([[0.0], [2.0]]), np.array([[1.0], [3.0]])
+    # 2 * mean|x-y| = 2 * 1.5; mean|x-x'| = mean|y-y'| = 1 (all pairs)
+    assert energy_distance(x, y) == pytest.approx(1.0)
+    assert energy_distance(x, x) == pytest.approx(0.0)
+    # same mean, different spread: squared distances would give 0, Euclidean does not
+    a, b = np.array([[-1.0], [1.0]]), np.array([[-3.0], [3.0]])
+    assert energy_distance(a, b) == pytest.approx(2 * 3 - 1 - 3)
+
+
+def _toy():
+    rng = np.random.default_rng(0)
+    control = rng.normal(2, 0.3, (30, 6))
+    a = control + np.array([1.0, -1, 0, 0, 0, 0]) + rng.normal(0, 0.05, (30, 6))
+    b = control + np.array([0, 0, 0.8, 0, 0, -0.8]) + rng.normal(0, 0.05, (30, 6))
+    genes = [f"g{i}" for i in range(6)]
+    observed = ad.AnnData(np.vstack([a, b]), obs=pd.DataFrame(
+        {"p": ["A"] * 30 + ["B"] * 30}, index=[f"o{i}" for i in range(60)]),
+        var=pd.DataFrame(index=genes))
+    ctrl = ad.AnnData(control, obs=pd.DataFrame(index=[f"c{i}" for i in range(30)]),
+                      var=pd.DataFrame(index=genes))
+    return observed, ctrl
+
+
+def test_top_de_genes_finds_the_shifted_genes():
+    observed, control = _toy()
+    both = ad.concat([observed, ad.AnnData(control.X, obs=pd.DataFrame(
+        {"p": "control"}, index=control.obs_names), var=control.var)])
+    de = top_de_genes(both, "p", "control", n_genes=2)
+    assert sorted(de["A"]) == ["g0", "g1"] and sorted(de["B"]) == ["g2", "g5"]
+    assert "control" not in de
+    with pytest.raises(ValueError, match="reference 'ctrl' is not a value"):
+        top_de_genes(both, "p", "ctrl")
+
+
+def test_evaluate_perfect_prediction_and_layout():
+    observed, control = _toy()
+    reference = prepare_reference(observed, control, "p", n_de=2, n_pcs=3)
+    scores = evaluate(observed, reference, perturbation_key="p", layer=None)
+    assert list(scores.index) == ["A", "B"]
+    assert scores["pearson_delta"].tolist() == pytest.approx([1.0, 1.0])
+    assert scores["pearson_delta_top_de"].tolist() == pytest.approx([1.0, 1.0])
+    assert scores["l2_top_expressed"].tolist() == pytest.approx([0.0, 0.0])
+    assert scores["direction_top_de"].tolist() == [1.0, 1.0]
+    assert scores["discrimination_score"].tolist() == [1.0, 1.0]
+    assert scores["de_overlap"].tolist() == [1.0, 1.0]
+    assert scores["energy_distance"].tolist() == pytest.approx([0.0, 0.0], abs=1e-9)
+    # swapping the predictions makes each one the worst match
+    swapped = observed.copy()
+    swapped.obs["p"] = ["B"] * 30 + ["A"] * 30
+    worst = evaluate(swapped, reference, perturbation_key="p", layer=None)
+    assert worst["discrimination_score"].tolist() == [0.0, 0.0]
+
+
+def test_evaluate_errors():
+    observed, control = _toy()
+    reference = prepare_reference(observed, control, "p", n_de=2, n_pcs=3)
+    with pytest.raises(ValueError, match=r"perturbations \['B'\] are observed but not predicted"):
+        evaluate(observed[observed.obs["p"] == "A"], reference, perturbation_key="p", layer=None)
+    with pytest.raises(KeyError, match="perturbation_key 'perturbation' not in predicted.obs"):
+        evaluate(observed, reference, layer=None)

@@ -1,0 +1,60 @@
+import time
+
+import pandas as pd
+import pytest
+
+from perturbscope.benchmark import TASKS, load_task, markdown_table, run_benchmark, summarize
+
+
+def test_runner_smoke_on_simulated_data_with_scopevi(tmp_path):
+    start = time.perf_counter()
+    results = run_benchmark(
+        None, "simulated", models=["scopevi", "linear", "additive", "embedding_nn", "perturbed_mean"],
+        seeds=1, out=tmp_path, scopevi_kwargs={"train": {"max_epochs": 2}}, progress=False,
+    )
+    assert time.perf_counter() - start < 60
+    assert set(results["model"]) == {"scopevi", "linear", "additive", "embedding_nn",
+                                     "perturbed_mean", "noise_ceiling", "observed"}
+    assert list(results.columns) == ["task", "seed", "split", "group", "model", "perturbation",
+                                     "metric", "value"]
+    scores = results[results["perturbation"] != "(all)"]
+    # every held-out single is scored once per model (2 folds cover all 9 singles)
+    assert scores.groupby("model")["perturbation"].nunique().drop("observed", errors="ignore").eq(9).all()
+    # the perturbed mean predicts one change for all: complete mode collapse, chance-level PDS
+    collapse = results[(results["metric"] == "delta_correlation") & (results["model"] == "perturbed_mean")]
+    assert collapse["value"].min() == pytest.approx(1.0)
+    pds = scores[(scores["metric"] == "discrimination_score") & (scores["model"] == "perturbed_mean")]
+    assert pds["value"].eq(0.5).all()
+    # the additive baseline predicts an unseen single as no change: Pearson delta 0
+    pearson = scores[(scores["metric"] == "pearson_delta") & (scores["model"] == "additive")]
+    assert pearson["value"].eq(0.0).all()
+    for name in ("metrics.csv", "summary.csv", "results.md", "pearson_delta_top_de.png"):
+        assert (tmp_path / name).is_file()
+    written = pd.read_csv(tmp_path / "metrics.csv")
+    assert len(written) == len(results)
+    text = (tmp_path / "results.md").read_text()
+    assert "| noise ceiling (split-half) |" in text and "| scopevi |" in text
+
+
+def test_summary_and_table_mark_missing_models():
+    results = run_benchmark(None, "simulated", models=["additive"], seeds=2,
+                            distributional=False, progress=False)
+    summary = summarize(results)
+    row = summary.loc[("simulated", "unseen_single", "additive", "l2_top_expressed")]
+    assert row["n_seeds"] == 2 and row["sd"] >= 0
+    table = markdown_table(summary, metrics=["pearson_delta"], models=["noise_ceiling", "scopevi", "additive"])
+    assert "| scopevi | not run |" in table
+    assert table.count("±") == 2
+
+
+def test_runner_errors():
+    with pytest.raises(ValueError, match="Unknown task 'norman'; choose one of"):
+        run_benchmark(None, "norman")
+    with pytest.raises(ValueError, match=r"Unknown models \['gears'\]"):
+        run_benchmark(None, "simulated", models=["gears"])
+    with pytest.raises(ValueError, match="task 'norman_combo' needs data"):
+        load_task("norman_combo", None)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_task("norman_combo", "/nonexistent/perturbench_devel.h5ad")
+    assert set(TASKS) == {"norman_unseen_single", "norman_combo", "mcfaline_unseen_line",
+                          "kang_unseen_cell_type", "simulated"}

@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+
+from perturbscope.benchmark import combo_split, unseen_context_split, unseen_single_split
+from perturbscope.data import parse_perturbation
+
+
+def _genes(labels):
+    return {g for p in labels for g in parse_perturbation(p)}
+
+
+def test_unseen_single_folds_cover_every_single_once_and_never_leak(small_screen):
+    adata, _ = small_screen
+    labels = adata.obs["perturbation"].astype(str)
+    held = []
+    for fold in range(3):
+        split = unseen_single_split(adata, "perturbation", n_folds=3, fold=fold, seed=1)
+        train_labels = set(labels[split.train])
+        test_genes = _genes(split.perturbations)
+        # no training cell saw a held-out gene, alone or in a combination
+        assert not (_genes(train_labels) & test_genes)
+        assert set(labels[split.test]) == set(split.perturbations)
+        assert set(split.control) <= set(split.train)
+        assert set(labels[split.control]) == {"control"}
+        assert not set(split.test) & set(split.train)
+        held += split.perturbations
+    singles = sorted(p for p in labels.unique() if p != "control" and "+" not in p)
+    assert sorted(held) == singles
+
+
+def test_unseen_single_is_seeded(small_screen):
+    adata, _ = small_screen
+    a = unseen_single_split(adata, "perturbation", seed=3)
+    b = unseen_single_split(adata, "perturbation", seed=3)
+    c = unseen_single_split(adata, "perturbation", seed=4)
+    assert a.perturbations == b.perturbations
+    assert np.array_equal(a.train, b.train)
+    assert a.perturbations != c.perturbations
+
+
+def test_unseen_single_errors(small_screen):
+    adata, _ = small_screen
+    with pytest.raises(ValueError, match="fold=3 is out of range for n_folds=3"):
+        unseen_single_split(adata, "perturbation", n_folds=3, fold=3)
+    with pytest.raises(ValueError, match="n_folds=50 exceeds the 12 single-gene"):
+        unseen_single_split(adata, "perturbation", n_folds=50)
+    with pytest.raises(KeyError, match="perturbation_key 'guide' not in adata.obs"):
+        unseen_single_split(adata, "guide")
+    with pytest.raises(ValueError, match="control_value 'ctrl' not found"):
+        unseen_single_split(adata, "perturbation", control_value="ctrl")
+
+
+def test_combo_split_labels_by_seen_singles_and_does_not_leak(small_screen):
+    adata, _ = small_screen
+    labels = adata.obs["perturbation"].astype(str)
+    combos = sorted(p for p in labels.unique() if "+" in p)
+    a, b = parse_perturbation(combos[0])
+    c = parse_perturbation(combos[1])[0]
+    # drop the singles of a and b (combo 0 becomes seen0) and of c (combo 1 seen1 or seen0)
+    keep = ~labels.isin([a, b, c]).to_numpy()
+    split = combo_split(adata[keep], "perturbation")
+    assert split.labels[combos[0]] == "seen0"
+    assert split.labels[combos[1]] in {"seen0", "seen1"}
+    train_labels = set(labels[split.train])
+    assert not train_labels & set(split.perturbations)
+    assert set(labels[split.test]) == set(split.perturbations) == set(combos)
+    full = combo_split(adata, "perturbation")
+    assert set(full.labels) == {"seen2"}
+
+
+def test_combo_split_fraction_is_seeded(small_screen):
+    adata, _ = small_screen
+    a = combo_split(adata, "perturbation", test_fraction=0.5, seed=0)
+    assert len(a.perturbations) == 3
+    labels = adata.obs["perturbation"].astype(str)
+    train_combos = {p for p in labels[a.train] if "+" in p}
+    assert len(train_combos) == 3 and not train_combos & set(a.perturbations)
+    assert a.perturbations == combo_split(adata, "perturbation", test_fraction=0.5, seed=0).perturbations
+    with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\], got 0"):
+        combo_split(adata, "perturbation", test_fraction=0)
+    singles = adata[~labels.str.contains(r"\+").to_numpy()]
+    with pytest.raises(ValueError, match="has no combinations"):
+        combo_split(singles, "perturbation")
+
+
+def test_unseen_context_zero_shot_sees_only_controls_of_the_context(small_screen):
+    adata, _ = small_screen
+    split = unseen_context_split(adata, "perturbation", "cell_type", "type_1")
+    obs = adata.obs
+    train = obs.loc[split.train]
+    in_context = train[train["cell_type"] == "type_1"]
+    assert set(in_context["perturbation"].astype(str)) == {"control"}
+    assert len(in_context) == ((obs["cell_type"] == "type_1") & (obs["perturbation"] == "control")).sum()
+    test = obs.loc[split.test]
+    assert set(test["cell_type"]) == {"type_1"} and "control" not in set(test["perturbation"])
+    assert set(obs.loc[split.control, "cell_type"]) == {"type_1"}
+    assert set(split.labels) == {"zero-shot"} and split.context == "type_1"
+
+
+def test_unseen_context_few_shot_sees_exactly_k_cells(small_screen):
+    adata, _ = small_screen
+    split = unseen_context_split(adata, "perturbation", "cell_type", "type_0", k=3, seed=2)
+    obs = adata.obs
+    train = obs.loc[split.train]
+    shots = train[(train["cell_type"] == "type_0") & (train["perturbation"] != "control")]
+    counts = shots["perturbation"].astype(str).value_counts()
+    assert set(counts) == {3} and set(counts.index) == set(split.perturbations)
+    assert not set(split.test) & set(split.train)
+    test_counts = obs.loc[split.test, "perturbation"].astype(str).value_counts()
+    assert set(test_counts) == {17}  # 20 cells per condition minus 3 shots
+    again = unseen_context_split(adata, "perturbation", "cell_type", "type_0", k=3, seed=2)
+    assert np.array_equal(split.train, again.train)
+
+
+def test_unseen_context_errors(small_screen):
+    adata, _ = small_screen
+    with pytest.raises(ValueError, match=r"k=20 shot cells leave no test cells.*use k below 20"):
+        unseen_context_split(adata, "perturbation", "cell_type", "type_0", k=20)
+    with pytest.raises(ValueError, match="context 'type_9' not found in adata.obs\\['cell_type'\\]"):
+        unseen_context_split(adata, "perturbation", "cell_type", "type_9")
+    with pytest.raises(KeyError, match="context_key 'line' not in adata.obs"):
+        unseen_context_split(adata, "perturbation", "line", "type_0")
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        unseen_context_split(adata, "perturbation", "cell_type", "type_0", k=-1)

@@ -1,0 +1,253 @@
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+import torch
+from scipy import sparse
+
+import perturbscope as ps
+from perturbscope.benchmark import log1p_normalized, pseudobulk
+
+
+@pytest.fixture
+def screen(small_screen):
+    adata, embeddings = small_screen
+    return adata.copy(), embeddings.copy()
+
+
+def _setup(adata, embeddings, **kwargs):
+    ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=embeddings, context_key="cell_type", **kwargs)
+
+
+def _controls(adata):
+    return adata[adata.obs["perturbation"] == "control"].copy()
+
+
+@pytest.fixture(scope="module")
+def trained(small_screen):
+    scvi.settings.seed = 0
+    adata, embeddings = small_screen
+    adata = adata.copy()
+    _setup(adata, embeddings)
+    model = ps.ScopeVI(adata, n_latent=4, n_hidden=32)
+    model.train(max_epochs=3, enable_progress_bar=False)
+    return model, adata, embeddings
+
+
+# ---------------------------------------------------------------- setup and registry
+def test_setup_writes_only_documented_keys(screen):
+    adata, embeddings = screen
+    obs_before, X_before = set(adata.obs.columns), adata.X.copy()
+    _setup(adata, embeddings)
+    assert set(adata.obs.columns) - obs_before == {"_scvi_context", "_scvi_batch"}
+    assert set(adata.obsm) == {"_scopevi_perturbation_genes"}
+    assert set(adata.uns) - {"simulation"} == {"_scvi_uuid", "_scvi_manager_uuid"}
+    assert (adata.X != X_before).nnz == 0
+    genes = adata.obsm["_scopevi_perturbation_genes"]
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    assert (genes[labels == "control"] == -1).all()
+    first_double = next(label for label in labels if "+" in label)
+    a, b = first_double.split("+")
+    row = genes[np.flatnonzero(labels == first_double)[0]]
+    assert embeddings.index[row].tolist() == [a, b]
+
+
+def test_setup_control_value_missing(screen):
+    adata, embeddings = screen
+    with pytest.raises(ValueError, match=r"control_value 'ctrl' not found in adata.obs\['perturbation'\]\. Values found: 'control'"):
+        ps.ScopeVI.setup_anndata(adata, "perturbation", control_value="ctrl", gene_embeddings=embeddings)
+
+
+def test_setup_missing_perturbation_key(screen):
+    adata, embeddings = screen
+    with pytest.raises(KeyError, match="perturbation_key 'guide' not found in adata.obs"):
+        ps.ScopeVI.setup_anndata(adata, "guide", gene_embeddings=embeddings)
+
+
+def test_setup_genes_missing_from_embeddings(screen):
+    adata, embeddings = screen
+    dropped = embeddings.index[:2].tolist()
+    with pytest.raises(KeyError, match=rf"Perturbed genes missing from gene_embeddings: \['{dropped[0]}', '{dropped[1]}'\]"):
+        _setup(adata, embeddings.drop(index=dropped))
+
+
+def test_setup_rejects_non_finite_embeddings(screen):
+    adata, embeddings = screen
+    embeddings.iloc[3, 0] = np.nan
+    with pytest.raises(ValueError, match=rf"non-finite values for genes \['{embeddings.index[3]}'\]"):
+        _setup(adata, embeddings)
+
+
+def test_context_without_controls(screen):
+    adata, embeddings = screen
+    keep = ~((adata.obs["cell_type"] == "type_1") & (adata.obs["perturbation"] == "control"))
+    adata = adata[keep].copy()
+    with pytest.raises(ValueError, match=r"No control cells \(perturbation == 'control'\) in context 'type_1'"):
+        _setup(adata, embeddings)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(-1.0, "negative values"), (0.5, "non-integer values"), (np.nan, "NaN or inf values"), (np.inf, "NaN or inf values")],
+)
+def test_count_likelihood_rejects_bad_counts(screen, value, message):
+    adata, embeddings = screen
+    counts = adata.X.toarray()
+    counts[0, 0] = value
+    adata.layers["counts"] = sparse.csr_matrix(counts)
+    _setup(adata, embeddings, layer="counts")
+    with pytest.raises(ValueError, match=rf"adata.layers\['counts'\] has {message}"):
+        ps.ScopeVI(adata, gene_likelihood="nb")
+
+
+def test_normal_likelihood_accepts_log_normalised(screen):
+    adata, embeddings = screen
+    adata.X = log1p_normalized(adata)
+    _setup(adata, embeddings)
+    model = ps.ScopeVI(adata, gene_likelihood="normal", n_latent=3, n_hidden=16)
+    assert model.module.gene_likelihood == "normal"
+
+
+def test_unknown_likelihood(screen):
+    adata, embeddings = screen
+    _setup(adata, embeddings)
+    with pytest.raises(ValueError, match="gene_likelihood must be one of"):
+        ps.ScopeVI(adata, gene_likelihood="gaussian")
+
+
+def test_no_embeddings_uses_one_hot_with_warning(screen):
+    adata, _ = screen
+    with pytest.warns(UserWarning, match="one-hot embeddings"):
+        ps.ScopeVI.setup_anndata(adata, "perturbation")
+    model = ps.ScopeVI(adata, n_latent=3, n_hidden=16)
+    n_genes = len({g for p in adata.obs["perturbation"].astype(str) if p != "control" for g in p.split("+")})
+    assert model.gene_embeddings.shape == (n_genes, n_genes)
+
+
+# ---------------------------------------------------------------- prediction
+def test_predict_layout_and_input_untouched(trained):
+    model, adata, embeddings = trained
+    controls = _controls(adata)
+    before = controls.copy()
+    unseen = embeddings.index[-1]
+    pred = model.predict(controls, [embeddings.index[0], f"{embeddings.index[0]}+{unseen}"], n_samples=2)
+    assert pred.shape == (2 * 2 * controls.n_obs, adata.n_vars)
+    assert pred.var_names.equals(adata.var_names)
+    assert pred.obs["perturbation"].cat.categories.tolist() == [embeddings.index[0], f"{embeddings.index[0]}+{unseen}"]
+    assert set(pred.obs.columns) >= {"perturbation", "control_cell", "sample", "cell_type"}
+    first = pred.obs.iloc[: controls.n_obs]
+    assert first["control_cell"].tolist() == controls.obs_names.tolist()
+    assert (first["cell_type"].to_numpy() == controls.obs["cell_type"].to_numpy()).all()
+    # expected counts at the control cell's library size, and log1p of 1e4-normalised scale
+    library = np.asarray(controls.X.sum(axis=1)).ravel()
+    np.testing.assert_allclose(pred.X[: controls.n_obs].sum(axis=1), library, rtol=1e-3)
+    expected_log = np.log1p(pred.X[: controls.n_obs] / library[:, None] * 1e4)
+    np.testing.assert_allclose(pred.layers["log1p_norm"][: controls.n_obs], expected_log, rtol=1e-3, atol=1e-4)
+    assert (controls.X != before.X).nnz == 0
+    assert controls.obs.equals(before.obs) and list(controls.obsm) == list(before.obsm)
+    assert pred.uns["perturbscope"]["model"] == "ScopeVI"
+
+
+def test_predict_aggregate_mean_is_pseudobulk(trained):
+    model, adata, embeddings = trained
+    controls = _controls(adata)
+    perts = [embeddings.index[1], embeddings.index[2]]
+    cells = model.predict(controls, perts, use_prior_mean=True)
+    mean = model.predict(controls, perts, aggregate="mean", use_prior_mean=True)
+    assert mean.obs["perturbation"].tolist() == [perts[0], perts[0], perts[1], perts[1]]
+    assert mean.obs["n_cells"].tolist() == [controls.obs["cell_type"].value_counts()[t] for t in ["type_0", "type_1"]] * 2
+    expected = pseudobulk(cells, ["perturbation", "cell_type"], layer="log1p_norm")
+    np.testing.assert_allclose(mean.layers["log1p_norm"], expected.loc[list(zip(mean.obs["perturbation"], mean.obs["cell_type"]))].to_numpy(), rtol=1e-5)
+
+
+def test_predict_is_seeded(trained):
+    model, adata, embeddings = trained
+    controls = _controls(adata)[:20]
+    a = model.predict(controls, [embeddings.index[0]], seed=3)
+    b = model.predict(controls, [embeddings.index[0]], seed=3)
+    c = model.predict(controls, [embeddings.index[0]], seed=4)
+    np.testing.assert_array_equal(a.X, b.X)
+    assert not np.allclose(a.X, c.X)
+
+
+def test_predict_different_perturbations_differ(trained):
+    model, adata, embeddings = trained
+    pred = model.predict(_controls(adata), embeddings.index[:4].tolist(), aggregate="mean", use_prior_mean=True)
+    profiles = pred.layers["log1p_norm"]
+    assert np.abs(profiles[0] - profiles[2]).max() > 1e-3
+
+
+def test_predict_bad_inputs(trained):
+    model, adata, embeddings = trained
+    controls = _controls(adata)
+    with pytest.raises(ValueError, match=r"var_names differ from the genes the model was trained on \(1 missing, 0 extra"):
+        model.predict(controls[:, 1:], [embeddings.index[0]])
+    with pytest.raises(KeyError, match=r"Perturbed genes missing from gene_embeddings: \['NOTAGENE'\]"):
+        model.predict(controls, ["NOTAGENE"])
+    with pytest.raises(ValueError, match="adata_control must hold control cells only"):
+        model.predict(adata, [embeddings.index[0]])
+    with pytest.raises(ValueError, match="aggregate must be None or 'mean'"):
+        model.predict(controls, [embeddings.index[0]], aggregate="median")
+    shifted = controls.copy()
+    shifted.X = shifted.X * 0.5
+    with pytest.raises(ValueError, match=r"adata.X has non-integer values"):
+        model.predict(shifted, [embeddings.index[0]])
+
+
+def test_predict_unseen_context_zero_shot(trained):
+    model, adata, embeddings = trained
+    controls = _controls(adata)
+    controls.obs["cell_type"] = pd.Categorical(["new_line"] * controls.n_obs)
+    pred = model.predict(controls, [embeddings.index[0]], aggregate="mean")
+    assert pred.obs["cell_type"].tolist() == ["new_line"]
+
+
+def test_save_load_identical_predictions(trained, tmp_path):
+    model, adata, embeddings = trained
+    controls = _controls(adata)
+    perts = [embeddings.index[0], f"{embeddings.index[1]}+{embeddings.index[-1]}"]
+    before = model.predict(controls, perts, seed=1)
+    model.save(tmp_path / "scopevi", overwrite=True)
+    loaded = ps.ScopeVI.load(tmp_path / "scopevi", adata=adata)
+    after = loaded.predict(controls, perts, seed=1)
+    np.testing.assert_array_equal(before.X, after.X)
+    pd.testing.assert_frame_equal(loaded.gene_embeddings, model.gene_embeddings)
+    assert loaded.gene_embeddings.attrs == {"source": "simulate_perturbseq", "seed": 0}
+
+
+def test_latent_representation(trained):
+    model, adata, _ = trained
+    z = model.get_latent_representation()
+    assert z.shape == (adata.n_obs, 4)
+    assert np.isfinite(z).all()
+
+
+# ---------------------------------------------------------------- accuracy
+@pytest.mark.slow
+def test_beats_perturbed_mean_on_unseen_genes():
+    scvi.settings.seed = 0
+    torch.manual_seed(0)
+    adata, embeddings = ps.data.simulate_perturbseq(
+        n_genes=100, n_perturbed_genes=30, n_combinations=0, n_cell_types=1,
+        n_cells_per_condition=30, embedding_dim=16, seed=3,
+    )
+    held_out = embeddings.index[::5].tolist()
+    is_test = adata.obs["perturbation"].isin(held_out)
+    train = adata[~is_test].copy()
+    ps.ScopeVI.setup_anndata(train, "perturbation", gene_embeddings=embeddings)
+    model = ps.ScopeVI(train, n_latent=8, n_hidden=64)
+    model.train(max_epochs=60, batch_size=256, enable_progress_bar=False, plan_kwargs={"lr": 3e-3})
+    controls = adata[adata.obs["perturbation"] == "control"].copy()
+    pred = model.predict(controls, held_out, aggregate="mean", use_prior_mean=True)
+
+    real = adata.copy()
+    real.X = log1p_normalized(adata)
+    truth = pseudobulk(real, "perturbation")
+    control = truth.loc["control"]
+    perturbed_mean = truth.drop(index=["control", *held_out]).mean() - control
+    scope, baseline = [], []
+    for i, gene in enumerate(held_out):
+        delta = truth.loc[gene] - control
+        scope.append(np.corrcoef(delta, pred.layers["log1p_norm"][i] - control)[0, 1])
+        baseline.append(np.corrcoef(delta, perturbed_mean)[0, 1])
+    assert np.mean(scope) > np.mean(baseline) + 0.1, (scope, baseline)

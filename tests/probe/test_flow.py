@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from perturbscope.probe import decoder_jacobian, gradient_field, gradient_flow
+from perturbscope.probe._flow import _project_onto_embedding
+
+
+def test_gradient_field_writes_documented_keys(tiny_scvi):
+    model, adata = tiny_scvi
+    sub = adata[:60].copy()
+    before = set(sub.obsm)
+    gradient_field(model, sub, "gene2", basis="X_umap", n_neighbors=10, progress_bar=False)
+    assert set(sub.obsm) - before == {"probe_grad_gene2", "probe_grad_gene2_umap"}
+    assert sub.obsm["probe_grad_gene2"].shape == (60, 4)
+    assert sub.obsm["probe_grad_gene2_umap"].shape == (60, 2)
+    expected = decoder_jacobian(model, sub, genes=["gene2"], progress_bar=False)[:, 0, :]
+    np.testing.assert_allclose(sub.obsm["probe_grad_gene2"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_projection_follows_the_gradient():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 3))
+    embedding = z[:, :2] * 2.0  # the embedding is a linear view of the latent space
+    towards_x = np.tile([1.0, 0.0, 0.0], (300, 1))
+    arrows = _project_onto_embedding(z, towards_x, embedding, n_neighbors=20, temperature=0.1)
+    assert (arrows[:, 0] > 0).mean() > 0.95
+    assert np.abs(arrows[:, 0]).mean() > 3 * np.abs(arrows[:, 1]).mean()
+    flipped = _project_onto_embedding(z, -towards_x, embedding, n_neighbors=20, temperature=0.1)
+    assert (flipped[:, 0] < 0).mean() > 0.95
+
+
+def test_gradient_field_errors(tiny_scvi):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match=r"basis 'X_tsne' is not in adata.obsm; keys are \['X_umap'\]"):
+        gradient_field(model, adata, "gene2", basis="X_tsne")
+    with pytest.raises(ValueError, match=r"genes \['CD4'\] are not decoded"):
+        gradient_field(model, adata, "CD4")
+
+
+@pytest.mark.parametrize("direction", [-1, 1])
+def test_gradient_flow_moves_the_gene_and_returns_a_new_anndata(tiny_scvi, direction):
+    model, adata = tiny_scvi
+    sub = adata[:50].copy()
+    obs_before, obsm_before = list(sub.obs.columns), set(sub.obsm)
+    flow = gradient_flow(
+        model, sub, "gene1", direction=direction, step_size=0.2, n_steps=4, progress_bar=False
+    )
+    assert flow is not sub and flow.shape == (50, 40)
+    assert list(flow.layers) == [f"step_{t}" for t in range(5)]
+    np.testing.assert_array_equal(flow.X, flow.layers["step_4"])
+    assert set(flow.var.columns) == {"probe_flow_log2fc", "probe_flow_delta"}
+    assert flow.obsm["probe_flow_latent"].shape == (50, 4)
+    assert flow.uns["probe_flow"] == {"gene": "gene1", "direction": direction, "step_size": 0.2, "n_steps": 4}
+    np.testing.assert_allclose(flow.layers["step_0"].sum(axis=1), 1e4, rtol=1e-4)
+    # the walked gene changes in the asked direction, step after step, in almost every cell
+    trajectory = np.stack([flow.layers[f"step_{t}"][:, 1] for t in range(5)])
+    assert (np.sign(np.diff(trajectory, axis=0)) == direction).mean() > 0.95
+    assert np.sign(flow.var.loc["gene1", "probe_flow_log2fc"]) == direction
+    ranked = flow.var["probe_flow_log2fc"].abs().sort_values(ascending=False)
+    assert "gene1" in ranked.index[:10]
+    # each step moves each cell by exactly step_size in latent space
+    z0 = model.get_latent_representation(sub)
+    distance = np.linalg.norm(flow.obsm["probe_flow_latent"] - z0, axis=1)
+    assert (distance <= 4 * 0.2 + 1e-4).all() and (distance > 0.5).all()
+    assert list(sub.obs.columns) == obs_before and set(sub.obsm) == obsm_before
+    assert not any(c.startswith("_scvi") for c in flow.obs.columns)
+
+
+def test_gradient_flow_errors(tiny_scvi):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match=r"direction must be -1 \(knock-down\) or \+1 \(over-expression\), got 0"):
+        gradient_flow(model, adata, "gene1", direction=0)
+    with pytest.raises(ValueError, match="step_size must be > 0 and n_steps >= 1, got step_size=-0.1"):
+        gradient_flow(model, adata, "gene1", step_size=-0.1)
+    with pytest.raises(ValueError, match="n_steps=0"):
+        gradient_flow(model, adata, "gene1", n_steps=0)
+    with pytest.raises(ValueError, match=r"genes \['XIST'\] are not decoded"):
+        gradient_flow(model, adata, "XIST")

@@ -1,0 +1,124 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from perturbscope.probe import decoder_jacobian
+from perturbscope.probe._jacobian import _make_probe, _select
+
+
+@pytest.fixture(scope="module")
+def double_model(tiny_scvi):
+    model, adata = tiny_scvi
+    z = model.get_latent_representation(adata[:8].copy()).astype(np.float64)
+    model64 = copy.copy(model)
+    model64.module = copy.deepcopy(model.module).double()
+    return model64, adata[:8].copy(), z
+
+
+def _decoded(model, adata, z, output):
+    probe, _ = _make_probe(model, adata, z, None, 1e4, 64)
+    with torch.no_grad():
+        return _select(*probe.decode(probe.z, np.arange(len(z))), output, None).numpy()
+
+
+@pytest.mark.parametrize("output", ["log_scale", "scale", "rate"])
+@pytest.mark.parametrize("genes", [None, ["gene0", "gene5", "gene33"]])
+def test_matches_finite_differences(double_model, output, genes):
+    model, adata, z = double_model
+    jac = decoder_jacobian(model, adata, z=z, genes=genes, output=output, progress_bar=False)
+    eps = 1e-6
+    columns = [
+        (_decoded(model, adata, z + eps * e, output) - _decoded(model, adata, z - eps * e, output))
+        / (2 * eps)
+        for e in np.eye(z.shape[1])
+    ]
+    fd = np.stack(columns, axis=-1)
+    if genes is not None:  # fewer genes than latent dims: the reverse-mode path
+        fd = fd[:, [int(g.removeprefix("gene")) for g in genes]]
+    assert jac.dtype == np.float64 and jac.shape == fd.shape
+    assert np.abs(jac - fd).max() / np.abs(fd).max() < 1e-3
+
+
+def test_scale_columns_sum_to_zero_and_rate_is_library_times_scale(double_model):
+    model, adata, z = double_model
+    scale = decoder_jacobian(model, adata, z=z, output="scale", progress_bar=False)
+    assert np.abs(scale.sum(axis=1)).max() < 1e-12 * 40 + 1e-14
+    assert np.abs(scale).max() > 1e-6
+    rate = decoder_jacobian(model, adata, z=z, output="rate", library_size=500.0, progress_bar=False)
+    np.testing.assert_allclose(rate, 500.0 * scale, rtol=1e-10, atol=1e-14)
+
+
+def test_chunking_does_not_change_the_result(tiny_scvi):
+    model, adata = tiny_scvi
+    sub = adata[:30].copy()
+    one = decoder_jacobian(model, sub, batch_size=7, progress_bar=False)
+    whole = decoder_jacobian(model, sub, batch_size=64, progress_bar=False)
+    assert one.shape == (30, 40, 4)
+    np.testing.assert_allclose(one, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_own_batch_versus_transform_batch(tiny_scvi):
+    model, adata = tiny_scvi
+    sub = adata[:10].copy()  # alternating b1, b2
+    own = decoder_jacobian(model, sub, progress_bar=False)
+    b1 = decoder_jacobian(model, sub, transform_batch="b1", progress_bar=False)
+    b2 = decoder_jacobian(model, sub, transform_batch="b2", progress_bar=False)
+    np.testing.assert_allclose(own[0::2], b1[0::2], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(own[1::2], b2[1::2], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(b1, b2)
+
+
+def test_default_cells_are_the_models_and_state_is_restored(tiny_scvi):
+    model, adata = tiny_scvi
+    x_before = adata.X.copy()
+    keys_before = (set(adata.obsm), set(adata.var.columns), set(adata.layers))
+    model.module.train()
+    jac = decoder_jacobian(model, genes="gene3", batch_size=128, progress_bar=False)
+    assert model.module.training
+    model.module.eval()
+    assert jac.shape == (adata.n_obs, 1, 4)
+    assert (adata.X != x_before).nnz == 0
+    assert keys_before == (set(adata.obsm), set(adata.var.columns), set(adata.layers))
+
+
+def test_bad_output(tiny_scvi):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match=r"output must be one of \['log_scale', 'scale', 'rate'\], got 'mean'"):
+        decoder_jacobian(model, adata, output="mean")
+
+
+def test_unknown_gene(tiny_scvi):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match=r"genes \['ISG15'\] are not decoded by the model \(40 genes"):
+        decoder_jacobian(model, adata, genes=["gene1", "ISG15"])
+
+
+def test_bad_z_shape(tiny_scvi):
+    model, _ = tiny_scvi
+    with pytest.raises(ValueError, match=r"z must have shape \(n_cells, n_latent=4\), got \(3, 5\)"):
+        decoder_jacobian(model, z=np.zeros((3, 5)))
+
+
+def test_z_and_adata_disagree(tiny_scvi):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match="z has 3 rows but adata has 240 cells"):
+        decoder_jacobian(model, adata, z=np.zeros((3, 4)))
+
+
+def test_unknown_transform_batch(tiny_scvi):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match=r"transform_batch \['b9'\] is not a batch of the model; its batches are \['b1', 'b2'\]"):
+        decoder_jacobian(model, adata, transform_batch="b9")
+
+
+def test_bad_batch_size(tiny_scvi):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        decoder_jacobian(model, adata, batch_size=0)
+
+
+def test_not_an_scvi_model():
+    with pytest.raises(TypeError, match="probes work on scvi.model.SCVI and perturbscope.ScopeVI models, not str"):
+        decoder_jacobian("model", z=np.zeros((1, 4)))
