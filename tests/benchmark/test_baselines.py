@@ -20,8 +20,12 @@ def _toy():
     genes = ["g0", "g1", "g2"]
     rows, labels, contexts = [], [], []
     for context, offset in (("x", 0.0), ("y", 1.0)):
-        for label, shift in (("control", [0, 0, 0]), ("A", [1, 0, 0]), ("B", [0, 2, 0]),
-                             ("A+B", [1, 2, 5])):
+        for label, shift in (
+            ("control", [0, 0, 0]),
+            ("A", [1, 0, 0]),
+            ("B", [0, 2, 0]),
+            ("A+B", [1, 2, 5]),
+        ):
             for noise in (-0.1, 0.1):
                 rows.append(np.array([1.0, 1, 1]) + offset + shift + noise)
                 labels.append(label)
@@ -48,8 +52,9 @@ def test_additive_sums_single_shifts_and_ignores_unseen_genes():
     adata = _toy()
     train = adata[adata.obs["p"] != "A+B"]
     model = _fit(AdditiveBaseline(), train)
-    assert np.allclose(model.predict_shifts(["A+B", "A+C", "C"]).to_numpy(),
-                       [[1, 2, 0], [1, 0, 0], [0, 0, 0]])
+    assert np.allclose(
+        model.predict_shifts(["A+B", "A+C", "C"]).to_numpy(), [[1, 2, 0], [1, 0, 0], [0, 0, 0]]
+    )
     # a seen combination is predicted by its own shift
     full = _fit(AdditiveBaseline(), adata)
     assert np.allclose(full.predict_shifts(["A+B"]).to_numpy(), [[1, 2, 5]])
@@ -80,10 +85,13 @@ def test_predict_layout_means_and_input_untouched():
     means = model.predict(control, ["A+B", "A"], aggregate="mean")
     assert means.obs["perturbation"].astype(str).tolist() == ["A+B", "A+B", "A", "A"]
     assert means.obs["n_cells"].tolist() == [2, 2, 2, 2]
-    x_row = means[(means.obs["perturbation"] == "A+B").to_numpy() & (means.obs["ctx"] == "y").to_numpy()]
+    x_row = means[
+        (means.obs["perturbation"] == "A+B").to_numpy() & (means.obs["ctx"] == "y").to_numpy()
+    ]
     assert np.allclose(x_row.layers["log1p_norm"], [[3, 4, 2]])  # control y (2, 2, 2) + (1, 2, 0)
     assert means.uns["perturbscope"]["model"] == "additive"
-    assert train.obs.equals(before.obs) and np.array_equal(train.X, before.X)
+    assert train.obs.equals(before.obs)
+    assert np.array_equal(train.X, before.X)
 
 
 def test_counts_scale_predicts_counts_at_the_control_library_size(small_screen):
@@ -133,16 +141,24 @@ def test_linear_closed_form_matches_hand_solution():
         for noise in (-0.1, 0.1):
             rows.append(3 + shift + noise)
             labels.append(label)
-    adata = ad.AnnData(np.vstack(rows), obs=pd.DataFrame({"p": labels}, index=[f"c{i}" for i in range(10)]),
-                       var=pd.DataFrame(index=genes))
+    adata = ad.AnnData(
+        np.vstack(rows),
+        obs=pd.DataFrame({"p": labels}, index=[f"c{i}" for i in range(10)]),
+        var=pd.DataFrame(index=genes),
+    )
     embeddings = pd.DataFrame(rng.normal(0, 1, (5, 3)), index=[*perts, "E"])
     model = _fit(LinearBaseline(embeddings, n_components=3, ridge=0.1), adata)
     G = model.G_
     Y = shifts.T
     b = Y.mean(axis=1)
     P = embeddings.loc[perts].to_numpy()
-    W = (np.linalg.inv(G.T @ G + 0.1 * np.eye(3)) @ G.T @ (Y - b[:, None]) @ P
-         @ np.linalg.inv(P.T @ P + 0.1 * np.eye(3)))
+    W = (
+        np.linalg.inv(G.T @ G + 0.1 * np.eye(3))
+        @ G.T
+        @ (Y - b[:, None])
+        @ P
+        @ np.linalg.inv(P.T @ P + 0.1 * np.eye(3))
+    )
     expected = G @ W @ embeddings.loc["E"].to_numpy() + b
     assert np.allclose(model.predict_shifts(["E"]).to_numpy()[0], expected)
     # G: PCA of the training pseudobulk, genes as observations
@@ -166,8 +182,11 @@ def test_linear_without_embeddings_uses_measured_genes():
         for _ in range(3):
             rows.append(2 + shift + rng.normal(0, 0.05, 6))
             labels.append(label)
-    adata = ad.AnnData(np.vstack(rows), obs=pd.DataFrame({"p": labels}, index=[f"c{i}" for i in range(12)]),
-                       var=pd.DataFrame(index=genes))
+    adata = ad.AnnData(
+        np.vstack(rows),
+        obs=pd.DataFrame({"p": labels}, index=[f"c{i}" for i in range(12)]),
+        var=pd.DataFrame(index=genes),
+    )
     model = _fit(LinearBaseline(n_components=3), adata[adata.obs["p"] != "C"])
     assert model.predict_shifts(["C"]).shape == (1, 6)
     with pytest.raises(ValueError, match="No training perturbation has an embedding row"):
@@ -181,7 +200,9 @@ def test_fit_and_predict_errors():
     with pytest.raises(ValueError, match="data_scale must be 'counts' or 'log1p_norm'"):
         NoChangeBaseline().fit(adata, "p", data_scale="log")
     no_control_y = adata[~((adata.obs["ctx"] == "y") & (adata.obs["p"] == "control")).to_numpy()]
-    with pytest.raises(ValueError, match=r"contexts \['y'\] in adata.obs\['ctx'\] have no 'control'"):
+    with pytest.raises(
+        ValueError, match=r"contexts \['y'\] in adata.obs\['ctx'\] have no 'control'"
+    ):
         _fit(NoChangeBaseline(), no_control_y, context_key="ctx")
     with pytest.raises(RuntimeError, match="NoChangeBaseline is not fitted"):
         NoChangeBaseline().predict(adata, ["A"])

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from perturbscope.benchmark import (
+    TASKS,
     AdditiveBaseline,
     MatchingMeanBaseline,
     PerturbedMeanBaseline,
-    TASKS,
     combo_split,
     evaluate,
     prepare_reference,
@@ -32,8 +32,9 @@ def test_norman_singles_perturbed_mean_leave_one_out(norman):
     reference = prepare_reference(cells[(labels != "control").to_numpy()], control, "condition")
     predictions = []
     for p in singles:
-        model = PerturbedMeanBaseline().fit(cells[(labels != p).to_numpy()], "condition",
-                                            data_scale="log1p_norm")
+        model = PerturbedMeanBaseline().fit(
+            cells[(labels != p).to_numpy()], "condition", data_scale="log1p_norm"
+        )
         predictions.append(model.predict(control, [p], aggregate="mean"))
     scores = evaluate(ad.concat(predictions), reference, distributional=False)
     # the issue measured about 0.46 with the same protocol
@@ -51,8 +52,11 @@ def test_norman_doubles_labels_and_additive(norman):
     observed = adata[labels.isin(seen2).to_numpy()]
     control = adata[(labels == "control").to_numpy()]
     model = AdditiveBaseline().fit(adata[split.train], "condition", data_scale="log1p_norm")
-    scores = evaluate(model.predict(control, seen2, aggregate="mean"),
-                      prepare_reference(observed, control, "condition"), distributional=False)
+    scores = evaluate(
+        model.predict(control, seen2, aggregate="mean"),
+        prepare_reference(observed, control, "condition"),
+        distributional=False,
+    )
     assert scores["pearson_delta_top_de"].mean() > 0.85  # the issue: about 0.93
 
 
@@ -60,9 +64,11 @@ def test_kang_transfer_of_the_stimulation_shift(shared_data):
     adata = ad.read_h5ad(shared_data / "kang2018_scgen_valid.h5ad")
     split = unseen_context_split(adata, "condition", "cell_type", "CD14+Mono")
     assert split.perturbations == ["stimulated"]
-    model = MatchingMeanBaseline().fit(adata[split.train], "condition", context_key="cell_type",
-                                       data_scale="log1p_norm")
+    model = MatchingMeanBaseline().fit(
+        adata[split.train], "condition", context_key="cell_type", data_scale="log1p_norm"
+    )
     prediction = model.predict(adata[split.control], ["stimulated"], aggregate="mean")
     reference = prepare_reference(adata[split.test], adata[split.control], "condition")
     score = evaluate(prediction, reference, distributional=False)["pearson_delta_top_de"].iloc[0]
-    assert np.isfinite(score) and score > 0.6  # the issue: about 0.85 on average over 7 types
+    assert np.isfinite(score)
+    assert score > 0.6

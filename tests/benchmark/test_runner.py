@@ -9,21 +9,51 @@ from perturbscope.benchmark import TASKS, load_task, markdown_table, run_benchma
 def test_runner_smoke_on_simulated_data_with_scopevi(tmp_path):
     start = time.perf_counter()
     results = run_benchmark(
-        None, "simulated", models=["scopevi", "linear", "additive", "embedding_nn", "perturbed_mean"],
-        seeds=1, out=tmp_path, scopevi_kwargs={"train": {"max_epochs": 2}}, progress=False,
+        None,
+        "simulated",
+        models=["scopevi", "linear", "additive", "embedding_nn", "perturbed_mean"],
+        seeds=1,
+        out=tmp_path,
+        scopevi_kwargs={"train": {"max_epochs": 2}},
+        progress=False,
     )
     assert time.perf_counter() - start < 60
-    assert set(results["model"]) == {"scopevi", "linear", "additive", "embedding_nn",
-                                     "perturbed_mean", "noise_ceiling", "observed"}
-    assert list(results.columns) == ["task", "seed", "split", "group", "model", "perturbation",
-                                     "metric", "value"]
+    assert set(results["model"]) == {
+        "scopevi",
+        "linear",
+        "additive",
+        "embedding_nn",
+        "perturbed_mean",
+        "noise_ceiling",
+        "observed",
+    }
+    assert list(results.columns) == [
+        "task",
+        "seed",
+        "split",
+        "group",
+        "model",
+        "perturbation",
+        "metric",
+        "value",
+    ]
     scores = results[results["perturbation"] != "(all)"]
     # every held-out single is scored once per model (2 folds cover all 9 singles)
-    assert scores.groupby("model")["perturbation"].nunique().drop("observed", errors="ignore").eq(9).all()
+    assert (
+        scores.groupby("model")["perturbation"]
+        .nunique()
+        .drop("observed", errors="ignore")
+        .eq(9)
+        .all()
+    )
     # the perturbed mean predicts one change for all: complete mode collapse, chance-level PDS
-    collapse = results[(results["metric"] == "delta_correlation") & (results["model"] == "perturbed_mean")]
+    collapse = results[
+        (results["metric"] == "delta_correlation") & (results["model"] == "perturbed_mean")
+    ]
     assert collapse["value"].min() == pytest.approx(1.0)
-    pds = scores[(scores["metric"] == "discrimination_score") & (scores["model"] == "perturbed_mean")]
+    pds = scores[
+        (scores["metric"] == "discrimination_score") & (scores["model"] == "perturbed_mean")
+    ]
     assert pds["value"].eq(0.5).all()
     # the additive baseline predicts an unseen single as no change: Pearson delta 0
     pearson = scores[(scores["metric"] == "pearson_delta") & (scores["model"] == "additive")]
@@ -33,16 +63,21 @@ def test_runner_smoke_on_simulated_data_with_scopevi(tmp_path):
     written = pd.read_csv(tmp_path / "metrics.csv")
     assert len(written) == len(results)
     text = (tmp_path / "results.md").read_text()
-    assert "| noise ceiling (split-half) |" in text and "| scopevi |" in text
+    assert "| noise ceiling (split-half) |" in text
+    assert "| scopevi |" in text
 
 
 def test_summary_and_table_mark_missing_models():
-    results = run_benchmark(None, "simulated", models=["additive"], seeds=2,
-                            distributional=False, progress=False)
+    results = run_benchmark(
+        None, "simulated", models=["additive"], seeds=2, distributional=False, progress=False
+    )
     summary = summarize(results)
     row = summary.loc[("simulated", "unseen_single", "additive", "l2_top_expressed")]
-    assert row["n_seeds"] == 2 and row["sd"] >= 0
-    table = markdown_table(summary, metrics=["pearson_delta"], models=["noise_ceiling", "scopevi", "additive"])
+    assert row["n_seeds"] == 2
+    assert row["sd"] >= 0
+    table = markdown_table(
+        summary, metrics=["pearson_delta"], models=["noise_ceiling", "scopevi", "additive"]
+    )
     assert "| scopevi | not run |" in table
     assert table.count("±") == 2
 
@@ -56,5 +91,10 @@ def test_runner_errors():
         load_task("norman_combo", None)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_task("norman_combo", "/nonexistent/perturbench_devel.h5ad")
-    assert set(TASKS) == {"norman_unseen_single", "norman_combo", "mcfaline_unseen_line",
-                          "kang_unseen_cell_type", "simulated"}
+    assert set(TASKS) == {
+        "norman_unseen_single",
+        "norman_combo",
+        "mcfaline_unseen_line",
+        "kang_unseen_cell_type",
+        "simulated",
+    }

@@ -74,8 +74,12 @@ def test_combo_split_fraction_is_seeded(small_screen):
     assert len(a.perturbations) == 3
     labels = adata.obs["perturbation"].astype(str)
     train_combos = {p for p in labels[a.train] if "+" in p}
-    assert len(train_combos) == 3 and not train_combos & set(a.perturbations)
-    assert a.perturbations == combo_split(adata, "perturbation", test_fraction=0.5, seed=0).perturbations
+    assert len(train_combos) == 3
+    assert not train_combos & set(a.perturbations)
+    assert (
+        a.perturbations
+        == combo_split(adata, "perturbation", test_fraction=0.5, seed=0).perturbations
+    )
     with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\], got 0"):
         combo_split(adata, "perturbation", test_fraction=0)
     singles = adata[~labels.str.contains(r"\+").to_numpy()]
@@ -90,11 +94,16 @@ def test_unseen_context_zero_shot_sees_only_controls_of_the_context(small_screen
     train = obs.loc[split.train]
     in_context = train[train["cell_type"] == "type_1"]
     assert set(in_context["perturbation"].astype(str)) == {"control"}
-    assert len(in_context) == ((obs["cell_type"] == "type_1") & (obs["perturbation"] == "control")).sum()
+    assert (
+        len(in_context)
+        == ((obs["cell_type"] == "type_1") & (obs["perturbation"] == "control")).sum()
+    )
     test = obs.loc[split.test]
-    assert set(test["cell_type"]) == {"type_1"} and "control" not in set(test["perturbation"])
+    assert set(test["cell_type"]) == {"type_1"}
+    assert "control" not in set(test["perturbation"])
     assert set(obs.loc[split.control, "cell_type"]) == {"type_1"}
-    assert set(split.labels) == {"zero-shot"} and split.context == "type_1"
+    assert set(split.labels) == {"zero-shot"}
+    assert split.context == "type_1"
 
 
 def test_unseen_context_few_shot_sees_exactly_k_cells(small_screen):
@@ -104,7 +113,8 @@ def test_unseen_context_few_shot_sees_exactly_k_cells(small_screen):
     train = obs.loc[split.train]
     shots = train[(train["cell_type"] == "type_0") & (train["perturbation"] != "control")]
     counts = shots["perturbation"].astype(str).value_counts()
-    assert set(counts) == {3} and set(counts.index) == set(split.perturbations)
+    assert set(counts) == {3}
+    assert set(counts.index) == set(split.perturbations)
     assert not set(split.test) & set(split.train)
     test_counts = obs.loc[split.test, "perturbation"].astype(str).value_counts()
     assert set(test_counts) == {17}  # 20 cells per condition minus 3 shots
@@ -116,7 +126,9 @@ def test_unseen_context_errors(small_screen):
     adata, _ = small_screen
     with pytest.raises(ValueError, match=r"k=20 shot cells leave no test cells.*use k below 20"):
         unseen_context_split(adata, "perturbation", "cell_type", "type_0", k=20)
-    with pytest.raises(ValueError, match="context 'type_9' not found in adata.obs\\['cell_type'\\]"):
+    with pytest.raises(
+        ValueError, match="context 'type_9' not found in adata.obs\\['cell_type'\\]"
+    ):
         unseen_context_split(adata, "perturbation", "cell_type", "type_9")
     with pytest.raises(KeyError, match="context_key 'line' not in adata.obs"):
         unseen_context_split(adata, "perturbation", "line", "type_0")

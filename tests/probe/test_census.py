@@ -69,7 +69,8 @@ def test_named_reference_batch_and_probing_query_cells(census_layout):
     assert set(model.adata.obs["batch"]) == {name}
     jac = decoder_jacobian(model, genes=["ENSG00100000003"], progress_bar=False)
     assert jac.shape == (200, 1, 5)
-    assert np.isfinite(jac).all() and np.abs(jac).sum() > 0
+    assert np.isfinite(jac).all()
+    assert np.abs(jac).sum() > 0
     assert not model.module.training
 
 
@@ -78,7 +79,8 @@ def test_ensembl_var_names_without_column(census_layout):
     query = trained.adata[:20].copy()
     query.obs = query.obs[[]]
     model = load_census_scvi(folder, query)
-    assert model.adata.n_vars == 60 and model.adata.var["probe_in_query"].all()
+    assert model.adata.n_vars == 60
+    assert model.adata.var["probe_in_query"].all()
 
 
 def test_no_gene_overlap(census_layout):
@@ -107,7 +109,9 @@ def test_unknown_layer(census_layout):
 
 def test_folder_without_model_pt(tmp_path, census_layout):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="is not an scVI model folder: it has no model.pt.*notes.txt"):
+    with pytest.raises(
+        ValueError, match="is not an scVI model folder: it has no model.pt.*notes.txt"
+    ):
         load_census_scvi(tmp_path, census_layout[2])
 
 

@@ -31,7 +31,9 @@ def test_projection_follows_the_gradient():
 
 def test_gradient_field_errors(tiny_scvi):
     model, adata = tiny_scvi
-    with pytest.raises(ValueError, match=r"basis 'X_tsne' is not in adata.obsm; keys are \['X_umap'\]"):
+    with pytest.raises(
+        ValueError, match=r"basis 'X_tsne' is not in adata.obsm; keys are \['X_umap'\]"
+    ):
         gradient_field(model, adata, "gene2", basis="X_tsne")
     with pytest.raises(ValueError, match=r"genes \['CD4'\] are not decoded"):
         gradient_field(model, adata, "CD4")
@@ -45,12 +47,18 @@ def test_gradient_flow_moves_the_gene_and_returns_a_new_anndata(tiny_scvi, direc
     flow = gradient_flow(
         model, sub, "gene1", direction=direction, step_size=0.2, n_steps=4, progress_bar=False
     )
-    assert flow is not sub and flow.shape == (50, 40)
+    assert flow is not sub
+    assert flow.shape == (50, 40)
     assert list(flow.layers) == [f"step_{t}" for t in range(5)]
     np.testing.assert_array_equal(flow.X, flow.layers["step_4"])
     assert set(flow.var.columns) == {"probe_flow_log2fc", "probe_flow_delta"}
     assert flow.obsm["probe_flow_latent"].shape == (50, 4)
-    assert flow.uns["probe_flow"] == {"gene": "gene1", "direction": direction, "step_size": 0.2, "n_steps": 4}
+    assert flow.uns["probe_flow"] == {
+        "gene": "gene1",
+        "direction": direction,
+        "step_size": 0.2,
+        "n_steps": 4,
+    }
     np.testing.assert_allclose(flow.layers["step_0"].sum(axis=1), 1e4, rtol=1e-4)
     # the walked gene changes in the asked direction, step after step, in almost every cell
     trajectory = np.stack([flow.layers[f"step_{t}"][:, 1] for t in range(5)])
@@ -61,16 +69,22 @@ def test_gradient_flow_moves_the_gene_and_returns_a_new_anndata(tiny_scvi, direc
     # each step moves each cell by exactly step_size in latent space
     z0 = model.get_latent_representation(sub)
     distance = np.linalg.norm(flow.obsm["probe_flow_latent"] - z0, axis=1)
-    assert (distance <= 4 * 0.2 + 1e-4).all() and (distance > 0.5).all()
-    assert list(sub.obs.columns) == obs_before and set(sub.obsm) == obsm_before
+    assert (distance <= 4 * 0.2 + 1e-4).all()
+    assert (distance > 0.5).all()
+    assert list(sub.obs.columns) == obs_before
+    assert set(sub.obsm) == obsm_before
     assert not any(c.startswith("_scvi") for c in flow.obs.columns)
 
 
 def test_gradient_flow_errors(tiny_scvi):
     model, adata = tiny_scvi
-    with pytest.raises(ValueError, match=r"direction must be -1 \(knock-down\) or \+1 \(over-expression\), got 0"):
+    with pytest.raises(
+        ValueError, match=r"direction must be -1 \(knock-down\) or \+1 \(over-expression\), got 0"
+    ):
         gradient_flow(model, adata, "gene1", direction=0)
-    with pytest.raises(ValueError, match="step_size must be > 0 and n_steps >= 1, got step_size=-0.1"):
+    with pytest.raises(
+        ValueError, match="step_size must be > 0 and n_steps >= 1, got step_size=-0.1"
+    ):
         gradient_flow(model, adata, "gene1", step_size=-0.1)
     with pytest.raises(ValueError, match="n_steps=0"):
         gradient_flow(model, adata, "gene1", n_steps=0)

@@ -37,7 +37,8 @@ def test_matches_finite_differences(double_model, output, genes):
     fd = np.stack(columns, axis=-1)
     if genes is not None:  # fewer genes than latent dims: the reverse-mode path
         fd = fd[:, [int(g.removeprefix("gene")) for g in genes]]
-    assert jac.dtype == np.float64 and jac.shape == fd.shape
+    assert jac.dtype == np.float64
+    assert jac.shape == fd.shape
     assert np.abs(jac - fd).max() / np.abs(fd).max() < 1e-3
 
 
@@ -46,7 +47,9 @@ def test_scale_columns_sum_to_zero_and_rate_is_library_times_scale(double_model)
     scale = decoder_jacobian(model, adata, z=z, output="scale", progress_bar=False)
     assert np.abs(scale.sum(axis=1)).max() < 1e-12 * 40 + 1e-14
     assert np.abs(scale).max() > 1e-6
-    rate = decoder_jacobian(model, adata, z=z, output="rate", library_size=500.0, progress_bar=False)
+    rate = decoder_jacobian(
+        model, adata, z=z, output="rate", library_size=500.0, progress_bar=False
+    )
     np.testing.assert_allclose(rate, 500.0 * scale, rtol=1e-10, atol=1e-14)
 
 
@@ -79,25 +82,31 @@ def test_default_cells_are_the_models_and_state_is_restored(tiny_scvi):
     assert model.module.training
     model.module.eval()
     assert jac.shape == (adata.n_obs, 1, 4)
-    assert (adata.X != x_before).nnz == 0
+    assert (x_before != adata.X).nnz == 0
     assert keys_before == (set(adata.obsm), set(adata.var.columns), set(adata.layers))
 
 
 def test_bad_output(tiny_scvi):
     model, adata = tiny_scvi
-    with pytest.raises(ValueError, match=r"output must be one of \['log_scale', 'scale', 'rate'\], got 'mean'"):
+    with pytest.raises(
+        ValueError, match=r"output must be one of \['log_scale', 'scale', 'rate'\], got 'mean'"
+    ):
         decoder_jacobian(model, adata, output="mean")
 
 
 def test_unknown_gene(tiny_scvi):
     model, adata = tiny_scvi
-    with pytest.raises(ValueError, match=r"genes \['ISG15'\] are not decoded by the model \(40 genes"):
+    with pytest.raises(
+        ValueError, match=r"genes \['ISG15'\] are not decoded by the model \(40 genes"
+    ):
         decoder_jacobian(model, adata, genes=["gene1", "ISG15"])
 
 
 def test_bad_z_shape(tiny_scvi):
     model, _ = tiny_scvi
-    with pytest.raises(ValueError, match=r"z must have shape \(n_cells, n_latent=4\), got \(3, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"z must have shape \(n_cells, n_latent=4\), got \(3, 5\)"
+    ):
         decoder_jacobian(model, z=np.zeros((3, 5)))
 
 
@@ -109,7 +118,10 @@ def test_z_and_adata_disagree(tiny_scvi):
 
 def test_unknown_transform_batch(tiny_scvi):
     model, adata = tiny_scvi
-    with pytest.raises(ValueError, match=r"transform_batch \['b9'\] is not a batch of the model; its batches are \['b1', 'b2'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"transform_batch \['b9'\] is not a batch of the model; its batches are \['b1', 'b2'\]",
+    ):
         decoder_jacobian(model, adata, transform_batch="b9")
 
 
@@ -120,5 +132,7 @@ def test_bad_batch_size(tiny_scvi):
 
 
 def test_not_an_scvi_model():
-    with pytest.raises(TypeError, match="probes work on scvi.model.SCVI and perturbscope.ScopeVI models, not str"):
+    with pytest.raises(
+        TypeError, match="probes work on scvi.model.SCVI and perturbscope.ScopeVI models, not str"
+    ):
         decoder_jacobian("model", z=np.zeros((1, 4)))

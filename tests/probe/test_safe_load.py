@@ -31,11 +31,15 @@ def test_loads_a_saved_scvi_model(census_layout):
     assert payload["attr_dict"]["registry_"]["setup_args"]["batch_key"] == "batch"
 
 
-@pytest.mark.parametrize(("payload", "name"), [(_PrintPayload, "print"), (_SystemPayload, "system")])
+@pytest.mark.parametrize(
+    ("payload", "name"), [(_PrintPayload, "print"), (_SystemPayload, "system")]
+)
 def test_refuses_a_payload_that_calls_code(tmp_path, capfd, payload, name):
     path = tmp_path / "model.pt"
     torch.save({"model_state_dict": {}, "var_names": np.array(["a"]), "attr_dict": payload()}, path)
-    with pytest.raises(ValueError, match=rf"refusing to load .*{name}.*not on perturbscope's allow-list"):
+    with pytest.raises(
+        ValueError, match=rf"refusing to load .*{name}.*not on perturbscope's allow-list"
+    ):
         load_model_file(path)
     assert "pwned" not in capfd.readouterr().out
 

@@ -141,8 +141,7 @@ class Baseline:
         for key, role in ((perturbation_key, "perturbation_key"), (context_key, "context_key")):
             if key is not None and key not in adata_train.obs.columns:
                 raise KeyError(
-                    f"{role} {key!r} not in adata.obs; columns are "
-                    f"{list(adata_train.obs.columns)}."
+                    f"{role} {key!r} not in adata.obs; columns are {list(adata_train.obs.columns)}."
                 )
         labels = adata_train.obs[perturbation_key].astype(str)
         check_control_present(labels, perturbation_key, control_value)
@@ -153,8 +152,10 @@ class Baseline:
         )
         expression = ad.AnnData(
             log1p_expression(adata_train, layer, data_scale),
-            obs=pd.DataFrame({"perturbation": labels.to_numpy(), "context": contexts.to_numpy()},
-                             index=adata_train.obs_names),
+            obs=pd.DataFrame(
+                {"perturbation": labels.to_numpy(), "context": contexts.to_numpy()},
+                index=adata_train.obs_names,
+            ),
             var=pd.DataFrame(index=adata_train.var_names),
         )
         means = pseudobulk(expression, ["perturbation", "context"])
@@ -208,7 +209,9 @@ class Baseline:
         if not hasattr(self, "shifts_"):
             raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(adata_train, ...).")
 
-    def predict_shifts(self, perturbations: Sequence[str], context: str | None = None) -> pd.DataFrame:
+    def predict_shifts(
+        self, perturbations: Sequence[str], context: str | None = None
+    ) -> pd.DataFrame:
         """Predicted mean shift from control (log1p-normalised) of each perturbation.
 
         Parameters
@@ -244,8 +247,9 @@ class Baseline:
                 )
             context = _ALL
         rows = [self._shift(str(p), str(context)) for p in perturbations]
-        return pd.DataFrame(np.vstack(rows), index=list(map(str, perturbations)),
-                            columns=self.var_names_)
+        return pd.DataFrame(
+            np.vstack(rows), index=list(map(str, perturbations)), columns=self.var_names_
+        )
 
     def predict(
         self,
@@ -322,32 +326,42 @@ class Baseline:
             if self.context_key_ is None
             else adata_control.obs[self.context_key_].astype(str).to_numpy()
         )
-        shift_tables = {c: self.predict_shifts(perturbations, c if self.context_key_ else None)
-                        for c in pd.unique(contexts)}
+        shift_tables = {
+            c: self.predict_shifts(perturbations, c if self.context_key_ else None)
+            for c in pd.unique(contexts)
+        }
         blocks, obs = [], []
         for p in perturbations:
             shifts = np.vstack([shift_tables[c].loc[p].to_numpy() for c in pd.unique(contexts)])
             context_index = pd.Index(pd.unique(contexts)).get_indexer(contexts)
             blocks.append(control + shifts[context_index])
-            frame = pd.DataFrame({OUTPUT_KEYS.PERTURBATION: p,
-                                  OUTPUT_KEYS.CONTROL_CELL: adata_control.obs_names.to_numpy()})
+            frame = pd.DataFrame(
+                {
+                    OUTPUT_KEYS.PERTURBATION: p,
+                    OUTPUT_KEYS.CONTROL_CELL: adata_control.obs_names.to_numpy(),
+                }
+            )
             if self.context_key_ is not None:
                 frame[self.context_key_] = contexts
             obs.append(frame)
         log_values = np.vstack(blocks)
         obs_frame = pd.concat(obs, ignore_index=True)
-        obs_frame.index = (obs_frame[OUTPUT_KEYS.PERTURBATION] + "_"
-                           + obs_frame[OUTPUT_KEYS.CONTROL_CELL]).to_numpy()
+        obs_frame.index = (
+            obs_frame[OUTPUT_KEYS.PERTURBATION] + "_" + obs_frame[OUTPUT_KEYS.CONTROL_CELL]
+        ).to_numpy()
         if self.data_scale_ == "counts":
             X_control = adata_control.X
             library = np.asarray(X_control.sum(axis=1)).ravel()
-            X = np.clip(np.expm1(log_values), 0, None) * np.tile(library, len(perturbations))[
-                :, None
-            ] / TARGET_SUM
+            X = (
+                np.clip(np.expm1(log_values), 0, None)
+                * np.tile(library, len(perturbations))[:, None]
+                / TARGET_SUM
+            )
         else:
             X = log_values.copy()
-        out = ad.AnnData(X=X.astype(np.float32), obs=obs_frame,
-                         var=pd.DataFrame(index=self.var_names_.copy()))
+        out = ad.AnnData(
+            X=X.astype(np.float32), obs=obs_frame, var=pd.DataFrame(index=self.var_names_.copy())
+        )
         out.layers[OUTPUT_KEYS.LOG1P_NORM_LAYER] = log_values.astype(np.float32)
         out.obs[OUTPUT_KEYS.PERTURBATION] = pd.Categorical(
             out.obs[OUTPUT_KEYS.PERTURBATION], categories=perturbations
@@ -372,11 +386,16 @@ def _aggregate(cells: ad.AnnData, context_key: str | None) -> ad.AnnData:
     obs = obs.sort_values("_order", kind="stable")
     rows = obs.index.to_numpy()
     obs = obs.drop(columns="_order").reset_index(drop=True)
-    obs[OUTPUT_KEYS.N_CELLS] = [int(n_cells.loc[tuple(r) if len(keys) > 1 else r[0]])
-                                for r in obs[keys].itertuples(index=False)]
+    obs[OUTPUT_KEYS.N_CELLS] = [
+        int(n_cells.loc[tuple(r) if len(keys) > 1 else r[0]])
+        for r in obs[keys].itertuples(index=False)
+    ]
     obs.index = ["_".join(map(str, r)) for r in obs[keys].itertuples(index=False)]
-    out = ad.AnnData(X=x_mean.to_numpy()[rows].astype(np.float32), obs=obs,
-                     var=pd.DataFrame(index=cells.var_names.copy()))
+    out = ad.AnnData(
+        X=x_mean.to_numpy()[rows].astype(np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=cells.var_names.copy()),
+    )
     out.layers[OUTPUT_KEYS.LOG1P_NORM_LAYER] = log_mean.to_numpy()[rows].astype(np.float32)
     return out
 
@@ -498,8 +517,9 @@ def _check_embeddings(gene_embeddings: pd.DataFrame) -> pd.DataFrame:
     if not np.isfinite(values).all():
         bad = gene_embeddings.index[~np.isfinite(values).all(axis=1)][:10].tolist()
         raise ValueError(f"gene_embeddings has non-finite values for genes {bad}.")
-    return pd.DataFrame(values, index=gene_embeddings.index.astype(str),
-                        columns=gene_embeddings.columns)
+    return pd.DataFrame(
+        values, index=gene_embeddings.index.astype(str), columns=gene_embeddings.columns
+    )
 
 
 class EmbeddingNeighborsBaseline(Baseline):
@@ -630,8 +650,8 @@ class LinearBaseline(Baseline):
         n_components: int = 10,
         ridge: float = 0.1,
     ):
-        self.gene_embeddings = None if gene_embeddings is None else _check_embeddings(
-            gene_embeddings
+        self.gene_embeddings = (
+            None if gene_embeddings is None else _check_embeddings(gene_embeddings)
         )
         self.n_components = n_components
         self.ridge = ridge

@@ -90,8 +90,13 @@ def noise_ceiling(
         first[rng.choice(where, len(where) // 2, replace=False)] = True
     half_a, half_b = observed[first], observed[~first]
     reference = prepare_reference(
-        half_b, control, perturbation_key, de_genes=de_genes,
-        perturbed_centroid=perturbed_centroid, seed=seed, **kwargs,
+        half_b,
+        control,
+        perturbation_key,
+        de_genes=de_genes,
+        perturbed_centroid=perturbed_centroid,
+        seed=seed,
+        **kwargs,
     )
     return evaluate(half_a, reference, perturbation_key=perturbation_key, layer=None, seed=seed)
 

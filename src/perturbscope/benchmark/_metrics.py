@@ -46,9 +46,7 @@ DISTRIBUTION_METRICS = (
     "histogram_kl",
     "energy_distance",
 )
-LOWER_IS_BETTER = frozenset(
-    {"mse_top_de", "l2_top_expressed", *DISTRIBUTION_METRICS}
-)
+LOWER_IS_BETTER = frozenset({"mse_top_de", "l2_top_expressed", *DISTRIBUTION_METRICS})
 
 
 def _dense(X) -> np.ndarray:
@@ -128,7 +126,9 @@ def l2_distance(predicted: np.ndarray, observed: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(predicted) - np.asarray(observed)))
 
 
-def direction_agreement(predicted: np.ndarray, observed: np.ndarray, reference: np.ndarray) -> float:
+def direction_agreement(
+    predicted: np.ndarray, observed: np.ndarray, reference: np.ndarray
+) -> float:
     """Fraction of genes whose predicted change from ``reference`` has the observed sign.
 
     Parameters
@@ -270,12 +270,22 @@ def top_de_genes(
     if reference not in set(labels):
         raise ValueError(f"reference {reference!r} is not a value of adata.obs[{groupby!r}].")
     X = adata.X if layer is None else adata.layers[layer]
-    work = ad.AnnData(_dense(X), obs=pd.DataFrame({"group": labels.to_numpy()}, index=adata.obs_names),
-                      var=pd.DataFrame(index=adata.var_names))
+    work = ad.AnnData(
+        _dense(X),
+        obs=pd.DataFrame({"group": labels.to_numpy()}, index=adata.obs_names),
+        var=pd.DataFrame(index=adata.var_names),
+    )
     work.obs["group"] = work.obs["group"].astype("category")
     work.uns["log1p"] = {"base": None}
-    sc.tl.rank_genes_groups(work, "group", reference=reference, method="t-test",
-                            rankby_abs=True, n_genes=n_genes, use_raw=False)
+    sc.tl.rank_genes_groups(
+        work,
+        "group",
+        reference=reference,
+        method="t-test",
+        rankby_abs=True,
+        n_genes=n_genes,
+        use_raw=False,
+    )
     names = pd.DataFrame(work.uns["rank_genes_groups"]["names"])
     return {str(g): names[g].astype(str).tolist() for g in names.columns}
 
@@ -305,8 +315,10 @@ def moment_errors(predicted: np.ndarray, observed: np.ndarray) -> dict[str, floa
     for name, fn in (("skewness_error", stats.skew), ("kurtosis_error", stats.kurtosis)):
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # constant genes, handled below
-            values = [np.where(v > 0, np.nan_to_num(fn(m, axis=0)), 0.0)
-                      for m, v in zip((predicted, observed), variance)]
+            values = [
+                np.where(v > 0, np.nan_to_num(fn(m, axis=0)), 0.0)
+                for m, v in zip((predicted, observed), variance)
+            ]
         out[name] = float(np.mean(np.abs(values[0] - values[1])))
     return out
 
@@ -489,28 +501,45 @@ def prepare_reference(
         raise ValueError("observed and control cells must have the same genes in the same order.")
     labels = observed.obs[perturbation_key].astype(str)
     observed_X, control_X = _dense(observed.X), _dense(control.X)
-    frame = ad.AnnData(observed_X, obs=pd.DataFrame({"p": labels.to_numpy()}, index=observed.obs_names),
-                       var=pd.DataFrame(index=observed.var_names))
+    frame = ad.AnnData(
+        observed_X,
+        obs=pd.DataFrame({"p": labels.to_numpy()}, index=observed.obs_names),
+        var=pd.DataFrame(index=observed.var_names),
+    )
     observed_means = pseudobulk(frame, "p")
     observed_means.index = observed_means.index.astype(str)
     control_mean = control_X.mean(axis=0)
     if de_genes is None:
         both = ad.concat(
-            [frame, ad.AnnData(control_X, obs=pd.DataFrame({"p": "__control__"},
-                                                           index=[f"control_{i}" for i in range(len(control_X))]),
-                               var=frame.var)],
+            [
+                frame,
+                ad.AnnData(
+                    control_X,
+                    obs=pd.DataFrame(
+                        {"p": "__control__"}, index=[f"control_{i}" for i in range(len(control_X))]
+                    ),
+                    var=frame.var,
+                ),
+            ],
         )
         de_genes = top_de_genes(both, "p", "__control__", n_genes=n_de)
-    centroid = observed_means.to_numpy().mean(axis=0) if perturbed_centroid is None else perturbed_centroid
+    centroid = (
+        observed_means.to_numpy().mean(axis=0) if perturbed_centroid is None else perturbed_centroid
+    )
     top = np.argsort(-control_mean, kind="stable")[: min(n_top_expressed, len(control_mean))]
     cells = {p: observed_X[(labels == p).to_numpy()] for p in observed_means.index}
     stacked = np.vstack([control_X, observed_X])
     n_pcs = min(n_pcs, *stacked.shape)
     pca = PCA(n_components=n_pcs, random_state=seed).fit(stacked)
     return EvaluationReference(
-        control_mean=control_mean, observed_means=observed_means, de_genes=de_genes,
-        perturbed_centroid=np.asarray(centroid, dtype=np.float64), top_expressed=top,
-        observed_cells=cells, control_cells=control_X, pca=pca,
+        control_mean=control_mean,
+        observed_means=observed_means,
+        de_genes=de_genes,
+        perturbed_centroid=np.asarray(centroid, dtype=np.float64),
+        top_expressed=top,
+        observed_cells=cells,
+        control_cells=control_X,
+        pca=pca,
         var_names=observed.var_names.copy(),
     )
 
@@ -578,8 +607,11 @@ def evaluate(
     if missing:
         raise ValueError(f"perturbations {missing} are observed but not predicted.")
     X = _dense(predicted.X if layer is None else predicted.layers[layer])
-    frame = ad.AnnData(X, obs=pd.DataFrame({"p": labels.to_numpy()}, index=predicted.obs_names),
-                       var=pd.DataFrame(index=predicted.var_names))
+    frame = ad.AnnData(
+        X,
+        obs=pd.DataFrame({"p": labels.to_numpy()}, index=predicted.obs_names),
+        var=pd.DataFrame(index=predicted.var_names),
+    )
     predicted_means = pseudobulk(frame, "p")
     predicted_means.index = predicted_means.index.astype(str)
     predicted_means = predicted_means.loc[perturbations]
@@ -591,13 +623,19 @@ def evaluate(
     predicted_de: dict[str, list[str]] = {}
     if distributional and has_cells:
         keep = labels.isin(perturbations).to_numpy()
-        both = ad.concat([
-            frame[keep],
-            ad.AnnData(reference.control_cells,
-                       obs=pd.DataFrame({"p": "__control__"}, index=[
-                           f"control_{i}" for i in range(len(reference.control_cells))]),
-                       var=frame.var),
-        ])
+        both = ad.concat(
+            [
+                frame[keep],
+                ad.AnnData(
+                    reference.control_cells,
+                    obs=pd.DataFrame(
+                        {"p": "__control__"},
+                        index=[f"control_{i}" for i in range(len(reference.control_cells))],
+                    ),
+                    var=frame.var,
+                ),
+            ]
+        )
         n_de = max(len(v) for v in reference.de_genes.values())
         predicted_de = top_de_genes(both, "p", "__control__", n_genes=n_de)
 
@@ -616,18 +654,23 @@ def evaluate(
             "l2_top_expressed": l2_distance(pred[top], obs[top]),
             "direction_top_de": direction_agreement(pred[de], obs[de], control[de]),
             "discrimination_score": float(pds.loc[p]),
-            "de_overlap": (de_overlap(predicted_de[p], reference.de_genes[p])
-                           if p in predicted_de else np.nan),
+            "de_overlap": (
+                de_overlap(predicted_de[p], reference.de_genes[p]) if p in predicted_de else np.nan
+            ),
         }
         if distributional and has_cells:
             cells_pred = X[(labels == p).to_numpy()]
             cells_obs = reference.observed_cells[p]
             row.update(moment_errors(cells_pred, cells_obs))
             row["histogram_kl"] = float(np.mean(histogram_kl(cells_pred, cells_obs)))
-            sub = [c[rng.choice(len(c), min(max_cells, len(c)), replace=False)]
-                   for c in (cells_pred, cells_obs)]
+            sub = [
+                c[rng.choice(len(c), min(max_cells, len(c)), replace=False)]
+                for c in (cells_pred, cells_obs)
+            ]
             row["energy_distance"] = energy_distance(*(reference.pca.transform(c) for c in sub))
         else:
             row.update(dict.fromkeys(DISTRIBUTION_METRICS, np.nan))
         rows[p] = row
-    return pd.DataFrame.from_dict(rows, orient="index")[list(PROFILE_METRICS + DISTRIBUTION_METRICS)]
+    return pd.DataFrame.from_dict(rows, orient="index")[
+        list(PROFILE_METRICS + DISTRIBUTION_METRICS)
+    ]

@@ -83,7 +83,9 @@ def pseudobulk(
     keys = [groupby] if isinstance(groupby, str) else list(groupby)
     missing = [k for k in keys if k not in adata.obs.columns]
     if missing:
-        raise KeyError(f"groupby columns {missing} not in adata.obs; columns are {list(adata.obs.columns)}.")
+        raise KeyError(
+            f"groupby columns {missing} not in adata.obs; columns are {list(adata.obs.columns)}."
+        )
     X = adata.X if layer is None else adata.layers[layer]
     labels = adata.obs[keys].astype(str)
     codes, uniques = pd.MultiIndex.from_frame(labels).factorize(sort=True)

@@ -32,9 +32,13 @@ from ._baselines import (
     log1p_expression,
 )
 from ._ceiling import delta_correlation, noise_ceiling
-from ._metrics import DISTRIBUTION_METRICS, LOWER_IS_BETTER, PROFILE_METRICS, evaluate, prepare_reference
+from ._metrics import (
+    LOWER_IS_BETTER,
+    evaluate,
+    prepare_reference,
+)
 from ._pseudobulk import pseudobulk
-from ._tasks import TASKS, BenchmarkTask, _check_task, load_task
+from ._tasks import BenchmarkTask, _check_task, load_task
 
 BASELINES = ("no_change", "perturbed_mean", "matching_mean", "additive", "embedding_nn", "linear")
 MODELS = ("scopevi", *BASELINES)
@@ -135,8 +139,12 @@ class ScopeVIModel:
         scvi.settings.seed = self.seed
         adata = adata_train.copy()
         ScopeVI.setup_anndata(
-            adata, perturbation_key, control_value=control_value,
-            gene_embeddings=self.gene_embeddings, layer=layer, context_key=context_key,
+            adata,
+            perturbation_key,
+            control_value=control_value,
+            gene_embeddings=self.gene_embeddings,
+            layer=layer,
+            context_key=context_key,
             combination_delimiter=delimiter,
         )
         likelihood = "normal" if data_scale == "log1p_norm" else "nb"
@@ -146,7 +154,9 @@ class ScopeVIModel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.model_.train(
-                enable_progress_bar=False, accelerator="cpu", enable_model_summary=False,
+                enable_progress_bar=False,
+                accelerator="cpu",
+                enable_model_summary=False,
                 **self.train_kwargs,
             )
         return self
@@ -169,8 +179,9 @@ class ScopeVIModel:
         -------
         ScopeVI's prediction AnnData.
         """
-        return self.model_.predict(adata_control, list(perturbations), aggregate=aggregate,
-                                   seed=self.seed)
+        return self.model_.predict(
+            adata_control, list(perturbations), aggregate=aggregate, seed=self.seed
+        )
 
 
 def make_model(
@@ -230,15 +241,19 @@ def make_model(
 def _log_anndata(adata: ad.AnnData, task: BenchmarkTask, perturbation_key: str) -> ad.AnnData:
     return ad.AnnData(
         log1p_expression(adata, None, task.data_scale),
-        obs=pd.DataFrame({perturbation_key: adata.obs[task.perturbation_key].astype(str).to_numpy()},
-                         index=adata.obs_names),
+        obs=pd.DataFrame(
+            {perturbation_key: adata.obs[task.perturbation_key].astype(str).to_numpy()},
+            index=adata.obs_names,
+        ),
         var=pd.DataFrame(index=adata.var_names),
     )
 
 
 def _records(scores: pd.DataFrame, **fields) -> list[dict]:
-    long = scores.rename_axis("perturbation").reset_index().melt(
-        id_vars="perturbation", var_name="metric", value_name="value"
+    long = (
+        scores.rename_axis("perturbation")
+        .reset_index()
+        .melt(id_vars="perturbation", var_name="metric", value_name="value")
     )
     for key, value in fields.items():
         long[key] = value
@@ -324,36 +339,63 @@ def run_benchmark(
         observed = all_log[split.test]
         control = all_log[split.control]
         context_cells = (
-            np.ones(adata.n_obs, dtype=bool) if split.context is None
+            np.ones(adata.n_obs, dtype=bool)
+            if split.context is None
             else (adata.obs[spec.context_key].astype(str) == split.context).to_numpy()
         )
         perturbed = all_log[context_cells & (labels != control_value).to_numpy()]
         centroid = pseudobulk(perturbed, key).to_numpy().mean(axis=0)
-        reference = prepare_reference(observed, control, key, perturbed_centroid=centroid, seed=seed)
+        reference = prepare_reference(
+            observed, control, key, perturbed_centroid=centroid, seed=seed
+        )
         groups = split.labels
-        ceiling = noise_ceiling(observed, control, key, de_genes=reference.de_genes,
-                                perturbed_centroid=centroid, seed=seed)
+        ceiling = noise_ceiling(
+            observed,
+            control,
+            key,
+            de_genes=reference.de_genes,
+            perturbed_centroid=centroid,
+            seed=seed,
+        )
         records += _with_groups(_records(ceiling, model=CEILING, **fields), groups)
-        records += _collapse_records(reference.observed_means, reference.control_mean, groups,
-                                     model=OBSERVED, **fields)
+        records += _collapse_records(
+            reference.observed_means, reference.control_mean, groups, model=OBSERVED, **fields
+        )
         bar.update()
         for name in models:
             start = time.perf_counter()
             model = make_model(name, embeddings, seed=seed, scopevi_kwargs=scopevi_kwargs)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                model.fit(adata[split.train], key, control_value=control_value,
-                          context_key=spec.context_key, data_scale=spec.data_scale)
+                model.fit(
+                    adata[split.train],
+                    key,
+                    control_value=control_value,
+                    context_key=spec.context_key,
+                    data_scale=spec.data_scale,
+                )
                 prediction = model.predict(adata[split.control], split.perturbations)
             scores = evaluate(prediction, reference, distributional=distributional, seed=seed)
             records += _with_groups(_records(scores, model=name, **fields), groups)
-            predicted_means = pseudobulk(prediction, OUTPUT_KEYS.PERTURBATION,
-                                         layer=OUTPUT_KEYS.LOG1P_NORM_LAYER)
+            predicted_means = pseudobulk(
+                prediction, OUTPUT_KEYS.PERTURBATION, layer=OUTPUT_KEYS.LOG1P_NORM_LAYER
+            )
             predicted_means.index = predicted_means.index.astype(str)
-            records += _collapse_records(predicted_means.loc[reference.observed_means.index],
-                                         reference.control_mean, groups, model=name, **fields)
-            timings.append({"model": name, "seed": seed, "split": split.name,
-                            "seconds": time.perf_counter() - start})
+            records += _collapse_records(
+                predicted_means.loc[reference.observed_means.index],
+                reference.control_mean,
+                groups,
+                model=name,
+                **fields,
+            )
+            timings.append(
+                {
+                    "model": name,
+                    "seed": seed,
+                    "split": split.name,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
             bar.update()
     bar.close()
     results = pd.DataFrame.from_records(records)[
@@ -371,14 +413,23 @@ def _with_groups(records: list[dict], groups: pd.Series) -> list[dict]:
     return records
 
 
-def _collapse_records(means: pd.DataFrame, control: np.ndarray, groups: pd.Series, **fields) -> list[dict]:
+def _collapse_records(
+    means: pd.DataFrame, control: np.ndarray, groups: pd.Series, **fields
+) -> list[dict]:
     """The mode-collapse figure per group of held-out perturbations (and over all of them)."""
     rows = []
     for group in pd.unique(groups):
         members = [p for p in means.index if groups.get(p) == group]
         if len(members) >= 2:
-            rows.append({"group": group, "perturbation": "(all)", "metric": MODE_COLLAPSE,
-                         "value": delta_correlation(means.loc[members], control), **fields})
+            rows.append(
+                {
+                    "group": group,
+                    "perturbation": "(all)",
+                    "metric": MODE_COLLAPSE,
+                    "value": delta_correlation(means.loc[members], control),
+                    **fields,
+                }
+            )
     return rows
 
 
@@ -407,13 +458,17 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """
     per_seed = results.groupby(["task", "group", "model", "metric", "seed"])["value"].mean()
     grouped = per_seed.groupby(level=["task", "group", "model", "metric"])
-    summary = pd.DataFrame({"mean": grouped.mean(), "sd": grouped.std(ddof=1).fillna(0.0),
-                            "n_seeds": grouped.size()})
+    summary = pd.DataFrame(
+        {"mean": grouped.mean(), "sd": grouped.std(ddof=1).fillna(0.0), "n_seeds": grouped.size()}
+    )
     return summary
 
 
-def markdown_table(summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
-                   models: Sequence[str] | None = None) -> str:
+def markdown_table(
+    summary: pd.DataFrame,
+    metrics: Sequence[str] = SUMMARY_METRICS,
+    models: Sequence[str] | None = None,
+) -> str:
     """A markdown table per (task, group): models as rows, metrics as ``mean ± sd`` columns.
 
     Parameters
@@ -453,7 +508,9 @@ def markdown_table(summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRI
                 continue
             cells = []
             for metric in metrics:
-                if (model, metric) in table.index and np.isfinite(table.loc[(model, metric), "mean"]):
+                if (model, metric) in table.index and np.isfinite(
+                    table.loc[(model, metric), "mean"]
+                ):
                     row = table.loc[(model, metric)]
                     cells.append(f"{row['mean']:.3f} ± {row['sd']:.3f}")
                 else:
@@ -461,8 +518,10 @@ def markdown_table(summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRI
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     arrows = ", ".join(sorted(m for m in metrics if m in LOWER_IS_BETTER))
-    lines.append(f"Lower is better for: {arrows}; higher for the others, except "
-                 f"{MODE_COLLAPSE} (mode collapse: compare with the observed row).")
+    lines.append(
+        f"Lower is better for: {arrows}; higher for the others, except "
+        f"{MODE_COLLAPSE} (mode collapse: compare with the observed row)."
+    )
     return "\n".join(lines)
 
 
@@ -487,7 +546,7 @@ def write_results(results: pd.DataFrame, out: str | os.PathLike, title: str = ""
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from ..pl._benchmark import benchmark_scores
+    from ..pl._benchmark import benchmark_mode_collapse, benchmark_scores
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -501,5 +560,7 @@ def write_results(results: pd.DataFrame, out: str | os.PathLike, title: str = ""
             ax = benchmark_scores(results, metric=metric)
             ax.figure.savefig(folder / f"{metric}.png", dpi=120, bbox_inches="tight")
             plt.close(ax.figure)
+    ax = benchmark_mode_collapse(results)
+    ax.figure.savefig(folder / "delta_correlation.png", dpi=120, bbox_inches="tight")
+    plt.close(ax.figure)
     return folder
-

@@ -137,8 +137,13 @@ def simulated_screen(seed: int = 0) -> tuple[ad.AnnData, pd.DataFrame]:
     from ..data import simulate_perturbseq
 
     return simulate_perturbseq(
-        n_genes=60, n_perturbed_genes=9, n_combinations=3, n_cell_types=1,
-        n_cells_per_condition=20, embedding_dim=8, seed=seed,
+        n_genes=60,
+        n_perturbed_genes=9,
+        n_combinations=3,
+        n_cell_types=1,
+        n_cells_per_condition=20,
+        embedding_dim=8,
+        seed=seed,
     )
 
 
@@ -146,30 +151,46 @@ TASKS: dict[str, BenchmarkTask] = {
     "norman_unseen_single": BenchmarkTask(
         name="norman_unseen_single",
         description="Norman 2019 K562: 17 single genes, 3 folds of unseen singles",
-        file=PERTURBENCH_FILE, perturbation_key="condition", control_value="control",
-        context_key=None, data_scale="log1p_norm",
-        load=lambda a: _norman(a, doubles=False), make_splits=_norman_single_splits,
+        file=PERTURBENCH_FILE,
+        perturbation_key="condition",
+        control_value="control",
+        context_key=None,
+        data_scale="log1p_norm",
+        load=lambda a: _norman(a, doubles=False),
+        make_splits=_norman_single_splits,
     ),
     "norman_combo": BenchmarkTask(
         name="norman_combo",
         description="Norman 2019 K562: 15 doubles, trained on control and singles",
-        file=PERTURBENCH_FILE, perturbation_key="condition", control_value="control",
-        context_key=None, data_scale="log1p_norm",
-        load=lambda a: _norman(a, doubles=True), make_splits=_norman_combo_splits,
+        file=PERTURBENCH_FILE,
+        perturbation_key="condition",
+        control_value="control",
+        context_key=None,
+        data_scale="log1p_norm",
+        load=lambda a: _norman(a, doubles=True),
+        make_splits=_norman_combo_splits,
     ),
     "mcfaline_unseen_line": BenchmarkTask(
         name="mcfaline_unseen_line",
         description="McFaline-Figueroa 2023: one of 3 glioblastoma lines held out, 0- and 10-shot",
-        file=PERTURBENCH_FILE, perturbation_key="condition", control_value="control",
-        context_key="cell_type", data_scale="log1p_norm",
-        load=_mcfaline, make_splits=_context_splits("condition", "cell_type", (0, 10)),
+        file=PERTURBENCH_FILE,
+        perturbation_key="condition",
+        control_value="control",
+        context_key="cell_type",
+        data_scale="log1p_norm",
+        load=_mcfaline,
+        make_splits=_context_splits("condition", "cell_type", (0, 10)),
     ),
     "kang_unseen_cell_type": BenchmarkTask(
         name="kang_unseen_cell_type",
         description="Kang 2018 PBMC: interferon-stimulated state of one of 7 cell types held out",
-        file=KANG_FILE, perturbation_key="condition", control_value="control",
-        context_key="cell_type", data_scale="log1p_norm",
-        load=lambda a: a.copy(), make_splits=_context_splits("condition", "cell_type", (0,)),
+        file=KANG_FILE,
+        perturbation_key="condition",
+        control_value="control",
+        context_key="cell_type",
+        data_scale="log1p_norm",
+        load=lambda a: a.copy(),
+        make_splits=_context_splits("condition", "cell_type", (0,)),
         not_applicable={
             "linear": "the perturbation (interferon) is not a gene: no embedding row",
             "embedding_nn": "the perturbation (interferon) is not a gene: no embedding row",
@@ -178,8 +199,11 @@ TASKS: dict[str, BenchmarkTask] = {
     "simulated": BenchmarkTask(
         name="simulated",
         description="simulated screen (60 genes, 9 singles, 3 doubles), 2 folds of unseen singles",
-        file=None, perturbation_key="perturbation", control_value="control",
-        context_key=None, data_scale="counts",
+        file=None,
+        perturbation_key="perturbation",
+        control_value="control",
+        context_key=None,
+        data_scale="counts",
         load=lambda a: a[a.obs["perturbation"].astype(str).str.count(r"\+") == 0].copy(),
         make_splits=lambda a, seed: [
             unseen_single_split(a, "perturbation", n_folds=2, fold=f, seed=seed) for f in range(2)
@@ -253,8 +277,13 @@ def load_task(
                 f"task {task!r} needs GO annotations; pass the data as a path so that "
                 f"{GO_ANNOTATIONS} can be found beside it."
             )
-        genes = sorted({g for p in pd.unique(adata.obs[spec.perturbation_key].astype(str))
-                        for g in parse_perturbation(p, spec.control_value)})
+        genes = sorted(
+            {
+                g
+                for p in pd.unique(adata.obs[spec.perturbation_key].astype(str))
+                for g in parse_perturbation(p, spec.control_value)
+            }
+        )
         embeddings = go_gene_embeddings(str(folder / GO_ANNOTATIONS), tuple(genes))
     return adata, embeddings
 

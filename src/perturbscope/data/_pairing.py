@@ -24,6 +24,9 @@ from scvi.dataloaders import AnnDataLoader, DataSplitter
 
 from .._constants import REGISTRY_KEYS
 
+#: Control cells are held densely in memory for anchoring when they take at most this much.
+MAX_CACHE_BYTES = 512 * 2**20
+
 
 def pairing_groups(context: np.ndarray, batch: np.ndarray, n_batch: int) -> np.ndarray:
     """Integer pairing group (context x batch) from registered context and batch codes."""
@@ -107,6 +110,26 @@ class AnchoredAnnDataLoader(AnnDataLoader):
         self.anchor_dataset = adata_manager.create_torch_dataset(
             data_and_attributes={REGISTRY_KEYS.X_KEY: np.float32}
         )
+        self.anchor_cache, self.cache_position = self._dense_control_cache(adata_manager)
+
+    def _dense_control_cache(self, adata_manager: AnnDataManager):
+        """Control cells as one dense tensor when they fit in ``MAX_CACHE_BYTES``.
+
+        Anchors are read on every step; gathering rows of a dense tensor is much cheaper than
+        slicing and densifying a sparse matrix each time.
+        """
+        controls = np.flatnonzero(control_mask(adata_manager))
+        if len(controls) * adata_manager.summary_stats.n_vars * 4 > MAX_CACHE_BYTES:
+            return None, None
+        dense = torch.as_tensor(self.anchor_dataset[controls][REGISTRY_KEYS.X_KEY])
+        position = np.full(adata_manager.adata.n_obs, -1, dtype=np.int64)
+        position[controls] = np.arange(len(controls))
+        return dense, position
+
+    def _anchor_expression(self, anchors: np.ndarray) -> torch.Tensor:
+        if self.anchor_cache is not None:
+            return self.anchor_cache[torch.from_numpy(self.cache_position[anchors])]
+        return torch.as_tensor(self.anchor_dataset[anchors][REGISTRY_KEYS.X_KEY])
 
     def __iter__(self):
         for batch in super().__iter__():
@@ -114,8 +137,7 @@ class AnchoredAnnDataLoader(AnnDataLoader):
                 batch[REGISTRY_KEYS.CONTEXT_KEY].numpy(), batch[REGISTRY_KEYS.BATCH_KEY].numpy(), self.n_batch
             )
             anchors = self.anchor_sampler.sample(groups)
-            anchor_x = self.anchor_dataset[anchors][REGISTRY_KEYS.X_KEY]
-            batch[REGISTRY_KEYS.ANCHOR_X_KEY] = torch.as_tensor(anchor_x)
+            batch[REGISTRY_KEYS.ANCHOR_X_KEY] = self._anchor_expression(anchors)
             yield batch
 
 

@@ -102,6 +102,8 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         ``"nb"``, ``"zinb"``, ``"poisson"`` (raw counts) or ``"normal"`` (log-normalised values).
     free_bits
         Per-dimension KL floor in nats, keeping the latent informative about each cell.
+    anchor_gradient
+        Back-propagate through the anchor's encoding (slower; off by default).
 
     Examples
     --------
@@ -130,6 +132,7 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         dropout_rate: float = 0.1,
         gene_likelihood: GeneLikelihood = "nb",
         free_bits: float = 0.0,
+        anchor_gradient: bool = False,
     ):
         super().__init__(adata)
         if gene_likelihood in COUNT_LIKELIHOODS:
@@ -147,6 +150,7 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             dropout_rate=dropout_rate,
             gene_likelihood=gene_likelihood,
             free_bits=free_bits,
+            anchor_gradient=anchor_gradient,
         )
         self._model_summary_string = (
             f"ScopeVI: n_latent {n_latent}, n_hidden {n_hidden}, n_layers {n_layers}, "

@@ -6,9 +6,11 @@ A perturbed cell ``x`` with perturbation set ``S`` is modelled as
 
 * perturbation vector ``p = PerturbationEncoder(S)`` (empty set -> 0);
 * posterior ``q(z | x, p)``;
-* **conditional prior** ``p(z | x_c, p)`` where ``x_c`` is a *control* cell drawn from the same
-  context (cell type / batch). This is the anchor: at prediction time ``z`` is drawn from the
-  prior of a real control cell, so each prediction inherits that cell's basal state;
+* **conditional prior** ``p(z | x_c, p) = N(b + shift(b, p), sigma(b, p))``, where ``x_c`` is a
+  *control* cell drawn from the same context (cell type / batch) and ``b`` its basal state, the
+  posterior mean of ``x_c`` encoded as unperturbed. This is the anchor: at prediction time ``z``
+  is drawn from the prior of a real control cell, so each prediction inherits that cell's state,
+  including a context never seen in training;
 * decoder ``p(x | z, p, covariates)`` with an scVI likelihood (``nb``, ``zinb``, ``poisson`` at
   the observed library size, or ``normal`` for log-normalised input, DeSCOPE's MSE).
 
@@ -82,6 +84,10 @@ class ScopeVAE(BaseModuleClass):
         ``"nb"``, ``"zinb"``, ``"poisson"`` (counts) or ``"normal"`` (log-normalised input).
     free_bits
         Per-dimension KL floor (nats); keeps the latent informative. 0 disables it.
+    anchor_gradient
+        Back-propagate through the encoding of the anchor. Off by default: the anchor's basal
+        state is then a fixed target (as a target network), which costs one forward pass
+        instead of a forward and a backward pass.
 
     Examples
     --------
@@ -107,6 +113,7 @@ class ScopeVAE(BaseModuleClass):
         dropout_rate: float = 0.1,
         gene_likelihood: GeneLikelihood = "nb",
         free_bits: float = 0.0,
+        anchor_gradient: bool = False,
     ):
         super().__init__()
         if gene_likelihood not in (*COUNT_LIKELIHOODS, "normal"):
@@ -125,7 +132,13 @@ class ScopeVAE(BaseModuleClass):
             "n_hidden": n_hidden, "dropout_rate": dropout_rate, "return_dist": True,
         }
         self.z_encoder = Encoder(**encoder_kwargs)
-        self.prior_encoder = Encoder(**encoder_kwargs)
+        self.anchor_gradient = anchor_gradient
+        self.prior_body = FCLayers(
+            n_in=n_latent + n_perturbation, n_out=n_hidden, n_layers=n_layers, n_hidden=n_hidden,
+            dropout_rate=0.0, use_batch_norm=False, use_layer_norm=True,
+        )
+        self.prior_shift = nn.Linear(n_hidden, n_latent)
+        self.prior_scale = nn.Linear(n_hidden, n_latent)
 
         cat_list = [n_batch if n_batch > 1 else 0, *list(n_cats_per_cov or [])]
         self._use_batch = n_batch > 1
@@ -151,12 +164,21 @@ class ScopeVAE(BaseModuleClass):
         return covariates
 
     def prior(self, anchor_x: torch.Tensor | None, perturbation: torch.Tensor) -> Normal:
-        """The conditional prior ``p(z | x_c, p)``, or ``N(0, I)`` without an anchor."""
+        """The conditional prior ``p(z | x_c, p)``, or ``N(0, I)`` without an anchor.
+
+        The anchor is encoded by the posterior encoder as an unperturbed cell; its mean ``b``
+        (the basal state) is shifted by a network of ``(b, p)``, so the prior is
+        ``N(b + shift(b, p), sigma(b, p))``: effects may depend on the cell's state and context.
+        """
         if anchor_x is None:
             zeros = torch.zeros(perturbation.shape[0], self.n_latent, device=perturbation.device)
             return Normal(zeros, torch.ones_like(zeros))
-        pz, _ = self.prior_encoder(self._encoder_input(anchor_x, perturbation))
-        return pz
+        with torch.set_grad_enabled(self.anchor_gradient and torch.is_grad_enabled()):
+            anchor_q, _ = self.z_encoder(self._encoder_input(anchor_x, torch.zeros_like(perturbation)))
+        basal = anchor_q.loc
+        hidden = self.prior_body(torch.cat([basal, perturbation], dim=-1))
+        scale = torch.nn.functional.softplus(self.prior_scale(hidden)) + 1e-4
+        return Normal(basal + self.prior_shift(hidden), scale)
 
     # ------------------------------------------------------------------ scvi-tools API
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:

@@ -9,14 +9,18 @@ _CEILING = "noise_ceiling"
 _OBSERVED = "observed"
 
 
-def _select(results: pd.DataFrame, metric: str, task: str | None, group: str | None) -> pd.DataFrame:
+def _select(
+    results: pd.DataFrame, metric: str, task: str | None, group: str | None
+) -> pd.DataFrame:
     required = {"task", "group", "model", "perturbation", "metric", "value", "seed"}
     missing = sorted(required - set(results.columns))
     if missing:
         raise KeyError(f"results lacks columns {missing}; pass the output of run_benchmark.")
     rows = results[results["metric"] == metric]
     if rows.empty:
-        raise ValueError(f"metric {metric!r} not in results; found {sorted(results['metric'].unique())}.")
+        raise ValueError(
+            f"metric {metric!r} not in results; found {sorted(results['metric'].unique())}."
+        )
     if task is not None:
         rows = rows[rows["task"] == task]
     if group is not None:
@@ -156,7 +160,7 @@ def benchmark_scatter(
     return ax
 
 
-def mode_collapse(results: pd.DataFrame, task: str | None = None, ax=None):
+def benchmark_mode_collapse(results: pd.DataFrame, task: str | None = None, ax=None):
     """Mean pairwise correlation of predicted changes per model, beside the observed one.
 
     Parameters
@@ -178,7 +182,7 @@ def mode_collapse(results: pd.DataFrame, task: str | None = None, ax=None):
     >>> from perturbscope.benchmark import run_benchmark
     >>> results = run_benchmark(None, "simulated", models=["additive", "perturbed_mean"],
     ...                         seeds=1, distributional=False, progress=False)
-    >>> mode_collapse(results).get_ylabel()
+    >>> benchmark_mode_collapse(results).get_ylabel()
     'mean pairwise correlation of changes'
     """
     import matplotlib.pyplot as plt

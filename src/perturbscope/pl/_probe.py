@@ -74,7 +74,9 @@ def gradient_field(
             f"{gene!r}, basis={basis!r}) first"
         )
     if color is not None and color not in adata.obs:
-        raise ValueError(f"color {color!r} is not a column of adata.obs; columns are {list(adata.obs)}")
+        raise ValueError(
+            f"color {color!r} is not a column of adata.obs; columns are {list(adata.obs)}"
+        )
     ax = _axes(ax)
     xy = np.asarray(adata.obsm[basis])[:, :2]
     arrows = np.asarray(adata.obsm[key])
@@ -94,8 +96,14 @@ def gradient_field(
     if n_arrows is not None and n_arrows < adata.n_obs:
         chosen = np.sort(np.random.default_rng(seed).choice(adata.n_obs, n_arrows, replace=False))
     ax.quiver(
-        xy[chosen, 0], xy[chosen, 1], arrows[chosen, 0], arrows[chosen, 1],
-        angles="xy", color="black", width=0.003, alpha=0.8,
+        xy[chosen, 0],
+        xy[chosen, 1],
+        arrows[chosen, 0],
+        arrows[chosen, 1],
+        angles="xy",
+        color="black",
+        width=0.003,
+        alpha=0.8,
     )
     ax.set_title(f"latent gradient of log {gene}")
     ax.set_xlabel(f"{basis.removeprefix('X_')} 1")
@@ -155,13 +163,21 @@ def axis_alignment(
     scatter_ax, bar_ax = axes
     marked = table.index.isin(list(highlight or []))
     scatter_ax.scatter(
-        table["mean_expression_baseline"], table["probe_alignment"],
-        s=5, c="lightgrey", linewidths=0, label="other genes",
+        table["mean_expression_baseline"],
+        table["probe_alignment"],
+        s=5,
+        c="lightgrey",
+        linewidths=0,
+        label="other genes",
     )
     if marked.any():
         scatter_ax.scatter(
-            table.loc[marked, "mean_expression_baseline"], table.loc[marked, "probe_alignment"],
-            s=18, c="crimson", linewidths=0, label=highlight_label,
+            table.loc[marked, "mean_expression_baseline"],
+            table.loc[marked, "probe_alignment"],
+            s=18,
+            c="crimson",
+            linewidths=0,
+            label=highlight_label,
         )
         scatter_ax.legend(frameon=False, fontsize="small")
     scatter_ax.axhline(0, color="black", lw=0.5)

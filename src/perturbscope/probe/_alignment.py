@@ -31,7 +31,9 @@ def _group_mask(adata: ad.AnnData, groupby: str, value: str, name: str) -> np.nd
     mask = (adata.obs[groupby].astype(str) == str(value)).to_numpy()
     if not mask.any():
         values = sorted(adata.obs[groupby].astype(str).unique())
-        raise ValueError(f"{name} {value!r} is not a value of adata.obs[{groupby!r}]; values are {values}")
+        raise ValueError(
+            f"{name} {value!r} is not a value of adata.obs[{groupby!r}]; values are {values}"
+        )
     return mask
 
 
@@ -138,7 +140,9 @@ def axis_alignment_scores(
     >>> table.head()  # doctest: +SKIP
     """
     if groupby not in adata.obs:
-        raise ValueError(f"groupby {groupby!r} is not a column of adata.obs; columns are {list(adata.obs)}")
+        raise ValueError(
+            f"groupby {groupby!r} is not a column of adata.obs; columns are {list(adata.obs)}"
+        )
     if str(reference) == str(target):
         raise ValueError(f"reference and target must differ, both are {reference!r}")
     if at not in ("both", "reference", "target"):
@@ -162,7 +166,9 @@ def axis_alignment_scores(
     n_genes = len(probe.gene_names) if gene_index is None else len(gene_index)
     cos_sum = torch.zeros(n_genes, dtype=torch.float64)
     with _eval_mode(model.module):
-        for _, jac in _iter_jacobian(probe, rows, gene_index, "log_scale", batch_size, progress_bar):
+        for _, jac in _iter_jacobian(
+            probe, rows, gene_index, "log_scale", batch_size, progress_bar
+        ):
             norms = jac.norm(dim=2).clamp_min(1e-30)
             cos_sum += ((jac @ axis_unit) / norms).sum(0).double().cpu()
     scores = (cos_sum / len(rows)).numpy()

@@ -237,7 +237,9 @@ def load_census_scvi(
     labels_key = setup_args.get("labels_key")
     label_names = _category_of(registry, "labels")
     if labels_key is not None and label_names is not None:
-        query.obs[labels_key] = pd.Categorical([label_names[0]] * query.n_obs, categories=label_names)
+        query.obs[labels_key] = pd.Categorical(
+            [label_names[0]] * query.n_obs, categories=label_names
+        )
     if setup_args.get("categorical_covariate_keys"):
         raise ValueError(
             f"the model registers categorical covariates {setup_args['categorical_covariate_keys']}; "

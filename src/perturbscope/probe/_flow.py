@@ -194,7 +194,9 @@ def gradient_flow(
     >>> flow.var["probe_flow_log2fc"].sort_values().head()  # doctest: +SKIP
     """
     if direction not in (-1, 1):
-        raise ValueError(f"direction must be -1 (knock-down) or +1 (over-expression), got {direction!r}")
+        raise ValueError(
+            f"direction must be -1 (knock-down) or +1 (over-expression), got {direction!r}"
+        )
     if step_size <= 0 or n_steps < 1:
         raise ValueError(
             f"step_size must be > 0 and n_steps >= 1, got step_size={step_size}, n_steps={n_steps}"

@@ -181,7 +181,11 @@ def _decoder_fn(
                 scale, rate = out["px"].scale, out["px"].mu
             else:
                 scale, rate = _scopevi_decode(
-                    module, z, log_library, batch_index, tensor(cat, rows, torch.long),
+                    module,
+                    z,
+                    log_library,
+                    batch_index,
+                    tensor(cat, rows, torch.long),
                     tensor(perturbation, rows, torch.long),
                 )
             scale_sum = scale if scale_sum is None else scale_sum + scale

@@ -196,7 +196,9 @@ def rank_pathways(
         es, pv = dc.mt.ora(data, dc_net, n_up=n_up, n_bg=len(scores), tmin=min_size, verbose=False)
         hits = set(scores.sort_values(ascending=False).index[:top_n])
     else:
-        es, pv = dc.mt.gsea(data, dc_net, times=n_permutations, seed=seed, tmin=min_size, verbose=False)
+        es, pv = dc.mt.gsea(
+            data, dc_net, times=n_permutations, seed=seed, tmin=min_size, verbose=False
+        )
         # an empirical p-value of 0 only means "below 1 / n_permutations"
         pv = pv.clip(lower=1.0 / (n_permutations + 1))
     collection = net.groupby("source")["collection"].first()

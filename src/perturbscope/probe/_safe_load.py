@@ -21,10 +21,26 @@ import torch
 # Every global an scvi-tools 1.x ``model.pt`` needs (found by logging find_class on saved
 # SCVI models, plus the names older numpy / pandas versions pickle under).
 _ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
-    [(mod, name) for mod in ("builtins", "__builtin__") for name in (
-        "bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list",
-        "object", "set", "slice", "str", "tuple",
-    )]
+    [
+        (mod, name)
+        for mod in ("builtins", "__builtin__")
+        for name in (
+            "bool",
+            "bytearray",
+            "bytes",
+            "complex",
+            "dict",
+            "float",
+            "frozenset",
+            "int",
+            "list",
+            "object",
+            "set",
+            "slice",
+            "str",
+            "tuple",
+        )
+    ]
     + [
         ("_codecs", "encode"),
         ("collections", "OrderedDict"),
@@ -59,14 +75,37 @@ _ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("torch._utils", "_rebuild_parameter"),
         ("torch._utils", "_rebuild_parameter_with_state"),
     ]
-    + [("numpy.dtypes", name) for name in (
-        "BoolDType", "Float32DType", "Float64DType", "Int32DType", "Int64DType", "ObjectDType",
-        "StrDType", "BytesDType", "UInt8DType", "Int8DType", "Float16DType",
-    )]
-    + [("torch", name) for name in (
-        "float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
-        "bool",
-    )]
+    + [
+        ("numpy.dtypes", name)
+        for name in (
+            "BoolDType",
+            "Float32DType",
+            "Float64DType",
+            "Int32DType",
+            "Int64DType",
+            "ObjectDType",
+            "StrDType",
+            "BytesDType",
+            "UInt8DType",
+            "Int8DType",
+            "Float16DType",
+        )
+    ]
+    + [
+        ("torch", name)
+        for name in (
+            "float16",
+            "float32",
+            "float64",
+            "bfloat16",
+            "int8",
+            "int16",
+            "int32",
+            "int64",
+            "uint8",
+            "bool",
+        )
+    ]
 )
 
 

@@ -1,0 +1,45 @@
+import matplotlib
+
+matplotlib.use("Agg")
+import pytest
+
+from perturbscope.benchmark import run_benchmark
+from perturbscope.pl._benchmark import (
+    benchmark_mode_collapse,
+    benchmark_scatter,
+    benchmark_scores,
+)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_benchmark(
+        None,
+        "simulated",
+        models=["additive", "perturbed_mean"],
+        seeds=1,
+        distributional=False,
+        progress=False,
+    )
+
+
+def test_scores_plot_draws_models_and_ceiling(results):
+    ax = benchmark_scores(results, "l2_top_expressed")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["additive", "perturbed_mean"]
+    ceiling = results[
+        (results["model"] == "noise_ceiling") & (results["metric"] == "l2_top_expressed")
+    ]
+    assert ax.lines[0].get_ydata()[0] == pytest.approx(ceiling["value"].mean())
+
+
+def test_scatter_and_mode_collapse(results):
+    ax = benchmark_scatter(results, "perturbed_mean", "additive", metric="l2_top_expressed")
+    assert len(ax.collections[0].get_offsets()) == 9
+    ax = benchmark_mode_collapse(results)
+    assert ax.patches[1].get_height() == pytest.approx(1.0)  # perturbed mean: full collapse
+    with pytest.raises(ValueError, match="model 'scopevi' not in results"):
+        benchmark_scatter(results, "scopevi", "additive")
+    with pytest.raises(ValueError, match="metric 'r2' not in results"):
+        benchmark_scores(results, "r2")
+    with pytest.raises(KeyError, match="results lacks columns"):
+        benchmark_scores(results.drop(columns="seed"))

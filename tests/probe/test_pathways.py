@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from perturbscope.probe import rank_pathways, read_gene_sets
+
+
+@pytest.fixture(scope="module")
+def ranked_scores():
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(600)]
+    scores = pd.Series(rng.normal(size=600), index=genes)
+    scores.iloc[:25] += 3.0  # the "response" set scores high
+    sets = {
+        "response": genes[:25],
+        "random": list(rng.choice(genes[100:], 30, replace=False)),
+        "depleted": genes[575:],
+        "tiny": genes[:3],
+    }
+    scores.iloc[575:] -= 3.0
+    return scores, sets
+
+
+def test_ora_finds_the_enriched_set(ranked_scores):
+    scores, sets = ranked_scores
+    table = rank_pathways(scores, sets, method="ora", top_n=50)
+    assert list(table.columns) == [
+        "pathway",
+        "collection",
+        "score",
+        "pvalue",
+        "n_genes",
+        "padj",
+        "n_hits",
+    ]
+    assert table.iloc[0]["pathway"] == "response"
+    assert table.iloc[0]["padj"] < 1e-10
+    assert table.iloc[0]["score"] > 0
+    row = table.set_index("pathway").loc["response"]
+    # hits are the set's genes among the 50 best, counted independently of decoupler
+    assert row["n_hits"] == len(set(sets["response"]) & set(scores.nlargest(50).index))
+    assert table.set_index("pathway").loc["random", "padj"] > 0.05
+    assert "tiny" not in set(table["pathway"])  # below min_size
+
+
+def test_gsea_orders_sets_by_direction(ranked_scores):
+    scores, sets = ranked_scores
+    table = rank_pathways(scores, sets, method="gsea", n_permutations=200).set_index("pathway")
+    assert table.loc["response", "score"] > 0 > table.loc["depleted", "score"]
+    assert table.loc["response", "pvalue"] == pytest.approx(1 / 201)
+    assert table.loc["random", "pvalue"] > 0.05
+
+
+def test_dataframe_input_and_nested_sets(ranked_scores):
+    scores, sets = ranked_scores
+    frame = pd.DataFrame({"probe_alignment": scores, "other": 0.0})
+    nested = {"global": {"response": sets["response"]}, "T": {"random": sets["random"]}}
+    table = rank_pathways(frame, nested, top_n=50)
+    assert dict(zip(table["pathway"], table["collection"])) == {"response": "global", "random": "T"}
+
+
+def test_gene_set_files(tmp_path, ranked_scores):
+    _, sets = ranked_scores
+    gmt = tmp_path / "sets.gmt"
+    gmt.write_text("\n".join(f"{k}\tdescription\t" + "\t".join(v) for k, v in sets.items()))
+    from_gmt = read_gene_sets(gmt)
+    assert from_gmt.groupby("source")["target"].nunique().to_dict() == {
+        k: len(v) for k, v in sets.items()
+    }
+    nested = {"A": {"same": ["x", "y"]}, "B": {"same": ["z"], "other": ["x"]}}
+    path = tmp_path / "sets.json"
+    path.write_text(json.dumps(nested))
+    net = read_gene_sets(path)
+    assert set(net["source"]) == {"A:same", "B:same", "other"}
+
+
+def test_real_spectra_sets_load(shared_data):
+    net = read_gene_sets(shared_data / "genesets" / "spectra_default_gene_sets.json")
+    ifn = net[net["source"] == "all_type-I-ifn-response"]
+    assert len(ifn) == 17
+    assert set(ifn["collection"]) == {"global"}
+    assert net["source"].nunique() == 181
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "gsva"}, "method must be 'ora' or 'gsea', got 'gsva'"),
+        ({"top_n": 0}, r"top_n must be in \[1, 600\) \(the scored genes\), got 0"),
+        ({"top_n": 600}, r"top_n must be in \[1, 600\)"),
+        ({"seed": 0}, "seed must be >= 1, got 0"),
+        ({"min_size": 500}, "no gene set has at least min_size=500 scored genes"),
+    ],
+)
+def test_bad_inputs(ranked_scores, kwargs, message):
+    scores, sets = ranked_scores
+    with pytest.raises(ValueError, match=message):
+        rank_pathways(scores, sets, **kwargs)
+
+
+def test_bad_gene_sets(tmp_path, ranked_scores):
+    scores, _ = ranked_scores
+    with pytest.raises(
+        ValueError, match="score_column 'score' is not a column of scores; columns are"
+    ):
+        rank_pathways(pd.DataFrame({"x": scores}), {"a": ["G1"]}, score_column="score")
+    with pytest.raises(ValueError, match="gene set file .*absent.gmt' does not exist"):
+        rank_pathways(scores, tmp_path / "absent.gmt")
+    (tmp_path / "sets.txt").write_text("a")
+    with pytest.raises(ValueError, match=r"must end in .gmt or .json"):
+        rank_pathways(scores, tmp_path / "sets.txt")
+    with pytest.raises(
+        ValueError, match="gene set 'a' must be a list of genes, got the string 'G1'"
+    ):
+        rank_pathways(scores, {"a": "G1"})
+    with pytest.raises(
+        ValueError, match="gene_sets must be a GMT or JSON path or a dict, got list"
+    ):
+        rank_pathways(scores, [["G1"]])
