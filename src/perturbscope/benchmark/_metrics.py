@@ -72,7 +72,7 @@ def pearson_delta(
 
     Returns
     -------
-    The correlation, in ``[-1, 1]``.
+    The correlation, in ``[-1, 1]``; ``NaN`` if ``reference`` is undefined (``NaN``).
 
     Examples
     --------
@@ -81,6 +81,8 @@ def pearson_delta(
     """
     a = np.asarray(predicted, dtype=np.float64) - reference
     b = np.asarray(observed, dtype=np.float64) - reference
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
     if a.std() < tol or b.std() < tol:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
@@ -247,7 +249,8 @@ def top_de_genes(
 
     Returns
     -------
-    ``{group: genes}`` for every group except the reference.
+    ``{group: genes}`` for every group except the reference. Genes with an infinite t statistic
+    (zero variance in both groups) are not called.
 
     Raises
     ------
@@ -283,11 +286,18 @@ def top_de_genes(
         reference=reference,
         method="t-test",
         rankby_abs=True,
-        n_genes=n_genes,
+        n_genes=None,
         use_raw=False,
     )
-    names = pd.DataFrame(work.uns["rank_genes_groups"]["names"])
-    return {str(g): names[g].astype(str).tolist() for g in names.columns}
+    result = work.uns["rank_genes_groups"]
+    names, scores = pd.DataFrame(result["names"]), pd.DataFrame(result["scores"])
+    top = {}
+    for g in names.columns:
+        # an infinite t comes from zero variance in both groups (e.g. a constant shift of a gene
+        # never expressed in control): a degenerate test, not a DE call
+        finite = np.isfinite(scores[g].to_numpy(dtype=np.float64))
+        top[str(g)] = names[g][finite].astype(str).tolist()[:n_genes]
+    return top
 
 
 def moment_errors(predicted: np.ndarray, observed: np.ndarray) -> dict[str, float]:

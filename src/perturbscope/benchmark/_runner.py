@@ -344,7 +344,9 @@ def run_benchmark(
             else (adata.obs[spec.context_key].astype(str) == split.context).to_numpy()
         )
         perturbed = all_log[context_cells & (labels != control_value).to_numpy()]
-        centroid = pseudobulk(perturbed, key).to_numpy().mean(axis=0)
+        profiles = pseudobulk(perturbed, key).to_numpy()
+        # Systema's centroid needs several perturbations; with one it is the truth itself
+        centroid = profiles.mean(axis=0) if len(profiles) > 1 else np.full(adata.n_vars, np.nan)
         reference = prepare_reference(
             observed, control, key, perturbed_centroid=centroid, seed=seed
         )
@@ -478,8 +480,8 @@ def markdown_table(
     metrics
         Columns to show.
     models
-        Row order; models missing from ``summary`` are shown as "not run". Defaults to the
-        models present, ceiling first.
+        Row order; models missing from ``summary`` are shown as "not run" (the ``observed`` row
+        is left out when missing). Defaults to the models present, ceiling first.
 
     Returns
     -------
@@ -504,6 +506,8 @@ def markdown_table(
         for model in models:
             label = "noise ceiling (split-half)" if model == CEILING else model
             if model not in table.index.get_level_values("model"):
+                if model == OBSERVED:
+                    continue
                 lines.append(f"| {label} | " + " | ".join(["not run"] * len(metrics)) + " |")
                 continue
             cells = []

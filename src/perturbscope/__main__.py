@@ -1,0 +1,5 @@
+"""``python -m perturbscope``."""
+
+from .cli import main
+
+main()
