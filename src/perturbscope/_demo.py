@@ -49,7 +49,7 @@ def run_demo(seed: int = 0, max_epochs: int = 60, progress: bool = True) -> pd.D
     rng = np.random.default_rng(seed)
     adata, embeddings = simulate_perturbseq(
         n_genes=200, n_perturbed_genes=30, n_combinations=15, n_cell_types=2,
-        n_cells_per_condition=40, embedding_dim=32, seed=seed,
+        n_cells_per_condition=30, embedding_dim=32, seed=seed,
     )
     singles, doubles = _held_out(adata, embeddings, rng)
     held_out = singles + doubles
@@ -87,7 +87,8 @@ def run_demo(seed: int = 0, max_epochs: int = 60, progress: bool = True) -> pd.D
 def main(seed: int = 0, max_epochs: int = 60) -> None:
     """Run the demo and print its table."""
     table = run_demo(seed=seed, max_epochs=max_epochs)
-    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 120):
+    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160,
+                           "display.max_columns", None):
         print("\nHeld-out perturbations, mean over perturbations and cell types:")
         print(table)
     print("\nHigher Pearson delta and lower L2 are better. 'perturbed mean' predicts the average "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from copy import deepcopy
 from typing import Literal
 
 import anndata as ad
@@ -35,6 +36,29 @@ from ..module._scopevae import COUNT_LIKELIHOODS, GeneLikelihood
 from ._fields import PerturbationGenesField, encode_gene_sets
 
 logger = logging.getLogger(__name__)
+
+
+def _expand_covariate_columns(
+    reference: torch.Tensor, target: torch.Tensor, reference_sizes: list[int], target_sizes: list[int]
+) -> torch.Tensor:
+    """Copy a reference weight into a query weight that has more one-hot covariate columns.
+
+    FCLayers append one-hot covariate blocks after the continuous input; new categories get
+    zero weights, so the layer's output is unchanged for the reference categories.
+    """
+    if reference.shape == target.shape:
+        return reference.clone()
+    if reference.dim() != 2 or reference.shape[0] != target.shape[0]:
+        raise ValueError(f"Cannot transfer a weight of shape {tuple(reference.shape)} to {tuple(target.shape)}.")
+    n_continuous = reference.shape[1] - sum(reference_sizes)
+    out = torch.zeros_like(target)
+    out[:, :n_continuous] = reference[:, :n_continuous]
+    ref_start, target_start = n_continuous, n_continuous
+    for ref_size, target_size in zip(reference_sizes, target_sizes):
+        out[:, target_start : target_start + ref_size] = reference[:, ref_start : ref_start + ref_size]
+        ref_start += ref_size
+        target_start += target_size
+    return out
 
 
 def _matrix_of(adata: ad.AnnData, layer: str | None):
@@ -237,6 +261,95 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ transfer to new contexts
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: ad.AnnData,
+        reference_model: ScopeVI,
+        freeze_decoder: bool = True,
+        freeze_perturbation_encoder: bool = True,
+    ) -> ScopeVI:
+        """A copy of a trained model set up on a new context, ready to be fine-tuned (scArches).
+
+        The query is registered with the reference registry, extending its categories (new
+        contexts, new batches). Weights are copied from the reference; weights of new batch
+        categories start at zero, so the decoder first behaves as for the reference batches.
+        The gene-embedding path (perturbation encoder) and, by default, the decoder stay
+        frozen; the encoder and the conditional prior are fine-tuned by ``model.train()`` on
+        what the query holds: control cells only, or controls plus a few cells of some
+        perturbations (few-shot).
+
+        Parameters
+        ----------
+        adata
+            Query cells with the reference's genes in the same order. Needs control cells in
+            every context.
+        reference_model
+            A trained :class:`ScopeVI`.
+        freeze_decoder
+            Keep the decoder (and the dispersion) fixed.
+        freeze_perturbation_encoder
+            Keep the gene-embedding path fixed.
+
+        Returns
+        -------
+        A new :class:`ScopeVI` on ``adata``; train it with ``model.train(...)``.
+
+        Raises
+        ------
+        ValueError
+            If the query's genes differ from the reference's (the counts of missing and extra
+            genes are given).
+
+        Examples
+        --------
+        >>> import perturbscope as ps
+        >>> adata, emb = ps.data.simulate_perturbseq(n_genes=30, n_perturbed_genes=6,
+        ...                                          n_combinations=2, n_cells_per_condition=10)
+        >>> reference = adata[adata.obs["cell_type"] == "type_0"].copy()
+        >>> ps.ScopeVI.setup_anndata(reference, "perturbation", gene_embeddings=emb,
+        ...                          context_key="cell_type")
+        >>> model = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
+        >>> model.train(max_epochs=1, enable_progress_bar=False)
+        >>> query = adata[adata.obs["cell_type"] == "type_1"].copy()
+        >>> few_shot = ps.ScopeVI.load_query_data(query, model)
+        >>> few_shot.train(max_epochs=1, enable_progress_bar=False)
+        """
+        cls._check_query_genes(adata, reference_model)
+        registry = deepcopy(reference_model.registry_)
+        setup_args = dict(registry.get("setup_args", {}))
+        cls.setup_anndata(adata, source_registry=registry, extend_categories=True, **setup_args)
+        model = cls(adata, **reference_model.init_params_.get("non_kwargs", {}))
+        reference_state = reference_model.module.state_dict()
+        sizes = (reference_model.module.covariate_sizes, model.module.covariate_sizes)
+        model.module.load_state_dict({
+            key: _expand_covariate_columns(reference_state[key], value, *sizes)
+            for key, value in model.module.state_dict().items()
+        })
+        frozen = [model.module.perturbation_encoder] if freeze_perturbation_encoder else []
+        if freeze_decoder:
+            frozen.append(model.module.decoder)
+            if hasattr(model.module, "px_r"):
+                model.module.px_r.requires_grad_(False)
+        for part in frozen:
+            part.requires_grad_(False)
+        model.module.to(reference_model.device)
+        return model
+
+    @staticmethod
+    def _check_query_genes(adata: ad.AnnData, reference_model: ScopeVI) -> None:
+        reference_genes = reference_model.adata.var_names
+        if not adata.var_names.equals(reference_genes):
+            missing = reference_genes.difference(adata.var_names)
+            extra = adata.var_names.difference(reference_genes)
+            raise ValueError(
+                f"The query's genes differ from the reference's: {len(missing)} reference genes "
+                f"missing, {len(extra)} extra genes"
+                + ("" if len(missing) or len(extra) else " (same genes, different order)")
+                + ". Subset and order the query as query[:, reference.adata.var_names]."
+            )
 
     # ------------------------------------------------------------------ registry views
     @property

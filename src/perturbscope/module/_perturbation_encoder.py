@@ -1,11 +1,11 @@
-"""From a set of perturbed genes to one perturbation vector.
+r"""From a set of perturbed genes to one perturbation vector.
 
 Each perturbed gene's embedding (ESM2, GO, ... : a fixed, non-trainable table) is mapped through
 ``Linear + LayerNorm`` to ``h_g``. A set ``S`` is aggregated as
 
 .. math::
 
-    p(S) = \\sum_{g \\in S} h_g + f\\Big(\\sum_{g < g' \\in S} h_g \\odot h_{g'}\\Big),
+    p(S) = \sum_{g \in S} h_g + f\Big(\sum_{g < g' \in S} h_g \odot h_{g'}\Big),
 
 where ``f`` is a bias-free MLP, so ``f(0) = 0``. The sum makes single perturbations additive
 building blocks; the pairwise term is zero for the empty set (controls) and for singles, and

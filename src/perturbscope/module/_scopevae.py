@@ -141,6 +141,8 @@ class ScopeVAE(BaseModuleClass):
         self.prior_scale = nn.Linear(n_hidden, n_latent)
 
         cat_list = [n_batch if n_batch > 1 else 0, *list(n_cats_per_cov or [])]
+        #: One-hot widths of the decoder covariates (0 = not one-hot encoded), as FCLayers sees them.
+        self.covariate_sizes = [n if n > 1 else 0 for n in cat_list]
         self._use_batch = n_batch > 1
         decoder_input = n_latent + n_perturbation
         if gene_likelihood == "normal":
