@@ -251,3 +251,88 @@ def test_beats_perturbed_mean_on_unseen_genes():
         scope.append(np.corrcoef(delta, pred.layers["log1p_norm"][i] - control)[0, 1])
         baseline.append(np.corrcoef(delta, perturbed_mean)[0, 1])
     assert np.mean(scope) > np.mean(baseline) + 0.1, (scope, baseline)
+
+
+# ---------------------------------------------------------------- transfer to new contexts
+def _split_by_type(small_screen):
+    adata, embeddings = small_screen
+    reference = adata[adata.obs["cell_type"] == "type_0"].copy()
+    query = adata[adata.obs["cell_type"] == "type_1"].copy()
+    return reference, query, embeddings
+
+
+def test_load_query_data_freezes_embedding_path_and_decoder(small_screen):
+    scvi.settings.seed = 0
+    reference, query, embeddings = _split_by_type(small_screen)
+    ps.ScopeVI.setup_anndata(reference, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
+    model = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    query = query[query.obs["perturbation"].isin(["control", embeddings.index[0]])].copy()
+    transfer = ps.ScopeVI.load_query_data(query, model)
+    before = {k: v.clone() for k, v in transfer.module.state_dict().items()}
+    for key, value in model.module.state_dict().items():
+        torch.testing.assert_close(before[key], value)
+    transfer.train(max_epochs=2, enable_progress_bar=False)
+    after = transfer.module.state_dict()
+    for key in before:
+        changed = not torch.equal(before[key], after[key])
+        if key.startswith(("perturbation_encoder.", "decoder.")) or key == "px_r":
+            assert not changed, key
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("z_encoder."))
+    assert transfer.adata_manager.get_state_registry("context").categorical_mapping.tolist() == ["type_0", "type_1"]
+    pred = transfer.predict(query[query.obs["perturbation"] == "control"], [embeddings.index[1]], aggregate="mean")
+    assert pred.obs["cell_type"].tolist() == ["type_1"]
+
+
+def test_load_query_data_new_batch_starts_as_reference(small_screen):
+    scvi.settings.seed = 0
+    reference, query, embeddings = _split_by_type(small_screen)
+    reference.obs["batch"] = "b0"
+    query.obs["batch"] = "b_new"
+    reference.obs.loc[reference.obs_names[::2], "batch"] = "b1"
+    ps.ScopeVI.setup_anndata(reference, "perturbation", gene_embeddings=embeddings,
+                             context_key="cell_type", batch_key="batch")
+    model = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    transfer = ps.ScopeVI.load_query_data(query, model)
+    assert transfer.module.covariate_sizes == [3]
+    z = torch.randn(5, 4)
+    p = torch.zeros(5, model.module.perturbation_encoder.n_output)
+    library = torch.full((5, 1), 7.0)
+    model.module.eval()
+    transfer.module.eval()
+    with torch.no_grad():
+        ref = model.module.generative(z, p, library, torch.zeros(5, 1, dtype=torch.long))["px"].mean
+        new = transfer.module.generative(z, p, library, torch.full((5, 1), 2))["px"].mean
+        old = transfer.module.generative(z, p, library, torch.zeros(5, 1, dtype=torch.long))["px"].mean
+    # the new batch's one-hot weights start at zero and the reference batch is unchanged
+    torch.testing.assert_close(ref, old)
+    assert new.shape == ref.shape
+    controls = query[query.obs["perturbation"] == "control"]
+    pred = transfer.predict(controls, [embeddings.index[0]], aggregate="mean")
+    assert pred.obs["cell_type"].tolist() == ["type_1"]
+
+
+def test_predict_with_batches_and_covariates(small_screen):
+    adata, embeddings = small_screen
+    adata = adata.copy()
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2, "b0", "b1")
+    adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 3, "d0", "d1")
+    ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=embeddings, context_key="cell_type",
+                             batch_key="batch", categorical_covariate_keys=["donor"])
+    model = ps.ScopeVI(adata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    controls = _controls(adata)
+    pred = model.predict(controls, [embeddings.index[0]])
+    assert pred.obs["batch"].tolist() == controls.obs["batch"].tolist()
+    assert pred.obs["donor"].tolist() == controls.obs["donor"].tolist()
+    controls.obs["batch"] = "b9"
+    with pytest.raises(ValueError, match=r"adata.obs\['batch'\] has values not seen in training: \['b9'\]"):
+        model.predict(controls, [embeddings.index[0]])
+
+
+def test_load_query_data_rejects_different_genes(small_screen, trained):
+    model, adata, _ = trained
+    query = adata[:, 2:].copy()
+    with pytest.raises(ValueError, match=r"The query's genes differ from the reference's: 2 reference genes missing, 0 extra genes"):
+        ps.ScopeVI.load_query_data(query, model)

@@ -564,7 +564,8 @@ def write_results(results: pd.DataFrame, out: str | os.PathLike, title: str = ""
             ax = benchmark_scores(results, metric=metric)
             ax.figure.savefig(folder / f"{metric}.png", dpi=120, bbox_inches="tight")
             plt.close(ax.figure)
-    ax = benchmark_mode_collapse(results)
-    ax.figure.savefig(folder / "delta_correlation.png", dpi=120, bbox_inches="tight")
-    plt.close(ax.figure)
+    if MODE_COLLAPSE in set(results["metric"]):  # needs two or more held-out perturbations
+        ax = benchmark_mode_collapse(results)
+        ax.figure.savefig(folder / "delta_correlation.png", dpi=120, bbox_inches="tight")
+        plt.close(ax.figure)
     return folder

@@ -558,9 +558,9 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             anchor_x = torch.as_tensor(chunk.toarray() if sparse.issparse(chunk) else np.asarray(chunk),
                                        dtype=torch.float32, device=device)
             batch_index = (None if batch_codes is None else
-                           torch.as_tensor(batch_codes[start:stop, None], dtype=torch.float32, device=device))
+                           torch.as_tensor(batch_codes[start:stop, None], dtype=torch.long, device=device))
             cat_covs = (None if covariate_codes is None else
-                        torch.as_tensor(covariate_codes[start:stop], dtype=torch.float32, device=device))
+                        torch.as_tensor(covariate_codes[start:stop], dtype=torch.long, device=device))
             for p in range(len(perturbations)):
                 genes = gene_index[p].expand(stop - start, -1).to(device)
                 mean, scale = self.module.predict_from_anchor(

@@ -20,8 +20,11 @@ over cells is cheaper (one reverse pass per gene). Memory is bounded by
 ``batch_size * n_genes * n_latent`` numbers per chunk.
 
 scvi-tools' public getters run under ``torch.inference_mode``, which forbids differentiation,
-so the probes call the module's ``generative`` themselves, under ``torch.enable_grad``, through
-the small adapter :func:`_decoder_fn`; it is the only place that knows a model class.
+so the probes call the module's ``generative`` themselves, outside inference mode, through the
+small adapter :func:`_decoder_fn`; it is the only place that knows a model class. The
+``torch.func`` transforms run under ``no_grad`` (they differentiate with respect to their own
+inputs whatever the grad mode), so no graph through the decoder's parameters is recorded and
+memory stays that of one chunk.
 """
 
 from __future__ import annotations
@@ -333,7 +336,11 @@ def _iter_jacobian(
         def f(zc: torch.Tensor, chunk_rows: np.ndarray = chunk_rows) -> torch.Tensor:
             return _select(*probe.decode(zc, chunk_rows), output, gene_tensor)
 
-        with torch.enable_grad():
+        # The torch.func transforms differentiate w.r.t. their inputs in any grad mode; no_grad
+        # keeps autograd from also recording a graph through the decoder's parameters, which
+        # would hold every intermediate of the chunk alive. inference_mode(False) undoes an
+        # enclosing inference_mode, under which no tensor can be differentiated.
+        with torch.inference_mode(False), torch.no_grad():
             if use_forward:
                 shift = torch.zeros(probe.n_latent, dtype=z_chunk.dtype, device=z_chunk.device)
                 jac = jacfwd(lambda v, zc=z_chunk, f=f: f(zc + v))(shift)
