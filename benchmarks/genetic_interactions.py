@@ -62,7 +62,9 @@ def predicted_cells(model, control: ad.AnnData, labels: list[str]) -> ad.AnnData
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "genetic_interactions")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "genetic_interactions"
+    )
     parser.add_argument("--with-scopevi", action="store_true")
     parser.add_argument("--scopevi-epochs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -108,9 +110,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     summary.to_csv(args.out / "summary.csv")
     per_double.to_csv(args.out / "per_double.csv", index=False)
-    shown = summary.copy()
-    shown["n_doubles"] = shown["n_doubles"].astype(int)
-    markdown = shown.to_markdown(floatfmt=".2f") if _has_tabulate() else shown.round(2).to_string()
+    shown = summary.round(2).astype(object)
+    shown["n_doubles"] = summary["n_doubles"].astype(int).astype(str)
+    markdown = shown.to_markdown() if _has_tabulate() else shown.round(2).to_string()
     calls = per_double.pivot(index="double", columns="source", values="call")
     calls["published"] = per_double.drop_duplicates("double").set_index("double")["published_call"]
     calls_md = calls.to_markdown() if _has_tabulate() else calls.to_string()

@@ -118,10 +118,10 @@ def naive(model, z: np.ndarray, n_genes: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=2000)
-    parser.add_argument("--naive-genes", type=int, default=200)
+    parser.add_argument("--naive-genes", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--memory-chunks", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--memory-chunks", type=int, nargs="+", default=[16, 64, 128])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def main() -> None:
             print("  peak memory vs chunk size and cell count (vectorised):")
             one_chunk = N_GENES * N_LATENT * 4 / 2**20
             for chunk in args.memory_chunks:
-                for n_cells in (chunk, 4 * chunk):
+                for n_cells in (chunk, 3 * chunk):
                     with PeakMemory() as memory:
                         vectorised(model, z[:n_cells], chunk)
                     print(

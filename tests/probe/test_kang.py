@@ -33,7 +33,7 @@ def kang(shared_data):
     scvi.settings.seed = 0
     scvi.model.SCVI.setup_anndata(adata)
     model = scvi.model.SCVI(adata, n_latent=10)
-    model.train(max_epochs=10, batch_size=512, accelerator="cpu", enable_progress_bar=False)
+    model.train(max_epochs=20, batch_size=512, accelerator="cpu", enable_progress_bar=False)
     return model, adata, ifn, sets
 
 
@@ -58,7 +58,8 @@ def test_gradient_scores_rank_the_ifn_set(kang):
         f"Kang IFN-beta, {in_set.sum()} of {len(ifn)} '{IFN_SET}' genes among {len(table)}: "
         f"AUROC gradient {gradient:.3f}, mean-expression baseline {baseline:.3f}"
     )
-    assert gradient > 0.85  # measured 0.96 (baseline 0.93) at 10 epochs
+    # measured 0.95-0.99 over seeds 0-3 at 20 epochs (baseline 0.93); 0.79-0.96 at 10 epochs
+    assert gradient > 0.85
 
     ranking = rank_pathways(table, sets, method="ora", top_n=100)
     assert ranking.iloc[0]["pathway"] == IFN_SET

@@ -154,6 +154,7 @@ class PerturbationGenesField(BaseAnnDataField):
             "control_value": self.control_value,
             "combination_delimiter": self.delimiter,
             "max_genes": int(matrix.shape[1]),
+            "perturbed_genes": vocabulary[np.unique(matrix[matrix >= 0])].to_numpy(dtype=object),
         }
 
     def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:

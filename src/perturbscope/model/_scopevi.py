@@ -128,6 +128,13 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         Per-dimension KL floor in nats, keeping the latent informative about each cell.
     anchor_gradient
         Back-propagate through the anchor's encoding (slower; off by default).
+    perturbation_encoding
+        ``"kernel"``: a gene is encoded as a similarity-weighted mix of the genes perturbed in
+        training (and their average, for genes unlike any of them); robust with few training
+        perturbations. ``"linear"``: ``LayerNorm(Linear(embedding))`` of the gene itself.
+        See :class:`~perturbscope.module.PerturbationEncoder`.
+    kernel_temperature
+        Softmax temperature over cosine similarities of the ``"kernel"`` encoding.
 
     Examples
     --------
@@ -157,8 +164,12 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         gene_likelihood: GeneLikelihood = "nb",
         free_bits: float = 0.0,
         anchor_gradient: bool = False,
+        perturbation_encoding: Literal["kernel", "linear"] = "kernel",
+        kernel_temperature: float = 0.1,
     ):
         super().__init__(adata)
+        if perturbation_encoding not in ("kernel", "linear"):
+            raise ValueError(f"perturbation_encoding must be 'kernel' or 'linear', got {perturbation_encoding!r}.")
         if gene_likelihood in COUNT_LIKELIHOODS:
             check_count_data(self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), self._layer)
         perturbation_state = self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY)
@@ -175,6 +186,8 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             gene_likelihood=gene_likelihood,
             free_bits=free_bits,
             anchor_gradient=anchor_gradient,
+            reference_genes=self._reference_gene_rows() if perturbation_encoding == "kernel" else None,
+            kernel_temperature=kernel_temperature,
         )
         self._model_summary_string = (
             f"ScopeVI: n_latent {n_latent}, n_hidden {n_hidden}, n_layers {n_layers}, "
@@ -360,6 +373,12 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     @property
     def _perturbation_state(self) -> dict:
         return self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY)
+
+    def _reference_gene_rows(self) -> torch.Tensor:
+        """Embedding rows of the genes perturbed in the registered training data."""
+        state = self._perturbation_state
+        rows = pd.Index(state["genes"]).get_indexer(state["perturbed_genes"])
+        return torch.as_tensor(rows, dtype=torch.long)
 
     def _n_cats_per_covariate(self) -> list[int]:
         if REGISTRY_KEYS.CAT_COVS_KEY not in self.adata_manager.data_registry:

@@ -11,6 +11,20 @@ where ``f`` is a bias-free MLP, so ``f(0) = 0``. The sum makes single perturbati
 building blocks; the pairwise term is zero for the empty set (controls) and for singles, and
 lets combinations be non-additive (synergy, buffering). The pairwise sum is computed in
 ``O(|S|)`` as ``((sum h)^2 - sum h^2) / 2``.
+
+Gene vectors ``h_g`` come in two flavours (``encoding``):
+
+* ``"linear"``: ``h_g = LayerNorm(Linear(e_g))`` for the gene's own embedding ``e_g``.
+* ``"kernel"`` (default in :class:`~perturbscope.ScopeVI`): ``h_g`` is a softmax mix, over the
+  genes perturbed in training ``j`` and one *null* entry, of ``LayerNorm(Linear(e_j))``, with
+  weights ``softmax(cos(e_g, e_j) / T)``. The null entry is the average training gene vector and
+  has a fixed similarity (by default the 90th percentile of the similarities between training
+  genes). A training gene is mostly itself; an unseen gene becomes a mix of its nearest training
+  genes, and a gene unlike any of them is shrunk towards the average perturbation instead of
+  being extrapolated. With a handful of training perturbations and embeddings of hundreds of
+  dimensions, a free linear map from embedding to effect overfits and unseen genes are
+  predicted with wrong, inflated effects (the failure diagnosed in DeSCOPE); the kernel bounds
+  every prediction by what was seen.
 """
 
 from __future__ import annotations
@@ -31,6 +45,13 @@ class PerturbationEncoder(nn.Module):
         Dimension of the perturbation vector.
     n_hidden_interaction
         Hidden width of the interaction MLP.
+    reference_genes
+        Row indices of the genes perturbed in training; given, the ``"kernel"`` encoding is used.
+    temperature
+        Softmax temperature of the kernel over cosine similarities.
+    null_similarity
+        Similarity of the null (average) entry; ``None`` uses the 90th percentile of the
+        pairwise similarities between reference genes.
 
     Examples
     --------
@@ -39,23 +60,60 @@ class PerturbationEncoder(nn.Module):
     torch.Size([3, 4])
     """
 
-    def __init__(self, gene_embeddings: torch.Tensor, n_output: int = 64, n_hidden_interaction: int = 64):
+    def __init__(
+        self,
+        gene_embeddings: torch.Tensor,
+        n_output: int = 64,
+        n_hidden_interaction: int = 64,
+        reference_genes: torch.Tensor | None = None,
+        temperature: float = 0.1,
+        null_similarity: float | None = None,
+    ):
         super().__init__()
         self.register_buffer("gene_embeddings", gene_embeddings.float(), persistent=False)
+        self.temperature = temperature
+        self.encoding = "linear" if reference_genes is None else "kernel"
+        if reference_genes is not None:
+            reference_genes = torch.as_tensor(reference_genes, dtype=torch.long)
+            self.register_buffer("reference_genes", reference_genes, persistent=False)
+            if null_similarity is None:
+                null_similarity = self._typical_similarity(reference_genes)
+        self.null_similarity = null_similarity
         self.project = nn.Sequential(nn.Linear(gene_embeddings.shape[1], n_output), nn.LayerNorm(n_output))
         self.interaction = nn.Sequential(
             nn.Linear(n_output, n_hidden_interaction, bias=False),
             nn.ReLU(),
             nn.Linear(n_hidden_interaction, n_output, bias=False),
         )
+        # Zero-initialised: combinations start additive and only depart from it when training
+        # data (combinations) ask for it.
+        nn.init.zeros_(self.interaction[-1].weight)
         self.n_output = n_output
 
+    def _typical_similarity(self, reference_genes: torch.Tensor, quantile: float = 0.9) -> float:
+        unit = nn.functional.normalize(self.gene_embeddings[reference_genes], dim=-1)
+        similarity = unit @ unit.T
+        off_diagonal = similarity[~torch.eye(len(unit), dtype=torch.bool)]
+        return float(off_diagonal.quantile(quantile)) if off_diagonal.numel() else 0.0
+
+    def kernel_weights(self, gene_index: torch.Tensor) -> torch.Tensor:
+        """Weights ``(..., n_reference + 1)`` of each gene over the reference genes and null."""
+        unit = nn.functional.normalize(self.gene_embeddings[gene_index], dim=-1)
+        reference = nn.functional.normalize(self.gene_embeddings[self.reference_genes], dim=-1)
+        similarity = unit @ reference.T
+        null = torch.full((*similarity.shape[:-1], 1), self.null_similarity, device=similarity.device)
+        return torch.softmax(torch.cat([similarity, null], dim=-1) / self.temperature, dim=-1)
+
     def gene_vectors(self, gene_index: torch.Tensor) -> torch.Tensor:
-        """Projected embeddings ``h_g`` of a padded index tensor, zero at padding (``-1``)."""
+        """Gene vectors ``h_g`` of a padded index tensor, zero at padding (``-1``)."""
         gene_index = gene_index.long()
         mask = (gene_index >= 0).unsqueeze(-1)
-        h = self.project(self.gene_embeddings[gene_index.clamp(min=0)])
-        return h * mask
+        gene_index = gene_index.clamp(min=0)
+        if self.encoding == "linear":
+            return self.project(self.gene_embeddings[gene_index]) * mask
+        reference = self.project(self.gene_embeddings[self.reference_genes])
+        reference = torch.cat([reference, reference.mean(dim=0, keepdim=True)], dim=0)
+        return (self.kernel_weights(gene_index) @ reference) * mask
 
     def forward(self, gene_index: torch.Tensor) -> torch.Tensor:
         """Perturbation vectors for ``(n_cells, max_genes)`` indices padded with ``-1``."""

@@ -84,6 +84,11 @@ class ScopeVAE(BaseModuleClass):
         ``"nb"``, ``"zinb"``, ``"poisson"`` (counts) or ``"normal"`` (log-normalised input).
     free_bits
         Per-dimension KL floor (nats); keeps the latent informative. 0 disables it.
+    reference_genes
+        Rows of ``gene_embeddings`` perturbed in training; given, genes are encoded by the
+        similarity kernel over them (see :class:`PerturbationEncoder`), else linearly.
+    kernel_temperature
+        Temperature of that kernel.
     anchor_gradient
         Back-propagate through the encoding of the anchor. Off by default: the anchor's basal
         state is then a fixed target (as a target network), which costs one forward pass
@@ -114,6 +119,8 @@ class ScopeVAE(BaseModuleClass):
         gene_likelihood: GeneLikelihood = "nb",
         free_bits: float = 0.0,
         anchor_gradient: bool = False,
+        reference_genes: torch.Tensor | None = None,
+        kernel_temperature: float = 0.1,
     ):
         super().__init__()
         if gene_likelihood not in (*COUNT_LIKELIHOODS, "normal"):
@@ -125,7 +132,10 @@ class ScopeVAE(BaseModuleClass):
         self.n_batch = n_batch
         self.gene_likelihood = gene_likelihood
         self.free_bits = free_bits
-        self.perturbation_encoder = PerturbationEncoder(gene_embeddings, n_output=n_perturbation)
+        self.perturbation_encoder = PerturbationEncoder(
+            gene_embeddings, n_output=n_perturbation, reference_genes=reference_genes,
+            temperature=kernel_temperature,
+        )
 
         encoder_kwargs = {
             "n_input": n_input + n_perturbation, "n_output": n_latent, "n_layers": n_layers,
