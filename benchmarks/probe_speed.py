@@ -22,6 +22,7 @@ Run: ``python benchmarks/probe_speed.py [--cells 2000] [--hidden 128 512]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import threading
@@ -42,10 +43,9 @@ def _rss_mb() -> float:
 
 
 def _trim() -> None:
-    try:
+    # without glibc the figures include memory the allocator kept
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: the figures include memory the allocator kept
-        pass
 
 
 class PeakMemory:

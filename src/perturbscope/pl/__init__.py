@@ -1,3 +1,15 @@
 """Plots, one function per result type."""
 
-__all__: list[str] = []
+from ._benchmark import benchmark_mode_collapse, benchmark_scatter, benchmark_scores
+from ._interactions import genetic_interactions
+from ._probe import axis_alignment, gradient_field, pathway_ranking
+
+__all__ = [
+    "axis_alignment",
+    "benchmark_mode_collapse",
+    "benchmark_scatter",
+    "benchmark_scores",
+    "genetic_interactions",
+    "gradient_field",
+    "pathway_ranking",
+]

@@ -64,6 +64,8 @@ def mean_expression_baseline(m_reference: np.ndarray, m_target: np.ndarray) -> n
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from perturbscope.probe import mean_expression_baseline
     >>> mean_expression_baseline(np.array([1.0, 0.0]), np.array([3.0, 0.0]))
     array([1., 0.])
     """

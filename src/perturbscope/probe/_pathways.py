@@ -67,6 +67,7 @@ def read_gene_sets(gene_sets: GeneSets) -> pd.DataFrame:
 
     Examples
     --------
+    >>> from perturbscope.probe import read_gene_sets
     >>> read_gene_sets({"IFN": ["ISG15", "IFI6"]}).shape
     (2, 3)
     """
