@@ -7,7 +7,13 @@ import time
 import numpy as np
 import pandas as pd
 
-from .benchmark import NoChangeBaseline, PerturbedMeanBaseline, evaluate, log1p_expression, prepare_reference
+from .benchmark import (
+    NoChangeBaseline,
+    PerturbedMeanBaseline,
+    evaluate,
+    log1p_expression,
+    prepare_reference,
+)
 from .data import simulate_perturbseq
 from .model import ScopeVI
 

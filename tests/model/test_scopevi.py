@@ -42,7 +42,7 @@ def test_setup_writes_only_documented_keys(screen):
     assert set(adata.obs.columns) - obs_before == {"_scvi_context", "_scvi_batch"}
     assert set(adata.obsm) == {"_scopevi_perturbation_genes"}
     assert set(adata.uns) - {"simulation"} == {"_scvi_uuid", "_scvi_manager_uuid"}
-    assert (adata.X != X_before).nnz == 0
+    assert (X_before != adata.X).nnz == 0
     genes = adata.obsm["_scopevi_perturbation_genes"]
     labels = adata.obs["perturbation"].astype(str).to_numpy()
     assert (genes[labels == "control"] == -1).all()
@@ -144,7 +144,8 @@ def test_predict_layout_and_input_untouched(trained):
     expected_log = np.log1p(pred.X[: controls.n_obs] / library[:, None] * 1e4)
     np.testing.assert_allclose(pred.layers["log1p_norm"][: controls.n_obs], expected_log, rtol=1e-3, atol=1e-4)
     assert (controls.X != before.X).nnz == 0
-    assert controls.obs.equals(before.obs) and list(controls.obsm) == list(before.obsm)
+    assert controls.obs.equals(before.obs)
+    assert list(controls.obsm) == list(before.obsm)
     assert pred.uns["perturbscope"]["model"] == "ScopeVI"
 
 
@@ -336,3 +337,26 @@ def test_load_query_data_rejects_different_genes(small_screen, trained):
     query = adata[:, 2:].copy()
     with pytest.raises(ValueError, match=r"The query's genes differ from the reference's: 2 reference genes missing, 0 extra genes"):
         ps.ScopeVI.load_query_data(query, model)
+
+
+def test_load_refuses_code_execution_and_wrong_genes(trained, tmp_path):
+    import pickle
+
+    model, adata, _ = trained
+    folder = tmp_path / "scopevi"
+    model.save(folder, overwrite=True)
+    with pytest.raises(ValueError, match=r"adata.var_names differ from the model's 60 genes \(1 missing"):
+        ps.ScopeVI.load(folder, adata=adata[:, 1:].copy())
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"attr_dict": {"x": Payload()}, "var_names": [], "model_state_dict": {}}, evil / "model.pt",
+               pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(ValueError, match="builtins.print"):
+        ps.ScopeVI.load(evil, adata=adata)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ps.ScopeVI.load(tmp_path / "nowhere", adata=adata)

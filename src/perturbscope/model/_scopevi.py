@@ -12,8 +12,10 @@ prior of real control cells and decodes it under the requested perturbation.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from copy import deepcopy
+from pathlib import Path
 from typing import Literal
 
 import anndata as ad
@@ -28,6 +30,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from tqdm.auto import tqdm
 
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS, TARGET_SUM
+from .._safe_load import load_model_file
 from ..benchmark import pseudobulk
 from ..data import AnchoredDataSplitter, parse_perturbation
 from ..data._perturbations import check_control_present
@@ -59,6 +62,14 @@ def _expand_covariate_columns(
         ref_start += ref_size
         target_start += target_size
     return out
+
+
+def _resolve_device(accelerator: str, device: int | str) -> str | int:
+    """``"auto"`` picks the first GPU when one is there and allowed, else the CPU."""
+    if device != "auto":
+        return device
+    gpu_allowed = accelerator in ("auto", "gpu", "cuda")
+    return "cuda:0" if gpu_allowed and torch.cuda.is_available() else "cpu"
 
 
 def _matrix_of(adata: ad.AnnData, layer: str | None):
@@ -274,6 +285,88 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: ad.AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        **kwargs,
+    ) -> ScopeVI:
+        """Load a saved ScopeVI without trusting the file's pickled code.
+
+        scvi-tools' own ``load`` unpickles ``model.pt`` with ``weights_only=False``, which runs any
+        callable the file names. This reads it through :func:`perturbscope._safe_load.load_model_file`:
+        ``weights_only=True`` where possible, else an unpickler that allows only the numpy,
+        pandas, container and tensor globals a saved model needs; anything else is refused.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            AnnData with the training genes, set up here with the saved registry. ``None`` reads
+            ``adata.h5ad`` from the folder (saved with ``save_anndata=True``).
+        accelerator, device
+            Where to put the model (scvi-tools conventions).
+        prefix
+            Prefix of the saved file names.
+        **kwargs
+            Ignored; accepted for compatibility with scvi-tools' signature.
+
+        Returns
+        -------
+        The trained model, in evaluation mode.
+
+        Raises
+        ------
+        ValueError
+            If the file is not a ScopeVI model, asks for globals outside the allow-list, or
+            ``adata`` has other genes.
+
+        Examples
+        --------
+        >>> model.save("scopevi_model/")  # doctest: +SKIP
+        >>> model = ScopeVI.load("scopevi_model/", adata)  # doctest: +SKIP
+        """
+        folder = Path(dir_path)
+        path = folder / f"{prefix or ''}model.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; is {folder} a folder written by ScopeVI.save?")
+        payload = load_model_file(path)
+        attr_dict = dict(payload["attr_dict"])
+        registry = attr_dict.pop("registry_")
+        if registry.get("model_name", cls.__name__) != cls.__name__:
+            raise ValueError(f"{path} holds a {registry['model_name']} model, not {cls.__name__}.")
+        if adata is None:
+            saved = folder / f"{prefix or ''}adata.h5ad"
+            if not saved.is_file():
+                raise ValueError(f"Pass adata: {folder} has no saved AnnData ({saved.name}).")
+            adata = ad.read_h5ad(saved)
+        saved_genes = pd.Index(np.asarray(payload["var_names"]).astype(str))
+        if not adata.var_names.equals(saved_genes):
+            raise ValueError(
+                f"adata.var_names differ from the model's {len(saved_genes)} genes "
+                f"({len(saved_genes.difference(adata.var_names))} missing, "
+                f"{len(adata.var_names.difference(saved_genes))} extra, or another order)."
+            )
+        cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+        init_params = attr_dict.pop("init_params_")
+        kwargs_groups = init_params.get("kwargs", {})
+        model = cls(adata, **init_params.get("non_kwargs", {}),
+                    **{k: v for group in kwargs_groups.values() for k, v in group.items()})
+        for attr, value in attr_dict.items():
+            setattr(model, attr, value)
+        state = dict(payload["model_state_dict"])
+        state.pop("pyro_param_store", None)
+        model.module.load_state_dict(state)
+        model.to_device(_resolve_device(accelerator, device))
+        model.module.eval()
+        return model
 
     # ------------------------------------------------------------------ transfer to new contexts
     @classmethod

@@ -6,12 +6,12 @@ per-cell Jacobians, gene vector fields and flows, axis-alignment gene scores, an
 rankings of those scores.
 """
 
+from .._safe_load import load_model_file
 from ._alignment import axis_alignment_scores, mean_expression_baseline
 from ._census import load_census_scvi
 from ._flow import gradient_field, gradient_flow
 from ._jacobian import decoder_jacobian
 from ._pathways import rank_pathways, read_gene_sets
-from ._safe_load import load_model_file
 
 __all__ = [
     "axis_alignment_scores",

@@ -2,7 +2,7 @@
 
 A Census scVI folder holds only ``model.pt``: weights, the training registry and the model's
 ``var_names`` (Ensembl IDs of the top 8,000 genes). We load it without trusting the pickle
-(:mod:`perturbscope.probe._safe_load`), map the query's genes onto the model's Ensembl IDs in a
+(:mod:`perturbscope._safe_load`), map the query's genes onto the model's Ensembl IDs in a
 new AnnData (zero-filling genes the query lacks, with a warning), register that AnnData with the
 model's own setup arguments so category codes match training, and rebuild the model through
 public scvi-tools API. The decoder's batch input is fixed to named reference batches (or their
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._safe_load import load_model_file
+from .._safe_load import load_model_file
 
 #: Model attribute naming the reference batches whose decoder the probes use.
 REFERENCE_BATCHES_ATTR = "probe_reference_batches_"

@@ -20,15 +20,6 @@ import pandas as pd
 GeneSets = str | Path | Mapping[str, Sequence[str]] | Mapping[str, Mapping[str, Sequence[str]]]
 
 
-def _read_gmt(path: Path) -> dict[str, list[str]]:
-    sets = {}
-    for line in path.read_text().splitlines():
-        fields = line.rstrip("\n").split("\t")
-        if len(fields) >= 3:
-            sets[fields[0]] = [g for g in fields[2:] if g]
-    return sets
-
-
 def _flatten(sets: Mapping) -> pd.DataFrame:
     """Long ``source, target, collection`` table from a flat or a nested mapping."""
     rows = []
@@ -76,7 +67,9 @@ def read_gene_sets(gene_sets: GeneSets) -> pd.DataFrame:
         if not path.is_file():
             raise ValueError(f"gene set file {str(path)!r} does not exist")
         if path.suffix.lower() == ".gmt":
-            gene_sets = _read_gmt(path)
+            from ..embeddings import read_gene_sets as read_gmt
+
+            gene_sets = read_gmt(path)
         elif path.suffix.lower() == ".json":
             gene_sets = json.loads(path.read_text())
         else:
