@@ -34,6 +34,7 @@ from perturbscope.benchmark import (
     summarize,
     write_results,
 )
+from perturbscope.benchmark._runner import SUMMARY_METRICS
 from perturbscope.benchmark._tasks import GO_ANNOTATIONS, go_gene_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,18 +43,6 @@ REAL_TASKS = (
     "norman_combo",
     "mcfaline_unseen_line",
     "kang_unseen_cell_type",
-)
-TABLE_METRICS = (
-    "pearson_delta_top_de",
-    "pearson_delta",
-    "pearson_delta_perturbed",
-    "l2_top_expressed",
-    "mse_top_de",
-    "direction_top_de",
-    "discrimination_score",
-    "de_overlap",
-    "energy_distance",
-    "delta_correlation",
 )
 
 
@@ -141,7 +130,7 @@ def main() -> None:
         )
         table = markdown_table(
             summarize(results),
-            metrics=TABLE_METRICS,
+            metrics=SUMMARY_METRICS,
             models=[
                 "noise_ceiling",
                 *[m for m in MODELS if m not in spec.not_applicable],
