@@ -360,3 +360,14 @@ def test_load_refuses_code_execution_and_wrong_genes(trained, tmp_path):
         ps.ScopeVI.load(evil, adata=adata)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ps.ScopeVI.load(tmp_path / "nowhere", adata=adata)
+
+
+def test_train_uses_scvi_loop_with_validation_and_early_stopping(small_screen):
+    adata, embeddings = small_screen
+    adata = adata.copy()
+    _setup(adata, embeddings)
+    model = ps.ScopeVI(adata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=3, early_stopping=True, check_val_every_n_epoch=1, enable_progress_bar=False)
+    assert {"elbo_validation", "reconstruction_loss_train", "kl_local_train"} <= set(model.history)
+    assert len(model.history["elbo_validation"]) == 3
+    assert np.isfinite(model.get_elbo())
