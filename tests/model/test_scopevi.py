@@ -138,11 +138,13 @@ def test_predict_layout_and_input_untouched(trained):
     first = pred.obs.iloc[: controls.n_obs]
     assert first["control_cell"].tolist() == controls.obs_names.tolist()
     assert (first["cell_type"].to_numpy() == controls.obs["cell_type"].to_numpy()).all()
-    # expected counts at the control cell's library size, and log1p of 1e4-normalised scale
+    # X is on the count scale at the control cell's library size, consistent with log1p_norm
     library = np.asarray(controls.X.sum(axis=1)).ravel()
-    np.testing.assert_allclose(pred.X[: controls.n_obs].sum(axis=1), library, rtol=1e-3)
-    expected_log = np.log1p(pred.X[: controls.n_obs] / library[:, None] * 1e4)
-    np.testing.assert_allclose(pred.layers["log1p_norm"][: controls.n_obs], expected_log, rtol=1e-3, atol=1e-4)
+    rows = slice(0, controls.n_obs)
+    np.testing.assert_allclose(pred.X[rows], np.expm1(pred.layers["log1p_norm"][rows]) / 1e4 * library[:, None],
+                               rtol=1e-4, atol=1e-4)
+    direct = model.predict(controls, [embeddings.index[0]], residual=False)
+    np.testing.assert_allclose(direct.X.sum(axis=1), library, rtol=1e-3)
     assert (controls.X != before.X).nnz == 0
     assert controls.obs.equals(before.obs)
     assert list(controls.obsm) == list(before.obsm)
@@ -371,3 +373,20 @@ def test_train_uses_scvi_loop_with_validation_and_early_stopping(small_screen):
     assert {"elbo_validation", "reconstruction_loss_train", "kl_local_train"} <= set(model.history)
     assert len(model.history["elbo_validation"]) == 3
     assert np.isfinite(model.get_elbo())
+
+
+def test_residual_prediction_is_anchor_plus_decoded_change(trained):
+    model, adata, embeddings = trained
+    controls = _controls(adata)[:30]
+    gene = embeddings.index[2]
+    residual = model.predict(controls, [gene], use_prior_mean=True)
+    direct = model.predict(controls, [gene], use_prior_mean=True, residual=False)
+    x = torch.as_tensor(controls.X.toarray())
+    module = model.module
+    with torch.inference_mode():
+        library = torch.log(x.sum(1, keepdim=True))
+        p0 = torch.zeros(len(x), module.perturbation_encoder.n_output)
+        basal = module.generative(module.basal_state(x), p0, library)["px_scale"]
+    observed = np.log1p(x.numpy() / x.numpy().sum(1, keepdims=True) * 1e4)
+    expected = observed + direct.layers["log1p_norm"] - np.log1p(basal.numpy() * 1e4)
+    np.testing.assert_allclose(residual.layers["log1p_norm"], np.clip(expected, 0, None), rtol=1e-4, atol=1e-4)

@@ -29,7 +29,7 @@ from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, Laye
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from tqdm.auto import tqdm
 
-from .._constants import OUTPUT_KEYS, REGISTRY_KEYS, TARGET_SUM
+from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
 from .._safe_load import load_model_file
 from ..benchmark import pseudobulk
 from ..data import AnchoredDataSplitter, parse_perturbation
@@ -585,6 +585,7 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         n_samples: int = 1,
         aggregate: Literal["mean"] | None = None,
         use_prior_mean: bool = False,
+        residual: bool = True,
         batch_size: int = 512,
         seed: int | None = None,
     ) -> ad.AnnData:
@@ -610,6 +611,11 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             context key) instead of one per cell: the pseudobulk of ``X`` and ``log1p_norm``.
         use_prior_mean
             Decode the prior mean instead of a sample.
+        residual
+            Predict each cell as its anchor's observed expression plus the decoded change
+            (``decode(z, p) - decode(basal, no perturbation)``, in log1p-normalised space), so the
+            decoder's error in reconstructing the anchor cancels and the spread of real control
+            cells is kept. ``False`` returns ``decode(z, p)``.
         batch_size
             Control cells per forward pass.
         seed
@@ -619,8 +625,8 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         -------
         A new AnnData (``adata_control`` is untouched) with the training ``var_names`` and
 
-        * ``X``: expected expression on the training scale (expected counts at the control
-          cell's library size for count likelihoods; log-normalised values for ``"normal"``);
+        * ``X``: expression on the training scale (expected counts at the control cell's library
+          size for count likelihoods; log-normalised values for ``"normal"``);
         * ``layers["log1p_norm"]``: ``log1p`` of expression normalised to 1e4 counts (equal to
           ``X`` for ``"normal"``, whose input is already log-normalised);
         * ``obs["perturbation"]``, ``obs["control_cell"]`` (the anchor's name), the control
@@ -675,14 +681,12 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
                         torch.as_tensor(covariate_codes[start:stop], dtype=torch.long, device=device))
             for p in range(len(perturbations)):
                 genes = gene_index[p].expand(stop - start, -1).to(device)
-                mean, scale = self.module.predict_from_anchor(
+                expression, normalised = self.module.predict_from_anchor(
                     anchor_x, genes, batch_index, cat_covs, n_samples=n_samples,
-                    use_prior_mean=use_prior_mean, generator=generator,
+                    use_prior_mean=use_prior_mean, residual=residual, generator=generator,
                 )
-                X[p, :, start:stop] = mean.cpu().numpy()
-                log1p_norm[p, :, start:stop] = (
-                    mean.cpu().numpy() if scale is None else np.log1p(scale.cpu().numpy() * TARGET_SUM)
-                )
+                X[p, :, start:stop] = expression.cpu().numpy()
+                log1p_norm[p, :, start:stop] = normalised.cpu().numpy()
         prediction = self._prediction_anndata(adata_control, perturbations, n_samples, X, log1p_norm)
         if aggregate == "mean":
             prediction = self._aggregate(prediction)

@@ -33,7 +33,7 @@ from scvi.nn import DecoderSCVI, Encoder, FCLayers
 from torch import nn
 from torch.distributions import Normal, Poisson, kl_divergence
 
-from .._constants import REGISTRY_KEYS
+from .._constants import REGISTRY_KEYS, TARGET_SUM
 from ._perturbation_encoder import PerturbationEncoder
 
 GeneLikelihood = Literal["nb", "zinb", "poisson", "normal"]
@@ -265,6 +265,12 @@ class ScopeVAE(BaseModuleClass):
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
+    def basal_state(self, anchor_x: torch.Tensor) -> torch.Tensor:
+        """Posterior mean of control cells encoded as unperturbed: the anchor's basal state."""
+        zeros = torch.zeros(anchor_x.shape[0], self.perturbation_encoder.n_output, device=anchor_x.device)
+        return self.z_encoder(self._encoder_input(anchor_x, zeros))[0].loc
+
+    @torch.inference_mode()
     def predict_from_anchor(
         self,
         anchor_x: torch.Tensor,
@@ -273,15 +279,24 @@ class ScopeVAE(BaseModuleClass):
         cat_covs: torch.Tensor | None = None,
         n_samples: int = 1,
         use_prior_mean: bool = False,
+        residual: bool = True,
         generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Expected expression of perturbed cells anchored on control cells.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expression of perturbed cells anchored on control cells.
+
+        ``z`` is drawn from the conditional prior of each anchor and decoded under the
+        perturbation. With ``residual=True`` the prediction is the anchor's *observed* expression
+        plus the decoded change, ``decode(z, p) - decode(b, 0)`` in log1p-normalised space (``b``
+        the anchor's basal state): the decoder's error in reconstructing the anchor cancels,
+        which matters most for contexts unlike those seen in training. With ``residual=False``
+        it is ``decode(z, p)`` itself.
 
         Returns
         -------
-        ``(mean, scale)`` of shape ``(n_samples, n_cells, n_genes)``: ``mean`` is on the input's
+        ``(X, log1p_norm)`` of shape ``(n_samples, n_cells, n_genes)``: ``X`` on the input's
         scale (expected counts at the anchor's library size, or log-normalised values) and
-        ``scale`` the normalised expression (``None`` for the normal likelihood).
+        ``log1p_norm`` the log1p of expression normalised to 1e4 counts (``X`` itself for the
+        normal likelihood).
         """
         perturbation = self.perturbation_encoder(perturbation_genes)
         pz = self.prior(anchor_x, perturbation)
@@ -291,5 +306,18 @@ class ScopeVAE(BaseModuleClass):
             noise = torch.randn((n_samples, *pz.loc.shape), generator=generator, device="cpu")
             z = pz.loc + pz.scale * noise.to(pz.loc.device)
         library = torch.log(anchor_x.sum(dim=1, keepdim=True).clamp(min=1.0))
-        out = self.generative(z, perturbation, library, batch_index, cat_covs)
-        return out["px"].mean, out["px_scale"]
+        perturbed = self.generative(z, perturbation, library, batch_index, cat_covs)
+        if residual:
+            basal = self.generative(self.basal_state(anchor_x), torch.zeros_like(perturbation), library,
+                                    batch_index, cat_covs)
+        if self.gene_likelihood == "normal":
+            mean = perturbed["px"].mean
+            if residual:
+                mean = anchor_x + mean - basal["px"].mean
+            return mean, mean
+        log1p_norm = torch.log1p(perturbed["px_scale"] * TARGET_SUM)
+        if residual:
+            observed = torch.log1p(anchor_x / library.exp() * TARGET_SUM)
+            log1p_norm = observed + log1p_norm - torch.log1p(basal["px_scale"] * TARGET_SUM)
+            log1p_norm = log1p_norm.clamp(min=0.0)
+        return torch.expm1(log1p_norm) / TARGET_SUM * library.exp(), log1p_norm
