@@ -386,7 +386,7 @@ def test_residual_prediction_is_anchor_plus_decoded_change(trained):
     with torch.inference_mode():
         library = torch.log(x.sum(1, keepdim=True))
         p0 = torch.zeros(len(x), module.perturbation_encoder.n_output)
-        basal = module.generative(module.basal_state(x), p0, library)["px_scale"]
+        basal = module.generative(module.prior(x, p0).loc, p0, library)["px_scale"]
     observed = np.log1p(x.numpy() / x.numpy().sum(1, keepdims=True) * 1e4)
     expected = observed + direct.layers["log1p_norm"] - np.log1p(basal.numpy() * 1e4)
     np.testing.assert_allclose(residual.layers["log1p_norm"], np.clip(expected, 0, None), rtol=1e-4, atol=1e-4)

@@ -186,8 +186,7 @@ class ScopeVAE(BaseModuleClass):
             zeros = torch.zeros(perturbation.shape[0], self.n_latent, device=perturbation.device)
             return Normal(zeros, torch.ones_like(zeros))
         with torch.set_grad_enabled(self.anchor_gradient and torch.is_grad_enabled()):
-            anchor_q, _ = self.z_encoder(self._encoder_input(anchor_x, torch.zeros_like(perturbation)))
-        basal = anchor_q.loc
+            basal = self.basal_state(anchor_x)
         hidden = self.prior_body(torch.cat([basal, perturbation], dim=-1))
         scale = torch.nn.functional.softplus(self.prior_scale(hidden)) + 1e-4
         return Normal(basal + self.prior_shift(hidden), scale)
@@ -286,10 +285,11 @@ class ScopeVAE(BaseModuleClass):
 
         ``z`` is drawn from the conditional prior of each anchor and decoded under the
         perturbation. With ``residual=True`` the prediction is the anchor's *observed* expression
-        plus the decoded change, ``decode(z, p) - decode(b, 0)`` in log1p-normalised space (``b``
-        the anchor's basal state): the decoder's error in reconstructing the anchor cancels,
-        which matters most for contexts unlike those seen in training. With ``residual=False``
-        it is ``decode(z, p)`` itself.
+        plus the predicted change, ``decode(z_p, p) - decode(z_0, 0)`` in log1p-normalised space,
+        where ``z_p`` and ``z_0`` are the same draw from the prior under the perturbation and
+        under none: the model's errors in placing and reconstructing the anchor are common to
+        both and cancel, which matters most for contexts unlike those seen in training. With
+        ``residual=False`` it is ``decode(z_p, p)`` itself.
 
         Returns
         -------
@@ -299,16 +299,17 @@ class ScopeVAE(BaseModuleClass):
         normal likelihood).
         """
         perturbation = self.perturbation_encoder(perturbation_genes)
+        no_perturbation = torch.zeros_like(perturbation)
         pz = self.prior(anchor_x, perturbation)
-        if use_prior_mean:
-            z = pz.loc.expand(n_samples, *pz.loc.shape)
-        else:
-            noise = torch.randn((n_samples, *pz.loc.shape), generator=generator, device="cpu")
-            z = pz.loc + pz.scale * noise.to(pz.loc.device)
+        noise = torch.zeros((n_samples, *pz.loc.shape)) if use_prior_mean else torch.randn(
+            (n_samples, *pz.loc.shape), generator=generator, device="cpu")
+        noise = noise.to(pz.loc.device)
         library = torch.log(anchor_x.sum(dim=1, keepdim=True).clamp(min=1.0))
-        perturbed = self.generative(z, perturbation, library, batch_index, cat_covs)
+        perturbed = self.generative(pz.loc + pz.scale * noise, perturbation, library, batch_index, cat_covs)
         if residual:
-            basal = self.generative(self.basal_state(anchor_x), torch.zeros_like(perturbation), library,
+            # the same draw under no perturbation: what the model predicts for the anchor itself
+            pz0 = self.prior(anchor_x, no_perturbation)
+            basal = self.generative(pz0.loc + pz0.scale * noise, no_perturbation, library,
                                     batch_index, cat_covs)
         if self.gene_likelihood == "normal":
             mean = perturbed["px"].mean
