@@ -202,6 +202,9 @@ ordering over the perturbed mean on the 17 singles with GO terms (0.436 here, 0.
         + "\n".join(timings)
         + "\n\n"
     )
+    findings = ROOT / "benchmarks" / "SCOPEVI_FINDINGS.md"
+    if findings.is_file() and not args.no_scopevi:
+        header += findings.read_text() + "\n"
     args.results.write_text(header + "\n".join(sections))
     print(f"wrote {args.results} in {total:.1f} min")
 
