@@ -11,7 +11,6 @@ prior of real control cells and decodes it under the requested perturbation.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from copy import deepcopy
@@ -32,13 +31,10 @@ from tqdm.auto import tqdm
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
 from .._safe_load import load_model_file
 from ..benchmark import pseudobulk
-from ..data import AnchoredDataSplitter, parse_perturbation
-from ..data._perturbations import check_control_present
+from ..data import AnchoredDataSplitter, check_control_present, parse_perturbation
 from ..module import ScopeVAE
 from ..module._scopevae import COUNT_LIKELIHOODS, GeneLikelihood
 from ._fields import PerturbationGenesField, encode_gene_sets
-
-logger = logging.getLogger(__name__)
 
 
 def _expand_covariate_columns(
