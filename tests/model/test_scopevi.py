@@ -390,3 +390,37 @@ def test_residual_prediction_is_anchor_plus_decoded_change(trained):
     observed = np.log1p(x.numpy() / x.numpy().sum(1, keepdims=True) * 1e4)
     expected = observed + direct.layers["log1p_norm"] - np.log1p(basal.numpy() * 1e4)
     np.testing.assert_allclose(residual.layers["log1p_norm"], np.clip(expected, 0, None), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- MuData
+def test_setup_mudata_train_predict_save_load(small_screen, tmp_path):
+    import mudata as md
+
+    scvi.settings.seed = 0
+    adata, embeddings = small_screen
+    mdata = md.MuData({"rna": adata.copy()})
+    mdata.obs["perturbation"] = adata.obs["perturbation"].to_numpy()
+    mdata.obs["cell_type"] = adata.obs["cell_type"].to_numpy()
+    ps.ScopeVI.setup_mudata(mdata, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
+    model = ps.ScopeVI(mdata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    assert model.var_names.equals(adata.var_names)
+    pred = model.predict(perturbations=[embeddings.index[0]], aggregate="mean", seed=2)
+    assert pred.shape == (2, adata.n_vars)  # one row per perturbation and cell type
+    controls = mdata["rna"][(mdata.obs["perturbation"] == "control").to_numpy()]
+    before = model.predict(controls, [embeddings.index[1]], seed=2)
+    model.save(tmp_path / "mu", overwrite=True)
+    loaded = ps.ScopeVI.load(tmp_path / "mu", adata=mdata)
+    np.testing.assert_array_equal(before.X, loaded.predict(controls, [embeddings.index[1]], seed=2).X)
+
+
+def test_setup_mudata_bad_input(small_screen):
+    import mudata as md
+
+    adata, embeddings = small_screen
+    mdata = md.MuData({"gex": adata.copy()})
+    mdata.obs["perturbation"] = adata.obs["perturbation"].to_numpy()
+    with pytest.raises(KeyError, match=r"modality 'rna' not in the MuData; modalities are \['gex'\]"):
+        ps.ScopeVI.setup_mudata(mdata, "perturbation", gene_embeddings=embeddings)
+    with pytest.raises(TypeError, match="setup_mudata needs a mudata.MuData, got AnnData"):
+        ps.ScopeVI.setup_mudata(adata.copy(), "perturbation", gene_embeddings=embeddings)

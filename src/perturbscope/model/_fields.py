@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scvi.data.fields import BaseAnnDataField
+from scvi.data.fields import BaseAnnDataField, MuDataWrapper
 
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
 from ..data import check_control_present, perturbation_gene_sets
@@ -169,3 +169,7 @@ class PerturbationGenesField(BaseAnnDataField):
 
     def view_state_registry(self, state_registry: dict):
         return None
+
+
+#: The perturbation field for MuData: labels and lookups live on the MuData's global ``obs``/``obsm``.
+MuDataPerturbationGenesField = MuDataWrapper(PerturbationGenesField)

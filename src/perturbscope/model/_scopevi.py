@@ -24,7 +24,14 @@ import torch
 from scipy import sparse
 from scvi import settings
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, LayerField
+from scvi.data.fields import (
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LayerField,
+    MuDataCategoricalJointObsField,
+    MuDataCategoricalObsField,
+    MuDataLayerField,
+)
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from tqdm.auto import tqdm
 
@@ -34,7 +41,7 @@ from ..benchmark import pseudobulk
 from ..data import AnchoredDataSplitter, check_control_present, parse_perturbation
 from ..module import ScopeVAE
 from ..module._scopevae import COUNT_LIKELIHOODS, GeneLikelihood
-from ._fields import PerturbationGenesField, encode_gene_sets
+from ._fields import MuDataPerturbationGenesField, PerturbationGenesField, encode_gene_sets
 
 
 def _expand_covariate_columns(
@@ -343,14 +350,21 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             if not saved.is_file():
                 raise ValueError(f"Pass adata: {folder} has no saved AnnData ({saved.name}).")
             adata = ad.read_h5ad(saved)
-        saved_genes = pd.Index(np.asarray(payload["var_names"]).astype(str))
-        if not adata.var_names.equals(saved_genes):
+        saved = payload["var_names"]
+        rna = (registry["setup_args"].get("modalities") or {}).get("rna_layer", "rna")
+        if isinstance(saved, dict):  # a MuData model: scvi-tools saves genes per modality
+            saved, genes = saved[rna], adata.mod[rna].var_names
+        else:
+            genes = adata.var_names
+        saved_genes = pd.Index(np.asarray(saved).astype(str))
+        if not genes.equals(saved_genes):
             raise ValueError(
                 f"adata.var_names differ from the model's {len(saved_genes)} genes "
-                f"({len(saved_genes.difference(adata.var_names))} missing, "
-                f"{len(adata.var_names.difference(saved_genes))} extra, or another order)."
+                f"({len(saved_genes.difference(genes))} missing, "
+                f"{len(genes.difference(saved_genes))} extra, or another order)."
             )
-        cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+        setup = getattr(cls, registry.get("setup_method_name", "setup_anndata"))
+        setup(adata, source_registry=registry, **registry["setup_args"])
         init_params = attr_dict.pop("init_params_")
         kwargs_groups = init_params.get("kwargs", {})
         model = cls(adata, **init_params.get("non_kwargs", {}),
@@ -422,7 +436,8 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         cls._check_query_genes(adata, reference_model)
         registry = deepcopy(reference_model.registry_)
         setup_args = dict(registry.get("setup_args", {}))
-        cls.setup_anndata(adata, source_registry=registry, extend_categories=True, **setup_args)
+        setup = getattr(cls, registry.get("setup_method_name", "setup_anndata"))
+        setup(adata, source_registry=registry, extend_categories=True, **setup_args)
         model = cls(adata, **reference_model.init_params_.get("non_kwargs", {}))
         reference_state = reference_model.module.state_dict()
         sizes = (reference_model.module.covariate_sizes, model.module.covariate_sizes)
@@ -442,16 +457,94 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
 
     @staticmethod
     def _check_query_genes(adata: ad.AnnData, reference_model: ScopeVI) -> None:
-        reference_genes = reference_model.adata.var_names
-        if not adata.var_names.equals(reference_genes):
-            missing = reference_genes.difference(adata.var_names)
-            extra = adata.var_names.difference(reference_genes)
+        reference_genes = reference_model.var_names
+        genes = reference_model._expression_modality(adata).var_names
+        if not genes.equals(reference_genes):
+            missing = reference_genes.difference(genes)
+            extra = genes.difference(reference_genes)
             raise ValueError(
                 f"The query's genes differ from the reference's: {len(missing)} reference genes "
                 f"missing, {len(extra)} extra genes"
                 + ("" if len(missing) or len(extra) else " (same genes, different order)")
-                + ". Subset and order the query as query[:, reference.adata.var_names]."
+                + ". Subset and order the query as query[:, reference.var_names]."
             )
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata,
+        perturbation_key: str,
+        control_value: str = "control",
+        gene_embeddings: pd.DataFrame | None = None,
+        rna_layer: str | None = None,
+        context_key: str | None = None,
+        batch_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        combination_delimiter: str = "+",
+        modalities: dict[str, str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register a MuData for ScopeVI: expression from one modality, labels from ``mdata.obs``.
+
+        Parameters
+        ----------
+        mdata
+            A :class:`mudata.MuData`.
+        perturbation_key, control_value, gene_embeddings, context_key, batch_key, \
+categorical_covariate_keys, combination_delimiter
+            As for :meth:`setup_anndata`; the ``obs`` columns are read from the MuData's
+            global ``obs``.
+        rna_layer
+            Layer of the expression modality; its ``X`` when ``None``.
+        modalities
+            ``{"rna_layer": name}``: the modality holding expression (default ``"rna"``).
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Notes
+        -----
+        Predict with the expression modality's control cells, e.g.
+        ``model.predict(mdata["rna"][controls])``: predictions are AnnData.
+
+        Examples
+        --------
+        >>> import mudata as md
+        >>> import perturbscope as ps
+        >>> adata, emb = ps.data.simulate_perturbseq(n_genes=30, n_perturbed_genes=6,
+        ...                                          n_combinations=2, n_cells_per_condition=10)
+        >>> mdata = md.MuData({"rna": adata})
+        >>> mdata.obs["perturbation"] = adata.obs["perturbation"].to_numpy()
+        >>> ps.ScopeVI.setup_mudata(mdata, "perturbation", gene_embeddings=emb)
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        setup_method_args.get("setup_args", {})["gene_embeddings"] = None
+        import mudata as md
+
+        if not isinstance(mdata, md.MuData):
+            raise TypeError(f"setup_mudata needs a mudata.MuData, got {type(mdata).__name__}.")
+        rna = (modalities or {}).get("rna_layer", "rna")
+        if rna not in mdata.mod:
+            raise KeyError(f"modality {rna!r} not in the MuData; modalities are {list(mdata.mod)}.")
+        if perturbation_key not in mdata.obs.columns:
+            raise KeyError(
+                f"perturbation_key {perturbation_key!r} not found in mdata.obs; columns are "
+                f"{list(mdata.obs.columns)}."
+            )
+        if kwargs.get("source_registry") is None:
+            check_control_present(mdata.obs[perturbation_key], perturbation_key, control_value)
+            group_keys = [k for k in (context_key, batch_key) if k is not None]
+            check_controls_per_context(mdata.obs, perturbation_key, control_value, group_keys)
+        fields = [
+            MuDataLayerField(REGISTRY_KEYS.X_KEY, rna_layer, mod_key=rna, is_count_data=False, mod_required=True),
+            MuDataPerturbationGenesField(perturbation_key, control_value, gene_embeddings,
+                                         combination_delimiter, mod_key=None),
+            MuDataCategoricalObsField(REGISTRY_KEYS.CONTEXT_KEY, context_key, mod_key=None),
+            MuDataCategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=None),
+            MuDataCategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys, mod_key=None),
+        ]
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(mdata, **kwargs)
+        cls.register_manager(adata_manager)
 
     # ------------------------------------------------------------------ registry views
     @property
@@ -530,15 +623,26 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             columns.append(codes)
         return np.stack(columns, axis=1) if columns else None
 
+    @property
+    def var_names(self) -> pd.Index:
+        """The genes the model was trained on, in order."""
+        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY)
+        return pd.Index(np.asarray(state.column_names).astype(str))
+
+    def _expression_modality(self, data):
+        """The AnnData holding expression: ``data`` itself, or its modality for a MuData."""
+        mod_key = self.adata_manager.data_registry[REGISTRY_KEYS.X_KEY].get("mod_key")
+        return data.mod[mod_key] if mod_key is not None and hasattr(data, "mod") else data
+
     def _check_var_names(self, adata: ad.AnnData) -> None:
-        expected = self.adata.var_names
+        expected = self.var_names
         if not adata.var_names.equals(expected):
             missing = expected.difference(adata.var_names)
             extra = adata.var_names.difference(expected)
             raise ValueError(
                 "adata.var_names differ from the genes the model was trained on "
                 f"({len(missing)} missing, {len(extra)} extra, or a different order); subset and "
-                "order the AnnData as adata[:, model.adata.var_names]."
+                "order the AnnData as adata[:, model.var_names]."
             )
 
     def _check_only_controls(self, adata: ad.AnnData) -> None:
@@ -642,8 +746,9 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         self._check_if_trained(warn=True)
         state = self._perturbation_state
         if adata_control is None:
-            adata_control = self.adata[self.adata.obs[state["perturbation_key"]].astype(str)
-                                       == state["control_value"]]
+            is_control = (self.adata.obs[state["perturbation_key"]].astype(str)
+                          == state["control_value"]).to_numpy()
+            adata_control = self._expression_modality(self.adata)[is_control]
         if perturbations is None:
             perturbations = self.training_perturbations
         perturbations = [str(p) for p in perturbations]
