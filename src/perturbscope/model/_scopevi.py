@@ -119,6 +119,20 @@ def check_controls_per_context(obs: pd.DataFrame, perturbation_key: str, control
         )
 
 
+def _check_setup_obs(obs: pd.DataFrame, where: str, perturbation_key: str, control_value: str,
+                     context_key: str | None, batch_key: str | None, transferred: bool) -> None:
+    """Setup-time checks of the labels; a transfer from a saved registry skips the control checks."""
+    if perturbation_key not in obs.columns:
+        raise KeyError(
+            f"perturbation_key {perturbation_key!r} not found in {where}; columns are {list(obs.columns)}."
+        )
+    if transferred:
+        return
+    check_control_present(obs[perturbation_key], perturbation_key, control_value)
+    group_keys = [k for k in (context_key, batch_key) if k is not None]
+    check_controls_per_context(obs, perturbation_key, control_value, group_keys)
+
+
 class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     """Perturbation-response model anchored on control cells (DeSCOPE in scvi-tools form).
 
@@ -269,15 +283,8 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         # The embedding table travels in the perturbation field's state registry; keeping a second
         # copy in the saved setup arguments would double the size of every saved model.
         setup_method_args.get("setup_args", {})["gene_embeddings"] = None
-        if perturbation_key not in adata.obs.columns:
-            raise KeyError(
-                f"perturbation_key {perturbation_key!r} not found in adata.obs; columns are "
-                f"{list(adata.obs.columns)}."
-            )
-        if kwargs.get("source_registry") is None:
-            check_control_present(adata.obs[perturbation_key], perturbation_key, control_value)
-            group_keys = [k for k in (context_key, batch_key) if k is not None]
-            check_controls_per_context(adata.obs, perturbation_key, control_value, group_keys)
+        _check_setup_obs(adata.obs, "adata.obs", perturbation_key, control_value, context_key,
+                         batch_key, transferred=kwargs.get("source_registry") is not None)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             PerturbationGenesField(perturbation_key, control_value, gene_embeddings, combination_delimiter),
@@ -525,15 +532,8 @@ categorical_covariate_keys, combination_delimiter
         rna = (modalities or {}).get("rna_layer", "rna")
         if rna not in mdata.mod:
             raise KeyError(f"modality {rna!r} not in the MuData; modalities are {list(mdata.mod)}.")
-        if perturbation_key not in mdata.obs.columns:
-            raise KeyError(
-                f"perturbation_key {perturbation_key!r} not found in mdata.obs; columns are "
-                f"{list(mdata.obs.columns)}."
-            )
-        if kwargs.get("source_registry") is None:
-            check_control_present(mdata.obs[perturbation_key], perturbation_key, control_value)
-            group_keys = [k for k in (context_key, batch_key) if k is not None]
-            check_controls_per_context(mdata.obs, perturbation_key, control_value, group_keys)
+        _check_setup_obs(mdata.obs, "mdata.obs", perturbation_key, control_value, context_key,
+                         batch_key, transferred=kwargs.get("source_registry") is not None)
         fields = [
             MuDataLayerField(REGISTRY_KEYS.X_KEY, rna_layer, mod_key=rna, is_count_data=False, mod_required=True),
             MuDataPerturbationGenesField(perturbation_key, control_value, gene_embeddings,
