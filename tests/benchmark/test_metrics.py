@@ -54,6 +54,16 @@ def test_moment_errors_hand_computed():
     assert errors["skewness_error"] == pytest.approx(1 / np.sqrt(2))
     # kurtosis of (0, 2, 4) is -1.5; constant gene counts 0
     assert errors["kurtosis_error"] == pytest.approx((0 + 1.5) / 2)
+    # variance ratio: median over genes varying in obs of pred/obs variance: (8/3)/2 and 0/2
+    assert errors["variance_ratio"] == pytest.approx(((8 / 3) / 2 + 0.0) / 2)
+
+
+def test_variance_ratio_flags_collapse():
+    rng = np.random.default_rng(0)
+    observed = rng.normal(size=(200, 5))
+    collapsed = np.tile(observed.mean(axis=0), (200, 1)) + rng.normal(scale=0.1, size=(200, 5))
+    assert moment_errors(collapsed, observed)["variance_ratio"] < 0.05
+    assert moment_errors(observed[::-1], observed)["variance_ratio"] == pytest.approx(1.0)
 
 
 def test_histogram_kl_hand_computed():

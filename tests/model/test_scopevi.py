@@ -424,3 +424,92 @@ def test_setup_mudata_bad_input(small_screen):
         ps.ScopeVI.setup_mudata(mdata, "perturbation", gene_embeddings=embeddings)
     with pytest.raises(TypeError, match="setup_mudata needs a mudata.MuData, got AnnData"):
         ps.ScopeVI.setup_mudata(adata.copy(), "perturbation", gene_embeddings=embeddings)
+
+
+# ---------------------------------------------------------------- combinations and programmes
+def test_predict_combination_modes(trained):
+    model, adata, embeddings = trained
+    controls = _controls(adata)[:20]
+    a, b = embeddings.index[0], embeddings.index[3]
+    kwargs = {"use_prior_mean": True, "residual": False}
+
+    def log1p(labels, **extra):
+        return model.predict(controls, labels, **kwargs, **extra).layers["log1p_norm"]
+
+    additive, joint = log1p([f"{a}+{b}"]), log1p([f"{a}+{b}"], combination="joint")
+    assert np.abs(additive - joint).max() > 1e-3
+    for g in (a, b):  # singles are the same under both
+        np.testing.assert_allclose(log1p([g], combination="joint"), log1p([g]), rtol=1e-5, atol=1e-5)
+    # without the learned interaction, the additive double is base + the sum of single changes
+    interaction = model.module.perturbation_encoder.interaction[-1].weight
+    saved = interaction.detach().clone()
+    try:
+        with torch.no_grad():
+            interaction.zero_()
+        x = torch.as_tensor(controls.X.toarray())
+        with torch.inference_mode():
+            p0 = torch.zeros(len(x), model.module.perturbation_encoder.n_output)
+            scale = model.module.generative(model.module.prior(x, p0).loc, p0, torch.log(x.sum(1, keepdim=True)))
+        base = np.log1p(scale["px_scale"].numpy() * 1e4)
+        expected = base + (log1p([a]) - base) + (log1p([b]) - base)
+        np.testing.assert_allclose(log1p([f"{a}+{b}"]), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        with torch.no_grad():
+            interaction.copy_(saved)
+    with pytest.raises(ValueError, match="combination must be 'additive' or 'joint', got 'sum'"):
+        model.predict(controls, [f"{a}+{b}"], combination="sum")
+
+
+def test_perturbation_programs_sparse_model(small_screen, tmp_path):
+    scvi.settings.seed = 0
+    adata, embeddings = small_screen
+    adata = adata.copy()
+    _setup(adata, embeddings)
+    model = ps.ScopeVI(adata, n_latent=6, n_hidden=32, perturbation_effect="sparse", sparsity_weight=0.05)
+    model.train(max_epochs=5, enable_progress_bar=False)
+    controls = _controls(adata)
+    genes = list(embeddings.index[:3])
+    programs = model.get_perturbation_programs(genes, controls, threshold=0.2)
+    assert isinstance(programs, ps.model.PerturbationPrograms)
+    assert programs.latent_shift.shape == (3, 6)
+    assert list(programs.latent_shift.columns[:2]) == ["z0", "z1"]
+    # standardised by the spread of the anchors' basal states; active = |standardised| >= 0.2
+    with torch.inference_mode():
+        x = torch.as_tensor(controls.X.toarray(), dtype=torch.float32)
+        spread = model.module.basal_state(x).numpy().std(axis=0)
+        shift = model.module.latent_shift(x, torch.as_tensor(model.encode_perturbations([genes[1]])).expand(len(x), -1))
+    np.testing.assert_allclose(programs.latent_shift.loc[genes[1]], shift.numpy().mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(programs.standardized_shift.loc[genes[1]], shift.numpy().mean(0) / spread, rtol=1e-4)
+    assert (programs.active == (programs.standardized_shift.abs() >= 0.2)).all().all()
+    top = programs.top_genes(genes[1], 5)
+    assert len(top) == 5
+    assert top.abs().is_monotonic_decreasing
+    assert programs.active_dimensions(genes[1]) == [
+        d for d in programs.standardized_shift.loc[genes[1]].abs().sort_values(ascending=False).index
+        if programs.active.loc[genes[1], d]]
+    with pytest.raises(KeyError, match=r"perturbation 'nope' is not in these programmes"):
+        programs.top_genes("nope")
+    with pytest.raises(ValueError, match="threshold must be >= 0, got -1"):
+        model.get_perturbation_programs(threshold=-1)
+    # a sparse model saves and loads with its setting
+    model.save(tmp_path / "sparse", overwrite=True)
+    loaded = ps.ScopeVI.load(tmp_path / "sparse", adata=adata)
+    assert loaded.module.perturbation_effect == "sparse"
+    pd.testing.assert_frame_equal(loaded.get_perturbation_programs(genes, controls).latent_shift,
+                                  programs.latent_shift, atol=1e-5)
+
+
+def test_perturbation_programs_gene_effects_are_mean_changes(trained):
+    model, adata, embeddings = trained
+    controls = _controls(adata)[:25]
+    gene = embeddings.index[1]
+    programs = model.get_perturbation_programs([gene], controls)
+    direct = model.predict(controls, [gene], use_prior_mean=True, residual=False)
+    x = controls.X.toarray()
+    with torch.inference_mode():
+        module = model.module
+        x_t = torch.as_tensor(x, dtype=torch.float32)
+        p0 = torch.zeros(len(x), module.perturbation_encoder.n_output)
+        basal = module.generative(module.prior(x_t, p0).loc, p0, torch.log(x_t.sum(1, keepdim=True)))["px_scale"]
+    expected = (direct.layers["log1p_norm"] - np.log1p(basal.numpy() * 1e4)).mean(0)
+    np.testing.assert_allclose(programs.gene_effects.loc[gene], expected, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,9 @@ from ._baselines import (
     log1p_expression,
 )
 from ._ceiling import delta_correlation, mode_collapse, noise_ceiling
+from ._learning_curve import few_shot_splits, learning_curve, learning_curve_table
 from ._metrics import (
+    CLOSEST_TO_ONE,
     DISTRIBUTION_METRICS,
     LOWER_IS_BETTER,
     PROFILE_METRICS,
@@ -45,6 +47,7 @@ from ._tasks import TASKS, BenchmarkTask, load_task, simulated_screen
 
 __all__ = [
     "DISTRIBUTION_METRICS",
+    "CLOSEST_TO_ONE",
     "LOWER_IS_BETTER",
     "MODELS",
     "PROFILE_METRICS",
@@ -68,8 +71,11 @@ __all__ = [
     "discrimination_score",
     "energy_distance",
     "evaluate",
+    "few_shot_splits",
     "histogram_kl",
     "l2_distance",
+    "learning_curve",
+    "learning_curve_table",
     "load_task",
     "log1p_expression",
     "log1p_normalized",

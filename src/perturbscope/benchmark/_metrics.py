@@ -40,13 +40,16 @@ PROFILE_METRICS = (
     "de_overlap",
 )
 DISTRIBUTION_METRICS = (
+    "variance_ratio",
     "variance_error",
     "skewness_error",
     "kurtosis_error",
     "histogram_kl",
     "energy_distance",
 )
-LOWER_IS_BETTER = frozenset({"mse_top_de", "l2_top_expressed", *DISTRIBUTION_METRICS})
+#: Best at 1: below 1 the predicted cells are less variable than real ones (collapse).
+CLOSEST_TO_ONE = frozenset({"variance_ratio"})
+LOWER_IS_BETTER = frozenset({"mse_top_de", "l2_top_expressed", *DISTRIBUTION_METRICS} - CLOSEST_TO_ONE)
 
 
 def _dense(X) -> np.ndarray:
@@ -301,7 +304,7 @@ def top_de_genes(
 
 
 def moment_errors(predicted: np.ndarray, observed: np.ndarray) -> dict[str, float]:
-    """Mean absolute per-gene errors of variance, skewness and (excess) kurtosis.
+    """Variance ratio and mean absolute per-gene errors of variance, skewness and kurtosis.
 
     Parameters
     ----------
@@ -310,17 +313,22 @@ def moment_errors(predicted: np.ndarray, observed: np.ndarray) -> dict[str, floa
 
     Returns
     -------
-    ``{"variance_error", "skewness_error", "kurtosis_error"}``; genes constant in a set
-    have skewness and kurtosis 0 there.
+    ``{"variance_ratio", "variance_error", "skewness_error", "kurtosis_error"}``. The variance
+    ratio is the median over genes that vary in ``observed`` of predicted over observed
+    variance: 1 when predictions are as spread as real cells, near 0 when they collapse onto
+    their mean. Genes constant in a set have skewness and (excess) kurtosis 0 there.
 
     Examples
     --------
     >>> pred = np.array([[0.0], [2.0]]); obs = np.array([[0.0], [4.0]])
-    >>> moment_errors(pred, obs)["variance_error"]
-    3.0
+    >>> errors = moment_errors(pred, obs)
+    >>> errors["variance_error"], errors["variance_ratio"]
+    (3.0, 0.25)
     """
-    out = {}
     variance = [np.var(m, axis=0) for m in (predicted, observed)]
+    varies = variance[1] > 0
+    ratio = float(np.median(variance[0][varies] / variance[1][varies])) if varies.any() else np.nan
+    out = {"variance_ratio": ratio}
     out["variance_error"] = float(np.mean(np.abs(variance[0] - variance[1])))
     for name, fn in (("skewness_error", stats.skew), ("kurtosis_error", stats.kurtosis)):
         with np.errstate(all="ignore"), warnings.catch_warnings():

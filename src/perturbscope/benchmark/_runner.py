@@ -33,6 +33,7 @@ from ._baselines import (
 )
 from ._ceiling import delta_correlation, noise_ceiling
 from ._metrics import (
+    CLOSEST_TO_ONE,
     LOWER_IS_BETTER,
     evaluate,
     prepare_reference,
@@ -78,6 +79,8 @@ class ScopeVIModel:
         Passed to ``ScopeVI(...)``; defaults in :data:`SCOPEVI_DEFAULTS`.
     train_kwargs
         Passed to ``ScopeVI.train``; defaults in :data:`SCOPEVI_DEFAULTS`.
+    predict_kwargs
+        Passed to ``ScopeVI.predict`` (e.g. ``{"combination": "joint"}``, ``{"n_samples": 3}``).
     seed
         ``scvi.settings.seed`` for training and prediction.
 
@@ -100,10 +103,12 @@ class ScopeVIModel:
         model_kwargs: dict[str, Any] | None = None,
         train_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        predict_kwargs: dict[str, Any] | None = None,
     ):
         self.gene_embeddings = gene_embeddings
         self.model_kwargs = {**SCOPEVI_DEFAULTS["model"], **(model_kwargs or {})}
         self.train_kwargs = {**SCOPEVI_DEFAULTS["train"], **(train_kwargs or {})}
+        self.predict_kwargs = dict(predict_kwargs or {})
         self.seed = seed
 
     def fit(
@@ -180,7 +185,8 @@ class ScopeVIModel:
         ScopeVI's prediction AnnData.
         """
         return self.model_.predict(
-            adata_control, list(perturbations), aggregate=aggregate, seed=self.seed
+            adata_control, list(perturbations), aggregate=aggregate, seed=self.seed,
+            **self.predict_kwargs,
         )
 
 
@@ -202,7 +208,8 @@ def make_model(
     seed
         Training seed (ScopeVI).
     scopevi_kwargs
-        ``{"model": {...}, "train": {...}}`` overriding :data:`SCOPEVI_DEFAULTS`.
+        ``{"model": {...}, "train": {...}, "predict": {...}}`` overriding
+        :data:`SCOPEVI_DEFAULTS` and ``ScopeVI.predict``'s defaults.
 
     Returns
     -------
@@ -234,7 +241,10 @@ def make_model(
         return LinearBaseline(gene_embeddings, n_components=10, ridge=0.1)
     if name == "scopevi":
         kwargs = scopevi_kwargs or {}
-        return ScopeVIModel(gene_embeddings, kwargs.get("model"), kwargs.get("train"), seed=seed)
+        return ScopeVIModel(
+            gene_embeddings, kwargs.get("model"), kwargs.get("train"), seed=seed,
+            predict_kwargs=kwargs.get("predict"),
+        )
     raise ValueError(f"Unknown model {name!r}; choose from {list(MODELS)}.")
 
 
@@ -290,7 +300,8 @@ def run_benchmark(
         Folder to write ``metrics.csv`` (every metric), ``summary.csv``, ``results.md`` and
         plots to; nothing is written when ``None``.
     scopevi_kwargs
-        ``{"model": {...}, "train": {...}}`` overriding ScopeVI's benchmark settings.
+        ``{"model": {...}, "train": {...}, "predict": {...}}`` overriding ScopeVI's benchmark
+        settings.
     distributional
         Also compute the distributional metrics (slower).
     progress
@@ -327,38 +338,17 @@ def run_benchmark(
     models = [m for m in models if m not in spec.not_applicable]
     adata, embeddings = load_task(task, data)
     key, control_value = spec.perturbation_key, spec.control_value
-    labels = adata.obs[key].astype(str)
     all_log = _log_anndata(adata, spec, key)
 
     jobs = [(seed, split) for seed in range(seeds) for split in spec.make_splits(adata, seed)]
     bar = tqdm(total=len(jobs) * (len(models) + 1), desc=f"benchmark {task}", disable=not progress)
     records: list[dict] = []
     timings: list[dict] = []
+    contexts = None if spec.context_key is None else adata.obs[spec.context_key].astype(str)
     for seed, split in jobs:
         fields = {"task": task, "seed": seed, "split": split.name}
-        observed = all_log[split.test]
-        control = all_log[split.control]
-        context_cells = (
-            np.ones(adata.n_obs, dtype=bool)
-            if split.context is None
-            else (adata.obs[spec.context_key].astype(str) == split.context).to_numpy()
-        )
-        perturbed = all_log[context_cells & (labels != control_value).to_numpy()]
-        profiles = pseudobulk(perturbed, key).to_numpy()
-        # Systema's centroid needs several perturbations; with one it is the truth itself
-        centroid = profiles.mean(axis=0) if len(profiles) > 1 else np.full(adata.n_vars, np.nan)
-        reference = prepare_reference(
-            observed, control, key, perturbed_centroid=centroid, seed=seed
-        )
+        reference, ceiling = _split_reference(all_log, split, key, control_value, contexts, seed)
         groups = split.labels
-        ceiling = noise_ceiling(
-            observed,
-            control,
-            key,
-            de_genes=reference.de_genes,
-            perturbed_centroid=centroid,
-            seed=seed,
-        )
         records += _with_groups(_records(ceiling, model=CEILING, **fields), groups)
         records += _collapse_records(
             reference.observed_means, reference.control_mean, groups, model=OBSERVED, **fields
@@ -407,6 +397,37 @@ def run_benchmark(
     if out is not None:
         write_results(results, out, title=spec.description)
     return results
+
+
+def _split_reference(
+    all_log: ad.AnnData,
+    split,
+    key: str,
+    control_value: str,
+    contexts: pd.Series | None,
+    seed: int,
+):
+    """The observed side of a split (:func:`prepare_reference`) and its split-half ceiling.
+
+    Systema's centroid is the mean profile of every perturbation of the split's context (of all
+    cells without a context), left undefined when there is only one perturbation, where it would
+    be the truth itself.
+    """
+    labels = all_log.obs[key].astype(str)
+    context_cells = (
+        np.ones(all_log.n_obs, dtype=bool)
+        if split.context is None or contexts is None
+        else (contexts == split.context).to_numpy()
+    )
+    perturbed = all_log[context_cells & (labels != control_value).to_numpy()]
+    profiles = pseudobulk(perturbed, key).to_numpy()
+    centroid = profiles.mean(axis=0) if len(profiles) > 1 else np.full(all_log.n_vars, np.nan)
+    observed, control = all_log[split.test], all_log[split.control]
+    reference = prepare_reference(observed, control, key, perturbed_centroid=centroid, seed=seed)
+    ceiling = noise_ceiling(
+        observed, control, key, de_genes=reference.de_genes, perturbed_centroid=centroid, seed=seed
+    )
+    return reference, ceiling
 
 
 def _with_groups(records: list[dict], groups: pd.Series) -> list[dict]:
@@ -522,9 +543,10 @@ def markdown_table(
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     arrows = ", ".join(sorted(m for m in metrics if m in LOWER_IS_BETTER))
+    exceptions = [f"{MODE_COLLAPSE} (mode collapse: compare with the observed row)"]
+    exceptions += [f"{m} (best at 1)" for m in metrics if m in CLOSEST_TO_ONE]
     lines.append(
-        f"Lower is better for: {arrows}; higher for the others, except "
-        f"{MODE_COLLAPSE} (mode collapse: compare with the observed row)."
+        f"Lower is better for: {arrows}; higher for the others, except " + ", ".join(exceptions) + "."
     )
     return "\n".join(lines)
 

@@ -115,9 +115,19 @@ class PerturbationEncoder(nn.Module):
         reference = torch.cat([reference, reference.mean(dim=0, keepdim=True)], dim=0)
         return (self.kernel_weights(gene_index) @ reference) * mask
 
-    def forward(self, gene_index: torch.Tensor) -> torch.Tensor:
-        """Perturbation vectors for ``(n_cells, max_genes)`` indices padded with ``-1``."""
+    def components(self, gene_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two parts of ``p(S)``: gene vectors ``(n_cells, max_genes, d)`` and interaction.
+
+        ``forward`` is ``gene_vectors.sum(1) + interaction``; the interaction is 0 for controls and
+        singles. :meth:`ScopeVAE.predict_from_anchor` uses the parts to compose a combination's
+        effect from its genes' effects.
+        """
         h = self.gene_vectors(gene_index)
         total = h.sum(dim=1)
         pairwise = 0.5 * (total.pow(2) - h.pow(2).sum(dim=1))
-        return total + self.interaction(pairwise)
+        return h, self.interaction(pairwise)
+
+    def forward(self, gene_index: torch.Tensor) -> torch.Tensor:
+        """Perturbation vectors for ``(n_cells, max_genes)`` indices padded with ``-1``."""
+        h, interaction = self.components(gene_index)
+        return h.sum(dim=1) + interaction

@@ -14,6 +14,14 @@ A perturbed cell ``x`` with perturbation set ``S`` is modelled as
 * decoder ``p(x | z, p, covariates)`` with an scVI likelihood (``nb``, ``zinb``, ``poisson`` at
   the observed library size, or ``normal`` for log-normalised input, DeSCOPE's MSE).
 
+With ``perturbation_effect="sparse"`` the latent state is split (PerturbedVAE's split) into the
+anchor's basal state ``b``, shared with the control cell, and a perturbation shift
+``delta(b, p) = shift(b, p) - shift(b, 0)`` (exactly 0 for controls) with an L1 penalty
+``sparsity_weight * |delta|_1``, the MAP form of a Laplace prior: the prior is
+``N(b + delta, sigma)``. The decoder sees ``z`` alone, so a perturbation reaches expression only
+through the few latent dimensions its shift moves, which are its programme. (A decoder that also
+saw ``p`` would let effects bypass the sparse shift.)
+
 The loss is ``-log p(x | z, p) + kl_weight * KL(q || prior)``; the KL warm-up comes from
 scvi-tools' ``TrainingPlan``. Pairs ``(x, x_c)`` are drawn by
 :class:`perturbscope.data.AnchoredAnnDataLoader`, which adds ``anchor_X`` to every minibatch and
@@ -38,6 +46,8 @@ from ._perturbation_encoder import PerturbationEncoder
 
 GeneLikelihood = Literal["nb", "zinb", "poisson", "normal"]
 COUNT_LIKELIHOODS = ("nb", "zinb", "poisson")
+PerturbationEffect = Literal["dense", "sparse"]
+Combination = Literal["additive", "joint"]
 
 
 class _NormalDecoder(nn.Module):
@@ -89,6 +99,12 @@ class ScopeVAE(BaseModuleClass):
         similarity kernel over them (see :class:`PerturbationEncoder`), else linearly.
     kernel_temperature
         Temperature of that kernel.
+    perturbation_effect
+        ``"dense"``: the decoder sees ``[z, p]`` and the prior shift is unpenalised.
+        ``"sparse"``: the decoder sees ``z`` only and the perturbation's latent shift ``delta``
+        carries an L1 penalty (see the module docstring).
+    sparsity_weight
+        Weight of that L1 penalty, per cell and summed over latent dimensions.
     anchor_gradient
         Back-propagate through the encoding of the anchor. Off by default: the anchor's basal
         state is then a fixed target (as a target network), which costs one forward pass
@@ -121,12 +137,20 @@ class ScopeVAE(BaseModuleClass):
         anchor_gradient: bool = False,
         reference_genes: torch.Tensor | None = None,
         kernel_temperature: float = 0.1,
+        perturbation_effect: PerturbationEffect = "dense",
+        sparsity_weight: float = 0.01,
     ):
         super().__init__()
         if gene_likelihood not in (*COUNT_LIKELIHOODS, "normal"):
             raise ValueError(
                 f"gene_likelihood must be one of {(*COUNT_LIKELIHOODS, 'normal')}, got {gene_likelihood!r}."
             )
+        if perturbation_effect not in ("dense", "sparse"):
+            raise ValueError(f"perturbation_effect must be 'dense' or 'sparse', got {perturbation_effect!r}.")
+        if sparsity_weight < 0:
+            raise ValueError(f"sparsity_weight must be >= 0, got {sparsity_weight}.")
+        self.perturbation_effect = perturbation_effect
+        self.sparsity_weight = sparsity_weight
         self.n_input = n_input
         self.n_latent = n_latent
         self.n_batch = n_batch
@@ -154,7 +178,7 @@ class ScopeVAE(BaseModuleClass):
         #: One-hot widths of the decoder covariates (0 = not one-hot encoded), as FCLayers sees them.
         self.covariate_sizes = [n if n > 1 else 0 for n in cat_list]
         self._use_batch = n_batch > 1
-        decoder_input = n_latent + n_perturbation
+        decoder_input = n_latent + (n_perturbation if perturbation_effect == "dense" else 0)
         if gene_likelihood == "normal":
             self.decoder = _NormalDecoder(decoder_input, n_input, cat_list, n_layers, n_hidden)
         else:
@@ -185,11 +209,29 @@ class ScopeVAE(BaseModuleClass):
         if anchor_x is None:
             zeros = torch.zeros(perturbation.shape[0], self.n_latent, device=perturbation.device)
             return Normal(zeros, torch.ones_like(zeros))
+        return self.prior_from_basal(self._anchor_basal_state(anchor_x), perturbation)[0]
+
+    def _anchor_basal_state(self, anchor_x: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.anchor_gradient and torch.is_grad_enabled()):
-            basal = self.basal_state(anchor_x)
+            return self.basal_state(anchor_x)
+
+    def prior_from_basal(self, basal: torch.Tensor, perturbation: torch.Tensor) -> tuple[Normal, torch.Tensor]:
+        """The conditional prior given the anchor's basal state, and the perturbation's shift.
+
+        Dense: ``N(b + shift(b, p), sigma(b, p))`` and ``shift(b, p)``. Sparse:
+        ``N(b + delta, sigma(b, p))`` and ``delta = shift(b, p) - shift(b, 0)`` (0 for controls).
+        """
         hidden = self.prior_body(torch.cat([basal, perturbation], dim=-1))
+        shift = self.prior_shift(hidden)
         scale = torch.nn.functional.softplus(self.prior_scale(hidden)) + 1e-4
-        return Normal(basal + self.prior_shift(hidden), scale)
+        if self.perturbation_effect == "sparse":
+            unperturbed = self.prior_body(torch.cat([basal, torch.zeros_like(perturbation)], dim=-1))
+            shift = shift - self.prior_shift(unperturbed)
+        return Normal(basal + shift, scale), shift
+
+    def _decoder_perturbation(self, perturbation: torch.Tensor) -> torch.Tensor | None:
+        """What the decoder sees of the perturbation: ``p`` (dense) or nothing (sparse)."""
+        return None if self.perturbation_effect == "sparse" else perturbation
 
     # ------------------------------------------------------------------ scvi-tools API
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -213,8 +255,12 @@ class ScopeVAE(BaseModuleClass):
         if n_samples > 1:
             z = qz.sample((n_samples,))
         library = torch.log(x.sum(dim=1, keepdim=True).clamp(min=1.0))
-        return {"z": z, "qz": qz, "pz": self.prior(anchor_x, perturbation),
-                "perturbation": perturbation, "library": library}
+        if anchor_x is None:
+            pz, shift = self.prior(None, perturbation), None
+        else:
+            pz, shift = self.prior_from_basal(self._anchor_basal_state(anchor_x), perturbation)
+        return {"z": z, "qz": qz, "pz": pz, "latent_shift": shift,
+                "perturbation": self._decoder_perturbation(perturbation), "library": library}
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor | None]:
         cat_covs = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
@@ -230,15 +276,21 @@ class ScopeVAE(BaseModuleClass):
     def generative(
         self,
         z: torch.Tensor,
-        perturbation: torch.Tensor,
+        perturbation: torch.Tensor | None,
         library: torch.Tensor,
         batch_index: torch.Tensor | None = None,
         cat_covs: torch.Tensor | None = None,
     ) -> dict[str, torch.distributions.Distribution]:
-        """The likelihood ``p(x | z, p, covariates)``; ``px.mean`` is on the input's scale."""
-        if z.dim() == 3:  # several samples of z share the perturbation and covariates
-            perturbation = perturbation.expand(z.shape[0], *perturbation.shape)
-        decoder_input = torch.cat([z, perturbation], dim=-1)
+        """The likelihood ``p(x | z, p, covariates)``; ``px.mean`` is on the input's scale.
+
+        ``perturbation`` is ``p`` (dense) or ``None`` (sparse: the decoder sees ``z`` only).
+        """
+        if perturbation is None:
+            decoder_input = z
+        else:
+            if z.dim() == 3:  # several samples of z share the perturbation and covariates
+                perturbation = perturbation.expand(z.shape[0], *perturbation.shape)
+            decoder_input = torch.cat([z, perturbation], dim=-1)
         covariates = self._covariates(batch_index, cat_covs)
         if self.gene_likelihood == "normal":
             return {"px": self.decoder(decoder_input, *covariates), "px_scale": None}
@@ -260,14 +312,81 @@ class ScopeVAE(BaseModuleClass):
         kl = kl_per_dim.sum(dim=-1)
         kl_for_loss = kl_per_dim.clamp(min=self.free_bits).sum(dim=-1) if self.free_bits > 0 else kl
         loss = torch.mean(reconstruction + kl_weight * kl_for_loss)
-        return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local=kl)
+        extra = {}
+        shift = inference_outputs.get("latent_shift")
+        if self.perturbation_effect == "sparse" and shift is not None:
+            l1 = shift.abs().sum(dim=-1).mean()
+            loss = loss + self.sparsity_weight * l1
+            extra["latent_shift_l1"] = l1.detach()
+        return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local=kl, extra_metrics=extra)
 
     # ------------------------------------------------------------------ prediction
-    @torch.inference_mode()
     def basal_state(self, anchor_x: torch.Tensor) -> torch.Tensor:
         """Posterior mean of control cells encoded as unperturbed: the anchor's basal state."""
         zeros = torch.zeros(anchor_x.shape[0], self.perturbation_encoder.n_output, device=anchor_x.device)
         return self.z_encoder(self._encoder_input(anchor_x, zeros))[0].loc
+
+    def _decode_log1p(self, z, perturbation, library, batch_index, cat_covs) -> torch.Tensor:
+        """Decoded expression in log1p-normalised space (the mean itself for ``"normal"``)."""
+        outputs = self.generative(z, perturbation, library, batch_index, cat_covs)
+        if self.gene_likelihood == "normal":
+            return outputs["px"].mean
+        return torch.log1p(outputs["px_scale"] * TARGET_SUM)
+
+    @torch.inference_mode()
+    def predicted_change(
+        self,
+        anchor_x: torch.Tensor,
+        perturbation_genes: torch.Tensor,
+        noise: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        combination: Combination = "additive",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Change ``decode(z_p, p) - decode(z_0, 0)`` in log1p-normalised space, and ``decode(z_0, 0)``.
+
+        ``z_p`` and ``z_0`` are the same prior draw (``noise``, shape ``(n_samples, n_cells,
+        n_latent)``) under the perturbation and under none. For a combination ``S``,
+        ``"additive"`` composes the change from its genes,
+        ``sum_g [decode(z_g, h_g) - decode(z_0, 0)] + [decode(z_S, p_S) - decode(z_+, sum_g h_g)]``:
+        the sum of single-gene changes plus the change due to the learned interaction term alone
+        (0 until combinations are trained on), so an untrained interaction predicts additivity
+        in expression space, as Norman et al.'s model does, rather than whatever a nonlinear
+        decoder makes of a summed latent input. ``"joint"`` decodes ``p_S`` directly. Singles are
+        the same under both.
+        """
+        if combination not in ("additive", "joint"):
+            raise ValueError(f"combination must be 'additive' or 'joint', got {combination!r}.")
+        basal = self.basal_state(anchor_x)
+        library = torch.log(anchor_x.sum(dim=1, keepdim=True).clamp(min=1.0))
+
+        def decode(perturbation: torch.Tensor) -> torch.Tensor:
+            pz, _ = self.prior_from_basal(basal, perturbation)
+            return self._decode_log1p(pz.loc + pz.scale * noise, self._decoder_perturbation(perturbation),
+                                      library, batch_index, cat_covs)
+
+        gene_vectors, interaction = self.perturbation_encoder.components(perturbation_genes)
+        summed = gene_vectors.sum(dim=1)
+        unperturbed = decode(torch.zeros_like(summed))
+        perturbed = decode(summed + interaction)
+        is_combination = (perturbation_genes >= 0).sum(dim=1) > 1
+        if combination == "joint" or not bool(is_combination.any()):
+            return perturbed - unperturbed, unperturbed
+        change = perturbed - decode(summed)  # the interaction's own change
+        for slot in range(gene_vectors.shape[1]):
+            change = change + decode(gene_vectors[:, slot]) - unperturbed
+        return change, unperturbed
+
+    @torch.inference_mode()
+    def latent_shift(self, anchor_x: torch.Tensor, perturbation_genes: torch.Tensor) -> torch.Tensor:
+        """Latent shift of each anchor under a perturbation, relative to none.
+
+        Dense: ``E[z | x_c, p] - E[z | x_c, none]``. Sparse: ``delta(b, p)``, the perturbation part.
+        """
+        basal = self.basal_state(anchor_x)
+        perturbation = self.perturbation_encoder(perturbation_genes)
+        shifted = self.prior_from_basal(basal, perturbation)[1]
+        return shifted - self.prior_from_basal(basal, torch.zeros_like(perturbation))[1]
 
     @torch.inference_mode()
     def predict_from_anchor(
@@ -280,16 +399,17 @@ class ScopeVAE(BaseModuleClass):
         use_prior_mean: bool = False,
         residual: bool = True,
         generator: torch.Generator | None = None,
+        combination: Combination = "additive",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Expression of perturbed cells anchored on control cells.
 
         ``z`` is drawn from the conditional prior of each anchor and decoded under the
         perturbation. With ``residual=True`` the prediction is the anchor's *observed* expression
-        plus the predicted change, ``decode(z_p, p) - decode(z_0, 0)`` in log1p-normalised space,
-        where ``z_p`` and ``z_0`` are the same draw from the prior under the perturbation and
-        under none: the model's errors in placing and reconstructing the anchor are common to
-        both and cancel, which matters most for contexts unlike those seen in training. With
-        ``residual=False`` it is ``decode(z_p, p)`` itself.
+        plus the predicted change (:meth:`predicted_change`), in log1p-normalised space: the
+        model's errors in placing and reconstructing the anchor are common to both terms of the
+        change and cancel, which matters most for contexts unlike those seen in training. With
+        ``residual=False`` it is ``decode(z_0, 0)`` plus the change (``decode(z_p, p)`` for a
+        single).
 
         Returns
         -------
@@ -298,27 +418,15 @@ class ScopeVAE(BaseModuleClass):
         ``log1p_norm`` the log1p of expression normalised to 1e4 counts (``X`` itself for the
         normal likelihood).
         """
-        perturbation = self.perturbation_encoder(perturbation_genes)
-        no_perturbation = torch.zeros_like(perturbation)
-        pz = self.prior(anchor_x, perturbation)
-        noise = torch.zeros((n_samples, *pz.loc.shape)) if use_prior_mean else torch.randn(
-            (n_samples, *pz.loc.shape), generator=generator, device="cpu")
-        noise = noise.to(pz.loc.device)
-        library = torch.log(anchor_x.sum(dim=1, keepdim=True).clamp(min=1.0))
-        perturbed = self.generative(pz.loc + pz.scale * noise, perturbation, library, batch_index, cat_covs)
-        if residual:
-            # the same draw under no perturbation: what the model predicts for the anchor itself
-            pz0 = self.prior(anchor_x, no_perturbation)
-            basal = self.generative(pz0.loc + pz0.scale * noise, no_perturbation, library,
-                                    batch_index, cat_covs)
+        shape = (n_samples, anchor_x.shape[0], self.n_latent)
+        noise = torch.zeros(shape) if use_prior_mean else torch.randn(shape, generator=generator, device="cpu")
+        change, unperturbed = self.predicted_change(
+            anchor_x, perturbation_genes, noise.to(anchor_x.device), batch_index, cat_covs, combination
+        )
         if self.gene_likelihood == "normal":
-            mean = perturbed["px"].mean
-            if residual:
-                mean = anchor_x + mean - basal["px"].mean
+            mean = (anchor_x if residual else unperturbed) + change
             return mean, mean
-        log1p_norm = torch.log1p(perturbed["px_scale"] * TARGET_SUM)
-        if residual:
-            observed = torch.log1p(anchor_x / library.exp() * TARGET_SUM)
-            log1p_norm = observed + log1p_norm - torch.log1p(basal["px_scale"] * TARGET_SUM)
-            log1p_norm = log1p_norm.clamp(min=0.0)
+        library = torch.log(anchor_x.sum(dim=1, keepdim=True).clamp(min=1.0))
+        start = torch.log1p(anchor_x / library.exp() * TARGET_SUM) if residual else unperturbed
+        log1p_norm = (start + change).clamp(min=0.0)
         return torch.expm1(log1p_norm) / TARGET_SUM * library.exp(), log1p_norm

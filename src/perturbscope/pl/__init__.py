@@ -1,6 +1,6 @@
 """Plots, one function per result type."""
 
-from ._benchmark import benchmark_mode_collapse, benchmark_scatter, benchmark_scores
+from ._benchmark import benchmark_mode_collapse, benchmark_scatter, benchmark_scores, learning_curve
 from ._interactions import genetic_interactions
 from ._probe import axis_alignment, gradient_field, pathway_ranking
 
@@ -11,5 +11,6 @@ __all__ = [
     "benchmark_scores",
     "genetic_interactions",
     "gradient_field",
+    "learning_curve",
     "pathway_ranking",
 ]

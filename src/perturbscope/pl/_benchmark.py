@@ -199,3 +199,68 @@ def benchmark_mode_collapse(results: pd.DataFrame, task: str | None = None, ax=N
     ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
     ax.set_ylabel("mean pairwise correlation of changes")
     return ax
+
+
+def learning_curve(
+    results: pd.DataFrame,
+    metric: str = "pearson_delta_top_de",
+    task: str | None = None,
+    ax=None,
+):
+    """Score against the number of given cells ``k``, one line per model, ceiling dashed.
+
+    Parameters
+    ----------
+    results
+        The output of :func:`~perturbscope.benchmark.learning_curve`.
+    metric
+        The metric to plot (mean over scored pairs within a seed; error bars: sd over seeds).
+    task
+        Restrict to one task.
+    ax
+        Matplotlib axes; a new figure when ``None``.
+
+    Returns
+    -------
+    The axes.
+
+    Raises
+    ------
+    KeyError
+        If ``results`` lacks a ``shots`` column.
+    ValueError
+        If ``metric`` (or the task) has no rows.
+
+    Examples
+    --------
+    >>> from perturbscope.benchmark import learning_curve as run_curve
+    >>> from perturbscope.data import simulate_perturbseq
+    >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=3, n_combinations=0,
+    ...                                n_cells_per_condition=20)
+    >>> curve = run_curve(adata, "perturbation", "cell_type", shots=(0, 5), data_scale="counts",
+    ...                   scopevi=False, baselines=["matching_mean"], distributional=False,
+    ...                   progress=False)
+    >>> learning_curve(curve).get_xlabel()
+    'cells given per perturbation (k)'
+    """
+    import matplotlib.pyplot as plt
+
+    if "shots" not in results.columns:
+        raise KeyError("results lacks a 'shots' column; pass the output of benchmark.learning_curve.")
+    rows = _select(results, metric, task, None)
+    rows = rows[(rows["model"] != _OBSERVED) & (rows["perturbation"] != "(all)")]
+    per_seed = rows.groupby(["model", "shots", "seed"])["value"].mean()
+    stats = per_seed.groupby(level=["model", "shots"]).agg(["mean", "std"]).fillna(0.0)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 3.2))
+    for model, block in stats.groupby(level="model", sort=False):
+        block = block.droplevel("model")
+        style = {"color": "grey", "linestyle": "--"} if model == _CEILING else {"marker": "o"}
+        label = "noise ceiling (split-half)" if model == _CEILING else model
+        ax.errorbar(block.index, block["mean"], yerr=block["std"], label=label, capsize=2, **style)
+    ax.set_xlabel("cells given per perturbation (k)")
+    ax.set_ylabel(metric)
+    if task is not None:
+        ax.set_title(task)
+    ax.legend(fontsize=7, frameon=False)
+    return ax
