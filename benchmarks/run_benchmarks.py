@@ -4,7 +4,12 @@
     python benchmarks/run_benchmarks.py --no-scopevi    # baselines and ceiling only (minutes)
 
 Options: --data (the shared data folder, default ../shared/data), --seeds (3), --out
-(per-task CSVs and plots, default benchmarks/results), --scopevi-epochs, --tasks.
+(per-task CSVs and plots, default benchmarks/results), --scopevi-epochs, --tasks, and
+--reuse-others (tasks not in --tasks are read back from their metrics.csv under --out, and their
+runtime rows from the previous RESULTS.md, instead of being left out).
+
+The sections other scripts own (learning curves, variants, genetic interactions; see
+``_sections.py``) are kept as they are.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+from _sections import sections
 
 import perturbscope
 from perturbscope.benchmark import (
@@ -103,6 +109,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--tasks", default=",".join(REAL_TASKS))
     parser.add_argument("--no-scopevi", action="store_true", help="baselines and ceiling only")
+    parser.add_argument("--reuse-others", action="store_true",
+                        help="read tasks not in --tasks back from --out instead of leaving them out")
     parser.add_argument(
         "--scopevi-epochs", type=int, default=SCOPEVI_DEFAULTS["train"]["max_epochs"]
     )
@@ -111,23 +119,35 @@ def main() -> None:
     models = [m for m in MODELS if not (args.no_scopevi and m == "scopevi")]
     scopevi_kwargs = {"train": {"max_epochs": args.scopevi_epochs}}
     started = time.perf_counter()
-    sections, timings = [], []
-    for task in args.tasks.split(","):
+    task_sections, timings = [], []
+    kept_sections = sections(args.results)
+    previous = args.results.read_text().splitlines() if args.results.is_file() else []
+    run = args.tasks.split(",")
+    tasks = [t for t in REAL_TASKS if t in run or args.reuse_others] + [
+        t for t in run if t not in REAL_TASKS
+    ]
+    for task in tasks:
         spec = TASKS[task]
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            results = run_benchmark(
-                args.data, task, models=models, seeds=args.seeds, scopevi_kwargs=scopevi_kwargs
+        if task not in run:
+            results = pd.read_csv(args.out / task / "metrics.csv", keep_default_na=False,
+                                  na_values=[""])
+            results["value"] = pd.to_numeric(results["value"])
+            timings += [line for line in previous if line.startswith(f"| {task} |")][:1]
+        else:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                results = run_benchmark(
+                    args.data, task, models=models, seeds=args.seeds, scopevi_kwargs=scopevi_kwargs
+                )
+            write_results(results, args.out / task, title=spec.description)
+            elapsed = time.perf_counter() - t0
+            per_model = results.attrs["timings"].groupby("model")["seconds"].mean()
+            timings.append(
+                f"| {task} | {elapsed / 60:.1f} | "
+                + ", ".join(f"{m} {s:.1f}" for m, s in per_model.items())
+                + " |"
             )
-        write_results(results, args.out / task, title=spec.description)
-        elapsed = time.perf_counter() - t0
-        per_model = results.attrs["timings"].groupby("model")["seconds"].mean()
-        timings.append(
-            f"| {task} | {elapsed / 60:.1f} | "
-            + ", ".join(f"{m} {s:.1f}" for m, s in per_model.items())
-            + " |"
-        )
         table = markdown_table(
             summarize(results),
             metrics=SUMMARY_METRICS,
@@ -140,7 +160,7 @@ def main() -> None:
         skipped = "".join(
             f"\n`{m}` does not apply here: {why}." for m, why in spec.not_applicable.items()
         )
-        sections.append(f"## {task}\n\n{spec.description}.{skipped}\n\n{table}\n")
+        task_sections.append(f"## {task}\n\n{spec.description}.{skipped}\n\n{table}\n")
     check = cross_check(args.data)
     total = (time.perf_counter() - started) / 60
 
@@ -205,7 +225,11 @@ ordering over the perturbed mean on the 17 singles with GO terms (0.436 here, 0.
     findings = ROOT / "benchmarks" / "SCOPEVI_FINDINGS.md"
     if findings.is_file() and not args.no_scopevi:
         header += findings.read_text() + "\n"
-    args.results.write_text(header + "\n".join(sections))
+    reused = [t for t in tasks if t not in run]
+    if reused:
+        header += (f"\nTasks {', '.join(reused)} were read back from their saved metrics "
+                   "(`--reuse-others`): the code changes since they were run do not touch them.\n")
+    args.results.write_text(header + "\n".join(task_sections) + "\n" + "\n".join(kept_sections))
     print(f"wrote {args.results} in {total:.1f} min")
 
 

@@ -43,3 +43,21 @@ def test_scatter_and_mode_collapse(results):
         benchmark_scores(results, "r2")
     with pytest.raises(KeyError, match="results lacks columns"):
         benchmark_scores(results.drop(columns="seed"))
+
+
+def test_learning_curve_plot_lines_per_model():
+    import pandas as pd
+
+    from perturbscope.pl import learning_curve as plot_curve
+
+    results = pd.DataFrame({
+        "task": "t", "group": "g", "seed": [0, 0, 1, 1, 0, 0, 1, 1], "shots": [0, 5] * 4,
+        "model": ["m"] * 4 + ["noise_ceiling"] * 4, "perturbation": "A", "metric": "r",
+        "value": [0.1, 0.5, 0.3, 0.7, 0.9, 0.9, 0.9, 0.9]})
+    ax = plot_curve(results, metric="r")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["m", "noise ceiling (split-half)"]
+    line = ax.get_lines()[0]
+    assert list(line.get_xdata()) == [0, 5]
+    assert list(line.get_ydata()) == pytest.approx([0.2, 0.6])
+    with pytest.raises(KeyError, match="results lacks a 'shots' column"):
+        plot_curve(results.drop(columns="shots"), metric="r")

@@ -164,6 +164,10 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         See :class:`~perturbscope.module.PerturbationEncoder`.
     kernel_temperature
         Softmax temperature over cosine similarities of the ``"kernel"`` encoding.
+    unseen_genes
+        How the ``"kernel"`` encoding handles genes not perturbed in training: ``"kernel"``
+        (a similarity mix of training genes) or ``"ridge"`` (ridge regression of the training
+        genes' vectors on their embeddings, penalty chosen by leave-one-gene-out error).
     perturbation_effect
         ``"dense"``: the decoder sees the latent state and the perturbation vector.
         ``"sparse"``: the latent state is a basal part shared with the control anchor plus a
@@ -204,6 +208,7 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         anchor_gradient: bool = False,
         perturbation_encoding: Literal["kernel", "linear"] = "kernel",
         kernel_temperature: float = 0.1,
+        unseen_genes: Literal["kernel", "ridge"] = "ridge",
         perturbation_effect: Literal["dense", "sparse"] = "dense",
         sparsity_weight: float = 0.01,
     ):
@@ -228,6 +233,7 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             anchor_gradient=anchor_gradient,
             reference_genes=self._reference_gene_rows() if perturbation_encoding == "kernel" else None,
             kernel_temperature=kernel_temperature,
+            unseen_genes=unseen_genes,
             perturbation_effect=perturbation_effect,
             sparsity_weight=sparsity_weight,
         )

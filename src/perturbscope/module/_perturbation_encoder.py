@@ -25,6 +25,16 @@ Gene vectors ``h_g`` come in two flavours (``encoding``):
   dimensions, a free linear map from embedding to effect overfits and unseen genes are
   predicted with wrong, inflated effects (the failure diagnosed in DeSCOPE); the kernel bounds
   every prediction by what was seen.
+
+With the kernel encoding, genes *not* perturbed in training can instead be encoded by ridge
+regression (``unseen="ridge"``): ``h_u`` is predicted from the gene's embedding by a ridge fit
+of the training genes' vectors on the top principal components (at most 10) of their
+embeddings, with an intercept (the average training gene vector). The ridge penalty is chosen
+at every call by exact leave-one-gene-out error over the training genes (the closed form
+``(h_j - hat h_j) / (1 - S_jj)`` of linear smoothers), so the map shrinks to the average
+vector when embeddings do not predict effects and follows them when they do; this is the
+linear model of Ahlmann-Eltze et al. (2025) in the model's perturbation space. Training genes
+keep their kernel vectors, so fits of seen perturbations are unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +62,12 @@ class PerturbationEncoder(nn.Module):
     null_similarity
         Similarity of the null (average) entry; ``None`` uses the 90th percentile of the
         pairwise similarities between reference genes.
+    unseen
+        Encoding of genes outside ``reference_genes`` under the kernel encoding: ``"kernel"``
+        (the similarity mix) or ``"ridge"`` (leave-one-gene-out-calibrated ridge regression on
+        the embeddings' principal components).
+    n_ridge_components
+        Principal components of the reference embeddings used by the ridge.
 
     Examples
     --------
@@ -68,14 +84,24 @@ class PerturbationEncoder(nn.Module):
         reference_genes: torch.Tensor | None = None,
         temperature: float = 0.1,
         null_similarity: float | None = None,
+        unseen: str = "kernel",
+        n_ridge_components: int = 10,
     ):
         super().__init__()
+        if unseen not in ("kernel", "ridge"):
+            raise ValueError(f"unseen must be 'kernel' or 'ridge', got {unseen!r}.")
         self.register_buffer("gene_embeddings", gene_embeddings.float(), persistent=False)
         self.temperature = temperature
         self.encoding = "linear" if reference_genes is None else "kernel"
+        self.unseen = unseen if reference_genes is not None else "linear"
         if reference_genes is not None:
             reference_genes = torch.as_tensor(reference_genes, dtype=torch.long)
             self.register_buffer("reference_genes", reference_genes, persistent=False)
+            is_reference = torch.zeros(len(gene_embeddings), dtype=torch.bool)
+            is_reference[reference_genes] = True
+            self.register_buffer("is_reference", is_reference, persistent=False)
+            self.register_buffer("ridge_coordinates", self._principal_coordinates(
+                reference_genes, n_ridge_components), persistent=False)
             if null_similarity is None:
                 null_similarity = self._typical_similarity(reference_genes)
         self.null_similarity = null_similarity
@@ -96,6 +122,39 @@ class PerturbationEncoder(nn.Module):
         off_diagonal = similarity[~torch.eye(len(unit), dtype=torch.bool)]
         return float(off_diagonal.quantile(quantile)) if off_diagonal.numel() else 0.0
 
+    def _principal_coordinates(self, reference_genes: torch.Tensor, n_components: int) -> torch.Tensor:
+        """Coordinates of every embedded gene on the reference embeddings' top components."""
+        reference = self.gene_embeddings[reference_genes].double()
+        centre = reference.mean(dim=0)
+        _, singular, components = torch.linalg.svd(reference - centre, full_matrices=False)
+        keep = min(n_components, int((singular > 1e-8 * singular.max().clamp(min=1e-12)).sum()))
+        return ((self.gene_embeddings.double() - centre) @ components[:keep].T).float()
+
+    def ridge_weights(self, reference_vectors: torch.Tensor) -> torch.Tensor:
+        """Weights ``(n_embedded, n_reference)`` of every gene's ridge prediction over the reference.
+
+        ``h_u = mean(h) + x_u A (H - mean(h))`` with ``A = (X^T X + lam I)^-1 X^T`` on the centred
+        principal coordinates ``X`` of the reference genes, written as weights over ``H``;
+        ``lam`` minimises the exact leave-one-gene-out squared error of ``H``.
+        """
+        X = self.ridge_coordinates[self.reference_genes].double()
+        n, k = X.shape
+        if n < 3 or k == 0:  # nothing to regress on: the average training gene
+            return torch.full((len(self.ridge_coordinates), n), 1.0 / n, device=X.device)
+        H = reference_vectors.detach().double()
+        centred = H - H.mean(dim=0)
+        scale = float((X**2).sum() / n)
+        best, best_error = None, float("inf")
+        for lam in scale * torch.logspace(-3, 3, 13, dtype=torch.float64):
+            A = torch.linalg.solve(X.T @ X + lam * torch.eye(k, dtype=X.dtype, device=X.device), X.T)
+            S = X @ A
+            residual = (centred - S @ centred) / (1.0 - torch.diagonal(S)).clamp(min=1e-6).unsqueeze(1)
+            error = float(residual.pow(2).sum())
+            if error < best_error:
+                best, best_error = A, error
+        a = self.ridge_coordinates.double() @ best  # (n_embedded, n)
+        return (a - a.sum(dim=1, keepdim=True) / n + 1.0 / n).float()
+
     def kernel_weights(self, gene_index: torch.Tensor) -> torch.Tensor:
         """Weights ``(..., n_reference + 1)`` of each gene over the reference genes and null."""
         unit = nn.functional.normalize(self.gene_embeddings[gene_index], dim=-1)
@@ -112,8 +171,14 @@ class PerturbationEncoder(nn.Module):
         if self.encoding == "linear":
             return self.project(self.gene_embeddings[gene_index]) * mask
         reference = self.project(self.gene_embeddings[self.reference_genes])
-        reference = torch.cat([reference, reference.mean(dim=0, keepdim=True)], dim=0)
-        return (self.kernel_weights(gene_index) @ reference) * mask
+        with_null = torch.cat([reference, reference.mean(dim=0, keepdim=True)], dim=0)
+        vectors = self.kernel_weights(gene_index) @ with_null
+        unseen = ~self.is_reference[gene_index] & mask.squeeze(-1)
+        if self.unseen == "ridge" and bool(unseen.any()):
+            ridge = self.ridge_weights(reference)[gene_index[unseen]] @ reference
+            vectors = vectors.clone()
+            vectors[unseen] = ridge
+        return vectors * mask
 
     def components(self, gene_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two parts of ``p(S)``: gene vectors ``(n_cells, max_genes, d)`` and interaction.

@@ -99,6 +99,9 @@ class ScopeVAE(BaseModuleClass):
         similarity kernel over them (see :class:`PerturbationEncoder`), else linearly.
     kernel_temperature
         Temperature of that kernel.
+    unseen_genes
+        Encoding of genes not perturbed in training under the kernel: ``"kernel"`` or
+        ``"ridge"`` (see :class:`PerturbationEncoder`).
     perturbation_effect
         ``"dense"``: the decoder sees ``[z, p]`` and the prior shift is unpenalised.
         ``"sparse"``: the decoder sees ``z`` only and the perturbation's latent shift ``delta``
@@ -137,6 +140,7 @@ class ScopeVAE(BaseModuleClass):
         anchor_gradient: bool = False,
         reference_genes: torch.Tensor | None = None,
         kernel_temperature: float = 0.1,
+        unseen_genes: Literal["kernel", "ridge"] = "ridge",
         perturbation_effect: PerturbationEffect = "dense",
         sparsity_weight: float = 0.01,
     ):
@@ -158,7 +162,7 @@ class ScopeVAE(BaseModuleClass):
         self.free_bits = free_bits
         self.perturbation_encoder = PerturbationEncoder(
             gene_embeddings, n_output=n_perturbation, reference_genes=reference_genes,
-            temperature=kernel_temperature,
+            temperature=kernel_temperature, unseen=unseen_genes,
         )
 
         encoder_kwargs = {

@@ -3,6 +3,7 @@
 from ._benchmark import benchmark_mode_collapse, benchmark_scatter, benchmark_scores, learning_curve
 from ._interactions import genetic_interactions
 from ._probe import axis_alignment, gradient_field, pathway_ranking
+from ._programs import perturbation_programs
 
 __all__ = [
     "axis_alignment",
@@ -13,4 +14,5 @@ __all__ = [
     "gradient_field",
     "learning_curve",
     "pathway_ranking",
+    "perturbation_programs",
 ]
