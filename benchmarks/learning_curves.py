@@ -38,7 +38,8 @@ BASELINES = {
 }
 DISTRIBUTION_COLUMNS = ("variance_ratio", "variance_error", "skewness_error", "kurtosis_error",
                         "histogram_kl", "energy_distance")
-ORDER = ("noise_ceiling", SCOPEVI_QUERY, SCOPEVI_REFERENCE, "matching_mean", "perturbed_mean",
+FULL = "scopevi_full_fine_tune"
+ORDER = ("noise_ceiling", SCOPEVI_QUERY, FULL, SCOPEVI_REFERENCE, "matching_mean", "perturbed_mean",
          "linear", "no_change")
 
 
@@ -106,6 +107,7 @@ def main() -> None:
                 control_value=spec.control_value, gene_embeddings=embeddings,
                 data_scale=spec.data_scale, baselines=BASELINES[task], seeds=args.seeds,
                 fine_tune_epochs=args.fine_tune_epochs, task=task,
+                query_variants={SCOPEVI_QUERY: {}, FULL: {"freeze_decoder": False}},
                 scopevi_kwargs={"train": {"max_epochs": args.scopevi_epochs}},
             )
         print(f"{task}: {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
@@ -128,8 +130,10 @@ def main() -> None:
         "CPU). Each context is held out in turn. `scopevi_reference` is trained once on the "
         "zero-shot cells and never sees the context's perturbed cells; `scopevi` is that model "
         "adapted with `ScopeVI.load_query_data` to the context's control cells plus `k` cells of "
-        f"each perturbation ({args.fine_tune_epochs} epochs; gene-embedding path and decoder "
-        "frozen; at k = 0 it is fine-tuned on the controls alone). Baselines are refitted on the "
+        f"each perturbation ({args.fine_tune_epochs} epochs; gene-embedding path and the "
+        "decoder's hidden layers frozen, the default; at k = 0 it is fine-tuned on the controls "
+        f"alone); `{FULL}` fine-tunes the whole decoder too (`freeze_decoder=False`). "
+        "Baselines are refitted on the "
         "same cells; at k > 0 `matching_mean` is the mean of the k given cells, the obvious "
         "few-shot estimate. The given cells are nested (those of k = 5 are among those of "
         "k = 10), a perturbation is scored at k only when at least 10 of its cells remain for "

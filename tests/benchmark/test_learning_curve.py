@@ -87,10 +87,11 @@ def test_learning_curve_with_scopevi_query(screen):
     curve = learning_curve(
         adata, "perturbation", "cell_type", contexts=["type_1"], shots=(0, 8), data_scale="counts",
         gene_embeddings=embeddings, baselines=["no_change"], fine_tune_epochs=2, n_samples=2,
+        query_variants={"scopevi": {}, "scopevi_frozen": {"freeze_decoder": True}},
         scopevi_kwargs={"model": {"n_latent": 4, "n_hidden": 16}, "train": {"max_epochs": 2}},
         progress=False,
     )
-    assert {"scopevi", "scopevi_reference", "no_change"} <= set(curve["model"])
+    assert {"scopevi", "scopevi_frozen", "scopevi_reference", "no_change"} <= set(curve["model"])
     assert {"variance_ratio", "energy_distance"} <= set(curve["metric"])
     ratio = curve[(curve["metric"] == "variance_ratio") & (curve["model"] == "scopevi")]["value"]
     assert np.isfinite(ratio).all()

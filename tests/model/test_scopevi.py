@@ -271,7 +271,7 @@ def test_load_query_data_freezes_embedding_path_and_decoder(small_screen):
     model = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
     model.train(max_epochs=2, enable_progress_bar=False)
     query = query[query.obs["perturbation"].isin(["control", embeddings.index[0]])].copy()
-    transfer = ps.ScopeVI.load_query_data(query, model)
+    transfer = ps.ScopeVI.load_query_data(query, model, freeze_decoder=True)
     before = {k: v.clone() for k, v in transfer.module.state_dict().items()}
     for key, value in model.module.state_dict().items():
         torch.testing.assert_close(before[key], value)
@@ -285,6 +285,33 @@ def test_load_query_data_freezes_embedding_path_and_decoder(small_screen):
     assert transfer.adata_manager.get_state_registry("context").categorical_mapping.tolist() == ["type_0", "type_1"]
     pred = transfer.predict(query[query.obs["perturbation"] == "control"], [embeddings.index[1]], aggregate="mean")
     assert pred.obs["cell_type"].tolist() == ["type_1"]
+
+
+@pytest.mark.parametrize("freeze", ["shared", False])
+def test_load_query_data_decoder_freezing_modes(small_screen, freeze):
+    scvi.settings.seed = 0
+    reference, query, embeddings = _split_by_type(small_screen)
+    ps.ScopeVI.setup_anndata(reference, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
+    model = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    query = query[query.obs["perturbation"].isin(["control", embeddings.index[0]])].copy()
+    transfer = ps.ScopeVI.load_query_data(query, model, freeze_decoder=freeze)
+    before = {k: v.clone() for k, v in transfer.module.state_dict().items()}
+    transfer.train(max_epochs=2, enable_progress_bar=False)
+    changed = {k for k, v in transfer.module.state_dict().items() if not torch.equal(before[k], v)}
+    hidden = {k for k in before if k.startswith("decoder.px_decoder.") and "running" not in k
+              and "num_batches" not in k}
+    output = {k for k in before if k.startswith("decoder.px_scale_decoder.")}
+    assert output <= changed
+    assert (hidden & changed == set()) == (freeze == "shared")
+    assert not {k for k in changed if k.startswith("perturbation_encoder.")}
+
+
+def test_load_query_data_bad_freeze(small_screen, trained):
+    model, _, _ = trained
+    _, query, _ = _split_by_type(small_screen)
+    with pytest.raises(ValueError, match="freeze_decoder must be True, False or 'shared', got 'all'"):
+        ps.ScopeVI.load_query_data(query, model, freeze_decoder="all")
 
 
 def test_load_query_data_new_batch_starts_as_reference(small_screen):

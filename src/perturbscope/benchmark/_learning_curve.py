@@ -132,7 +132,8 @@ def few_shot_splits(
 
 
 def _adapt_to_context(
-    reference: ScopeVIModel, adata_query: ad.AnnData, epochs: int, seed: int
+    reference: ScopeVIModel, adata_query: ad.AnnData, epochs: int, seed: int,
+    query_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """``ScopeVI.load_query_data`` on the context's cells, fine-tuned for ``epochs``."""
     import scvi
@@ -140,7 +141,7 @@ def _adapt_to_context(
     from ..model import ScopeVI
 
     scvi.settings.seed = seed
-    query = ScopeVI.load_query_data(adata_query.copy(), reference.model_)
+    query = ScopeVI.load_query_data(adata_query.copy(), reference.model_, **(query_kwargs or {}))
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -163,6 +164,7 @@ def learning_curve(
     scopevi: bool = True,
     scopevi_kwargs: dict[str, Any] | None = None,
     fine_tune_epochs: int = 100,
+    query_variants: dict[str, dict[str, Any]] | None = None,
     n_samples: int = 3,
     seeds: int = 1,
     min_test_cells: int = 10,
@@ -197,6 +199,10 @@ def learning_curve(
         ``{"model": ..., "train": ...}`` for the reference ScopeVI.
     fine_tune_epochs
         Epochs of the query fine-tuning.
+    query_variants
+        ``{model name: load_query_data kwargs}``, one adapted ScopeVI per entry; by default
+        ``{"scopevi": {}}`` (the decoder's shared layers frozen). E.g.
+        ``{"scopevi": {}, "scopevi_full_fine_tune": {"freeze_decoder": False}}``.
     n_samples
         ScopeVI draws per control cell (the distributional metrics score these cells).
     seeds
@@ -285,10 +291,12 @@ def learning_curve(
             if reference is not None:
                 predictions[SCOPEVI_REFERENCE] = reference.predict(adata[split.control], split.perturbations)
                 query_cells = np.isin(adata.obs_names, split.train) & in_context
-                query = _adapt_to_context(reference, adata[query_cells], fine_tune_epochs, seed)
-                predictions[SCOPEVI_QUERY] = query.predict(
-                    adata[split.control], split.perturbations, n_samples=n_samples, seed=seed
-                )
+                for name, kwargs in (query_variants or {SCOPEVI_QUERY: {}}).items():
+                    query = _adapt_to_context(reference, adata[query_cells], fine_tune_epochs, seed,
+                                              kwargs)
+                    predictions[name] = query.predict(
+                        adata[split.control], split.perturbations, n_samples=n_samples, seed=seed
+                    )
             for name, prediction in predictions.items():
                 scores = evaluate(prediction, reference_scores, distributional=distributional, seed=seed)
                 records += _with_groups(_records(scores, model=name, **fields), groups)

@@ -412,7 +412,7 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         cls,
         adata: ad.AnnData,
         reference_model: ScopeVI,
-        freeze_decoder: bool = True,
+        freeze_decoder: bool | Literal["shared"] = "shared",
         freeze_perturbation_encoder: bool = True,
     ) -> ScopeVI:
         """A copy of a trained model set up on a new context, ready to be fine-tuned (scArches).
@@ -420,8 +420,9 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         The query is registered with the reference registry, extending its categories (new
         contexts, new batches). Weights are copied from the reference; weights of new batch
         categories start at zero, so the decoder first behaves as for the reference batches.
-        The gene-embedding path (perturbation encoder) and, by default, the decoder stay
-        frozen; the encoder and the conditional prior are fine-tuned by ``model.train()`` on
+        The gene-embedding path (perturbation encoder) and, by default, the decoder's shared
+        hidden layers stay frozen; the encoder, the conditional prior and the decoder's output
+        layer are fine-tuned by ``model.train()`` on
         what the query holds: control cells only, or controls plus a few cells of some
         perturbations (few-shot).
 
@@ -433,7 +434,11 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         reference_model
             A trained :class:`ScopeVI`.
         freeze_decoder
-            Keep the decoder (and the dispersion) fixed.
+            ``"shared"``: freeze the decoder's hidden layers (which also take the perturbation
+            vector and batch) and fine-tune its output layer, so the decoder can re-weight how
+            the learned hidden features reach each gene in the new context. ``True``: freeze the
+            whole decoder and the dispersion; only the encoder and the prior adapt, which leaves
+            the predicted effect of a perturbation nearly unchanged. ``False``: fine-tune it all.
         freeze_perturbation_encoder
             Keep the gene-embedding path fixed.
 
@@ -461,6 +466,8 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         >>> few_shot = ps.ScopeVI.load_query_data(query, model)
         >>> few_shot.train(max_epochs=1, enable_progress_bar=False)
         """
+        if freeze_decoder not in (True, False, "shared"):
+            raise ValueError(f"freeze_decoder must be True, False or 'shared', got {freeze_decoder!r}.")
         cls._check_query_genes(adata, reference_model)
         registry = deepcopy(reference_model.registry_)
         setup_args = dict(registry.get("setup_args", {}))
@@ -474,7 +481,9 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             for key, value in model.module.state_dict().items()
         })
         frozen = [model.module.perturbation_encoder] if freeze_perturbation_encoder else []
-        if freeze_decoder:
+        if freeze_decoder == "shared":
+            frozen.append(model.module.decoder_hidden_layers())
+        elif freeze_decoder:
             frozen.append(model.module.decoder)
             if hasattr(model.module, "px_r"):
                 model.module.px_r.requires_grad_(False)

@@ -233,6 +233,10 @@ class ScopeVAE(BaseModuleClass):
             shift = shift - self.prior_shift(unperturbed)
         return Normal(basal + shift, scale), shift
 
+    def decoder_hidden_layers(self) -> nn.Module:
+        """The decoder's shared hidden layers (all but its gene-wise output layers)."""
+        return self.decoder.body if self.gene_likelihood == "normal" else self.decoder.px_decoder
+
     def _decoder_perturbation(self, perturbation: torch.Tensor) -> torch.Tensor | None:
         """What the decoder sees of the perturbation: ``p`` (dense) or nothing (sparse)."""
         return None if self.perturbation_effect == "sparse" else perturbation
