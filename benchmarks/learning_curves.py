@@ -167,7 +167,7 @@ def main() -> None:
         "cell; baselines shift each control cell by their predicted mean change.",
         "",
     ]
-    for k in sorted({0, k_few}):
+    for k in sorted({k for k in (0, k_few) if k in shots}):
         dist += [f"**k = {k}**", "", *_markdown(distribution_table(results, k), "model"), ""]
     replace_section("distributions", "\n".join(dist))
     print("\n".join(text + [""] + dist))

@@ -120,9 +120,8 @@ def main() -> None:
     scopevi_kwargs = {"train": {"max_epochs": args.scopevi_epochs}}
     started = time.perf_counter()
     task_sections, timings = [], []
-    kept_sections = sections(args.results)
     previous = args.results.read_text().splitlines() if args.results.is_file() else []
-    run = args.tasks.split(",")
+    run = [t for t in args.tasks.split(",") if t]  # --tasks "" --reuse-others: rewrite only
     tasks = [t for t in REAL_TASKS if t in run or args.reuse_others] + [
         t for t in run if t not in REAL_TASKS
     ]
@@ -228,7 +227,8 @@ ordering over the perturbed mean on the 17 singles with GO terms (0.436 here, 0.
     reused = [t for t in tasks if t not in run]
     if reused:
         header += (f"\nTasks {', '.join(reused)} were read back from their saved metrics "
-                   "(`--reuse-others`): the code changes since they were run do not touch them.\n")
+                   "(`--reuse-others`) rather than rerun.\n")
+    kept_sections = sections(args.results)  # read now: other scripts may have written meanwhile
     args.results.write_text(header + "\n".join(task_sections) + "\n" + "\n".join(kept_sections))
     print(f"wrote {args.results} in {total:.1f} min")
 

@@ -5,9 +5,9 @@
 * ``dense``: the default (decoder sees ``[z, p]``; combinations composed additively; genes
   unseen in training encoded by ridge regression on their embeddings);
 * ``sparse``: ``perturbation_effect="sparse"`` (decoder sees ``z``; L1 on the latent shift);
-* ``dense, joint combinations``: the dense model predicting doubles by decoding the summed
+* ``dense (joint combinations)``: the dense model predicting doubles by decoding the summed
   perturbation vector (``combination="joint"``), on ``norman_combo`` only;
-* ``dense, kernel for unseen genes``: unseen genes encoded as a similarity mix of training genes
+* ``dense (kernel for unseen genes)``: unseen genes encoded as a similarity mix of training genes
   (``unseen_genes="kernel"``), on the Norman tasks only.
 
 Beside them, the best baselines of each task, on the same splits and seeds. Every variant uses
@@ -34,12 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "dense": {},
     "sparse": {"model": {"perturbation_effect": "sparse"}},
-    "dense, joint combinations": {"predict": {"combination": "joint"}},
-    "dense, kernel for unseen genes": {"model": {"unseen_genes": "kernel"}},
+    "dense (joint combinations)": {"predict": {"combination": "joint"}},
+    "dense (kernel for unseen genes)": {"model": {"unseen_genes": "kernel"}},
 }
 ONLY_ON = {
-    "dense, joint combinations": ("norman_combo",),
-    "dense, kernel for unseen genes": ("norman_unseen_single", "norman_combo"),
+    "dense (joint combinations)": ("norman_combo",),
+    "dense (kernel for unseen genes)": ("norman_unseen_single", "norman_combo"),
 }
 BASELINES = {
     "norman_unseen_single": ["perturbed_mean", "linear"],
@@ -67,11 +67,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--tasks", default=",".join(BASELINES))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "variants")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated names (of VARIANTS)")
     parser.add_argument("--active-tasks", default="",
                         help="tasks to count active dimensions for without rerunning them")
     args = parser.parse_args()
     chosen = args.variants.split(",")
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     frames, active = [], {}
@@ -92,7 +96,7 @@ def main() -> None:
                                         scopevi_kwargs=kwargs, distributional=False, progress=False)
             results = results[results["model"] == model].assign(model=name)
             results.attrs = {}
-            results.to_csv(args.out / f"{task}__{name.replace(' ', '_').replace(',', '')}.csv", index=False)
+            results.to_csv(args.out / f"{task}__{name.replace(' ', '_').replace('(', '').replace(')', '')}.csv", index=False)
             print(f"{task} {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         for name in ("dense", "sparse"):
             # Kang has one perturbation: nothing to be sparse about

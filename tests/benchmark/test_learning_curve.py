@@ -111,3 +111,17 @@ def test_learning_curve_bad_input(screen):
                                             shots=(0,), data_scale="counts", scopevi=False,
                                             baselines=["no_change"], distributional=False,
                                             progress=False), "nope")
+
+
+def test_few_shot_splits_common_test_set(screen):
+    adata, _ = screen
+    splits = few_shot_splits(adata, "perturbation", "cell_type", "type_1", shots=(0, 5, 10),
+                             seed=2, common_test=True)
+    tests = [set(s.test) for s in splits.values()]
+    assert tests[0] == tests[1] == tests[2]
+    assert len(tests[0]) == 4 * (24 - 10)
+    for split in splits.values():
+        assert not set(split.train) & tests[0]
+    # the cells given at k=10 are exactly those the default scores at k=10 leaves out
+    default = few_shot_splits(adata, "perturbation", "cell_type", "type_1", shots=(0, 5, 10), seed=2)
+    assert set(default[10].test) == tests[0]

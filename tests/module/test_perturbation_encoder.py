@@ -31,35 +31,51 @@ def _ridge_encoder(embeddings, reference, n_components=10):
                                unseen="ridge", n_ridge_components=n_components)
 
 
-def test_ridge_weights_match_closed_form_and_leave_seen_genes_alone():
+def _brute_force_ridge(X_all, reference, H, lambdas, target):
+    """Refit ridge with an intercept leaving each reference gene out; pick the best penalty."""
+    X = X_all[reference]
+
+    def fit(rows, lam):
+        x, h = X[rows], H[rows]
+        xm, hm = x.mean(0), h.mean(0)
+        xc = x - xm
+        B = torch.linalg.solve(xc.T @ xc + lam * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ (h - hm))
+        return lambda z: hm + (z - xm) @ B
+
+    def loo_error(lam):
+        n = len(reference)
+        return sum(float(((fit([r for r in range(n) if r != j], lam)(X[j]) - H[j]) ** 2).sum()) for j in range(n))
+
+    best = min(lambdas, key=loo_error)
+    return fit(list(range(len(reference))), best)(X_all[target])
+
+
+def test_ridge_matches_a_brute_force_leave_one_out_refit():
     torch.manual_seed(1)
     embeddings = torch.randn(12, 6)
     reference = list(range(9))
     encoder = _ridge_encoder(embeddings, reference, n_components=3)
-    kernel = PerturbationEncoder(embeddings, n_output=4, reference_genes=torch.tensor(reference))
+    kernel = PerturbationEncoder(embeddings, n_output=4, reference_genes=torch.tensor(reference), unseen="kernel")
     kernel.load_state_dict(encoder.state_dict())
     seen = torch.tensor([[0, -1], [4, 7]])
     torch.testing.assert_close(encoder(seen), kernel(seen))  # training genes keep their kernel vectors
     with torch.no_grad():
-        H = encoder.project(embeddings[reference]).double()
-    W = encoder.ridge_weights(H.float()).double()
+        # the ridge targets are the training genes' own kernel vectors
+        projected = encoder.project(embeddings[reference])
+        with_null = torch.cat([projected, projected.mean(0, keepdim=True)])
+        H = (encoder.kernel_weights(torch.tensor(reference)) @ with_null).double()
+        W = encoder.ridge_weights(H.float()).double()
+        got = encoder(torch.tensor([[10, -1]]))[0]
     torch.testing.assert_close(W.sum(dim=1), torch.ones(12, dtype=torch.float64), atol=1e-5, rtol=0)
-    # hand-computed: principal coordinates of the reference, ridge with the chosen penalty
     E = embeddings.double()
     centre = E[reference].mean(0)
     _, _, V = torch.linalg.svd(E[reference] - centre, full_matrices=False)
     X_all = (E - centre) @ V[:3].T
-    X = X_all[reference]
-    errors = {}
-    for lam in (X**2).sum() / 9 * torch.logspace(-3, 3, 13, dtype=torch.float64):
-        A = torch.linalg.solve(X.T @ X + lam * torch.eye(3, dtype=torch.float64), X.T)
-        S = X @ A
-        Hc = H - H.mean(0)
-        errors[float(lam)] = (float((((Hc - S @ Hc) / (1 - S.diagonal()).unsqueeze(1)) ** 2).sum()), A)
-    A = min(errors.values(), key=lambda e: e[0])[1]
-    expected = H.mean(0) + X_all[10] @ A @ (H - H.mean(0))
-    torch.testing.assert_close((W[10] @ H), expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(encoder(torch.tensor([[10, -1]]))[0], expected.float(), atol=1e-4, rtol=1e-4)
+    scale = float((X_all[reference] ** 2).sum() / 9)
+    lambdas = [scale * float(x) for x in torch.logspace(-3, 3, 13, dtype=torch.float64)]
+    expected = _brute_force_ridge(X_all, reference, H, lambdas, 10)
+    torch.testing.assert_close(W[10] @ H, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_ridge_shrinks_to_the_average_when_embeddings_carry_no_signal():

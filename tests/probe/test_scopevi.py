@@ -57,3 +57,25 @@ def test_gradient_flow_on_scopevi(scopevi):
     assert flow.shape == (20, adata.n_vars)
     trajectory = np.stack([flow.layers[f"step_{t}"][:, 0] for t in range(4)])
     assert (np.diff(trajectory, axis=0) > 0).mean() > 0.95
+
+
+def test_probes_on_a_sparse_model(small_screen):
+    import scvi
+
+    scvi.settings.seed = 0
+    adata, embeddings = small_screen
+    adata = adata.copy()
+    ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=embeddings.copy())
+    model = ps.ScopeVI(adata, n_latent=4, n_hidden=16, perturbation_effect="sparse")
+    model.train(max_epochs=1, enable_progress_bar=False)
+    sub = adata[:8].copy()
+    jac = decoder_jacobian(model, sub, progress_bar=False)
+    assert jac.shape == (8, adata.n_vars, 4)
+    assert np.isfinite(jac).all()
+    # the sparse decoder ignores the perturbation vector: its effect is in z
+    z = torch.randn(3, 4)
+    library = torch.zeros(3, 1)
+    with torch.inference_mode():
+        a = model.module.generative(z, torch.randn(3, 64), library)["px_scale"]
+        b = model.module.generative(z, torch.zeros(3, 64), library)["px_scale"]
+    torch.testing.assert_close(a, b)

@@ -2,11 +2,15 @@
 
 For each held-out context (cell type, cell line) the perturbed cells of that context are left
 out of training except, for k-shot, ``k`` cells of each perturbation. The ``k`` cells are
-*nested*: the cells given at ``k=5`` are among those given at ``k=10``, and so on, so the curve
-measures what more cells buy rather than which cells were drawn. ScopeVI is trained once per
-context on the zero-shot training cells (the reference) and then adapted to the context with
-:meth:`~perturbscope.ScopeVI.load_query_data` on its control cells plus the ``k`` shots (its
-gene-embedding path and decoder frozen); baselines are refitted on the k-shot training cells.
+*nested*: the cells given at ``k=5`` are among those given at ``k=10``, and so on, so a larger
+``k`` only adds cells. By default the test cells of ``k`` are the cells not given at ``k``, and
+a perturbation is scored at ``k`` while enough of its cells remain, so at large ``k`` the test
+set shrinks and perturbations with few cells drop out; ``common_test=True`` scores every ``k``
+on the same cells (those left at the largest ``k``) and perturbations. ScopeVI is trained once
+per context on the zero-shot training cells (the reference) and then adapted to the context
+with :meth:`~perturbscope.ScopeVI.load_query_data` on its control cells plus the ``k`` shots
+(by default the gene-embedding path and the decoder's hidden layers frozen); baselines are
+refitted on the k-shot training cells.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def few_shot_splits(
     control_value: str = "control",
     seed: int = 0,
     min_test_cells: int = 10,
+    common_test: bool = False,
 ) -> dict[int, Split]:
     """Nested zero- and few-shot splits of one held-out context.
 
@@ -67,6 +72,9 @@ def few_shot_splits(
         A perturbation is scored at ``k`` only if at least this many of its cells in the context
         remain for testing; with fewer it is left out of that ``k`` (neither trained on nor
         scored there).
+    common_test
+        Score every ``k`` on the same test cells, those not given at the largest ``k``, and on
+        the perturbations with enough of them there.
 
     Returns
     -------
@@ -107,8 +115,10 @@ def few_shot_splits(
     }
     held = set(base.test)
     splits = {}
+    largest = max(shots)
     for k in sorted(shots):
-        scored = [p for p in base.perturbations if len(order[p]) >= k + min_test_cells]
+        cut = largest if common_test else k
+        scored = [p for p in base.perturbations if len(order[p]) >= cut + min_test_cells]
         if not scored:
             warnings.warn(
                 f"k={k} leaves fewer than {min_test_cells} test cells for every perturbation of "
@@ -117,7 +127,7 @@ def few_shot_splits(
             )
             continue
         given = np.concatenate([order[p][:k] for p in scored])
-        test = np.concatenate([order[p][k:] for p in scored])
+        test = np.concatenate([order[p][cut:] for p in scored])
         train = np.array([c for c in adata.obs_names if c not in held] + list(given))
         group = "zero-shot" if k == 0 else f"{k}-shot"
         splits[k] = Split(
@@ -168,6 +178,7 @@ def learning_curve(
     n_samples: int = 3,
     seeds: int = 1,
     min_test_cells: int = 10,
+    common_test: bool = False,
     distributional: bool = True,
     task: str = "learning_curve",
     progress: bool = True,
@@ -207,7 +218,7 @@ def learning_curve(
         ScopeVI draws per control cell (the distributional metrics score these cells).
     seeds
         Seeds ``0 .. seeds-1``: the order of the given cells, the ceiling's halving, training.
-    min_test_cells
+    min_test_cells, common_test
         See :func:`few_shot_splits`.
     distributional
         Also compute the distributional metrics.
@@ -254,12 +265,15 @@ def learning_curve(
         var=pd.DataFrame(index=adata.var_names),
     )
     context_labels = adata.obs[context_key].astype(str)
-    jobs = [(seed, c) for seed in range(seeds) for c in contexts]
+    # every split first, so that bad input fails before any training
+    jobs = [
+        (seed, context, few_shot_splits(adata, perturbation_key, context_key, context, shots,
+                                        control_value, seed, min_test_cells, common_test))
+        for seed in range(seeds) for context in contexts
+    ]
     bar = tqdm(total=len(jobs), desc="learning curve", disable=not progress)
     records: list[dict] = []
-    for seed, context in jobs:
-        splits = few_shot_splits(adata, perturbation_key, context_key, context, shots,
-                                 control_value, seed, min_test_cells)
+    for seed, context, splits in jobs:
         reference = None
         if scopevi:
             zero_shot = unseen_context_split(adata, perturbation_key, context_key, context, control_value)
@@ -333,7 +347,8 @@ def learning_curve_table(results: pd.DataFrame, metric: str = "pearson_delta_top
     >>> learning_curve_table(results, "r").loc[("t", "m"), 5]
     '0.600 ± 0.141'
     """
-    rows = results[(results["metric"] == metric) & (results["perturbation"] != "(all)")]
+    rows = results[(results["metric"] == metric) & (results["perturbation"] != "(all)")
+                   & (results["model"] != OBSERVED)]
     if rows.empty:
         raise ValueError(f"metric {metric!r} not in results; found {sorted(results['metric'].unique())}.")
     per_seed = rows.groupby(["task", "model", "shots", "seed"])["value"].mean()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PerturbationPrograms:
     """The programmes a trained :class:`~perturbscope.ScopeVI` assigns to perturbations.
 

@@ -395,7 +395,11 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         setup(adata, source_registry=registry, **registry["setup_args"])
         init_params = attr_dict.pop("init_params_")
         kwargs_groups = init_params.get("kwargs", {})
-        model = cls(adata, **init_params.get("non_kwargs", {}),
+        non_kwargs = dict(init_params.get("non_kwargs", {}))
+        # files saved before ``unseen_genes`` existed encoded unseen genes with the kernel
+        non_kwargs.setdefault("unseen_genes", "kernel")
+        init_params["non_kwargs"] = non_kwargs
+        model = cls(adata, **non_kwargs,
                     **{k: v for group in kwargs_groups.values() for k, v in group.items()})
         for attr, value in attr_dict.items():
             setattr(model, attr, value)
@@ -434,8 +438,8 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         reference_model
             A trained :class:`ScopeVI`.
         freeze_decoder
-            ``"shared"``: freeze the decoder's hidden layers (which also take the perturbation
-            vector and batch) and fine-tune its output layer, so the decoder can re-weight how
+            ``"shared"``: freeze the decoder's hidden layers (which also take the batch and, in
+            the dense model, the perturbation vector) and fine-tune its output layer, so the decoder can re-weight how
             the learned hidden features reach each gene in the new context. ``True``: freeze the
             whole decoder and the dispersion; only the encoder and the prior adapt, which leaves
             the predicted effect of a perturbation nearly unchanged. ``False``: fine-tune it all.
@@ -744,9 +748,11 @@ categorical_covariate_keys, combination_delimiter
             Decode the prior mean instead of a sample.
         residual
             Predict each cell as its anchor's observed expression plus the decoded change
-            (``decode(z, p) - decode(basal, no perturbation)``, in log1p-normalised space), so the
-            decoder's error in reconstructing the anchor cancels and the spread of real control
-            cells is kept. ``False`` returns ``decode(z, p)``.
+            (``decode(z_p, p) - decode(z_0, no perturbation)`` for the same prior draw, in
+            log1p-normalised space; composed per gene for combinations, see ``combination``), so
+            the decoder's error in reconstructing the anchor cancels and the spread of real
+            control cells is kept. ``False`` starts from ``decode(z_0, no perturbation)``
+            instead of the observed cell (``decode(z_p, p)`` itself for a single).
         combination
             How a multi-gene perturbation's change is composed. ``"additive"``: the sum of its
             genes' predicted changes plus the change due to the learned interaction term, which

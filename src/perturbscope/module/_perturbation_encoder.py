@@ -28,16 +28,19 @@ Gene vectors ``h_g`` come in two flavours (``encoding``):
 
 With the kernel encoding, genes *not* perturbed in training can instead be encoded by ridge
 regression (``unseen="ridge"``): ``h_u`` is predicted from the gene's embedding by a ridge fit
-of the training genes' vectors on the top principal components (at most 10) of their
-embeddings, with an intercept (the average training gene vector). The ridge penalty is chosen
-at every call by exact leave-one-gene-out error over the training genes (the closed form
-``(h_j - hat h_j) / (1 - S_jj)`` of linear smoothers), so the map shrinks to the average
+of the training genes' kernel vectors on the top principal components (at most 10, and fewer
+than the number of training genes minus one) of their embeddings, with an unpenalised
+intercept (the average training gene vector). The ridge penalty is chosen at every call by
+exact leave-one-gene-out error over the training genes (the closed form
+``(h_j - hat h_j) / (1 - 1/n - S_jj)`` of a linear smoother with an intercept), so the map shrinks to the average
 vector when embeddings do not predict effects and follows them when they do; this is the
 linear model of Ahlmann-Eltze et al. (2025) in the model's perturbation space. Training genes
 keep their kernel vectors, so fits of seen perturbations are unchanged.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
@@ -84,7 +87,7 @@ class PerturbationEncoder(nn.Module):
         reference_genes: torch.Tensor | None = None,
         temperature: float = 0.1,
         null_similarity: float | None = None,
-        unseen: str = "kernel",
+        unseen: Literal["kernel", "ridge"] = "ridge",
         n_ridge_components: int = 10,
     ):
         super().__init__()
@@ -127,7 +130,9 @@ class PerturbationEncoder(nn.Module):
         reference = self.gene_embeddings[reference_genes].double()
         centre = reference.mean(dim=0)
         _, singular, components = torch.linalg.svd(reference - centre, full_matrices=False)
-        keep = min(n_components, int((singular > 1e-8 * singular.max().clamp(min=1e-12)).sum()))
+        rank = int((singular > 1e-8 * singular.max().clamp(min=1e-12)).sum())
+        # at most n - 2 components: with an intercept, n - 1 would interpolate every gene
+        keep = max(0, min(n_components, rank, len(reference_genes) - 2))
         return ((self.gene_embeddings.double() - centre) @ components[:keep].T).float()
 
     def ridge_weights(self, reference_vectors: torch.Tensor) -> torch.Tensor:
@@ -135,25 +140,29 @@ class PerturbationEncoder(nn.Module):
 
         ``h_u = mean(h) + x_u A (H - mean(h))`` with ``A = (X^T X + lam I)^-1 X^T`` on the centred
         principal coordinates ``X`` of the reference genes, written as weights over ``H``;
-        ``lam`` minimises the exact leave-one-gene-out squared error of ``H``.
+        ``lam`` minimises the exact leave-one-gene-out squared error of ``H``, whose residuals
+        are ``(h_j - hat h_j) / (1 - 1/n - S_jj)`` (the intercept's hat matrix is ``11^T / n``).
+        Computed in float64 on the CPU.
         """
-        X = self.ridge_coordinates[self.reference_genes].double()
+        device = reference_vectors.device
+        X = self.ridge_coordinates[self.reference_genes].detach().cpu().double()
         n, k = X.shape
         if n < 3 or k == 0:  # nothing to regress on: the average training gene
-            return torch.full((len(self.ridge_coordinates), n), 1.0 / n, device=X.device)
-        H = reference_vectors.detach().double()
+            return torch.full((len(self.ridge_coordinates), n), 1.0 / n, device=device)
+        H = reference_vectors.detach().cpu().double()
         centred = H - H.mean(dim=0)
         scale = float((X**2).sum() / n)
         best, best_error = None, float("inf")
         for lam in scale * torch.logspace(-3, 3, 13, dtype=torch.float64):
             A = torch.linalg.solve(X.T @ X + lam * torch.eye(k, dtype=X.dtype, device=X.device), X.T)
             S = X @ A
-            residual = (centred - S @ centred) / (1.0 - torch.diagonal(S)).clamp(min=1e-6).unsqueeze(1)
+            leverage = 1.0 - 1.0 / n - torch.diagonal(S)
+            residual = (centred - S @ centred) / leverage.clamp(min=1e-6).unsqueeze(1)
             error = float(residual.pow(2).sum())
             if error < best_error:
                 best, best_error = A, error
-        a = self.ridge_coordinates.double() @ best  # (n_embedded, n)
-        return (a - a.sum(dim=1, keepdim=True) / n + 1.0 / n).float()
+        a = self.ridge_coordinates.detach().cpu().double() @ best  # (n_embedded, n)
+        return (a - a.sum(dim=1, keepdim=True) / n + 1.0 / n).float().to(device)
 
     def kernel_weights(self, gene_index: torch.Tensor) -> torch.Tensor:
         """Weights ``(..., n_reference + 1)`` of each gene over the reference genes and null."""
@@ -175,7 +184,9 @@ class PerturbationEncoder(nn.Module):
         vectors = self.kernel_weights(gene_index) @ with_null
         unseen = ~self.is_reference[gene_index] & mask.squeeze(-1)
         if self.unseen == "ridge" and bool(unseen.any()):
-            ridge = self.ridge_weights(reference)[gene_index[unseen]] @ reference
+            # regress on what training genes are encoded as: their own kernel vectors
+            trained = self.kernel_weights(self.reference_genes) @ with_null
+            ridge = self.ridge_weights(trained)[gene_index[unseen]] @ trained
             vectors = vectors.clone()
             vectors[unseen] = ridge
         return vectors * mask
@@ -184,7 +195,7 @@ class PerturbationEncoder(nn.Module):
         """The two parts of ``p(S)``: gene vectors ``(n_cells, max_genes, d)`` and interaction.
 
         ``forward`` is ``gene_vectors.sum(1) + interaction``; the interaction is 0 for controls and
-        singles. :meth:`ScopeVAE.predict_from_anchor` uses the parts to compose a combination's
+        singles. :meth:`ScopeVAE.predicted_change` uses the parts to compose a combination's
         effect from its genes' effects.
         """
         h = self.gene_vectors(gene_index)

@@ -22,7 +22,8 @@ anchor's basal state ``b``, shared with the control cell, and a perturbation shi
 through the few latent dimensions its shift moves, which are its programme. (A decoder that also
 saw ``p`` would let effects bypass the sparse shift.)
 
-The loss is ``-log p(x | z, p) + kl_weight * KL(q || prior)``; the KL warm-up comes from
+The loss is ``-log p(x | z, p) + kl_weight * KL(q || prior)`` (plus the L1 term of the sparse
+model); the KL warm-up comes from
 scvi-tools' ``TrainingPlan``. Pairs ``(x, x_c)`` are drawn by
 :class:`perturbscope.data.AnchoredAnnDataLoader`, which adds ``anchor_X`` to every minibatch and
 resamples it on every pass. When no anchor is present (e.g. ``get_latent_representation``,
@@ -209,6 +210,8 @@ class ScopeVAE(BaseModuleClass):
         The anchor is encoded by the posterior encoder as an unperturbed cell; its mean ``b``
         (the basal state) is shifted by a network of ``(b, p)``, so the prior is
         ``N(b + shift(b, p), sigma(b, p))``: effects may depend on the cell's state and context.
+        The sparse model's prior is ``N(b + delta(b, p), sigma(b, 0))`` (see
+        :meth:`prior_from_basal`).
         """
         if anchor_x is None:
             zeros = torch.zeros(perturbation.shape[0], self.n_latent, device=perturbation.device)
@@ -223,23 +226,21 @@ class ScopeVAE(BaseModuleClass):
         """The conditional prior given the anchor's basal state, and the perturbation's shift.
 
         Dense: ``N(b + shift(b, p), sigma(b, p))`` and ``shift(b, p)``. Sparse:
-        ``N(b + delta, sigma(b, p))`` and ``delta = shift(b, p) - shift(b, 0)`` (0 for controls).
+        ``N(b + delta, sigma(b, 0))`` and ``delta = shift(b, p) - shift(b, 0)`` (0 for controls).
         """
         hidden = self.prior_body(torch.cat([basal, perturbation], dim=-1))
         shift = self.prior_shift(hidden)
-        scale = torch.nn.functional.softplus(self.prior_scale(hidden)) + 1e-4
         if self.perturbation_effect == "sparse":
-            unperturbed = self.prior_body(torch.cat([basal, torch.zeros_like(perturbation)], dim=-1))
-            shift = shift - self.prior_shift(unperturbed)
+            # the scale comes from the unperturbed state, so that a perturbation can act only
+            # through its (penalised) shift, not by widening the prior on other dimensions
+            hidden = self.prior_body(torch.cat([basal, torch.zeros_like(perturbation)], dim=-1))
+            shift = shift - self.prior_shift(hidden)
+        scale = torch.nn.functional.softplus(self.prior_scale(hidden)) + 1e-4
         return Normal(basal + shift, scale), shift
 
     def decoder_hidden_layers(self) -> nn.Module:
         """The decoder's shared hidden layers (all but its gene-wise output layers)."""
         return self.decoder.body if self.gene_likelihood == "normal" else self.decoder.px_decoder
-
-    def _decoder_perturbation(self, perturbation: torch.Tensor) -> torch.Tensor | None:
-        """What the decoder sees of the perturbation: ``p`` (dense) or nothing (sparse)."""
-        return None if self.perturbation_effect == "sparse" else perturbation
 
     # ------------------------------------------------------------------ scvi-tools API
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -268,7 +269,7 @@ class ScopeVAE(BaseModuleClass):
         else:
             pz, shift = self.prior_from_basal(self._anchor_basal_state(anchor_x), perturbation)
         return {"z": z, "qz": qz, "pz": pz, "latent_shift": shift,
-                "perturbation": self._decoder_perturbation(perturbation), "library": library}
+                "perturbation": perturbation, "library": library}
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor | None]:
         cat_covs = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
@@ -284,16 +285,16 @@ class ScopeVAE(BaseModuleClass):
     def generative(
         self,
         z: torch.Tensor,
-        perturbation: torch.Tensor | None,
+        perturbation: torch.Tensor,
         library: torch.Tensor,
         batch_index: torch.Tensor | None = None,
         cat_covs: torch.Tensor | None = None,
     ) -> dict[str, torch.distributions.Distribution]:
         """The likelihood ``p(x | z, p, covariates)``; ``px.mean`` is on the input's scale.
 
-        ``perturbation`` is ``p`` (dense) or ``None`` (sparse: the decoder sees ``z`` only).
+        The sparse model's decoder sees ``z`` only and ignores ``perturbation``.
         """
-        if perturbation is None:
+        if self.perturbation_effect == "sparse":
             decoder_input = z
         else:
             if z.dim() == 3:  # several samples of z share the perturbation and covariates
@@ -370,8 +371,7 @@ class ScopeVAE(BaseModuleClass):
 
         def decode(perturbation: torch.Tensor) -> torch.Tensor:
             pz, _ = self.prior_from_basal(basal, perturbation)
-            return self._decode_log1p(pz.loc + pz.scale * noise, self._decoder_perturbation(perturbation),
-                                      library, batch_index, cat_covs)
+            return self._decode_log1p(pz.loc + pz.scale * noise, perturbation, library, batch_index, cat_covs)
 
         gene_vectors, interaction = self.perturbation_encoder.components(perturbation_genes)
         summed = gene_vectors.sum(dim=1)
