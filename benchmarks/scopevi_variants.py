@@ -3,12 +3,12 @@
     python benchmarks/scopevi_variants.py [--seeds 2] [--tasks ...] [--data ../shared/data]
 
 * ``dense``: the default (decoder sees ``[z, p]``; combinations composed additively; genes
-  unseen in training encoded by ridge regression on their embeddings);
+  unseen in training encoded by the similarity kernel);
 * ``sparse``: ``perturbation_effect="sparse"`` (decoder sees ``z``; L1 on the latent shift);
 * ``dense (joint combinations)``: the dense model predicting doubles by decoding the summed
   perturbation vector (``combination="joint"``), on ``norman_combo`` only;
-* ``dense (kernel for unseen genes)``: unseen genes encoded as a similarity mix of training genes
-  (``unseen_genes="kernel"``), on the Norman tasks only.
+* ``dense (ridge for unseen genes)``: unseen genes encoded by leave-one-gene-out-calibrated
+  ridge regression on their embeddings (``unseen_genes="ridge"``), on the Norman tasks only.
 
 Beside them, the best baselines of each task, on the same splits and seeds. Every variant uses
 the benchmark's ScopeVI settings otherwise. Writes the "variants" section of RESULTS.md (mean
@@ -35,11 +35,11 @@ VARIANTS = {
     "dense": {},
     "sparse": {"model": {"perturbation_effect": "sparse"}},
     "dense (joint combinations)": {"predict": {"combination": "joint"}},
-    "dense (kernel for unseen genes)": {"model": {"unseen_genes": "kernel"}},
+    "dense (ridge for unseen genes)": {"model": {"unseen_genes": "ridge"}},
 }
 ONLY_ON = {
     "dense (joint combinations)": ("norman_combo",),
-    "dense (kernel for unseen genes)": ("norman_unseen_single", "norman_combo"),
+    "dense (ridge for unseen genes)": ("norman_unseen_single", "norman_combo"),
 }
 BASELINES = {
     "norman_unseen_single": ["perturbed_mean", "linear"],

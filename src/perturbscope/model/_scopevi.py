@@ -208,7 +208,7 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         anchor_gradient: bool = False,
         perturbation_encoding: Literal["kernel", "linear"] = "kernel",
         kernel_temperature: float = 0.1,
-        unseen_genes: Literal["kernel", "ridge"] = "ridge",
+        unseen_genes: Literal["kernel", "ridge"] = "kernel",
         perturbation_effect: Literal["dense", "sparse"] = "dense",
         sparsity_weight: float = 0.01,
     ):

@@ -87,7 +87,7 @@ class PerturbationEncoder(nn.Module):
         reference_genes: torch.Tensor | None = None,
         temperature: float = 0.1,
         null_similarity: float | None = None,
-        unseen: Literal["kernel", "ridge"] = "ridge",
+        unseen: Literal["kernel", "ridge"] = "kernel",
         n_ridge_components: int = 10,
     ):
         super().__init__()

@@ -141,7 +141,7 @@ class ScopeVAE(BaseModuleClass):
         anchor_gradient: bool = False,
         reference_genes: torch.Tensor | None = None,
         kernel_temperature: float = 0.1,
-        unseen_genes: Literal["kernel", "ridge"] = "ridge",
+        unseen_genes: Literal["kernel", "ridge"] = "kernel",
         perturbation_effect: PerturbationEffect = "dense",
         sparsity_weight: float = 0.01,
     ):
