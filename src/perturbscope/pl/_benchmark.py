@@ -247,6 +247,9 @@ def learning_curve(
 
     if "shots" not in results.columns:
         raise KeyError("results lacks a 'shots' column; pass the output of benchmark.learning_curve.")
+    # one colour per model across every task of ``results``, so panels can be compared
+    models = sorted(set(results["model"]) - {_CEILING, _OBSERVED})
+    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
     rows = _select(results, metric, task, None)
     rows = rows[(rows["model"] != _OBSERVED) & (rows["perturbation"] != "(all)")]
     per_seed = rows.groupby(["model", "shots", "seed"])["value"].mean()
@@ -255,7 +258,8 @@ def learning_curve(
         _, ax = plt.subplots(figsize=(4.5, 3.2))
     for model, block in stats.groupby(level="model", sort=False):
         block = block.droplevel("model")
-        style = {"color": "grey", "linestyle": "--"} if model == _CEILING else {"marker": "o"}
+        style = ({"color": "grey", "linestyle": "--"} if model == _CEILING
+                 else {"marker": "o", "color": colours[model]})
         label = "noise ceiling (split-half)" if model == _CEILING else model
         ax.errorbar(block.index, block["mean"], yerr=block["std"], label=label, capsize=2, **style)
     ax.set_xlabel("cells given per perturbation (k)")
