@@ -496,7 +496,7 @@ def test_perturbation_programs_sparse_model(small_screen, tmp_path):
     model.train(max_epochs=5, enable_progress_bar=False)
     controls = _controls(adata)
     genes = list(embeddings.index[:3])
-    programs = model.get_perturbation_programs(genes, controls, threshold=0.2)
+    programs = model.get_perturbation_programs(controls, genes, threshold=0.2)
     assert isinstance(programs, ps.model.PerturbationPrograms)
     assert programs.latent_shift.shape == (3, 6)
     assert list(programs.latent_shift.columns[:2]) == ["z0", "z1"]
@@ -522,7 +522,7 @@ def test_perturbation_programs_sparse_model(small_screen, tmp_path):
     model.save(tmp_path / "sparse", overwrite=True)
     loaded = ps.ScopeVI.load(tmp_path / "sparse", adata=adata)
     assert loaded.module.perturbation_effect == "sparse"
-    pd.testing.assert_frame_equal(loaded.get_perturbation_programs(genes, controls).latent_shift,
+    pd.testing.assert_frame_equal(loaded.get_perturbation_programs(controls, genes).latent_shift,
                                   programs.latent_shift, atol=1e-5)
 
 
@@ -530,7 +530,7 @@ def test_perturbation_programs_gene_effects_are_mean_changes(trained):
     model, adata, embeddings = trained
     controls = _controls(adata)[:25]
     gene = embeddings.index[1]
-    programs = model.get_perturbation_programs([gene], controls)
+    programs = model.get_perturbation_programs(controls, [gene])
     direct = model.predict(controls, [gene], use_prior_mean=True, residual=False)
     x = controls.X.toarray()
     with torch.inference_mode():

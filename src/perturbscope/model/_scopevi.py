@@ -816,8 +816,8 @@ categorical_covariate_keys, combination_delimiter
     @torch.inference_mode()
     def get_perturbation_programs(
         self,
-        perturbations: Sequence[str] | None = None,
         adata_control: ad.AnnData | None = None,
+        perturbations: Sequence[str] | None = None,
         threshold: float = 0.5,
         batch_size: int = 512,
     ) -> PerturbationPrograms:
@@ -834,10 +834,10 @@ categorical_covariate_keys, combination_delimiter
 
         Parameters
         ----------
-        perturbations
-            Labels (seen or unseen genes, combinations); defaults to the training perturbations.
         adata_control
             Anchor control cells; defaults to the training control cells.
+        perturbations
+            Labels (seen or unseen genes, combinations); defaults to the training perturbations.
         threshold
             Active-dimension threshold in standard deviations of the basal states.
         batch_size
