@@ -264,13 +264,19 @@ def _split_by_type(small_screen):
     return reference, query, embeddings
 
 
-def test_load_query_data_freezes_embedding_path_and_decoder(small_screen):
+def _reference_model_and_query(small_screen):
+    """A model trained on type_0, and type_1's controls plus one perturbation as the query."""
     scvi.settings.seed = 0
     reference, query, embeddings = _split_by_type(small_screen)
     ps.ScopeVI.setup_anndata(reference, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
     model = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
     model.train(max_epochs=2, enable_progress_bar=False)
     query = query[query.obs["perturbation"].isin(["control", embeddings.index[0]])].copy()
+    return model, query, embeddings
+
+
+def test_load_query_data_freezes_embedding_path_and_decoder(small_screen):
+    model, query, embeddings = _reference_model_and_query(small_screen)
     transfer = ps.ScopeVI.load_query_data(query, model, freeze_decoder=True)
     before = {k: v.clone() for k, v in transfer.module.state_dict().items()}
     for key, value in model.module.state_dict().items():
@@ -289,12 +295,7 @@ def test_load_query_data_freezes_embedding_path_and_decoder(small_screen):
 
 @pytest.mark.parametrize("freeze", ["shared", False])
 def test_load_query_data_decoder_freezing_modes(small_screen, freeze):
-    scvi.settings.seed = 0
-    reference, query, embeddings = _split_by_type(small_screen)
-    ps.ScopeVI.setup_anndata(reference, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
-    model = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
-    model.train(max_epochs=2, enable_progress_bar=False)
-    query = query[query.obs["perturbation"].isin(["control", embeddings.index[0]])].copy()
+    model, query, embeddings = _reference_model_and_query(small_screen)
     transfer = ps.ScopeVI.load_query_data(query, model, freeze_decoder=freeze)
     before = {k: v.clone() for k, v in transfer.module.state_dict().items()}
     transfer.train(max_epochs=2, enable_progress_bar=False)
