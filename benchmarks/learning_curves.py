@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     shots = tuple(int(k) for k in args.shots.split(","))
     started = time.perf_counter()
-    for task in args.tasks.split(","):
+    for task in [t for t in args.tasks.split(",") if t]:  # --tasks "": rebuild from the CSVs
         spec = TASKS[task]
         adata, embeddings = load_task(task, args.data)
         t0 = time.perf_counter()

@@ -308,6 +308,17 @@ def test_load_query_data_decoder_freezing_modes(small_screen, freeze):
     assert not {k for k in changed if k.startswith("perturbation_encoder.")}
 
 
+def test_load_query_data_controls_only_keeps_the_whole_decoder(small_screen):
+    model, query, _ = _reference_model_and_query(small_screen)
+    controls = query[query.obs["perturbation"] == "control"].copy()
+    transfer = ps.ScopeVI.load_query_data(controls, model)  # "shared" by default
+    before = {k: v.clone() for k, v in transfer.module.state_dict().items()}
+    transfer.train(max_epochs=2, enable_progress_bar=False)
+    changed = {k for k, v in transfer.module.state_dict().items() if not torch.equal(before[k], v)}
+    assert not {k for k in changed if k.startswith("decoder.") or k == "px_r"}
+    assert {k for k in changed if k.startswith("z_encoder.")}
+
+
 def test_load_query_data_bad_freeze(small_screen, trained):
     model, _, _ = trained
     _, query, _ = _split_by_type(small_screen)

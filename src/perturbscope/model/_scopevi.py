@@ -439,10 +439,14 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             A trained :class:`ScopeVI`.
         freeze_decoder
             ``"shared"``: freeze the decoder's hidden layers (which also take the batch and, in
-            the dense model, the perturbation vector) and fine-tune its output layer, so the decoder can re-weight how
+            the dense model, the perturbation vector) and fine-tune its output layer, so the
+            decoder can re-weight how
             the learned hidden features reach each gene in the new context. ``True``: freeze the
             whole decoder and the dispersion; only the encoder and the prior adapt, which leaves
             the predicted effect of a perturbation nearly unchanged. ``False``: fine-tune it all.
+            A query of control cells only holds no signal for the output layer, so there
+            ``"shared"`` freezes the whole decoder, as ``True`` does (on Kang, fine-tuning the
+            output layer on controls alone made predictions worse than the reference's).
         freeze_perturbation_encoder
             Keep the gene-embedding path fixed.
 
@@ -485,9 +489,10 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
             for key, value in model.module.state_dict().items()
         })
         frozen = [model.module.perturbation_encoder] if freeze_perturbation_encoder else []
-        if freeze_decoder == "shared":
+        perturbed = np.asarray(model.adata_manager.get_from_registry(REGISTRY_KEYS.PERTURBATION_KEY)) >= 0
+        if freeze_decoder == "shared" and perturbed.any():
             frozen.append(model.module.decoder_hidden_layers())
-        elif freeze_decoder:
+        elif freeze_decoder:  # True, or "shared" with control cells only
             frozen.append(model.module.decoder)
             if hasattr(model.module, "px_r"):
                 model.module.px_r.requires_grad_(False)
