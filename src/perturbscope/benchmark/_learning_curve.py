@@ -24,16 +24,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .._constants import OUTPUT_KEYS
 from ._baselines import log1p_expression
-from ._metrics import evaluate
-from ._pseudobulk import pseudobulk
 from ._runner import (
     CEILING,
     OBSERVED,
     ScopeVIModel,
     _collapse_records,
     _records,
+    _score_records,
     _split_reference,
     _with_groups,
     make_model,
@@ -312,16 +310,25 @@ def learning_curve(
                         adata[split.control], split.perturbations, n_samples=n_samples, seed=seed
                     )
             for name, prediction in predictions.items():
-                scores = evaluate(prediction, reference_scores, distributional=distributional, seed=seed)
-                records += _with_groups(_records(scores, model=name, **fields), groups)
-                means = pseudobulk(prediction, OUTPUT_KEYS.PERTURBATION, layer=OUTPUT_KEYS.LOG1P_NORM_LAYER)
-                means.index = means.index.astype(str)
-                records += _collapse_records(means.loc[reference_scores.observed_means.index],
-                                             reference_scores.control_mean, groups, model=name, **fields)
+                records += _score_records(prediction, reference_scores, groups, distributional,
+                                          model=name, **fields)
         bar.update()
     bar.close()
     columns = ["task", "seed", "split", "shots", "group", "model", "perturbation", "metric", "value"]
     return pd.DataFrame.from_records(records)[columns]
+
+
+def shot_statistics(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean and sd over seeds of a metric's per-seed mean, by (task, model, shots).
+
+    The observed row and the mode-collapse figure (perturbation ``"(all)"``) are left out.
+    """
+    rows = results[(results["metric"] == metric) & (results["perturbation"] != "(all)")
+                   & (results["model"] != OBSERVED)]
+    if rows.empty:
+        raise ValueError(f"metric {metric!r} not in results; found {sorted(results['metric'].unique())}.")
+    per_seed = rows.groupby(["task", "model", "shots", "seed"])["value"].mean()
+    return per_seed.groupby(level=["task", "model", "shots"]).agg(["mean", "std"]).fillna(0.0)
 
 
 def learning_curve_table(results: pd.DataFrame, metric: str = "pearson_delta_top_de") -> pd.DataFrame:
@@ -347,11 +354,6 @@ def learning_curve_table(results: pd.DataFrame, metric: str = "pearson_delta_top
     >>> learning_curve_table(results, "r").loc[("t", "m"), 5]
     '0.600 ± 0.141'
     """
-    rows = results[(results["metric"] == metric) & (results["perturbation"] != "(all)")
-                   & (results["model"] != OBSERVED)]
-    if rows.empty:
-        raise ValueError(f"metric {metric!r} not in results; found {sorted(results['metric'].unique())}.")
-    per_seed = rows.groupby(["task", "model", "shots", "seed"])["value"].mean()
-    stats = per_seed.groupby(level=["task", "model", "shots"]).agg(["mean", "std"]).fillna(0.0)
+    stats = shot_statistics(results, metric)
     text = stats.apply(lambda r: f"{r['mean']:.3f} ± {r['std']:.3f}", axis=1).unstack("shots")
     return text

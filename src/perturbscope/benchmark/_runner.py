@@ -367,18 +367,8 @@ def run_benchmark(
                     data_scale=spec.data_scale,
                 )
                 prediction = model.predict(adata[split.control], split.perturbations)
-            scores = evaluate(prediction, reference, distributional=distributional, seed=seed)
-            records += _with_groups(_records(scores, model=name, **fields), groups)
-            predicted_means = pseudobulk(
-                prediction, OUTPUT_KEYS.PERTURBATION, layer=OUTPUT_KEYS.LOG1P_NORM_LAYER
-            )
-            predicted_means.index = predicted_means.index.astype(str)
-            records += _collapse_records(
-                predicted_means.loc[reference.observed_means.index],
-                reference.control_mean,
-                groups,
-                model=name,
-                **fields,
+            records += _score_records(
+                prediction, reference, groups, distributional, model=name, **fields
             )
             timings.append(
                 {
@@ -428,6 +418,23 @@ def _split_reference(
         observed, control, key, de_genes=reference.de_genes, perturbed_centroid=centroid, seed=seed
     )
     return reference, ceiling
+
+
+def _score_records(
+    prediction: ad.AnnData, reference, groups: pd.Series, distributional: bool, **fields
+) -> list[dict]:
+    """Long records of a prediction's metrics and of its mode-collapse figure.
+
+    ``fields`` (model, task, seed, split, ...) are copied into every record; ``fields["seed"]``
+    also seeds the distributional metrics.
+    """
+    scores = evaluate(prediction, reference, distributional=distributional, seed=fields["seed"])
+    records = _with_groups(_records(scores, **fields), groups)
+    means = pseudobulk(prediction, OUTPUT_KEYS.PERTURBATION, layer=OUTPUT_KEYS.LOG1P_NORM_LAYER)
+    means.index = means.index.astype(str)
+    return records + _collapse_records(
+        means.loc[reference.observed_means.index], reference.control_mean, groups, **fields
+    )
 
 
 def _with_groups(records: list[dict], groups: pd.Series) -> list[dict]:

@@ -250,10 +250,10 @@ def learning_curve(
     # one colour per model across every task of ``results``, so panels can be compared
     models = sorted(set(results["model"]) - {_CEILING, _OBSERVED})
     colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    from ..benchmark._learning_curve import shot_statistics
+
     rows = _select(results, metric, task, None)
-    rows = rows[(rows["model"] != _OBSERVED) & (rows["perturbation"] != "(all)")]
-    per_seed = rows.groupby(["model", "shots", "seed"])["value"].mean()
-    stats = per_seed.groupby(level=["model", "shots"]).agg(["mean", "std"]).fillna(0.0)
+    stats = shot_statistics(rows.assign(task=""), metric).droplevel("task")
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 3.2))
     for model, block in stats.groupby(level="model", sort=False):
