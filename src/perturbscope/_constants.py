@@ -10,9 +10,8 @@ from typing import NamedTuple
 
 
 class _ScopeRegistryKeys(NamedTuple):
-    X_KEY: str = "X"
-    BATCH_KEY: str = "batch"
-    CAT_COVS_KEY: str = "extra_categorical_covs"
+    """ScopeVI's own registry keys; scvi-tools' (``X``, ``batch``, covariates) are in ``scvi.REGISTRY_KEYS``."""
+
     CONTEXT_KEY: str = "context"
     PERTURBATION_KEY: str = "perturbation_genes"
     ANCHOR_X_KEY: str = "anchor_X"

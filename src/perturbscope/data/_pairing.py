@@ -22,6 +22,7 @@ from scvi import settings
 from scvi.data import AnnDataManager
 from scvi.dataloaders import AnnDataLoader, DataSplitter
 
+from scvi import REGISTRY_KEYS as SCVI_KEYS
 from .._constants import REGISTRY_KEYS
 
 #: Control cells are held densely in memory for anchoring when they take at most this much.
@@ -36,7 +37,7 @@ def pairing_groups(context: np.ndarray, batch: np.ndarray, n_batch: int) -> np.n
 def registered_pairing_groups(adata_manager: AnnDataManager) -> tuple[np.ndarray, int]:
     """Pairing group of every registered cell, and the number of batch codes."""
     context = adata_manager.get_from_registry(REGISTRY_KEYS.CONTEXT_KEY)
-    batch = adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)
+    batch = adata_manager.get_from_registry(SCVI_KEYS.BATCH_KEY)
     n_batch = int(np.asarray(batch).max()) + 1
     return pairing_groups(context, batch, n_batch), n_batch
 
@@ -108,7 +109,7 @@ class AnchoredAnnDataLoader(AnnDataLoader):
         seed = int(settings.seed or 0) if seed is None else seed
         self.anchor_sampler = ControlAnchorSampler(groups, control_mask(adata_manager), seed=seed)
         self.anchor_dataset = adata_manager.create_torch_dataset(
-            data_and_attributes={REGISTRY_KEYS.X_KEY: np.float32}
+            data_and_attributes={SCVI_KEYS.X_KEY: np.float32}
         )
         self.anchor_cache, self.cache_position = self._dense_control_cache(adata_manager)
 
@@ -121,7 +122,7 @@ class AnchoredAnnDataLoader(AnnDataLoader):
         controls = np.flatnonzero(control_mask(adata_manager))
         if len(controls) * adata_manager.summary_stats.n_vars * 4 > MAX_CACHE_BYTES:
             return None, None
-        dense = torch.as_tensor(self.anchor_dataset[controls][REGISTRY_KEYS.X_KEY])
+        dense = torch.as_tensor(self.anchor_dataset[controls][SCVI_KEYS.X_KEY])
         position = np.full(adata_manager.adata.n_obs, -1, dtype=np.int64)
         position[controls] = np.arange(len(controls))
         return dense, position
@@ -129,12 +130,12 @@ class AnchoredAnnDataLoader(AnnDataLoader):
     def _anchor_expression(self, anchors: np.ndarray) -> torch.Tensor:
         if self.anchor_cache is not None:
             return self.anchor_cache[torch.from_numpy(self.cache_position[anchors])]
-        return torch.as_tensor(self.anchor_dataset[anchors][REGISTRY_KEYS.X_KEY])
+        return torch.as_tensor(self.anchor_dataset[anchors][SCVI_KEYS.X_KEY])
 
     def __iter__(self):
         for batch in super().__iter__():
             groups = pairing_groups(
-                batch[REGISTRY_KEYS.CONTEXT_KEY].numpy(), batch[REGISTRY_KEYS.BATCH_KEY].numpy(), self.n_batch
+                batch[REGISTRY_KEYS.CONTEXT_KEY].numpy(), batch[SCVI_KEYS.BATCH_KEY].numpy(), self.n_batch
             )
             anchors = self.anchor_sampler.sample(groups)
             batch[REGISTRY_KEYS.ANCHOR_X_KEY] = self._anchor_expression(anchors)

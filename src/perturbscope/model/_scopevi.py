@@ -35,6 +35,7 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from tqdm.auto import tqdm
 
+from scvi import REGISTRY_KEYS as SCVI_KEYS
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
 from .._safe_load import load_model_file
 from ..benchmark import pseudobulk
@@ -216,7 +217,7 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         if perturbation_encoding not in ("kernel", "linear"):
             raise ValueError(f"perturbation_encoding must be 'kernel' or 'linear', got {perturbation_encoding!r}.")
         if gene_likelihood in COUNT_LIKELIHOODS:
-            check_count_data(self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), self._layer)
+            check_count_data(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY), self._layer)
         perturbation_state = self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY)
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
@@ -307,11 +308,11 @@ class ScopeVI(UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
         _check_setup_obs(adata.obs, "adata.obs", perturbation_key, control_value, context_key,
                          batch_key, transferred=kwargs.get("source_registry") is not None)
         anndata_fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            LayerField(SCVI_KEYS.X_KEY, layer, is_count_data=False),
             PerturbationGenesField(perturbation_key, control_value, gene_embeddings, combination_delimiter),
             CategoricalObsField(REGISTRY_KEYS.CONTEXT_KEY, context_key),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
+            CategoricalObsField(SCVI_KEYS.BATCH_KEY, batch_key),
+            CategoricalJointObsField(SCVI_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
         ]
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
@@ -574,12 +575,12 @@ categorical_covariate_keys, combination_delimiter
         _check_setup_obs(mdata.obs, "mdata.obs", perturbation_key, control_value, context_key,
                          batch_key, transferred=kwargs.get("source_registry") is not None)
         fields = [
-            MuDataLayerField(REGISTRY_KEYS.X_KEY, rna_layer, mod_key=rna, is_count_data=False, mod_required=True),
+            MuDataLayerField(SCVI_KEYS.X_KEY, rna_layer, mod_key=rna, is_count_data=False, mod_required=True),
             MuDataPerturbationGenesField(perturbation_key, control_value, gene_embeddings,
                                          combination_delimiter, mod_key=None),
             MuDataCategoricalObsField(REGISTRY_KEYS.CONTEXT_KEY, context_key, mod_key=None),
-            MuDataCategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=None),
-            MuDataCategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys, mod_key=None),
+            MuDataCategoricalObsField(SCVI_KEYS.BATCH_KEY, batch_key, mod_key=None),
+            MuDataCategoricalJointObsField(SCVI_KEYS.CAT_COVS_KEY, categorical_covariate_keys, mod_key=None),
         ]
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(mdata, **kwargs)
@@ -588,7 +589,7 @@ categorical_covariate_keys, combination_delimiter
     # ------------------------------------------------------------------ registry views
     @property
     def _layer(self) -> str | None:
-        location = self.adata_manager.data_registry[REGISTRY_KEYS.X_KEY]
+        location = self.adata_manager.data_registry[SCVI_KEYS.X_KEY]
         return None if location.attr_name == "X" else location.attr_key
 
     @property
@@ -602,9 +603,9 @@ categorical_covariate_keys, combination_delimiter
         return torch.as_tensor(rows, dtype=torch.long)
 
     def _n_cats_per_covariate(self) -> list[int]:
-        if REGISTRY_KEYS.CAT_COVS_KEY not in self.adata_manager.data_registry:
+        if SCVI_KEYS.CAT_COVS_KEY not in self.adata_manager.data_registry:
             return []
-        return list(self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key)
+        return list(self.adata_manager.get_state_registry(SCVI_KEYS.CAT_COVS_KEY).n_cats_per_key)
 
     def _original_key(self, registry_key: str) -> str | None:
         """The user's ``obs`` column behind a categorical field, ``None`` if it was defaulted."""
@@ -646,9 +647,9 @@ categorical_covariate_keys, combination_delimiter
         return codes
 
     def _covariate_codes(self, adata: ad.AnnData) -> np.ndarray | None:
-        if REGISTRY_KEYS.CAT_COVS_KEY not in self.adata_manager.data_registry:
+        if SCVI_KEYS.CAT_COVS_KEY not in self.adata_manager.data_registry:
             return None
-        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY)
+        state = self.adata_manager.get_state_registry(SCVI_KEYS.CAT_COVS_KEY)
         columns = []
         for key in state.field_keys:
             mapping = pd.Index(state.mappings[key])
@@ -665,12 +666,12 @@ categorical_covariate_keys, combination_delimiter
     @property
     def var_names(self) -> pd.Index:
         """The genes the model was trained on, in order."""
-        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY)
+        state = self.adata_manager.get_state_registry(SCVI_KEYS.X_KEY)
         return pd.Index(np.asarray(state.column_names).astype(str))
 
     def _expression_modality(self, data):
         """The AnnData holding expression: ``data`` itself, or its modality for a MuData."""
-        mod_key = self.adata_manager.data_registry[REGISTRY_KEYS.X_KEY].get("mod_key")
+        mod_key = self.adata_manager.data_registry[SCVI_KEYS.X_KEY].get("mod_key")
         return data.mod[mod_key] if mod_key is not None and hasattr(data, "mod") else data
 
     def _check_var_names(self, adata: ad.AnnData) -> None:
@@ -927,7 +928,7 @@ categorical_covariate_keys, combination_delimiter
         self.module.eval()
         device = self.device
         matrix = _matrix_of(adata_control, self._layer)
-        batch_codes = self._category_codes(adata_control, REGISTRY_KEYS.BATCH_KEY)
+        batch_codes = self._category_codes(adata_control, SCVI_KEYS.BATCH_KEY)
         covariate_codes = self._covariate_codes(adata_control)
         n_cells = adata_control.n_obs
         for start in tqdm(range(0, n_cells, batch_size), desc="ScopeVI", disable=n_cells <= batch_size):
@@ -944,9 +945,9 @@ categorical_covariate_keys, combination_delimiter
     def _prediction_anndata(self, adata_control, perturbations, n_samples, X, log1p_norm) -> ad.AnnData:
         n_perts, _, n_cells, n_genes = X.shape
         context_columns = [k for k in (self._original_key(REGISTRY_KEYS.CONTEXT_KEY),
-                                       self._original_key(REGISTRY_KEYS.BATCH_KEY)) if k is not None]
-        if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
-            context_columns += list(self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).field_keys)
+                                       self._original_key(SCVI_KEYS.BATCH_KEY)) if k is not None]
+        if SCVI_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
+            context_columns += list(self.adata_manager.get_state_registry(SCVI_KEYS.CAT_COVS_KEY).field_keys)
         context_columns = list(dict.fromkeys(k for k in context_columns if k in adata_control.obs))
         repeat = n_perts * n_samples
         obs = pd.DataFrame({

@@ -42,6 +42,7 @@ from scvi.nn import DecoderSCVI, Encoder, FCLayers
 from torch import nn
 from torch.distributions import Normal, Poisson, kl_divergence
 
+from scvi import REGISTRY_KEYS as SCVI_KEYS
 from .._constants import REGISTRY_KEYS, TARGET_SUM
 from ._perturbation_encoder import PerturbationEncoder
 
@@ -245,7 +246,7 @@ class ScopeVAE(BaseModuleClass):
     # ------------------------------------------------------------------ scvi-tools API
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         return {
-            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "x": tensors[SCVI_KEYS.X_KEY],
             "perturbation_genes": tensors[REGISTRY_KEYS.PERTURBATION_KEY],
             "anchor_x": tensors.get(REGISTRY_KEYS.ANCHOR_X_KEY),
         }
@@ -272,12 +273,12 @@ class ScopeVAE(BaseModuleClass):
                 "perturbation": perturbation, "library": library}
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor | None]:
-        cat_covs = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
+        cat_covs = tensors.get(SCVI_KEYS.CAT_COVS_KEY)
         return {
             "z": inference_outputs["z"],
             "perturbation": inference_outputs["perturbation"],
             "library": inference_outputs["library"],
-            "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY) if self._use_batch else None,
+            "batch_index": tensors.get(SCVI_KEYS.BATCH_KEY) if self._use_batch else None,
             "cat_covs": cat_covs,
         }
 
@@ -315,7 +316,7 @@ class ScopeVAE(BaseModuleClass):
 
     def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0) -> LossOutput:
         """Reconstruction plus ``kl_weight`` times ``KL(q(z | x, p) || p(z | x_c, p))``."""
-        x = tensors[REGISTRY_KEYS.X_KEY]
+        x = tensors[SCVI_KEYS.X_KEY]
         reconstruction = -generative_outputs["px"].log_prob(x).sum(dim=-1)
         kl_per_dim = kl_divergence(inference_outputs["qz"], inference_outputs["pz"])
         kl = kl_per_dim.sum(dim=-1)

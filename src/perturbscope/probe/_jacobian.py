@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scvi import REGISTRY_KEYS as SCVI_KEYS
 from .._constants import TARGET_SUM
 from ._census import REFERENCE_BATCHES_ATTR
 
@@ -77,10 +78,10 @@ def _batch_codes(model: Any, names: Sequence[str]) -> list[int]:
     from scvi import REGISTRY_KEYS
 
     manager = model.adata_manager
-    if REGISTRY_KEYS.BATCH_KEY not in manager.data_registry:
+    if SCVI_KEYS.BATCH_KEY not in manager.data_registry:
         return [0]
     mapping = [
-        str(b) for b in manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+        str(b) for b in manager.get_state_registry(SCVI_KEYS.BATCH_KEY).categorical_mapping
     ]
     unknown = [n for n in names if str(n) not in mapping]
     if unknown:
@@ -140,12 +141,12 @@ def _decoder_fn(
     def from_registry(key: str) -> np.ndarray | None:
         return None if manager is None else _registry_tensor(manager, key)
 
-    own_batch = from_registry(REGISTRY_KEYS.BATCH_KEY)
+    own_batch = from_registry(SCVI_KEYS.BATCH_KEY)
     cont = from_registry(REGISTRY_KEYS.CONT_COVS_KEY)
-    cat = from_registry(REGISTRY_KEYS.CAT_COVS_KEY)
+    cat = from_registry(SCVI_KEYS.CAT_COVS_KEY)
     if manager is None and (
         REGISTRY_KEYS.CONT_COVS_KEY in model.adata_manager.data_registry
-        or REGISTRY_KEYS.CAT_COVS_KEY in model.adata_manager.data_registry
+        or SCVI_KEYS.CAT_COVS_KEY in model.adata_manager.data_registry
     ):
         raise ValueError("this model has covariates: pass adata with z so they can be read")
     perturbation = None
