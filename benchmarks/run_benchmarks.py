@@ -40,7 +40,7 @@ from perturbscope.benchmark import (
     summarize,
     write_results,
 )
-from perturbscope.benchmark._runner import SUMMARY_METRICS
+from perturbscope.benchmark import SUMMARY_METRICS
 from perturbscope.benchmark._tasks import GO_ANNOTATIONS, go_gene_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +140,7 @@ def main() -> None:
                     args.data, task, models=models, seeds=args.seeds, scopevi_kwargs=scopevi_kwargs
                 )
             write_results(results, args.out / task, title=spec.description)
+            perturbscope.pl.benchmark_figures(results, args.out / task)
             elapsed = time.perf_counter() - t0
             per_model = results.attrs["timings"].groupby("model")["seconds"].mean()
             timings.append(

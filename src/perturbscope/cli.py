@@ -33,9 +33,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         demo(seed=args.seed, max_epochs=args.epochs)
     else:
         from .benchmark import markdown_table, run_benchmark, summarize
+        from .pl import benchmark_figures
 
         results = run_benchmark(data=args.data, task=args.task, models=[m.strip() for m in args.models.split(",")],
                                 seeds=args.seeds, out=args.out)
+        benchmark_figures(results, args.out)
         print(markdown_table(summarize(results)))
         print(f"\nWrote every metric to {args.out / 'metrics.csv'}.")
 

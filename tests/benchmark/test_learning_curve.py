@@ -6,9 +6,8 @@ from perturbscope.benchmark import (
     few_shot_splits,
     learning_curve,
     learning_curve_table,
-    log1p_normalized,
 )
-from perturbscope.data import simulate_perturbseq
+from perturbscope.data import log1p_normalized, simulate_perturbseq
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import time
 import pandas as pd
 import pytest
 
+from perturbscope import pl
 from perturbscope.benchmark import TASKS, load_task, markdown_table, run_benchmark, summarize
 
 
@@ -58,6 +59,7 @@ def test_runner_smoke_on_simulated_data_with_scopevi(tmp_path):
     # the additive baseline predicts an unseen single as no change: Pearson delta 0
     pearson = scores[(scores["metric"] == "pearson_delta") & (scores["model"] == "additive")]
     assert pearson["value"].eq(0.0).all()
+    pl.benchmark_figures(results, tmp_path)
     for name in ("metrics.csv", "summary.csv", "results.md", "pearson_delta_top_de.png"):
         assert (tmp_path / name).is_file()
     written = pd.read_csv(tmp_path / "metrics.csv")

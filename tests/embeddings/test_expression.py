@@ -85,7 +85,7 @@ def test_context_compares_with_own_control(tiny):
 
 
 def test_simulated_screen(small_screen):
-    from perturbscope.benchmark import log1p_normalized
+    from perturbscope.data import log1p_normalized
 
     adata = small_screen[0].copy()
     adata.layers["log1p_norm"] = log1p_normalized(adata)
@@ -102,7 +102,7 @@ def test_simulated_screen(small_screen):
 
 
 def test_bad_input(tiny):
-    with pytest.raises(KeyError, match=r"Columns \['guide'\] are not in adata.obs"):
+    with pytest.raises(KeyError, match=r"perturbation_key 'guide' not in adata.obs"):
         expression_embeddings(tiny, "guide", "control")
     with pytest.raises(ValueError, match="control_value 'ctrl' not found in adata.obs"):
         expression_embeddings(tiny, "perturbation", "ctrl")
@@ -114,14 +114,14 @@ def test_bad_input(tiny):
         )
     with pytest.raises(ValueError, match=r"n_components=5 must be between 1 and .* min\(4, 5\)"):
         expression_embeddings(tiny, "perturbation", "control", n_components=5)
-    with pytest.raises(KeyError, match="layer 'counts' is not in adata.layers"):
+    with pytest.raises(KeyError, match="layer 'counts' not in adata.layers"):
         expression_embeddings(tiny, "perturbation", "control", layer="counts")
     with pytest.raises(ValueError, match="has no perturbation besides the control 'control'"):
         expression_embeddings(tiny, "perturbation", "control", perturbations=[])
     lonely = tiny.copy()
     lonely.obs["cell_type"] = ["x"] * 3 + ["y"] * 8
     with pytest.raises(
-        ValueError, match=r"Contexts \['y'\] of adata.obs\['cell_type'\] have no 'control' cells"
+        ValueError, match=r"contexts \['y'\] in adata.obs\['cell_type'\] have no 'control' cells"
     ):
         expression_embeddings(
             lonely, "perturbation", "control", n_components=1, context_key="cell_type"

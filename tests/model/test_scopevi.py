@@ -6,7 +6,7 @@ import torch
 from scipy import sparse
 
 import perturbscope as ps
-from perturbscope.benchmark import log1p_normalized, pseudobulk
+from perturbscope.data import log1p_normalized, pseudobulk
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_setup_genes_missing_from_embeddings(screen):
 def test_setup_rejects_non_finite_embeddings(screen):
     adata, embeddings = screen
     embeddings.iloc[3, 0] = np.nan
-    with pytest.raises(ValueError, match=rf"non-finite values for genes \['{embeddings.index[3]}'\]"):
+    with pytest.raises(ValueError, match=rf"NaN or infinite values for genes \['{embeddings.index[3]}'\]"):
         _setup(adata, embeddings)
 
 
@@ -183,7 +183,7 @@ def test_predict_different_perturbations_differ(trained):
 def test_predict_bad_inputs(trained):
     model, adata, embeddings = trained
     controls = _controls(adata)
-    with pytest.raises(ValueError, match=r"var_names differ from the genes the model was trained on \(1 missing, 0 extra"):
+    with pytest.raises(ValueError, match=r"adata.var_names differ from the model's 60 genes \(1 missing, 0 extra"):
         model.predict(controls[:, 1:], [embeddings.index[0]])
     with pytest.raises(KeyError, match=r"Perturbed genes missing from gene_embeddings: \['NOTAGENE'\]"):
         model.predict(controls, ["NOTAGENE"])
@@ -376,7 +376,7 @@ def test_predict_with_batches_and_covariates(small_screen):
 def test_load_query_data_rejects_different_genes(small_screen, trained):
     model, adata, _ = trained
     query = adata[:, 2:].copy()
-    with pytest.raises(ValueError, match=r"The query's genes differ from the reference's: 2 reference genes missing, 0 extra genes"):
+    with pytest.raises(ValueError, match=r"query.var_names differ from the model's 60 genes \(2 missing, 0 extra"):
         ps.ScopeVI.load_query_data(query, model)
 
 

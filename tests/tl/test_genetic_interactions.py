@@ -190,7 +190,7 @@ def test_a_context_without_control_is_an_error(shifts):
     no_control = {k: v for k, v in means.items() if k != "control"}
     both = ad.concat([_cells(means, context="x"), _cells(no_control, context="y")])
     with pytest.raises(
-        ValueError, match="context 'y' of adata.obs\\['cell_type'\\] has no 'control'"
+        ValueError, match="contexts \\['y'\\] in adata.obs\\['cell_type'\\] have no 'control'"
     ):
         genetic_interactions(both, context_key="cell_type")
 

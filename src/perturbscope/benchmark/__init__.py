@@ -8,10 +8,10 @@ from ._baselines import (
     MatchingMeanBaseline,
     NoChangeBaseline,
     PerturbedMeanBaseline,
-    log1p_expression,
 )
 from ._ceiling import delta_correlation, mode_collapse, noise_ceiling
-from ._learning_curve import few_shot_splits, learning_curve, learning_curve_table
+from ._distribution_metrics import energy_distance, histogram_kl, moment_errors
+from ._learning_curve import few_shot_splits, learning_curve
 from ._metrics import (
     CLOSEST_TO_ONE,
     DISTRIBUTION_METRICS,
@@ -21,35 +21,39 @@ from ._metrics import (
     de_overlap,
     direction_agreement,
     discrimination_score,
-    energy_distance,
     evaluate,
-    histogram_kl,
     l2_distance,
     mean_squared_error,
-    moment_errors,
     pearson_delta,
     prepare_reference,
     top_de_genes,
 )
-from ._pseudobulk import log1p_normalized, pseudobulk
-from ._runner import (
-    MODELS,
-    SCOPEVI_DEFAULTS,
-    ScopeVIModel,
-    make_model,
+from ._models import BASELINES, MODELS, SCOPEVI_DEFAULTS, ScopeVIModel, make_model
+from ._runner import run_benchmark
+from ._splits import Split, combo_split, unseen_context_split, unseen_single_split
+from ._summaries import (
+    CEILING,
+    MODE_COLLAPSE,
+    OBSERVED,
+    SUMMARY_METRICS,
+    learning_curve_table,
     markdown_table,
-    run_benchmark,
+    shot_statistics,
     summarize,
     write_results,
 )
-from ._splits import Split, combo_split, unseen_context_split, unseen_single_split
 from ._tasks import TASKS, BenchmarkTask, load_task, simulated_screen
 
 __all__ = [
     "DISTRIBUTION_METRICS",
     "CLOSEST_TO_ONE",
     "LOWER_IS_BETTER",
+    "BASELINES",
+    "CEILING",
     "MODELS",
+    "MODE_COLLAPSE",
+    "OBSERVED",
+    "SUMMARY_METRICS",
     "PROFILE_METRICS",
     "SCOPEVI_DEFAULTS",
     "TASKS",
@@ -77,8 +81,6 @@ __all__ = [
     "learning_curve",
     "learning_curve_table",
     "load_task",
-    "log1p_expression",
-    "log1p_normalized",
     "make_model",
     "markdown_table",
     "mean_squared_error",
@@ -87,8 +89,8 @@ __all__ = [
     "noise_ceiling",
     "pearson_delta",
     "prepare_reference",
-    "pseudobulk",
     "run_benchmark",
+    "shot_statistics",
     "simulated_screen",
     "summarize",
     "top_de_genes",

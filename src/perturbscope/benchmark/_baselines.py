@@ -1,7 +1,7 @@
 """Simple baselines behind the same ``fit`` / ``predict`` interface as :class:`~perturbscope.ScopeVI`.
 
 Every baseline works in log1p-normalised space. ``fit`` computes, with the one
-:func:`~perturbscope.benchmark.pseudobulk`, the mean of every training perturbation in every
+:func:`~perturbscope.data.pseudobulk`, the mean of every training perturbation in every
 context and its *shift* from that context's control mean. A baseline is a rule that turns
 these shifts into the predicted shift of a perturbation in a context. ``predict`` adds that
 shift to each given control cell, so the predicted cells keep the control cells' heterogeneity
@@ -20,55 +20,21 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-from scipy import sparse
 
-from .._constants import OUTPUT_KEYS, TARGET_SUM
-from ..data import check_control_present, parse_perturbation
-from ._pseudobulk import log1p_normalized, pseudobulk
-
-_ALL = "all"  # the single context of data without a context column
-
-DataScale = Literal["counts", "log1p_norm"]
-
-
-def log1p_expression(
-    adata: ad.AnnData, layer: str | None = None, data_scale: DataScale = "counts"
-) -> np.ndarray:
-    """Dense log1p-normalised expression of ``adata``, whatever scale it is stored on.
-
-    Parameters
-    ----------
-    adata
-        Cells.
-    layer
-        Layer to read; ``X`` when ``None``.
-    data_scale
-        ``"counts"``: raw counts, normalised to 1e4 and log1p-transformed here.
-        ``"log1p_norm"``: already log1p-normalised, used as is.
-
-    Returns
-    -------
-    A dense ``float64`` array (cells x genes).
-
-    Raises
-    ------
-    ValueError
-        If ``data_scale`` is not one of the two values.
-
-    Examples
-    --------
-    >>> import anndata as ad, numpy as np
-    >>> log1p_expression(ad.AnnData(np.array([[1.0, 3.0]])), data_scale="log1p_norm")
-    array([[1., 3.]])
-    """
-    if data_scale == "counts":
-        X = log1p_normalized(adata, layer=layer)
-    elif data_scale == "log1p_norm":
-        X = adata.X if layer is None else adata.layers[layer]
-    else:
-        raise ValueError(f"data_scale must be 'counts' or 'log1p_norm', got {data_scale!r}.")
-    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
-    return X.astype(np.float64)
+from .._constants import TARGET_SUM
+from ..data import (
+    ALL_CONTEXTS,
+    aggregate_prediction,
+    check_gene_embeddings,
+    check_var_names,
+    log1p_expression,
+    parse_perturbation,
+    perturbation_shifts,
+    prediction_anndata,
+    pseudobulk,
+)
+from ..data._pseudobulk import DataScale
+from ..data._shifts import check_obs_keys, context_labels
 
 
 class Baseline:
@@ -138,38 +104,28 @@ class Baseline:
         ValueError
             If a context has no control cells.
         """
-        for key, role in ((perturbation_key, "perturbation_key"), (context_key, "context_key")):
-            if key is not None and key not in adata_train.obs.columns:
-                raise KeyError(
-                    f"{role} {key!r} not in adata.obs; columns are {list(adata_train.obs.columns)}."
-                )
-        labels = adata_train.obs[perturbation_key].astype(str)
-        check_control_present(labels, perturbation_key, control_value)
-        contexts = (
-            pd.Series(_ALL, index=adata_train.obs_names)
-            if context_key is None
-            else adata_train.obs[context_key].astype(str)
-        )
+        check_obs_keys(adata_train.obs, perturbation_key=perturbation_key, context_key=context_key)
         expression = ad.AnnData(
             log1p_expression(adata_train, layer, data_scale),
             obs=pd.DataFrame(
-                {"perturbation": labels.to_numpy(), "context": contexts.to_numpy()},
+                {
+                    "perturbation": adata_train.obs[perturbation_key].astype(str).to_numpy(),
+                    "context": context_labels(adata_train, context_key).to_numpy(),
+                },
                 index=adata_train.obs_names,
             ),
             var=pd.DataFrame(index=adata_train.var_names),
         )
-        means = pseudobulk(expression, ["perturbation", "context"])
-        control = means.xs(control_value, level="perturbation")
-        no_control = sorted(set(contexts) - set(control.index))
-        if no_control:
-            raise ValueError(
-                f"contexts {no_control} in adata.obs[{context_key!r}] have no {control_value!r} "
-                "cells, so their shifts cannot be computed."
+        try:
+            self.shifts_, self.control_means_ = perturbation_shifts(
+                expression, "perturbation", control_value, "context"
             )
-        perturbed = means.drop(index=control_value, level="perturbation")
-        context_of_row = perturbed.index.get_level_values("context")
-        self.shifts_ = perturbed - control.loc[context_of_row].to_numpy()
-        self.control_means_ = control
+        except ValueError as error:  # name the user's columns, not the internal ones
+            raise ValueError(
+                str(error)
+                .replace("adata.obs['perturbation']", f"adata.obs[{perturbation_key!r}]")
+                .replace("adata.obs['context']", f"adata.obs[{context_key!r}]")
+            ) from None
         self.var_names_ = adata_train.var_names.copy()
         self.perturbation_key_ = perturbation_key
         self.control_value_ = control_value
@@ -245,7 +201,7 @@ class Baseline:
                     f"{type(self).__name__} was fitted with context_key={self.context_key_!r}; "
                     "pass the context to predict in."
                 )
-            context = _ALL
+            context = ALL_CONTEXTS
         rows = [self._shift(str(p), str(context)) for p in perturbations]
         return pd.DataFrame(
             np.vstack(rows), index=list(map(str, perturbations)), columns=self.var_names_
@@ -307,13 +263,7 @@ class Baseline:
         perturbations = [str(p) for p in perturbations]
         if not perturbations:
             raise ValueError("perturbations is empty; give at least one perturbation label.")
-        if not adata_control.var_names.equals(self.var_names_):
-            missing = self.var_names_.difference(adata_control.var_names)[:10].tolist()
-            raise ValueError(
-                "adata_control must have the training genes in the training order; "
-                f"{len(self.var_names_.difference(adata_control.var_names))} are missing "
-                f"(first: {missing})."
-            )
+        check_var_names(adata_control.var_names, self.var_names_, "adata_control")
         if self.context_key_ is not None and self.context_key_ not in adata_control.obs.columns:
             raise KeyError(
                 f"context_key {self.context_key_!r} not in adata_control.obs; columns are "
@@ -321,83 +271,30 @@ class Baseline:
             )
         self.fallbacks_ = set()
         control = log1p_expression(adata_control, None, self.data_scale_)
-        contexts = (
-            np.full(adata_control.n_obs, _ALL)
-            if self.context_key_ is None
-            else adata_control.obs[self.context_key_].astype(str).to_numpy()
-        )
+        contexts = context_labels(adata_control, self.context_key_).to_numpy()
+        unique_contexts = pd.unique(contexts)
         shift_tables = {
             c: self.predict_shifts(perturbations, c if self.context_key_ else None)
-            for c in pd.unique(contexts)
+            for c in unique_contexts
         }
-        blocks, obs = [], []
-        for p in perturbations:
-            shifts = np.vstack([shift_tables[c].loc[p].to_numpy() for c in pd.unique(contexts)])
-            context_index = pd.Index(pd.unique(contexts)).get_indexer(contexts)
-            blocks.append(control + shifts[context_index])
-            frame = pd.DataFrame(
-                {
-                    OUTPUT_KEYS.PERTURBATION: p,
-                    OUTPUT_KEYS.CONTROL_CELL: adata_control.obs_names.to_numpy(),
-                }
-            )
-            if self.context_key_ is not None:
-                frame[self.context_key_] = contexts
-            obs.append(frame)
-        log_values = np.vstack(blocks)
-        obs_frame = pd.concat(obs, ignore_index=True)
-        obs_frame.index = (
-            obs_frame[OUTPUT_KEYS.PERTURBATION] + "_" + obs_frame[OUTPUT_KEYS.CONTROL_CELL]
-        ).to_numpy()
+        context_index = pd.Index(unique_contexts).get_indexer(contexts)
+        log_values = np.vstack([
+            control + np.vstack([shift_tables[c].loc[p].to_numpy() for c in unique_contexts])[context_index]
+            for p in perturbations
+        ])
         if self.data_scale_ == "counts":
-            X_control = adata_control.X
-            library = np.asarray(X_control.sum(axis=1)).ravel()
-            X = (
-                np.clip(np.expm1(log_values), 0, None)
-                * np.tile(library, len(perturbations))[:, None]
-                / TARGET_SUM
-            )
+            library = np.asarray(adata_control.X.sum(axis=1)).ravel()
+            X = np.clip(np.expm1(log_values), 0, None) * np.tile(library, len(perturbations))[:, None] / TARGET_SUM
         else:
             X = log_values.copy()
-        out = ad.AnnData(
-            X=X.astype(np.float32), obs=obs_frame, var=pd.DataFrame(index=self.var_names_.copy())
-        )
-        out.layers[OUTPUT_KEYS.LOG1P_NORM_LAYER] = log_values.astype(np.float32)
-        out.obs[OUTPUT_KEYS.PERTURBATION] = pd.Categorical(
-            out.obs[OUTPUT_KEYS.PERTURBATION], categories=perturbations
+        carried = [] if self.context_key_ is None else [self.context_key_]
+        out = prediction_anndata(
+            perturbations, adata_control.obs[carried], X, log_values, self.var_names_,
+            provenance={"model": self.name, "fallback_to_perturbed_mean": sorted(self.fallbacks_)},
         )
         if aggregate == "mean":
-            out = _aggregate(out, self.context_key_)
-        out.uns[OUTPUT_KEYS.PROVENANCE_UNS] = {
-            "model": self.name,
-            "fallback_to_perturbed_mean": sorted(self.fallbacks_),
-        }
+            out = aggregate_prediction(out, self.context_key_)
         return out
-
-
-def _aggregate(cells: ad.AnnData, context_key: str | None) -> ad.AnnData:
-    keys = [OUTPUT_KEYS.PERTURBATION] + ([context_key] if context_key else [])
-    x_mean = pseudobulk(cells, keys)
-    log_mean = pseudobulk(cells, keys, layer=OUTPUT_KEYS.LOG1P_NORM_LAYER)
-    n_cells = cells.obs.groupby(keys, observed=True).size()
-    obs = x_mean.index.to_frame(index=False)
-    order = list(cells.obs[OUTPUT_KEYS.PERTURBATION].cat.categories)
-    obs["_order"] = obs[OUTPUT_KEYS.PERTURBATION].map(order.index)
-    obs = obs.sort_values("_order", kind="stable")
-    rows = obs.index.to_numpy()
-    obs = obs.drop(columns="_order").reset_index(drop=True)
-    obs[OUTPUT_KEYS.N_CELLS] = [
-        int(n_cells.loc[tuple(r) if len(keys) > 1 else r[0]])
-        for r in obs[keys].itertuples(index=False)
-    ]
-    obs.index = ["_".join(map(str, r)) for r in obs[keys].itertuples(index=False)]
-    out = ad.AnnData(
-        X=x_mean.to_numpy()[rows].astype(np.float32),
-        obs=obs,
-        var=pd.DataFrame(index=cells.var_names.copy()),
-    )
-    out.layers[OUTPUT_KEYS.LOG1P_NORM_LAYER] = log_mean.to_numpy()[rows].astype(np.float32)
-    return out
 
 
 class NoChangeBaseline(Baseline):
@@ -507,21 +404,6 @@ class AdditiveBaseline(Baseline):
         return total
 
 
-def _check_embeddings(gene_embeddings: pd.DataFrame) -> pd.DataFrame:
-    if not isinstance(gene_embeddings, pd.DataFrame):
-        raise TypeError(
-            f"gene_embeddings must be a DataFrame (genes x dimensions), got "
-            f"{type(gene_embeddings).__name__}."
-        )
-    values = gene_embeddings.to_numpy(dtype=np.float64)
-    if not np.isfinite(values).all():
-        bad = gene_embeddings.index[~np.isfinite(values).all(axis=1)][:10].tolist()
-        raise ValueError(f"gene_embeddings has non-finite values for genes {bad}.")
-    return pd.DataFrame(
-        values, index=gene_embeddings.index.astype(str), columns=gene_embeddings.columns
-    )
-
-
 class EmbeddingNeighborsBaseline(Baseline):
     """Predict an unseen gene by a similarity-weighted mean of the training singles' shifts.
 
@@ -554,7 +436,7 @@ class EmbeddingNeighborsBaseline(Baseline):
     def __init__(self, gene_embeddings: pd.DataFrame, temperature: float = 0.1):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
-        self.gene_embeddings = _check_embeddings(gene_embeddings)
+        self.gene_embeddings = check_gene_embeddings(gene_embeddings, name="gene_embeddings")
         self.temperature = temperature
 
     def neighbor_weights(self, gene: str) -> pd.Series | None:
@@ -651,7 +533,7 @@ class LinearBaseline(Baseline):
         ridge: float = 0.1,
     ):
         self.gene_embeddings = (
-            None if gene_embeddings is None else _check_embeddings(gene_embeddings)
+            None if gene_embeddings is None else check_gene_embeddings(gene_embeddings, name="gene_embeddings")
         )
         self.n_components = n_components
         self.ridge = ridge

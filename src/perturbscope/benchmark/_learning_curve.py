@@ -23,20 +23,14 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-from ._baselines import log1p_expression
-from ._runner import (
-    CEILING,
-    OBSERVED,
-    ScopeVIModel,
-    _collapse_records,
-    _records,
-    _score_records,
-    _split_reference,
-    _with_groups,
-    make_model,
-)
+from ..data import log1p_expression
+from ..model import ScopeVI
+from ._models import ScopeVIModel, make_model
+from ._scoring import collapse_records, long_records, score_records, split_reference, with_groups
 from ._splits import Split, _labels, unseen_context_split
+from ._summaries import CEILING, OBSERVED
 
 #: Model names of the learning curve's ScopeVI rows.
 SCOPEVI_QUERY = "scopevi"
@@ -146,8 +140,6 @@ def _adapt_to_context(
     """``ScopeVI.load_query_data`` on the context's cells, fine-tuned for ``epochs``."""
     import scvi
 
-    from ..model import ScopeVI
-
     scvi.settings.seed = seed
     query = ScopeVI.load_query_data(adata_query.copy(), reference.model_, **(query_kwargs or {}))
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -249,8 +241,6 @@ def learning_curve(
     >>> sorted(curve["shots"].unique())
     [0, 5]
     """
-    from tqdm.auto import tqdm
-
     if context_key not in adata.obs.columns:
         raise KeyError(f"context_key {context_key!r} not in adata.obs; columns are {list(adata.obs.columns)}.")
     contexts = sorted(pd.unique(adata.obs[context_key].astype(str))) if contexts is None else list(contexts)
@@ -286,11 +276,11 @@ def learning_curve(
         for k, split in splits.items():
             fields = {"task": task, "seed": seed, "split": split.name, "shots": k}
             groups = split.labels
-            reference_scores, ceiling = _split_reference(
+            reference_scores, ceiling = split_reference(
                 all_log, split, perturbation_key, control_value, context_labels, seed
             )
-            records += _with_groups(_records(ceiling, model=CEILING, **fields), groups)
-            records += _collapse_records(reference_scores.observed_means, reference_scores.control_mean,
+            records += with_groups(long_records(ceiling, model=CEILING, **fields), groups)
+            records += collapse_records(reference_scores.observed_means, reference_scores.control_mean,
                                          groups, model=OBSERVED, **fields)
             predictions = {}
             for name in baselines:
@@ -310,50 +300,9 @@ def learning_curve(
                         adata[split.control], split.perturbations, n_samples=n_samples, seed=seed
                     )
             for name, prediction in predictions.items():
-                records += _score_records(prediction, reference_scores, groups, distributional,
+                records += score_records(prediction, reference_scores, groups, distributional,
                                           model=name, **fields)
         bar.update()
     bar.close()
     columns = ["task", "seed", "split", "shots", "group", "model", "perturbation", "metric", "value"]
     return pd.DataFrame.from_records(records)[columns]
-
-
-def shot_statistics(results: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Mean and sd over seeds of a metric's per-seed mean, by (task, model, shots).
-
-    The observed row and the mode-collapse figure (perturbation ``"(all)"``) are left out.
-    """
-    rows = results[(results["metric"] == metric) & (results["perturbation"] != "(all)")
-                   & (results["model"] != OBSERVED)]
-    if rows.empty:
-        raise ValueError(f"metric {metric!r} not in results; found {sorted(results['metric'].unique())}.")
-    per_seed = rows.groupby(["task", "model", "shots", "seed"])["value"].mean()
-    return per_seed.groupby(level=["task", "model", "shots"]).agg(["mean", "std"]).fillna(0.0)
-
-
-def learning_curve_table(results: pd.DataFrame, metric: str = "pearson_delta_top_de") -> pd.DataFrame:
-    """Mean ± sd over seeds of a metric: (task, model) rows, one column per ``k``.
-
-    Within a seed the metric is averaged over every scored (context, perturbation) pair.
-
-    Parameters
-    ----------
-    results
-        The output of :func:`learning_curve`.
-    metric
-        The metric.
-
-    Returns
-    -------
-    A DataFrame of ``"mean ± sd"`` strings.
-
-    Examples
-    --------
-    >>> results = pd.DataFrame({"task": "t", "seed": [0, 0, 1, 1], "shots": [0, 5, 0, 5],
-    ...     "model": "m", "perturbation": "A", "metric": "r", "value": [0.1, 0.5, 0.3, 0.7]})
-    >>> learning_curve_table(results, "r").loc[("t", "m"), 5]
-    '0.600 ± 0.141'
-    """
-    stats = shot_statistics(results, metric)
-    text = stats.apply(lambda r: f"{r['mean']:.3f} ± {r['std']:.3f}", axis=1).unstack("shots")
-    return text

@@ -30,7 +30,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..data import parse_perturbation
+from ..data import parse_perturbation, simulate_perturbseq
+from ..embeddings import go_embeddings
 from ._splits import Split, combo_split, unseen_context_split, unseen_single_split
 
 PERTURBENCH_FILE = "perturbench_devel.h5ad"
@@ -134,8 +135,6 @@ def simulated_screen(seed: int = 0) -> tuple[ad.AnnData, pd.DataFrame]:
     >>> adata.n_vars, embeddings.shape[1]
     (60, 8)
     """
-    from ..data import simulate_perturbseq
-
     return simulate_perturbseq(
         n_genes=60,
         n_perturbed_genes=9,
@@ -312,7 +311,5 @@ def go_gene_embeddings(annotations: str, genes: tuple[str, ...]) -> pd.DataFrame
     """
     if not os.path.exists(annotations):
         raise FileNotFoundError(f"GO annotation file {annotations!r} does not exist.")
-    from ..embeddings import go_embeddings
-
     table = go_embeddings(annotations, propagate=False, n_components=128, genes=list(genes))
     return table.astype(np.float64)

@@ -1,15 +1,51 @@
-"""Readers, control-cell anchoring, perturbation-label parsing and a Perturb-seq simulator."""
+"""Data layer: perturbation labels, pseudobulks, per-context shifts, checks, pairing and simulation.
 
-from ._pairing import AnchoredAnnDataLoader, AnchoredDataSplitter, ControlAnchorSampler
-from ._perturbations import check_control_present, parse_perturbation, perturbation_gene_sets
+Everything the model, baselines, embeddings and analyses share sits here, at the bottom of the
+package, so that no higher layer needs to import a sibling.
+"""
+
+from ._checks import (
+    check_controls_per_context,
+    check_count_data,
+    check_gene_embeddings,
+    check_var_names,
+)
+from ._pairing import (
+    AnchoredAnnDataLoader,
+    AnchoredDataSplitter,
+    ControlAnchorSampler,
+    control_mask,
+)
+from ._perturbations import (
+    check_control_present,
+    is_control,
+    parse_perturbation,
+    perturbation_gene_sets,
+)
+from ._prediction import aggregate_prediction, prediction_anndata
+from ._pseudobulk import log1p_expression, log1p_normalized, pseudobulk
+from ._shifts import ALL_CONTEXTS, perturbation_shifts
 from ._simulate import simulate_perturbseq
 
 __all__ = [
+    "ALL_CONTEXTS",
     "AnchoredAnnDataLoader",
     "AnchoredDataSplitter",
     "ControlAnchorSampler",
+    "aggregate_prediction",
     "check_control_present",
+    "check_controls_per_context",
+    "check_count_data",
+    "check_gene_embeddings",
+    "check_var_names",
+    "control_mask",
+    "is_control",
+    "log1p_expression",
+    "log1p_normalized",
     "parse_perturbation",
     "perturbation_gene_sets",
+    "perturbation_shifts",
+    "prediction_anndata",
+    "pseudobulk",
     "simulate_perturbseq",
 ]

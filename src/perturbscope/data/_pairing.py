@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi import settings
 from scvi.data import AnnDataManager
 from scvi.dataloaders import AnnDataLoader, DataSplitter
 
-from scvi import REGISTRY_KEYS as SCVI_KEYS
 from .._constants import REGISTRY_KEYS
 
 #: Control cells are held densely in memory for anchoring when they take at most this much.

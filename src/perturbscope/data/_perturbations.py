@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 
 
@@ -105,3 +106,29 @@ def check_control_present(labels: pd.Series, key: str, control_value: str) -> No
             f"control_value {control_value!r} not found in adata.obs[{key!r}]. "
             f"Values found: {shown}{more}."
         )
+
+
+def is_control(labels: pd.Series | np.ndarray, control_value: str) -> np.ndarray:
+    """Boolean mask of control cells from their perturbation labels.
+
+    The one test of "is this a control cell" on labels; the registered form
+    (:func:`perturbscope.data.control_mask`) tests the padded gene indices instead.
+
+    Parameters
+    ----------
+    labels
+        Perturbation labels (any dtype; compared as strings).
+    control_value
+        The control label.
+
+    Returns
+    -------
+    A ``bool`` array, ``True`` for control cells.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> is_control(pd.Series(["control", "A", "control"]), "control").tolist()
+    [True, False, True]
+    """
+    return (pd.Series(np.asarray(labels)).astype(str) == str(control_value)).to_numpy()

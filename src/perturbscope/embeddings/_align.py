@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ._files import _preview, check_gene_embeddings
+from ..data._checks import check_gene_embeddings
+from ..data._checks import preview as _preview
 
 _MISSING = ("raise", "zero", "mean")
 

@@ -2,7 +2,7 @@
 
 Design
 ------
-The training data's pseudobulk profiles (:func:`perturbscope.benchmark.pseudobulk`, the one group
+The training data's pseudobulk profiles (:func:`perturbscope.data.pseudobulk`, the one group
 mean) minus the control profile form a genes x perturbations matrix ``Y``. Each gene's row is
 centred, and the gene embedding is that gene's row of the PCA: ``U_K S_K`` of the SVD of the
 centred ``Y``. A gene measured in the data gets an embedding whether or not it was ever
@@ -19,7 +19,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ._files import _preview, check_gene_embeddings
+from ..data import check_control_present, perturbation_shifts
+from ..data._checks import check_gene_embeddings
+from ..data._checks import preview as _preview
+from ..data._shifts import check_obs_keys
 
 
 def expression_embeddings(
@@ -69,7 +72,7 @@ def expression_embeddings(
     Examples
     --------
     >>> from perturbscope.data import simulate_perturbseq
-    >>> from perturbscope.benchmark import log1p_normalized
+    >>> from perturbscope.data import log1p_normalized
     >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=6, n_combinations=2, seed=0)
     >>> adata.layers["log1p_norm"] = log1p_normalized(adata)
     >>> emb = expression_embeddings(adata, "perturbation", "control", n_components=4,
@@ -79,17 +82,7 @@ def expression_embeddings(
     """
     from sklearn.decomposition import PCA
 
-    from ..benchmark import pseudobulk
-    from ..data import check_control_present
-
-    keys = [perturbation_key] + ([] if context_key is None else [context_key])
-    missing = [k for k in keys if k not in adata.obs.columns]
-    if missing:
-        raise KeyError(
-            f"Columns {missing} are not in adata.obs; columns are {list(adata.obs.columns)}."
-        )
-    if layer is not None and layer not in adata.layers:
-        raise KeyError(f"layer {layer!r} is not in adata.layers; layers are {list(adata.layers)}.")
+    check_obs_keys(adata.obs, perturbation_key=perturbation_key, context_key=context_key)
     labels = adata.obs[perturbation_key].astype(str)
     check_control_present(labels, perturbation_key, control_value)
     if perturbations is None:
@@ -105,24 +98,8 @@ def expression_embeddings(
         raise ValueError(
             f"adata.obs[{perturbation_key!r}] has no perturbation besides the control {control_value!r}."
         )
-
     subset = adata[labels.isin([*chosen, control_value]).to_numpy()]
-    profiles = pseudobulk(
-        subset, keys if context_key is not None else perturbation_key, layer=layer
-    )
-    if context_key is None:
-        effects = profiles.drop(index=control_value) - profiles.loc[control_value]
-    else:
-        controls = profiles.xs(control_value, level=perturbation_key)
-        contexts = profiles.index.get_level_values(context_key)
-        lacking = sorted(set(contexts) - set(controls.index))
-        if lacking:
-            raise ValueError(
-                f"Contexts {_preview(lacking)} of adata.obs[{context_key!r}] have no "
-                f"{control_value!r} cells to compare their perturbations with."
-            )
-        effects = profiles - controls.loc[contexts].to_numpy()
-        effects = effects[profiles.index.get_level_values(perturbation_key) != control_value]
+    effects, _ = perturbation_shifts(subset, perturbation_key, control_value, context_key, layer)
     n_profiles, n_genes = effects.shape
     if not isinstance(n_components, int | np.integer) or not 1 <= n_components <= min(
         n_profiles, n_genes

@@ -26,84 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data._checks import check_gene_embeddings
+from ..data._checks import preview as _preview
+
 _TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
 _TORCH_SUFFIXES = {".pt", ".pth"}
-
-
-def _preview(values, limit: int = 10) -> str:
-    """``['a', 'b', ...] (and 12 more)``: a bounded listing for error messages."""
-    values = list(values)
-    shown = ", ".join(repr(str(v)) for v in values[:limit])
-    more = f" (and {len(values) - limit} more)" if len(values) > limit else ""
-    return f"[{shown}]{more}"
-
-
-def check_gene_embeddings(df: pd.DataFrame, name: str = "gene embeddings") -> pd.DataFrame:
-    """Check that a table is a valid gene embedding and return it as float64.
-
-    Parameters
-    ----------
-    df
-        Genes x dimensions.
-    name
-        What the table is, used in error messages (for example a file path).
-
-    Returns
-    -------
-    The same table with float64 values, a string index and string column names; ``.attrs`` are
-    kept.
-
-    Raises
-    ------
-    TypeError
-        If ``df`` is not a DataFrame or a column is not numeric (the columns are named).
-    ValueError
-        If the table is empty, a gene appears more than once, or a value is NaN or infinite
-        (the genes are named).
-
-    Examples
-    --------
-    >>> import pandas as pd
-    >>> check_gene_embeddings(pd.DataFrame({"d0": [1, 2]}, index=["A", "B"])).dtypes.tolist()
-    [dtype('float64')]
-    """
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(
-            f"{name} must be a pandas DataFrame (genes x dims), got {type(df).__name__}."
-        )
-    if df.shape[0] == 0 or df.shape[1] == 0:
-        raise ValueError(
-            f"{name} is empty: shape {df.shape}; expected at least one gene and one dimension."
-        )
-    non_numeric = [
-        c
-        for c in df.columns
-        if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])
-    ]
-    if non_numeric:
-        raise TypeError(
-            f"{name} has non-numeric columns {_preview(non_numeric)}; expected one float column per "
-            "dimension with the genes in the index."
-        )
-    index = df.index.astype(str)
-    duplicated = index[index.duplicated()].unique()
-    if len(duplicated):
-        raise ValueError(
-            f"{name} has duplicated genes {_preview(duplicated)}; each gene must appear once."
-        )
-    values = df.to_numpy(dtype=np.float64)
-    bad_rows = ~np.isfinite(values).all(axis=1)
-    if bad_rows.any():
-        raise ValueError(
-            f"{name} has NaN or infinite values for genes {_preview(index[bad_rows])}; "
-            "every value must be finite."
-        )
-    out = pd.DataFrame(
-        values, index=pd.Index(index, name=df.index.name), columns=df.columns.astype(str)
-    )
-    out.attrs = dict(df.attrs)
-    return out
 
 
 def _format(path: Path) -> str:

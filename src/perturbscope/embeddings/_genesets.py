@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ._files import _preview, check_gene_embeddings
+from ..data._checks import check_gene_embeddings
+from ..data._checks import preview as _preview
 
 
 def read_gene_sets(path: str | os.PathLike) -> dict[str, list[str]]:

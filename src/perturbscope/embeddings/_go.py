@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ._files import _preview, check_gene_embeddings
+from ..data._checks import check_gene_embeddings
+from ..data._checks import preview as _preview
 from ._genesets import _membership, _svd_embedding
 
 GO_ROOTS = ("GO:0008150", "GO:0003674", "GO:0005575")

@@ -17,25 +17,7 @@ from anndata import AnnData
 from scvi.data.fields import BaseAnnDataField, MuDataWrapper
 
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
-from ..data import check_control_present, perturbation_gene_sets
-
-
-def validate_gene_embeddings(gene_embeddings: pd.DataFrame) -> None:
-    """Check a gene-embedding table: a DataFrame with unique genes and finite numbers."""
-    if not isinstance(gene_embeddings, pd.DataFrame):
-        raise TypeError(
-            "gene_embeddings must be a pandas.DataFrame with genes as the index and embedding "
-            f"dimensions as columns, got {type(gene_embeddings).__name__}."
-        )
-    duplicated = gene_embeddings.index[gene_embeddings.index.duplicated()].unique().tolist()
-    if duplicated:
-        raise ValueError(f"gene_embeddings has duplicated genes in its index: {duplicated[:10]}.")
-    values = gene_embeddings.to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"gene_embeddings has non-finite values for genes {gene_embeddings.index[bad][:10].tolist()}."
-        )
+from ..data import check_control_present, check_gene_embeddings, perturbation_gene_sets
 
 
 def one_hot_embeddings(genes: Sequence[str]) -> pd.DataFrame:
@@ -143,7 +125,7 @@ class PerturbationGenesField(BaseAnnDataField):
                 "training cannot be predicted.", UserWarning, stacklevel=3,
             )
             table = one_hot_embeddings(sorted(genes))
-        validate_gene_embeddings(table)
+        table = check_gene_embeddings(table, name="gene_embeddings")
         vocabulary = pd.Index(table.index.astype(str))
         matrix = self._write(adata, vocabulary, None)
         return {

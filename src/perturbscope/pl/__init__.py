@@ -1,12 +1,19 @@
 """Plots, one function per result type."""
 
-from ._benchmark import benchmark_mode_collapse, benchmark_scatter, benchmark_scores, learning_curve
+from ._benchmark import (
+    benchmark_figures,
+    benchmark_mode_collapse,
+    benchmark_scatter,
+    benchmark_scores,
+    learning_curve,
+)
 from ._interactions import genetic_interactions
 from ._probe import axis_alignment, gradient_field, pathway_ranking
 from ._programs import perturbation_programs
 
 __all__ = [
     "axis_alignment",
+    "benchmark_figures",
     "benchmark_mode_collapse",
     "benchmark_scatter",
     "benchmark_scores",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-_CEILING = "noise_ceiling"
-_OBSERVED = "observed"
+from ..benchmark import CEILING as _CEILING
+from ..benchmark import MODE_COLLAPSE, shot_statistics
+from ..benchmark import OBSERVED as _OBSERVED
 
 
 def _select(
@@ -250,8 +254,6 @@ def learning_curve(
     # one colour per model across every task of ``results``, so panels can be compared
     models = sorted(set(results["model"]) - {_CEILING, _OBSERVED})
     colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
-    from ..benchmark._learning_curve import shot_statistics
-
     rows = _select(results, metric, task, None)
     stats = shot_statistics(rows.assign(task=""), metric).droplevel("task")
     if ax is None:
@@ -268,3 +270,54 @@ def learning_curve(
         ax.set_title(task)
     ax.legend(fontsize=7, frameon=False)
     return ax
+
+
+def benchmark_figures(results: pd.DataFrame, out: str | os.PathLike) -> list[Path]:
+    """Save the standard figures of benchmark results as PNGs in ``out``.
+
+    ``pearson_delta_top_de.png`` and ``l2_top_expressed.png`` (:func:`benchmark_scores`) and,
+    when two or more perturbations were held out, ``delta_correlation.png``
+    (:func:`benchmark_mode_collapse`). The tables of the same results are written by
+    :func:`perturbscope.benchmark.write_results`.
+
+    Parameters
+    ----------
+    results
+        Long results from :func:`~perturbscope.benchmark.run_benchmark`.
+    out
+        Output folder (created).
+
+    Returns
+    -------
+    The paths written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from perturbscope.benchmark import run_benchmark
+    >>> results = run_benchmark(None, "simulated", models=["additive"], seeds=1,
+    ...                         distributional=False, progress=False)
+    >>> [p.name for p in benchmark_figures(results, tempfile.mkdtemp())]
+    ['pearson_delta_top_de.png', 'delta_correlation.png']
+    """
+    import matplotlib.pyplot as plt
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    title = ", ".join(map(str, pd.unique(results["task"])))
+    drawers = [
+        (metric, lambda m=metric: benchmark_scores(results, metric=m))
+        for metric in ("pearson_delta_top_de", "l2_top_expressed")
+        if metric in set(results["metric"])
+    ]
+    if MODE_COLLAPSE in set(results["metric"]):  # needs two or more held-out perturbations
+        drawers.append((MODE_COLLAPSE, lambda: benchmark_mode_collapse(results)))
+    written = []
+    for name, draw in drawers:
+        ax = draw()
+        ax.set_title(title)
+        path = folder / f"{name}.png"
+        ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(ax.figure)
+        written.append(path)
+    return written

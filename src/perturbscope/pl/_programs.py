@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..model import PerturbationPrograms
+
 
 def perturbation_programs(programs, max_perturbations: int = 40, ax=None):
     """Standardised latent shift of each perturbation, active dimensions marked.
@@ -37,7 +39,6 @@ def perturbation_programs(programs, max_perturbations: int = 40, ax=None):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..model import PerturbationPrograms
 
     if not isinstance(programs, PerturbationPrograms):
         raise TypeError(

@@ -2,7 +2,7 @@
 
 Design
 ------
-1. **Shifts.** With the package's one :func:`~perturbscope.benchmark.pseudobulk`, each
+1. **Shifts.** With the package's one :func:`~perturbscope.data.pseudobulk`, each
    perturbation's mean log1p-normalised expression minus its context's control mean.
 2. **Genes.** Like Norman's "abundant genes", the fit uses genes whose mean expression over the
    four groups involved (control, both singles, the double) exceeds ``min_mean``; the perturbed
@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ..benchmark import pseudobulk
-from ..data import check_control_present, parse_perturbation
+from ..data import parse_perturbation, perturbation_shifts
+from ..data._shifts import context_labels
 
 Method = Literal["ols", "theil_sen"]
 
@@ -53,7 +53,6 @@ THRESHOLDS: dict[str, float] = {
     "additive_magnitude": float(np.sqrt(2.0)),
 }
 
-_ALL = "all"
 
 
 def distance_correlation(x: np.ndarray, y: np.ndarray) -> float:
@@ -396,49 +395,23 @@ def genetic_interactions(
         raise ValueError(f"unknown thresholds {unknown}; choose from {sorted(THRESHOLDS)}.")
     if method not in ("ols", "theil_sen"):
         raise ValueError(f"method must be 'ols' or 'theil_sen', got {method!r}.")
-    for key, role in ((perturbation_key, "perturbation_key"), (context_key, "context_key")):
-        if key is not None and key not in adata.obs.columns:
-            raise KeyError(
-                f"{role} {key!r} not in adata.obs; columns are {list(adata.obs.columns)}."
-            )
-    if layer is not None and layer not in adata.layers:
-        raise KeyError(f"layer {layer!r} not in adata.layers; layers are {list(adata.layers)}.")
+    shifts, controls = perturbation_shifts(adata, perturbation_key, control_value, context_key, layer)
     labels = adata.obs[perturbation_key].astype(str)
-    check_control_present(labels, perturbation_key, control_value)
     gene_to_single, to_fit = _resolve(labels, singles, doubles, control_value, delimiter)
-
-    contexts = (
-        pd.Series(_ALL, index=adata.obs_names)
-        if context_key is None
-        else adata.obs[context_key].astype(str)
-    )
-    # A light view for pseudobulk: no copy of the expression, the input is left alone.
-    view = ad.AnnData(
-        X=adata.X if layer is None else adata.layers[layer],
-        obs=pd.DataFrame(
-            {"perturbation": labels.to_numpy(), "context": contexts.to_numpy()},
-            index=adata.obs_names.astype(str),
-        ),
-        var=pd.DataFrame(index=adata.var_names.astype(str)),
-    )
-    means = pseudobulk(view, ["perturbation", "context"])
-    genes = means.columns
+    contexts = context_labels(adata, context_key)
+    genes = shifts.columns
     rows = []
     for context in pd.unique(contexts):
-        if (control_value, context) not in means.index:
-            raise ValueError(
-                f"context {context!r} of adata.obs[{context_key!r}] has no {control_value!r} cells."
-            )
-        control = means.loc[(control_value, context)].to_numpy()
+        control = controls.loc[context].to_numpy()
         for double, gene_a, gene_b in to_fit:
             groups = [gene_to_single[gene_a], gene_to_single[gene_b], double]
-            absent = [g for g in groups if (g, context) not in means.index]
+            absent = [g for g in groups if (g, context) not in shifts.index]
             if absent:
                 if context_key is None:
                     raise ValueError(f"perturbations {absent} have no cells.")
                 continue  # this double is not measured in this context
-            profiles = means.loc[[(g, context) for g in groups]].to_numpy()
-            keep = np.vstack([profiles, control]).mean(axis=0) > min_mean
+            changes = shifts.loc[[(g, context) for g in groups]].to_numpy()
+            keep = np.vstack([changes + control, control]).mean(axis=0) > min_mean
             if exclude_targets:
                 keep &= ~genes.isin([gene_a, gene_b])
             if keep.sum() < 3:
@@ -446,8 +419,7 @@ def genetic_interactions(
                     f"only {int(keep.sum())} genes pass min_mean={min_mean} for {double!r}; "
                     "lower min_mean."
                 )
-            shifts = profiles[:, keep] - control[keep]
-            fit = fit_interaction(*shifts, method=method, random_state=random_state)
+            fit = fit_interaction(*changes[:, keep], method=method, random_state=random_state)
             row = {"double": double, "first": gene_a, "second": gene_b}
             if context_key is not None:
                 row["context"] = context

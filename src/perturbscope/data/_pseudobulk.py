@@ -1,12 +1,13 @@
 """The one pseudobulk: group means of log1p-normalised expression.
 
-Every metric, baseline and the benchmark runner call :func:`pseudobulk`, so that a profile is
-computed once and in one way.
+Every metric, baseline, the model and the benchmark runner call :func:`pseudobulk`, so that a
+profile is computed once and in one way. It equals ``scanpy.get.aggregate(func="mean")``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import anndata as ad
 import numpy as np
@@ -14,6 +15,8 @@ import pandas as pd
 from scipy import sparse
 
 from .._constants import TARGET_SUM
+
+DataScale = Literal["counts", "log1p_norm"]
 
 
 def log1p_normalized(adata: ad.AnnData, layer: str | None = None, target_sum: float = TARGET_SUM):
@@ -99,3 +102,43 @@ def pseudobulk(
     if len(keys) > 1:
         index = pd.MultiIndex.from_tuples(list(uniques), names=keys)
     return pd.DataFrame(means, index=index, columns=adata.var_names.copy())
+
+
+def log1p_expression(
+    adata: ad.AnnData, layer: str | None = None, data_scale: DataScale = "counts"
+) -> np.ndarray:
+    """Dense log1p-normalised expression of ``adata``, whatever scale it is stored on.
+
+    Parameters
+    ----------
+    adata
+        Cells.
+    layer
+        Layer to read; ``X`` when ``None``.
+    data_scale
+        ``"counts"``: raw counts, normalised to 1e4 and log1p-transformed here.
+        ``"log1p_norm"``: already log1p-normalised, used as is.
+
+    Returns
+    -------
+    A dense ``float64`` array (cells x genes).
+
+    Raises
+    ------
+    ValueError
+        If ``data_scale`` is not one of the two values.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> log1p_expression(ad.AnnData(np.array([[1.0, 3.0]])), data_scale="log1p_norm")
+    array([[1., 3.]])
+    """
+    if data_scale == "counts":
+        X = log1p_normalized(adata, layer=layer)
+    elif data_scale == "log1p_norm":
+        X = adata.X if layer is None else adata.layers[layer]
+    else:
+        raise ValueError(f"data_scale must be 'counts' or 'log1p_norm', got {data_scale!r}.")
+    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+    return X.astype(np.float64)

@@ -1,0 +1,220 @@
+"""Setup-time and entry checks shared by the model, the baselines and the analyses.
+
+Each check has one implementation and one wording, so the same mistake gets the same message
+wherever it is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from ._perturbations import is_control
+
+
+def preview(values, limit: int = 10) -> str:
+    """``['a', 'b', ...] (and 12 more)``: a bounded listing for error messages."""
+    values = list(values)
+    shown = ", ".join(repr(str(v)) for v in values[:limit])
+    more = f" (and {len(values) - limit} more)" if len(values) > limit else ""
+    return f"[{shown}]{more}"
+
+
+def check_gene_embeddings(df: pd.DataFrame, name: str = "gene embeddings") -> pd.DataFrame:
+    """Check that a table is a valid gene embedding and return it as float64.
+
+    Parameters
+    ----------
+    df
+        Genes x dimensions.
+    name
+        What the table is, used in error messages (for example a file path).
+
+    Returns
+    -------
+    The same table with float64 values, a string index and string column names; ``.attrs`` are
+    kept.
+
+    Raises
+    ------
+    TypeError
+        If ``df`` is not a DataFrame or a column is not numeric (the columns are named).
+    ValueError
+        If the table is empty, a gene appears more than once, or a value is NaN or infinite
+        (the genes are named).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> check_gene_embeddings(pd.DataFrame({"d0": [1, 2]}, index=["A", "B"])).dtypes.tolist()
+    [dtype('float64')]
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(
+            f"{name} must be a pandas DataFrame (genes x dims), got {type(df).__name__}."
+        )
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        raise ValueError(
+            f"{name} is empty: shape {df.shape}; expected at least one gene and one dimension."
+        )
+    non_numeric = [
+        c
+        for c in df.columns
+        if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])
+    ]
+    if non_numeric:
+        raise TypeError(
+            f"{name} has non-numeric columns {preview(non_numeric)}; expected one float column per "
+            "dimension with the genes in the index."
+        )
+    index = df.index.astype(str)
+    duplicated = index[index.duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(
+            f"{name} has duplicated genes {preview(duplicated)}; each gene must appear once."
+        )
+    values = df.to_numpy(dtype=np.float64)
+    bad_rows = ~np.isfinite(values).all(axis=1)
+    if bad_rows.any():
+        raise ValueError(
+            f"{name} has NaN or infinite values for genes {preview(index[bad_rows])}; "
+            "every value must be finite."
+        )
+    out = pd.DataFrame(
+        values, index=pd.Index(index, name=df.index.name), columns=df.columns.astype(str)
+    )
+    out.attrs = dict(df.attrs)
+    return out
+
+
+def describe_layer(layer: str | None) -> str:
+    """How a layer is named in messages: ``adata.X`` or ``adata.layers['counts']``.
+
+    Examples
+    --------
+    >>> describe_layer("counts")
+    "adata.layers['counts']"
+    """
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def check_count_data(matrix, layer: str | None) -> None:
+    """Raise a ``ValueError`` naming the layer if it is not non-negative, finite integers.
+
+    Parameters
+    ----------
+    matrix
+        Dense or sparse expression.
+    layer
+        Where it came from (``None`` for ``X``), for the message.
+
+    Raises
+    ------
+    ValueError
+        For NaN/inf, negative or non-integer values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_count_data(np.array([[0.5]]), "counts")
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.layers['counts'] has non-integer values; count likelihoods ('nb', 'zinb', 'poisson') need raw counts. Use a counts layer, or gene_likelihood='normal' for log-normalised input.
+    """
+    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
+    where = describe_layer(layer)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{where} has NaN or inf values; count likelihoods need finite counts.")
+    if (values < 0).any():
+        raise ValueError(f"{where} has negative values; count likelihoods need non-negative counts.")
+    if not np.array_equal(values, np.round(values)):
+        raise ValueError(
+            f"{where} has non-integer values; count likelihoods ('nb', 'zinb', 'poisson') need raw "
+            "counts. Use a counts layer, or gene_likelihood='normal' for log-normalised input."
+        )
+
+
+def check_controls_per_context(
+    obs: pd.DataFrame, perturbation_key: str, control_value: str, group_keys: Sequence[str]
+) -> None:
+    """Raise a ``ValueError`` naming every context (and batch) that has no control cells.
+
+    Parameters
+    ----------
+    obs
+        Cell annotations.
+    perturbation_key
+        Column of perturbation labels.
+    control_value
+        The control label.
+    group_keys
+        Columns whose every combination needs control cells (context, batch).
+
+    Raises
+    ------
+    ValueError
+        Naming the groups without controls.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> obs = pd.DataFrame({"p": ["control", "A", "A"], "ct": ["x", "x", "y"]})
+    >>> check_controls_per_context(obs, "p", "control", ["ct"])
+    Traceback (most recent call last):
+    ...
+    ValueError: No control cells (p == 'control') in context 'y' of ['ct']; every context needs control cells to anchor predictions.
+    """
+    if not group_keys:
+        return
+    control = pd.Series(is_control(obs[perturbation_key], control_value), index=obs.index)
+    groups = obs[list(group_keys)].astype(str)
+    has_control = control.groupby([groups[k] for k in group_keys], observed=True).any()
+    lacking = has_control.index[~has_control.to_numpy()].tolist()
+    if lacking:
+        names = ", ".join(repr(g) for g in lacking)
+        raise ValueError(
+            f"No control cells ({perturbation_key} == {control_value!r}) in context {names} of "
+            f"{list(group_keys)}; every context needs control cells to anchor predictions."
+        )
+
+
+def check_var_names(var_names: pd.Index, expected: pd.Index, where: str = "adata") -> None:
+    """Raise a ``ValueError`` unless ``var_names`` are ``expected``, in the same order.
+
+    Parameters
+    ----------
+    var_names
+        The genes given.
+    expected
+        The genes the model (or baseline) was trained on.
+    where
+        The name of the AnnData in the message.
+
+    Raises
+    ------
+    ValueError
+        With the counts of missing and extra genes, and how to subset.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> check_var_names(pd.Index(["b", "a"]), pd.Index(["a", "b"]))
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.var_names differ from the model's 2 genes (0 missing, 0 extra: same genes in another order); subset and order it as adata[:, model.var_names].
+    """
+    expected = pd.Index(expected).astype(str)
+    given = pd.Index(var_names).astype(str)
+    if given.equals(expected):
+        return
+    missing = expected.difference(given)
+    extra = given.difference(expected)
+    how = ": same genes in another order" if not len(missing) and not len(extra) else ""
+    first = f"; first missing: {list(missing[:5])}" if len(missing) else ""
+    raise ValueError(
+        f"{where}.var_names differ from the model's {len(expected)} genes ({len(missing)} missing, "
+        f"{len(extra)} extra{how}{first}); subset and order it as {where}[:, model.var_names]."
+    )

@@ -1,0 +1,337 @@
+"""Prediction from control anchors: :meth:`PredictionMixin.predict` and perturbation programmes.
+
+Every control cell is an anchor; its expression is encoded, ``z`` is drawn from the conditional
+prior under the requested perturbation and decoded (:meth:`ScopeVAE.predict_from_anchor`).
+The result is laid out by :func:`perturbscope.data.prediction_anndata`, the layout every model
+and baseline shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+from scvi import REGISTRY_KEYS as SCVI_KEYS
+from scvi import settings
+from scvi.utils import track
+
+from .._constants import REGISTRY_KEYS
+from ..data import (
+    aggregate_prediction,
+    check_count_data,
+    check_var_names,
+    is_control,
+    prediction_anndata,
+)
+from ..module._scopevae import COUNT_LIKELIHOODS
+from ._programs import PerturbationPrograms
+
+
+def _matrix_of(adata: ad.AnnData, layer: str | None):
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} not found in adata.layers; layers are {list(adata.layers)}.")
+    return adata.layers[layer]
+
+
+class PredictionMixin:
+    """``predict`` and ``get_perturbation_programs`` for :class:`~perturbscope.ScopeVI`."""
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        adata_control: ad.AnnData | None = None,
+        perturbations: Sequence[str] | None = None,
+        n_samples: int = 1,
+        aggregate: Literal["mean"] | None = None,
+        use_prior_mean: bool = False,
+        residual: bool = True,
+        combination: Literal["additive", "joint"] = "additive",
+        batch_size: int | None = None,
+        seed: int | None = None,
+    ) -> ad.AnnData:
+        """Predict perturbed cells from control cells.
+
+        Every control cell is an anchor: ``z`` is drawn from the conditional prior
+        ``p(z | control cell, perturbation)`` and decoded under the perturbation, so the
+        prediction keeps that cell's basal state, context and batch. Control cells of a context
+        never seen in training work too (zero-shot): the prior is conditioned on them.
+
+        Parameters
+        ----------
+        adata_control
+            Control cells with the training genes (same ``var_names``, same order), on the
+            training scale. Defaults to the control cells of the training AnnData.
+        perturbations
+            Labels to predict (``"KLF1"``, ``"SET+KLF1"``); genes need only be in the embedding
+            table. Defaults to the training perturbations.
+        n_samples
+            Draws of ``z`` per control cell.
+        aggregate
+            ``"mean"`` returns one row per perturbation (and context, when the model has a
+            context key) instead of one per cell: the pseudobulk of ``X`` and ``log1p_norm``.
+        use_prior_mean
+            Decode the prior mean instead of a sample.
+        residual
+            Predict each cell as its anchor's observed expression plus the decoded change
+            (``decode(z_p, p) - decode(z_0, no perturbation)`` for the same prior draw, in
+            log1p-normalised space; composed per gene for combinations, see ``combination``), so
+            the decoder's error in reconstructing the anchor cancels and the spread of real
+            control cells is kept. ``False`` starts from ``decode(z_0, no perturbation)``
+            instead of the observed cell (``decode(z_p, p)`` itself for a single).
+        combination
+            How a multi-gene perturbation's change is composed. ``"additive"``: the sum of its
+            genes' predicted changes plus the change due to the learned interaction term, which
+            is 0 unless combinations were in training (so unseen combinations default to
+            additivity in expression space, the strong baseline of Norman et al. 2019 and
+            Ahlmann-Eltze et al. 2025). ``"joint"``: decode the summed perturbation vector.
+            Singles are the same under both. See :meth:`ScopeVAE.predicted_change`.
+        batch_size
+            Control cells per forward pass; ``None`` uses ``scvi.settings.batch_size``.
+        seed
+            Seed of the prior draws; defaults to ``scvi.settings.seed``.
+
+        Returns
+        -------
+        A new AnnData (``adata_control`` is untouched) with the training ``var_names`` and
+
+        * ``X``: expression on the training scale (expected counts at the control cell's library
+          size for count likelihoods; log-normalised values for ``"normal"``);
+        * ``layers["log1p_norm"]``: ``log1p`` of expression normalised to 1e4 counts (equal to
+          ``X`` for ``"normal"``, whose input is already log-normalised);
+        * ``obs["perturbation"]``, ``obs["control_cell"]`` (the anchor's name), the control
+          cells' context, batch and covariate columns, and ``obs["sample"]``;
+          with ``aggregate="mean"``, ``obs["perturbation"]``, the context column and
+          ``obs["n_cells"]``;
+        * ``uns["perturbscope"]``: the model, likelihood and embedding provenance.
+
+        Raises
+        ------
+        ValueError
+            If ``var_names`` differ from training, ``adata_control`` holds non-control cells, or
+            a batch/covariate value was not seen in training.
+        KeyError
+            If a perturbed gene is not in the embedding table.
+        """
+        self._check_if_trained(warn=True)
+        if aggregate not in (None, "mean"):
+            raise ValueError(f"aggregate must be None or 'mean', got {aggregate!r}.")
+        if combination not in ("additive", "joint"):
+            raise ValueError(f"combination must be 'additive' or 'joint', got {combination!r}.")
+        adata_control, perturbations = self._prediction_inputs(adata_control, perturbations)
+        gene_index = torch.as_tensor(self.encode_perturbations(perturbations))
+        generator = torch.Generator().manual_seed(int(seed if seed is not None else (settings.seed or 0)))
+        n_cells, n_genes = adata_control.shape
+        X = np.empty((len(perturbations), n_samples, n_cells, n_genes), dtype=np.float32)
+        log1p_norm = np.empty_like(X)
+        for cells, anchor_x, batch_index, cat_covs in self._anchor_batches(adata_control, batch_size):
+            for p in range(len(perturbations)):
+                genes = gene_index[p].expand(len(anchor_x), -1).to(anchor_x.device)
+                expression, normalised = self.module.predict_from_anchor(
+                    anchor_x, genes, batch_index, cat_covs, n_samples=n_samples,
+                    use_prior_mean=use_prior_mean, residual=residual, generator=generator,
+                    combination=combination,
+                )
+                X[p, :, cells] = expression.cpu().numpy()
+                log1p_norm[p, :, cells] = normalised.cpu().numpy()
+        prediction = self._prediction_anndata(adata_control, perturbations, n_samples, X, log1p_norm)
+        if aggregate == "mean":
+            prediction = aggregate_prediction(prediction, self._original_key(REGISTRY_KEYS.CONTEXT_KEY))
+        return prediction
+
+    @torch.inference_mode()
+    def get_perturbation_programs(
+        self,
+        adata_control: ad.AnnData | None = None,
+        perturbations: Sequence[str] | None = None,
+        threshold: float = 0.5,
+        batch_size: int | None = None,
+    ) -> PerturbationPrograms:
+        """Which latent dimensions, and through the decoder which genes, each perturbation moves.
+
+        For every anchor control cell the prior mean is computed under the perturbation and
+        under none; their difference, averaged over anchors, is the perturbation's latent shift.
+        A dimension is *active* when the shift is at least ``threshold`` standard deviations of
+        the anchors' basal states along it. Gene effects are the mean predicted change in
+        log1p-normalised expression at the prior mean. Most useful with
+        ``perturbation_effect="sparse"``, where every effect passes through the (L1-penalised)
+        shift; for the dense model the decoder also sees the perturbation directly, so the
+        shift is only part of the story while ``gene_effects`` stays complete.
+
+        Parameters
+        ----------
+        adata_control
+            Anchor control cells; defaults to the training control cells.
+        perturbations
+            Labels (seen or unseen genes, combinations); defaults to the training perturbations.
+        threshold
+            Active-dimension threshold in standard deviations of the basal states.
+        batch_size
+            Control cells per forward pass; ``None`` uses ``scvi.settings.batch_size``.
+
+        Returns
+        -------
+        :class:`~perturbscope.model.PerturbationPrograms`.
+
+        Raises
+        ------
+        ValueError
+            If ``threshold`` is negative, or for bad control cells or labels as in :meth:`predict`.
+
+        Examples
+        --------
+        >>> import perturbscope as ps
+        >>> adata, emb = ps.data.simulate_perturbseq(n_genes=30, n_perturbed_genes=4,
+        ...                                          n_combinations=0, n_cells_per_condition=10)
+        >>> ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=emb)
+        >>> model = ps.ScopeVI(adata, n_latent=4, n_hidden=16, perturbation_effect="sparse")
+        >>> model.train(max_epochs=1, enable_progress_bar=False)
+        >>> programs = model.get_perturbation_programs()
+        >>> programs.latent_shift.shape
+        (4, 4)
+        """
+        self._check_if_trained(warn=True)
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}.")
+        adata_control, perturbations = self._prediction_inputs(adata_control, perturbations)
+        gene_index = torch.as_tensor(self.encode_perturbations(perturbations))
+        n_latent = self.module.n_latent
+        shift_sums = np.zeros((len(perturbations), n_latent))
+        effect_sums = np.zeros((len(perturbations), adata_control.n_vars))
+        basal = []
+        no_noise = torch.zeros(1, 1, n_latent)
+        for _, anchor_x, batch_index, cat_covs in self._anchor_batches(adata_control, batch_size):
+            basal.append(self.module.basal_state(anchor_x).cpu().numpy())
+            for p in range(len(perturbations)):
+                genes = gene_index[p].expand(len(anchor_x), -1).to(anchor_x.device)
+                shift_sums[p] += self.module.latent_shift(anchor_x, genes).sum(dim=0).cpu().numpy()
+                change, _ = self.module.predicted_change(
+                    anchor_x, genes, no_noise.to(anchor_x.device), batch_index, cat_covs
+                )
+                effect_sums[p] += change[0].sum(dim=0).cpu().numpy()
+        n_cells = adata_control.n_obs
+        dims = [f"z{d}" for d in range(n_latent)]
+        index = pd.Index(perturbations, name="perturbation")
+        shift = pd.DataFrame(shift_sums / n_cells, index=index, columns=dims)
+        spread = np.concatenate(basal).std(axis=0)
+        standardized = shift / np.where(spread > 0, spread, np.inf)
+        return PerturbationPrograms(
+            latent_shift=shift,
+            standardized_shift=standardized,
+            active=standardized.abs() >= threshold,
+            gene_effects=pd.DataFrame(effect_sums / n_cells, index=index, columns=adata_control.var_names.copy()),
+            threshold=threshold,
+        )
+
+    def _prediction_inputs(
+        self, adata_control: ad.AnnData | None, perturbations: Sequence[str] | None
+    ) -> tuple[ad.AnnData, list[str]]:
+        """Checked control cells (the training controls by default) and perturbation labels."""
+        state = self._perturbation_state
+        if adata_control is None:
+            controls = is_control(self.adata.obs[state["perturbation_key"]], state["control_value"])
+            adata_control = self._expression_modality(self.adata)[controls]
+        if perturbations is None:
+            perturbations = self.training_perturbations
+        perturbations = [str(p) for p in perturbations]
+        if not perturbations:
+            raise ValueError("perturbations is empty; pass at least one perturbation label.")
+        check_var_names(adata_control.var_names, self.var_names, "adata")
+        self._check_only_controls(adata_control)
+        if self.module.gene_likelihood in COUNT_LIKELIHOODS:
+            check_count_data(_matrix_of(adata_control, self._layer), self._layer)
+        return adata_control, perturbations
+
+    def _anchor_batches(self, adata_control: ad.AnnData, batch_size: int | None):
+        """Yield ``(slice, anchor_x, batch_index, cat_covs)`` tensors of control cells, in order."""
+        batch_size = settings.batch_size if batch_size is None else batch_size
+        if not isinstance(batch_size, int | np.integer) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+        self.module.eval()
+        device = self.device
+        matrix = _matrix_of(adata_control, self._layer)
+        batch_codes = self._category_codes(adata_control, SCVI_KEYS.BATCH_KEY)
+        covariate_codes = self._covariate_codes(adata_control)
+        n_cells = adata_control.n_obs
+        starts = range(0, n_cells, batch_size)
+        for start in track(starts, description="ScopeVI", disable=len(starts) <= 1):
+            cells = slice(start, min(start + batch_size, n_cells))
+            chunk = matrix[cells]
+            anchor_x = torch.as_tensor(chunk.toarray() if sparse.issparse(chunk) else np.asarray(chunk),
+                                       dtype=torch.float32, device=device)
+            batch_index = (None if batch_codes is None else
+                           torch.as_tensor(batch_codes[cells, None], dtype=torch.long, device=device))
+            cat_covs = (None if covariate_codes is None else
+                        torch.as_tensor(covariate_codes[cells], dtype=torch.long, device=device))
+            yield cells, anchor_x, batch_index, cat_covs
+
+    def _prediction_anndata(self, adata_control, perturbations, n_samples, X, log1p_norm) -> ad.AnnData:
+        context_columns = [k for k in (self._original_key(REGISTRY_KEYS.CONTEXT_KEY),
+                                       self._original_key(SCVI_KEYS.BATCH_KEY)) if k is not None]
+        if SCVI_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
+            context_columns += list(self.adata_manager.get_state_registry(SCVI_KEYS.CAT_COVS_KEY).field_keys)
+        context_columns = list(dict.fromkeys(k for k in context_columns if k in adata_control.obs))
+        provenance = {
+            "model": "ScopeVI",
+            "gene_likelihood": self.module.gene_likelihood,
+            "context_columns": context_columns,
+            "gene_embeddings": {str(k): str(v) for k, v in self._perturbation_state.get("provenance", {}).items()},
+        }
+        n_genes = X.shape[-1]
+        return prediction_anndata(
+            perturbations, adata_control.obs[context_columns], X.reshape(-1, n_genes),
+            log1p_norm.reshape(-1, n_genes), adata_control.var_names, n_samples, provenance,
+        )
+
+    def _category_codes(self, adata: ad.AnnData, registry_key: str) -> np.ndarray | None:
+        key = self._original_key(registry_key)
+        if key is None:
+            return None
+        if key not in adata.obs.columns:
+            raise KeyError(f"adata.obs has no column {key!r}, which the model was set up with.")
+        mapping = pd.Index(self.adata_manager.get_state_registry(registry_key).categorical_mapping)
+        values = adata.obs[key].astype(str)
+        codes = mapping.get_indexer(values)
+        if (codes < 0).any():
+            unseen = sorted(set(values[codes < 0]))
+            raise ValueError(
+                f"adata.obs[{key!r}] has values not seen in training: {unseen[:10]}; known values "
+                f"are {mapping.tolist()[:10]}."
+            )
+        return codes
+
+    def _covariate_codes(self, adata: ad.AnnData) -> np.ndarray | None:
+        if SCVI_KEYS.CAT_COVS_KEY not in self.adata_manager.data_registry:
+            return None
+        state = self.adata_manager.get_state_registry(SCVI_KEYS.CAT_COVS_KEY)
+        columns = []
+        for key in state.field_keys:
+            mapping = pd.Index(state.mappings[key])
+            values = adata.obs[key].astype(str)
+            codes = mapping.get_indexer(values)
+            if (codes < 0).any():
+                raise ValueError(
+                    f"adata.obs[{key!r}] has values not seen in training: "
+                    f"{sorted(set(values[codes < 0]))[:10]}."
+                )
+            columns.append(codes)
+        return np.stack(columns, axis=1) if columns else None
+
+    def _check_only_controls(self, adata: ad.AnnData) -> None:
+        state = self._perturbation_state
+        key = state["perturbation_key"]
+        if key in adata.obs.columns:
+            labels = adata.obs[key].astype(str)
+            other = pd.unique(labels[~is_control(labels, state["control_value"])])
+            if len(other):
+                raise ValueError(
+                    f"adata_control must hold control cells only; adata.obs[{key!r}] also has "
+                    f"{list(other[:10])}. Pass adata[adata.obs[{key!r}] == {state['control_value']!r}]."
+                )
+

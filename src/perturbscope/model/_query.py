@@ -1,0 +1,154 @@
+"""Transfer to new contexts (scArches): :meth:`QueryMixin.load_query_data`.
+
+The query is registered with the reference's registry (categories extended), the reference's
+weights are copied in (new covariate columns start at zero) and chosen parts are frozen before
+fine-tuning, as scvi-tools' ``ArchesMixin`` does for its models.
+"""
+
+from __future__ import annotations
+
+import os
+from copy import deepcopy
+from pathlib import Path
+from typing import Literal, Self
+
+import anndata as ad
+import pandas as pd
+import torch
+
+from ..data import check_controls_per_context, check_var_names, control_mask
+from ._save_load import checked_setup
+
+
+def expand_covariate_columns(
+    reference: torch.Tensor, target: torch.Tensor, reference_sizes: list[int], target_sizes: list[int]
+) -> torch.Tensor:
+    """Copy a reference weight into a query weight that has more one-hot covariate columns.
+
+    FCLayers append one-hot covariate blocks after the continuous input; new categories get
+    zero weights, so the layer's output is unchanged for the reference categories.
+    """
+    if reference.shape == target.shape:
+        return reference.clone()
+    if reference.dim() != 2 or reference.shape[0] != target.shape[0]:
+        raise ValueError(f"Cannot transfer a weight of shape {tuple(reference.shape)} to {tuple(target.shape)}.")
+    n_continuous = reference.shape[1] - sum(reference_sizes)
+    out = torch.zeros_like(target)
+    out[:, :n_continuous] = reference[:, :n_continuous]
+    ref_start, target_start = n_continuous, n_continuous
+    for ref_size, target_size in zip(reference_sizes, target_sizes):
+        out[:, target_start : target_start + ref_size] = reference[:, ref_start : ref_start + ref_size]
+        ref_start += ref_size
+        target_start += target_size
+    return out
+
+
+def _check_query_controls(obs: pd.DataFrame, setup_args: dict) -> None:
+    """Every query context (and batch) needs control cells to anchor on; say so before training."""
+    keys = [setup_args.get(k) for k in ("context_key", "batch_key")]
+    check_controls_per_context(obs, setup_args["perturbation_key"], setup_args.get("control_value", "control"),
+                               [k for k in keys if k is not None])
+
+
+class QueryMixin:
+    """``load_query_data`` for ScopeVI: adapt a trained model to new contexts from few cells."""
+
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: ad.AnnData,
+        reference_model: Self | str | os.PathLike,
+        freeze_decoder: bool | Literal["shared"] = "shared",
+        freeze_perturbation_encoder: bool = True,
+        unfrozen: bool = False,
+    ) -> Self:
+        """A copy of a trained model set up on a new context, ready to be fine-tuned (scArches).
+
+        The query is registered with the reference registry, extending its categories (new
+        contexts, new batches). Weights are copied from the reference; weights of new batch
+        categories start at zero, so the decoder first behaves as for the reference batches.
+        The gene-embedding path (perturbation encoder) and, by default, the decoder's shared
+        hidden layers stay frozen; the encoder, the conditional prior and the decoder's output
+        layer are fine-tuned by ``model.train()`` on
+        what the query holds: control cells only, or controls plus a few cells of some
+        perturbations (few-shot).
+
+        Parameters
+        ----------
+        adata
+            Query cells with the reference's genes in the same order. Needs control cells in
+            every context.
+        reference_model
+            A trained :class:`ScopeVI`, or the folder it was saved to (loaded with the
+            restricted :meth:`load`, on ``adata``'s genes).
+        freeze_decoder
+            ``"shared"``: freeze the decoder's hidden layers (which also take the batch and, in
+            the dense model, the perturbation vector) and fine-tune its output layer, so the
+            decoder can re-weight how
+            the learned hidden features reach each gene in the new context. ``True``: freeze the
+            whole decoder and the dispersion; only the encoder and the prior adapt, which leaves
+            the predicted effect of a perturbation nearly unchanged. ``False``: fine-tune it all.
+            A query of control cells only holds no signal for the output layer, so there
+            ``"shared"`` freezes the whole decoder, as ``True`` does (on Kang, fine-tuning the
+            output layer on controls alone made predictions worse than the reference's).
+        freeze_perturbation_encoder
+            Keep the gene-embedding path fixed.
+        unfrozen
+            Fine-tune every weight (scvi-tools' ``unfrozen=True``); overrides both ``freeze_*``.
+
+        Returns
+        -------
+        A new :class:`ScopeVI` on ``adata``; train it with ``model.train(...)``.
+
+        Raises
+        ------
+        ValueError
+            If the query's genes differ from the reference's (the counts of missing and extra
+            genes are given), a query context or batch has no control cells, or
+            ``freeze_decoder`` is not one of its values.
+
+        Examples
+        --------
+        >>> import perturbscope as ps
+        >>> adata, emb = ps.data.simulate_perturbseq(n_genes=30, n_perturbed_genes=6,
+        ...                                          n_combinations=2, n_cells_per_condition=10)
+        >>> reference = adata[adata.obs["cell_type"] == "type_0"].copy()
+        >>> ps.ScopeVI.setup_anndata(reference, "perturbation", gene_embeddings=emb,
+        ...                          context_key="cell_type")
+        >>> model = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
+        >>> model.train(max_epochs=1, enable_progress_bar=False)
+        >>> query = adata[adata.obs["cell_type"] == "type_1"].copy()
+        >>> few_shot = ps.ScopeVI.load_query_data(query, model)
+        >>> few_shot.train(max_epochs=1, enable_progress_bar=False)
+        """
+        if freeze_decoder not in (True, False, "shared"):
+            raise ValueError(f"freeze_decoder must be True, False or 'shared', got {freeze_decoder!r}.")
+        if isinstance(reference_model, str | os.PathLike):
+            reference_model = cls.load(reference_model, adata)
+        check_var_names(reference_model._expression_modality(adata).var_names, reference_model.var_names,
+                        "query")
+        registry = deepcopy(reference_model.registry_)
+        setup, setup_args = checked_setup(cls, registry, Path("the reference model"))
+        _check_query_controls(adata.obs, setup_args)
+        setup(adata, source_registry=registry, extend_categories=True, **setup_args)
+        model = cls(adata, **reference_model.init_params_.get("non_kwargs", {}))
+        reference_state = reference_model.module.state_dict()
+        sizes = (reference_model.module.covariate_sizes, model.module.covariate_sizes)
+        model.module.load_state_dict({
+            key: expand_covariate_columns(reference_state[key], value, *sizes)
+            for key, value in model.module.state_dict().items()
+        })
+        if unfrozen:
+            freeze_decoder, freeze_perturbation_encoder = False, False
+        frozen = [model.module.perturbation_encoder] if freeze_perturbation_encoder else []
+        perturbed = ~control_mask(model.adata_manager)
+        if freeze_decoder == "shared" and perturbed.any():
+            frozen.append(model.module.decoder_hidden_layers())
+        elif freeze_decoder:  # True, or "shared" with control cells only
+            frozen.append(model.module.decoder)
+            if hasattr(model.module, "px_r"):
+                model.module.px_r.requires_grad_(False)
+        for part in frozen:
+            part.requires_grad_(False)
+        model.module.to(reference_model.device)
+        return model

@@ -1,0 +1,172 @@
+"""Loading a saved ScopeVI without trusting the file: the restricted counterpart of scvi's ``load``.
+
+scvi-tools' own ``load`` unpickles ``model.pt`` with ``weights_only=False``, which runs any
+callable the file names. :class:`SafeLoadMixin` reads it through
+:func:`perturbscope._safe_load.load_model_file` and lets the file choose data only: the setup
+method is one of an allow-list and its arguments are checked against that method's signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from .._safe_load import load_model_file
+from ..data import check_var_names
+
+#: The setup methods a saved file may name; anything else is refused.
+ALLOWED_SETUP_METHODS = ("setup_anndata", "setup_mudata")
+
+
+def resolve_device(accelerator: str, device: int | str) -> str | int:
+    """``"auto"`` picks the first GPU when one is there and allowed, else the CPU.
+
+    Examples
+    --------
+    >>> resolve_device("cpu", "auto")
+    'cpu'
+    """
+    if device != "auto":
+        return device
+    gpu_allowed = accelerator in ("auto", "gpu", "cuda")
+    return "cuda:0" if gpu_allowed and torch.cuda.is_available() else "cpu"
+
+
+def checked_setup(cls, registry: dict, path: Path):
+    """The class's setup method named by a saved registry, with its arguments checked.
+
+    Raises
+    ------
+    ValueError
+        If the file names a method outside :data:`ALLOWED_SETUP_METHODS`, or arguments that
+        method does not take.
+    """
+    name = registry.get("setup_method_name", "setup_anndata")
+    if name not in ALLOWED_SETUP_METHODS:
+        raise ValueError(
+            f"{path} names the setup method {name!r}; only {list(ALLOWED_SETUP_METHODS)} are allowed."
+        )
+    method = getattr(cls, name)
+    setup_args = registry.get("setup_args", {})
+    if not isinstance(setup_args, dict):
+        raise ValueError(f"{path} has setup_args of type {type(setup_args).__name__}; expected a dict.")
+    accepted = set(inspect.signature(method).parameters) - {"kwargs", "cls", "self"}
+    unknown = sorted(set(map(str, setup_args)) - accepted)
+    if unknown:
+        raise ValueError(f"{path} passes arguments {unknown} that {cls.__name__}.{name} does not take.")
+    return method, setup_args
+
+
+class SafeLoadMixin:
+    """``load`` for models whose files must not run code; see the module docstring."""
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: ad.AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+    ):
+        """Load a saved model without trusting the file's pickled code.
+
+        The file is read with ``weights_only=True`` where possible, else with an unpickler that
+        allows only the numpy, pandas, container and tensor globals a saved model needs. The
+        setup method it names must be ``setup_anndata`` or ``setup_mudata``, called with
+        arguments that method takes.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by ``save``.
+        adata
+            AnnData with the training genes, set up here with the saved registry. ``None`` reads
+            ``adata.h5ad`` from the folder (saved with ``save_anndata=True``).
+        accelerator, device
+            Where to put the model (scvi-tools conventions).
+        prefix
+            Prefix of the saved file names.
+
+        Returns
+        -------
+        The trained model, in evaluation mode.
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is no model file in ``dir_path``.
+        ValueError
+            If the file holds another model class, asks for globals outside the allow-list,
+            names a setup method or arguments that are not allowed, or ``adata`` has other genes.
+
+        Examples
+        --------
+        >>> model.save("scopevi_model/")  # doctest: +SKIP
+        >>> model = ScopeVI.load("scopevi_model/", adata)  # doctest: +SKIP
+        """
+        folder = Path(dir_path)
+        path = folder / f"{prefix or ''}model.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; is {folder} a folder written by {cls.__name__}.save?")
+        payload = load_model_file(path)
+        attr_dict = dict(payload["attr_dict"])
+        registry = attr_dict.pop("registry_")
+        if registry.get("model_name", cls.__name__) != cls.__name__:
+            raise ValueError(f"{path} holds a {registry['model_name']} model, not {cls.__name__}.")
+        setup, setup_args = checked_setup(cls, registry, path)
+        adata = _saved_or_given_adata(folder, prefix, adata)
+        _check_saved_genes(payload["var_names"], adata, setup_args)
+        try:
+            setup(adata, source_registry=registry, **setup_args)
+        except ValueError as error:
+            if "extend_categories" in str(error):
+                raise ValueError(
+                    f"adata has categories the saved model was not trained on ({error}). A saved model "
+                    "predicts only the categories it was trained on; for a new context or batch "
+                    f"use {cls.__name__}.load_query_data(adata, model) and fine-tune."
+                ) from error
+            raise
+        model = cls(adata, **_init_kwargs(attr_dict.pop("init_params_")))
+        for attr, value in attr_dict.items():
+            setattr(model, attr, value)
+        state = dict(payload["model_state_dict"])
+        state.pop("pyro_param_store", None)
+        model.module.load_state_dict(state)
+        model.to_device(resolve_device(accelerator, device))
+        model.module.eval()
+        return model
+
+
+def _saved_or_given_adata(folder: Path, prefix: str | None, adata):
+    if adata is not None:
+        return adata
+    saved = folder / f"{prefix or ''}adata.h5ad"
+    if not saved.is_file():
+        raise ValueError(f"Pass adata: {folder} has no saved AnnData ({saved.name}).")
+    return ad.read_h5ad(saved)
+
+
+def _check_saved_genes(saved, adata, setup_args: dict) -> None:
+    """The given data must have the saved genes, in order (per modality for a MuData model)."""
+    rna = (setup_args.get("modalities") or {}).get("rna_layer", "rna")
+    if isinstance(saved, dict):  # a MuData model: scvi-tools saves genes per modality
+        saved, genes = saved[rna], adata.mod[rna].var_names
+    else:
+        genes = adata.var_names
+    check_var_names(genes, pd.Index(np.asarray(saved).astype(str)), "adata")
+
+
+def _init_kwargs(init_params: dict) -> dict:
+    """Constructor arguments from saved ``init_params_`` (older files get today's defaults)."""
+    kwargs_groups = init_params.get("kwargs", {})
+    non_kwargs = dict(init_params.get("non_kwargs", {}))
+    # files saved before ``unseen_genes`` existed encoded unseen genes with the kernel
+    non_kwargs.setdefault("unseen_genes", "kernel")
+    return {**non_kwargs, **{k: v for group in kwargs_groups.values() for k, v in group.items()}}
