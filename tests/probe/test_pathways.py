@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from perturbscope.probe import rank_pathways, read_gene_sets
+from perturbscope.probe import gene_set_table, rank_pathways
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +65,19 @@ def test_gene_set_files(tmp_path, ranked_scores):
     _, sets = ranked_scores
     gmt = tmp_path / "sets.gmt"
     gmt.write_text("\n".join(f"{k}\tdescription\t" + "\t".join(v) for k, v in sets.items()))
-    from_gmt = read_gene_sets(gmt)
+    from_gmt = gene_set_table(gmt)
     assert from_gmt.groupby("source")["target"].nunique().to_dict() == {
         k: len(v) for k, v in sets.items()
     }
     nested = {"A": {"same": ["x", "y"]}, "B": {"same": ["z"], "other": ["x"]}}
     path = tmp_path / "sets.json"
     path.write_text(json.dumps(nested))
-    net = read_gene_sets(path)
+    net = gene_set_table(path)
     assert set(net["source"]) == {"A:same", "B:same", "other"}
 
 
 def test_real_spectra_sets_load(shared_data):
-    net = read_gene_sets(shared_data / "genesets" / "spectra_default_gene_sets.json")
+    net = gene_set_table(shared_data / "genesets" / "spectra_default_gene_sets.json")
     ifn = net[net["source"] == "all_type-I-ifn-response"]
     assert len(ifn) == 17
     assert set(ifn["collection"]) == {"global"}

@@ -25,19 +25,24 @@ from ..data._checks import check_gene_embeddings
 from ..data._checks import preview as _preview
 
 
-def read_gene_sets(path: str | os.PathLike) -> dict[str, list[str]]:
+def read_gene_sets(path: str | os.PathLike, flatten: bool = True) -> dict:
     r"""Read gene sets from a GMT file or a (possibly nested) JSON file.
+
+    The one reader of gene-set files: :func:`geneset_embeddings` and
+    :func:`perturbscope.probe.rank_pathways` both read files through it.
 
     Parameters
     ----------
     path
         A ``.gmt`` file (``name<TAB>description<TAB>gene<TAB>gene...``), or a ``.json`` file holding
-        ``{set_name: [genes]}`` or spectra's nested ``{cell_type: {set_name: [genes]}}``; nested
-        names are flattened to ``"cell_type/set_name"``.
+        ``{set_name: [genes]}`` or spectra's nested ``{cell_type: {set_name: [genes]}}``.
+    flatten
+        Flatten nested names to ``"cell_type/set_name"``; ``False`` returns a JSON file's
+        mapping as it is (collections kept apart).
 
     Returns
     -------
-    ``{set_name: [genes]}``.
+    ``{set_name: [genes]}`` (nested for an unflattened nested JSON file).
 
     Raises
     ------
@@ -72,7 +77,8 @@ def read_gene_sets(path: str | os.PathLike) -> dict[str, list[str]]:
         return sets
     if suffix == ".json":
         with open(path) as handle:
-            return _flatten(json.load(handle), str(path))
+            sets = json.load(handle)
+        return _flatten(sets, str(path)) if flatten else sets
     raise ValueError(f"Cannot read gene sets from {str(path)!r}; expected a .gmt or .json file.")
 
 

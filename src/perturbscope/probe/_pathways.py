@@ -9,13 +9,14 @@ such as Spectra's default gene sets; nothing is fetched online.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
+
+from ..embeddings import read_gene_sets
 
 GeneSets = str | Path | Mapping[str, Sequence[str]] | Mapping[str, Mapping[str, Sequence[str]]]
 
@@ -38,8 +39,11 @@ def _flatten(sets: Mapping) -> pd.DataFrame:
     return net
 
 
-def read_gene_sets(gene_sets: GeneSets) -> pd.DataFrame:
-    """Read gene sets into a long table.
+def gene_set_table(gene_sets: GeneSets) -> pd.DataFrame:
+    """Gene sets as decoupler's long ``source, target`` table, with their collection.
+
+    Files are read by :func:`perturbscope.embeddings.read_gene_sets`, unflattened, so a nested
+    JSON file keeps its collections.
 
     Parameters
     ----------
@@ -58,22 +62,17 @@ def read_gene_sets(gene_sets: GeneSets) -> pd.DataFrame:
 
     Examples
     --------
-    >>> from perturbscope.probe import read_gene_sets
-    >>> read_gene_sets({"IFN": ["ISG15", "IFI6"]}).shape
+    >>> from perturbscope.probe import gene_set_table
+    >>> gene_set_table({"IFN": ["ISG15", "IFI6"]}).shape
     (2, 3)
     """
     if isinstance(gene_sets, str | Path):
         path = Path(gene_sets)
         if not path.is_file():
             raise ValueError(f"gene set file {str(path)!r} does not exist")
-        if path.suffix.lower() == ".gmt":
-            from ..embeddings import read_gene_sets as read_gmt
-
-            gene_sets = read_gmt(path)
-        elif path.suffix.lower() == ".json":
-            gene_sets = json.loads(path.read_text())
-        else:
+        if path.suffix.lower() not in (".gmt", ".json"):
             raise ValueError(f"gene set file {str(path)!r} must end in .gmt or .json")
+        gene_sets = read_gene_sets(path, flatten=False)
     if not isinstance(gene_sets, Mapping):
         raise ValueError(
             f"gene_sets must be a GMT or JSON path or a dict, got {type(gene_sets).__name__}"
@@ -173,7 +172,7 @@ def rank_pathways(
     if seed < 1:
         raise ValueError(f"seed must be >= 1, got {seed}")
 
-    net = read_gene_sets(gene_sets)
+    net = gene_set_table(gene_sets)
     net = net[net["target"].isin(scores.index)]
     sizes = net.groupby("source")["target"].nunique()
     keep = sizes.index[sizes >= min_size]
