@@ -1,46 +1,65 @@
-"""Load an scvi-tools ``model.pt`` without trusting it.
+"""Load torch and pickle files without trusting them.
 
 An scVI ``model.pt`` is a pickle: ``torch.load(weights_only=True)`` refuses it because its
-registry holds a ``defaultdict``, numpy arrays and pandas frames, and scvi-tools' own
-``load`` therefore calls ``torch.load(weights_only=False)``, which runs whatever callable the
-file names. :func:`load_model_file` first tries ``weights_only=True`` and otherwise unpickles
-through :data:`restricted_pickle`, a pickle module whose ``Unpickler.find_class`` resolves only
-an allow-list of container, numpy, pandas and tensor-rebuild globals. Anything else, such as
-``builtins.print`` or ``os.system``, stops the load with a :class:`ValueError`.
+registry holds a ``defaultdict``, numpy arrays and pandas frames, and scvi-tools' own ``load``
+therefore calls ``torch.load(weights_only=False)``, which runs whatever callable the file names.
+An ESM checkpoint holds an ``argparse.Namespace``, and fair-esm calls ``torch.load`` without
+``weights_only`` (so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns it into a full unpickle).
+
+:func:`load_model_file` first tries ``torch.load(weights_only=True)`` (with ``Namespace`` allowed
+for ESM files) and otherwise unpickles through a restricted pickle module whose
+``Unpickler.find_class`` resolves only an allow-list of globals (:data:`ALLOW_LISTS`): plain
+containers, numpy arrays, pandas frames and indexes, tensor rebuilds, and for ESM files
+``argparse.Namespace``. Anything else, such as ``builtins.print`` or ``os.system``, stops the load
+with a :class:`ValueError` naming the global. Classes that pandas 2 removed
+(``pandas.core.indexes.numeric.Int64Index`` and its siblings, pickled by scvi-tools < 1.0 under
+pandas 1.x) are mapped to :class:`pandas.Index`, which rebuilds the same values and dtype.
+
+Some constructors on the allow-list could allocate without bound from a few pickle bytes
+(``bytes(n)``/``bytearray(n)``, numpy's ``_reconstruct(ndarray, shape, dtype)``, a
+``RangeIndex`` that a pandas object broadcasts over); they are replaced by guarded versions that
+refuse integer sizes, shapes over :data:`MAX_RECONSTRUCT_ELEMENTS` elements and ranges over
+:data:`MAX_RANGE_INDEX_LENGTH` (real pickles use ``bytes()`` and the shape ``(0,)``).
+``pandas.core.indexes.base._new_Index`` builds only ``Index`` and ``RangeIndex``.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
+import os
 import pickle
+import re
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
+import pandas as pd
 import torch
 
-# Every global an scvi-tools 1.x ``model.pt`` needs (found by logging find_class on saved
-# SCVI models, plus the names older numpy / pandas versions pickle under).
-_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
-    [
-        (mod, name)
-        for mod in ("builtins", "__builtin__")
-        for name in (
-            "bool",
-            "bytearray",
-            "bytes",
-            "complex",
-            "dict",
-            "float",
-            "frozenset",
-            "int",
-            "list",
-            "object",
-            "set",
-            "slice",
-            "str",
-            "tuple",
-        )
-    ]
+#: The largest array numpy's ``_reconstruct`` may be asked to allocate from a pickle. Real
+#: pickles pass the shape ``(0,)`` and fill the array from its pickled bytes afterwards.
+MAX_RECONSTRUCT_ELEMENTS = 1 << 20
+
+_BUILTIN_NAMES = (
+    "bool",
+    "bytearray",
+    "bytes",
+    "complex",
+    "dict",
+    "float",
+    "frozenset",
+    "int",
+    "list",
+    "object",
+    "set",
+    "slice",
+    "str",
+    "tuple",
+)
+_CONTAINER_GLOBALS = frozenset(
+    [(mod, name) for mod in ("builtins", "__builtin__") for name in _BUILTIN_NAMES]
     + [
         ("_codecs", "encode"),
         ("collections", "OrderedDict"),
@@ -48,48 +67,16 @@ _ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("datetime", "datetime"),
         ("datetime", "date"),
         ("datetime", "timedelta"),
-        ("numpy", "dtype"),
-        ("numpy", "ndarray"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-        ("pandas._libs.internals", "_unpickle_block"),
-        ("pandas.core.internals.blocks", "new_block"),
-        ("pandas.core.internals.managers", "BlockManager"),
-        ("pandas.core.internals.managers", "SingleBlockManager"),
-        ("pandas.core.frame", "DataFrame"),
-        ("pandas.core.series", "Series"),
-        ("pandas.core.indexes.base", "Index"),
-        ("pandas.core.indexes.base", "_new_Index"),
-        ("pandas.core.indexes.range", "RangeIndex"),
-        ("pandas.core.indexes.numeric", "Int64Index"),
-        ("pandas.core.indexes.numeric", "Float64Index"),
-        ("pandas.core.arrays.categorical", "Categorical"),
-        ("pandas.core.arrays.categorical", "_reconstructor"),
-        ("pandas.core.dtypes.dtypes", "CategoricalDtype"),
+    ]
+)
+_TORCH_GLOBALS = frozenset(
+    [
         ("torch", "Size"),
         ("torch", "device"),
         ("torch._utils", "_rebuild_tensor"),
         ("torch._utils", "_rebuild_tensor_v2"),
         ("torch._utils", "_rebuild_parameter"),
         ("torch._utils", "_rebuild_parameter_with_state"),
-    ]
-    + [
-        ("numpy.dtypes", name)
-        for name in (
-            "BoolDType",
-            "Float32DType",
-            "Float64DType",
-            "Int32DType",
-            "Int64DType",
-            "ObjectDType",
-            "StrDType",
-            "BytesDType",
-            "UInt8DType",
-            "Int8DType",
-            "Float16DType",
-        )
     ]
     + [
         ("torch", name)
@@ -107,49 +94,240 @@ _ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         )
     ]
 )
+_NUMPY_GLOBALS = frozenset(
+    [
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+    ]
+    + [
+        ("numpy.dtypes", name)
+        for name in (
+            "BoolDType",
+            "Float16DType",
+            "Float32DType",
+            "Float64DType",
+            "Int8DType",
+            "Int32DType",
+            "Int64DType",
+            "UInt8DType",
+            "ObjectDType",
+            "StrDType",
+            "BytesDType",
+        )
+    ]
+)
+_PANDAS_GLOBALS = frozenset(
+    [
+        ("pandas._libs.internals", "_unpickle_block"),
+        ("pandas.core.internals.blocks", "new_block"),
+        ("pandas.core.internals.managers", "BlockManager"),
+        ("pandas.core.internals.managers", "SingleBlockManager"),
+        ("pandas.core.frame", "DataFrame"),
+        ("pandas.core.series", "Series"),
+        ("pandas.core.indexes.base", "Index"),
+        ("pandas.core.indexes.base", "_new_Index"),
+        ("pandas.core.indexes.range", "RangeIndex"),
+        ("pandas.core.arrays.categorical", "Categorical"),
+        ("pandas.core.arrays.categorical", "_reconstructor"),
+        ("pandas.core.dtypes.dtypes", "CategoricalDtype"),
+    ]
+)
+#: Classes pandas 1.x pickled that pandas 2 removed: each rebuilds as a plain ``pandas.Index``
+#: (``_new_Index(cls, {"data": ..., "name": ...})`` keeps the values' dtype).
+_LEGACY_PANDAS_INDEXES = frozenset(
+    ("pandas.core.indexes.numeric", name)
+    for name in ("Int64Index", "UInt64Index", "Float64Index", "NumericIndex", "IntegerIndex")
+)
+
+#: The allow-lists :func:`load_model_file` can use, by file kind.
+ALLOW_LISTS: dict[str, frozenset[tuple[str, str]]] = {
+    "scvi": _CONTAINER_GLOBALS
+    | _TORCH_GLOBALS
+    | _NUMPY_GLOBALS
+    | _PANDAS_GLOBALS
+    | _LEGACY_PANDAS_INDEXES,
+    "esm": _CONTAINER_GLOBALS | _TORCH_GLOBALS | {("argparse", "Namespace")},
+}
+# kept for code that imported it
+_ALLOWED_GLOBALS = ALLOW_LISTS["scvi"]
+
+# What ``torch.load(weights_only=True)`` may additionally build, by file kind.
+_WEIGHTS_ONLY_EXTRAS: dict[str, list[Any]] = {"scvi": [], "esm": [argparse.Namespace]}
+
+_TRUE_VALUES = ("1", "y", "yes", "true")
+
+
+def _refuse_sizes(kind: type, *args: Any) -> Any:
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        raise pickle.UnpicklingError(
+            f"the file asks for `{kind.__name__}({args[0]})`, a zero-filled buffer of a given "
+            "size, which no scvi-tools or ESM file needs"
+        )
+    return kind(*args)
+
+
+def _guarded_bytes(*args: Any) -> bytes:
+    return _refuse_sizes(bytes, *args)
+
+
+def _guarded_bytearray(*args: Any) -> bytearray:
+    return _refuse_sizes(bytearray, *args)
+
+
+def _guarded_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(
+            f"the file asks numpy's _reconstruct to build a {subtype!r}; only numpy.ndarray is "
+            "allowed"
+        )
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    if not all(isinstance(d, int) and d >= 0 for d in dims):
+        raise pickle.UnpicklingError(f"the file asks for an array of invalid shape {shape!r}")
+    if int(np.prod([int(d) for d in dims], dtype=object)) > MAX_RECONSTRUCT_ELEMENTS:
+        raise pickle.UnpicklingError(
+            f"the file asks for an empty array of shape {shape!r}, over perturbscope's cap of "
+            f"{MAX_RECONSTRUCT_ELEMENTS} elements"
+        )
+    return np.ndarray.__new__(subtype, shape, dtype)
+
+
+#: The longest ``RangeIndex`` a pickle may ask for (a pandas object can broadcast a scalar over
+#: it, so a lazy range would otherwise become an allocation).
+MAX_RANGE_INDEX_LENGTH = 1 << 26
+
+
+def _guarded_range_index(*args: Any, **kwargs: Any) -> pd.RangeIndex:
+    index = pd.RangeIndex(*args, **kwargs)
+    if len(index) > MAX_RANGE_INDEX_LENGTH:
+        raise pickle.UnpicklingError(
+            f"the file asks for a RangeIndex of {len(index)} entries, over perturbscope's cap of "
+            f"{MAX_RANGE_INDEX_LENGTH}"
+        )
+    return index
+
+
+def _guarded_new_index(cls: Any, d: Any) -> pd.Index:
+    """Build with pandas' ``_new_Index``, for the index classes of the allow-list only."""
+    from pandas.core.indexes.base import _new_Index
+
+    if not isinstance(d, dict):
+        raise pickle.UnpicklingError(f"the file rebuilds an index from {type(d).__name__}")
+    if cls is _guarded_range_index:
+        return _guarded_range_index(**d)
+    if cls is not pd.Index:
+        raise pickle.UnpicklingError(
+            f"the file asks pandas' _new_Index to build a {cls!r}; only Index and RangeIndex "
+            "are allowed"
+        )
+    return _new_Index(cls, d)
+
+
+def _resolve(module: str, name: str) -> Any:
+    """The object an allow-listed global stands for (guards and legacy mappings applied)."""
+    if name in ("bytes", "bytearray") and module in ("builtins", "__builtin__"):
+        return _guarded_bytes if name == "bytes" else _guarded_bytearray
+    if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        return _guarded_reconstruct
+    if name == "scalar" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        # numpy 2 moved numpy.core to numpy._core; importing the old path only warns
+        try:
+            from numpy._core.multiarray import scalar
+        except ImportError:  # numpy < 2
+            from numpy.core.multiarray import scalar
+        return scalar
+    if (module, name) in _LEGACY_PANDAS_INDEXES:
+        return pd.Index
+    if (module, name) == ("pandas.core.indexes.range", "RangeIndex"):
+        return _guarded_range_index
+    if (module, name) == ("pandas.core.indexes.base", "_new_Index"):
+        return _guarded_new_index
+    if module == "__builtin__":
+        module = "builtins"
+    return getattr(__import__(module, fromlist=[name]), name)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals in ``_ALLOWED_GLOBALS``."""
+    """An unpickler that resolves only the globals in ``allowed`` (the scVI list by default)."""
+
+    allowed: frozenset[tuple[str, str]] = ALLOW_LISTS["scvi"]
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _ALLOWED_GLOBALS:
+        if (module, name) not in self.allowed:
             raise pickle.UnpicklingError(
                 f"the file asks to call or build `{module}.{name}`, which is not on "
-                "perturbscope's allow-list of globals an scvi-tools model needs"
+                "perturbscope's allow-list of globals such a file needs"
             )
-        return super().find_class(module, name)
+        return _resolve(module, name)
 
 
-def _restricted_loads(data: bytes, **kwargs: Any) -> Any:
-    import io
-
-    return _RestrictedUnpickler(io.BytesIO(data), **kwargs).load()
-
-
-def _restricted_load(file: Any, **kwargs: Any) -> Any:
-    return _RestrictedUnpickler(file, **kwargs).load()
-
-
-#: A pickle module for ``torch.load(..., pickle_module=restricted_pickle)``: torch subclasses its
-#: ``Unpickler`` (adding tensor storages), so every other global goes through the allow-list.
-restricted_pickle = types.ModuleType("perturbscope_restricted_pickle")
-restricted_pickle.Unpickler = _RestrictedUnpickler  # type: ignore[attr-defined]
-restricted_pickle.load = _restricted_load  # type: ignore[attr-defined]
-restricted_pickle.loads = _restricted_loads  # type: ignore[attr-defined]
-restricted_pickle.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
+def _loads_with(unpickler: type[pickle.Unpickler], file: Any, **kwargs: Any) -> Any:
+    try:
+        return unpickler(file, **kwargs).load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as err:  # a malformed stream: EOFError, ValueError, TypeError, ...
+        raise pickle.UnpicklingError(
+            f"malformed pickle data ({type(err).__name__}: {err})"
+        ) from err
 
 
-def load_model_file(path: str | Path) -> Any:
-    """Load a torch pickle without running arbitrary code.
+def _make_pickle_module(kind: str) -> types.ModuleType:
+    """A pickle module for ``torch.load(..., pickle_module=...)`` with the ``kind`` allow-list.
+
+    torch subclasses its ``Unpickler`` (adding tensor storages), so every other global goes
+    through the allow-list.
+    """
+    unpickler = type(
+        f"_RestrictedUnpickler_{kind}", (_RestrictedUnpickler,), {"allowed": ALLOW_LISTS[kind]}
+    )
+    module = types.ModuleType(f"perturbscope_restricted_pickle_{kind}")
+    module.Unpickler = unpickler  # type: ignore[attr-defined]
+    module.load = lambda file, **kw: _loads_with(unpickler, file, **kw)  # type: ignore[attr-defined]
+    module.loads = lambda data, **kw: _loads_with(  # type: ignore[attr-defined]
+        unpickler, io.BytesIO(data), **kw
+    )
+    module.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
+    return module
+
+
+#: A pickle module (``Unpickler``, ``load``, ``loads``, ``UnpicklingError``) that resolves only
+#: the scVI allow-list. ``load``/``loads`` raise :class:`pickle.UnpicklingError` for a refused
+#: global and for any malformed stream (the original error is chained).
+restricted_pickle = _make_pickle_module("scvi")
+_PICKLE_MODULES = {"scvi": restricted_pickle, "esm": _make_pickle_module("esm")}
+
+
+def _env_flag(name: str) -> bool:
+    return os.getenv(name, "0").lower() in _TRUE_VALUES
+
+
+def _weights_only_reason(err: BaseException) -> str:
+    """The global torch's weights-only unpickler refused, without torch's advice text."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if found:
+        return f"it holds `{found.group(1)}`"
+    found = re.search(r"Unsupported operand [^\n]*", str(err))
+    return found.group(0) if found else type(err).__name__
+
+
+def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") -> Any:
+    """Load a torch file without running code from it.
 
     Tries ``torch.load(weights_only=True)`` first; when the file holds objects that mode refuses
-    (an scVI registry does), loads it through :data:`restricted_pickle`.
+    (an scVI registry does), loads it through a restricted pickle module that builds only the
+    globals on the ``allow`` list (:data:`ALLOW_LISTS`).
 
     Parameters
     ----------
     path
-        The ``model.pt`` file.
+        The file (an scVI ``model.pt``, a state dict, an ESM checkpoint).
+    allow
+        Which allow-list to use: ``"scvi"`` (containers, numpy, pandas, tensors) or ``"esm"``
+        (containers, tensors and ``argparse.Namespace``).
 
     Returns
     -------
@@ -157,20 +335,92 @@ def load_model_file(path: str | Path) -> Any:
 
     Raises
     ------
+    FileNotFoundError
+        If ``path`` does not exist.
     ValueError
         If the file names a global outside the allow-list (e.g. a payload calling ``print`` or
-        ``os.system``), or is not a torch file.
+        ``os.system``), is not a readable torch file, or needs the restricted unpickler while
+        ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` forbids every load but torch's weights-only one.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> path = Path(tempfile.mkdtemp()) / "weights.pt"
+    >>> torch.save({"w": torch.ones(2)}, path)
+    >>> load_model_file(path)["w"]
+    tensor([1., 1.])
     """
+    if allow not in ALLOW_LISTS:
+        raise ValueError(f"allow must be one of {sorted(ALLOW_LISTS)}, got {allow!r}")
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # expected for scVI files; fall through to the restricted unpickler
-    except RuntimeError as err:
-        raise ValueError(f"{path} is not a torch file that perturbscope can read: {err}") from err
+        with torch.serialization.safe_globals(_WEIGHTS_ONLY_EXTRAS[allow]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _weights_only_reason(err)  # expected for scVI files; try the allow-list
+    except Exception as err:
+        raise ValueError(
+            f"{str(path)!r} is not a torch file that perturbscope can read "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    if _env_flag("TORCH_FORCE_WEIGHTS_ONLY_LOAD"):
+        raise ValueError(
+            f"cannot load {str(path)!r}: torch's weights-only loader refuses it ({refused}), and "
+            "the environment sets TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, which also blocks "
+            "perturbscope's restricted unpickler (an allow-list of plain data, numpy, pandas and "
+            "tensor globals that never runs code from the file). Unset "
+            "TORCH_FORCE_WEIGHTS_ONLY_LOAD to load it through that unpickler."
+        )
     try:
         return torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle
+            path, map_location="cpu", weights_only=False, pickle_module=_PICKLE_MODULES[allow]
         )
     except pickle.UnpicklingError as err:
-        raise ValueError(f"refusing to load {path}: {err}. It is not a plain scVI model.") from err
+        raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
+    except Exception as err:
+        raise ValueError(
+            f"{str(path)!r} is not a torch file that perturbscope can read "
+            f"({type(err).__name__}: {err})"
+        ) from err
+
+
+def load_pickle_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") -> Any:
+    """Unpickle a plain pickle file (e.g. an old scvi-tools ``attr.pkl``) through the allow-list.
+
+    Parameters
+    ----------
+    path
+        The pickle file.
+    allow
+        Which allow-list of :data:`ALLOW_LISTS` to use.
+
+    Returns
+    -------
+    The unpickled object.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the file names a global outside the allow-list or is not a valid pickle.
+
+    Examples
+    --------
+    >>> import pickle, tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "attr.pkl"
+    >>> _ = path.write_bytes(pickle.dumps({"n_latent": 10}))
+    >>> load_pickle_file(path)
+    {'n_latent': 10}
+    """
+    if allow not in ALLOW_LISTS:
+        raise ValueError(f"allow must be one of {sorted(ALLOW_LISTS)}, got {allow!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
+    try:
+        return _PICKLE_MODULES[allow].loads(path.read_bytes())
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"refusing to load {str(path)!r}: {err}") from err

@@ -162,18 +162,89 @@ def test_fasta_duplicates(tmp_path):
 
 
 def test_model_name_error_says_internet(monkeypatch):
-    import esm
+    from perturbscope.embeddings import _esm2
 
     def offline(name):
         raise OSError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(esm.pretrained, "load_model_and_alphabet", offline)
+    monkeypatch.setattr(_esm2, "_download_checkpoint", offline)
     with pytest.raises(RuntimeError, match=r"'esm2_t6_8M_UR50D'.*needs internet.*local"):
         esm2_embeddings({"A": "MKV"}, model="esm2_t6_8M_UR50D", show_progress=False)
     with pytest.raises(
         ValueError, match="neither an existing checkpoint file nor a fair-esm model name"
     ):
         esm2_embeddings({"A": "MKV"}, model="esm2_typo", show_progress=False)
+
+
+def test_model_name_is_read_through_the_safe_path(tiny_esm2, monkeypatch):
+    import esm
+
+    from perturbscope.embeddings import _esm2
+
+    path, model = tiny_esm2
+    regression = path.parent / "esm2_t2_tiny-contact-regression.pt"
+    monkeypatch.setattr(_esm2, "_download_checkpoint", lambda name: (path, regression))
+
+    def unsafe(*args, **kwargs):
+        raise AssertionError("fair-esm's own torch.load must not be used")
+
+    for loader in (
+        "load_model_and_alphabet",
+        "load_model_and_alphabet_local",
+        "load_hub_workaround",
+    ):
+        monkeypatch.setattr(esm.pretrained, loader, unsafe)
+    emb = esm2_embeddings({"MIDN": "MEQRGQ"}, model="esm2_t6_8M_UR50D", show_progress=False)
+    np.testing.assert_allclose(emb.loc["MIDN"].to_numpy(), direct_mean(model, "MEQRGQ"), atol=1e-5)
+    assert emb.attrs["model"] == "esm2_t6_8M_UR50D"
+    from_path = esm2_embeddings({"MIDN": "MEQRGQ"}, model=path, show_progress=False)
+    np.testing.assert_array_equal(emb.to_numpy(), from_path.to_numpy())
+
+
+class _WriteMarker:
+    """Unpickling this opens (creates) the marker file: a stand-in for any code payload."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("force_no_weights_only", [False, True])
+@pytest.mark.parametrize("where", ["checkpoint", "regression"])
+def test_checkpoint_payload_is_refused_and_never_runs(
+    tiny_esm2, tmp_path, monkeypatch, force_no_weights_only, where
+):
+    import argparse
+
+    if force_no_weights_only:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    else:
+        monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    path, _ = tiny_esm2
+    marker = tmp_path / "pwned"
+    target = path if where == "checkpoint" else tmp_path / "esm2_t2_tiny-contact-regression.pt"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        data = torch.load(target, weights_only=True)
+    data["extra"] = _WriteMarker(marker)
+    torch.save(data, target)
+    with pytest.raises(
+        ValueError,
+        match=rf"refusing to load .*{target.name}.*`io\.open`.*not on perturbscope's allow-list",
+    ):
+        esm2_embeddings({"A": "MKV"}, model=path, show_progress=False)
+    assert not marker.exists()
+
+
+def test_checkpoint_that_is_not_an_esm_dict(tmp_path):
+    path = tmp_path / "esm2_t2_bad.pt"
+    torch.save([torch.ones(2)], path)
+    torch.save({"model": {}}, tmp_path / "esm2_t2_bad-contact-regression.pt")
+    with pytest.raises(
+        ValueError, match=r"is not an ESM checkpoint: expected a dict with a 'model'"
+    ):
+        esm2_embeddings({"A": "MKV"}, model=path, show_progress=False)
 
 
 def test_bad_checkpoints(tiny_esm2, tmp_path):

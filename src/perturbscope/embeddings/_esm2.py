@@ -2,12 +2,15 @@
 
 Design
 ------
-* **Loading.** A local checkpoint goes through ``esm.pretrained.load_model_and_alphabet_local``
-  inside ``torch.serialization.safe_globals([argparse.Namespace])``: fair-esm 2.0.0 calls
-  ``torch.load`` without ``weights_only``, which since torch 2.6 refuses the ``Namespace`` held in
-  an ESM2 checkpoint's ``cfg``. Allow-listing that one class keeps the load weights-only instead
-  of falling back to ``weights_only=False``. A model *name* is downloaded by fair-esm, which needs
-  internet; the error says so.
+* **Loading.** No code in a checkpoint ever runs. fair-esm's own loaders call ``torch.load``
+  without ``weights_only`` (so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` makes them unpickle
+  anything), and fair-esm's hub download uses ``weights_only=False``. We read the checkpoint and
+  its ``-contact-regression.pt`` ourselves with :func:`perturbscope._safe_load.load_model_file`
+  (``torch.load(weights_only=True)`` with ``argparse.Namespace`` allowed, for the ``cfg``/``args``
+  of ESM checkpoints, falling back to an allow-list unpickler of containers, tensors and
+  ``Namespace``), then hand the dicts to ``esm.pretrained.load_model_and_alphabet_core``. A model
+  *name* is downloaded with ``torch.hub.download_url_to_file`` into fair-esm's cache folder and
+  read the same way; downloading needs internet, and the error says so.
 * **Pooling.** ``"mean"`` averages the residue representations of the chosen layer, leaving out
   the BOS and EOS tokens and padding; ``"bos"`` takes the BOS (``<cls>``) token.
 * **Long sequences.** ESM2 was trained on at most 1,022 residues. A longer protein is cut into
@@ -23,7 +26,6 @@ Design
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -36,6 +38,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .._safe_load import load_model_file
 from ._files import _preview, check_gene_embeddings
 
 _ESM2_NAME = re.compile(r"^esm2_t(\d+)_")
@@ -152,7 +155,6 @@ def _check_sequences(sequences: Mapping[str, str]) -> dict[str, str]:
 def _load_model(model: Any):
     """``(module, alphabet, key, model_label)`` from a name, a checkpoint path or a loaded pair."""
     esm = _import_esm()
-    import torch
 
     if isinstance(model, tuple):
         if len(model) != 2:
@@ -179,18 +181,12 @@ def _load_model(model: Any):
         if not path.exists():
             raise FileNotFoundError(f"ESM checkpoint {str(path)!r} does not exist.")
         regression = Path(str(path.with_suffix("")) + "-contact-regression.pt")
-        if not regression.exists() and "esm1v" not in path.stem and "esm_if" not in path.stem:
+        if not regression.exists() and _needs_regression(path.stem):
             raise FileNotFoundError(
                 f"fair-esm expects the contact-regression weights {str(regression)!r} beside the "
                 "checkpoint, as real downloads have (fetch `<name>-contact-regression.pt` too)."
             )
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                module, alphabet = esm.pretrained.load_model_and_alphabet_local(str(path))
-        except Exception as error:
-            raise RuntimeError(
-                f"Could not load the ESM checkpoint {str(path)!r}: {error}"
-            ) from error
+        module, alphabet = _load_checkpoint(esm, path, regression)
         return module, alphabet, _model_key_without_loading(path), str(path)
     name = str(model)
     if not hasattr(esm.pretrained, name):
@@ -199,8 +195,7 @@ def _load_model(model: Any):
             "'esm2_t33_650M_UR50D', 'esm2_t30_150M_UR50D', 'esm2_t12_35M_UR50D' or 'esm2_t6_8M_UR50D'."
         )
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            module, alphabet = esm.pretrained.load_model_and_alphabet(name)
+        path, regression = _download_checkpoint(name)
     except Exception as error:
         raise RuntimeError(
             f"Could not load the ESM model {name!r}: fair-esm downloads its weights from "
@@ -208,7 +203,63 @@ def _load_model(model: Any):
             f"'{name}.pt' and '{name}-contact-regression.pt' elsewhere and pass the local "
             f".pt path as model. Original error: {error}"
         ) from error
+    module, alphabet = _load_checkpoint(esm, path, regression)
     return module, alphabet, name, name
+
+
+def _needs_regression(stem: str) -> bool:
+    """fair-esm's rule: every model but ESM-1v and ESM-IF has contact-regression weights."""
+    return "esm1v" not in stem and "esm_if" not in stem
+
+
+def _download_checkpoint(name: str) -> tuple[Path, Path]:
+    """Download ``name`` (and its contact regression) into fair-esm's torch-hub cache folder."""
+    import torch
+
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    base = "https://dl.fbaipublicfiles.com/fair-esm"
+    files = [(f"{base}/models/{name}.pt", folder / f"{name}.pt")]
+    regression = folder / f"{name}-contact-regression.pt"
+    if _needs_regression(name):
+        files.append((f"{base}/regression/{name}-contact-regression.pt", regression))
+    for url, target in files:
+        if not target.exists():
+            torch.hub.download_url_to_file(url, str(target), progress=False)
+    return files[0][1], regression
+
+
+def _load_checkpoint(esm: Any, path: Path, regression: Path) -> tuple[Any, Any]:
+    """Build fair-esm's model from a checkpoint read without running code from it.
+
+    Raises
+    ------
+    ValueError
+        If the checkpoint or its regression file names a global outside the ESM allow-list
+        (a code payload) or is not a torch file; the message names the file and the global.
+    RuntimeError
+        If fair-esm cannot build a model from the (safely read) checkpoint.
+    """
+    model_data = load_model_file(path, allow="esm")
+    regression_data = (
+        load_model_file(regression, allow="esm")
+        if _needs_regression(path.stem) and regression.exists()
+        else None
+    )
+    for file, data in ((path, model_data), (regression, regression_data)):
+        if data is not None and not (
+            isinstance(data, dict) and isinstance(data.get("model"), dict)
+        ):
+            raise ValueError(
+                f"{str(file)!r} is not an ESM checkpoint: expected a dict with a 'model' state "
+                f"dict, found {sorted(data) if isinstance(data, dict) else type(data).__name__}"
+            )
+    try:
+        return esm.pretrained.load_model_and_alphabet_core(path.stem, model_data, regression_data)
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not load the ESM checkpoint {str(path)!r}: {type(error).__name__}: {error}"
+        ) from error
 
 
 def _windows(length: int, window: int, stride: int) -> list[tuple[int, int]]:
@@ -295,7 +346,9 @@ def esm2_embeddings(
     ------
     ValueError
         For an unknown model name, an out-of-range layer, an unknown pooling, a token budget that
-        cannot hold a window, or sequences with non-amino-acid characters (genes named).
+        cannot hold a window, or sequences with non-amino-acid characters (genes named); and for
+        a checkpoint that is not a torch file or asks to run code (a global outside the ESM
+        allow-list: containers, tensors, ``argparse.Namespace``); nothing in it runs.
     RuntimeError
         If the weights cannot be loaded; for a model name the message says that it needs internet.
 

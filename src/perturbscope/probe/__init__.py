@@ -8,19 +8,22 @@ rankings of those scores.
 
 from .._safe_load import load_model_file
 from ._alignment import axis_alignment_scores, mean_expression_baseline
-from ._census import load_census_scvi
+from ._census import SIZE_CAPS, SUPPORTED_MODELS, load_census_scvi, load_scvi_model
 from ._flow import gradient_field, gradient_flow
 from ._jacobian import decoder_jacobian
-from ._pathways import rank_pathways, read_gene_sets
+from ._pathways import gene_set_table, rank_pathways
 
 __all__ = [
+    "gene_set_table",
+    "SIZE_CAPS",
+    "SUPPORTED_MODELS",
     "axis_alignment_scores",
     "decoder_jacobian",
     "gradient_field",
     "gradient_flow",
     "load_census_scvi",
     "load_model_file",
+    "load_scvi_model",
     "mean_expression_baseline",
     "rank_pathways",
-    "read_gene_sets",
 ]

@@ -1,20 +1,37 @@
-"""Load a CELLxGENE Census scVI model folder for probing.
+"""Load saved scVI models (CELLxGENE Census ones included) for probing, without trusting them.
 
-A Census scVI folder holds only ``model.pt``: weights, the training registry and the model's
-``var_names`` (Ensembl IDs of the top 8,000 genes). We load it without trusting the pickle
-(:mod:`perturbscope._safe_load`), map the query's genes onto the model's Ensembl IDs in a
-new AnnData (zero-filling genes the query lacks, with a warning), register that AnnData with the
-model's own setup arguments so category codes match training, and rebuild the model through
-public scvi-tools API. The decoder's batch input is fixed to named reference batches (or their
-average) and recorded on the model as ``probe_reference_batches_``, so no probe ever decodes
-through a batch the model has not seen.
+:func:`load_scvi_model` reads a folder saved by scvi-tools 0.14 to 1.4 without ever calling
+``scvi.model.SCVI.load`` (which unpickles with ``torch.load(weights_only=False)`` and runs any
+code the file names):
+
+* **Reading.** ``model.pt`` (scvi-tools >= 0.15: ``model_state_dict``, ``var_names``,
+  ``attr_dict``) or the older ``model_params.pt`` + ``var_names.csv`` + ``attr.pkl`` layout goes
+  through :mod:`perturbscope._safe_load`'s allow-list unpickler; pandas 1.x classes such as
+  ``Int64Index`` are rebuilt as :class:`pandas.Index`.
+* **Checking.** The file never chooses which code runs: the model class must be on an allow-list
+  (:data:`SUPPORTED_MODELS`), the setup method must be ``setup_anndata``, setup arguments and
+  init parameters must be parameters of ``SCVI.setup_anndata`` / ``SCVI`` / ``VAE`` and hold
+  plain data, and sizes are checked against documented caps (:data:`SIZE_CAPS`) before anything
+  is allocated. Old ``_scvi`` setup dictionaries (``scvi_setup_dict_``) are converted to a
+  registry by scvi-tools' own ``registry_from_setup_dict``; registries without
+  ``setup_method_name`` are read as ``setup_anndata`` ones.
+* **Rebuilding.** The query's genes are mapped onto the model's in a new AnnData (zero-filling
+  genes the query lacks, with a warning), registered with the model's own setup arguments so
+  category codes match training, and the model is rebuilt through public scvi-tools API. The
+  decoder's batch input is fixed to named reference batches (or their average) and recorded on
+  the model as ``probe_reference_batches_``, so no probe decodes through a batch the model has
+  not seen.
+
+:func:`load_census_scvi` adds the Census specifics: Ensembl IDs with version suffixes, a
+``gene_id_column`` for symbol-indexed queries, and every query cell set to a reference batch.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +40,45 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._safe_load import load_model_file
+from .._safe_load import load_model_file, load_pickle_file
 
 #: Model attribute naming the reference batches whose decoder the probes use.
 REFERENCE_BATCHES_ATTR = "probe_reference_batches_"
-_SUPPORTED_MODELS = ("SCVI",)
+#: Model classes (the registry's ``model_name``) the loaders rebuild.
+SUPPORTED_MODELS = ("SCVI",)
+_SUPPORTED_MODELS = SUPPORTED_MODELS
+#: Largest sizes a saved model may ask for; anything larger is refused before allocation.
+#: ``n_parameters`` bounds the estimated weight count, ``n_hidden * (2 * n_genes + n_batch)
+#: + n_layers * n_hidden ** 2`` (5e8 float32 weights are 2 GB).
+SIZE_CAPS: dict[str, int] = {
+    "n_genes": 200_000,
+    "n_latent": 1_024,
+    "n_hidden": 16_384,
+    "n_layers": 64,
+    "n_categories": 1_000_000,
+    "n_parameters": 500_000_000,
+}
+# Attributes copied from a saved ``attr_dict`` onto the model (with their expected types).
+_COPIED_ATTRS: dict[str, type | tuple[type, ...]] = {
+    "history_": dict,
+    "train_indices_": np.ndarray,
+    "validation_indices_": np.ndarray,
+    "test_indices_": np.ndarray,
+}
+# Init parameters of scvi-tools < 1.0 that current versions no longer take; dropped.
+_OBSOLETE_INIT_PARAMS = ("use_gpu", "use_cuda")
+# VAE parameters SCVI computes itself or that must be callables: never taken from a file.
+_DERIVED_VAE_PARAMS = (
+    "self",
+    "n_input",
+    "n_batch",
+    "n_labels",
+    "n_continuous_cov",
+    "n_cats_per_cov",
+    "library_log_means",
+    "library_log_vars",
+    "var_activation",
+)
 
 
 def _strip_version(ids: pd.Index) -> pd.Index:
@@ -41,47 +92,205 @@ def _preview(values: Sequence[Any], n: int = 10) -> str:
     return f"[{shown}{', ...' if len(values) > n else ''}] ({len(values)} in all)"
 
 
-def _read_model_folder(model_dir: Path) -> dict[str, Any]:
-    if not model_dir.is_dir():
-        raise ValueError(f"model_dir {str(model_dir)!r} is not a folder")
-    model_file = model_dir / "model.pt"
-    if not model_file.is_file():
-        raise ValueError(
-            f"{str(model_dir)!r} is not an scVI model folder: it has no model.pt "
-            f"(found {_preview(sorted(p.name for p in model_dir.iterdir()))})"
+# --- reading and checking the saved files -------------------------------------------------
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is plain data (no callables or classes), nested at most 8 deep."""
+    if depth > 8:
+        return False
+    if value is None or isinstance(value, bool | int | float | str | np.number | np.bool_):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _expect_dict(value: Any, what: str, where: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: {what} must be a dict, found {type(value).__name__}")
+    return dict(value)
+
+
+def _read_saved_files(dir_path: Path, prefix: str) -> tuple[dict, np.ndarray, dict, str]:
+    """``(state_dict, var_names, attr_dict, source file)`` from either saved layout."""
+    if not dir_path.is_dir():
+        raise ValueError(f"model_dir {str(dir_path)!r} is not a folder")
+    model_file = dir_path / f"{prefix}model.pt"
+    legacy = [dir_path / f"{prefix}{n}" for n in ("model_params.pt", "var_names.csv", "attr.pkl")]
+    if model_file.is_file():
+        payload = load_model_file(model_file)
+        needed = ("model_state_dict", "var_names", "attr_dict")
+        if not isinstance(payload, dict) or any(k not in payload for k in needed):
+            keys = list(payload) if isinstance(payload, dict) else type(payload).__name__
+            raise ValueError(
+                f"{str(model_file)!r} is not an scVI model file: expected the keys "
+                f"{list(needed)}, found {keys}"
+            )
+        where = str(model_file)
+        state, var_names, attr_dict = (payload[k] for k in needed)
+    elif all(p.is_file() for p in legacy):
+        where = str(legacy[2])
+        state = load_model_file(legacy[0])
+        text = legacy[1].read_text()
+        var_names = np.array(
+            [v.strip() for line in text.splitlines() for v in line.split(",") if v.strip()],
+            dtype=object,
         )
-    payload = load_model_file(model_file)
-    needed = ("model_state_dict", "var_names", "attr_dict")
-    if not isinstance(payload, dict) or any(k not in payload for k in needed):
-        keys = list(payload) if isinstance(payload, dict) else type(payload).__name__
+        attr_dict = load_pickle_file(legacy[2])
+    else:
         raise ValueError(
-            f"{str(model_file)!r} is not an scVI model file: expected the keys {list(needed)}, "
-            f"found {keys}"
+            f"{str(dir_path)!r} is not an scVI model folder: it has no {prefix}model.pt (nor the "
+            f"older {prefix}model_params.pt, {prefix}var_names.csv and {prefix}attr.pkl) "
+            f"(found {_preview(sorted(p.name for p in dir_path.iterdir()))})"
         )
-    registry = payload["attr_dict"].get("registry_", {})
+    state = _expect_dict(state, "the model_state_dict", where)
+    attr_dict = _expect_dict(attr_dict, "the attr_dict", where)
+    if not isinstance(var_names, np.ndarray | list | tuple | pd.Index):
+        raise ValueError(f"{where}: var_names must be an array, found {type(var_names).__name__}")
+    var_names = np.asarray(var_names).astype(str)
+    if var_names.ndim != 1 or not 0 < len(var_names) <= SIZE_CAPS["n_genes"]:
+        raise ValueError(
+            f"{where}: the model has {var_names.size} genes (shape {var_names.shape}); "
+            f"perturbscope reads models with 1 to {SIZE_CAPS['n_genes']} genes"
+        )
+    return state, var_names, attr_dict, where
+
+
+def _registry_of(attr_dict: dict[str, Any], model_names: Sequence[str], where: str) -> dict:
+    """The registry, converted from an old ``_scvi`` setup dict if needed, checked."""
+    import scvi
+    from scvi.data._compat import registry_from_setup_dict
+
+    if "registry_" in attr_dict:
+        registry = _expect_dict(attr_dict["registry_"], "attr_dict['registry_']", where)
+    elif "scvi_setup_dict_" in attr_dict:
+        setup_dict = _expect_dict(attr_dict["scvi_setup_dict_"], "scvi_setup_dict_", where)
+        try:
+            registry = registry_from_setup_dict(scvi.model.SCVI, setup_dict)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(
+                f"{where}: its old scvi-tools setup dictionary (scvi_setup_dict_) is malformed "
+                f"({type(err).__name__}: {err})"
+            ) from err
+        registry.setdefault("model_name", "SCVI")
+    else:
+        raise ValueError(
+            f"{where}: the attr_dict has neither 'registry_' nor 'scvi_setup_dict_'; its keys "
+            f"are {sorted(map(str, attr_dict))}"
+        )
     name = registry.get("model_name")
-    if name not in _SUPPORTED_MODELS:
+    if name not in model_names:
         raise ValueError(
-            f"{str(model_file)!r} holds a {name!r} model; load_census_scvi reads "
-            f"{list(_SUPPORTED_MODELS)} models"
+            f"{where!r} holds a {name!r} model; this loader reads {list(model_names)} models"
         )
-    return payload
+    method = registry.get("setup_method_name", "setup_anndata")
+    if method != "setup_anndata":
+        raise ValueError(
+            f"{where}: the registry's setup_method_name is {method!r}; only 'setup_anndata' "
+            "models are read"
+        )
+    setup_args = _expect_dict(registry.get("setup_args"), "the registry's setup_args", where)
+    allowed = set(inspect.signature(scvi.model.SCVI.setup_anndata).parameters) - {
+        "adata",
+        "kwargs",
+    }
+    for key, value in setup_args.items():
+        if key not in allowed:
+            raise ValueError(
+                f"{where}: setup argument {key!r} is not a parameter of SCVI.setup_anndata "
+                f"({sorted(allowed)})"
+            )
+        if not _is_plain(value) or isinstance(value, Mapping):
+            raise ValueError(f"{where}: setup argument {key!r} holds {value!r}, not plain data")
+    fields = _expect_dict(
+        registry.get("field_registries"), "the registry's field_registries", where
+    )
+    for field in fields.values():
+        state = _expect_dict(field, "a field registry", where).get("state_registry", {})
+        mapping = state.get("categorical_mapping") if isinstance(state, Mapping) else None
+        if mapping is not None and len(mapping) > SIZE_CAPS["n_categories"]:
+            raise ValueError(
+                f"{where}: a categorical field has {len(mapping)} categories, over the cap of "
+                f"{SIZE_CAPS['n_categories']}"
+            )
+    registry["setup_args"] = setup_args
+    registry["field_registries"] = fields
+    return registry
 
 
-def _query_gene_ids(adata: ad.AnnData, gene_id_column: str | None) -> pd.Index:
+def _init_params_of(attr_dict: dict[str, Any], where: str) -> dict[str, Any]:
+    """SCVI keyword arguments from ``init_params_``, checked against SCVI's and VAE's signatures."""
+    import scvi
+
+    params = _expect_dict(attr_dict.get("init_params_", {}), "attr_dict['init_params_']", where)
+    if "non_kwargs" in params or "kwargs" in params:
+        flat = _expect_dict(params.get("non_kwargs", {}), "init_params_['non_kwargs']", where)
+        groups = _expect_dict(params.get("kwargs", {}), "init_params_['kwargs']", where)
+    else:  # scvi-tools < 0.9 kept one flat dict with the **kwargs groups as dict values
+        flat = {k: v for k, v in params.items() if not isinstance(v, Mapping)}
+        groups = {k: v for k, v in params.items() if isinstance(v, Mapping)}
+    for group, values in groups.items():
+        flat.update(_expect_dict(values, f"init_params_ kwargs group {group!r}", where))
+    for key in _OBSOLETE_INIT_PARAMS:
+        flat.pop(key, None)
+    named = set(inspect.signature(scvi.model.SCVI.__init__).parameters) - {
+        "self",
+        "adata",
+        "registry",
+        "kwargs",
+    }
+    module_params = set(inspect.signature(scvi.model.SCVI._module_cls.__init__).parameters)
+    allowed = named | (module_params - set(_DERIVED_VAE_PARAMS))
+    for key, value in flat.items():
+        if key not in allowed:
+            raise ValueError(
+                f"{where}: init parameter {key!r} is not a parameter of scvi.model.SCVI or its "
+                f"module that a file may set ({sorted(allowed)})"
+            )
+        if not _is_plain(value):
+            raise ValueError(f"{where}: init parameter {key!r} holds {value!r}, not plain data")
+        cap = SIZE_CAPS.get(key)
+        if cap is not None and (not isinstance(value, int) or not 0 < value <= cap):
+            raise ValueError(
+                f"{where}: init parameter {key}={value!r} is outside 1..{cap}, perturbscope's cap"
+            )
+    return flat
+
+
+def _check_model_size(init: dict[str, Any], n_genes: int, n_batch: int, where: str) -> None:
+    n_hidden, n_layers = int(init.get("n_hidden", 128)), int(init.get("n_layers", 1))
+    n_params = n_hidden * (2 * n_genes + n_batch) + n_layers * n_hidden**2
+    if n_params > SIZE_CAPS["n_parameters"]:
+        raise ValueError(
+            f"{where}: the model would have about {n_params:.3g} weights (n_hidden={n_hidden}, "
+            f"n_layers={n_layers}, {n_genes} genes, {n_batch} batches), over the cap of "
+            f"{SIZE_CAPS['n_parameters']:.3g}"
+        )
+
+
+# --- the query AnnData ----------------------------------------------------------------------
+
+
+def _query_gene_ids(
+    adata: ad.AnnData, gene_id_column: str | None, normalise: Callable[[pd.Index], pd.Index]
+) -> pd.Index:
     if gene_id_column is None:
-        return _strip_version(adata.var_names)
+        return normalise(pd.Index(adata.var_names.astype(str)))
     if gene_id_column not in adata.var.columns:
         raise ValueError(
             f"gene_id_column {gene_id_column!r} is not a column of adata.var; columns are "
             f"{list(adata.var.columns)}"
         )
-    return _strip_version(pd.Index(adata.var[gene_id_column].astype(str)))
+    return normalise(pd.Index(adata.var[gene_id_column].astype(str)))
 
 
 def _category_of(registry: dict[str, Any], field: str) -> np.ndarray | None:
-    state = registry["field_registries"].get(field, {}).get("state_registry", {})
-    mapping = state.get("categorical_mapping")
+    entry = registry["field_registries"].get(field, {})
+    state = entry.get("state_registry", {}) if isinstance(entry, Mapping) else {}
+    mapping = state.get("categorical_mapping") if isinstance(state, Mapping) else None
     return None if mapping is None else np.asarray(mapping, dtype=object)
 
 
@@ -100,6 +309,232 @@ def _resolve_reference_batches(
     return [str(b) for b in wanted]
 
 
+def _map_genes(
+    adata: ad.AnnData,
+    model_genes: pd.Index,
+    gene_id_column: str | None,
+    layer: str | None,
+    normalise: Callable[[pd.Index], pd.Index],
+    id_kind: str,
+) -> ad.AnnData:
+    """A new AnnData with the model's genes in its order (zero-filled where the query lacks one)."""
+    query_ids = _query_gene_ids(adata, gene_id_column, normalise)
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(f"layer {layer!r} is not in adata.layers {list(adata.layers)}")
+    source = adata.layers[layer] if layer is not None else adata.X
+    first = ~query_ids.duplicated()
+    if not first.all():
+        warnings.warn(
+            f"{int((~first).sum())} query genes share an ID with an earlier gene; keeping the first",
+            UserWarning,
+            stacklevel=3,
+        )
+    position = pd.Series(np.flatnonzero(first), index=query_ids[first])
+    matched = model_genes.isin(position.index)
+    if not matched.any():
+        where = f"adata.var[{gene_id_column!r}]" if gene_id_column else "adata.var_names"
+        raise ValueError(
+            f"no gene overlap: none of the {adata.n_vars} query genes ({where}, e.g. "
+            f"{_preview(query_ids[:5], 5)}) is among the model's {len(model_genes)} {id_kind} "
+            f"(e.g. {_preview(model_genes[:5], 5)}). If var_names are symbols, pass "
+            "gene_id_column naming the column that holds the model's gene IDs."
+        )
+    n_missing = int((~matched).sum())
+    if n_missing:
+        warnings.warn(
+            f"{n_missing} of the model's {len(model_genes)} genes "
+            f"({n_missing / len(model_genes):.1%}) are absent from the query and are zero-filled",
+            UserWarning,
+            stacklevel=3,
+        )
+    src_cols = position.reindex(model_genes[matched]).to_numpy()
+    dst_cols = np.flatnonzero(matched)
+    counts = sp.csr_matrix(source)[:, src_cols].tocoo()
+    X = sp.csr_matrix(
+        (counts.data.astype(np.float32), (counts.row, dst_cols[counts.col])),
+        shape=(adata.n_obs, len(model_genes)),
+    )
+    symbols = np.full(len(model_genes), "", dtype=object)
+    symbols[dst_cols] = np.asarray(adata.var_names)[src_cols]
+    var = pd.DataFrame({"gene_symbol": symbols, "probe_in_query": matched}, index=model_genes)
+    return ad.AnnData(
+        X=X,
+        obs=adata.obs.copy(),
+        var=var,
+        obsm={k: np.array(v, copy=True) for k, v in adata.obsm.items()},
+        uns=dict(adata.uns),
+    )
+
+
+def _set_category(
+    query: ad.AnnData, key: str, names: np.ndarray, fill: Any, override: bool, what: str
+) -> None:
+    """Give ``obs[key]`` codes the model knows: ``fill`` everywhere, or check the query's own."""
+    if override or key not in query.obs:
+        query.obs[key] = pd.Categorical([fill] * query.n_obs, categories=names)
+        return
+    values = query.obs[key].astype(str)
+    known = {str(n) for n in names}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"adata.obs[{key!r}] holds {what} the model was not trained on: "
+            f"{_preview(unknown, 10)}; its {what} are {_preview(names, 20)}"
+        )
+
+
+def load_scvi_model(
+    dir_path: str | Path,
+    adata: ad.AnnData | None = None,
+    *,
+    prefix: str = "",
+    gene_id_column: str | None = None,
+    layer: str | None = None,
+    reference_batch: str | Sequence[str] | None = None,
+    _override_covariates: bool = False,
+    _normalise_ids: Callable[[pd.Index], pd.Index] = lambda ids: ids,
+    _id_kind: str = "genes",
+):
+    """Load a saved scVI model folder without running code from it.
+
+    Reads the folders scvi-tools 0.14 to 1.4 write (``model.pt``, or the older
+    ``model_params.pt`` + ``var_names.csv`` + ``attr.pkl``) through a restricted unpickler, checks
+    the model class, setup method, setup arguments, init parameters and sizes (see the module
+    notes, :data:`SUPPORTED_MODELS` and :data:`SIZE_CAPS`), and rebuilds the model through public
+    scvi-tools API. ``scvi.model.SCVI.load`` is never called: it would run
+    ``torch.load(weights_only=False)`` and so execute any code the file carries.
+
+    The query is never modified: a new AnnData is built whose genes are the model's, in the
+    model's order, with zero columns for model genes the query lacks. A batch (or labels) column
+    the query has must hold categories the model knows; a missing one is filled with the first
+    reference batch (or the first label).
+
+    Parameters
+    ----------
+    dir_path
+        Folder of the saved model.
+    adata
+        Cells with raw counts in ``X`` (or ``layers[layer]``). ``None`` attaches a one-cell,
+        all-zero placeholder: probes then need explicit latent points
+        (``decoder_jacobian(model, z=...)``).
+    prefix
+        File-name prefix the model was saved with (``prefix`` of ``SCVI.save``).
+    gene_id_column
+        Column of ``adata.var`` holding the model's gene IDs, for when ``var_names`` differ.
+    layer
+        Layer of ``adata`` holding counts; ``None`` uses ``X``.
+    reference_batch
+        A batch name of the model, or a list of names: probes decode through this batch, or the
+        average over the listed batches. ``None`` averages over every batch of the model.
+
+    Returns
+    -------
+    A :class:`scvi.model.SCVI` in eval mode, marked trained, whose ``adata`` is the new AnnData
+    (``var["gene_symbol"]`` the query's ``var_names`` of matched genes, ``var["probe_in_query"]``
+    whether a gene was measured) and whose ``probe_reference_batches_`` lists the reference
+    batches. ``history_`` and the train/validation/test indices are copied from the file.
+
+    Raises
+    ------
+    ValueError
+        If the folder holds no saved model, the file names a global outside the allow-list, the
+        model class is not in :data:`SUPPORTED_MODELS`, the setup method is not
+        ``setup_anndata``, a setup argument or init parameter is unknown or not plain data, a
+        size exceeds :data:`SIZE_CAPS`, no query gene matches, ``gene_id_column`` or ``layer`` is
+        missing, ``reference_batch`` or a query batch is not a batch of the model, or the
+        weights do not fit the rebuilt model.
+
+    Warns
+    -----
+    UserWarning
+        With the fraction of model genes that the query lacks and that are zero-filled.
+
+    Examples
+    --------
+    >>> import tempfile, anndata as ad, numpy as np, scvi
+    >>> data = ad.AnnData(np.random.default_rng(0).poisson(1.0, (40, 12)).astype(np.float32))
+    >>> scvi.model.SCVI.setup_anndata(data)
+    >>> trained = scvi.model.SCVI(data, n_latent=3, n_hidden=8)
+    >>> folder = tempfile.mkdtemp()
+    >>> trained.save(folder, overwrite=True)
+    >>> model = load_scvi_model(folder)
+    >>> model.module.n_latent, model.adata.n_vars
+    (3, 12)
+    """
+    import scvi
+
+    dir_path = Path(dir_path)
+    state, var_names, attr_dict, where = _read_saved_files(dir_path, prefix)
+    registry = _registry_of(attr_dict, SUPPORTED_MODELS, where)
+    init = _init_params_of(attr_dict, where)
+    setup_args = dict(registry["setup_args"])
+    model_genes = _normalise_ids(pd.Index(var_names))
+    n_vars = registry["field_registries"].get("X", {}).get("state_registry", {}).get("n_vars")
+    if n_vars is not None and n_vars != len(model_genes):
+        raise ValueError(
+            f"{where}: the registry records {n_vars!r} genes but var_names has {len(model_genes)}"
+        )
+    batch_key = setup_args.get("batch_key")
+    batch_names = _category_of(registry, "batch")
+    if batch_names is None:
+        batch_names = np.array(["_scvi_default"], dtype=object)
+    _check_model_size(init, len(model_genes), len(batch_names), where)
+    references = _resolve_reference_batches(batch_names, reference_batch, batch_key)
+
+    placeholder = adata is None
+    if adata is None:
+        adata = ad.AnnData(
+            sp.csr_matrix((1, len(model_genes)), dtype=np.float32),
+            var=pd.DataFrame(index=model_genes),
+        )
+        adata.obs_names = ["probe_placeholder"]
+        gene_id_column, layer = None, None
+    query = _map_genes(adata, model_genes, gene_id_column, layer, _normalise_ids, _id_kind)
+
+    if batch_key is not None:
+        _set_category(query, batch_key, batch_names, references[0], _override_covariates, "batches")
+    labels_key = setup_args.get("labels_key")
+    label_names = _category_of(registry, "labels")
+    if labels_key is not None and label_names is not None:
+        _set_category(
+            query, labels_key, label_names, label_names[0], _override_covariates, "labels"
+        )
+    if setup_args.get("categorical_covariate_keys"):
+        raise ValueError(
+            f"the model registers categorical covariates {setup_args['categorical_covariate_keys']}; "
+            "this loader handles batch and labels only"
+        )
+    for key in (setup_args.get("continuous_covariate_keys") or []) + [
+        k for k in [setup_args.get("size_factor_key")] if k
+    ]:
+        if key not in query.obs:
+            raise ValueError(
+                f"the model needs obs column {key!r}; adata.obs has {list(adata.obs.columns)}"
+            )
+    setup_args["layer"] = None
+
+    with warnings.catch_warnings():
+        if placeholder:  # scvi-tools warns that a one-cell category cannot train
+            warnings.filterwarnings("ignore", message=r"Category .* has fewer than 3 cells")
+        scvi.model.SCVI.setup_anndata(query, source_registry=registry, **setup_args)
+    model = scvi.model.SCVI(query, **init)
+    for attr, kind in _COPIED_ATTRS.items():
+        if isinstance(attr_dict.get(attr), kind):
+            setattr(model, attr, attr_dict[attr])
+    state = dict(state)
+    state.pop("pyro_param_store", None)  # scvi-tools saves it for Pyro modules; SCVI has none
+    try:
+        model.module.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{where}: the saved weights do not fit the model its init parameters describe: {err}"
+        ) from err
+    model.module.eval()
+    model.is_trained_ = True
+    setattr(model, REFERENCE_BATCHES_ATTR, references)
+    return model
+
+
 def load_census_scvi(
     model_dir: str | Path,
     adata: ad.AnnData,
@@ -110,17 +545,15 @@ def load_census_scvi(
     """Load a CELLxGENE Census scVI model folder and attach a query AnnData to it.
 
     The folder holds only ``model.pt`` (Ensembl-ID ``var_names``, a batch key concatenating
-    dataset, assay, suspension type and donor, ``n_latent=50``, NB likelihood). The file is read
-    through a restricted unpickler that only builds the numpy, pandas, container and tensor
-    objects an scVI model needs; ``scvi.model.SCVI.load`` would instead run
-    ``torch.load(weights_only=False)`` and execute any code the file carries. Only this
-    restricted path avoids trusting the file.
+    dataset, assay, suspension type and donor, ``n_latent=50``, NB likelihood). It is read by
+    :func:`load_scvi_model`, through a restricted unpickler that only builds the numpy, pandas,
+    container and tensor objects an scVI model needs; ``scvi.model.SCVI.load`` would instead run
+    ``torch.load(weights_only=False)`` and execute any code the file carries.
 
-    The query is never modified: a new AnnData is built whose genes are the model's, in the
-    model's order, with zero columns for model genes the query lacks. Its ``obs`` is a copy of
-    the query's with the model's batch key set to the first reference batch (the encoder needs a
-    valid code); every probe decodes through ``probe_reference_batches_`` instead, so the
-    decoder never sees an untrained query batch.
+    Census specifics: gene IDs are compared without version suffixes (``.12``), and every query
+    cell's batch (and label) is set to the first reference batch (the encoder needs a valid
+    code); every probe decodes through ``probe_reference_batches_`` instead, so the decoder never
+    sees an untrained query batch.
 
     Parameters
     ----------
@@ -153,7 +586,8 @@ def load_census_scvi(
     ValueError
         If ``model_dir`` is not an scVI model folder, no query gene matches the model's IDs,
         ``gene_id_column`` is not in ``adata.var``, ``layer`` is not a layer, or
-        ``reference_batch`` names a batch the model does not have (the message lists them).
+        ``reference_batch`` names a batch the model does not have (the message lists them); and
+        for every refusal of :func:`load_scvi_model`.
 
     Warns
     -----
@@ -167,103 +601,13 @@ def load_census_scvi(
     ... )  # doctest: +SKIP
     >>> jac = perturbscope.probe.decoder_jacobian(model, genes=["ENSG00000187608"])  # doctest: +SKIP
     """
-    import scvi
-
-    model_dir = Path(model_dir)
-    payload = _read_model_folder(model_dir)
-    attr_dict = dict(payload["attr_dict"])
-    registry = attr_dict.pop("registry_")
-    init_params = attr_dict.pop("init_params_")
-    setup_args = dict(registry["setup_args"])
-    model_genes = _strip_version(pd.Index(np.asarray(payload["var_names"]).astype(str)))
-
-    # --- genes: map, reorder, zero-fill ---------------------------------------------------
-    query_ids = _query_gene_ids(adata, gene_id_column)
-    if layer is not None and layer not in adata.layers:
-        raise ValueError(f"layer {layer!r} is not in adata.layers {list(adata.layers)}")
-    source = adata.layers[layer] if layer is not None else adata.X
-    first = ~query_ids.duplicated()
-    if not first.all():
-        warnings.warn(
-            f"{int((~first).sum())} query genes share an ID with an earlier gene; keeping the first",
-            UserWarning,
-            stacklevel=2,
-        )
-    position = pd.Series(np.flatnonzero(first), index=query_ids[first])
-    matched = model_genes.isin(position.index)
-    if not matched.any():
-        where = f"adata.var[{gene_id_column!r}]" if gene_id_column else "adata.var_names"
-        raise ValueError(
-            f"no gene overlap: none of the {adata.n_vars} query genes ({where}, e.g. "
-            f"{_preview(query_ids[:5], 5)}) is among the model's {len(model_genes)} Ensembl IDs "
-            f"(e.g. {_preview(model_genes[:5], 5)}). If var_names are symbols, pass "
-            "gene_id_column naming the Ensembl ID column."
-        )
-    n_missing = int((~matched).sum())
-    if n_missing:
-        warnings.warn(
-            f"{n_missing} of the model's {len(model_genes)} genes ({n_missing / len(model_genes):.1%}) "
-            "are absent from the query and are zero-filled",
-            UserWarning,
-            stacklevel=2,
-        )
-    src_cols = position.reindex(model_genes[matched]).to_numpy()
-    dst_cols = np.flatnonzero(matched)
-    counts = sp.csr_matrix(source)[:, src_cols].tocoo()
-    X = sp.csr_matrix(
-        (counts.data.astype(np.float32), (counts.row, dst_cols[counts.col])),
-        shape=(adata.n_obs, len(model_genes)),
+    return load_scvi_model(
+        model_dir,
+        adata,
+        gene_id_column=gene_id_column,
+        layer=layer,
+        reference_batch=reference_batch,
+        _override_covariates=True,
+        _normalise_ids=_strip_version,
+        _id_kind="Ensembl IDs",
     )
-    symbols = np.full(len(model_genes), "", dtype=object)
-    symbols[dst_cols] = np.asarray(adata.var_names)[src_cols]
-    var = pd.DataFrame({"gene_symbol": symbols, "probe_in_query": matched}, index=model_genes)
-
-    query = ad.AnnData(
-        X=X,
-        obs=adata.obs.copy(),
-        var=var,
-        obsm={k: np.array(v, copy=True) for k, v in adata.obsm.items()},
-        uns=dict(adata.uns),
-    )
-
-    # --- covariates: give every registered categorical field a code the model knows -------
-    batch_key = setup_args.get("batch_key")
-    batch_names = _category_of(registry, "batch")
-    if batch_names is None:
-        batch_names = np.array(["_scvi_default"], dtype=object)
-    references = _resolve_reference_batches(batch_names, reference_batch, batch_key)
-    if batch_key is not None:
-        query.obs[batch_key] = pd.Categorical([references[0]] * query.n_obs, categories=batch_names)
-    labels_key = setup_args.get("labels_key")
-    label_names = _category_of(registry, "labels")
-    if labels_key is not None and label_names is not None:
-        query.obs[labels_key] = pd.Categorical(
-            [label_names[0]] * query.n_obs, categories=label_names
-        )
-    if setup_args.get("categorical_covariate_keys"):
-        raise ValueError(
-            f"the model registers categorical covariates {setup_args['categorical_covariate_keys']}; "
-            "load_census_scvi handles batch and labels only"
-        )
-    for key in (setup_args.get("continuous_covariate_keys") or []) + [
-        k for k in [setup_args.get("size_factor_key")] if k
-    ]:
-        if key not in query.obs:
-            raise ValueError(
-                f"the model needs obs column {key!r}; adata.obs has {list(adata.obs.columns)}"
-            )
-    setup_args["layer"] = None
-
-    scvi.model.SCVI.setup_anndata(query, source_registry=registry, **setup_args)
-    non_kwargs = dict(init_params.get("non_kwargs", {}))
-    kwargs = {k: v for group in init_params.get("kwargs", {}).values() for k, v in group.items()}
-    model = scvi.model.SCVI(query, **non_kwargs, **kwargs)
-    for attr, value in attr_dict.items():
-        setattr(model, attr, value)
-    state = dict(payload["model_state_dict"])
-    state.pop("pyro_param_store", None)  # scvi-tools saves it for Pyro modules; SCVI has none
-    model.module.load_state_dict(state)
-    model.module.eval()
-    model.is_trained_ = True
-    setattr(model, REFERENCE_BATCHES_ATTR, references)
-    return model

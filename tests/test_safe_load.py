@@ -1,0 +1,356 @@
+import contextlib
+import pickle
+import re
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from perturbscope._safe_load import ALLOW_LISTS, load_pickle_file, restricted_pickle
+from perturbscope.probe import load_census_scvi, load_model_file
+
+
+@pytest.fixture(scope="module")
+def census_layout(tmp_path_factory):
+    """``(folder, model, None)``: a tiny SCVI saved as a Census-style folder (only model.pt)."""
+    import anndata as ad
+    import scvi
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(rng.poisson(2.0, (60, 15)).astype(np.float32))
+    adata.var_names = [f"g{i}" for i in range(15)]
+    adata.obs["batch"] = np.where(np.arange(60) % 2 == 0, "b1", "b2")
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = scvi.model.SCVI(adata, n_latent=2, n_hidden=8)
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    model.save(str(folder), save_anndata=False)
+    return folder, model, None
+
+
+class _PrintPayload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+class _SystemPayload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_loads_a_saved_scvi_model(census_layout):
+    folder, model, _ = census_layout
+    payload = load_model_file(folder / "model.pt")
+    assert set(payload) == {"model_state_dict", "var_names", "attr_dict"}
+    assert list(payload["var_names"]) == list(model.adata.var_names)
+    state = model.module.state_dict()
+    for key, value in payload["model_state_dict"].items():
+        if key != "pyro_param_store":  # scvi-tools stores an empty Pyro entry
+            torch.testing.assert_close(value, state[key])
+    assert payload["attr_dict"]["registry_"]["setup_args"]["batch_key"] == "batch"
+
+
+@pytest.mark.parametrize(
+    ("payload", "name"), [(_PrintPayload, "print"), (_SystemPayload, "system")]
+)
+def test_refuses_a_payload_that_calls_code(tmp_path, capfd, payload, name):
+    path = tmp_path / "model.pt"
+    torch.save({"model_state_dict": {}, "var_names": np.array(["a"]), "attr_dict": payload()}, path)
+    with pytest.raises(
+        ValueError, match=rf"refusing to load .*{name}.*not on perturbscope's allow-list"
+    ):
+        load_model_file(path)
+    assert "pwned" not in capfd.readouterr().out
+
+
+def test_census_loader_refuses_a_malicious_model_pt(tmp_path, capfd):
+    import anndata as ad
+
+    query = ad.AnnData(np.ones((2, 2), dtype=np.float32))
+    with open(tmp_path / "model.pt", "wb") as handle:
+        pickle.dump(_PrintPayload(), handle)  # a bare pickle, as an attacker could also ship
+    with pytest.raises(ValueError, match=r"refusing to load .*print"):
+        load_census_scvi(tmp_path, query, gene_id_column="ensembl_id")
+    assert "pwned" not in capfd.readouterr().out
+
+
+def test_plain_state_dict_loads_with_weights_only(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    torch.testing.assert_close(load_model_file(path)["w"], torch.ones(3))
+
+
+def test_not_a_torch_file(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text("not a model")
+    with pytest.raises(ValueError, match="model.pt"):
+        load_model_file(path)
+
+
+def test_force_weights_only_env_gives_a_clear_error(census_layout, monkeypatch):
+    folder, _, _ = census_layout
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ValueError, match="TORCH_FORCE_WEIGHTS_ONLY_LOAD=1") as info:
+        load_model_file(folder / "model.pt")
+    message = str(info.value)
+    assert re.search(
+        r"cannot load .*model\.pt': torch's weights-only loader refuses it \(it holds "
+        r"`[\w.]+`\), and the environment sets TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, which also "
+        r"blocks perturbscope's restricted unpickler",
+        message,
+    )
+    assert "weights_only=False" not in message
+    assert "weights_only` set to `False" not in message
+    # a plain state dict is still read by torch's weights-only loader
+    torch.save({"w": torch.ones(2)}, folder.parent / "w.pt")
+    torch.testing.assert_close(load_model_file(folder.parent / "w.pt")["w"], torch.ones(2))
+
+
+def test_no_message_advises_weights_only_false(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"attr_dict": _PrintPayload()}, path)
+    with pytest.raises(ValueError, match=r"`__builtin__\.print`") as info:
+        load_model_file(path)
+    assert "weights_only" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.pt' does not exist"):
+        load_model_file(tmp_path / "absent.pt")
+
+
+def test_unknown_allow_list(tmp_path):
+    with pytest.raises(ValueError, match=r"allow must be one of \['esm', 'scvi'\], got 'all'"):
+        load_model_file(tmp_path / "x.pt", allow="all")
+
+
+def _legacy(obj, old: bytes, new: bytes) -> bytes:
+    """Pickle ``obj`` (protocol 2) and rename one GLOBAL, as pandas 1.x wrote it."""
+    data = pickle.dumps(obj, protocol=2)
+    assert old in data
+    return data.replace(old, new)
+
+
+@pytest.mark.parametrize(
+    ("cls", "values", "dtype"),
+    [
+        (b"Int64Index", [3, 1, 2], "int64"),
+        (b"UInt64Index", [3, 1, 2], "uint64"),
+        (b"Float64Index", [0.5, 1.5], "float64"),
+    ],
+)
+def test_legacy_pandas_indexes_map_to_index(cls, values, dtype):
+    index = pd.Index(np.array(values, dtype=dtype), name="epoch")
+    data = _legacy(
+        index,
+        b"pandas.core.indexes.base\nIndex\n",
+        b"pandas.core.indexes.numeric\n" + cls + b"\n",
+    )
+    with pytest.raises(ModuleNotFoundError, match="pandas.core.indexes.numeric"):
+        pickle.loads(data)  # what scvi-tools' own loader hits under pandas 2
+    loaded = restricted_pickle.loads(data)
+    pd.testing.assert_index_equal(loaded, index)
+
+
+def test_legacy_frame_with_int64_index_in_a_torch_file(tmp_path):
+    frame = pd.DataFrame({"elbo": [3.0, 2.0]}, index=pd.Index([0, 1], name="epoch"))
+    path = tmp_path / "model.pt"
+    torch.save({"history_": frame}, path, pickle_protocol=2)
+    with zipfile.ZipFile(path) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    key = next(n for n in members if n.endswith("data.pkl"))
+    assert b"pandas.core.indexes.base\nIndex\n" in members[key]
+    members[key] = members[key].replace(
+        b"pandas.core.indexes.base\nIndex\n", b"pandas.core.indexes.numeric\nInt64Index\n"
+    )
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, blob in members.items():
+            archive.writestr(name, blob)
+    pd.testing.assert_frame_equal(load_model_file(path)["history_"], frame)
+
+
+class _HugeBytes:
+    def __reduce__(self):
+        return (bytes, (10**12,))
+
+
+class _HugeArray:
+    def __reduce__(self):
+        from numpy.core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (10**6, 10**6), b"b"))
+
+
+def test_size_bombs_are_refused_before_allocating():
+    with pytest.raises(pickle.UnpicklingError, match=r"`bytes\(1000000000000\)`, a zero-filled"):
+        restricted_pickle.loads(pickle.dumps(_HugeBytes(), protocol=2))
+    with pytest.raises(
+        pickle.UnpicklingError,
+        match=r"empty array of shape \(1000000, 1000000\), over perturbscope's cap of 1048576",
+    ):
+        restricted_pickle.loads(pickle.dumps(_HugeArray(), protocol=2))
+
+
+def test_numpy_arrays_round_trip_through_the_allow_list():
+    value = {"a": np.arange(5), "b": np.array(["x", "y"], dtype=object), "c": np.float32(2)}
+    loaded = restricted_pickle.loads(pickle.dumps(value, protocol=2))
+    np.testing.assert_array_equal(loaded["a"], value["a"])
+    np.testing.assert_array_equal(loaded["b"], value["b"])
+    assert loaded["c"] == np.float32(2)
+
+
+def test_plain_pickle_file(tmp_path):
+    path = tmp_path / "attr.pkl"
+    path.write_bytes(pickle.dumps(_PrintPayload()))
+    with pytest.raises(ValueError, match=r"refusing to load .*attr\.pkl.*builtins\.print"):
+        load_pickle_file(path)
+
+
+def test_real_scvi_0_16_model_under_pandas_2(shared_data):
+    path = shared_data / "models" / "scarches_pancreas_scvi" / "model.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    payload = load_model_file(path)
+    assert payload["attr_dict"]["registry_"]["scvi_version"] == "0.16.1"
+    assert payload["attr_dict"]["history_"]["elbo_train"].index.dtype == np.int64
+    assert len(payload["var_names"]) == 1000
+
+
+def test_pandas_objects_round_trip_through_the_allow_list():
+    frame = pd.DataFrame({"a": [1, 2], "b": ["x", "y"]})  # a RangeIndex
+    series = pd.Series([0.5, 1.5], index=pd.Index(["p", "q"], name="k"))
+    loaded = restricted_pickle.loads(pickle.dumps({"f": frame, "s": series}, protocol=2))
+    pd.testing.assert_frame_equal(loaded["f"], frame)
+    pd.testing.assert_series_equal(loaded["s"], series)
+
+
+class _HugeRange:
+    def __reduce__(self):
+        return (pd.Series, (1.0, pd.RangeIndex(10**12)))
+
+
+def test_broadcast_over_a_huge_range_is_refused():
+    with pytest.raises(pickle.UnpicklingError, match=r"RangeIndex of 1000000000000 entries"):
+        restricted_pickle.loads(pickle.dumps(_HugeRange(), protocol=2))
+
+
+# --- fuzzing: random opcode streams and truncated real pickles --------------------------------
+# restricted_pickle.loads documents one exception type, pickle.UnpicklingError (refused globals
+# and malformed streams alike); load_model_file documents ValueError (and FileNotFoundError).
+
+_FUZZ_EXAMPLES = 400
+_GLOBALS = [
+    f"c{mod}\n{name}\n".encode()
+    for mod, name in sorted(ALLOW_LISTS["scvi"])
+    + [("os", "system"), ("builtins", "eval"), ("builtins", "getattr"), ("subprocess", "Popen")]
+]
+
+
+def _opcode_streams():
+    import pickletools
+
+    st = pytest.importorskip("hypothesis").strategies
+    codes = [op.code.encode("latin-1") for op in pickletools.opcodes]
+    piece = st.one_of(
+        st.tuples(st.sampled_from(codes), st.binary(max_size=6)).map(lambda t: t[0] + t[1]),
+        st.sampled_from(_GLOBALS),
+        st.integers(-(2**31), 2**31 - 1).map(lambda i: b"J" + i.to_bytes(4, "little", signed=True)),
+        st.sampled_from([b"(", b"t", b"R", b"b", b"\x81", b"}", b"]", b"e", b"s", b"u", b")"]),
+    )
+    return st.lists(piece, max_size=40).map(lambda parts: b"\x80\x02" + b"".join(parts) + b".")
+
+
+def test_fuzz_random_opcode_streams():
+    hypothesis = pytest.importorskip("hypothesis")
+
+    ran: list[int] = []
+
+    @hypothesis.settings(max_examples=_FUZZ_EXAMPLES, deadline=None, database=None)
+    @hypothesis.given(_opcode_streams())
+    def check(data: bytes) -> None:
+        ran.append(1)
+        with contextlib.suppress(pickle.UnpicklingError):
+            restricted_pickle.loads(data)
+
+    check()
+    print(f"FUZZ {len(ran)} examples")
+    assert len(ran) >= 50
+
+
+def test_fuzz_random_bytes():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    ran: list[int] = []
+
+    @hypothesis.settings(max_examples=_FUZZ_EXAMPLES, deadline=None, database=None)
+    @hypothesis.given(st.binary(max_size=200))
+    def check(data: bytes) -> None:
+        ran.append(1)
+        with contextlib.suppress(pickle.UnpicklingError):
+            restricted_pickle.loads(data)
+
+    check()
+    print(f"FUZZ {len(ran)} examples")
+    assert len(ran) >= 50
+
+
+@pytest.fixture(scope="module")
+def real_pickle(census_layout) -> tuple[bytes, bytes]:
+    """``(data.pkl of a saved scVI model.pt, the whole model.pt)``."""
+    folder, _, _ = census_layout
+    blob = (folder / "model.pt").read_bytes()
+    with zipfile.ZipFile(folder / "model.pt") as archive:
+        key = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        return archive.read(key), blob
+
+
+def test_fuzz_truncated_real_pickles(real_pickle, tmp_path):
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    data, blob = real_pickle
+    path = tmp_path / "model.pt"
+
+    ran: list[int] = []
+
+    @hypothesis.settings(max_examples=_FUZZ_EXAMPLES // 2, deadline=None, database=None)
+    @hypothesis.given(st.integers(0, len(data) - 1), st.integers(0, len(blob) - 1))
+    def check(cut: int, cut_file: int) -> None:
+        ran.append(1)
+        # data.pkl refers to tensor storages by persistent id, which a plain unpickler refuses
+        with pytest.raises(pickle.UnpicklingError):
+            restricted_pickle.loads(data[:cut])
+        path.write_bytes(blob[:cut_file])
+        with pytest.raises(ValueError, match=r"model\.pt"):
+            load_model_file(path)
+
+    check()
+    print(f"FUZZ {len(ran)} examples")
+    assert len(ran) >= 50
+
+
+def test_fuzz_flipped_bytes_in_a_real_model_file(real_pickle, tmp_path):
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    data, blob = real_pickle
+    path = tmp_path / "model.pt"
+    start = blob.index(b"data.pkl") + 40  # inside the pickle record of the zip
+
+    ran: list[int] = []
+
+    @hypothesis.settings(max_examples=_FUZZ_EXAMPLES // 4, deadline=None, database=None)
+    @hypothesis.given(st.integers(start, start + len(data) - 1), st.integers(0, 255))
+    def check(position: int, value: int) -> None:
+        ran.append(1)
+        changed = bytearray(blob)
+        changed[position] = value
+        path.write_bytes(bytes(changed))
+        with contextlib.suppress(ValueError):
+            load_model_file(path)
+
+    check()
+    print(f"FUZZ {len(ran)} examples")
+    assert len(ran) >= 50
