@@ -7,7 +7,12 @@ package, so that no higher layer needs to import a sibling.
 from ._checks import (
     check_controls_per_context,
     check_count_data,
+    check_finite,
     check_gene_embeddings,
+    check_labels,
+    check_log_normalized,
+    check_not_backed,
+    check_unique_names,
     check_var_names,
 )
 from ._pairing import (
@@ -36,6 +41,11 @@ __all__ = [
     "check_control_present",
     "check_controls_per_context",
     "check_count_data",
+    "check_finite",
+    "check_labels",
+    "check_log_normalized",
+    "check_not_backed",
+    "check_unique_names",
     "check_gene_embeddings",
     "check_var_names",
     "control_mask",

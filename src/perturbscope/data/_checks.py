@@ -218,3 +218,137 @@ def check_var_names(var_names: pd.Index, expected: pd.Index, where: str = "adata
         f"{where}.var_names differ from the model's {len(expected)} genes ({len(missing)} missing, "
         f"{len(extra)} extra{how}{first}); subset and order it as {where}[:, model.var_names]."
     )
+
+
+def check_unique_names(adata, where: str = "adata") -> None:
+    """Raise a ``ValueError`` naming duplicated ``var_names`` or ``obs_names``.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np, pandas as pd, warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     a = ad.AnnData(np.zeros((1, 2)), var=pd.DataFrame(index=["g", "g"]))
+    >>> check_unique_names(a)
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.var_names has duplicates ['g']; make them unique, e.g. with adata.var_names_make_unique().
+    """
+    for attr, fix in (("var_names", "var_names_make_unique"), ("obs_names", "obs_names_make_unique")):
+        names = pd.Index(getattr(adata, attr))
+        duplicated = names[names.duplicated()].unique()
+        if len(duplicated):
+            raise ValueError(
+                f"{where}.{attr} has duplicates {preview(duplicated)}; make them unique, e.g. with "
+                f"{where}.{fix}()."
+            )
+
+
+def check_not_backed(adata, where: str = "adata") -> None:
+    """Raise a ``ValueError`` for a backed (on-disk) AnnData, which scvi-tools cannot register.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> check_not_backed(ad.AnnData(np.zeros((1, 1))))
+    """
+    if getattr(adata, "isbacked", False):
+        raise ValueError(
+            f"{where} is backed (opened with backed='r'); load it into memory with "
+            f"{where}.to_memory() before setup."
+        )
+
+
+def check_labels(obs: pd.DataFrame, perturbation_key: str, control_value, **keys: str | None) -> None:
+    """Setup checks of the label columns: a string control, no missing labels, some perturbations.
+
+    Parameters
+    ----------
+    obs
+        Cell annotations.
+    perturbation_key
+        Column of perturbation labels.
+    control_value
+        The control label; must be a string.
+    **keys
+        Further label columns by role (``context_key="cell_type"``); ``None`` entries are skipped.
+
+    Raises
+    ------
+    TypeError
+        If ``control_value`` is not a string.
+    ValueError
+        If a label column has missing values, or every cell is a control.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> check_labels(pd.DataFrame({"p": ["control", None]}), "p", "control")
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.obs['p'] (perturbation_key) has 1 missing labels (first cells: ['1']); label every cell.
+    """
+    if not isinstance(control_value, str):
+        raise TypeError(
+            f"control_value must be a string label, got {type(control_value).__name__} {control_value!r}; "
+            f"convert the column first: adata.obs[{perturbation_key!r}] = "
+            f"adata.obs[{perturbation_key!r}].astype(str), and pass control_value={str(control_value)!r}."
+        )
+    for role, key in {"perturbation_key": perturbation_key, **keys}.items():
+        if key is None or key not in obs.columns:
+            continue
+        missing = obs[key].isna().to_numpy()
+        if missing.any():
+            raise ValueError(
+                f"adata.obs[{key!r}] ({role}) has {int(missing.sum())} missing labels (first cells: "
+                f"{[str(c) for c in obs.index[missing][:5]]}); label every cell."
+            )
+    if is_control(obs[perturbation_key], control_value).all():
+        raise ValueError(
+            f"adata.obs[{perturbation_key!r}] holds only control cells ({control_value!r}); ScopeVI "
+            "needs perturbed cells to learn from (use ScopeVI.load_query_data for a controls-only query)."
+        )
+
+
+def check_finite(matrix, layer: str | None) -> None:
+    """Raise a ``ValueError`` naming the layer if it holds NaN or infinite values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_finite(np.array([[np.nan]]), None)
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.X has NaN or infinite values in 1 entries; every value must be finite.
+    """
+    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(
+            f"{describe_layer(layer)} has NaN or infinite values in {int(bad.sum())} entries; every "
+            "value must be finite."
+        )
+
+
+def check_log_normalized(matrix, layer: str | None, limit: float = 30.0) -> None:
+    """Raise a ``ValueError`` if values meant to be log-normalised look like raw counts.
+
+    log1p of counts normalised to 1e4 stays below about 10; integer values above ``limit``
+    are counts.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_log_normalized(np.array([[0.0, 250.0]]), None)
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.X looks like raw counts (integers up to 250), but the model was trained on log-normalised values (gene_likelihood='normal'); pass log1p-normalised expression, e.g. sc.pp.normalize_total(adata, 1e4); sc.pp.log1p(adata).
+    """
+    check_finite(matrix, layer)
+    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
+    if values.size and values.max() > limit and np.array_equal(values, np.round(values)):
+        raise ValueError(
+            f"{describe_layer(layer)} looks like raw counts (integers up to {values.max():.0f}), but the "
+            "model was trained on log-normalised values (gene_likelihood='normal'); pass log1p-normalised "
+            "expression, e.g. sc.pp.normalize_total(adata, 1e4); sc.pp.log1p(adata)."
+        )

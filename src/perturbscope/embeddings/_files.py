@@ -65,10 +65,12 @@ def _read_torch_dict(path: Path) -> pd.DataFrame:
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except Exception as error:  # torch's own text advises unsafe loading; it is not repeated here
         raise ValueError(
-            f"Could not read {str(path)!r} as a weights-only torch file holding {{gene: 1-D tensor}}: {error}"
-        ) from error
+            f"Could not read {str(path)!r} as a weights-only torch file holding {{gene: 1-D tensor}} "
+            f"({type(error).__name__}); perturbscope never unpickles other objects from an embedding "
+            "file. Save the table as a dict of tensors, or as .csv, .parquet or .npz."
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(
             f"{str(path)!r} holds a {type(data).__name__}; expected a dict {{gene: 1-D tensor}}."
@@ -105,6 +107,24 @@ def _check_ragged(lengths: dict, name: str) -> None:
             f"{name} has ragged embeddings: most genes have {expected} dimensions but "
             f"{len(offenders)} differ: {shown}."
         )
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """``(embeddings, genes, columns or None, attrs)`` of an ``.npz`` table, never unpickling."""
+    attrs: dict = {}
+    with np.load(path, allow_pickle=False) as data:
+        missing = {"genes", "embeddings"} - set(data.files)
+        if missing:
+            raise ValueError(
+                f"{str(path)!r} lacks arrays {sorted(missing)}; expected 'genes' (names) and "
+                f"'embeddings' (genes x dims), found {sorted(data.files)}."
+            )
+        matrix = data["embeddings"]
+        genes = data["genes"].astype(str)
+        columns = data["columns"].astype(str) if "columns" in data.files else None
+        if "attrs" in data.files:
+            attrs = json.loads(str(data["attrs"]))
+    return matrix, genes, columns, attrs
 
 
 def read_gene_embeddings(path: str | os.PathLike) -> pd.DataFrame:
@@ -152,18 +172,15 @@ def read_gene_embeddings(path: str | os.PathLike) -> pd.DataFrame:
         df = pd.read_parquet(path)
         attrs = dict(df.attrs)
     elif fmt == "npz":
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"genes", "embeddings"} - set(data.files)
-            if missing:
-                raise ValueError(
-                    f"{str(path)!r} lacks arrays {sorted(missing)}; expected 'genes' (names) and "
-                    f"'embeddings' (genes x dims), found {sorted(data.files)}."
-                )
-            matrix = data["embeddings"]
-            genes = data["genes"].astype(str)
-            columns = data["columns"].astype(str) if "columns" in data.files else None
-            if "attrs" in data.files:
-                attrs = json.loads(str(data["attrs"]))
+        try:
+            matrix, genes, columns, attrs = _read_npz(path)
+        except ValueError as error:
+            if "allow_pickle" not in str(error):
+                raise
+            raise ValueError(
+                f"{str(path)!r} holds object arrays, which would need unpickling; store 'genes' and "
+                "'columns' as string arrays and 'embeddings' as a numeric array."
+            ) from None
         if matrix.ndim != 2 or matrix.shape[0] != len(genes):
             raise ValueError(
                 f"{str(path)!r}: 'embeddings' has shape {matrix.shape} but there are {len(genes)} "

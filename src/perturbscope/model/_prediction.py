@@ -24,6 +24,7 @@ from .._constants import REGISTRY_KEYS
 from ..data import (
     aggregate_prediction,
     check_count_data,
+    check_log_normalized,
     check_var_names,
     is_control,
     prediction_anndata,
@@ -124,6 +125,8 @@ class PredictionMixin:
             raise ValueError(f"aggregate must be None or 'mean', got {aggregate!r}.")
         if combination not in ("additive", "joint"):
             raise ValueError(f"combination must be 'additive' or 'joint', got {combination!r}.")
+        if not isinstance(n_samples, int | np.integer) or n_samples <= 0:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
         adata_control, perturbations = self._prediction_inputs(adata_control, perturbations)
         gene_index = torch.as_tensor(self.encode_perturbations(perturbations))
         generator = torch.Generator().manual_seed(int(seed if seed is not None else (settings.seed or 0)))
@@ -239,13 +242,21 @@ class PredictionMixin:
             adata_control = self._expression_modality(self.adata)[controls]
         if perturbations is None:
             perturbations = self.training_perturbations
+        if isinstance(perturbations, str):
+            raise TypeError(
+                f"perturbations must be a list of labels, got the string {perturbations!r}; "
+                f"pass [{perturbations!r}]."
+            )
         perturbations = [str(p) for p in perturbations]
         if not perturbations:
             raise ValueError("perturbations is empty; pass at least one perturbation label.")
         check_var_names(adata_control.var_names, self.var_names, "adata")
         self._check_only_controls(adata_control)
+        matrix = _matrix_of(adata_control, self._layer)
         if self.module.gene_likelihood in COUNT_LIKELIHOODS:
-            check_count_data(_matrix_of(adata_control, self._layer), self._layer)
+            check_count_data(matrix, self._layer)
+        else:
+            check_log_normalized(matrix, self._layer)
         return adata_control, perturbations
 
     def _anchor_batches(self, adata_control: ad.AnnData, batch_size: int | None):

@@ -36,6 +36,10 @@ from ..data import (
     check_control_present,
     check_controls_per_context,
     check_count_data,
+    check_finite,
+    check_labels,
+    check_not_backed,
+    check_unique_names,
     parse_perturbation,
 )
 from ..module import ScopeVAE
@@ -46,15 +50,19 @@ from ._query import QueryMixin
 from ._save_load import SafeLoadMixin
 
 
-def _check_setup_obs(obs: pd.DataFrame, where: str, perturbation_key: str, control_value: str,
-                     context_key: str | None, batch_key: str | None, transferred: bool) -> None:
-    """Setup-time checks of the labels; a transfer from a saved registry skips the control checks."""
+def _check_setup(data, where: str, perturbation_key: str, control_value: str,
+                 context_key: str | None, batch_key: str | None, transferred: bool) -> None:
+    """Setup-time checks; a transfer from a saved registry skips the label and control checks."""
+    obs = data.obs
+    check_not_backed(data, where.split(".")[0])
+    check_unique_names(data, where.split(".")[0])
     if perturbation_key not in obs.columns:
         raise KeyError(
             f"perturbation_key {perturbation_key!r} not found in {where}; columns are {list(obs.columns)}."
         )
     if transferred:
         return
+    check_labels(obs, perturbation_key, control_value, context_key=context_key, batch_key=batch_key)
     check_control_present(obs[perturbation_key], perturbation_key, control_value)
     group_keys = [k for k in (context_key, batch_key) if k is not None]
     check_controls_per_context(obs, perturbation_key, control_value, group_keys)
@@ -143,6 +151,8 @@ class ScopeVI(PredictionMixin, SafeLoadMixin, QueryMixin, UnsupervisedTrainingMi
             raise ValueError(f"perturbation_encoding must be 'kernel' or 'linear', got {perturbation_encoding!r}.")
         if gene_likelihood in COUNT_LIKELIHOODS:
             check_count_data(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY), self._layer)
+        else:
+            check_finite(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY), self._layer)
         perturbation_state = self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY)
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
@@ -230,7 +240,7 @@ class ScopeVI(PredictionMixin, SafeLoadMixin, QueryMixin, UnsupervisedTrainingMi
         # The embedding table travels in the perturbation field's state registry; keeping a second
         # copy in the saved setup arguments would double the size of every saved model.
         setup_method_args.get("setup_args", {})["gene_embeddings"] = None
-        _check_setup_obs(adata.obs, "adata.obs", perturbation_key, control_value, context_key,
+        _check_setup(adata, "adata.obs", perturbation_key, control_value, context_key,
                          batch_key, transferred=kwargs.get("source_registry") is not None)
         anndata_fields = [
             LayerField(SCVI_KEYS.X_KEY, layer, is_count_data=False),
@@ -299,7 +309,7 @@ categorical_covariate_keys, combination_delimiter
         rna = (modalities or {}).get("rna_layer", "rna")
         if rna not in mdata.mod:
             raise KeyError(f"modality {rna!r} not in the MuData; modalities are {list(mdata.mod)}.")
-        _check_setup_obs(mdata.obs, "mdata.obs", perturbation_key, control_value, context_key,
+        _check_setup(mdata, "mdata.obs", perturbation_key, control_value, context_key,
                          batch_key, transferred=kwargs.get("source_registry") is not None)
         fields = [
             MuDataLayerField(SCVI_KEYS.X_KEY, rna_layer, mod_key=rna, is_count_data=False, mod_required=True),

@@ -8,10 +8,11 @@ rankings of those scores.
 
 from .._safe_load import load_model_file
 from ._alignment import axis_alignment_scores, mean_expression_baseline
-from ._census import SIZE_CAPS, SUPPORTED_MODELS, load_census_scvi, load_scvi_model
+from ._census import load_census_scvi, load_scvi_model
 from ._flow import gradient_field, gradient_flow
 from ._jacobian import decoder_jacobian
 from ._pathways import gene_set_table, rank_pathways
+from ._scvi_files import SIZE_CAPS, SUPPORTED_MODELS
 
 __all__ = [
     "gene_set_table",
