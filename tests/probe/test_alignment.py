@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,25 @@ def test_bad_inputs(tiny_scvi, kwargs, message):
     args = {"groupby": "state", "reference": "control", "target": "stimulated"} | kwargs
     with pytest.raises(ValueError, match=message):
         axis_alignment_scores(model, adata, **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"genes": []}, "genes is empty; pass at least one gene name, or None for all genes"),
+        ({"genes": ["gene0", "IFI6"]}, "genes ['IFI6'] are not decoded by the model (40 genes"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"n_cells": 1.5}, "n_cells must be a positive integer, got 1.5"),
+    ],
+)
+def test_bad_genes_and_sizes(tiny_scvi, kwargs, message):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match=re.escape(message)):
+        axis_alignment_scores(model, adata, "state", "control", "stimulated", **kwargs)
+
+
+def test_mean_expression_baseline_shape_mismatch():
+    with pytest.raises(ValueError, match=re.escape(
+        "m_reference and m_target must have the same shape, got (2,) and (3,)"
+    )):
+        mean_expression_baseline(np.zeros(2), np.zeros(3))

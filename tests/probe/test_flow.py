@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,50 @@ def test_gradient_flow_errors(tiny_scvi):
         gradient_flow(model, adata, "gene1", n_steps=0)
     with pytest.raises(ValueError, match=r"genes \['XIST'\] are not decoded"):
         gradient_flow(model, adata, "XIST")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"gene": ["gene1"]}, "gene must be one gene name (a non-empty string), got ['gene1']"),
+        ({"gene": ""}, "gene must be one gene name (a non-empty string), got ''"),
+        ({"n_neighbors": 0}, "n_neighbors must be a positive integer, got 0"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0, got 0.0"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ],
+)
+def test_gradient_field_bad_inputs(tiny_scvi, kwargs, message):
+    model, adata = tiny_scvi
+    args = {"gene": "gene2"} | kwargs
+    with pytest.raises(ValueError, match=re.escape(message)):
+        gradient_field(model, adata[:10].copy(), **args)
+
+
+def test_gradient_field_needs_two_cells_and_a_2d_basis(tiny_scvi):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match=re.escape(
+        "adata has 1 cells; at least 2 are needed to project onto the embedding through latent neighbours"
+    )):
+        gradient_field(model, adata[:1].copy(), "gene2")
+    sub = adata[:10].copy()
+    sub.obsm["X_line"] = np.zeros((10, 1))
+    with pytest.raises(ValueError, match=re.escape(
+        "adata.obsm['X_line'] must have at least 2 columns, got shape (10, 1)"
+    )):
+        gradient_field(model, sub, "gene2", basis="X_line")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_steps": 2.5}, "n_steps must be a positive integer, got 2.5"),
+        ({"step_size": float("inf")}, "step_size must be > 0 and n_steps >= 1, got step_size=inf"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"gene": None}, "gene must be one gene name (a non-empty string), got None"),
+    ],
+)
+def test_gradient_flow_bad_inputs(tiny_scvi, kwargs, message):
+    model, adata = tiny_scvi
+    args = {"gene": "gene1"} | kwargs
+    with pytest.raises(ValueError, match=re.escape(message)):
+        gradient_flow(model, adata[:10].copy(), **args)

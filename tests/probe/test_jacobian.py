@@ -1,10 +1,16 @@
 import copy
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from perturbscope.probe import decoder_jacobian
+from perturbscope.probe import (
+    axis_alignment_scores,
+    decoder_jacobian,
+    gradient_field,
+    gradient_flow,
+)
 from perturbscope.probe._jacobian import _make_probe, _select
 
 
@@ -136,3 +142,67 @@ def test_not_an_scvi_model():
         TypeError, match="probes work on scvi.model.SCVI and perturbscope.ScopeVI models, not str"
     ):
         decoder_jacobian("model", z=np.zeros((1, 4)))
+
+
+# --------------------------------------------------------------- gene order and bad inputs
+_ORDER = r"adata has the model's 40 genes in another order \(position 0 holds 'gene39' where the model has 'gene0'\); select them in the model's order with adata\[:, model.adata.var_names\]"
+
+
+@pytest.mark.parametrize("probe", ["jacobian", "alignment", "flow", "field"])
+def test_reordered_genes_are_rejected(tiny_scvi, probe):
+    model, adata = tiny_scvi
+    rev = adata[:, adata.var_names[::-1]].copy()
+    calls = {
+        "jacobian": lambda: decoder_jacobian(model, rev),
+        "alignment": lambda: axis_alignment_scores(model, rev, "state", "control", "stimulated"),
+        "flow": lambda: gradient_flow(model, rev, "gene1"),
+        "field": lambda: gradient_field(model, rev, "gene1"),
+    }
+    with pytest.raises(ValueError, match=_ORDER):
+        calls[probe]()
+
+
+def test_missing_and_extra_genes_are_named(tiny_scvi):
+    model, adata = tiny_scvi
+    sub = adata[:, 2:].copy()
+    with pytest.raises(ValueError, match=re.escape(
+        "adata's genes are not the model's: 2 of the model's 40 genes are missing from "
+        "adata.var_names (['gene0', 'gene1']); the probes need every model gene: add the missing "
+        "ones (e.g. as zero counts) and select them in the model's order with "
+        "adata[:, model.adata.var_names]"
+    )):
+        decoder_jacobian(model, sub)
+    renamed = adata.copy()
+    renamed.var_names = ["x0", *adata.var_names[1:]]
+    with pytest.raises(ValueError, match=re.escape(
+        "1 of the model's 40 genes are missing from adata.var_names (['gene0']) and 1 of adata's "
+        "40 genes are not the model's (['x0'])"
+    )):
+        decoder_jacobian(model, renamed)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"genes": []}, "genes is empty; pass at least one gene name, or None for all genes"),
+        ({"library_size": 0}, "library_size must be a finite number > 0, got 0"),
+        ({"transform_batch": []}, "transform_batch is an empty list; pass a batch name, a list of them, or None"),
+        ({"batch_size": 2.5}, "batch_size must be a positive integer, got 2.5"),
+    ],
+)
+def test_bad_jacobian_inputs(tiny_scvi, kwargs, message):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match=re.escape(message)):
+        decoder_jacobian(model, adata[:5].copy(), **kwargs)
+
+
+def test_empty_cells_and_latent_points(tiny_scvi):
+    model, adata = tiny_scvi
+    with pytest.raises(ValueError, match="^adata has no cells$"):
+        decoder_jacobian(model, adata[:0].copy())
+    with pytest.raises(ValueError, match="^z has no rows; pass at least one latent point$"):
+        decoder_jacobian(model, z=np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="^adata has no cells$"):
+        gradient_flow(model, adata[:0].copy(), "gene1")
+    with pytest.raises(ValueError, match="^adata has no cells$"):
+        axis_alignment_scores(model, adata[:0].copy(), "state", "control", "stimulated")

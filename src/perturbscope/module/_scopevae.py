@@ -32,17 +32,18 @@ resamples it on every pass. When no anchor is present (e.g. ``get_latent_represe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
+from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from scvi.nn import DecoderSCVI, Encoder, FCLayers
 from torch import nn
 from torch.distributions import Normal, Poisson, kl_divergence
 
-from scvi import REGISTRY_KEYS as SCVI_KEYS
 from .._constants import REGISTRY_KEYS, TARGET_SUM
 from ._perturbation_encoder import PerturbationEncoder
 
@@ -50,6 +51,28 @@ GeneLikelihood = Literal["nb", "zinb", "poisson", "normal"]
 COUNT_LIKELIHOODS = ("nb", "zinb", "poisson")
 PerturbationEffect = Literal["dense", "sparse"]
 Combination = Literal["additive", "joint"]
+
+
+class DecodedExpression(NamedTuple):
+    """What :meth:`ScopeVAE.decode` returns; every field has shape ``(..., n_cells, n_genes)``.
+
+    Attributes
+    ----------
+    scale
+        Normalised expression ``px_scale`` (each row sums to one), or ``None`` for the
+        ``"normal"`` likelihood, whose decoder has no such quantity.
+    mean
+        Expression on the input's scale: for count likelihoods the rate ``library * scale``,
+        expected counts at the given library size (for ``"zinb"``, of its negative-binomial
+        component, before zero inflation); log-normalised values for ``"normal"``.
+    log1p_norm
+        ``log1p`` of expression normalised to 1e4 counts, ``log1p(scale * 1e4)`` (``mean``
+        itself for ``"normal"``).
+    """
+
+    scale: torch.Tensor | None
+    mean: torch.Tensor
+    log1p_norm: torch.Tensor
 
 
 class _NormalDecoder(nn.Module):
@@ -336,12 +359,89 @@ class ScopeVAE(BaseModuleClass):
         zeros = torch.zeros(anchor_x.shape[0], self.perturbation_encoder.n_output, device=anchor_x.device)
         return self.z_encoder(self._encoder_input(anchor_x, zeros))[0].loc
 
-    def _decode_log1p(self, z, perturbation, library, batch_index, cat_covs) -> torch.Tensor:
-        """Decoded expression in log1p-normalised space (the mean itself for ``"normal"``)."""
+    def decode(
+        self,
+        z: torch.Tensor,
+        perturbation_genes: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        library: torch.Tensor | None = None,
+    ) -> DecodedExpression:
+        """Decode latent points into expression, differentiably.
+
+        The public entry to the decoder, for callers that need expression as a function of
+        ``z`` (e.g. :mod:`perturbscope.probe`, which differentiates it). Unlike scvi-tools'
+        getters it runs in the caller's grad mode and does not move data between devices.
+
+        Parameters
+        ----------
+        z
+            Latent points, ``(n_cells, n_latent)`` or ``(n_samples, n_cells, n_latent)``.
+        perturbation_genes
+            ``(n_cells, max_genes)`` rows of the gene-embedding table perturbed in each cell,
+            ``-1``-padded (the registry's ``perturbation_genes``); ``None`` decodes every cell as
+            a control. The sparse model's decoder ignores it (its effects live in ``z``).
+        batch_index
+            ``(n_cells, 1)`` batch codes; ignored when the model has a single batch.
+        cat_covs
+            ``(n_cells, n_covariates)`` codes of the extra categorical covariates, if any.
+        library
+            ``(n_cells, 1)`` *log* library sizes at which ``mean`` is expressed for count
+            likelihoods; ``None`` uses ``log(1e4)``, so ``mean`` is counts per 10,000. Ignored by
+            the ``"normal"`` likelihood.
+
+        Returns
+        -------
+        :class:`DecodedExpression` ``(scale, mean, log1p_norm)``.
+
+        Raises
+        ------
+        ValueError
+            If ``z``'s last dimension is not ``n_latent``, or ``perturbation_genes``,
+            ``batch_index``, ``cat_covs`` or ``library`` has a different number of cells.
+
+        Examples
+        --------
+        >>> module = ScopeVAE(n_input=20, gene_embeddings=torch.randn(6, 4), n_latent=3)
+        >>> out = module.decode(torch.zeros(5, 3), torch.tensor([[-1], [0], [1], [2], [-1]]))
+        >>> out.scale.shape, out.mean.shape
+        (torch.Size([5, 20]), torch.Size([5, 20]))
+        >>> bool(torch.allclose(out.scale.sum(-1), torch.ones(5)))
+        True
+        >>> bool(torch.allclose(out.mean, out.scale * 1e4))
+        True
+        """
+        if z.dim() not in (2, 3) or z.shape[-1] != self.n_latent:
+            raise ValueError(
+                f"z must have shape (n_cells, n_latent={self.n_latent}) or (n_samples, n_cells, "
+                f"n_latent={self.n_latent}), got {tuple(z.shape)}."
+            )
+        n_cells = z.shape[-2]
+        for name, value in (("perturbation_genes", perturbation_genes), ("batch_index", batch_index),
+                            ("cat_covs", cat_covs), ("library", library)):
+            if value is not None and value.shape[0] != n_cells:
+                raise ValueError(f"{name} has {value.shape[0]} rows but z has {n_cells} cells.")
+        if perturbation_genes is None:
+            perturbation = torch.zeros(n_cells, self.perturbation_encoder.n_output, device=z.device,
+                                       dtype=z.dtype)
+        else:
+            perturbation = self.perturbation_encoder(perturbation_genes.to(z.device)).to(z.dtype)
+        if library is None:
+            library = torch.full((n_cells, 1), math.log(TARGET_SUM), device=z.device, dtype=z.dtype)
+        return self._decode(z, perturbation, library, batch_index, cat_covs)
+
+    def _decode(self, z, perturbation, library, batch_index, cat_covs) -> DecodedExpression:
+        """:meth:`decode` from an encoded perturbation vector (``(n_cells, n_perturbation)``)."""
         outputs = self.generative(z, perturbation, library, batch_index, cat_covs)
         if self.gene_likelihood == "normal":
-            return outputs["px"].mean
-        return torch.log1p(outputs["px_scale"] * TARGET_SUM)
+            mean = outputs["px"].mean
+            return DecodedExpression(None, mean, mean)
+        scale = outputs["px_scale"]
+        return DecodedExpression(scale, library.exp() * scale, torch.log1p(scale * TARGET_SUM))
+
+    def _decode_log1p(self, z, perturbation, library, batch_index, cat_covs) -> torch.Tensor:
+        """Decoded expression in log1p-normalised space (the mean itself for ``"normal"``)."""
+        return self._decode(z, perturbation, library, batch_index, cat_covs).log1p_norm
 
     @torch.inference_mode()
     def predicted_change(
@@ -413,19 +513,69 @@ class ScopeVAE(BaseModuleClass):
         """Expression of perturbed cells anchored on control cells.
 
         ``z`` is drawn from the conditional prior of each anchor and decoded under the
-        perturbation. With ``residual=True`` the prediction is the anchor's *observed* expression
-        plus the predicted change (:meth:`predicted_change`), in log1p-normalised space: the
-        model's errors in placing and reconstructing the anchor are common to both terms of the
-        change and cancel, which matters most for contexts unlike those seen in training. With
-        ``residual=False`` it is ``decode(z_0, 0)`` plus the change (``decode(z_p, p)`` for a
-        single).
+        perturbation; the prediction is a starting expression plus the predicted change
+        ``decode(z_p, p) - decode(z_0, 0)`` in log1p-normalised space
+        (:meth:`predicted_change`), in which the model's errors in placing the anchor are common
+        to both terms and cancel.
+
+        With ``residual=True`` the start is the anchor itself, so each prediction keeps its
+        anchor's cell state, including a context unlike those seen in training:
+
+        * ``"normal"`` likelihood (log-normalised input): the anchor's *observed* values;
+        * count likelihoods: the anchor's *expected* expression, ``decode`` of the mean of its
+          unperturbed conditional prior (``b + shift(b, 0)``, ``b`` itself for the sparse model,
+          with ``b`` its basal state) at its observed library size. The observed counts are not used as the start because in
+          sparse data most of them are 0: adding a change to a zero and clamping at 0 keeps
+          every increase and drops every decrease (and the negative half of the sampling
+          noise), which biases every prediction upwards, even that of a perturbation with no
+          effect. The expected expression is positive wherever the model expects any, so the
+          change composes symmetrically; the final clamp at 0 only guards against a decrease
+          larger than the whole expected expression.
+
+        With ``residual=False`` the start is ``decode(z_0, 0)``, so a single's prediction is
+        ``decode(z_p, p)``.
+
+        Parameters
+        ----------
+        anchor_x
+            ``(n_cells, n_genes)`` control cells on the input's scale (counts or log-normalised).
+        perturbation_genes
+            ``(n_cells, max_genes)`` perturbed rows of the gene-embedding table, ``-1``-padded.
+        batch_index
+            ``(n_cells, 1)`` batch codes of the anchors, or ``None``.
+        cat_covs
+            ``(n_cells, n_covariates)`` categorical covariate codes of the anchors, or ``None``.
+        n_samples
+            Prior draws of ``z`` per anchor.
+        use_prior_mean
+            Decode the prior mean instead of draws (all samples are then equal).
+        residual
+            Start from the anchor (see above) rather than from ``decode(z_0, 0)``.
+        generator
+            Generator of the prior draws (on the CPU).
+        combination
+            ``"additive"`` or ``"joint"`` composition of multi-gene perturbations; see
+            :meth:`predicted_change`.
 
         Returns
         -------
         ``(X, log1p_norm)`` of shape ``(n_samples, n_cells, n_genes)``: ``X`` on the input's
         scale (expected counts at the anchor's library size, or log-normalised values) and
         ``log1p_norm`` the log1p of expression normalised to 1e4 counts (``X`` itself for the
-        normal likelihood).
+        normal likelihood). For count likelihoods both are expected values, so compare their
+        pseudobulk with observed data on the linear scale (mean counts or mean normalised
+        expression): the mean of log1p of sparse observed counts is lower than the log1p of
+        their mean.
+
+        Examples
+        --------
+        >>> module = ScopeVAE(n_input=20, gene_embeddings=torch.randn(6, 4), n_latent=3).eval()
+        >>> anchors = torch.poisson(torch.full((4, 20), 0.5))
+        >>> X, log1p_norm = module.predict_from_anchor(anchors, torch.tensor([[1]] * 4), n_samples=2)
+        >>> X.shape
+        torch.Size([2, 4, 20])
+        >>> bool((X >= 0).all())
+        True
         """
         shape = (n_samples, anchor_x.shape[0], self.n_latent)
         noise = torch.zeros(shape) if use_prior_mean else torch.randn(shape, generator=generator, device="cpu")
@@ -436,6 +586,12 @@ class ScopeVAE(BaseModuleClass):
             mean = (anchor_x if residual else unperturbed) + change
             return mean, mean
         library = torch.log(anchor_x.sum(dim=1, keepdim=True).clamp(min=1.0))
-        start = torch.log1p(anchor_x / library.exp() * TARGET_SUM) if residual else unperturbed
+        if residual:
+            no_perturbation = torch.zeros(anchor_x.shape[0], self.perturbation_encoder.n_output,
+                                          device=anchor_x.device)
+            prior, _ = self.prior_from_basal(self.basal_state(anchor_x), no_perturbation)
+            start = self._decode_log1p(prior.loc, no_perturbation, library, batch_index, cat_covs)
+        else:
+            start = unperturbed
         log1p_norm = (start + change).clamp(min=0.0)
         return torch.expm1(log1p_norm) / TARGET_SUM * library.exp(), log1p_norm

@@ -19,9 +19,18 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from scvi import REGISTRY_KEYS as SCVI_KEYS
 
 from .._constants import TARGET_SUM
-from ._jacobian import _eval_mode, _gene_indices, _iter_jacobian, _make_probe
+from ._jacobian import (
+    _check_cells,
+    _check_positive_int,
+    _check_var_names,
+    _eval_mode,
+    _gene_indices,
+    _iter_jacobian,
+    _make_probe,
+)
 
 #: ``adata.var`` column written by :func:`axis_alignment_scores`.
 ALIGNMENT_KEY = "probe_alignment"
@@ -62,6 +71,11 @@ def mean_expression_baseline(m_reference: np.ndarray, m_target: np.ndarray) -> n
     -------
     The baseline score per gene, in ``[-2, 2]``.
 
+    Raises
+    ------
+    ValueError
+        If the two arrays differ in shape.
+
     Examples
     --------
     >>> import numpy as np
@@ -70,6 +84,10 @@ def mean_expression_baseline(m_reference: np.ndarray, m_target: np.ndarray) -> n
     array([1., 0.])
     """
     m0, m1 = np.asarray(m_reference, float), np.asarray(m_target, float)
+    if m0.shape != m1.shape:
+        raise ValueError(
+            f"m_reference and m_target must have the same shape, got {m0.shape} and {m1.shape}"
+        )
     denominator = 0.5 * (m1 + m0)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(denominator > 0, (m1 - m0) / denominator, 0.0)
@@ -132,7 +150,10 @@ def axis_alignment_scores(
     ------
     ValueError
         If ``groupby`` is not in ``adata.obs``, ``reference`` or ``target`` is not one of its
-        values or they are equal, ``at`` is unknown, ``n_cells < 1``, or a gene is not decoded.
+        values or they are equal, ``at`` is unknown, ``n_cells`` or ``batch_size`` is not a
+        positive integer, ``genes`` is empty or holds a gene the model does not decode, or
+        ``adata`` has no cells or ``var_names`` other than the model's genes in the model's
+        order.
 
     Examples
     --------
@@ -149,8 +170,12 @@ def axis_alignment_scores(
         raise ValueError(f"reference and target must differ, both are {reference!r}")
     if at not in ("both", "reference", "target"):
         raise ValueError(f"at must be 'both', 'reference' or 'target', got {at!r}")
-    if n_cells < 1:
-        raise ValueError(f"n_cells must be a positive integer, got {n_cells}")
+    _check_positive_int("n_cells", n_cells)
+    _check_positive_int("batch_size", batch_size)
+    if genes is not None and not isinstance(genes, str) and len(genes) == 0:
+        raise ValueError("genes is empty; pass at least one gene name, or None for all genes")
+    _check_cells(adata)
+    _check_var_names(model, adata)
     in_reference = _group_mask(adata, groupby, reference, "reference")
     in_target = _group_mask(adata, groupby, target, "target")
 
@@ -176,7 +201,7 @@ def axis_alignment_scores(
     scores = (cos_sum / len(rows)).numpy()
 
     names = probe.gene_names if gene_index is None else probe.gene_names[gene_index]
-    counts = model.get_anndata_manager(checked, required=True).get_from_registry("X")
+    counts = model.get_anndata_manager(checked, required=True).get_from_registry(SCVI_KEYS.X_KEY)
     m0 = _mean_normalised(counts, in_reference)
     m1 = _mean_normalised(counts, in_target)
     if gene_index is not None:

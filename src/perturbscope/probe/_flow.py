@@ -20,10 +20,26 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.neighbors import NearestNeighbors
 from tqdm.auto import tqdm
 
 from .._constants import TARGET_SUM
-from ._jacobian import _eval_mode, _gene_indices, _iter_jacobian, _make_probe, _Probe
+from ._jacobian import (
+    _check_cells,
+    _check_positive,
+    _check_positive_int,
+    _check_var_names,
+    _eval_mode,
+    _gene_indices,
+    _iter_jacobian,
+    _make_probe,
+    _Probe,
+)
+
+
+def _check_gene(gene: Any) -> None:
+    if not isinstance(gene, str) or not gene:
+        raise ValueError(f"gene must be one gene name (a non-empty string), got {gene!r}")
 
 
 def _latent_gradient(
@@ -43,8 +59,6 @@ def _project_onto_embedding(
     z: np.ndarray, grad: np.ndarray, embedding: np.ndarray, n_neighbors: int, temperature: float
 ) -> np.ndarray:
     """scVelo-style projection of latent vectors onto an embedding through latent neighbours."""
-    from sklearn.neighbors import NearestNeighbors
-
     k = min(n_neighbors, z.shape[0] - 1)
     _, idx = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z)
     idx = idx[:, 1:]
@@ -108,16 +122,30 @@ def gradient_field(
     Raises
     ------
     ValueError
-        If ``gene`` is not decoded by the model or ``basis`` is not in ``adata.obsm``.
+        If ``gene`` is not one gene name decoded by the model; ``basis`` is not in
+        ``adata.obsm`` or has fewer than 2 columns; ``adata`` has fewer than 2 cells or
+        ``var_names`` other than the model's genes in the model's order; ``n_neighbors`` or
+        ``batch_size`` is not a positive integer, or ``temperature <= 0``.
 
     Examples
     --------
     >>> ps.probe.gradient_field(model, adata, "ISG15", basis="X_umap")  # doctest: +SKIP
     >>> ps.pl.gradient_field(adata, "ISG15")  # doctest: +SKIP
     """
+    _check_gene(gene)
+    _check_positive_int("n_neighbors", n_neighbors)
+    _check_positive("temperature", temperature)
+    _check_positive_int("batch_size", batch_size)
     if basis not in adata.obsm:
         raise ValueError(f"basis {basis!r} is not in adata.obsm; keys are {list(adata.obsm)}")
-    embedding = np.asarray(adata.obsm[basis])[:, :2].astype(np.float64)
+    embedding = np.asarray(adata.obsm[basis])
+    if embedding.ndim != 2 or embedding.shape[1] < 2:
+        raise ValueError(
+            f"adata.obsm[{basis!r}] must have at least 2 columns, got shape {embedding.shape}"
+        )
+    embedding = embedding[:, :2].astype(np.float64)
+    _check_cells(adata, 2, " to project onto the embedding through latent neighbours")
+    _check_var_names(model, adata)
     probe, adata_checked = _make_probe(model, adata, None, transform_batch, TARGET_SUM, batch_size)
     gene_index = _gene_indices(probe.gene_names, [gene])
     with _eval_mode(model.module):
@@ -185,8 +213,10 @@ def gradient_flow(
     Raises
     ------
     ValueError
-        If ``direction`` is not ``-1`` or ``+1``, ``step_size`` or ``n_steps`` is not positive,
-        or ``gene`` is not decoded by the model.
+        If ``direction`` is not ``-1`` or ``+1``; ``step_size`` is not a finite number > 0;
+        ``n_steps`` or ``batch_size`` is not a positive integer; ``gene`` is not one gene name
+        decoded by the model; or ``adata`` has no cells or ``var_names`` other than the model's
+        genes in the model's order.
 
     Examples
     --------
@@ -197,10 +227,15 @@ def gradient_flow(
         raise ValueError(
             f"direction must be -1 (knock-down) or +1 (over-expression), got {direction!r}"
         )
-    if step_size <= 0 or n_steps < 1:
+    if not step_size > 0 or not np.isfinite(step_size) or n_steps < 1:
         raise ValueError(
             f"step_size must be > 0 and n_steps >= 1, got step_size={step_size}, n_steps={n_steps}"
         )
+    _check_positive_int("n_steps", n_steps)
+    _check_gene(gene)
+    _check_positive_int("batch_size", batch_size)
+    _check_cells(adata)
+    _check_var_names(model, adata)
     probe, checked = _make_probe(model, adata, None, transform_batch, TARGET_SUM, batch_size)
     gene_index = _gene_indices(probe.gene_names, [gene])
     rows = np.arange(probe.z.shape[0])

@@ -20,8 +20,10 @@ over cells is cheaper (one reverse pass per gene). Memory is bounded by
 ``batch_size * n_genes * n_latent`` numbers per chunk.
 
 scvi-tools' public getters run under ``torch.inference_mode``, which forbids differentiation,
-so the probes call the module's ``generative`` themselves, outside inference mode, through the
-small adapter :func:`_decoder_fn`; it is the only place that knows a model class. The
+so the probes call the decoder themselves, outside inference mode, through the small adapter
+:func:`_decoder_fn`, the only place that knows how a module decodes: a
+:class:`~perturbscope.module.ScopeVAE` through its public :meth:`~perturbscope.module.ScopeVAE.decode`,
+an scVI ``VAE`` through its ``generative``. The
 ``torch.func`` transforms run under ``no_grad`` (they differentiate with respect to their own
 inputs whatever the grad mode), so no graph through the decoder's parameters is recorded and
 memory stays that of one chunk.
@@ -35,11 +37,16 @@ from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
+from scvi import REGISTRY_KEYS as SCVI_KEYS
+from scvi.module import VAE
+from torch.func import jacfwd, jacrev
 from tqdm.auto import tqdm
 
-from scvi import REGISTRY_KEYS as SCVI_KEYS
+from .._constants import REGISTRY_KEYS as SCOPE_KEYS
 from .._constants import TARGET_SUM
+from ..module import ScopeVAE
 from ._census import REFERENCE_BATCHES_ATTR
 
 Output = Literal["log_scale", "scale", "rate"]
@@ -63,20 +70,85 @@ class _Probe:
 
 
 def _model_kind(model: Any) -> str:
-    names = {cls.__name__ for cls in type(model).__mro__}
-    if "ScopeVI" in names:
-        return "ScopeVI"
-    if "SCVI" in names:
-        return "SCVI"
+    """``"scope"`` for a :class:`ScopeVAE` module, ``"scvi"`` for scvi-tools' ``VAE``."""
+    module = getattr(model, "module", None)
+    if isinstance(module, ScopeVAE):
+        return "scope"
+    if isinstance(module, VAE):
+        return "scvi"
     raise TypeError(
         f"probes work on scvi.model.SCVI and perturbscope.ScopeVI models, not {type(model).__name__}"
     )
 
 
+def _model_genes(model: Any) -> pd.Index:
+    """The genes the model decodes, in its output order."""
+    return pd.Index(model.adata_manager.get_state_registry(SCVI_KEYS.X_KEY).column_names).astype(str)
+
+
+def _preview(values: Sequence[Any], n: int = 5) -> str:
+    shown = [str(v) for v in list(values)[:n]]
+    return repr(shown)[:-1] + (", ...]" if len(values) > n else "]")
+
+
+def _check_var_names(model: Any, adata: ad.AnnData) -> None:
+    """Raise unless ``adata`` has exactly the model's genes in the model's order.
+
+    scvi-tools only compares the number of genes, so a query with the same count in another
+    order would be decoded gene by gene against the wrong columns.
+
+    Raises
+    ------
+    ValueError
+        Naming how many model genes are missing, how many genes are extra, or where the order
+        first differs, and how to select the model's genes.
+    """
+    expected = _model_genes(model)
+    got = pd.Index(adata.var_names).astype(str)
+    if got.equals(expected):
+        return
+    fix = "select them in the model's order with adata[:, model.adata.var_names]"
+    missing, extra = expected.difference(got, sort=False), got.difference(expected, sort=False)
+    if len(missing) or len(extra):
+        parts = []
+        if len(missing):
+            parts.append(f"{len(missing)} of the model's {len(expected)} genes are missing from "
+                         f"adata.var_names ({_preview(missing)})")
+        if len(extra):
+            parts.append(f"{len(extra)} of adata's {len(got)} genes are not the model's "
+                         f"({_preview(extra)})")
+        hint = (
+            "; the probes need every model gene: add the missing ones (e.g. as zero counts) and "
+            if len(missing) else "; "
+        )
+        raise ValueError(f"adata's genes are not the model's: {' and '.join(parts)}{hint}{fix}")
+    if got.has_duplicates:
+        raise ValueError(f"adata.var_names has duplicates ({_preview(got[got.duplicated()])}); {fix}")
+    first = int(np.flatnonzero(got.to_numpy() != expected.to_numpy())[0])
+    raise ValueError(
+        f"adata has the model's {len(expected)} genes in another order (position {first} holds "
+        f"{got[first]!r} where the model has {expected[first]!r}); {fix}"
+    )
+
+
+def _check_cells(adata: ad.AnnData, minimum: int = 1, why: str = "") -> None:
+    if adata.n_obs < minimum:
+        need = "no cells" if minimum == 1 else f"{adata.n_obs} cells; at least {minimum} are needed{why}"
+        raise ValueError(f"adata has {need}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 def _batch_codes(model: Any, names: Sequence[str]) -> list[int]:
     """Integer codes of batch names, with a clear error listing the model's batches."""
-    from scvi import REGISTRY_KEYS
-
     manager = model.adata_manager
     if SCVI_KEYS.BATCH_KEY not in manager.data_registry:
         return [0]
@@ -100,6 +172,10 @@ def _transform_batches(model: Any, transform_batch: str | Sequence[str] | None) 
     if transform_batch is None:
         return None
     names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+    if not names:
+        raise ValueError(
+            "transform_batch is an empty list; pass a batch name, a list of them, or None"
+        )
     return _batch_codes(model, names)
 
 
@@ -124,8 +200,6 @@ def _decoder_fn(
     With several transform batches, expression is averaged over them (scvi-tools' convention
     for ``transform_batch`` lists).
     """
-    from scvi import REGISTRY_KEYS
-
     kind = _model_kind(model)
     module = model.module
     codes = _transform_batches(model, transform_batch)
@@ -142,18 +216,15 @@ def _decoder_fn(
         return None if manager is None else _registry_tensor(manager, key)
 
     own_batch = from_registry(SCVI_KEYS.BATCH_KEY)
-    cont = from_registry(REGISTRY_KEYS.CONT_COVS_KEY)
+    cont = from_registry(SCVI_KEYS.CONT_COVS_KEY)
     cat = from_registry(SCVI_KEYS.CAT_COVS_KEY)
     if manager is None and (
-        REGISTRY_KEYS.CONT_COVS_KEY in model.adata_manager.data_registry
+        SCVI_KEYS.CONT_COVS_KEY in model.adata_manager.data_registry
         or SCVI_KEYS.CAT_COVS_KEY in model.adata_manager.data_registry
     ):
         raise ValueError("this model has covariates: pass adata with z so they can be read")
-    perturbation = None
-    if kind == "ScopeVI":
-        from .._constants import REGISTRY_KEYS as SCOPE_KEYS
-
-        perturbation = from_registry(SCOPE_KEYS.PERTURBATION_KEY)
+    # ScopeVI decodes each cell at its own registered perturbation (controls: none)
+    perturbation = from_registry(SCOPE_KEYS.PERTURBATION_KEY) if kind == "scope" else None
 
     param = next(module.parameters())
     device, dtype = param.device, param.dtype
@@ -172,7 +243,7 @@ def _decoder_fn(
             batches = [torch.full((n, 1), c, device=device, dtype=torch.long) for c in codes]
         scale_sum, rate_sum = None, None
         for batch_index in batches:
-            if kind == "SCVI":
+            if kind == "scvi":
                 out = module.generative(
                     z=z,
                     library=log_library,
@@ -184,42 +255,20 @@ def _decoder_fn(
                 )
                 scale, rate = out["px"].scale, out["px"].mu
             else:
-                scale, rate = _scopevi_decode(
-                    module,
+                decoded = module.decode(
                     z,
-                    log_library,
-                    batch_index,
-                    tensor(cat, rows, torch.long),
                     tensor(perturbation, rows, torch.long),
+                    batch_index=batch_index,
+                    cat_covs=tensor(cat, rows, torch.long),
+                    library=log_library,
                 )
+                scale, rate = decoded.scale, decoded.mean
             scale_sum = scale if scale_sum is None else scale_sum + scale
             rate_sum = rate if rate_sum is None else rate_sum + rate
         k = len(batches)
         return (None if scale_sum is None else scale_sum / k), rate_sum / k
 
     return decode
-
-
-def _scopevi_decode(
-    module: Any,
-    z: torch.Tensor,
-    log_library: torch.Tensor,
-    batch_index: torch.Tensor | None,
-    cat_covs: torch.Tensor | None,
-    perturbation_genes: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """ScopeVI's decoder at each cell's own perturbation (the control cells' is empty)."""
-    if hasattr(module, "decode_expression"):
-        return module.decode_expression(
-            z, perturbation_genes, batch_index=batch_index, cat_covs=cat_covs, library=log_library
-        )
-    if perturbation_genes is None or not hasattr(module, "perturbation_encoder"):
-        raise NotImplementedError("this ScopeVI module exposes no decoder the probes can call")
-    perturbation = module.perturbation_encoder(perturbation_genes)
-    out = module.generative(z, perturbation, log_library, batch_index, cat_covs)
-    px = out["px"]
-    scale = out.get("px_scale")
-    return scale, px.mean
 
 
 def _select(
@@ -246,6 +295,8 @@ def _gene_indices(gene_names: np.ndarray, genes: str | Sequence[str] | None) -> 
     if genes is None:
         return None
     wanted = [genes] if isinstance(genes, str) else list(genes)
+    if not wanted:
+        raise ValueError("genes is empty; pass at least one gene name, or None for all genes")
     lookup = {g: i for i, g in enumerate(gene_names)}
     missing = [g for g in wanted if g not in lookup]
     if missing:
@@ -274,6 +325,8 @@ def _make_probe(
         if adata is None:
             raise ValueError("the model holds no AnnData: pass adata or z")
     param = next(model.module.parameters())
+    if adata is not None:
+        _check_cells(adata)
     if z is None:
         z_array = _latent(model, adata, batch_size)
     else:
@@ -283,16 +336,14 @@ def _make_probe(
             raise ValueError(
                 f"z must have shape (n_cells, n_latent={n_latent}), got {z_array.shape}"
             )
+        if z_array.shape[0] == 0:
+            raise ValueError("z has no rows; pass at least one latent point")
         if adata is not None and adata.n_obs != z_array.shape[0]:
             raise ValueError(
                 f"z has {z_array.shape[0]} rows but adata has {adata.n_obs} cells; they must match"
             )
     decode = _decoder_fn(model, adata, transform_batch, library_size)
-    source = adata if adata is not None else model.adata
-    if source is not None:
-        gene_names = np.asarray(source.var_names)
-    else:
-        gene_names = np.asarray(model.adata_manager.get_state_registry("X").column_names)
+    gene_names = _model_genes(model).to_numpy()
     z_tensor = torch.as_tensor(z_array, dtype=param.dtype, device=param.device)
     return _Probe(decode=decode, z=z_tensor, gene_names=gene_names.astype(str)), adata
 
@@ -322,8 +373,6 @@ def _iter_jacobian(
     z: torch.Tensor | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(positions in rows, J)`` with ``J`` of shape ``(chunk, genes, latent)``."""
-    from torch.func import jacfwd, jacrev
-
     z_all = probe.z if z is None else z
     gene_tensor = None if genes is None else torch.as_tensor(genes, device=z_all.device)
     n_out = len(probe.gene_names) if genes is None else len(genes)
@@ -399,8 +448,11 @@ def decoder_jacobian(
     Raises
     ------
     ValueError
-        For an unknown ``output``, genes the model does not decode, a batch the model does not
-        have, or ``z`` of the wrong shape.
+        For an unknown ``output``; ``genes`` empty or holding genes the model does not decode;
+        ``adata`` without cells or whose ``var_names`` are not the model's genes in the model's
+        order; a batch the model does not have or an empty ``transform_batch`` list; ``z`` of
+        the wrong shape, without rows or with a row count other than ``adata``'s;
+        ``batch_size < 1`` or ``library_size <= 0``.
 
     Examples
     --------
@@ -410,8 +462,10 @@ def decoder_jacobian(
     (1975, 2, 10)
     """
     _check_output(output)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    _check_positive_int("batch_size", batch_size)
+    _check_positive("library_size", library_size)
+    if adata is not None:
+        _check_var_names(model, adata)
     probe, _ = _make_probe(model, adata, z, transform_batch, library_size, batch_size)
     gene_idx = _gene_indices(probe.gene_names, genes)
     n_genes = len(probe.gene_names) if gene_idx is None else len(gene_idx)
