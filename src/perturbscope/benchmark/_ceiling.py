@@ -66,8 +66,11 @@ def noise_ceiling(
     >>> obs = ad.AnnData(rng.random((20, 5)), obs=pd.DataFrame(
     ...     {"p": ["a"] * 10 + ["b"] * 10}, index=[str(i) for i in range(20)]))
     >>> ctrl = ad.AnnData(rng.random((10, 5)))
-    >>> noise_ceiling(obs, ctrl, "p", n_de=3, n_pcs=2).shape
-    (2, 13)
+    >>> table = noise_ceiling(obs, ctrl, "p", n_de=3, n_pcs=2)
+    >>> table.index.tolist()
+    ['a', 'b']
+    >>> {"pearson_delta_top_de", "l2_top_expressed", "energy_distance"} <= set(table.columns)
+    True
     """
     if perturbation_key not in observed.obs.columns:
         raise KeyError(

@@ -77,8 +77,7 @@ def few_shot_splits(
     ------
     ValueError
         If ``shots`` is empty or holds a negative or repeated value, if ``min_test_cells`` is
-        below 4, or as
-        :func:`~perturbscope.benchmark.unseen_context_split` does.
+        below 4, or as :func:`~perturbscope.benchmark.unseen_context_split` does.
 
     Examples
     --------
@@ -238,7 +237,7 @@ def learning_curve(
     >>> curve = learning_curve(adata, "perturbation", "cell_type", shots=(0, 5),
     ...                        data_scale="counts", scopevi=False, distributional=False,
     ...                        baselines=["matching_mean"], progress=False)
-    >>> sorted(curve["shots"].unique())
+    >>> sorted(curve["shots"].unique().tolist())
     [0, 5]
     """
     if context_key not in adata.obs.columns:

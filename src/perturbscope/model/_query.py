@@ -69,9 +69,8 @@ class QueryMixin:
         categories start at zero, so the decoder first behaves as for the reference batches.
         The gene-embedding path (perturbation encoder) and, by default, the decoder's shared
         hidden layers stay frozen; the encoder, the conditional prior and the decoder's output
-        layer are fine-tuned by ``model.train()`` on
-        what the query holds: control cells only, or controls plus a few cells of some
-        perturbations (few-shot).
+        layer are fine-tuned by ``model.train()`` on what the query holds: control cells only,
+        or controls plus a few cells of some perturbations (few-shot).
 
         Parameters
         ----------
@@ -84,13 +83,12 @@ class QueryMixin:
         freeze_decoder
             ``"shared"``: freeze the decoder's hidden layers (which also take the batch and, in
             the dense model, the perturbation vector) and fine-tune its output layer, so the
-            decoder can re-weight how
-            the learned hidden features reach each gene in the new context. ``True``: freeze the
-            whole decoder and the dispersion; only the encoder and the prior adapt, which leaves
-            the predicted effect of a perturbation nearly unchanged. ``False``: fine-tune it all.
-            A query of control cells only holds no signal for the output layer, so there
-            ``"shared"`` freezes the whole decoder, as ``True`` does (on Kang, fine-tuning the
-            output layer on controls alone made predictions worse than the reference's).
+            decoder can re-weight how the learned hidden features reach each gene in the new
+            context. ``True``: freeze the whole decoder and the dispersion; only the encoder and
+            the prior adapt, which leaves the predicted effect of a perturbation nearly
+            unchanged. ``False``: fine-tune it all. A query of control cells only holds no signal
+            for the output layer, so there ``"shared"`` freezes the whole decoder, as ``True``
+            does.
         freeze_perturbation_encoder
             Keep the gene-embedding path fixed.
         unfrozen

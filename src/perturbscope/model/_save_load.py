@@ -108,8 +108,19 @@ class SafeLoadMixin:
 
         Examples
         --------
-        >>> model.save("scopevi_model/")  # doctest: +SKIP
-        >>> model = ScopeVI.load("scopevi_model/", adata)  # doctest: +SKIP
+        >>> import tempfile
+        >>> import perturbscope as ps
+        >>> adata, emb = ps.data.simulate_perturbseq(n_genes=30, n_perturbed_genes=6,
+        ...                                          n_combinations=2, n_cells_per_condition=10)
+        >>> ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=emb,
+        ...                          context_key="cell_type")
+        >>> model = ps.ScopeVI(adata, n_latent=4, n_hidden=16)
+        >>> model.train(max_epochs=1, enable_progress_bar=False)
+        >>> folder = tempfile.mkdtemp()
+        >>> model.save(folder, overwrite=True)
+        >>> loaded = ps.ScopeVI.load(folder, adata)
+        >>> type(loaded).__name__, loaded.is_trained_, list(loaded.var_names) == list(adata.var_names)
+        ('ScopeVI', True, True)
         """
         folder = Path(dir_path)
         path = folder / f"{prefix or ''}model.pt"

@@ -298,7 +298,7 @@ def benchmark_figures(results: pd.DataFrame, out: str | os.PathLike) -> list[Pat
     >>> results = run_benchmark(None, "simulated", models=["additive"], seeds=1,
     ...                         distributional=False, progress=False)
     >>> [p.name for p in benchmark_figures(results, tempfile.mkdtemp())]
-    ['pearson_delta_top_de.png', 'delta_correlation.png']
+    ['pearson_delta_top_de.png', 'l2_top_expressed.png', 'delta_correlation.png']
     """
     import matplotlib.pyplot as plt
 

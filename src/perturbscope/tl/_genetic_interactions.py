@@ -14,7 +14,7 @@ Design
    estimator behind ``coef_first``/``coef_second`` of Norman's published table) or by the
    robust Theil-Sen estimator (``method="theil_sen"``, Norman's ``ts_coef_*``). Least squares is
    the default: on sparse data most genes have a near-zero shift, and Theil-Sen's median of
-   pairwise exact solutions then collapses to zero (measured on the devel Norman cells).
+   pairwise exact solutions then collapses to zero.
 4. **Statistics.** ``mag = sqrt(c1^2 + c2^2)``; ``dominance = |log10(|c1| / |c2|)|``; the fit's
    Pearson and Spearman correlation with the double; distance correlations of the double with
    the singles (``dcor``, Norman's), with the fit (``dcor_fit``) and between the singles.
