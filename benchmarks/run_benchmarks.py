@@ -29,6 +29,7 @@ import perturbscope
 from perturbscope.benchmark import (
     MODELS,
     SCOPEVI_DEFAULTS,
+    SUMMARY_METRICS,
     TASKS,
     EmbeddingNeighborsBaseline,
     PerturbedMeanBaseline,
@@ -40,7 +41,6 @@ from perturbscope.benchmark import (
     summarize,
     write_results,
 )
-from perturbscope.benchmark import SUMMARY_METRICS
 from perturbscope.benchmark._tasks import GO_ANNOTATIONS, go_gene_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,9 @@ REAL_TASKS = (
     "norman_combo",
     "mcfaline_unseen_line",
     "kang_unseen_cell_type",
+    "papalexi_unseen_single",
 )
+SCOPEVI_MODELS = ("scopevi", "scopevi_vae")
 
 
 def cross_check(data: Path) -> str:
@@ -99,6 +101,88 @@ def cross_check(data: Path) -> str:
     return "\n".join(lines)
 
 
+def _value(summary: pd.DataFrame, task: str, group: str, model: str, metric: str) -> float:
+    try:
+        return float(summary.loc[(task, group, model, metric), "mean"])
+    except KeyError:
+        return float("nan")
+
+
+def target_section(summary: pd.DataFrame) -> str:
+    """The issue's targets per task and group, every figure computed from ``summary``."""
+    baselines = [m for m in MODELS if m not in SCOPEVI_MODELS]
+    lines = [
+        "## ScopeVI against the targets",
+        "",
+        "Per task and group: the best baseline by Pearson delta (top-20 DE) and by L2, ScopeVI "
+        "(default design) and `scopevi_vae` (earlier design), the noise ceiling, and the checks of "
+        "the issue: Pearson delta at least the best baseline's minus 0.02 (`r ok`), L2 at most "
+        "the best baseline's plus 5% (`L2 ok`), energy distance at most the best baseline's plus "
+        "5% (`E ok`), `delta_correlation` no higher than the best baseline's (`collapse ok`). "
+        "`norm ratio` is the predicted change's norm over the observed one (1 is right); "
+        "`cov80`/`cov95` the share of held-out perturbation x gene changes inside ScopeVI's 80% / 95% "
+        "intervals.",
+        "",
+        "| task | group | best r (baseline) | scopevi r | scopevi_vae r | ceiling r | best L2 (baseline) "
+        "| scopevi L2 | scopevi_vae L2 | r ok | L2 ok | E ok | collapse ok | strictly better | norm ratio "
+        "| cov80 | cov95 |",
+        "|" + "---|" * 17,
+    ]
+    met, better, rows, coverages, labels = [], [], 0, [], []
+    for (task, group), block in summary.groupby(level=["task", "group"], sort=False):
+        models = set(block.index.get_level_values("model"))
+        present = [m for m in baselines if m in models]
+        if "scopevi" not in models or not present:
+            continue
+        rows += 1
+        labels.append(f"{task} {group}")
+
+        def get(model, metric, task=task, group=group):
+            return _value(summary, task, group, model, metric)
+        r = {m: get(m, "pearson_delta_top_de") for m in present}
+        l2 = {m: get(m, "l2_top_expressed") for m in present}
+        energy = {m: get(m, "energy_distance") for m in present}
+        collapse = {m: get(m, "delta_correlation") for m in present}
+        best_r = max(r, key=lambda m: r[m])
+        best_l2 = min(l2, key=lambda m: l2[m])
+        finite_e = {m: v for m, v in energy.items() if np.isfinite(v)}
+        best_e = min(finite_e.values()) if finite_e else float("nan")
+        finite_c = {m: v for m, v in collapse.items() if np.isfinite(v)}
+        ok_r = get("scopevi", "pearson_delta_top_de") >= r[best_r] - 0.02
+        ok_l2 = get("scopevi", "l2_top_expressed") <= 1.05 * l2[best_l2]
+        e = get("scopevi", "energy_distance")
+        ok_e = bool(np.isfinite(e) and e <= 1.05 * best_e) if np.isfinite(best_e) else True
+        c = get("scopevi", "delta_correlation")
+        ok_c = bool(c <= min(finite_c.values()) + 1e-9) if finite_c and np.isfinite(c) else True
+        strictly = get("scopevi", "pearson_delta_top_de") > r[best_r] and get("scopevi", "l2_top_expressed") < l2[best_l2]
+        met.append(ok_r and ok_l2 and ok_e and ok_c)
+        better.append(strictly)
+        cov80, cov95 = get("scopevi", "coverage_80"), get("scopevi", "coverage_95")
+        coverages.append(cov80)
+        lines.append(
+            f"| {task} | {group} | {r[best_r]:.3f} ({best_r}) | {get('scopevi', 'pearson_delta_top_de'):.3f} "
+            f"| {get('scopevi_vae', 'pearson_delta_top_de'):.3f} | {get('noise_ceiling', 'pearson_delta_top_de'):.3f} "
+            f"| {l2[best_l2]:.3f} ({best_l2}) | {get('scopevi', 'l2_top_expressed'):.3f} "
+            f"| {get('scopevi_vae', 'l2_top_expressed'):.3f} | {'yes' if ok_r else '**no**'} "
+            f"| {'yes' if ok_l2 else '**no**'} | {'yes' if ok_e else '**no**'} | {'yes' if ok_c else '**no**'} "
+            f"| {'yes' if strictly else 'no'} | {get('scopevi', 'change_norm_ratio'):.2f} | {cov80:.2f} | {cov95:.2f} |"
+        )
+    finite_cov = [c for c in coverages if np.isfinite(c)]
+    mean_cov = float(np.mean(finite_cov)) if finite_cov else float("nan")
+    lines += [
+        "",
+        f"All four checks hold on {sum(met)} of {rows} task groups; ScopeVI is strictly better than the "
+        f"best baseline on both Pearson delta and L2 on {sum(better)} of {rows} (the target: all, and at "
+        f"least half). The 80% intervals cover {mean_cov:.2f} of held-out perturbation x gene changes "
+        f"on average over the task groups with intervals (target 0.70 to 0.90).",
+        "",
+    ]
+    missed = [label for label, ok in zip(labels, met) if not ok]
+    if missed:
+        lines += ["Missed (a check fails): " + "; ".join(missed) + ".", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,15 +195,14 @@ def main() -> None:
     parser.add_argument("--no-scopevi", action="store_true", help="baselines and ceiling only")
     parser.add_argument("--reuse-others", action="store_true",
                         help="read tasks not in --tasks back from --out instead of leaving them out")
-    parser.add_argument(
-        "--scopevi-epochs", type=int, default=SCOPEVI_DEFAULTS["train"]["max_epochs"]
-    )
+    parser.add_argument("--scopevi-epochs", type=int, default=None,
+                        help="ScopeVI epochs (default: ScopeVI.train's default)")
     args = parser.parse_args()
 
-    models = [m for m in MODELS if not (args.no_scopevi and m == "scopevi")]
-    scopevi_kwargs = {"train": {"max_epochs": args.scopevi_epochs}}
+    models = [m for m in MODELS if not (args.no_scopevi and m in SCOPEVI_MODELS)]
+    scopevi_kwargs = {"train": {} if args.scopevi_epochs is None else {"max_epochs": args.scopevi_epochs}}
     started = time.perf_counter()
-    task_sections, timings = [], []
+    task_sections, timings, summaries = [], [], []
     previous = args.results.read_text().splitlines() if args.results.is_file() else []
     run = [t for t in args.tasks.split(",") if t]  # --tasks "" --reuse-others: rewrite only
     tasks = [t for t in REAL_TASKS if t in run or args.reuse_others] + [
@@ -131,7 +214,9 @@ def main() -> None:
             results = pd.read_csv(args.out / task / "metrics.csv", keep_default_na=False,
                                   na_values=[""])
             results["value"] = pd.to_numeric(results["value"])
-            timings += [line for line in previous if line.startswith(f"| {task} |")][:1]
+            saved = args.out / task / "runtime.txt"
+            timings += ([saved.read_text().strip()] if saved.is_file()
+                        else [line for line in previous if line.startswith(f"| {task} |")][:1])
         else:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
@@ -148,8 +233,10 @@ def main() -> None:
                 + ", ".join(f"{m} {s:.1f}" for m, s in per_model.items())
                 + " |"
             )
+            (args.out / task / "runtime.txt").write_text(timings[-1] + "\n")
+        summaries.append(summarize(results))
         table = markdown_table(
-            summarize(results),
+            summaries[-1],
             metrics=SUMMARY_METRICS,
             models=[
                 "noise_ceiling",
@@ -160,25 +247,37 @@ def main() -> None:
         skipped = "".join(
             f"\n`{m}` does not apply here: {why}." for m, why in spec.not_applicable.items()
         )
-        task_sections.append(f"## {task}\n\n{spec.description}.{skipped}\n\n{table}\n")
+        n_seeds = results["seed"].nunique()
+        task_sections.append(
+            f"## {task}\n\n{spec.description}; {n_seeds} seed{'s' if n_seeds > 1 else ''}.{skipped}\n\n{table}\n"
+        )
     check = cross_check(args.data)
     total = (time.perf_counter() - started) / 60
     # with --reuse-others the tasks' own runtimes (from the runtime table) are the cost
     task_minutes = sum(float(line.split("|")[2]) for line in timings)
 
+    epochs = "ScopeVI.train's default epochs" if args.scopevi_epochs is None else f"{args.scopevi_epochs} epochs"
     scopevi_note = (
         'ScopeVI was **not run** for this file (`--no-scopevi`); its rows read "not run". '
         "Regenerate with `python benchmarks/run_benchmarks.py` to fill them in."
         if args.no_scopevi
-        else f"ScopeVI settings: {SCOPEVI_DEFAULTS['model']}, {args.scopevi_epochs} epochs, "
-        '`"normal"` likelihood on the log-normalised data; fixed before any test split was scored.'
+        else "ScopeVI runs at its defaults (`ScopeVI(adata)`, " + epochs + "; `SCOPEVI_DEFAULTS` "
+        f"is {SCOPEVI_DEFAULTS}), with the `\"normal\"` likelihood on log-normalised tasks and "
+        '`"nb"` on count tasks (Papalexi). `scopevi` is the default design (effect prior plus '
+        "validated correction); `scopevi_vae` is the earlier design, the VAE alone "
+        "(`effect_prior=False`), on the same splits and seeds. Inside every split, ScopeVI "
+        "chooses its prior's estimators and its correction weights by cross-fitting on that "
+        "split's training cells only. The design itself (the candidate estimators, the "
+        "selection rule: best held-out Pearson, then lowest error within 0.02) was settled after "
+        "reading the earlier version of this file and one McFaline training split; it was not "
+        "tuned task by task."
     )
     header = (
         f"""# Benchmark results
 
 Generated by `python benchmarks/run_benchmarks.py{" --no-scopevi" if args.no_scopevi else ""}` \
 ({task_minutes:.0f} min of task runs on {platform.machine()}, CPU only; perturbscope {perturbscope.__version__}, \
-{args.seeds} seeds).
+{args.seeds} seeds unless a task's section says otherwise).
 
 Every number is the mean ± standard deviation over seeds of the mean over held-out
 perturbations. **Read each row against the noise ceiling**: the same metric scoring one random
@@ -207,15 +306,6 @@ the embedding baselines do not apply.
 
 {check}
 
-Our split-half ceiling (about 0.90) is below the issue's 0.94. We score 50 cells against the
-other 50 with DE genes fixed from all cells; a protocol that scores a half against all cells, or
-averages more cells, gives a higher ceiling. The same holds for L2: on the `seen2` doubles our
-ceiling L2 (half against half) is about 0.49, the issue's 0.24. The baselines themselves match
-(perturbed mean 0.457 against 0.46; additive on `seen2` 0.931 and L2 0.446 against 0.93 and
-0.45; Kang transfer 0.848 against 0.85; McFaline zero-shot transfer, the matching mean, 0.070
-against 0.07). GO nearest neighbours reach 0.469 here against 0.49 in the issue, with the same
-ordering over the perturbed mean on the 17 singles with GO terms (0.436 here, 0.40 there).
-
 ## Runtime
 
 | task | minutes | mean seconds per fit + predict + score |
@@ -224,13 +314,16 @@ ordering over the perturbed mean on the 17 singles with GO terms (0.436 here, 0.
         + "\n".join(timings)
         + "\n\n"
     )
-    findings = ROOT / "benchmarks" / "SCOPEVI_FINDINGS.md"
-    if findings.is_file() and not args.no_scopevi:
-        header += findings.read_text() + "\n"
+    if not args.no_scopevi:
+        header += target_section(pd.concat(summaries)) + "\n"
     reused = [t for t in tasks if t not in run]
     if reused:
         header += (f"\nTasks {', '.join(reused)} were read back from their saved metrics "
                    "(`--reuse-others`) rather than rerun.\n")
+    if not args.no_scopevi:
+        header += ("The sections below that other scripts write (learning curves, variants, "
+                   "genetic interactions) were produced before the effect prior existed, with the "
+                   "VAE alone, and have not been rerun.\n\n")
     kept_sections = sections(args.results)  # read now: other scripts may have written meanwhile
     args.results.write_text(header + "\n".join(task_sections) + "\n" + "\n".join(kept_sections))
     print(f"wrote {args.results} in {total:.1f} min")

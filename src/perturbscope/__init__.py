@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import benchmark, data, embeddings, pl, probe, tl
+from . import benchmark, data, effects, embeddings, pl, probe, tl
 from .model import ScopeVI
 from .module import ScopeVAE
 
@@ -11,4 +11,4 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["ScopeVAE", "ScopeVI", "benchmark", "data", "embeddings", "pl", "probe", "tl"]
+__all__ = ["ScopeVAE", "ScopeVI", "benchmark", "data", "effects", "embeddings", "pl", "probe", "tl"]

@@ -139,9 +139,10 @@ def test_predict_layout_and_input_untouched(trained):
     assert first["control_cell"].tolist() == controls.obs_names.tolist()
     assert (first["cell_type"].to_numpy() == controls.obs["cell_type"].to_numpy()).all()
     # X is on the count scale at the control cell's library size, consistent with log1p_norm
+    # (negative log1p values, possible with the effect prior's additive shift, clip to 0 counts)
     library = np.asarray(controls.X.sum(axis=1)).ravel()
     rows = slice(0, controls.n_obs)
-    np.testing.assert_allclose(pred.X[rows], np.expm1(pred.layers["log1p_norm"][rows]) / 1e4 * library[:, None],
+    np.testing.assert_allclose(pred.X[rows], np.clip(np.expm1(pred.layers["log1p_norm"][rows]), 0, None) / 1e4 * library[:, None],
                                rtol=1e-4, atol=1e-4)
     direct = model.predict(controls, [embeddings.index[0]], residual=False)
     np.testing.assert_allclose(direct.X.sum(axis=1), library, rtol=1e-3)
@@ -414,21 +415,38 @@ def test_train_uses_scvi_loop_with_validation_and_early_stopping(small_screen):
     assert np.isfinite(model.get_elbo())
 
 
-def test_residual_prediction_is_anchor_plus_decoded_change(trained):
+def test_prediction_is_anchor_plus_validated_shift_plus_cell_term(trained):
+    """log1p(x) = anchor + s + w (m - s) + (d - m): its mean over a context's anchors is exact."""
     model, adata, embeddings = trained
+    controls = _controls(adata)
+    gene = embeddings.index[-1]
+    pred = model.predict(controls, [gene], use_prior_mean=True)
+    anchors_log1p = np.log1p(controls.X.toarray() / controls.X.toarray().sum(1, keepdims=True) * 1e4)
+    for context in ("type_0", "type_1"):
+        cells = (controls.obs["cell_type"] == context).to_numpy()
+        shift = model.effect_prior.predict_shifts([gene], context)
+        weight = model.correction_weights_[shift.attrs["kinds"][0]]
+        anchors = controls[cells].copy()
+        anchors.obs["context"] = context
+        learned = model._mean_vae_change(anchors, gene)
+        expected = anchors_log1p[cells].mean(0) + shift.to_numpy()[0] + weight * (learned - shift.to_numpy()[0])
+        np.testing.assert_allclose(pred.layers["log1p_norm"][cells].mean(0), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vae_only_counts_prediction_starts_from_the_anchors_expectation(small_screen):
+    """effect_prior=False, count likelihood: at the prior mean the anchor's start is decode(z_0, 0)."""
+    scvi.settings.seed = 0
+    adata, embeddings = small_screen
+    adata = adata.copy()
+    _setup(adata, embeddings)
+    model = ps.ScopeVI(adata, n_latent=4, n_hidden=32, effect_prior=False)
+    model.train(max_epochs=2, enable_progress_bar=False)
     controls = _controls(adata)[:30]
     gene = embeddings.index[2]
     residual = model.predict(controls, [gene], use_prior_mean=True)
     direct = model.predict(controls, [gene], use_prior_mean=True, residual=False)
-    x = torch.as_tensor(controls.X.toarray())
-    module = model.module
-    with torch.inference_mode():
-        library = torch.log(x.sum(1, keepdim=True))
-        p0 = torch.zeros(len(x), module.perturbation_encoder.n_output)
-        basal = module.generative(module.prior(x, p0).loc, p0, library)["px_scale"]
-    observed = np.log1p(x.numpy() / x.numpy().sum(1, keepdims=True) * 1e4)
-    expected = observed + direct.layers["log1p_norm"] - np.log1p(basal.numpy() * 1e4)
-    np.testing.assert_allclose(residual.layers["log1p_norm"], np.clip(expected, 0, None), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(residual.layers["log1p_norm"], direct.layers["log1p_norm"], rtol=1e-5, atol=1e-5)
+    assert model.effect_prior is None
 
 
 # ---------------------------------------------------------------- MuData

@@ -1,6 +1,6 @@
 """Honest benchmarking: splits, baselines, metrics and the split-half noise ceiling."""
 
-from ._baselines import (
+from ..effects import (
     AdditiveBaseline,
     Baseline,
     EmbeddingNeighborsBaseline,

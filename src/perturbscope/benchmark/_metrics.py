@@ -35,6 +35,7 @@ PROFILE_METRICS = (
     "direction_top_de",
     "discrimination_score",
     "de_overlap",
+    "change_norm_ratio",
 )
 DISTRIBUTION_METRICS = (
     "variance_ratio",
@@ -45,7 +46,7 @@ DISTRIBUTION_METRICS = (
     "energy_distance",
 )
 #: Best at 1: below 1 the predicted cells are less variable than real ones (collapse).
-CLOSEST_TO_ONE = frozenset({"variance_ratio"})
+CLOSEST_TO_ONE = frozenset({"variance_ratio", "change_norm_ratio"})
 LOWER_IS_BETTER = frozenset({"mse_top_de", "l2_top_expressed", *DISTRIBUTION_METRICS} - CLOSEST_TO_ONE)
 
 
@@ -126,6 +127,22 @@ def l2_distance(predicted: np.ndarray, observed: np.ndarray) -> float:
     5.0
     """
     return float(np.linalg.norm(np.asarray(predicted) - np.asarray(observed)))
+
+
+def change_norm_ratio(predicted: np.ndarray, observed: np.ndarray, control: np.ndarray) -> float:
+    """Size of the predicted change over that of the observed one: ``|pred - ctrl| / |obs - ctrl|``.
+
+    1 is a change of the right size; above 1 the prediction overstates the effect.
+
+    Examples
+    --------
+    >>> change_norm_ratio(np.array([2.0, 0.0]), np.array([1.0, 0.0]), np.zeros(2))
+    2.0
+    """
+    observed_norm = float(np.linalg.norm(observed - control))
+    if observed_norm == 0:
+        return float("nan")
+    return float(np.linalg.norm(predicted - control)) / observed_norm
 
 
 def direction_agreement(
@@ -561,6 +578,7 @@ def evaluate(
             "pearson_delta_perturbed": pearson_delta(pred, obs, reference.perturbed_centroid),
             "mse_top_de": mean_squared_error(pred[de], obs[de]),
             "l2_top_expressed": l2_distance(pred[top], obs[top]),
+            "change_norm_ratio": change_norm_ratio(pred[top], obs[top], control[top]),
             "direction_top_de": direction_agreement(pred[de], obs[de], control[de]),
             "discrimination_score": float(pds.loc[p]),
             "de_overlap": (

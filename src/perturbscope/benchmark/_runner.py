@@ -128,7 +128,8 @@ def run_benchmark(
                 )
                 prediction = model.predict(adata[split.control], split.perturbations)
             records += score_records(
-                prediction, reference, groups, distributional, model=name, **fields
+                prediction, reference, groups, distributional,
+                intervals=getattr(model, "intervals_", None), model=name, **fields,
             )
             timings.append(
                 {

@@ -71,17 +71,26 @@ def split_reference(
 
 
 def score_records(
-    prediction: ad.AnnData, reference, groups: pd.Series, distributional: bool, **fields
+    prediction: ad.AnnData,
+    reference,
+    groups: pd.Series,
+    distributional: bool,
+    intervals: ad.AnnData | None = None,
+    **fields,
 ) -> list[dict]:
-    """Long records of a prediction's metrics and of its mode-collapse figure.
+    """Long records of a prediction's metrics, its mode-collapse figure and interval coverage.
 
     ``fields`` (model, task, seed, split, ...) are copied into every record; ``fields["seed"]``
-    also seeds the distributional metrics.
+    also seeds the distributional metrics. ``intervals``, a mean prediction with
+    ``log1p_norm_lower_<L>`` / ``log1p_norm_upper_<L>`` layers, adds the metrics
+    ``coverage_<L>``: the share of genes whose observed mean lies in the interval.
     """
     means = pseudobulk(prediction, OUTPUT_KEYS.PERTURBATION, layer=OUTPUT_KEYS.LOG1P_NORM_LAYER)
     means.index = means.index.astype(str)
     scores = evaluate(prediction, reference, distributional=distributional, seed=fields["seed"],
                       predicted_means=means)
+    if intervals is not None:
+        scores = scores.join(interval_coverage(intervals, reference.observed_means))
     records = with_groups(long_records(scores, **fields), groups)
     return records + collapse_records(
         means.loc[reference.observed_means.index], reference.control_mean, groups, **fields
@@ -112,3 +121,46 @@ def collapse_records(
                 }
             )
     return rows
+
+
+def interval_coverage(intervals: ad.AnnData, observed_means: pd.DataFrame) -> pd.DataFrame:
+    """Share of genes whose observed mean lies inside each perturbation's interval.
+
+    Parameters
+    ----------
+    intervals
+        Mean prediction with ``log1p_norm_lower_<L>`` / ``log1p_norm_upper_<L>`` layers (one
+        row per perturbation; rows of other contexts must not be present).
+    observed_means
+        Observed pseudobulk (perturbations x genes).
+
+    Returns
+    -------
+    A DataFrame (perturbations x ``coverage_<L>``); ``NaN`` where the interval is undefined.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mean = ad.AnnData(np.zeros((1, 2)), obs=pd.DataFrame({"perturbation": ["A"]}, index=["A"]))
+    >>> mean.layers["log1p_norm_lower_80"] = np.array([[0.0, 0.0]])
+    >>> mean.layers["log1p_norm_upper_80"] = np.array([[1.0, 1.0]])
+    >>> interval_coverage(mean, pd.DataFrame([[0.5, 2.0]], index=["A"])).loc["A", "coverage_80"]
+    np.float64(0.5)
+    """
+    labels = intervals.obs[OUTPUT_KEYS.PERTURBATION].astype(str).to_numpy()
+    out = {}
+    for layer in intervals.layers:
+        if not layer.startswith("log1p_norm_lower_"):
+            continue
+        tag = layer.rsplit("_", 1)[1]
+        lower = pd.DataFrame(intervals.layers[layer], index=labels)
+        upper = pd.DataFrame(intervals.layers[f"log1p_norm_upper_{tag}"], index=labels)
+        column = {}
+        for p in observed_means.index:
+            if p not in lower.index:
+                continue
+            lo, hi = lower.loc[p].to_numpy(), upper.loc[p].to_numpy()
+            obs = observed_means.loc[p].to_numpy()
+            column[p] = np.nan if np.isnan(lo).all() else float(np.mean((obs >= lo) & (obs <= hi)))
+        out[f"coverage_{tag}"] = pd.Series(column, dtype=float)
+    return pd.DataFrame(out)

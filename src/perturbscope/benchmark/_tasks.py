@@ -21,6 +21,7 @@ model, embedding-based or not, is scored on the same perturbations.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -36,6 +37,9 @@ from ._splits import Split, combo_split, unseen_context_split, unseen_single_spl
 
 PERTURBENCH_FILE = "perturbench_devel.h5ad"
 KANG_FILE = "kang2018_scgen_valid.h5ad"
+PAPALEXI_FILE = "papalexi2021_eccite_rna.h5ad"
+#: Papalexi cells whose top guide holds less than this share of their guide UMIs are left out.
+MIN_GUIDE_FRACTION = 0.5
 GO_ANNOTATIONS = Path("annotations") / "human_go_annotations.tsv.gz"
 
 
@@ -92,6 +96,17 @@ def _norman(adata: ad.AnnData, doubles: bool) -> ad.AnnData:
 
 def _mcfaline(adata: ad.AnnData) -> ad.AnnData:
     return adata[adata.obs["dataset"].astype(str) == "mcfaline23"].copy()
+
+
+def _papalexi(adata: ad.AnnData) -> ad.AnnData:
+    return adata[(adata.obs["guide_frac"] >= MIN_GUIDE_FRACTION).to_numpy()].copy()
+
+
+def _papalexi_splits(adata: ad.AnnData, seed: int) -> list[Split]:
+    return [
+        unseen_single_split(adata, "target", control_value="non-targeting", n_folds=5, fold=f, seed=seed)
+        for f in range(5)
+    ]
 
 
 def _norman_single_splits(adata: ad.AnnData, seed: int) -> list[Split]:
@@ -195,6 +210,17 @@ TASKS: dict[str, BenchmarkTask] = {
             "embedding_nn": "the perturbation (interferon) is not a gene: no embedding row",
         },
     ),
+    "papalexi_unseen_single": BenchmarkTask(
+        name="papalexi_unseen_single",
+        description="Papalexi 2021 THP-1 ECCITE-seq: knocked-out genes with GO terms, 5 folds of unseen genes",
+        file=PAPALEXI_FILE,
+        perturbation_key="target",
+        control_value="non-targeting",
+        context_key=None,
+        data_scale="counts",
+        load=_papalexi,
+        make_splits=_papalexi_splits,
+    ),
     "simulated": BenchmarkTask(
         name="simulated",
         description="simulated screen (60 genes, 9 singles, 3 doubles), 2 folds of unseen singles",
@@ -234,7 +260,8 @@ def load_task(
     -------
     The task's cells (a new AnnData) and gene embeddings: GO-derived (128 SVD dimensions of
     tf-idf-weighted direct annotations, from ``annotations/human_go_annotations.tsv.gz`` beside
-    the data) for the Norman and McFaline tasks, the simulator's for ``"simulated"``, ``None``
+    the data) for the Norman, McFaline and Papalexi tasks (perturbations of genes without GO
+    terms are left out, with a warning), the simulator's for ``"simulated"``, ``None``
     for Kang.
 
     Raises
@@ -284,7 +311,24 @@ def load_task(
             }
         )
         embeddings = go_gene_embeddings(str(folder / GO_ANNOTATIONS), tuple(genes))
+        adata = _drop_unembedded(adata, spec, embeddings)
     return adata, embeddings
+
+
+def _drop_unembedded(adata: ad.AnnData, spec: BenchmarkTask, embeddings: pd.DataFrame) -> ad.AnnData:
+    """Leave out perturbations of genes without GO terms, which no embedding model can be given."""
+    labels = adata.obs[spec.perturbation_key].astype(str)
+    lacking = sorted({
+        p for p in pd.unique(labels)
+        if any(g not in embeddings.index for g in parse_perturbation(p, spec.control_value))
+    })
+    if not lacking:
+        return adata
+    warnings.warn(
+        f"task {spec.name!r}: perturbations of genes without GO annotation are left out: {lacking}.",
+        stacklevel=3,
+    )
+    return adata[~labels.isin(lacking).to_numpy()].copy()
 
 
 @lru_cache(maxsize=8)

@@ -29,7 +29,7 @@ from ._perturbations import (
 )
 from ._prediction import aggregate_prediction, prediction_anndata
 from ._pseudobulk import log1p_expression, log1p_normalized, pseudobulk
-from ._shifts import ALL_CONTEXTS, perturbation_shifts
+from ._shifts import ALL_CONTEXTS, perturbation_shifts, shifts_from_means
 from ._simulate import simulate_perturbseq
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "perturbation_gene_sets",
     "perturbation_shifts",
     "prediction_anndata",
+    "shifts_from_means",
     "pseudobulk",
     "simulate_perturbseq",
 ]

@@ -109,8 +109,38 @@ def perturbation_shifts(
         var=pd.DataFrame(index=adata.var_names.astype(str)),
     )
     means = pseudobulk(view, ["perturbation", "context"])
+    return shifts_from_means(means, control_value, context_key)
+
+
+def shifts_from_means(
+    means: pd.DataFrame, control_value: str = "control", context_key: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(shifts, control_means)`` from group means indexed by (``perturbation``, ``context``).
+
+    Parameters
+    ----------
+    means
+        Pseudobulk with a ``MultiIndex`` (``perturbation``, ``context``), controls included.
+    control_value
+        The control label.
+    context_key
+        The user's context column, named in the error.
+
+    Raises
+    ------
+    ValueError
+        If some contexts have no control row (named).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> idx = pd.MultiIndex.from_tuples([("A", "x"), ("control", "x")], names=["perturbation", "context"])
+    >>> shifts, _ = shifts_from_means(pd.DataFrame({"g": [3.0, 1.0]}, index=idx))
+    >>> shifts["g"].tolist()
+    [2.0]
+    """
     control = means.xs(control_value, level="perturbation")
-    lacking = sorted(set(contexts) - set(control.index))
+    lacking = sorted(set(means.index.get_level_values("context")) - set(control.index))
     if lacking:
         raise ValueError(
             f"contexts {preview(lacking)} in adata.obs[{context_key!r}] have no {control_value!r} "

@@ -56,6 +56,7 @@ class PredictionMixin:
         combination: Literal["additive", "joint"] = "additive",
         batch_size: int | None = None,
         seed: int | None = None,
+        interval_levels: Sequence[float] = (0.8, 0.95),
     ) -> ad.AnnData:
         """Predict perturbed cells from control cells.
 
@@ -63,6 +64,13 @@ class PredictionMixin:
         ``p(z | control cell, perturbation)`` and decoded under the perturbation, so the
         prediction keeps that cell's basal state, context and batch. Control cells of a context
         never seen in training work too (zero-shot): the prior is conditioned on them.
+
+        With the effect prior (``effect_prior=True``, the default) each cell is its anchor's
+        log1p-normalised expression plus the prior's mean shift, the validated share of the
+        VAE's mean correction, and the VAE's cell-state-dependent deviation (see
+        :mod:`perturbscope.model._effect_correction`); nothing is clamped in
+        ``layers["log1p_norm"]``, so its mean over a context's anchors is exactly the anchors'
+        mean plus the predicted shift.
 
         Parameters
         ----------
@@ -80,11 +88,13 @@ class PredictionMixin:
         use_prior_mean
             Decode the prior mean instead of a sample.
         residual
-            Predict each cell as its anchor's observed expression plus the decoded change
+            Start from the anchor (required by the effect prior; ``False`` uses the VAE alone).
+            Predict each cell as its anchor's expression plus the decoded change
             (``decode(z_p, p) - decode(z_0, no perturbation)`` for the same prior draw, in
             log1p-normalised space; composed per gene for combinations, see ``combination``), so
             the decoder's error in reconstructing the anchor cancels and the spread of real
-            control cells is kept. ``False`` starts from ``decode(z_0, no perturbation)``
+            control cells is kept (for count likelihoods without the effect prior the anchor's
+            expected expression, see :meth:`ScopeVAE.predict_from_anchor`). ``False`` starts from ``decode(z_0, no perturbation)``
             instead of the observed cell (``decode(z_p, p)`` itself for a single).
         combination
             How a multi-gene perturbation's change is composed. ``"additive"``: the sum of its
@@ -97,6 +107,9 @@ class PredictionMixin:
             Control cells per forward pass; ``None`` uses ``scvi.settings.batch_size``.
         seed
             Seed of the prior draws; defaults to ``scvi.settings.seed``.
+        interval_levels
+            Coverage levels of the intervals added to a mean prediction (``aggregate="mean"``)
+            of a model with the effect prior.
 
         Returns
         -------
@@ -110,7 +123,12 @@ class PredictionMixin:
           cells' context, batch and covariate columns, and ``obs["sample"]``;
           with ``aggregate="mean"``, ``obs["perturbation"]``, the context column and
           ``obs["n_cells"]``;
-        * ``uns["perturbscope"]``: the model, likelihood and embedding provenance.
+        * ``uns["perturbscope"]``: the model, likelihood and embedding provenance;
+        * with ``aggregate="mean"`` and the effect prior, ``layers["log1p_norm_lower_80"]`` and
+          ``layers["log1p_norm_upper_80"]`` (and ``_95``, one pair per ``interval_levels``):
+          split-conformal intervals per gene around the predicted mean, from the cross-fitted
+          residuals of the prior's estimator (``NaN`` for measured perturbations and for kinds
+          with too few training perturbations to calibrate).
 
         Raises
         ------
@@ -133,9 +151,18 @@ class PredictionMixin:
         n_cells, n_genes = adata_control.shape
         X = np.empty((len(perturbations), n_samples, n_cells, n_genes), dtype=np.float32)
         log1p_norm = np.empty_like(X)
+        with_prior = self.effect_prior is not None and residual
         for cells, anchor_x, batch_index, cat_covs in self._anchor_batches(adata_control, batch_size):
             for p in range(len(perturbations)):
                 genes = gene_index[p].expand(len(anchor_x), -1).to(anchor_x.device)
+                if with_prior:  # the VAE's per-cell change, composed with the prior below
+                    shape = (n_samples, len(anchor_x), self.module.n_latent)
+                    noise = torch.zeros(shape) if use_prior_mean else torch.randn(shape, generator=generator)
+                    change, _ = self.module.predicted_change(
+                        anchor_x, genes, noise.to(anchor_x.device), batch_index, cat_covs, combination
+                    )
+                    log1p_norm[p, :, cells] = change.cpu().numpy()
+                    continue
                 expression, normalised = self.module.predict_from_anchor(
                     anchor_x, genes, batch_index, cat_covs, n_samples=n_samples,
                     use_prior_mean=use_prior_mean, residual=residual, generator=generator,
@@ -143,9 +170,14 @@ class PredictionMixin:
                 )
                 X[p, :, cells] = expression.cpu().numpy()
                 log1p_norm[p, :, cells] = normalised.cpu().numpy()
+        if with_prior:
+            for p, label in enumerate(perturbations):
+                X[p], log1p_norm[p] = self._compose(adata_control, label, log1p_norm[p])
         prediction = self._prediction_anndata(adata_control, perturbations, n_samples, X, log1p_norm)
         if aggregate == "mean":
             prediction = aggregate_prediction(prediction, self._original_key(REGISTRY_KEYS.CONTEXT_KEY))
+            if with_prior:
+                self.add_prediction_intervals(prediction, interval_levels)
         return prediction
 
     @torch.inference_mode()
@@ -259,7 +291,7 @@ class PredictionMixin:
             check_log_normalized(matrix, self._layer)
         return adata_control, perturbations
 
-    def _anchor_batches(self, adata_control: ad.AnnData, batch_size: int | None):
+    def _anchor_batches(self, adata_control: ad.AnnData, batch_size: int | None, progress: bool = True):
         """Yield ``(slice, anchor_x, batch_index, cat_covs)`` tensors of control cells, in order."""
         batch_size = settings.batch_size if batch_size is None else batch_size
         if not isinstance(batch_size, int | np.integer) or batch_size <= 0:
@@ -271,7 +303,7 @@ class PredictionMixin:
         covariate_codes = self._covariate_codes(adata_control)
         n_cells = adata_control.n_obs
         starts = range(0, n_cells, batch_size)
-        for start in track(starts, description="ScopeVI", disable=len(starts) <= 1):
+        for start in track(starts, description="ScopeVI", disable=not progress or len(starts) <= 1):
             cells = slice(start, min(start + batch_size, n_cells))
             chunk = matrix[cells]
             anchor_x = torch.as_tensor(chunk.toarray() if sparse.issparse(chunk) else np.asarray(chunk),

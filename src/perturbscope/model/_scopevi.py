@@ -44,6 +44,7 @@ from ..data import (
 )
 from ..module import ScopeVAE
 from ..module._scopevae import COUNT_LIKELIHOODS, GeneLikelihood
+from ._effect_correction import EffectCorrectionMixin
 from ._fields import MuDataPerturbationGenesField, PerturbationGenesField, encode_gene_sets
 from ._prediction import PredictionMixin
 from ._query import QueryMixin
@@ -68,7 +69,7 @@ def _check_setup(data, where: str, perturbation_key: str, control_value: str,
     check_controls_per_context(obs, perturbation_key, control_value, group_keys)
 
 
-class ScopeVI(PredictionMixin, SafeLoadMixin, QueryMixin, UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
+class ScopeVI(EffectCorrectionMixin, PredictionMixin, SafeLoadMixin, QueryMixin, UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     """Perturbation-response model anchored on control cells (DeSCOPE in scvi-tools form).
 
     Parameters
@@ -111,6 +112,15 @@ class ScopeVI(PredictionMixin, SafeLoadMixin, QueryMixin, UnsupervisedTrainingMi
         because it is one convex term with one knob and needs no relaxation of discrete gates.
     sparsity_weight
         Weight of the L1 penalty of ``"sparse"`` (per cell, summed over latent dimensions).
+    effect_prior
+        Build predictions on the baselines: the mean shift comes from the estimator chosen by
+        cross-fitting inside the training data (:class:`~perturbscope.effects.EffectPrior`),
+        corrected by the VAE only as far as held-out training perturbations support, and the
+        VAE adds each cell's state-dependent response (see
+        :mod:`perturbscope.model._effect_correction`). ``False``: the VAE alone, the earlier
+        design.
+    prior_seed
+        Seed of the prior's cross-fitting folds and of the held-out validation perturbations.
 
     Examples
     --------
@@ -138,13 +148,15 @@ class ScopeVI(PredictionMixin, SafeLoadMixin, QueryMixin, UnsupervisedTrainingMi
         n_perturbation: int = 64,
         dropout_rate: float = 0.1,
         gene_likelihood: GeneLikelihood = "nb",
-        free_bits: float = 0.0,
+        free_bits: float = 0.5,
         anchor_gradient: bool = False,
         perturbation_encoding: Literal["kernel", "linear"] = "kernel",
         kernel_temperature: float = 0.1,
         unseen_genes: Literal["kernel", "ridge"] = "kernel",
         perturbation_effect: Literal["dense", "sparse"] = "dense",
         sparsity_weight: float = 0.01,
+        effect_prior: bool = True,
+        prior_seed: int = 0,
     ):
         super().__init__(adata)
         if perturbation_encoding not in ("kernel", "linear"):

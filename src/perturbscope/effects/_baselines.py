@@ -1,4 +1,4 @@
-"""Simple baselines behind the same ``fit`` / ``predict`` interface as :class:`~perturbscope.ScopeVI`.
+"""Simple baselines (perturbation-effect estimators) behind the same ``fit`` / ``predict`` interface as :class:`~perturbscope.ScopeVI`.
 
 Every baseline works in log1p-normalised space. ``fit`` computes, with the one
 :func:`~perturbscope.data.pseudobulk`, the mean of every training perturbation in every
@@ -25,13 +25,14 @@ from .._constants import TARGET_SUM
 from ..data import (
     ALL_CONTEXTS,
     aggregate_prediction,
+    check_control_present,
     check_gene_embeddings,
     check_var_names,
     log1p_expression,
     parse_perturbation,
-    perturbation_shifts,
     prediction_anndata,
     pseudobulk,
+    shifts_from_means,
 )
 from ..data._pseudobulk import DataScale
 from ..data._shifts import check_obs_keys, context_labels
@@ -105,6 +106,7 @@ class Baseline:
             If a context has no control cells.
         """
         check_obs_keys(adata_train.obs, perturbation_key=perturbation_key, context_key=context_key)
+        check_control_present(adata_train.obs[perturbation_key], perturbation_key, control_value)
         expression = ad.AnnData(
             log1p_expression(adata_train, layer, data_scale),
             obs=pd.DataFrame(
@@ -116,28 +118,53 @@ class Baseline:
             ),
             var=pd.DataFrame(index=adata_train.var_names),
         )
+        means = pseudobulk(expression, ["perturbation", "context"])
+        self.data_scale_ = data_scale
+        return self.fit_means(means, perturbation_key, control_value, context_key, delimiter)
+
+    def fit_means(
+        self,
+        means: pd.DataFrame,
+        perturbation_key: str = "perturbation",
+        control_value: str = "control",
+        context_key: str | None = None,
+        delimiter: str = "+",
+    ) -> Baseline:
+        """Fit from group means alone: the log1p-normalised pseudobulk of every group.
+
+        :meth:`fit` computes the means and calls this; a saved table of means (as ScopeVI keeps)
+        refits a baseline exactly, without the cells.
+
+        Parameters
+        ----------
+        means
+            Pseudobulk with a ``MultiIndex`` (``perturbation``, ``context``), controls included;
+            the context is :data:`~perturbscope.data.ALL_CONTEXTS` without a context column.
+        perturbation_key, control_value, context_key, delimiter
+            As for :meth:`fit`; the two keys only name columns in messages and predictions.
+
+        Returns
+        -------
+        The fitted baseline (``self``).
+        """
         try:
-            self.shifts_, self.control_means_ = perturbation_shifts(
-                expression, "perturbation", control_value, "context"
-            )
-        except ValueError as error:  # name the user's columns, not the internal ones
-            raise ValueError(
-                str(error)
-                .replace("adata.obs['perturbation']", f"adata.obs[{perturbation_key!r}]")
-                .replace("adata.obs['context']", f"adata.obs[{context_key!r}]")
-            ) from None
-        self.var_names_ = adata_train.var_names.copy()
+            self.shifts_, self.control_means_ = shifts_from_means(means, control_value, context_key)
+        except ValueError as error:  # name the user's column, not the internal one
+            raise ValueError(str(error).replace("adata.obs[None]", "adata.obs")) from None
+        self.means_ = means
+        self.var_names_ = pd.Index(means.columns).copy()
         self.perturbation_key_ = perturbation_key
         self.control_value_ = control_value
         self.context_key_ = context_key
-        self.data_scale_ = data_scale
+        if not hasattr(self, "data_scale_"):
+            self.data_scale_ = "log1p_norm"
         self.delimiter_ = delimiter
         self.seen_ = set(self.shifts_.index.get_level_values("perturbation"))
         self.fallbacks_: set[str] = set()
-        self._fit_extra(expression)
+        self._fit_extra(means)
         return self
 
-    def _fit_extra(self, expression: ad.AnnData) -> None:
+    def _fit_extra(self, means: pd.DataFrame) -> None:
         """Hook for subclasses that need more than the shifts."""
 
     def _genes(self, perturbation: str) -> tuple[str, ...]:
@@ -462,7 +489,7 @@ class EmbeddingNeighborsBaseline(Baseline):
         weights = np.exp(logits - logits.max())
         return pd.Series(weights / weights.sum(), index=self._reference)
 
-    def _fit_extra(self, expression: ad.AnnData) -> None:
+    def _fit_extra(self, means: pd.DataFrame) -> None:
         singles = sorted(p for p in self.seen_ if len(self._genes(p)) == 1)
         self._reference = [p for p in singles if p in self.gene_embeddings.index]
 
@@ -538,10 +565,9 @@ class LinearBaseline(Baseline):
         self.n_components = n_components
         self.ridge = ridge
 
-    def _fit_extra(self, expression: ad.AnnData) -> None:
+    def _fit_extra(self, means: pd.DataFrame) -> None:
         from sklearn.decomposition import PCA
 
-        means = pseudobulk(expression, ["perturbation", "context"])
         n_components = min(self.n_components, *means.shape)
         self.G_ = PCA(n_components=n_components).fit_transform(means.to_numpy().T)
         table = (

@@ -1,0 +1,584 @@
+"""The effect prior: the baselines' estimators, chosen per kind of query by cross-fitting.
+
+A query is a perturbation in a context. Its *kind* decides which estimators can answer it:
+
+* ``"seen"``: measured in this context in training (at least :data:`FEW_SHOT_CELLS` cells); the
+  observed shift.
+* ``"few_shot"``: measured in this context, but in fewer cells; candidates are the observed
+  shift, the transfer from other contexts, the context's perturbed mean and the mean of the
+  observed shift and the perturbed mean. They are cross-fitted by drawing as many cells from
+  well-measured training groups and scoring against those groups' full means.
+* ``"combination"``: several genes, each measured alone in training; candidates are the sum of
+  the single shifts (``additive``), their mean, the linear model and the perturbed mean.
+* ``"unseen_gene"``: a gene never perturbed in training (alone or in a combination); candidates
+  are the linear model on gene embeddings, embedding neighbours, the perturbed mean and no
+  change.
+* ``"unseen_context"``: measured in training, but in other contexts only; candidates are the
+  transfer (its mean shift over other contexts), the perturbed mean and no change.
+
+:meth:`EffectPrior.fit` picks, for every kind, the candidate with the lowest error on the
+training perturbations of that kind when they are held out (folds of genes, of combinations, or
+one context at a time), refitting every candidate without them: cross-fitting inside the
+training data, so no test perturbation is ever read. The held-out residuals of the chosen
+estimator give split-conformal intervals per gene. For unseen genes a residual is divided by a
+difficulty scale, ``0.5 + (1 - cosine similarity to the nearest training gene)``, so a gene far
+from every training gene gets a wider interval (normalised conformal prediction).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..data import log1p_expression, parse_perturbation
+from ._baselines import (
+    AdditiveBaseline,
+    Baseline,
+    EmbeddingNeighborsBaseline,
+    LinearBaseline,
+    MatchingMeanBaseline,
+    NoChangeBaseline,
+    PerturbedMeanBaseline,
+)
+
+KINDS = ("seen", "few_shot", "combination", "unseen_gene", "unseen_context")
+#: Groups with fewer training cells than this are ``"few_shot"`` queries.
+FEW_SHOT_CELLS = 30
+#: Candidate estimators per kind, in order of preference on ties; the first is the fallback
+#: when a kind cannot be cross-fitted (too few training perturbations of that kind).
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "seen": ("observed",),
+    "few_shot": ("observed", "transfer", "perturbed_mean", "observed_perturbed_mean"),
+    "combination": ("additive", "matching_mean", "linear", "perturbed_mean"),
+    "unseen_gene": ("perturbed_mean", "linear", "embedding_nn", "no_change"),
+    "unseen_context": ("matching_mean", "perturbed_mean", "no_change"),
+}
+#: Held-out perturbations needed before a kind's choice is made by cross-fitting.
+MIN_HELD_OUT = 3
+#: Genes per held-out perturbation on which candidates are scored: its most changed ones.
+N_SCORED_GENES = 20
+
+
+def make_estimator(name: str, gene_embeddings: pd.DataFrame | None) -> Baseline | None:
+    """A fresh estimator by name; ``None`` when it needs embeddings that are not there.
+
+    Examples
+    --------
+    >>> type(make_estimator("additive", None)).__name__
+    'AdditiveBaseline'
+    """
+    if name in ("observed", "additive"):
+        return AdditiveBaseline()
+    if name == "matching_mean":
+        return MatchingMeanBaseline()
+    if name == "perturbed_mean":
+        return PerturbedMeanBaseline()
+    if name == "no_change":
+        return NoChangeBaseline()
+    if name == "linear":
+        return LinearBaseline(gene_embeddings, n_components=10, ridge=0.1)
+    if name == "embedding_nn":
+        return None if gene_embeddings is None else EmbeddingNeighborsBaseline(gene_embeddings, 0.1)
+    raise ValueError(f"unknown estimator {name!r}; choose from {sorted(set(sum(CANDIDATES.values(), ())))}.")
+
+
+def top_change_scores(predicted: np.ndarray, observed: np.ndarray, n_genes: int = N_SCORED_GENES) -> tuple[float, float]:
+    """``(MSE, Pearson)`` of a predicted shift on the ``n_genes`` genes the observed one changes most.
+
+    The Pearson correlation is 0 where the prediction is constant on those genes (no change
+    predicted carries no direction).
+
+    Examples
+    --------
+    >>> top_change_scores(np.array([1.0, 0.0, 0.5]), np.array([2.0, 0.1, 1.0]), n_genes=3)
+    (0.47, 1.0)
+    """
+    top = np.argsort(-np.abs(observed))[:n_genes]
+    mse = float(np.mean((predicted[top] - observed[top]) ** 2))
+    if np.std(predicted[top]) == 0 or np.std(observed[top]) == 0:
+        return round(mse, 12), 0.0
+    return round(mse, 12), round(float(np.corrcoef(predicted[top], observed[top])[0, 1]), 12)
+
+
+def pick(scores: dict, order: Sequence, tolerance: float = 0.02):
+    """The option with the best mean Pearson, or, within ``tolerance`` of it, the lowest MSE.
+
+    ``scores`` maps each option to a list of ``(MSE, Pearson)`` pairs; ties go to the earlier
+    option in ``order``. The rule mirrors how the benchmark reads a result: direction first
+    (Pearson delta), then size (L2).
+
+    Examples
+    --------
+    >>> pick({"a": [(1.0, 0.50)], "b": [(0.5, 0.49)], "c": [(0.1, 0.2)]}, ["a", "b", "c"])
+    'b'
+    """
+    means = {k: np.mean(np.asarray(v, dtype=float), axis=0) for k, v in scores.items() if len(v)}
+    best = max(m[1] for m in means.values())
+    near = [k for k in order if k in means and means[k][1] >= best - tolerance]
+    return min(near, key=lambda k: (means[k][0], list(order).index(k)))
+
+
+
+class EffectPrior:
+    """Mean shifts of perturbations from the baselines' estimators, chosen by cross-fitting.
+
+    See the module docstring for the kinds of query and their candidates.
+
+    Parameters
+    ----------
+    gene_embeddings
+        Genes x dimensions for the embedding-based candidates; ``None`` leaves them out (the
+        linear model then uses PCA rows of measured genes).
+    n_folds
+        Folds of held-out genes or combinations.
+    levels
+        Coverage levels of the intervals.
+    seed
+        Seed of the fold assignment.
+
+    Attributes
+    ----------
+    choices_
+        ``{kind: estimator name}``.
+    crossfit_scores_
+        Mean held-out Pearson and MSE (see :func:`top_change_scores`) per kind and candidate.
+    n_held_out_
+        Held-out (perturbation, context) pairs per kind.
+    quantiles_
+        ``{kind: {level: per-gene half-width at scale 1}}``.
+
+    Examples
+    --------
+    >>> from perturbscope.data import simulate_perturbseq
+    >>> adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=10, n_combinations=4,
+    ...                                  n_cell_types=1, n_cells_per_condition=20, seed=1)
+    >>> prior = EffectPrior(emb).fit(adata, "perturbation")
+    >>> prior.choices_["combination"]
+    'additive'
+    """
+
+    def __init__(
+        self,
+        gene_embeddings: pd.DataFrame | None = None,
+        n_folds: int = 5,
+        levels: Sequence[float] = (0.8, 0.95),
+        seed: int = 0,
+    ):
+        if not isinstance(n_folds, int) or n_folds < 2:
+            raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}.")
+        bad = [lv for lv in levels if not 0 < lv < 1]
+        if bad:
+            raise ValueError(f"levels must lie strictly between 0 and 1, got {bad}.")
+        self.gene_embeddings = gene_embeddings
+        self.n_folds = n_folds
+        self.levels = tuple(float(lv) for lv in levels)
+        self.seed = seed
+
+    # ------------------------------------------------------------------ fitting
+    def fit(
+        self,
+        adata,
+        perturbation_key: str,
+        control_value: str = "control",
+        context_key: str | None = None,
+        layer: str | None = None,
+        data_scale: str = "counts",
+        delimiter: str = "+",
+    ) -> EffectPrior:
+        """Compute the training means, then :meth:`fit_means`.
+
+        Parameters
+        ----------
+        adata
+            Training cells (not modified).
+        perturbation_key, control_value, context_key, layer, data_scale, delimiter
+            As for :meth:`perturbscope.effects.Baseline.fit`.
+
+        Returns
+        -------
+        ``self``.
+        """
+        probe = AdditiveBaseline().fit(
+            adata, perturbation_key, control_value, context_key, layer, data_scale, delimiter
+        )
+        labels = adata.obs[perturbation_key].astype(str).to_numpy()
+        contexts = (np.full(adata.n_obs, probe.shifts_.index.get_level_values("context")[0])
+                    if context_key is None else adata.obs[context_key].astype(str).to_numpy())
+        counts = pd.Series(1, index=pd.MultiIndex.from_arrays([labels, contexts])).groupby(level=[0, 1]).size()
+        counts.index = counts.index.set_names(["perturbation", "context"])
+        self.fit_means(probe.means_, control_value, context_key, delimiter, counts=counts)
+        few = self._few_shot_residuals(adata, layer, data_scale, labels, contexts)
+        if few:
+            self._choose("few_shot", few)
+        return self
+
+    def fit_means(
+        self,
+        means: pd.DataFrame,
+        control_value: str = "control",
+        context_key: str | None = None,
+        delimiter: str = "+",
+        choices: dict[str, str] | None = None,
+        counts: pd.Series | None = None,
+    ) -> EffectPrior:
+        """Fit from the training group means; cross-fit unless ``choices`` are given.
+
+        Parameters
+        ----------
+        means
+            log1p-normalised pseudobulk, ``MultiIndex`` (``perturbation``, ``context``), controls
+            included.
+        control_value, context_key, delimiter
+            As for :meth:`fit`.
+        choices
+            ``{kind: estimator}`` to use as they are (no cross-fitting, no intervals).
+        counts
+            Cells per group (same index as ``means``); groups below :data:`FEW_SHOT_CELLS` are
+            ``"few_shot"`` queries. ``None`` treats every measured group as well measured.
+
+        Returns
+        -------
+        ``self``.
+        """
+        self.means_ = means
+        self.counts_ = counts
+        self.control_value_ = control_value
+        self.context_key_ = context_key
+        self.delimiter_ = delimiter
+        self.estimators_ = self._fit_estimators(means, self._names(choices))
+        self.shifts_ = self.estimators_["additive"].shifts_
+        if choices is not None:
+            self.choices_, self.crossfit_scores_, self.n_held_out_, self.quantiles_ = dict(choices), None, {}, {}
+            return self
+        residuals = self._crossfit(means)
+        self.crossfit_scores_ = pd.DataFrame(index=pd.Index([], name="kind"), dtype=float)
+        self.choices_, self.n_held_out_, self.quantiles_ = {"seen": "observed"}, {}, {}
+        for kind in KINDS[1:]:
+            self._choose(kind, residuals.get(kind, {}))
+        return self
+
+    def _choose(self, kind: str, per: dict) -> None:
+        """Pick the candidate with the lowest held-out error and calibrate its intervals."""
+        n = len(next(iter(per.values()))[0]) if per else 0
+        self.n_held_out_[kind] = n
+        if n < MIN_HELD_OUT:
+            self.choices_[kind] = self._available(kind)[0]
+            return
+        for name, (errors, _, _) in per.items():
+            mse, pearson = np.mean(np.asarray(errors, dtype=float), axis=0)
+            self.crossfit_scores_.loc[kind, f"{name} (pearson)"] = float(pearson)
+            self.crossfit_scores_.loc[kind, f"{name} (mse)"] = float(mse)
+        best = pick({name: errors for name, (errors, _, _) in per.items()}, self._available(kind))
+        self.choices_[kind] = best
+        _, raw, scale = per[best]
+        self.quantiles_[kind] = {lv: conformal_quantile(np.abs(raw) / scale[:, None], lv) for lv in self.levels}
+
+    def _few_shot_residuals(self, adata, layer, data_scale, labels, contexts) -> dict:
+        """Few-shot candidates scored on well-measured groups reduced to as many cells."""
+        counts = self.counts_.drop(index=self.control_value_, level="perturbation", errors="ignore")
+        few = counts[counts < FEW_SHOT_CELLS]
+        if few.empty:
+            return {}
+        k = max(1, int(np.median(few)))
+        rng = np.random.default_rng(self.seed)
+        full = [idx for idx, n in counts.items() if n >= 3 * k]
+        full = [full[i] for i in rng.permutation(len(full))[:60]]
+        if len(full) < MIN_HELD_OUT:
+            return {}
+        out: dict[str, tuple[list, list, list]] = {}
+        for p, c in full:
+            cells = np.flatnonzero((labels == p) & (contexts == c))
+            drawn = adata[np.sort(rng.choice(cells, k, replace=False))]
+            observed_k = log1p_expression(drawn, layer, data_scale).mean(axis=0) - \
+                self.estimators_["additive"].control_means_.loc[c].to_numpy()
+            truth = self.shifts_.loc[(p, c)].to_numpy()
+            for name in self._available("few_shot"):
+                predicted = self._few_shot_estimate(name, p, c, observed_k, exclude_self=True)
+                errors, residuals, scales = out.setdefault(name, ([], [], []))
+                errors.append(top_change_scores(predicted, truth))
+                residuals.append(truth - predicted)
+                scales.append(1.0)
+        return {name: (e, np.asarray(r), np.asarray(sc)) for name, (e, r, sc) in out.items()}
+
+    def _few_shot_estimate(self, name: str, p: str, c: str, observed: np.ndarray, exclude_self: bool = False):
+        shifts = self.shifts_
+        in_context = shifts.index.get_level_values("context") == c
+        others = shifts.index.get_level_values("perturbation") != p
+        pm_rows = shifts[in_context & others] if exclude_self else shifts[in_context]
+        perturbed_mean = pm_rows.mean(axis=0).to_numpy() if len(pm_rows) else np.zeros_like(observed)
+        if name == "observed":
+            return observed
+        if name == "perturbed_mean":
+            return perturbed_mean
+        if name == "observed_perturbed_mean":
+            return 0.5 * (observed + perturbed_mean)
+        elsewhere = shifts[~in_context & ~others]
+        return elsewhere.mean(axis=0).to_numpy() if len(elsewhere) else observed
+
+    def _names(self, choices: dict[str, str] | None) -> list[str]:
+        names = {"additive"} | set(choices.values() if choices else sum(CANDIDATES.values(), ()))
+        names -= {"observed", "transfer", "observed_perturbed_mean"}
+        return sorted(n for n in names if n != "embedding_nn" or self.gene_embeddings is not None)
+
+    def _available(self, kind: str) -> list[str]:
+        return [n for n in CANDIDATES[kind] if n != "embedding_nn" or self.gene_embeddings is not None]
+
+    def _fit_estimators(self, means: pd.DataFrame, names: Sequence[str]) -> dict[str, Baseline]:
+        fitted = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # fallbacks are expected here
+            for name in names:
+                estimator = make_estimator(name, self.gene_embeddings)
+                if estimator is None:
+                    continue
+                try:
+                    fitted[name] = estimator.fit_means(means, "perturbation", self.control_value_,
+                                                       self.context_key_, self.delimiter_)
+                except ValueError:  # e.g. no training perturbation has an embedding row
+                    continue
+        return fitted
+
+    # ------------------------------------------------------------------ cross-fitting
+    def _genes(self, perturbation: str) -> tuple[str, ...]:
+        return parse_perturbation(perturbation, self.control_value_, self.delimiter_)
+
+    def _crossfit(self, means: pd.DataFrame) -> dict[str, dict[str, tuple[list, np.ndarray, np.ndarray]]]:
+        """``{kind: {candidate: (errors, residuals, scales)}}`` over held-out training queries."""
+        rng = np.random.default_rng(self.seed)
+        rows = self.shifts_.index
+        perts = rows.get_level_values("perturbation")
+        singles = sorted({p for p in perts if len(self._genes(p)) == 1})
+        single_genes = {self._genes(p)[0] for p in singles}
+        combos = sorted({p for p in perts if len(self._genes(p)) > 1 and set(self._genes(p)) <= single_genes})
+        folds: dict[str, list[tuple[pd.DataFrame, list[tuple[str, str]]]]] = {}
+        folds["unseen_gene"] = [
+            (self._drop(means, lambda p, c, fold=set(fold): bool(fold & set(self._genes(p)))),
+             [(p, c) for p, c in rows if p in fold])
+            for fold in _split(singles, self.n_folds, rng)
+        ]
+        folds["combination"] = [
+            (self._drop(means, lambda p, c, fold=set(fold): p in fold), [(p, c) for p, c in rows if p in fold])
+            for fold in _split(combos, self.n_folds, rng)
+        ]
+        contexts = sorted(set(rows.get_level_values("context")))
+        folds["unseen_context"] = [] if len(contexts) < 2 else [
+            (self._drop(means, lambda p, c, held=held: c == held),
+             [(p, c) for p, c in rows if c == held and (perts[rows.get_level_values("context") != held] == p).any()])
+            for held in contexts
+        ]
+        return {kind: self._score_folds(kind, kind_folds) for kind, kind_folds in folds.items()}
+
+    def _drop(self, means: pd.DataFrame, leave_out) -> pd.DataFrame:
+        keep = [p == self.control_value_ or not leave_out(p, c) for p, c in means.index]
+        return means[np.asarray(keep)]
+
+    def _score_folds(self, kind: str, folds) -> dict[str, tuple[list, np.ndarray, np.ndarray]]:
+        out: dict[str, tuple[list, list, list]] = {}
+        for reduced, held in folds:
+            if not held or reduced.index.get_level_values("perturbation").nunique() < 2:
+                continue
+            fitted = self._fit_estimators(reduced, self._available(kind))
+            reference = fitted.get("additive") or next(iter(fitted.values()))
+            for name, estimator in fitted.items():
+                if name not in self._available(kind):
+                    continue
+                errors, residuals, scales = out.setdefault(name, ([], [], []))
+                for p, c in held:
+                    truth = self.shifts_.loc[(p, c)].to_numpy()
+                    predicted = _predict_one(estimator, p, c)
+                    errors.append(top_change_scores(predicted, truth))
+                    residuals.append(truth - predicted)
+                    scales.append(self._scale(kind, p, reference))
+        return {name: (e, np.asarray(r), np.asarray(s)) for name, (e, r, s) in out.items()}
+
+    def _scale(self, kind: str, perturbation: str, fitted: Baseline) -> float:
+        """Difficulty of a query: 0.5 + cosine distance of its least familiar unseen gene."""
+        if kind != "unseen_gene" or self.gene_embeddings is None:
+            return 1.0
+        seen = [p for p in fitted.seen_ if len(self._genes(p)) == 1]
+        reference = self.gene_embeddings.reindex([self._genes(p)[0] for p in seen]).dropna()
+        unseen = [g for g in self._genes(perturbation) if g not in set(reference.index)]
+        if reference.empty or not unseen:
+            return 1.0
+        distances = []
+        for gene in unseen:
+            if gene not in self.gene_embeddings.index:
+                distances.append(2.0)
+                continue
+            query = self.gene_embeddings.loc[gene].to_numpy()
+            norms = np.linalg.norm(reference.to_numpy(), axis=1) * np.linalg.norm(query)
+            cosine = reference.to_numpy() @ query / np.where(norms > 0, norms, 1.0)
+            distances.append(1.0 - float(cosine.max()))
+        return 0.5 + max(distances)
+
+    # ------------------------------------------------------------------ prediction
+    def kind(self, perturbation: str, context: str) -> str:
+        """The kind of the query ``perturbation`` in ``context`` (see the module docstring).
+
+        Examples
+        --------
+        >>> from perturbscope.data import simulate_perturbseq
+        >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=0,
+        ...                                n_cell_types=1, n_cells_per_condition=5)
+        >>> prior = EffectPrior().fit(adata[adata.obs["perturbation"] != "G03"], "perturbation")
+        >>> prior.kind("G00", "all"), prior.kind("G03", "all"), prior.kind("G00+G01", "all")
+        ('seen', 'unseen_gene', 'combination')
+        """
+        if (perturbation, context) in self.shifts_.index:
+            n = None if self.counts_ is None else self.counts_.get((perturbation, context))
+            return "few_shot" if n is not None and n < FEW_SHOT_CELLS else "seen"
+        seen = set(self.shifts_.index.get_level_values("perturbation"))
+        if perturbation in seen:
+            return "unseen_context"
+        genes = self._genes(perturbation)
+        singles = {self._genes(p)[0] for p in seen if len(self._genes(p)) == 1}
+        if len(genes) > 1 and set(genes) <= singles:
+            return "combination"
+        return "unseen_gene"
+
+    def predict_shifts(self, perturbations: Sequence[str], context: str) -> pd.DataFrame:
+        """Predicted mean shift (log1p-normalised) of each perturbation in ``context``.
+
+        Parameters
+        ----------
+        perturbations
+            Labels.
+        context
+            The context (:data:`~perturbscope.data.ALL_CONTEXTS` without a context column).
+
+        Returns
+        -------
+        A DataFrame (perturbations x genes); ``attrs["kinds"]`` and ``attrs["estimators"]`` list
+        the kind of each query and the estimator that answered it.
+        """
+        rows, kinds, names = [], [], []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for p in map(str, perturbations):
+                kind = self.kind(p, str(context))
+                name = self.choices_.get(kind, "additive")
+                if kind == "few_shot":
+                    observed = self.shifts_.loc[(p, str(context))].to_numpy()
+                    rows.append(self._few_shot_estimate(name, p, str(context), observed))
+                else:
+                    estimator = self.estimators_.get("additive" if name == "observed" else name,
+                                                     self.estimators_["additive"])
+                    rows.append(_predict_one(estimator, p, str(context)))
+                kinds.append(kind)
+                names.append(name)
+        table = pd.DataFrame(np.vstack(rows), index=list(map(str, perturbations)),
+                             columns=self.estimators_["additive"].var_names_)
+        table.attrs = {"kinds": kinds, "estimators": names}
+        return table
+
+    def half_widths(self, perturbations: Sequence[str], context: str, level: float) -> pd.DataFrame:
+        """Half-width per gene of the ``level`` interval on each perturbation's mean shift.
+
+        ``NaN`` where the kind could not be cross-fitted (too few training perturbations of
+        that kind) and for measured (``"seen"``) queries.
+
+        Raises
+        ------
+        ValueError
+            If ``level`` was not among the fitted ``levels``.
+        """
+        if level not in self.levels:
+            raise ValueError(f"level {level} was not fitted; fitted levels are {list(self.levels)}.")
+        genes = self.estimators_["additive"].var_names_
+        reference = self.estimators_["additive"]
+        rows = []
+        for p in map(str, perturbations):
+            kind = self.kind(p, str(context))
+            q = self.quantiles_.get(kind, {}).get(level)
+            rows.append(np.full(len(genes), np.nan) if q is None else q * self._scale(kind, p, reference))
+        return pd.DataFrame(np.vstack(rows), index=list(map(str, perturbations)), columns=genes)
+
+    # ------------------------------------------------------------------ plain-data state
+    def state(self) -> dict:
+        """Everything needed to rebuild the prior, as plain arrays, strings and numbers.
+
+        Saved with a model and read back by the restricted unpickler; the estimators are
+        refitted from the saved means by :meth:`from_state`.
+        """
+        index = self.means_.index
+        scores = self.crossfit_scores_
+        return {
+            "means": np.asarray(self.means_.to_numpy(), dtype=np.float64),
+            "means_perturbation": np.asarray(index.get_level_values("perturbation"), dtype=str),
+            "means_context": np.asarray(index.get_level_values("context"), dtype=str),
+            "genes": np.asarray(self.means_.columns, dtype=str),
+            "counts": None if self.counts_ is None else np.asarray(
+                self.counts_.reindex(index).fillna(0).to_numpy(), dtype=np.int64),
+            "control_value": self.control_value_, "context_key": self.context_key_,
+            "delimiter": self.delimiter_, "choices": dict(self.choices_), "levels": list(self.levels),
+            "n_folds": self.n_folds, "seed": self.seed, "n_held_out": dict(self.n_held_out_),
+            "quantiles": {k: {float(lv): np.asarray(q) for lv, q in v.items()} for k, v in self.quantiles_.items()},
+            "crossfit_scores": None if scores is None else {
+                k: {c: float(v) for c, v in row.items()} for k, row in scores.to_dict("index").items()
+            },
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, gene_embeddings: pd.DataFrame | None) -> EffectPrior:
+        """Rebuild a fitted prior from :meth:`state` (no cross-fitting is repeated).
+
+        Examples
+        --------
+        >>> from perturbscope.data import simulate_perturbseq
+        >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=1,
+        ...                                n_cell_types=1, n_cells_per_condition=5)
+        >>> prior = EffectPrior().fit(adata, "perturbation")
+        >>> again = EffectPrior.from_state(prior.state(), None)
+        >>> bool(np.allclose(again.predict_shifts(["G00+G01"], "all"),
+        ...                  prior.predict_shifts(["G00+G01"], "all")))
+        True
+        """
+        prior = cls(gene_embeddings, n_folds=int(state["n_folds"]), levels=state["levels"], seed=int(state["seed"]))
+        index = pd.MultiIndex.from_arrays(
+            [state["means_perturbation"], state["means_context"]], names=["perturbation", "context"]
+        )
+        means = pd.DataFrame(state["means"], index=index, columns=pd.Index(state["genes"]))
+        counts = None if state.get("counts") is None else pd.Series(state["counts"], index=index)
+        prior.fit_means(means, state["control_value"], state["context_key"], state["delimiter"],
+                        choices=state["choices"], counts=counts)
+        prior.n_held_out_ = dict(state["n_held_out"])
+        prior.quantiles_ = {k: {float(lv): np.asarray(q) for lv, q in v.items()} for k, v in state["quantiles"].items()}
+        scores = state["crossfit_scores"]
+        prior.crossfit_scores_ = None if scores is None else pd.DataFrame.from_dict(scores, orient="index")
+        return prior
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
+    """Split-conformal quantile per column: the ``ceil((n + 1) level)``-th smallest score.
+
+    With fewer than ``1 / (1 - level) - 1`` scores the rank exceeds ``n`` and the largest score
+    is used (the interval is then slightly too narrow, not infinite).
+
+    Examples
+    --------
+    >>> conformal_quantile(np.arange(1.0, 10.0)[:, None], 0.8).tolist()
+    [8.0]
+    """
+    n = len(scores)
+    rank = min(n, math.ceil((n + 1) * level))
+    return np.sort(scores, axis=0)[rank - 1]
+
+
+def _split(items: Sequence[str], n_folds: int, rng: np.random.Generator) -> list[list[str]]:
+    """Random folds of ``items`` (at most ``len(items)`` of them, none empty)."""
+    if not items:
+        return []
+    order = list(rng.permutation(len(items)))
+    k = min(n_folds, len(items))
+    return [[items[i] for i in order[f::k]] for f in range(k)]
+
+
+def _predict_one(estimator: Baseline, perturbation: str, context: str) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        context_arg = None if estimator.context_key_ is None else context
+        return estimator.predict_shifts([perturbation], context_arg).to_numpy()[0]

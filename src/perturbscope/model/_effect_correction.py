@@ -1,0 +1,298 @@
+"""ScopeVI on top of the baselines: an effect prior plus a validated, learned correction.
+
+With ``effect_prior=True`` (the default) a prediction is, for every anchor control cell ``a``,
+perturbation ``p`` and the anchor's context ``c``::
+
+    log1p(x_pred) = log1p(x_a) + s(p, c) + w_k * (m(p, c) - s(p, c)) + (d(a, p) - m(p, c))
+
+* ``s(p, c)``: the effect prior (:class:`perturbscope.effects.EffectPrior`), the mean shift from
+  the baselines' estimator that cross-fitting inside the training data chose for the query's
+  kind ``k`` (seen, combination, unseen gene, unseen context);
+* ``d(a, p)``: the VAE's predicted change for anchor ``a`` (:meth:`ScopeVAE.predicted_change`),
+  and ``m(p, c)`` its mean over the context's anchors;
+* ``w_k``: the weight of the learned mean correction for kind ``k``, chosen on training
+  perturbations that the VAE did not see: before training, some single genes, some combinations
+  and one context's perturbed cells are held out of the VAE's training cells; after training,
+  ``w_k`` in ``{0, 0.25, 0.5, 0.75, 1}`` with the best held-out Pearson correlation of
+  ``s' + w (m - s')`` with the observed shift (``s'`` the prior refitted without them; within
+  0.02 of the best, the lowest error) is kept. Where a kind cannot be
+  validated ``w_k = 0``: the prediction's mean is the prior's, and so is its size.
+
+The last term, zero on average over a context's anchors, is the VAE's cell-state-dependent
+response, so the distribution of predicted cells is ScopeVI's own while their mean is the
+validated one. ``effect_prior=False`` restores the earlier design (the VAE alone).
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from scvi import REGISTRY_KEYS as SCVI_KEYS
+from scvi.model.base import UnsupervisedTrainingMixin
+
+from .._constants import REGISTRY_KEYS, TARGET_SUM
+from ..data import ALL_CONTEXTS, is_control, log1p_expression, parse_perturbation
+from ..effects import KINDS, EffectPrior
+from ..effects._prior import MIN_HELD_OUT, pick, top_change_scores
+from ..module._scopevae import COUNT_LIKELIHOODS
+
+#: Candidate weights of the learned mean correction.
+CORRECTION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Share of training single genes and combinations held out of the VAE to validate the weights.
+VALIDATION_FRACTION = 0.2
+
+
+class EffectCorrectionMixin:
+    """Training and composition of ScopeVI's effect prior and learned correction."""
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = 100,
+        batch_size: int = 128,
+        datasplitter_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """Train ScopeVI; with the effect prior, fit it and validate the learned correction.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells.
+        batch_size
+            Cells per step.
+        datasplitter_kwargs
+            Passed to the data splitter; with ``effect_prior=True`` its ``external_indexing``
+            is set to hold the validation perturbations' cells out of training.
+        **kwargs
+            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train`.
+        """
+        if not self.init_params_["non_kwargs"].get("effect_prior", True):
+            return UnsupervisedTrainingMixin.train(
+                self, max_epochs=max_epochs, batch_size=batch_size, datasplitter_kwargs=datasplitter_kwargs, **kwargs
+            )
+        expression = self._training_expression()
+        prior = EffectPrior(self._prior_embeddings(), seed=int(self.init_params_["non_kwargs"].get("prior_seed", 0)))
+        prior.fit(expression, "perturbation", self._perturbation_state["control_value"],
+                  "context" if self._context_column is not None else None, data_scale=self._data_scale,
+                  delimiter=self._perturbation_state["combination_delimiter"])
+        held, held_cells = self._validation_queries(prior, expression)
+        splitter = dict(datasplitter_kwargs or {})
+        if held_cells.any():
+            splitter["external_indexing"] = [
+                np.flatnonzero(~held_cells), np.flatnonzero(held_cells), np.array([], dtype=int)
+            ]
+        UnsupervisedTrainingMixin.train(
+            self, max_epochs=max_epochs, batch_size=batch_size, datasplitter_kwargs=splitter, **kwargs
+        )
+        self._effect_prior = prior
+        self.effect_prior_state_ = prior.state()
+        self.correction_weights_, self.correction_scores_ = self._choose_weights(prior, expression, held)
+        self.validation_perturbations_ = {k: [f"{p}|{c}" for p, c in v] for k, v in held.items()}
+        return None
+
+    @property
+    def _context_column(self) -> str | None:
+        return self._original_key(REGISTRY_KEYS.CONTEXT_KEY)
+
+    @property
+    def _data_scale(self) -> str:
+        return "counts" if self.module.gene_likelihood in COUNT_LIKELIHOODS else "log1p_norm"
+
+    def _prior_embeddings(self) -> pd.DataFrame | None:
+        """The stored gene embeddings, unless they are the one-hot stand-in (no similarity)."""
+        table = self.gene_embeddings
+        return None if "one-hot" in str(table.attrs.get("source", "")) else table
+
+    def _training_expression(self) -> ad.AnnData:
+        """The registered expression with ``perturbation`` and ``context`` labels (no copy of X)."""
+        state = self._perturbation_state
+        data = self._expression_modality(self.adata)
+        matrix = self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY)
+        obs = self.adata.obs
+        column = self._context_column
+        contexts = obs[column].astype(str).to_numpy() if column is not None else np.full(len(obs), ALL_CONTEXTS)
+        return ad.AnnData(
+            X=matrix,
+            obs=pd.DataFrame(
+                {"perturbation": obs[state["perturbation_key"]].astype(str).to_numpy(), "context": contexts},
+                index=pd.Index(np.asarray(obs.index).astype(str)),
+            ),
+            var=pd.DataFrame(index=data.var_names.astype(str)),
+        )
+
+    def _validation_queries(self, prior: EffectPrior, expression: ad.AnnData):
+        """Held-out training queries per kind, and the mask of their cells (kept out of training)."""
+        rng = np.random.default_rng(int(self.init_params_["non_kwargs"].get("prior_seed", 0)))
+        rows = list(prior.shifts_.index)
+        delimiter, control = prior.delimiter_, prior.control_value_
+
+        def genes(p):
+            return parse_perturbation(p, control, delimiter)
+
+        singles = sorted({p for p, _ in rows if len(genes(p)) == 1})
+        single_genes = {genes(p)[0] for p in singles}
+        combos = sorted({p for p, _ in rows if len(genes(p)) > 1 and set(genes(p)) <= single_genes})
+        held: dict[str, list[tuple[str, str]]] = {}
+        held_genes = set(_sample(singles, rng))
+        held["unseen_gene"] = [(p, c) for p, c in rows if p in held_genes]
+        held_combos = set(_sample(combos, rng))
+        held["combination"] = [(p, c) for p, c in rows if p in held_combos]
+        contexts = sorted({c for _, c in rows})
+        if len(contexts) >= 2:
+            context = contexts[int(rng.integers(len(contexts)))]
+            elsewhere = {p for p, c in rows if c != context}
+            held["unseen_context"] = [(p, c) for p, c in rows if c == context and p in elsewhere]
+        labels = expression.obs["perturbation"].to_numpy()
+        contexts_of = expression.obs["context"].to_numpy()
+        perturbed = ~is_control(labels, control)
+        gene_hit = np.array([bool(set(genes(p)) & {genes(q)[0] for q in held_genes}) for p in labels]) \
+            if held_genes else np.zeros(len(labels), dtype=bool)
+        mask = perturbed & (gene_hit | np.isin(labels, list(held_combos)))
+        if held.get("unseen_context"):
+            mask |= perturbed & (contexts_of == held["unseen_context"][0][1])
+        return {k: v for k, v in held.items() if v}, mask
+
+    def _choose_weights(self, prior: EffectPrior, expression: ad.AnnData, held: dict):
+        """``w_k`` per kind from the held-out queries, and the table of their errors."""
+        weights = dict.fromkeys(KINDS, 0.0)
+        scores = {}
+        if not held:
+            return weights, scores
+        excluded = {q for queries in held.values() for q in queries}
+        # every training group the VAE did not see is left out of the refitted prior too
+        labels = expression.obs["perturbation"].to_numpy()
+        reduced_means = prior.means_[[idx not in excluded for idx in prior.means_.index]]
+        reduced = EffectPrior(prior.gene_embeddings).fit_means(
+            reduced_means, prior.control_value_, prior.context_key_, prior.delimiter_, choices=prior.choices_
+        )
+        del labels
+        controls = self._training_controls(expression)
+        for kind, queries in held.items():
+            if len(queries) < MIN_HELD_OUT and kind != "unseen_context":
+                continue
+            errors = {w: [] for w in CORRECTION_WEIGHTS}
+            for p, c in queries:
+                anchors = controls[controls.obs["context"].to_numpy() == c]
+                if anchors.n_obs == 0:
+                    continue
+                truth = prior.shifts_.loc[(p, c)].to_numpy()
+                start = reduced.predict_shifts([p], c).to_numpy()[0]
+                learned = self._mean_vae_change(anchors, p)
+                for w in CORRECTION_WEIGHTS:
+                    errors[w].append(top_change_scores(start + w * (learned - start), truth))
+            if not errors[0.0]:
+                continue
+            scores[kind] = {w: [float(x) for x in np.mean(np.asarray(e), axis=0)] for w, e in errors.items()}
+            weights[kind] = pick(errors, CORRECTION_WEIGHTS)
+        return weights, scores
+
+    def _training_controls(self, expression: ad.AnnData) -> ad.AnnData:
+        """Registered control cells (at most 500 per context) as anchors for validation."""
+        control = is_control(expression.obs["perturbation"], self._perturbation_state["control_value"])
+        rng = np.random.default_rng(0)
+        keep = np.zeros(expression.n_obs, dtype=bool)
+        for context in pd.unique(expression.obs["context"]):
+            cells = np.flatnonzero(control & (expression.obs["context"].to_numpy() == context))
+            keep[rng.choice(cells, min(500, len(cells)), replace=False)] = True
+        data = self._expression_modality(self.adata)
+        anchors = data[keep]
+        light = ad.AnnData(X=anchors.X if self._layer is None else anchors.layers[self._layer],
+                           obs=self.adata.obs.iloc[np.flatnonzero(keep)].copy(),
+                           var=pd.DataFrame(index=anchors.var_names))
+        if self._layer is not None:
+            light.layers[self._layer] = light.X
+        light.obs["context"] = expression.obs["context"].to_numpy()[keep]
+        return light
+
+    @torch.inference_mode()
+    def _mean_vae_change(self, anchors: ad.AnnData, perturbation: str) -> np.ndarray:
+        """The VAE's mean predicted change (prior mean, additive composition) over ``anchors``."""
+        genes = torch.as_tensor(self.encode_perturbations([perturbation]))
+        total, n = 0.0, 0
+        for _, anchor_x, batch_index, cat_covs in self._anchor_batches(anchors, None, progress=False):
+            noise = torch.zeros(1, len(anchor_x), self.module.n_latent, device=anchor_x.device)
+            change, _ = self.module.predicted_change(
+                anchor_x, genes[0].expand(len(anchor_x), -1).to(anchor_x.device), noise, batch_index, cat_covs
+            )
+            total = total + change[0].sum(dim=0).cpu().numpy()
+            n += len(anchor_x)
+        return np.asarray(total, dtype=np.float64) / max(n, 1)
+
+    # ------------------------------------------------------------------ prediction
+    @property
+    def effect_prior(self) -> EffectPrior | None:
+        """The fitted :class:`~perturbscope.effects.EffectPrior` (``None`` for the VAE-only design)."""
+        if getattr(self, "_effect_prior", None) is None and getattr(self, "effect_prior_state_", None):
+            self._effect_prior = EffectPrior.from_state(self.effect_prior_state_, self._prior_embeddings())
+        return getattr(self, "_effect_prior", None)
+
+    def _compose(self, adata_control: ad.AnnData, perturbation: str, changes: np.ndarray):
+        """``(X, log1p_norm)`` of one perturbation: anchors + prior + weighted correction + cell term.
+
+        ``changes`` is the VAE's per-cell change, ``(n_samples, n_cells, n_genes)``.
+        """
+        prior = self.effect_prior
+        column = self._context_column
+        contexts = (adata_control.obs[column].astype(str).to_numpy() if column is not None
+                    else np.full(adata_control.n_obs, ALL_CONTEXTS))
+        matrix = adata_control.X if self._layer is None else adata_control.layers[self._layer]
+        light = ad.AnnData(X=matrix, var=pd.DataFrame(index=adata_control.var_names))
+        start = log1p_expression(light, None, self._data_scale)
+        log1p_norm = np.empty_like(changes)
+        for context in pd.unique(contexts):
+            cells = contexts == context
+            shift = prior.predict_shifts([perturbation], context)
+            weight = self.correction_weights_.get(shift.attrs["kinds"][0], 0.0)
+            s = shift.to_numpy()[0]
+            m = changes[:, cells].mean(axis=(0, 1))
+            mean_shift = s + weight * (m - s)
+            log1p_norm[:, cells] = start[cells][None] + mean_shift + (changes[:, cells] - m)
+        if self._data_scale == "log1p_norm":
+            return log1p_norm, log1p_norm
+        library = np.asarray(matrix.sum(axis=1)).ravel()
+        X = np.clip(np.expm1(log1p_norm), 0, None) * library[None, :, None] / TARGET_SUM
+        return X, log1p_norm
+
+    def add_prediction_intervals(self, aggregated: ad.AnnData, levels=(0.8, 0.95)) -> None:
+        """Add interval layers to a mean prediction, in place.
+
+        Parameters
+        ----------
+        aggregated
+            A mean prediction (``predict(..., aggregate="mean")`` or
+            :func:`perturbscope.data.aggregate_prediction` of predicted cells).
+        levels
+            Coverage levels, each among the prior's fitted levels.
+
+        Notes
+        -----
+        Writes ``layers["log1p_norm_lower_<L>"]`` and ``layers["log1p_norm_upper_<L>"]`` with
+        ``L`` the level in percent: the predicted mean minus and plus the prior's split-conformal
+        half-width for the query's kind (:meth:`perturbscope.effects.EffectPrior.half_widths`).
+        """
+        prior = self.effect_prior
+        if prior is None:
+            raise ValueError("this model has no effect prior (effect_prior=False); no intervals.")
+        column = self._context_column
+        mean = aggregated.layers["log1p_norm"]
+        for level in levels:
+            half = np.vstack([
+                prior.half_widths(
+                    [str(row["perturbation"])], str(row[column]) if column in aggregated.obs else ALL_CONTEXTS, level
+                ).to_numpy()[0]
+                for _, row in aggregated.obs.iterrows()
+            ])
+            tag = int(round(level * 100))
+            aggregated.layers[f"log1p_norm_lower_{tag}"] = (mean - half).astype(np.float32)
+            aggregated.layers[f"log1p_norm_upper_{tag}"] = (mean + half).astype(np.float32)
+
+
+def _sample(items: list[str], rng: np.random.Generator) -> list[str]:
+    """``VALIDATION_FRACTION`` of ``items`` (none when fewer than 2 * MIN_HELD_OUT)."""
+    if len(items) < 2 * MIN_HELD_OUT:
+        return []
+    n = max(MIN_HELD_OUT, int(round(VALIDATION_FRACTION * len(items))))
+    return [items[i] for i in rng.choice(len(items), n, replace=False)]
