@@ -130,9 +130,7 @@ def l2_distance(predicted: np.ndarray, observed: np.ndarray) -> float:
 
 
 def change_norm_ratio(predicted: np.ndarray, observed: np.ndarray, control: np.ndarray) -> float:
-    """Size of the predicted change over that of the observed one: ``|pred - ctrl| / |obs - ctrl|``.
-
-    1 is a change of the right size; above 1 the prediction overstates the effect.
+    """``|pred - ctrl| / |obs - ctrl|``: 1 is a change of the right size, above 1 overstated.
 
     Examples
     --------

@@ -9,12 +9,11 @@ uses the same estimators, chosen by cross-fitting inside its training data
 from ._baselines import (
     AdditiveBaseline,
     Baseline,
-    EmbeddingNeighborsBaseline,
-    LinearBaseline,
     MatchingMeanBaseline,
     NoChangeBaseline,
     PerturbedMeanBaseline,
 )
+from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
 from ._prior import CANDIDATES, KINDS, EffectPrior, conformal_quantile, pick, top_change_scores
 
 __all__ = [

@@ -38,12 +38,11 @@ from ..data import log1p_expression, parse_perturbation
 from ._baselines import (
     AdditiveBaseline,
     Baseline,
-    EmbeddingNeighborsBaseline,
-    LinearBaseline,
     MatchingMeanBaseline,
     NoChangeBaseline,
     PerturbedMeanBaseline,
 )
+from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
 
 KINDS = ("seen", "few_shot", "combination", "unseen_gene", "unseen_context")
 #: Groups with fewer training cells than this are ``"few_shot"`` queries.
