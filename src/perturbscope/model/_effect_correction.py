@@ -32,7 +32,7 @@ import torch
 from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi.model.base import UnsupervisedTrainingMixin
 
-from .._constants import REGISTRY_KEYS, TARGET_SUM
+from .._constants import OUTPUT_KEYS, REGISTRY_KEYS, TARGET_SUM
 from ..data import ALL_CONTEXTS, is_control, log1p_expression, parse_perturbation
 from ..effects import KINDS, EffectPrior
 from ..effects._prior import MIN_HELD_OUT, pick, top_change_scores
@@ -230,9 +230,10 @@ class EffectCorrectionMixin:
         return getattr(self, "_effect_prior", None)
 
     def _compose(self, adata_control: ad.AnnData, perturbation: str, changes: np.ndarray):
-        """``(X, log1p_norm)`` of one perturbation: anchors + prior + weighted correction + cell term.
+        """``(X, log1p_norm, corrections)`` of one perturbation: anchors + prior + correction + cell term.
 
-        ``changes`` is the VAE's per-cell change, ``(n_samples, n_cells, n_genes)``.
+        ``changes`` is the VAE's per-cell change, ``(n_samples, n_cells, n_genes)``;
+        ``corrections`` maps ``"perturbation|context"`` to the mean correction ``w (m - s)``.
         """
         prior = self.effect_prior
         column = self._context_column
@@ -242,19 +243,21 @@ class EffectCorrectionMixin:
         light = ad.AnnData(X=matrix, var=pd.DataFrame(index=adata_control.var_names))
         start = log1p_expression(light, None, self._data_scale)
         log1p_norm = np.empty_like(changes)
+        corrections = {}
         for context in pd.unique(contexts):
             cells = contexts == context
             shift = prior.predict_shifts([perturbation], context)
             weight = self.correction_weights_.get(shift.attrs["kinds"][0], 0.0)
             s = shift.to_numpy()[0]
             m = changes[:, cells].mean(axis=(0, 1))
-            mean_shift = s + weight * (m - s)
-            log1p_norm[:, cells] = start[cells][None] + mean_shift + (changes[:, cells] - m)
+            correction = weight * (m - s)
+            corrections[f"{perturbation}|{context}"] = correction
+            log1p_norm[:, cells] = start[cells][None] + s + correction + (changes[:, cells] - m)
         if self._data_scale == "log1p_norm":
-            return log1p_norm, log1p_norm
+            return log1p_norm, log1p_norm, corrections
         library = np.asarray(matrix.sum(axis=1)).ravel()
         X = np.clip(np.expm1(log1p_norm), 0, None) * library[None, :, None] / TARGET_SUM
-        return X, log1p_norm
+        return X, log1p_norm, corrections
 
     def add_prediction_intervals(self, aggregated: ad.AnnData, levels=(0.8, 0.95)) -> None:
         """Add interval layers to a mean prediction, in place.
@@ -270,24 +273,32 @@ class EffectCorrectionMixin:
         Notes
         -----
         Writes ``layers["log1p_norm_lower_<L>"]`` and ``layers["log1p_norm_upper_<L>"]`` with
-        ``L`` the level in percent: the predicted mean minus and plus the prior's split-conformal
-        half-width for the query's kind (:meth:`perturbscope.effects.EffectPrior.half_widths`).
+        ``L`` the level in percent: the prior's split-conformal interval for the query's kind
+        (:meth:`perturbscope.effects.EffectPrior.half_widths`) around the prior's mean, stretched
+        to include the predicted mean where the learned correction
+        (``uns["perturbscope"]["mean_correction"]``) moved it.
         """
         prior = self.effect_prior
         if prior is None:
             raise ValueError("this model has no effect prior (effect_prior=False); no intervals.")
         column = self._context_column
         mean = aggregated.layers["log1p_norm"]
+        keys = [
+            (str(row["perturbation"]), str(row[column]) if column in aggregated.obs else ALL_CONTEXTS)
+            for _, row in aggregated.obs.iterrows()
+        ]
+        saved = aggregated.uns.get(OUTPUT_KEYS.PROVENANCE_UNS, {}).get("mean_correction")
+        correction = np.vstack([
+            np.zeros(aggregated.n_vars) if saved is None or f"{p}|{c}" not in saved.index
+            else saved.loc[f"{p}|{c}"].to_numpy()
+            for p, c in keys
+        ])
         for level in levels:
-            half = np.vstack([
-                prior.half_widths(
-                    [str(row["perturbation"])], str(row[column]) if column in aggregated.obs else ALL_CONTEXTS, level
-                ).to_numpy()[0]
-                for _, row in aggregated.obs.iterrows()
-            ])
+            half = np.vstack([prior.half_widths([p], c, level).to_numpy()[0] for p, c in keys])
             tag = int(round(level * 100))
-            aggregated.layers[f"log1p_norm_lower_{tag}"] = (mean - half).astype(np.float32)
-            aggregated.layers[f"log1p_norm_upper_{tag}"] = (mean + half).astype(np.float32)
+            # the interval of the prior's shift, stretched to reach the corrected mean
+            aggregated.layers[f"log1p_norm_lower_{tag}"] = (mean - np.maximum(correction, 0) - half).astype(np.float32)
+            aggregated.layers[f"log1p_norm_upper_{tag}"] = (mean - np.minimum(correction, 0) + half).astype(np.float32)
 
 
 def _sample(items: list[str], rng: np.random.Generator) -> list[str]:

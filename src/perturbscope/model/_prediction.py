@@ -20,7 +20,7 @@ from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi import settings
 from scvi.utils import track
 
-from .._constants import REGISTRY_KEYS
+from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
 from ..data import (
     aggregate_prediction,
     check_count_data,
@@ -123,7 +123,9 @@ class PredictionMixin:
           cells' context, batch and covariate columns, and ``obs["sample"]``;
           with ``aggregate="mean"``, ``obs["perturbation"]``, the context column and
           ``obs["n_cells"]``;
-        * ``uns["perturbscope"]``: the model, likelihood and embedding provenance;
+        * ``uns["perturbscope"]``: the model, likelihood and embedding provenance; with the effect
+          prior also ``"mean_correction"``, the mean change the learned correction adds to the
+          prior's shift (rows ``"perturbation|context"``, genes as columns);
         * with ``aggregate="mean"`` and the effect prior, ``layers["log1p_norm_lower_80"]`` and
           ``layers["log1p_norm_upper_80"]`` (and ``_95``, one pair per ``interval_levels``):
           split-conformal intervals per gene around the predicted mean, from the cross-fitted
@@ -170,10 +172,16 @@ class PredictionMixin:
                 )
                 X[p, :, cells] = expression.cpu().numpy()
                 log1p_norm[p, :, cells] = normalised.cpu().numpy()
+        corrections = {}
         if with_prior:
             for p, label in enumerate(perturbations):
-                X[p], log1p_norm[p] = self._compose(adata_control, label, log1p_norm[p])
+                X[p], log1p_norm[p], corrections_p = self._compose(adata_control, label, log1p_norm[p])
+                corrections.update(corrections_p)
         prediction = self._prediction_anndata(adata_control, perturbations, n_samples, X, log1p_norm)
+        if with_prior:
+            prediction.uns[OUTPUT_KEYS.PROVENANCE_UNS]["mean_correction"] = pd.DataFrame(
+                corrections, index=adata_control.var_names.copy()
+            ).T
         if aggregate == "mean":
             prediction = aggregate_prediction(prediction, self._original_key(REGISTRY_KEYS.CONTEXT_KEY))
             if with_prior:
