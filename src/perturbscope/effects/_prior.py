@@ -95,8 +95,8 @@ def top_change_scores(predicted: np.ndarray, observed: np.ndarray, n_genes: int 
 
     Examples
     --------
-    >>> top_change_scores(np.array([1.0, 0.0, 0.5]), np.array([2.0, 0.1, 1.0]), n_genes=3)
-    (0.47, 1.0)
+    >>> top_change_scores(np.array([1.0, 0.0, 0.5]), np.array([2.0, 0.0, 1.0]), n_genes=2)
+    (0.625, 1.0)
     """
     top = np.argsort(-np.abs(observed))[:n_genes]
     mse = float(np.mean((predicted[top] - observed[top]) ** 2))
@@ -117,7 +117,7 @@ def pick(scores: dict, order: Sequence, tolerance: float = 0.02):
     >>> pick({"a": [(1.0, 0.50)], "b": [(0.5, 0.49)], "c": [(0.1, 0.2)]}, ["a", "b", "c"])
     'b'
     """
-    means = {k: np.mean(np.asarray(v, dtype=float), axis=0) for k, v in scores.items() if len(v)}
+    means = {k: np.mean(np.asarray(v, dtype=float), axis=0) for k, v in scores.items() if len(v) and k in order}
     best = max(m[1] for m in means.values())
     near = [k for k in order if k in means and means[k][1] >= best - tolerance]
     return min(near, key=lambda k: (means[k][0], list(order).index(k)))
@@ -155,11 +155,11 @@ class EffectPrior:
     Examples
     --------
     >>> from perturbscope.data import simulate_perturbseq
-    >>> adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=10, n_combinations=4,
-    ...                                  n_cell_types=1, n_cells_per_condition=20, seed=1)
+    >>> adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=10, n_combinations=8,
+    ...                                  n_cell_types=1, n_cells_per_condition=40, seed=1)
     >>> prior = EffectPrior(emb).fit(adata, "perturbation")
-    >>> prior.choices_["combination"]
-    'additive'
+    >>> prior.choices_["combination"], prior.choices_["unseen_gene"]
+    ('additive', 'linear')
     """
 
     def __init__(
@@ -424,7 +424,7 @@ class EffectPrior:
         --------
         >>> from perturbscope.data import simulate_perturbseq
         >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=0,
-        ...                                n_cell_types=1, n_cells_per_condition=5)
+        ...                                n_cell_types=1, n_cells_per_condition=40)
         >>> prior = EffectPrior().fit(adata[adata.obs["perturbation"] != "G03"], "perturbation")
         >>> prior.kind("G00", "all"), prior.kind("G03", "all"), prior.kind("G00+G01", "all")
         ('seen', 'unseen_gene', 'combination')
@@ -512,6 +512,7 @@ class EffectPrior:
             "means_perturbation": np.asarray(index.get_level_values("perturbation"), dtype=str),
             "means_context": np.asarray(index.get_level_values("context"), dtype=str),
             "genes": np.asarray(self.means_.columns, dtype=str),
+            "genes_name": self.means_.columns.name,
             "counts": None if self.counts_ is None else np.asarray(
                 self.counts_.reindex(index).fillna(0).to_numpy(), dtype=np.int64),
             "control_value": self.control_value_, "context_key": self.context_key_,
@@ -542,7 +543,7 @@ class EffectPrior:
         index = pd.MultiIndex.from_arrays(
             [state["means_perturbation"], state["means_context"]], names=["perturbation", "context"]
         )
-        means = pd.DataFrame(state["means"], index=index, columns=pd.Index(state["genes"]))
+        means = pd.DataFrame(state["means"], index=index, columns=pd.Index(state["genes"], name=state.get("genes_name")))
         counts = None if state.get("counts") is None else pd.Series(state["counts"], index=index)
         prior.fit_means(means, state["control_value"], state["context_key"], state["delimiter"],
                         choices=state["choices"], counts=counts)
