@@ -98,5 +98,6 @@ def test_runner_errors():
         "norman_combo",
         "mcfaline_unseen_line",
         "kang_unseen_cell_type",
+        "papalexi_unseen_single",
         "simulated",
     }
