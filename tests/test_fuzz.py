@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import warnings
-import zipfile
 
 import anndata as ad
 import numpy as np
@@ -251,9 +250,8 @@ _NPZ_REASON = (
 @pytest.mark.parametrize(
     "suffix",
     [".csv", ".tsv", ".pt",
-     pytest.param(".parquet", marks=pytest.mark.xfail(strict=True, raises=OSError, reason=_PARQUET_REASON)),
-     pytest.param(".npz", marks=pytest.mark.xfail(strict=True, raises=(EOFError, zipfile.BadZipFile),
-                                                  reason=_NPZ_REASON))],
+     ".parquet",
+     ".npz"],
 )
 def test_fuzz_read_gene_embeddings(suffix, valid_files, tmp_path):
     valid = valid_files[suffix]
@@ -290,7 +288,6 @@ def test_fuzz_read_gene_embeddings(suffix, valid_files, tmp_path):
     assert counts["ok"] > 0  # the intact file is always among the examples
 
 
-@pytest.mark.xfail(strict=True, raises=(EOFError, zipfile.BadZipFile), reason=_NPZ_REASON)
 @pytest.mark.parametrize("cut", ["empty", "half"])
 def test_read_broken_npz_documented_error(valid_files, tmp_path, cut):
     """The two .npz failures the fuzzer finds, as plain regression cases."""
@@ -301,7 +298,6 @@ def test_read_broken_npz_documented_error(valid_files, tmp_path, cut):
         read_gene_embeddings(path)
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=_PARQUET_REASON)
 def test_read_corrupted_parquet_documented_error(valid_files, tmp_path):
     """The .parquet failure the fuzzer finds, as a plain regression case: zero one byte at a time."""
     valid = valid_files[".parquet"]

@@ -298,10 +298,6 @@ def test_load_unseen_context(trained):
         ps.ScopeVI.load(folder, adata)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ScopeVI.load with an unseen context raises (in the context field's transfer) only after the "
-    "perturbation field has written obsm['_scopevi_perturbation_genes'] into the user's AnnData"
-))
 def test_load_unseen_context_leaves_adata_unchanged(trained):
     _, fresh, _, _, folder = trained
     adata = fresh.copy()

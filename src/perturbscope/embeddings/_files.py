@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -169,18 +170,25 @@ def read_gene_embeddings(path: str | os.PathLike) -> pd.DataFrame:
         df = pd.read_csv(path, sep=_TEXT_SUFFIXES[fmt], index_col=0, float_precision="round_trip")
     elif fmt == "parquet":
         _require_pyarrow()
-        df = pd.read_parquet(path)
+        try:
+            df = pd.read_parquet(path)
+        except (OSError, ValueError) as error:  # pyarrow reports corrupt data as OSError
+            raise ValueError(f"{str(path)!r} is not a readable parquet table ({error}).") from None
         attrs = dict(df.attrs)
     elif fmt == "npz":
         try:
             matrix, genes, columns, attrs = _read_npz(path)
+        except (EOFError, zipfile.BadZipFile, OSError) as error:
+            raise ValueError(f"{str(path)!r} is not a readable .npz archive ({type(error).__name__}).") from None
         except ValueError as error:
-            if "allow_pickle" not in str(error):
-                raise
-            raise ValueError(
-                f"{str(path)!r} holds object arrays, which would need unpickling; store 'genes' and "
-                "'columns' as string arrays and 'embeddings' as a numeric array."
-            ) from None
+            if "Object arrays" in str(error):
+                raise ValueError(
+                    f"{str(path)!r} holds object arrays, which would need unpickling; store 'genes' and "
+                    "'columns' as string arrays and 'embeddings' as a numeric array."
+                ) from None
+            if "allow_pickle" in str(error):
+                raise ValueError(f"{str(path)!r} is not a readable .npz archive (it looks like a pickle).") from None
+            raise
         if matrix.ndim != 2 or matrix.shape[0] != len(genes):
             raise ValueError(
                 f"{str(path)!r}: 'embeddings' has shape {matrix.shape} but there are {len(genes)} "

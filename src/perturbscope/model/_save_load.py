@@ -134,10 +134,12 @@ class SafeLoadMixin:
         setup, setup_args = checked_setup(cls, registry, path)
         adata = _saved_or_given_adata(folder, prefix, adata)
         _check_saved_genes(payload["var_names"], adata, setup_args)
+        before = _setup_keys(adata)
         try:
             setup(adata, source_registry=registry, **setup_args)
-        except ValueError as error:
-            if "extend_categories" in str(error):
+        except Exception as error:
+            _remove_new_keys(adata, before)
+            if isinstance(error, ValueError) and "extend_categories" in str(error):
                 raise ValueError(
                     f"adata has categories the saved model was not trained on ({error}). A saved model "
                     "predicts only the categories it was trained on; for a new context or batch "
@@ -153,6 +155,19 @@ class SafeLoadMixin:
         model.to_device(resolve_device(accelerator, device))
         model.module.eval()
         return model
+
+
+def _setup_keys(data) -> dict[str, set]:
+    """The ``obs`` columns, ``obsm`` and ``uns`` keys of ``data`` (a failed setup removes new ones)."""
+    return {attr: set(getattr(data, attr).keys()) for attr in ("obs", "obsm", "uns")}
+
+
+def _remove_new_keys(data, before: dict[str, set]) -> None:
+    """Undo what a failed setup wrote: keys that were not there before are deleted."""
+    for attr, keys in before.items():
+        store = getattr(data, attr)
+        for key in set(store.keys()) - keys:
+            del store[key]
 
 
 def _saved_or_given_adata(folder: Path, prefix: str | None, adata):
