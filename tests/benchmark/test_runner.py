@@ -101,3 +101,13 @@ def test_runner_errors():
         "papalexi_unseen_single",
         "simulated",
     }
+
+
+def test_table_shows_no_spread_for_one_seed():
+    results = run_benchmark(
+        None, "simulated", models=["additive"], seeds=1, distributional=False, progress=False
+    )
+    table = markdown_table(summarize(results), metrics=["pearson_delta"], models=["additive"])
+    assert "±" not in table
+    mean = summarize(results).loc[("simulated", "unseen_single", "additive", "pearson_delta"), "mean"]
+    assert f"| additive | {mean:.3f} |" in table

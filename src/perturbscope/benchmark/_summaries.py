@@ -115,7 +115,8 @@ def markdown_table(
                     table.loc[(model, metric), "mean"]
                 ):
                     row = table.loc[(model, metric)]
-                    cells.append(f"{row['mean']:.3f} ± {row['sd']:.3f}")
+                    spread = f" ± {row['sd']:.3f}" if row["n_seeds"] > 1 else ""  # one seed: no spread
+                    cells.append(f"{row['mean']:.3f}{spread}")
                 else:
                     cells.append("–")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
