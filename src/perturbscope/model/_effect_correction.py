@@ -68,8 +68,13 @@ class EffectCorrectionMixin:
             is set to hold the validation perturbations' cells out of training.
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train`.
+
+        Notes
+        -----
+        A model made by :meth:`load_query_data` keeps its reference's effect prior and
+        correction weights; training it fine-tunes the VAE only.
         """
-        if not self.init_params_["non_kwargs"].get("effect_prior", True):
+        if not self.init_params_["non_kwargs"].get("effect_prior", True) or getattr(self, "_inherited_prior", False):
             return UnsupervisedTrainingMixin.train(
                 self, max_epochs=max_epochs, batch_size=batch_size, datasplitter_kwargs=datasplitter_kwargs, **kwargs
             )

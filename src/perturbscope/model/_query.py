@@ -70,7 +70,9 @@ class QueryMixin:
         The gene-embedding path (perturbation encoder) and, by default, the decoder's shared
         hidden layers stay frozen; the encoder, the conditional prior and the decoder's output
         layer are fine-tuned by ``model.train()`` on what the query holds: control cells only,
-        or controls plus a few cells of some perturbations (few-shot).
+        or controls plus a few cells of some perturbations (few-shot). A reference with the effect
+        prior passes it on, with its correction weights: in the query's new context a perturbation
+        is an ``"unseen_context"`` query of that prior.
 
         Parameters
         ----------
@@ -148,5 +150,11 @@ class QueryMixin:
                 model.module.px_r.requires_grad_(False)
         for part in frozen:
             part.requires_grad_(False)
+        # the query keeps the reference's effect prior and correction weights: its few cells
+        # fine-tune the VAE, while the prior's choices were cross-fitted on the reference
+        for attr in ("effect_prior_state_", "correction_weights_", "correction_scores_"):
+            if getattr(reference_model, attr, None) is not None:
+                setattr(model, attr, deepcopy(getattr(reference_model, attr)))
+        model._inherited_prior = True
         model.module.to(reference_model.device)
         return model
