@@ -6,7 +6,8 @@ import warnings
 
 import numpy as np
 from scipy import stats
-from scipy.spatial.distance import cdist
+
+from ..data import energy_distance  # noqa: F401  (re-exported with the other metrics)
 
 #: Fixed bin edges (log1p-normalised expression) of :func:`histogram_kl`.
 DEFAULT_BINS = np.linspace(0.0, 8.0, 33)
@@ -95,29 +96,3 @@ def histogram_kl(
         terms = np.where(p > 0, p * np.log(p / q), 0.0)
     return terms.sum(axis=1)
 
-
-def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """Energy distance with Euclidean (not squared) distances.
-
-    ``2 E|X - Y| - E|X - X'| - E|Y - Y'|``, with every expectation the mean over all pairs
-    (the V-statistic, never negative).
-    Squared distances would reduce it to the distance between the means; Euclidean distances
-    make it zero only when the two distributions are equal.
-
-    Parameters
-    ----------
-    x, y
-        Samples (cells x dimensions), e.g. PCA coordinates.
-
-    Returns
-    -------
-    The energy distance: 0 for identical samples, small for samples of one distribution.
-
-    Examples
-    --------
-    >>> energy_distance(np.array([[0.0], [2.0]]), np.array([[1.0], [3.0]]))
-    1.0
-    """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-
-    return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())

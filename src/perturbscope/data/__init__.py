@@ -15,6 +15,7 @@ from ._checks import (
     check_unique_names,
     check_var_names,
 )
+from ._distances import energy_distance
 from ._pairing import (
     AnchoredAnnDataLoader,
     AnchoredDataSplitter,
@@ -49,6 +50,7 @@ __all__ = [
     "check_gene_embeddings",
     "check_var_names",
     "control_mask",
+    "energy_distance",
     "is_control",
     "log1p_expression",
     "log1p_normalized",

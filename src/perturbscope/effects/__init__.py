@@ -14,15 +14,8 @@ from ._baselines import (
     PerturbedMeanBaseline,
 )
 from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
-from ._prior import (
-    CANDIDATES,
-    KINDS,
-    EffectPrior,
-    conformal_quantile,
-    gene_scaled_quantiles,
-    pick,
-    top_change_scores,
-)
+from ._prior import CANDIDATES, KINDS, EffectPrior
+from ._scoring import conformal_quantile, gene_scaled_quantiles, pick, top_change_scores
 
 __all__ = [
     "CANDIDATES",

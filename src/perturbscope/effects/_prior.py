@@ -10,9 +10,10 @@ A query is a perturbation in a context. Its *kind* decides which estimators can 
   well-measured training groups and scoring against those groups' full means.
 * ``"combination"``: several genes, each measured alone in training; candidates are the sum of
   the single shifts (``additive``), their mean, the linear model and the perturbed mean.
-* ``"unseen_gene"``: a gene never perturbed in training (alone or in a combination); candidates
-  are the linear model on gene embeddings, embedding neighbours, the perturbed mean and no
-  change.
+* ``"unseen_gene"``: a gene never perturbed in training; candidates are the linear model on
+  gene embeddings, embedding neighbours, the perturbed mean and no change. A combination that
+  holds an unseen gene is predicted gene by gene (each by its own kind) and combined by the
+  combination rule when that rule is the sum or the mean of the singles.
 * ``"unseen_context"``: measured in training, but in other contexts only; candidates are the
   transfer (its mean shift over other contexts), the perturbed mean and no change.
 
@@ -29,7 +30,6 @@ gene's residuals by their own scale, so that one quantile pooled over genes cali
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -45,6 +45,7 @@ from ._baselines import (
     PerturbedMeanBaseline,
 )
 from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
+from ._scoring import gene_scaled_quantiles, pick, top_change_scores
 
 KINDS = ("seen", "few_shot", "combination", "unseen_gene", "unseen_context")
 #: Groups with fewer training cells than this are ``"few_shot"`` queries.
@@ -60,8 +61,6 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
 }
 #: Held-out perturbations needed before a kind's choice is made by cross-fitting.
 MIN_HELD_OUT = 3
-#: Genes per held-out perturbation on which candidates are scored: its most changed ones.
-N_SCORED_GENES = 20
 
 
 def make_estimator(name: str, gene_embeddings: pd.DataFrame | None) -> Baseline | None:
@@ -85,43 +84,6 @@ def make_estimator(name: str, gene_embeddings: pd.DataFrame | None) -> Baseline 
     if name == "embedding_nn":
         return None if gene_embeddings is None else EmbeddingNeighborsBaseline(gene_embeddings, 0.1)
     raise ValueError(f"unknown estimator {name!r}; choose from {sorted(set(sum(CANDIDATES.values(), ())))}.")
-
-
-def top_change_scores(predicted: np.ndarray, observed: np.ndarray, n_genes: int = N_SCORED_GENES) -> tuple[float, float]:
-    """``(MSE, Pearson)`` of a predicted shift on the ``n_genes`` genes the observed one changes most.
-
-    The Pearson correlation is 0 where the prediction is constant on those genes (no change
-    predicted carries no direction).
-
-    Examples
-    --------
-    >>> top_change_scores(np.array([1.0, 0.0, 0.5]), np.array([2.0, 0.0, 1.0]), n_genes=2)
-    (0.625, 1.0)
-    """
-    top = np.argsort(-np.abs(observed))[:n_genes]
-    mse = float(np.mean((predicted[top] - observed[top]) ** 2))
-    if np.std(predicted[top]) == 0 or np.std(observed[top]) == 0:
-        return round(mse, 12), 0.0
-    return round(mse, 12), round(float(np.corrcoef(predicted[top], observed[top])[0, 1]), 12)
-
-
-def pick(scores: dict, order: Sequence, tolerance: float = 0.02):
-    """The option with the best mean Pearson, or, within ``tolerance`` of it, the lowest MSE.
-
-    ``scores`` maps each option to a list of ``(MSE, Pearson)`` pairs; ties go to the earlier
-    option in ``order``. The rule mirrors how the benchmark reads a result: direction first
-    (Pearson delta), then size (L2).
-
-    Examples
-    --------
-    >>> pick({"a": [(1.0, 0.50)], "b": [(0.5, 0.49)], "c": [(0.1, 0.2)]}, ["a", "b", "c"])
-    'b'
-    """
-    means = {k: np.mean(np.asarray(v, dtype=float), axis=0) for k, v in scores.items() if len(v) and k in order}
-    best = max(m[1] for m in means.values())
-    near = [k for k in order if k in means and means[k][1] >= best - tolerance]
-    return min(near, key=lambda k: (means[k][0], list(order).index(k)))
-
 
 
 class EffectPrior:
@@ -462,6 +424,17 @@ class EffectPrior:
             for p in map(str, perturbations):
                 kind = self.kind(p, str(context))
                 name = self.choices_.get(kind, "additive")
+                genes = self._genes(p)
+                rule = self.choices_.get("combination", "additive")
+                if kind == "unseen_gene" and len(genes) > 1 and rule in ("additive", "matching_mean"):
+                    # a combination with an unseen gene: each gene by its own kind, combined by
+                    # the combination rule (sum or mean) that cross-fitting chose
+                    parts = self.predict_shifts(list(genes), str(context))
+                    combined = parts.to_numpy().sum(axis=0)
+                    rows.append(combined if rule == "additive" else combined / len(genes))
+                    kinds.append(kind)
+                    names.append(f"{rule} of " + ", ".join(parts.attrs["estimators"]))
+                    continue
                 if kind == "few_shot":
                     observed = self.shifts_.loc[(p, str(context))].to_numpy()
                     rows.append(self._few_shot_estimate(name, p, str(context), observed))
@@ -552,56 +525,6 @@ class EffectPrior:
         scores = state["crossfit_scores"]
         prior.crossfit_scores_ = None if scores is None else pd.DataFrame.from_dict(scores, orient="index")
         return prior
-
-
-def gene_scaled_quantiles(residuals: np.ndarray, levels: Sequence[float]) -> dict[float, np.ndarray]:
-    """Per-gene half-widths: each gene's residual scale times one pooled conformal quantile.
-
-    With a few dozen held-out perturbations a quantile per gene is too noisy (and, for genes
-    that only some perturbations move, too small). Each gene's absolute residuals are divided by
-    their root mean square ``sigma_g``; one split-conformal quantile ``q`` of these scores,
-    pooled over perturbations and genes, gives the half-width ``q * sigma_g``, calibrated on
-    average over perturbation x gene changes.
-
-    Parameters
-    ----------
-    residuals
-        Absolute (difficulty-scaled) held-out residuals, perturbations x genes.
-    levels
-        Coverage levels.
-
-    Returns
-    -------
-    ``{level: half-width per gene}``.
-
-    Examples
-    --------
-    >>> r = np.abs(np.random.default_rng(0).normal(size=(200, 3)) * [1.0, 2.0, 0.1])
-    >>> widths = gene_scaled_quantiles(r, [0.8])[0.8]
-    >>> bool(np.allclose(np.mean(r <= widths), 0.8, atol=0.02))
-    True
-    """
-    sigma = np.sqrt(np.mean(residuals**2, axis=0))
-    floor = 1e-3 * float(np.median(sigma[sigma > 0])) if (sigma > 0).any() else 1e-12
-    sigma = np.maximum(sigma, floor)
-    scores = (residuals / sigma).ravel()[:, None]
-    return {float(lv): conformal_quantile(scores, lv)[0] * sigma for lv in levels}
-
-
-def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
-    """Split-conformal quantile per column: the ``ceil((n + 1) level)``-th smallest score.
-
-    With fewer than ``1 / (1 - level) - 1`` scores the rank exceeds ``n`` and the largest score
-    is used (the interval is then slightly too narrow, not infinite).
-
-    Examples
-    --------
-    >>> conformal_quantile(np.arange(1.0, 10.0)[:, None], 0.8).tolist()
-    [8.0]
-    """
-    n = len(scores)
-    rank = min(n, math.ceil((n + 1) * level))
-    return np.sort(scores, axis=0)[rank - 1]
 
 
 def _split(items: Sequence[str], n_folds: int, rng: np.random.Generator) -> list[list[str]]:

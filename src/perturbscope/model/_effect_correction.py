@@ -3,7 +3,7 @@
 With ``effect_prior=True`` (the default) a prediction is, for every anchor control cell ``a``,
 perturbation ``p`` and the anchor's context ``c``::
 
-    log1p(x_pred) = log1p(x_a) + s(p, c) + w_k * (m(p, c) - s(p, c)) + (d(a, p) - m(p, c))
+    log1p(x_pred) = log1p(x_a) + s(p, c) + w_k * (m(p, c) - s(p, c)) + g_k * (d(a, p) - m(p, c))
 
 * ``s(p, c)``: the effect prior (:class:`perturbscope.effects.EffectPrior`), the mean shift from
   the baselines' estimator that cross-fitting inside the training data chose for the query's
@@ -19,8 +19,10 @@ perturbation ``p`` and the anchor's context ``c``::
   validated ``w_k = 0``: the prediction's mean is the prior's, and so is its size.
 
 The last term, zero on average over a context's anchors, is the VAE's cell-state-dependent
-response, so the distribution of predicted cells is ScopeVI's own while their mean is the
-validated one. ``effect_prior=False`` restores the earlier design (the VAE alone).
+response, weighted by ``g_k`` in ``{0, 0.5, 1}``, chosen on the same held-out queries by the
+energy distance between predicted and observed cells (``g_k = 0`` where a kind cannot be
+validated: the anchors' own spread). The mean of predicted cells is the validated one; their
+distribution is ScopeVI's to the extent that it was validated. ``effect_prior=False`` restores the earlier design (the VAE alone).
 """
 
 from __future__ import annotations
@@ -31,15 +33,18 @@ import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi.model.base import UnsupervisedTrainingMixin
+from sklearn.decomposition import PCA
 
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS, TARGET_SUM
-from ..data import ALL_CONTEXTS, is_control, log1p_expression, parse_perturbation
-from ..effects import KINDS, EffectPrior
-from ..effects._prior import MIN_HELD_OUT, pick, top_change_scores
+from ..data import ALL_CONTEXTS, energy_distance, is_control, log1p_expression, parse_perturbation
+from ..effects import KINDS, EffectPrior, pick, top_change_scores
+from ..effects._prior import MIN_HELD_OUT
 from ..module._scopevae import COUNT_LIKELIHOODS
 
 #: Candidate weights of the learned mean correction.
 CORRECTION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Candidate weights of the VAE's cell-level response (the term that is zero on average).
+CELL_TERM_WEIGHTS = (0.0, 0.5, 1.0)
 #: Share of training single genes and combinations held out of the VAE to validate the weights.
 VALIDATION_FRACTION = 0.2
 
@@ -164,16 +169,15 @@ class EffectCorrectionMixin:
         """``w_k`` per kind from the held-out queries, and the table of their errors."""
         weights = dict.fromkeys(KINDS, 0.0)
         scores = {}
+        self.cell_term_weights_, self.cell_term_scores_ = dict.fromkeys(KINDS, 0.0), {}
         if not held:
             return weights, scores
         excluded = {q for queries in held.values() for q in queries}
         # every training group the VAE did not see is left out of the refitted prior too
-        labels = expression.obs["perturbation"].to_numpy()
         reduced_means = prior.means_[[idx not in excluded for idx in prior.means_.index]]
         reduced = EffectPrior(prior.gene_embeddings).fit_means(
             reduced_means, prior.control_value_, prior.context_key_, prior.delimiter_, choices=prior.choices_
         )
-        del labels
         controls = self._training_controls(expression)
         for kind, queries in held.items():
             if len(queries) < MIN_HELD_OUT and kind != "unseen_context":
@@ -192,7 +196,42 @@ class EffectCorrectionMixin:
                 continue
             scores[kind] = {w: [float(x) for x in np.mean(np.asarray(e), axis=0)] for w, e in errors.items()}
             weights[kind] = pick(errors, CORRECTION_WEIGHTS)
+            self._choose_cell_weight(kind, queries, reduced, weights[kind], expression, controls)
         return weights, scores
+
+    def _choose_cell_weight(self, kind, queries, reduced: EffectPrior, weight: float, expression, controls) -> None:
+        """``g_k``: how much of the VAE's cell-level response to keep, by energy distance.
+
+        For each held-out query the predicted cells ``anchor + s' + w (m - s') + g (d - m)`` are
+        compared with the query's observed cells (energy distance in a 20-dimensional PCA of
+        both); ``g`` in :data:`CELL_TERM_WEIGHTS` with the lowest mean distance is kept (ties go
+        to the smaller ``g``, the prior's own spread).
+        """
+        rng = np.random.default_rng(0)
+        distances = {g: [] for g in CELL_TERM_WEIGHTS}
+        labels = expression.obs["perturbation"].to_numpy()
+        contexts = expression.obs["context"].to_numpy()
+        for p, c in queries:
+            anchors = controls[controls.obs["context"].to_numpy() == c]
+            cells = np.flatnonzero((labels == p) & (contexts == c))
+            if anchors.n_obs < 2 or len(cells) < 2:
+                continue
+            cells = rng.choice(cells, min(200, len(cells)), replace=False)
+            observed = log1p_expression(expression[np.sort(cells)], None, self._data_scale)
+            matrix = anchors.X if self._layer is None else anchors.layers[self._layer]
+            start = log1p_expression(ad.AnnData(X=matrix), None, self._data_scale)
+            changes = self._vae_changes(anchors, p, random=True)
+            m = changes.mean(axis=0)
+            s = reduced.predict_shifts([p], c).to_numpy()[0]
+            base = start + s + weight * (m - s)
+            pca = PCA(n_components=min(20, *observed.shape, len(base))).fit(np.vstack([observed, base]))
+            reference = pca.transform(observed)
+            for g in CELL_TERM_WEIGHTS:
+                distances[g].append(energy_distance(pca.transform(base + g * (changes - m)), reference))
+        if distances[CELL_TERM_WEIGHTS[0]]:
+            means = {g: float(np.mean(d)) for g, d in distances.items()}
+            self.cell_term_scores_[kind] = means
+            self.cell_term_weights_[kind] = min(CELL_TERM_WEIGHTS, key=lambda g: (round(means[g], 12), g))
 
     def _training_controls(self, expression: ad.AnnData) -> ad.AnnData:
         """Registered control cells (at most 500 per context) as anchors for validation."""
@@ -212,19 +251,25 @@ class EffectCorrectionMixin:
         light.obs["context"] = expression.obs["context"].to_numpy()[keep]
         return light
 
-    @torch.inference_mode()
     def _mean_vae_change(self, anchors: ad.AnnData, perturbation: str) -> np.ndarray:
         """The VAE's mean predicted change (prior mean, additive composition) over ``anchors``."""
+        return self._vae_changes(anchors, perturbation, random=False).mean(axis=0)
+
+    @torch.inference_mode()
+    def _vae_changes(self, anchors: ad.AnnData, perturbation: str, random: bool) -> np.ndarray:
+        """The VAE's change per anchor: at the prior mean, or at one seeded prior draw."""
         genes = torch.as_tensor(self.encode_perturbations([perturbation]))
-        total, n = 0.0, 0
+        generator = torch.Generator().manual_seed(0)
+        rows = []
         for _, anchor_x, batch_index, cat_covs in self._anchor_batches(anchors, None, progress=False):
-            noise = torch.zeros(1, len(anchor_x), self.module.n_latent, device=anchor_x.device)
+            shape = (1, len(anchor_x), self.module.n_latent)
+            noise = torch.randn(shape, generator=generator) if random else torch.zeros(shape)
             change, _ = self.module.predicted_change(
-                anchor_x, genes[0].expand(len(anchor_x), -1).to(anchor_x.device), noise, batch_index, cat_covs
+                anchor_x, genes[0].expand(len(anchor_x), -1).to(anchor_x.device), noise.to(anchor_x.device),
+                batch_index, cat_covs,
             )
-            total = total + change[0].sum(dim=0).cpu().numpy()
-            n += len(anchor_x)
-        return np.asarray(total, dtype=np.float64) / max(n, 1)
+            rows.append(change[0].cpu().numpy())
+        return np.concatenate(rows).astype(np.float64)
 
     # ------------------------------------------------------------------ prediction
     @property
@@ -257,7 +302,8 @@ class EffectCorrectionMixin:
             m = changes[:, cells].mean(axis=(0, 1))
             correction = weight * (m - s)
             corrections[f"{perturbation}|{context}"] = correction
-            log1p_norm[:, cells] = start[cells][None] + s + correction + (changes[:, cells] - m)
+            cell_weight = getattr(self, "cell_term_weights_", {}).get(shift.attrs["kinds"][0], 1.0)
+            log1p_norm[:, cells] = start[cells][None] + s + correction + cell_weight * (changes[:, cells] - m)
         if self._data_scale == "log1p_norm":
             return log1p_norm, log1p_norm, corrections
         library = np.asarray(matrix.sum(axis=1)).ravel()
