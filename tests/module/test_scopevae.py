@@ -206,7 +206,12 @@ def test_count_residual_starts_from_the_anchors_expected_expression(likelihood):
 
 
 def test_sparse_counts_control_like_prediction_has_no_upward_bias():
-    """~100 UMI per cell: a perturbation without effect predicts the control pseudobulk."""
+    """~100 UMI per cell: a perturbation without effect predicts the control pseudobulk.
+
+    This is the VAE-only design (``effect_prior=False``), whose count predictions start from the
+    anchor's expected expression; the effect prior's composition is tested in
+    tests/model/test_effect_correction.py.
+    """
     import numpy as np
     import scvi
 
@@ -219,7 +224,7 @@ def test_sparse_counts_control_like_prediction_has_no_upward_bias():
         n_control_cells=240, effect_size=1e-3, mean_library_size=100.0, seed=0,
     )
     ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=emb)
-    model = ps.ScopeVI(adata, n_latent=4, n_hidden=32, gene_likelihood="nb")
+    model = ps.ScopeVI(adata, n_latent=4, n_hidden=32, gene_likelihood="nb", effect_prior=False, free_bits=0.0)
     model.train(max_epochs=150, batch_size=128, enable_progress_bar=False)
     control = adata[adata.obs["perturbation"] == "control"].copy()
     counts = control.X.toarray()
