@@ -15,7 +15,8 @@ perturbation ``p`` and the anchor's context ``c``::
   and one context's perturbed cells are held out of the VAE's training cells; after training,
   ``w_k`` in ``{0, 0.25, 0.5, 0.75, 1}`` with the best held-out Pearson correlation of
   ``s' + w (m - s')`` with the observed shift (``s'`` the prior refitted without them; within
-  0.02 of the best, the lowest error) is kept. Where a kind cannot be
+  0.02 of the best, the lowest error) is kept, among the weights whose held-out error is no
+  larger than the prior's own (``w = 0``). Where a kind cannot be
   validated ``w_k = 0``: the prediction's mean is the prior's, and so is its size.
 
 The last term, zero on average over a context's anchors, is the VAE's cell-state-dependent
@@ -195,7 +196,10 @@ class EffectCorrectionMixin:
             if not errors[0.0]:
                 continue
             scores[kind] = {w: [float(x) for x in np.mean(np.asarray(e), axis=0)] for w, e in errors.items()}
-            weights[kind] = pick(errors, CORRECTION_WEIGHTS)
+            # a correction may not raise the held-out error: the prior's size unless evidence says more
+            mse = {w: scores[kind][w][0] for w in CORRECTION_WEIGHTS}
+            allowed = [w for w in CORRECTION_WEIGHTS if mse[w] <= mse[0.0]]
+            weights[kind] = pick({w: errors[w] for w in allowed}, allowed)
             self._choose_cell_weight(kind, queries, reduced, weights[kind], expression, controls)
         return weights, scores
 
