@@ -167,11 +167,21 @@ def test_predict_aggregate_mean_is_pseudobulk(trained):
 def test_predict_is_seeded(trained):
     model, adata, embeddings = trained
     controls = _controls(adata)[:20]
-    a = model.predict(controls, [embeddings.index[0]], seed=3)
-    b = model.predict(controls, [embeddings.index[0]], seed=3)
-    c = model.predict(controls, [embeddings.index[0]], seed=4)
+    saved = dict(model.cell_term_weights_)
+    model.cell_term_weights_ = dict.fromkeys(saved, 1.0)  # the prior draws enter through this term
+    try:
+        a = model.predict(controls, [embeddings.index[0]], seed=3)
+        b = model.predict(controls, [embeddings.index[0]], seed=3)
+        c = model.predict(controls, [embeddings.index[0]], seed=4)
+    finally:
+        model.cell_term_weights_ = saved
     np.testing.assert_array_equal(a.X, b.X)
     assert not np.allclose(a.X, c.X)
+    # with the validated weights (0 where a kind could not be validated) the draws drop out
+    d = model.predict(controls, [embeddings.index[0]], seed=4)
+    kind = model.effect_prior.predict_shifts([embeddings.index[0]], "type_0").attrs["kinds"][0]
+    assert model.cell_term_weights_[kind] == 0.0
+    np.testing.assert_allclose(d.X, model.predict(controls, [embeddings.index[0]], seed=5).X)
 
 
 def test_predict_different_perturbations_differ(trained):
