@@ -10,9 +10,6 @@ import perturbscope as ps
 from perturbscope.probe import decoder_jacobian, gradient_flow
 from perturbscope.probe._jacobian import _make_probe, _select
 
-if not hasattr(ps, "ScopeVI"):
-    pytest.skip("perturbscope.ScopeVI is not available in this tree", allow_module_level=True)
-
 
 @pytest.fixture(scope="module")
 def scopevi(small_screen):
