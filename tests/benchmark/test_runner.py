@@ -111,3 +111,20 @@ def test_table_shows_no_spread_for_one_seed():
     assert "±" not in table
     mean = summarize(results).loc[("simulated", "unseen_single", "additive", "pearson_delta"), "mean"]
     assert f"| additive | {mean:.3f} |" in table
+
+
+def test_benchmark_runs_scopevi_at_its_defaults():
+    """RESULTS.md reports ScopeVI() and ScopeVI.train() as a user gets them (issue 10, item 5)."""
+    import inspect
+
+    import perturbscope as ps
+    from perturbscope.benchmark import SCOPEVI_DEFAULTS, make_model
+
+    assert SCOPEVI_DEFAULTS == {"model": {}, "train": {}}
+    model = make_model("scopevi")
+    assert model.model_kwargs == {}
+    assert model.train_kwargs == {}
+    assert make_model("scopevi_vae").model_kwargs == {"effect_prior": False}
+    signature = inspect.signature(ps.ScopeVI.__init__).parameters
+    assert signature["effect_prior"].default is True
+    assert inspect.signature(ps.ScopeVI.train).parameters["max_epochs"].default == 100
