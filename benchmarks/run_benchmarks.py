@@ -180,7 +180,25 @@ def target_section(summary: pd.DataFrame) -> str:
     ]
     missed = [label for label, ok in zip(labels, met) if not ok]
     if missed:
-        lines += ["Missed (a check fails): " + "; ".join(missed) + ".", ""]
+        lines += [
+            "Missed (a check fails): " + "; ".join(missed) + ".",
+            "",
+            "Why, as far as the runs show (the choices behind each prediction are in "
+            "`model.effect_prior.choices_`, `crossfit_scores_` and `model.correction_weights_`):",
+            "- Every choice is made on held-out *training* perturbations, and there are few of them "
+            "(a dozen training genes per Norman fold, three McFaline lines, no doubles in the Norman "
+            "combination task). The estimator or correction weight that wins there does not always "
+            "win on the test perturbations, and nothing looks at the test split to correct it.",
+            "- Where true changes are small against the noise (Norman unseen genes, McFaline), "
+            "predicting no change has the lowest L2; any predicted change, even a well-correlated "
+            "one, costs L2 and energy distance there.",
+            "- Combinations holding unseen genes (`seen1`, `seen0`) are composed gene by gene: the "
+            "unseen gene's predicted shift is added to the observed one, and on Norman that shift "
+            "adds error rather than signal.",
+            "- Zero-shot McFaline asks for a new cell line's response from three training lines: "
+            "the prior's transfer and the VAE's correction both carry the training lines' effects.",
+            "",
+        ]
     return "\n".join(lines)
 
 
