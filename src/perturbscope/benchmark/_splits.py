@@ -22,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..data import check_control_present, parse_perturbation
+from ..data import check_control_present, is_control, parse_perturbation
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def unseen_single_split(
     return Split(
         name=f"unseen_single fold {fold}/{n_folds} seed {seed}",
         train=adata.obs_names[~touches].to_numpy(),
-        control=adata.obs_names[(labels == control_value).to_numpy()].to_numpy(),
+        control=adata.obs_names[is_control(labels, control_value)].to_numpy(),
         test=adata.obs_names[is_test].to_numpy(),
         labels=pd.Series("unseen_single", index=pd.Index(held_out, name="perturbation")),
     )
@@ -219,7 +219,7 @@ def combo_split(
     return Split(
         name=f"combo seed {seed}",
         train=adata.obs_names[~is_test].to_numpy(),
-        control=adata.obs_names[(labels == control_value).to_numpy()].to_numpy(),
+        control=adata.obs_names[is_control(labels, control_value)].to_numpy(),
         test=adata.obs_names[is_test].to_numpy(),
         labels=pd.Series(groups, name="group").rename_axis("perturbation"),
     )
@@ -295,10 +295,10 @@ def unseen_context_split(
             f"context {context!r} not found in adata.obs[{context_key!r}]; "
             f"values are {sorted(pd.unique(contexts))}."
         )
-    is_control = (labels == control_value).to_numpy()
-    if not (in_context & is_control).any():
+    control_cells = is_control(labels, control_value)
+    if not (in_context & control_cells).any():
         raise ValueError(f"context {context!r} has no {control_value!r} cells to predict from.")
-    available = labels[in_context & ~is_control]
+    available = labels[in_context & ~control_cells]
     held_out = sorted(pd.unique(available)) if perturbations is None else list(perturbations)
     counts = available.value_counts()
     missing = [p for p in held_out if p not in counts.index]
@@ -321,7 +321,7 @@ def unseen_context_split(
     return Split(
         name=f"unseen_context {context} {group} seed {seed}",
         train=adata.obs_names[~held | shots].to_numpy(),
-        control=adata.obs_names[in_context & is_control].to_numpy(),
+        control=adata.obs_names[in_context & control_cells].to_numpy(),
         test=adata.obs_names[held & ~shots].to_numpy(),
         labels=pd.Series(group, index=pd.Index(held_out, name="perturbation")),
         context=str(context),
