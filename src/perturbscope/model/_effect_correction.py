@@ -37,7 +37,7 @@ from scvi.model.base import UnsupervisedTrainingMixin
 from sklearn.decomposition import PCA
 
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS, TARGET_SUM
-from ..data import ALL_CONTEXTS, energy_distance, is_control, log1p_expression, parse_perturbation
+from ..data import ALL_CONTEXTS, energy_distance, is_control, log1p_expression
 from ..effects import KINDS, EffectPrior, pick, top_change_scores
 from ..effects._prior import MIN_HELD_OUT
 from ..module._scopevae import COUNT_LIKELIHOODS
@@ -138,10 +138,8 @@ class EffectCorrectionMixin:
         """Held-out training queries per kind, and the mask of their cells (kept out of training)."""
         rng = np.random.default_rng(int(self.init_params_["non_kwargs"].get("prior_seed", 0)))
         rows = list(prior.shifts_.index)
-        delimiter, control = prior.delimiter_, prior.control_value_
-
-        def genes(p):
-            return parse_perturbation(p, control, delimiter)
+        control = prior.control_value_
+        genes = prior._genes  # the prior's own parsing of labels
 
         singles = sorted({p for p, _ in rows if len(genes(p)) == 1})
         single_genes = {genes(p)[0] for p in singles}
