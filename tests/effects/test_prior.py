@@ -249,3 +249,10 @@ def test_intervals_cover_held_out_genes():
     assert abs(coverage_80 - 0.8) <= 0.1, coverage_80
     assert abs(coverage_95 - 0.95) <= 0.05, coverage_95
     assert coverage_95 > coverage_80
+
+
+def test_effect_prior_bad_arguments():
+    with pytest.raises(ValueError, match=r"n_folds must be an integer >= 2, got 1"):
+        EffectPrior(n_folds=1)
+    with pytest.raises(ValueError, match=r"levels must lie strictly between 0 and 1, got \[1.0\]"):
+        EffectPrior(levels=(0.8, 1.0))

@@ -457,6 +457,8 @@ def test_vae_only_counts_prediction_starts_from_the_anchors_expectation(small_sc
     direct = model.predict(controls, [gene], use_prior_mean=True, residual=False)
     np.testing.assert_allclose(residual.layers["log1p_norm"], direct.layers["log1p_norm"], rtol=1e-5, atol=1e-5)
     assert model.effect_prior is None
+    with pytest.raises(ValueError, match=r"no effect prior \(effect_prior=False\); no intervals"):
+        model.add_prediction_intervals(model.predict(controls, [gene], aggregate="mean"))
 
 
 # ---------------------------------------------------------------- MuData

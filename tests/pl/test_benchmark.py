@@ -61,3 +61,13 @@ def test_learning_curve_plot_lines_per_model():
     assert list(line.get_ydata()) == pytest.approx([0.2, 0.6])
     with pytest.raises(KeyError, match="results lacks a 'shots' column"):
         plot_curve(results.drop(columns="shots"), metric="r")
+
+
+def test_benchmark_figures_rejects_other_tables(tmp_path):
+    import pandas as pd
+
+    from perturbscope.pl import benchmark_figures
+
+    table = pd.DataFrame({"task": ["t"], "metric": ["pearson_delta_top_de"], "value": [0.5]})
+    with pytest.raises(KeyError, match="results lacks columns"):
+        benchmark_figures(table, tmp_path)
