@@ -5,13 +5,13 @@ package, so that no higher layer needs to import a sibling.
 """
 
 from ._checks import (
+    check_backing,
     check_controls_per_context,
     check_count_data,
     check_finite,
     check_gene_embeddings,
     check_labels,
     check_log_normalized,
-    check_not_backed,
     check_unique_names,
     check_var_names,
 )
@@ -45,7 +45,7 @@ __all__ = [
     "check_finite",
     "check_labels",
     "check_log_normalized",
-    "check_not_backed",
+    "check_backing",
     "check_unique_names",
     "check_gene_embeddings",
     "check_var_names",

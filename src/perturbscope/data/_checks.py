@@ -244,13 +244,13 @@ def check_unique_names(adata, where: str = "adata") -> None:
             )
 
 
-def check_not_backed(adata, where: str = "adata") -> None:
+def check_backing(adata, where: str = "adata") -> None:
     """Raise a ``ValueError`` for a backed (on-disk) AnnData, which scvi-tools cannot register.
 
     Examples
     --------
     >>> import anndata as ad, numpy as np
-    >>> check_not_backed(ad.AnnData(np.zeros((1, 1))))
+    >>> check_backing(ad.AnnData(np.zeros((1, 1))))
     """
     if getattr(adata, "isbacked", False):
         raise ValueError(

@@ -33,12 +33,12 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from .._constants import REGISTRY_KEYS
 from ..data import (
     AnchoredDataSplitter,
+    check_backing,
     check_control_present,
     check_controls_per_context,
     check_count_data,
     check_finite,
     check_labels,
-    check_not_backed,
     check_unique_names,
     parse_perturbation,
 )
@@ -55,7 +55,7 @@ def _check_setup(data, where: str, perturbation_key: str, control_value: str,
                  context_key: str | None, batch_key: str | None, transferred: bool) -> None:
     """Setup-time checks; a transfer from a saved registry skips the label and control checks."""
     obs = data.obs
-    check_not_backed(data, where.split(".")[0])
+    check_backing(data, where.split(".")[0])
     check_unique_names(data, where.split(".")[0])
     if perturbation_key not in obs.columns:
         raise KeyError(
