@@ -15,11 +15,13 @@ from ._checks import (
     check_unique_names,
     check_var_names,
 )
+from ._device import DeviceDataSplitter
 from ._distances import energy_distance
 from ._pairing import (
     AnchoredAnnDataLoader,
     AnchoredDataSplitter,
     ControlAnchorSampler,
+    ControlBank,
     control_mask,
 )
 from ._perturbations import (
@@ -28,16 +30,26 @@ from ._perturbations import (
     parse_perturbation,
     perturbation_gene_sets,
 )
-from ._prediction import aggregate_prediction, prediction_anndata
+from ._prediction import (
+    PredictionMeans,
+    PredictionStore,
+    aggregate_prediction,
+    check_store_path,
+    prediction_anndata,
+    prediction_obs,
+)
 from ._pseudobulk import log1p_expression, log1p_normalized, pseudobulk
 from ._shifts import ALL_CONTEXTS, perturbation_shifts, shifts_from_means
 from ._simulate import simulate_perturbseq
+from ._simulate_multimodal import simulate_multimodal_perturbseq
 
 __all__ = [
     "ALL_CONTEXTS",
     "AnchoredAnnDataLoader",
     "AnchoredDataSplitter",
     "ControlAnchorSampler",
+    "ControlBank",
+    "DeviceDataSplitter",
     "aggregate_prediction",
     "check_control_present",
     "check_controls_per_context",
@@ -58,6 +70,11 @@ __all__ = [
     "perturbation_gene_sets",
     "perturbation_shifts",
     "prediction_anndata",
+    "prediction_obs",
+    "PredictionMeans",
+    "PredictionStore",
+    "check_store_path",
+    "simulate_multimodal_perturbseq",
     "shifts_from_means",
     "pseudobulk",
     "simulate_perturbseq",

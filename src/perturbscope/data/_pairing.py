@@ -48,8 +48,62 @@ def control_mask(adata_manager: AnnDataManager) -> np.ndarray:
     return (genes < 0).all(axis=1)
 
 
+class ControlBank:
+    """Control cells ordered by pairing group, with each group's offset and size in that order.
+
+    A cell's anchor is ``cells[offsets[g] + k]`` with ``k`` uniform in ``[0, counts[g])``: one
+    vectorised draw for a whole minibatch, shared by :class:`ControlAnchorSampler` (NumPy) and
+    :class:`perturbscope.data.DeviceDataSplitter` (torch, on the accelerator).
+
+    Parameters
+    ----------
+    groups
+        Pairing group of every cell of the AnnData.
+    is_control
+        Control mask over the same cells.
+
+    Examples
+    --------
+    >>> bank = ControlBank(np.array([5, 5, 7, 7, 5]), np.array([True, False, True, True, True]))
+    >>> bank.group_ids.tolist(), bank.cells.tolist(), bank.offsets.tolist(), bank.counts.tolist()
+    ([5, 7], [0, 4, 2, 3], [0, 2], [2, 2])
+    >>> bank.positions(np.array([7, 5])).tolist()
+    [1, 0]
+    """
+
+    def __init__(self, groups: np.ndarray, is_control: np.ndarray):
+        groups = np.asarray(groups).ravel().astype(np.int64)
+        is_control = np.asarray(is_control, dtype=bool).ravel()
+        if groups.shape != is_control.shape:
+            raise ValueError(
+                f"groups and is_control must have one entry per cell, got {groups.shape[0]} and "
+                f"{is_control.shape[0]}."
+            )
+        self.group_ids = np.unique(groups)
+        controls = np.flatnonzero(is_control)
+        order = np.argsort(groups[controls], kind="stable")
+        self.cells = controls[order]
+        sorted_groups = groups[self.cells]
+        self.offsets = np.searchsorted(sorted_groups, self.group_ids, side="left")
+        self.counts = np.searchsorted(sorted_groups, self.group_ids, side="right") - self.offsets
+
+    def positions(self, groups: np.ndarray) -> np.ndarray:
+        """Position of each group in ``group_ids``; ``ValueError`` for a group without controls."""
+        groups = np.asarray(groups).ravel().astype(np.int64)
+        position = np.searchsorted(self.group_ids, groups).clip(max=max(len(self.group_ids) - 1, 0))
+        known = (self.group_ids[position] == groups) if len(self.group_ids) else np.zeros(len(groups), bool)
+        empty = ~known
+        empty[known] = self.counts[position[known]] == 0
+        if empty.any():
+            raise ValueError(f"Pairing group {groups[empty][0]} has no control cells to anchor on.")
+        return position
+
+
 class ControlAnchorSampler:
     """Draw, for each cell, a random control cell from the same pairing group.
+
+    The draw is exactly uniform over the group's control cells (one vectorised
+    :meth:`numpy.random.Generator.integers` call per minibatch, no loop over groups).
 
     Parameters
     ----------
@@ -68,21 +122,21 @@ class ControlAnchorSampler:
     """
 
     def __init__(self, groups: np.ndarray, is_control: np.ndarray, seed: int = 0):
-        self.groups = np.asarray(groups)
-        self.pools = {g: np.flatnonzero(is_control & (self.groups == g)) for g in np.unique(self.groups)}
+        self.bank = ControlBank(groups, is_control)
         self.rng = np.random.default_rng(seed)
 
     def sample(self, groups: np.ndarray) -> np.ndarray:
         """One random control cell (index into the full AnnData) per entry of ``groups``."""
-        groups = np.asarray(groups)
-        anchors = np.empty(len(groups), dtype=np.int64)
-        for group in np.unique(groups):
-            where = groups == group
-            pool = self.pools.get(group, np.empty(0, dtype=np.int64))
-            if len(pool) == 0:
-                raise ValueError(f"Pairing group {group} has no control cells to anchor on.")
-            anchors[where] = self.rng.choice(pool, size=int(where.sum()))
-        return anchors
+        position = self.bank.positions(groups)
+        draw = self.rng.integers(0, self.bank.counts[position]) if len(position) else position
+        return self.bank.cells[self.bank.offsets[position] + draw]
+
+
+def distributed_rank() -> int:
+    """This process's rank under ``torch.distributed`` (0 when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
 
 
 class AnchoredAnnDataLoader(AnnDataLoader):
@@ -106,7 +160,7 @@ class AnchoredAnnDataLoader(AnnDataLoader):
     def __init__(self, adata_manager: AnnDataManager, indices=None, seed: int | None = None, **kwargs):
         super().__init__(adata_manager, indices=indices, **kwargs)
         groups, self.n_batch = registered_pairing_groups(adata_manager)
-        seed = int(settings.seed or 0) if seed is None else seed
+        seed = (int(settings.seed or 0) if seed is None else seed) + distributed_rank()
         self.anchor_sampler = ControlAnchorSampler(groups, control_mask(adata_manager), seed=seed)
         self.anchor_dataset = adata_manager.create_torch_dataset(
             data_and_attributes={SCVI_KEYS.X_KEY: np.float32}
