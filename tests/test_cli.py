@@ -4,9 +4,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import re
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 
+from perturbscope._choices import ACCELERATORS, BASELINE_NAMES, MODEL_NAMES, TASK_NAMES
 from perturbscope.cli import main
 
 
@@ -22,11 +27,84 @@ def test_help_lists_the_subcommands(capsys, monkeypatch):
     assert "score models beside baselines" in out
 
 
+def test_benchmark_help_lists_every_task_model_and_accelerator(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"one of: {', '.join(TASK_NAMES)}" in out
+    assert f"comma-separated models from: {', '.join(MODEL_NAMES)}" in out
+    assert f"{{{','.join(ACCELERATORS)}}}" in out
+
+
+def test_choices_agree_with_the_benchmark():
+    from perturbscope.benchmark import BASELINES, MODELS, TASKS
+
+    assert tuple(TASKS) == TASK_NAMES
+    assert tuple(MODELS) == MODEL_NAMES
+    assert tuple(BASELINES) == BASELINE_NAMES
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys; from perturbscope.cli import main\n"
+            "try:\n    main(['benchmark', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print(sorted(m for m in ('torch', 'scvi', 'scanpy', 'lightning', 'anndata') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_python_dash_m_help_exits_0():
+    result = subprocess.run([sys.executable, "-m", "perturbscope", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: perturbscope")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["benchmark", "--task", "nope"],
+         "argument --task: invalid choice: 'nope' (choose from "
+         + ", ".join(repr(t) for t in TASK_NAMES) + ")"),
+        (["benchmark", "--task", "simulated", "--models", "additive,foo"],
+         f"argument --models: unknown models ['foo']; choose from {', '.join(MODEL_NAMES)}"),
+        (["benchmark", "--task", "simulated", "--models", "additive,,linear"],
+         "argument --models: must be comma-separated model names without empty entries, "
+         "got 'additive,,linear'"),
+        (["benchmark", "--task", "simulated", "--models", "linear,linear"],
+         "argument --models: models ['linear'] are listed more than once"),
+        (["benchmark", "--task", "simulated", "--seeds", "0"],
+         "argument --seeds: must be a positive integer, got '0'"),
+        (["benchmark", "--task", "simulated", "--seeds", "two"],
+         "argument --seeds: must be a positive integer, got 'two'"),
+        (["benchmark", "--task", "simulated", "--accelerator", "abacus"],
+         "argument --accelerator: invalid choice: 'abacus' (choose from "
+         + ", ".join(repr(a) for a in ACCELERATORS) + ")"),
+        (["benchmark", "--task", "norman_combo"],
+         "--data is required for task 'norman_combo': the task's h5ad file or the shared data "
+         "folder"),
+        (["benchmark", "--task", "norman_combo", "--data", "/no/such/file.h5ad"],
+         "--data '/no/such/file.h5ad' does not exist"),
+        (["demo", "--epochs", "0"], "argument --epochs: must be a positive integer, got '0'"),
+        (["demo", "--seed", "-1"], "argument --seed: must be a non-negative integer, got '-1'"),
+    ],
+)
+def test_bad_arguments_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^perturbscope (benchmark|demo): error: (.*)$", err, re.M).group(2) == message
+
+
 def test_a_subcommand_is_required(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
-    assert "required: command" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "perturbscope: error: the following arguments are required: {demo,benchmark}")
 
 
 @pytest.mark.slow
@@ -54,4 +132,5 @@ def test_benchmark_writes_tables_and_figures(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| model |" in printed
+    assert "±" not in printed  # one seed: no spread, not '± 0.000'
     assert f"Wrote every metric to {out / 'metrics.csv'}." in printed

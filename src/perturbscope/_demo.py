@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from ._logging import quiet_lightning
 from .benchmark import evaluate, make_model, prepare_reference
 from .data import log1p_expression, simulate_perturbseq
 from .model import ScopeVI
@@ -22,7 +23,9 @@ def _held_out(adata, embeddings, rng: np.random.Generator) -> tuple[list[str], l
     return singles, doubles[: max(1, len(doubles) // 3)]
 
 
-def run_demo(seed: int = 0, max_epochs: int = 60, progress: bool = True) -> pd.DataFrame:
+def run_demo(
+    seed: int = 0, max_epochs: int = 60, progress_bar: bool = True, accelerator: str = "auto"
+) -> pd.DataFrame:
     """Simulate a screen, hold out unseen genes and doubles, and score ScopeVI against baselines.
 
     Parameters
@@ -31,8 +34,10 @@ def run_demo(seed: int = 0, max_epochs: int = 60, progress: bool = True) -> pd.D
         Seed of the simulation, the held-out choice and training.
     max_epochs
         ScopeVI training epochs.
-    progress
+    progress_bar
         Show training progress.
+    accelerator
+        Lightning accelerator for training (``"auto"``, ``"cpu"``, ``"gpu"``...).
 
     Returns
     -------
@@ -41,7 +46,7 @@ def run_demo(seed: int = 0, max_epochs: int = 60, progress: bool = True) -> pd.D
 
     Examples
     --------
-    >>> table = run_demo(max_epochs=1, progress=False)  # doctest: +ELLIPSIS
+    >>> table = run_demo(max_epochs=1, progress_bar=False, accelerator="cpu")  # doctest: +ELLIPSIS
     Simulated 2940 cells x 200 genes, 2 cell types; holding out 6 unseen genes and 2 doubles.
     Trained ScopeVI for 1 epochs in ... s.
     >>> table.index.get_level_values("held_out").unique().tolist()
@@ -67,7 +72,9 @@ def run_demo(seed: int = 0, max_epochs: int = 60, progress: bool = True) -> pd.D
     ScopeVI.setup_anndata(train, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
     model = ScopeVI(train, n_latent=16, n_hidden=128)
     start = time.perf_counter()
-    model.train(max_epochs=max_epochs, batch_size=256, enable_progress_bar=progress, plan_kwargs={"lr": 3e-3})
+    with quiet_lightning():
+        model.train(max_epochs=max_epochs, batch_size=256, enable_progress_bar=progress_bar,
+                    accelerator=accelerator, plan_kwargs={"lr": 3e-3})
     print(f"Trained ScopeVI for {max_epochs} epochs in {time.perf_counter() - start:.0f} s.")
 
     baselines = {name: make_model(key, embeddings).fit(train, "perturbation", context_key="cell_type")
@@ -91,9 +98,19 @@ def run_demo(seed: int = 0, max_epochs: int = 60, progress: bool = True) -> pd.D
     return scores.groupby(["held_out", "model"])[list(DEMO_METRICS)].mean().rename(columns=DEMO_METRICS)
 
 
-def main(seed: int = 0, max_epochs: int = 60) -> None:
-    """Run the demo and print its table."""
-    table = run_demo(seed=seed, max_epochs=max_epochs)
+def main(seed: int = 0, max_epochs: int = 60, accelerator: str = "auto") -> None:
+    """Run the demo and print its table.
+
+    Parameters
+    ----------
+    seed
+        Seed of the simulation, the held-out choice and training.
+    max_epochs
+        ScopeVI training epochs.
+    accelerator
+        Lightning accelerator for training.
+    """
+    table = run_demo(seed=seed, max_epochs=max_epochs, accelerator=accelerator)
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160,
                            "display.max_columns", None):
         print("\nHeld-out perturbations, mean over perturbations and cell types:")
