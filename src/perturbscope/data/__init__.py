@@ -15,6 +15,7 @@ from ._checks import (
     check_unique_names,
     check_var_names,
 )
+from ._control_bank import StreamedControlBank, bounded_control_sample
 from ._device import DeviceDataSplitter
 from ._distances import energy_distance
 from ._pairing import (
@@ -39,11 +40,24 @@ from ._prediction import (
     prediction_obs,
 )
 from ._pseudobulk import log1p_expression, log1p_normalized, pseudobulk
+from ._rows import is_out_of_core, iter_row_chunks, take_rows
 from ._shifts import ALL_CONTEXTS, perturbation_shifts, shifts_from_means
 from ._simulate import simulate_perturbseq
 from ._simulate_multimodal import simulate_multimodal_perturbseq
+from ._soma import SomaCSRMatrix, read_soma
+from ._streaming import StreamedAnnDataLoader, StreamedDataSplitter, streamed_pseudobulk
 
 __all__ = [
+    "SomaCSRMatrix",
+    "StreamedAnnDataLoader",
+    "StreamedControlBank",
+    "StreamedDataSplitter",
+    "bounded_control_sample",
+    "is_out_of_core",
+    "iter_row_chunks",
+    "read_soma",
+    "streamed_pseudobulk",
+    "take_rows",
     "ALL_CONTEXTS",
     "AnchoredAnnDataLoader",
     "AnchoredDataSplitter",

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
 from ._perturbations import is_control
+from ._rows import is_out_of_core, iter_row_chunks
 
 
 def preview(values, limit: int = 10) -> str:
@@ -107,7 +109,8 @@ def check_count_data(matrix, layer: str | None) -> None:
     Parameters
     ----------
     matrix
-        Dense or sparse expression.
+        Dense or sparse expression; an out-of-core matrix (backed or SOMA) is checked chunk by
+        chunk, never loaded whole.
     layer
         Where it came from (``None`` for ``X``), for the message.
 
@@ -124,6 +127,10 @@ def check_count_data(matrix, layer: str | None) -> None:
     ...
     ValueError: adata.layers['counts'] has non-integer values; count likelihoods ('nb', 'zinb', 'poisson') need raw counts. Use a counts layer, or gene_likelihood='normal' for log-normalised input.
     """
+    if is_out_of_core(matrix):
+        for _, rows in iter_row_chunks(matrix):
+            check_count_data(rows, layer)
+        return
     values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
     where = describe_layer(layer)
     if not np.isfinite(values).all():
@@ -245,17 +252,24 @@ def check_unique_names(adata, where: str = "adata") -> None:
 
 
 def check_backing(adata, where: str = "adata") -> None:
-    """Raise a ``ValueError`` for a backed (on-disk) AnnData, which scvi-tools cannot register.
+    """Raise a ``ValueError`` unless ``adata.X`` can be read, in memory or streamed by rows.
+
+    In memory, or out of core with rows that can be read in contiguous chunks (an AnnData opened
+    with ``backed="r"`` whose ``X`` is CSR or dense, or :func:`perturbscope.data.read_soma`):
+    accepted. An out-of-core CSC matrix cannot be read by rows without reading all of it, so it
+    is rejected with the conversion to make.
 
     Examples
     --------
     >>> import anndata as ad, numpy as np
     >>> check_backing(ad.AnnData(np.zeros((1, 1))))
     """
-    if getattr(adata, "isbacked", False):
+    matrix = getattr(adata, "X", None)
+    if isinstance(matrix, ad.abc.CSCDataset):
         raise ValueError(
-            f"{where} is backed (opened with backed='r'); load it into memory with "
-            f"{where}.to_memory() before setup."
+            f"{where}.X is a CSC matrix on disk (backed), which cannot be streamed by rows; rewrite it "
+            f"as CSR once, e.g. a = anndata.read_h5ad(path); a.X = a.X.tocsr(); a.write_h5ad(new_path), "
+            f"then open new_path with backed='r' (or load {where}.to_memory() before setup)."
         )
 
 
@@ -321,13 +335,20 @@ def check_finite(matrix, layer: str | None) -> None:
     ...
     ValueError: adata.X has NaN or infinite values in 1 entries; every value must be finite.
     """
-    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
-    bad = ~np.isfinite(values)
-    if bad.any():
+    if is_out_of_core(matrix):  # chunk by chunk, counting every bad entry
+        bad = sum(_n_not_finite(rows) for _, rows in iter_row_chunks(matrix))
+    else:
+        bad = _n_not_finite(matrix)
+    if bad:
         raise ValueError(
-            f"{describe_layer(layer)} has NaN or infinite values in {int(bad.sum())} entries; every "
+            f"{describe_layer(layer)} has NaN or infinite values in {bad} entries; every "
             "value must be finite."
         )
+
+
+def _n_not_finite(matrix) -> int:
+    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
+    return int((~np.isfinite(values)).sum())
 
 
 def check_log_normalized(matrix, layer: str | None, limit: float = 30.0) -> None:

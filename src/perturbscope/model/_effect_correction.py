@@ -28,6 +28,8 @@ distribution is ScopeVI's to the extent that it was validated. ``effect_prior=Fa
 
 from __future__ import annotations
 
+from typing import Literal
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -37,7 +39,16 @@ from scvi.model.base import UnsupervisedTrainingMixin
 from sklearn.decomposition import PCA
 
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS, TARGET_SUM
-from ..data import ALL_CONTEXTS, energy_distance, is_control, log1p_expression
+from ..data import (
+    ALL_CONTEXTS,
+    DeviceDataSplitter,
+    StreamedDataSplitter,
+    energy_distance,
+    is_control,
+    is_out_of_core,
+    log1p_expression,
+    streamed_pseudobulk,
+)
 from ..effects import KINDS, EffectPrior, pick, top_change_scores
 from ..effects._prior import MIN_HELD_OUT
 from ..module._scopevae import COUNT_LIKELIHOODS
@@ -48,6 +59,9 @@ CORRECTION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CELL_TERM_WEIGHTS = (0.0, 0.5, 1.0)
 #: Share of training single genes and combinations held out of the VAE to validate the weights.
 VALIDATION_FRACTION = 0.2
+#: The data paths of :meth:`EffectCorrectionMixin.train`.
+Loader = Literal["auto", "anndata", "device", "streamed"]
+LOADERS = ("auto", "anndata", "device", "streamed")
 
 
 class EffectCorrectionMixin:
@@ -59,6 +73,7 @@ class EffectCorrectionMixin:
         max_epochs: int | None = 100,
         batch_size: int = 128,
         datasplitter_kwargs: dict | None = None,
+        loader: Loader = "auto",
         **kwargs,
     ):
         """Train ScopeVI; with the effect prior, fit it and validate the learned correction.
@@ -72,23 +87,78 @@ class EffectCorrectionMixin:
         datasplitter_kwargs
             Passed to the data splitter; with ``effect_prior=True`` its ``external_indexing``
             is set to hold the validation perturbations' cells out of training.
+        loader
+            The data path, i.e. the data splitter of this call:
+            ``"anndata"``: scvi-tools' loader over the registered AnnData with control anchors
+            (:class:`~perturbscope.data.AnchoredDataSplitter`);
+            ``"device"``: the whole data and anchors on the accelerator
+            (:class:`~perturbscope.data.DeviceDataSplitter`; in-memory data only);
+            ``"streamed"``: rows read from disk in shuffled blocks, anchors from a bounded control
+            bank (:class:`~perturbscope.data.StreamedDataSplitter`; options such as
+            ``chunk_size``, ``buffer_chunks`` and ``max_controls_per_group`` go in
+            ``datasplitter_kwargs``);
+            ``"auto"``: ``"streamed"`` when the registered expression is out of core (an AnnData
+            opened with ``backed="r"``, or :func:`perturbscope.data.read_soma`), else
+            ``"anndata"``. With out-of-core expression the effect prior's pseudobulks are also
+            computed in one streamed pass (:func:`perturbscope.data.streamed_pseudobulk`).
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train`.
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``loader``, or ``"device"`` with out-of-core expression.
 
         Notes
         -----
         A model made by :meth:`load_query_data` keeps its reference's effect prior and
         correction weights; training it fine-tunes the VAE only.
         """
+        splitter_cls = self._splitter_class(loader)
+        had_own = "_data_splitter_cls" in self.__dict__
+        previous = self.__dict__.get("_data_splitter_cls")
+        self._data_splitter_cls = splitter_cls  # scvi-tools' train builds the splitter from it
+        try:
+            return self._train_with_prior(max_epochs, batch_size, datasplitter_kwargs, **kwargs)
+        finally:
+            if had_own:
+                self._data_splitter_cls = previous
+            else:
+                del self._data_splitter_cls
+
+    @property
+    def _out_of_core(self) -> bool:
+        """Whether the registered expression is read from disk (backed or SOMA)."""
+        return is_out_of_core(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY))
+
+    def _splitter_class(self, loader: str):
+        """The data splitter of a ``loader`` choice (see :meth:`train`)."""
+        if loader not in LOADERS:
+            raise ValueError(f"loader must be one of {list(LOADERS)}, got {loader!r}.")
+        if loader == "device" and self._out_of_core:
+            raise ValueError(
+                "loader='device' copies all the expression to the device, but the registered expression "
+                "is out of core (backed or SOMA); use loader='streamed', or load it with adata.to_memory() "
+                "and set it up again."
+            )
+        if loader == "streamed" or (loader == "auto" and self._out_of_core):
+            return StreamedDataSplitter
+        return DeviceDataSplitter if loader == "device" else type(self)._data_splitter_cls
+
+    def _train_with_prior(self, max_epochs, batch_size, datasplitter_kwargs, **kwargs):
         if not self.init_params_["non_kwargs"].get("effect_prior", True) or getattr(self, "_inherited_prior", False):
             return UnsupervisedTrainingMixin.train(
                 self, max_epochs=max_epochs, batch_size=batch_size, datasplitter_kwargs=datasplitter_kwargs, **kwargs
             )
         expression = self._training_expression()
         prior = EffectPrior(self._prior_embeddings(), seed=int(self.init_params_["non_kwargs"].get("prior_seed", 0)))
-        prior.fit(expression, "perturbation", self._perturbation_state["control_value"],
-                  "context" if self._context_column is not None else None, data_scale=self._data_scale,
-                  delimiter=self._perturbation_state["combination_delimiter"])
+        arguments = (expression, "perturbation", self._perturbation_state["control_value"],
+                     "context" if self._context_column is not None else None)
+        options = {"data_scale": self._data_scale, "delimiter": self._perturbation_state["combination_delimiter"]}
+        if self._out_of_core:
+            _fit_prior_streamed(prior, *arguments, **options)
+        else:
+            prior.fit(*arguments, **options)
         held, held_cells = self._validation_queries(prior, expression)
         splitter = dict(datasplitter_kwargs or {})
         if held_cells.any():
@@ -360,3 +430,21 @@ def _sample(items: list[str], rng: np.random.Generator) -> list[str]:
         return []
     n = max(MIN_HELD_OUT, int(round(VALIDATION_FRACTION * len(items))))
     return [items[i] for i in rng.choice(len(items), n, replace=False)]
+
+
+def _fit_prior_streamed(prior: EffectPrior, expression: ad.AnnData, perturbation_key: str, control_value: str,
+                        context_key: str | None, data_scale: str, delimiter: str) -> None:
+    """:meth:`EffectPrior.fit` without loading X: the group means in one streamed pass.
+
+    The means and group sizes equal those ``fit`` computes in memory
+    (:func:`~perturbscope.data.streamed_pseudobulk`); ``fit_means`` does the rest, and the
+    few-shot candidates read their few drawn cells per group from disk.
+    """
+    means, counts = streamed_pseudobulk(expression.X, expression.obs, [perturbation_key, "context"], data_scale)
+    means.columns = expression.var_names.copy()
+    counts.name = None
+    prior.fit_means(means, control_value, context_key, delimiter, counts=counts)
+    labels = expression.obs[perturbation_key].to_numpy()
+    few = prior._few_shot_residuals(expression, None, data_scale, labels, expression.obs["context"].to_numpy())
+    if few:
+        prior._choose("few_shot", few)
