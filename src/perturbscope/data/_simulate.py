@@ -122,6 +122,26 @@ def simulate_perturbseq(
     >>> adata.obs["perturbation"].iloc[0]
     'control'
     """
+    adata, embeddings, _ = simulate_screen(
+        n_genes, n_perturbed_genes, n_combinations, n_cell_types, n_cells_per_condition, n_control_cells,
+        embedding_dim, n_programs, n_basal, effect_size, interaction_strength, embedding_noise,
+        mean_library_size, seed,
+    )
+    return adata, embeddings
+
+
+def simulate_screen(
+    n_genes: int, n_perturbed_genes: int, n_combinations: int, n_cell_types: int, n_cells_per_condition: int,
+    n_control_cells: int | None, embedding_dim: int, n_programs: int, n_basal: int, effect_size: float,
+    interaction_strength: float, embedding_noise: float, mean_library_size: float, seed: int,
+) -> tuple[ad.AnnData, pd.DataFrame, dict]:
+    """:func:`simulate_perturbseq` plus its internals, for simulators of further modalities.
+
+    The third value holds ``"programs"`` (programmes x genes), ``"program_gain"`` (cell types x
+    programmes), ``"effect_vectors"`` (regulators x programmes), ``"interactions"`` and
+    ``"log_mean"``: every cell's log mean expression before the softmax (cells x genes), the
+    quantity other modalities of the same cell are drawn from.
+    """
     if n_perturbed_genes > n_genes:
         raise ValueError(f"n_perturbed_genes={n_perturbed_genes} exceeds n_genes={n_genes}.")
     rng = np.random.default_rng(seed)
@@ -166,7 +186,7 @@ def simulate_perturbseq(
 
     conditions = ["control", *regulators, *interaction_table.index]
     log_fold_change: dict[str, pd.DataFrame] = {}
-    counts, obs_rows = [], []
+    counts, obs_rows, log_means = [], [], []
     for t, cell_type in enumerate(cell_types):
         shifts = {"control": np.zeros(n_genes)}
         for r, reg in enumerate(regulators):
@@ -180,6 +200,7 @@ def simulate_perturbseq(
             n = n_control_cells if condition == "control" else n_cells_per_condition
             basal = rng.normal(0, 1, (n, n_basal)) @ basal_loadings
             log_mean = base_log_mean + type_shift[t] + shifts[condition] + basal
+            log_means.append(log_mean)
             proportions = np.exp(log_mean - log_mean.max(axis=1, keepdims=True))
             proportions /= proportions.sum(axis=1, keepdims=True)
             library = rng.lognormal(np.log(mean_library_size), 0.3, n)
@@ -201,4 +222,6 @@ def simulate_perturbseq(
                                        columns=[f"program_{k}" for k in range(n_programs)]),
         "seed": seed,
     }
-    return adata, embeddings
+    internals = {"programs": programs, "program_gain": program_gain, "effect_vectors": effect_vectors,
+                 "interactions": interaction_table, "log_mean": np.vstack(log_means)}
+    return adata, embeddings, internals

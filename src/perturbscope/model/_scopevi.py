@@ -46,6 +46,8 @@ from ..module import ScopeVAE
 from ..module._scopevae import COUNT_LIKELIHOODS, GeneLikelihood
 from ._effect_correction import EffectCorrectionMixin
 from ._fields import MuDataPerturbationGenesField, PerturbationGenesField, encode_gene_sets
+from ._multimodal import MultimodalMixin
+from ._multimodal_setup import check_modalities, modality_fields
 from ._prediction import PredictionMixin
 from ._query import QueryMixin
 from ._save_load import SafeLoadMixin
@@ -69,7 +71,7 @@ def _check_setup(data, where: str, perturbation_key: str, control_value: str,
     check_controls_per_context(obs, perturbation_key, control_value, group_keys)
 
 
-class ScopeVI(EffectCorrectionMixin, PredictionMixin, SafeLoadMixin, QueryMixin, UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
+class ScopeVI(MultimodalMixin, EffectCorrectionMixin, PredictionMixin, SafeLoadMixin, QueryMixin, UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     """Perturbation-response model anchored on control cells (DeSCOPE in scvi-tools form).
 
     Parameters
@@ -166,7 +168,8 @@ class ScopeVI(EffectCorrectionMixin, PredictionMixin, SafeLoadMixin, QueryMixin,
         else:
             check_finite(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY), self._layer)
         perturbation_state = self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY)
-        self.module = self._module_cls(
+        self.module = self._module_for_modalities()(
+            **self._modality_sizes(),
             n_input=self.summary_stats.n_vars,
             gene_embeddings=torch.as_tensor(perturbation_state["embeddings"]),
             n_batch=self.summary_stats.n_batch,
@@ -278,9 +281,11 @@ class ScopeVI(EffectCorrectionMixin, PredictionMixin, SafeLoadMixin, QueryMixin,
         categorical_covariate_keys: list[str] | None = None,
         combination_delimiter: str = "+",
         modalities: dict[str, str] | None = None,
+        protein_layer: str | None = None,
+        atac_layer: str | None = None,
         **kwargs,
     ) -> None:
-        """Register a MuData for ScopeVI: expression from one modality, labels from ``mdata.obs``.
+        """Register a MuData for ScopeVI: RNA (+ surface protein, + ATAC), labels from ``mdata.obs``.
 
         Parameters
         ----------
@@ -290,17 +295,30 @@ class ScopeVI(EffectCorrectionMixin, PredictionMixin, SafeLoadMixin, QueryMixin,
 categorical_covariate_keys, combination_delimiter
             As for :meth:`setup_anndata`; the ``obs`` columns are read from the MuData's
             global ``obs``.
-        rna_layer
-            Layer of the expression modality; its ``X`` when ``None``.
+        rna_layer, protein_layer, atac_layer
+            Layer of the RNA, protein or ATAC modality; its ``X`` when ``None``.
         modalities
-            ``{"rna_layer": name}``: the modality holding expression (default ``"rna"``).
+            Which modality holds what, in scvi-tools' TOTALVI/MULTIVI convention:
+            ``{"rna_layer": "rna", "protein_layer": "adt", "atac_layer": "atac"}``. RNA is
+            required (default ``"rna"``); protein and ATAC are optional. Protein and ATAC must be
+            counts; a cell without them has an all-zero row (see :mod:`perturbscope.model._multimodal`).
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
 
+        Raises
+        ------
+        ValueError, KeyError, TypeError
+            For an unknown ``modalities`` key, a modality or layer that is not there, modalities
+            whose cells differ, non-count protein or ATAC data (see
+            :func:`~perturbscope.model._multimodal_setup.check_modalities`).
+
         Notes
         -----
-        Predict with the expression modality's control cells, e.g.
-        ``model.predict(mdata["rna"][controls])``: predictions are AnnData.
+        An RNA-only model predicts from the RNA modality's control cells, e.g.
+        ``model.predict(mdata["rna"][controls])``, and returns an AnnData; a model with protein or
+        ATAC predicts from the MuData's control cells, ``model.predict(mdata[controls])``, and
+        returns a MuData. Setup writes what :meth:`setup_anndata` writes, on the MuData's global
+        ``obs``/``obsm``/``uns``; the modalities are not changed.
 
         Examples
         --------
@@ -318,9 +336,9 @@ categorical_covariate_keys, combination_delimiter
 
         if not isinstance(mdata, md.MuData):
             raise TypeError(f"setup_mudata needs a mudata.MuData, got {type(mdata).__name__}.")
-        rna = (modalities or {}).get("rna_layer", "rna")
-        if rna not in mdata.mod:
-            raise KeyError(f"modality {rna!r} not in the MuData; modalities are {list(mdata.mod)}.")
+        layers = {"rna_layer": rna_layer, "protein_layer": protein_layer, "atac_layer": atac_layer}
+        modalities = check_modalities(mdata, modalities, layers)
+        rna = modalities["rna_layer"]
         _check_setup(mdata, "mdata.obs", perturbation_key, control_value, context_key,
                          batch_key, transferred=kwargs.get("source_registry") is not None)
         fields = [
@@ -330,6 +348,7 @@ categorical_covariate_keys, combination_delimiter
             MuDataCategoricalObsField(REGISTRY_KEYS.CONTEXT_KEY, context_key, mod_key=None),
             MuDataCategoricalObsField(SCVI_KEYS.BATCH_KEY, batch_key, mod_key=None),
             MuDataCategoricalJointObsField(SCVI_KEYS.CAT_COVS_KEY, categorical_covariate_keys, mod_key=None),
+            *modality_fields(modalities, layers),
         ]
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(mdata, **kwargs)

@@ -439,10 +439,6 @@ class ScopeVAE(BaseModuleClass):
         scale = outputs["px_scale"]
         return DecodedExpression(scale, library.exp() * scale, torch.log1p(scale * TARGET_SUM))
 
-    def _decode_log1p(self, z, perturbation, library, batch_index, cat_covs) -> torch.Tensor:
-        """Decoded expression in log1p-normalised space (the mean itself for ``"normal"``)."""
-        return self._decode(z, perturbation, library, batch_index, cat_covs).log1p_norm
-
     @torch.inference_mode()
     def predicted_change(
         self,
@@ -472,8 +468,15 @@ class ScopeVAE(BaseModuleClass):
 
         def decode(perturbation: torch.Tensor) -> torch.Tensor:
             pz, _ = self.prior_from_basal(basal, perturbation)
-            return self._decode_log1p(pz.loc + pz.scale * noise, perturbation, library, batch_index, cat_covs)
+            return self._decode(pz.loc + pz.scale * noise, perturbation, library, batch_index, cat_covs).log1p_norm
 
+        return self.compose_change(decode, perturbation_genes, combination)
+
+    def compose_change(self, decode, perturbation_genes: torch.Tensor, combination: Combination = "additive"):
+        """``(change, unperturbed)`` of ``decode`` (perturbation vector -> log1p-normalised output).
+
+        The composition rule of :meth:`predicted_change`, shared by every decoded modality.
+        """
         gene_vectors, interaction = self.perturbation_encoder.components(perturbation_genes)
         summed = gene_vectors.sum(dim=1)
         unperturbed = decode(torch.zeros_like(summed))
@@ -590,7 +593,7 @@ class ScopeVAE(BaseModuleClass):
             no_perturbation = torch.zeros(anchor_x.shape[0], self.perturbation_encoder.n_output,
                                           device=anchor_x.device)
             prior, _ = self.prior_from_basal(self.basal_state(anchor_x), no_perturbation)
-            start = self._decode_log1p(prior.loc, no_perturbation, library, batch_index, cat_covs)
+            start = self._decode(prior.loc, no_perturbation, library, batch_index, cat_covs).log1p_norm
         else:
             start = unperturbed
         log1p_norm = (start + change).clamp(min=0.0)

@@ -1,0 +1,320 @@
+"""Multimodal ScopeVI: surface protein (and ATAC) predicted from the same anchors as RNA.
+
+A model set up with ``modalities={"rna_layer": ..., "protein_layer": ..., "atac_layer": ...}``
+trains :class:`~perturbscope.module.MultimodalScopeVAE` (one latent space, a decoder per
+modality) and, with the effect prior, fits one :class:`~perturbscope.effects.EffectPrior` per
+extra modality on that modality's log1p-normalised pseudobulks (counts normalised to 1e4 per
+cell, the same estimators and cross-fitting as RNA's prior). For every anchor control cell
+``a``, perturbation ``p`` and context ``c`` a modality ``m`` is predicted as::
+
+    log1p(y_pred) = log1p(y_a) + s_m(p, c) + g_k * (d_m(a, p) - mean_c d_m(., p))
+
+``s_m`` is modality ``m``'s prior shift, ``d_m`` the modality decoder's change under the
+perturbation for the anchor's RNA-anchored latent draw, and ``g_k`` the weight of the cell-level
+response that RNA's held-out validation chose for the query's kind (see
+:mod:`perturbscope.model._effect_correction`). The mean of a modality's prediction is therefore
+its prior's (no learned mean correction is added to protein or ATAC: it has not been validated
+per modality); the decoder adds each cell's state-dependent response. RNA is predicted exactly
+as by an RNA-only model. Cells without protein (all-zero rows) are left out of the protein
+prior and cannot serve as anchors for protein predictions.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from scvi import REGISTRY_KEYS as SCVI_KEYS
+from scvi import settings
+
+from .._constants import OUTPUT_KEYS, TARGET_SUM
+from ..data import (
+    ALL_CONTEXTS,
+    aggregate_prediction,
+    check_count_data,
+    check_var_names,
+    log1p_expression,
+    prediction_anndata,
+)
+from ..effects import EffectPrior
+from ..module import MultimodalScopeVAE
+from ..module._multimodal import ATAC_KEY, MODALITY_KEYS, PROTEIN_KEY
+
+#: The normalised layer of every modality's prediction (counts normalised to 1e4, log1p).
+NORMALISED_LAYER = OUTPUT_KEYS.LOG1P_NORM_LAYER
+#: Per-modality prediction options the multimodal path reads (the rest go to RNA's predict).
+_DEFAULTS = {"n_samples": 1, "aggregate": None, "use_prior_mean": False, "residual": True,
+             "combination": "additive", "batch_size": None, "seed": None, "interval_levels": (0.8, 0.95)}
+
+
+def _registered_matrix(data: ad.AnnData, layer: str | None):
+    return data.X if layer is None else data.layers[layer]
+
+
+class MultimodalMixin:
+    """Training and prediction of protein and ATAC for :class:`~perturbscope.ScopeVI`."""
+
+    # ------------------------------------------------------------------ registry views
+    @property
+    def modalities(self) -> dict[str, str]:
+        """``{registry key: modality name}`` of the registered modalities (RNA's key is ``"X"``)."""
+        registry = self.adata_manager.data_registry
+        return {key: registry[key].get("mod_key") for key in (SCVI_KEYS.X_KEY, *MODALITY_KEYS) if key in registry}
+
+    def _extra_modalities(self) -> dict[str, str]:
+        return {k: v for k, v in self.modalities.items() if k != SCVI_KEYS.X_KEY}
+
+    def _modality_layer(self, key: str) -> str | None:
+        location = self.adata_manager.data_registry[key]
+        return None if location.attr_name == "X" else location.attr_key
+
+    def _modality_var_names(self, key: str) -> pd.Index:
+        state = self.adata_manager.get_state_registry(key)
+        return pd.Index(np.asarray(state.column_names).astype(str))
+
+    def _module_for_modalities(self):
+        return MultimodalScopeVAE if self._extra_modalities() else self._module_cls
+
+    def _modality_sizes(self) -> dict[str, int]:
+        extras = self._extra_modalities()
+        if not extras:
+            return {}
+        return {"n_proteins": len(self._modality_var_names(PROTEIN_KEY)) if PROTEIN_KEY in extras else 0,
+                "n_peaks": len(self._modality_var_names(ATAC_KEY)) if ATAC_KEY in extras else 0}
+
+    # ------------------------------------------------------------------ training
+    def train(self, *args, **kwargs):
+        """Train as :meth:`EffectCorrectionMixin.train`; then fit each extra modality's effect prior.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to :meth:`perturbscope.model._effect_correction.EffectCorrectionMixin.train`.
+        """
+        result = super().train(*args, **kwargs)
+        if self._extra_modalities() and self.effect_prior is not None and not getattr(self, "_inherited_prior", False):
+            self.modality_prior_states_ = {key: self._fit_modality_prior(key).state()
+                                           for key in self._extra_modalities()}
+            self._modality_priors = {}
+        return result
+
+    def _modality_training_data(self, key: str) -> ad.AnnData:
+        """Counts of modality ``key`` with ``perturbation``/``context`` labels, cells that have them."""
+        matrix = self.adata_manager.get_from_registry(key)
+        totals = np.asarray(matrix.sum(axis=1)).ravel()
+        expression = self._training_expression()  # RNA labels: the same cells, the same order
+        data = ad.AnnData(X=matrix, obs=expression.obs.copy(),
+                          var=pd.DataFrame(index=self._modality_var_names(key)))
+        return data[totals > 0]
+
+    def _fit_modality_prior(self, key: str) -> EffectPrior:
+        state = self._perturbation_state
+        prior = EffectPrior(self._prior_embeddings(), seed=int(self.init_params_["non_kwargs"].get("prior_seed", 0)))
+        return prior.fit(self._modality_training_data(key), "perturbation", state["control_value"],
+                         "context" if self._context_column is not None else None, data_scale="counts",
+                         delimiter=state["combination_delimiter"])
+
+    def modality_prior(self, key: str) -> EffectPrior | None:
+        """The fitted effect prior of an extra modality (registry key ``"proteins"`` or ``"atac"``)."""
+        states = getattr(self, "modality_prior_states_", None)
+        if not states or key not in states:
+            return None
+        cache = self.__dict__.setdefault("_modality_priors", {})
+        if key not in cache:
+            cache[key] = EffectPrior.from_state(states[key], self._prior_embeddings())
+        return cache[key]
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, adata_control=None, perturbations=None, **kwargs):
+        """Predict perturbed cells; a model with protein or ATAC returns a MuData.
+
+        For an RNA-only model this is :meth:`PredictionMixin.predict` (an AnnData). For a model
+        set up with protein and/or ATAC, ``adata_control`` is a MuData of control cells (e.g.
+        ``mdata[mdata.obs["perturbation"] == "control"]``, ``None`` for the training controls)
+        holding every registered modality (extra modalities are ignored), and the result is a
+        :class:`mudata.MuData` with one AnnData per registered modality, under its modality name,
+        all with the same ``obs`` (``perturbation``, ``control_cell``, ``sample`` and the context
+        columns; with ``aggregate="mean"`` one row per perturbation and context, ``n_cells``):
+
+        * RNA: exactly what :meth:`PredictionMixin.predict` returns for the RNA modality;
+        * protein and ATAC: ``X`` expected counts at the anchor's library size of that modality,
+          ``layers["log1p_norm"]`` log1p of counts normalised to 1e4 per cell (the scale of the
+          modality's effect prior), and with ``aggregate="mean"`` and the effect prior the
+          interval layers ``log1p_norm_lower_80`` etc. from that modality's prior. See
+          :mod:`perturbscope.model._multimodal` for how they are composed.
+
+        Parameters
+        ----------
+        adata_control
+            Control cells: AnnData for an RNA-only model, MuData for a multimodal one.
+        perturbations
+            Labels to predict; defaults to the training perturbations.
+        **kwargs
+            ``n_samples``, ``aggregate``, ``use_prior_mean``, ``residual``, ``combination``,
+            ``batch_size``, ``seed``, ``interval_levels``: as for :meth:`PredictionMixin.predict`,
+            applied to every modality.
+
+        Returns
+        -------
+        AnnData (RNA-only model) or MuData (multimodal model), as above.
+
+        Raises
+        ------
+        TypeError
+            If a multimodal model is given an AnnData (e.g. only ``mdata["rna"]``).
+        KeyError
+            If a registered modality is missing from the MuData.
+        ValueError
+            For another modality's features, non-count data, anchors without counts of a
+            modality, or anything :meth:`PredictionMixin.predict` refuses.
+        """
+        extras = self._extra_modalities()
+        if not extras:
+            return super().predict(adata_control, perturbations, **kwargs)
+        unknown = sorted(set(kwargs) - set(_DEFAULTS))
+        if unknown:
+            raise TypeError(f"predict got unexpected arguments {unknown}; it takes {sorted(_DEFAULTS)}.")
+        options = {**_DEFAULTS, **kwargs}
+        mdata = self._multimodal_controls(adata_control)
+        rna = self._rna_controls(mdata)
+        rna_prediction = super().predict(rna, perturbations, **kwargs)
+        labels = [str(p) for p in (perturbations if perturbations is not None else self.training_perturbations)]
+        predictions = {self.modalities[SCVI_KEYS.X_KEY]: rna_prediction}
+        for key, name in extras.items():
+            predictions[name] = self._predict_modality(key, mdata.mod[name], rna, labels, rna_prediction, options)
+        return _as_mudata(predictions, rna_prediction.obs)
+
+    def _multimodal_controls(self, data):
+        import mudata as md
+
+        names = list(self.modalities.values())
+        if data is None:
+            state = self._perturbation_state
+            labels = self.adata.obs[state["perturbation_key"]].astype(str)
+            return self.adata[(labels == state["control_value"]).to_numpy()]
+        if not isinstance(data, md.MuData):
+            raise TypeError(
+                f"this model was set up with the modalities {names}; pass a MuData of control cells "
+                f"holding all of them (e.g. mdata[controls]), not a {type(data).__name__}."
+            )
+        missing = [n for n in names if n not in data.mod]
+        if missing:
+            raise KeyError(f"the MuData has no modality {missing}; the model needs {names}, it has {list(data.mod)}.")
+        if data.n_obs == 0:
+            raise ValueError("the MuData of control cells is empty.")
+        return data
+
+    def _rna_controls(self, mdata) -> ad.AnnData:
+        """The RNA modality with the MuData's global ``obs`` (labels and contexts live there)."""
+        rna = mdata.mod[self.modalities[SCVI_KEYS.X_KEY]]
+        layer = self._layer
+        if layer is not None and layer not in rna.layers:
+            raise KeyError(f"layer {layer!r} not found in the RNA modality; layers are {list(rna.layers)}.")
+        return ad.AnnData(
+            X=rna.X if layer is None else None, layers={layer: rna.layers[layer]} if layer else None,
+            obs=mdata.obs.copy(), var=pd.DataFrame(index=rna.var_names.copy()),
+        )
+
+    def _modality_controls(self, key: str, data: ad.AnnData, name: str):
+        """The anchors' counts of modality ``key``, checked, and their library sizes."""
+        check_var_names(data.var_names, self._modality_var_names(key), f"modality {name!r}")
+        layer = self._modality_layer(key)
+        if layer is not None and layer not in data.layers:
+            raise KeyError(f"layer {layer!r} not found in modality {name!r}; layers are {list(data.layers)}.")
+        matrix = _registered_matrix(data, layer)
+        check_count_data(matrix, layer)
+        library = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+        if (library == 0).any():
+            raise ValueError(
+                f"{int((library == 0).sum())} of {data.n_obs} control cells have no counts in modality "
+                f"{name!r} (e.g. {list(data.obs_names[library == 0][:5])}); a {name!r} prediction starts from "
+                "each anchor's own counts, so pass control cells that were measured in it."
+            )
+        return matrix, library
+
+    @torch.inference_mode()
+    def _predict_modality(self, key, data, rna, labels, rna_prediction, options) -> ad.AnnData:
+        name = self.modalities[key]
+        matrix, library = self._modality_controls(key, data, name)
+        gene_index = torch.as_tensor(self.encode_perturbations(labels))
+        seed = options["seed"] if options["seed"] is not None else (settings.seed or 0)
+        generator = torch.Generator().manual_seed(int(seed) + 1 + MODALITY_KEYS.index(key))
+        n_samples = options["n_samples"]
+        changes = np.empty((len(labels), n_samples, rna.n_obs, matrix.shape[1]), dtype=np.float32)
+        for cells, anchor_x, batch_index, cat_covs in self._anchor_batches(rna, options["batch_size"], progress=False):
+            for p in range(len(labels)):
+                genes = gene_index[p].expand(len(anchor_x), -1).to(anchor_x.device)
+                shape = (n_samples, len(anchor_x), self.module.n_latent)
+                noise = (torch.zeros(shape) if options["use_prior_mean"]
+                         else torch.randn(shape, generator=generator)).to(anchor_x.device)
+                change, _ = self.module.predicted_modality_change(
+                    key, anchor_x, genes, noise, batch_index, cat_covs, options["combination"]
+                )
+                changes[p, :, cells] = change.cpu().numpy()
+        start = log1p_expression(ad.AnnData(X=matrix), None, "counts").astype(np.float32)
+        log1p_norm = self._compose_modality(key, rna, labels, start, changes)
+        X = np.clip(np.expm1(log1p_norm), 0, None) * library[None, None, :, None] / TARGET_SUM
+        provenance = {**rna_prediction.uns.get(OUTPUT_KEYS.PROVENANCE_UNS, {}), "modality": name,
+                      "likelihood": "nb_mixture" if key == PROTEIN_KEY else "poisson",
+                      "normalisation": "log1p of counts normalised to 1e4 per cell"}
+        provenance.pop("mean_correction", None)
+        columns = [c for c in provenance.get("context_columns", []) if c in rna.obs]
+        n_features = matrix.shape[1]
+        prediction = prediction_anndata(labels, rna.obs[columns], X.reshape(-1, n_features),
+                                        log1p_norm.reshape(-1, n_features), data.var_names, n_samples, provenance)
+        if options["aggregate"] == "mean":
+            prediction = aggregate_prediction(prediction, self._context_column)
+            if self.modality_prior(key) is not None:
+                self._add_modality_intervals(key, prediction, options["interval_levels"])
+        return prediction
+
+    def _compose_modality(self, key, rna, labels, start, changes) -> np.ndarray:
+        """Anchor + prior shift + weighted cell-level response (see the module docstring)."""
+        prior = self.modality_prior(key)
+        if prior is None:  # the VAE-only design: anchor plus the decoder's change
+            return np.clip(start[None, None] + changes, 0, None)
+        column = self._context_column
+        contexts = (rna.obs[column].astype(str).to_numpy() if column is not None
+                    else np.full(rna.n_obs, ALL_CONTEXTS))
+        log1p_norm = np.empty_like(changes)
+        cell_weights = getattr(self, "cell_term_weights_", {})
+        for p, label in enumerate(labels):
+            for context in pd.unique(contexts):
+                cells = contexts == context
+                shift = prior.predict_shifts([label], context)
+                weight = cell_weights.get(shift.attrs["kinds"][0], 0.0)
+                mean_change = changes[p][:, cells].mean(axis=(0, 1))
+                log1p_norm[p][:, cells] = (start[cells][None] + shift.to_numpy()[0]
+                                           + weight * (changes[p][:, cells] - mean_change))
+        return log1p_norm
+
+    def _add_modality_intervals(self, key: str, aggregated: ad.AnnData, levels) -> None:
+        """Interval layers of a mean prediction from the modality's prior (no correction to stretch to)."""
+        prior = self.modality_prior(key)
+        column = self._context_column
+        keys = [(str(row["perturbation"]), str(row[column]) if column in aggregated.obs else ALL_CONTEXTS)
+                for _, row in aggregated.obs.iterrows()]
+        mean = aggregated.layers[NORMALISED_LAYER]
+        for level in levels:
+            half = np.vstack([prior.half_widths([p], c, level).to_numpy()[0] for p, c in keys])
+            tag = int(round(level * 100))
+            aggregated.layers[f"{NORMALISED_LAYER}_lower_{tag}"] = (mean - half).astype(np.float32)
+            aggregated.layers[f"{NORMALISED_LAYER}_upper_{tag}"] = (mean + half).astype(np.float32)
+
+
+def _as_mudata(predictions: dict[str, ad.AnnData], obs: pd.DataFrame):
+    """A MuData of per-modality predictions that share ``obs`` (also set as its global ``obs``)."""
+    import mudata as md
+
+    for prediction in predictions.values():
+        if not prediction.obs_names.equals(obs.index):
+            raise RuntimeError("modality predictions are out of step; please report this.")
+    result = md.MuData(predictions)
+    for column in obs.columns:
+        result.obs[column] = obs[column].to_numpy()
+    result.uns[OUTPUT_KEYS.PROVENANCE_UNS] = {"model": "ScopeVI", "modalities": list(predictions)}
+    return result
+
+
+
