@@ -11,6 +11,7 @@ from perturbscope.benchmark import (
     evaluate,
     histogram_kl,
     l2_distance,
+    mae,
     mean_squared_error,
     moment_errors,
     pearson_delta,
@@ -33,17 +34,34 @@ def test_mse_l2_direction_overlap_hand_computed():
     assert direction_agreement(
         np.array([2.0, 0, 1, 3]), np.array([3.0, 2, 1, 0]), np.ones(4)
     ) == pytest.approx(0.5)
+    assert mae(np.array([1.0, 2]), np.array([0.0, 4])) == pytest.approx(1.5)
     assert de_overlap(["a", "b", "c"], ["b", "c", "d", "e"]) == 0.5
+    # cell-eval compares the top len(observed) of each ranked list: "c" is predicted 3rd
+    assert de_overlap(["a", "b", "c"], ["a", "c"]) == 0.5
+    assert de_overlap(["a", "b", "c"], ["a", "c"], k=1) == 1.0
+    # no observed DE gene: cell-eval scores 0
+    assert de_overlap(["a"], []) == 0.0
 
 
 def test_discrimination_score_hand_computed():
     obs = pd.DataFrame([[0.0, 0], [1, 1], [4, 4]], index=["a", "b", "c"])
-    # L1 from observed a: pred a 2, pred b 0, pred c 7 -> one closer -> 1 - 1/2
+    # L1 from predicted a (1, 1): observed b 0, a 2, c 6 -> a ranked 2nd of 3 -> 1 - 1/3
     pred = pd.DataFrame([[1.0, 1], [0, 0], [4, 3]], index=["a", "b", "c"])
-    assert discrimination_score(pred, obs).tolist() == [0.5, 0.5, 1.0]
+    assert discrimination_score(pred, obs).tolist() == pytest.approx([2 / 3, 2 / 3, 1.0])
     assert discrimination_score(obs, obs).tolist() == [1.0, 1.0, 1.0]
-    with pytest.raises(ValueError, match="same perturbations in the same order"):
+    # one prediction for all: ranks 0, 1, 2 are each taken once -> mean (n + 1) / (2n)
+    shared = pd.DataFrame([[1.0, 1]] * 3, index=obs.index)
+    assert discrimination_score(shared, obs).tolist() == pytest.approx([2 / 3, 1.0, 1 / 3])
+    # the gene named like the perturbation is left out: here it decides the ranking
+    named = pd.DataFrame([[0.0, 0], [0, 5]], index=["g1", "x"], columns=["g0", "g1"])
+    guess = pd.DataFrame([[0.0, 5], [0, 5]], index=["g1", "x"], columns=["g0", "g1"])
+    assert discrimination_score(guess, named).tolist() == [1.0, 1.0]
+    assert discrimination_score(guess, named, exclude_target_gene=False).tolist() == [0.5, 1.0]
+    assert np.isnan(discrimination_score(obs.iloc[:1], obs.iloc[:1]).iloc[0])
+    with pytest.raises(ValueError, match="^predicted and observed must list the same perturbations"):
         discrimination_score(pred.iloc[::-1], obs)
+    with pytest.raises(ValueError, match="^predicted and observed must have the same genes"):
+        discrimination_score(pred, obs.set_axis(["x", "y"], axis=1))
 
 
 def test_moment_errors_hand_computed():
@@ -136,12 +154,16 @@ def test_evaluate_perfect_prediction_and_layout():
     assert scores["direction_top_de"].tolist() == [1.0, 1.0]
     assert scores["discrimination_score"].tolist() == [1.0, 1.0]
     assert scores["de_overlap"].tolist() == [1.0, 1.0]
+    assert scores["mae"].tolist() == [0.0, 0.0]
     assert scores["energy_distance"].tolist() == pytest.approx([0.0, 0.0], abs=1e-9)
     # swapping the predictions makes each one the worst match
     swapped = observed.copy()
     swapped.obs["p"] = ["B"] * 30 + ["A"] * 30
     worst = evaluate(swapped, reference, perturbation_key="p", layer=None)
-    assert worst["discrimination_score"].tolist() == [0.0, 0.0]
+    # cell-eval's scale: the farthest of n = 2 scores 1 - 1/2
+    assert worst["discrimination_score"].tolist() == [0.5, 0.5]
+    # A's DE genes are g0, g1 and B's g2, g5: no overlap once swapped
+    assert worst["de_overlap"].tolist() == [0.0, 0.0]
 
 
 def test_evaluate_errors():

@@ -10,6 +10,7 @@ from ..effects import (
     PerturbedMeanBaseline,
 )
 from ._ceiling import delta_correlation, mode_collapse, noise_ceiling
+from ._cell_eval_metrics import SPEARMAN_BROWN_METRICS, mae, significant_de_genes, spearman_brown
 from ._distribution_metrics import energy_distance, histogram_kl, moment_errors
 from ._learning_curve import few_shot_splits, learning_curve
 from ._metrics import (
@@ -97,4 +98,8 @@ __all__ = [
     "unseen_context_split",
     "unseen_single_split",
     "write_results",
+    "SPEARMAN_BROWN_METRICS",
+    "mae",
+    "significant_de_genes",
+    "spearman_brown",
 ]

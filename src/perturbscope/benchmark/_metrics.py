@@ -7,22 +7,23 @@ the PCA) once, and :func:`evaluate` scores any number of predictions against it.
 
 Differential expression (DE) settings: ``scanpy.tl.rank_genes_groups`` with
 ``method="t-test"`` (Welch's t-test), ``reference`` the control cells, ``rankby_abs=True``;
-the top-``n_de`` genes by absolute t statistic are a perturbation's DE genes.
+the top-``n_de`` genes by absolute t statistic are a perturbation's DE genes (the ``*_top_de``
+metrics). ``discrimination_score``, ``mae`` and ``de_overlap`` are cell-eval's, computed as
+cell-eval computes them (:mod:`._cell_eval_metrics`, with its own DE test).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy.spatial.distance import cdist
 
 from .._constants import OUTPUT_KEYS
 from ..data import pseudobulk
+from ._cell_eval_metrics import de_overlap, discrimination_score, mae, significant_de_genes
 from ._distribution_metrics import energy_distance, histogram_kl, moment_errors
 
 #: Profile metrics (higher is better unless named in :data:`LOWER_IS_BETTER`).
@@ -35,6 +36,7 @@ PROFILE_METRICS = (
     "direction_top_de",
     "discrimination_score",
     "de_overlap",
+    "mae",
     "change_norm_ratio",
 )
 DISTRIBUTION_METRICS = (
@@ -47,7 +49,9 @@ DISTRIBUTION_METRICS = (
 )
 #: Best at 1: below 1 the predicted cells are less variable than real ones (collapse).
 CLOSEST_TO_ONE = frozenset({"variance_ratio", "change_norm_ratio"})
-LOWER_IS_BETTER = frozenset({"mse_top_de", "l2_top_expressed", *DISTRIBUTION_METRICS} - CLOSEST_TO_ONE)
+LOWER_IS_BETTER = frozenset(
+    {"mse_top_de", "l2_top_expressed", "mae", *DISTRIBUTION_METRICS} - CLOSEST_TO_ONE
+)
 
 
 def _dense(X) -> np.ndarray:
@@ -169,77 +173,6 @@ def direction_agreement(
     return float(np.mean(signs_p == signs_o))
 
 
-def discrimination_score(predicted: pd.DataFrame, observed: pd.DataFrame) -> pd.Series:
-    """Perturbation discrimination score (cell-eval's PDS) with L1 distance.
-
-    For each perturbation ``p``, the predicted profiles of all perturbations are ranked by L1
-    distance to the observed profile of ``p``; ``r`` is the number of other perturbations whose
-    prediction lies closer than ``p``'s own, ties counting one half. The score is
-    ``1 - r / (n - 1)``: 1 when ``p``'s prediction is the closest, 0.5 for a random prediction
-    or one shared by all perturbations, 0 when it is the farthest. (Distances between profiles equal distances between changes from a common
-    control.)
-
-    Parameters
-    ----------
-    predicted, observed
-        Profiles (perturbations x genes) with the same index.
-
-    Returns
-    -------
-    A score per perturbation; ``NaN`` for fewer than two perturbations.
-
-    Raises
-    ------
-    ValueError
-        If the two indexes differ.
-
-    Examples
-    --------
-    >>> obs = pd.DataFrame([[0.0, 0], [1, 1], [4, 4]], index=["a", "b", "c"])
-    >>> pred = pd.DataFrame([[1.0, 1], [0, 0], [4, 3]], index=["a", "b", "c"])
-    >>> discrimination_score(pred, obs).tolist()
-    [0.5, 0.5, 1.0]
-    >>> discrimination_score(pred.iloc[[0, 0, 0]].set_axis(obs.index), obs).tolist()
-    [0.5, 0.5, 0.5]
-    """
-    if not predicted.index.equals(observed.index):
-        raise ValueError(
-            "predicted and observed must list the same perturbations in the same order; got "
-            f"{predicted.index.tolist()[:5]} and {observed.index.tolist()[:5]}."
-        )
-    n = len(observed)
-    if n < 2:
-        return pd.Series(np.nan, index=observed.index)
-    distances = cdist(observed.to_numpy(), predicted.to_numpy(), metric="cityblock")
-    own = np.diag(distances)
-    ties = np.isclose(distances, own[:, None], rtol=1e-6, atol=1e-9)
-    closer = ((distances < own[:, None]) & ~ties).sum(axis=1) + 0.5 * (ties.sum(axis=1) - 1)
-    return pd.Series(1.0 - closer / (n - 1), index=observed.index)
-
-
-def de_overlap(predicted_genes: Sequence[str], observed_genes: Sequence[str]) -> float:
-    """Fraction of the observed DE genes that are among the predicted DE genes.
-
-    Parameters
-    ----------
-    predicted_genes, observed_genes
-        Top DE genes of the prediction and of the observed cells.
-
-    Returns
-    -------
-    ``|predicted & observed| / |observed|``.
-
-    Examples
-    --------
-    >>> de_overlap(["a", "b", "c"], ["b", "c", "d", "e"])
-    0.5
-    """
-    observed_genes = list(observed_genes)
-    if not observed_genes:
-        return float("nan")
-    return len(set(predicted_genes) & set(observed_genes)) / len(observed_genes)
-
-
 def top_de_genes(
     adata: ad.AnnData,
     groupby: str,
@@ -329,6 +262,9 @@ class EvaluationReference:
         Observed profiles of the held-out perturbations (perturbations x genes).
     de_genes
         Top DE genes of each held-out perturbation against control.
+    significant_genes
+        cell-eval's ranked significant DE genes of each held-out perturbation
+        (:func:`~perturbscope.benchmark.significant_de_genes`), for ``de_overlap``.
     perturbed_centroid
         The mean of the perturbed profiles (Systema's reference).
     top_expressed
@@ -346,6 +282,7 @@ class EvaluationReference:
     control_mean: np.ndarray
     observed_means: pd.DataFrame
     de_genes: dict[str, list[str]]
+    significant_genes: dict[str, list[str]]
     perturbed_centroid: np.ndarray
     top_expressed: np.ndarray
     observed_cells: dict[str, np.ndarray]
@@ -447,6 +384,9 @@ def prepare_reference(
     )
     top = np.argsort(-control_mean, kind="stable")[: min(n_top_expressed, len(control_mean))]
     cells = {p: observed_X[(labels == p).to_numpy()] for p in observed_means.index}
+    significant = {
+        p: significant_de_genes(c, control_X, observed.var_names) for p, c in cells.items()
+    }
     stacked = np.vstack([control_X, observed_X])
     n_pcs = min(n_pcs, *stacked.shape)
     pca = PCA(n_components=n_pcs, random_state=seed).fit(stacked)
@@ -454,6 +394,7 @@ def prepare_reference(
         control_mean=control_mean,
         observed_means=observed_means,
         de_genes=de_genes,
+        significant_genes=significant,
         perturbed_centroid=np.asarray(centroid, dtype=np.float64),
         top_expressed=top,
         observed_cells=cells,
@@ -544,26 +485,7 @@ def evaluate(
     control = reference.control_mean
     has_cells = bool(labels.value_counts().min() > 1)
 
-    predicted_de: dict[str, list[str]] = {}
-    if distributional and has_cells:
-        keep = labels.isin(perturbations).to_numpy()
-        both = ad.concat(
-            [
-                frame[keep],
-                ad.AnnData(
-                    reference.control_cells,
-                    obs=pd.DataFrame(
-                        {"p": "__control__"},
-                        index=[f"control_{i}" for i in range(len(reference.control_cells))],
-                    ),
-                    var=frame.var,
-                ),
-            ]
-        )
-        n_de = max(len(v) for v in reference.de_genes.values())
-        predicted_de = top_de_genes(both, "p", "__control__", n_genes=n_de)
-
-    pds = discrimination_score(predicted_means, observed_means)
+    pds = discrimination_score(predicted_means, observed_means, control)
     rng = np.random.default_rng(seed)
     rows = {}
     for p in perturbations:
@@ -579,13 +501,16 @@ def evaluate(
             "change_norm_ratio": change_norm_ratio(pred[top], obs[top], control[top]),
             "direction_top_de": direction_agreement(pred[de], obs[de], control[de]),
             "discrimination_score": float(pds.loc[p]),
-            "de_overlap": (
-                de_overlap(predicted_de[p], reference.de_genes[p]) if p in predicted_de else np.nan
-            ),
+            "mae": mae(pred, obs),
+            "de_overlap": np.nan,
         }
         if distributional and has_cells:
             cells_pred = X[(labels == p).to_numpy()]
             cells_obs = reference.observed_cells[p]
+            row["de_overlap"] = de_overlap(
+                significant_de_genes(cells_pred, reference.control_cells, genes),
+                reference.significant_genes[p],
+            )
             row.update(moment_errors(cells_pred, cells_obs))
             row["histogram_kl"] = float(np.mean(histogram_kl(cells_pred, cells_obs)))
             sub = [

@@ -18,7 +18,9 @@ from ._models import MODELS
 CEILING = "noise_ceiling"
 OBSERVED = "observed"
 MODE_COLLAPSE = "delta_correlation"
-#: Columns of the summary table, in order.
+#: Columns of the summary table, in order. ``discrimination_score``, ``de_overlap`` and ``mae``
+#: are cell-eval's ``discrimination_score_l1``, ``overlap_at_N`` and ``mae`` (the Virtual Cell
+#: Challenge's three), so the tables read beside the challenge's.
 SUMMARY_METRICS = (
     "pearson_delta_top_de",
     "pearson_delta",
@@ -28,6 +30,7 @@ SUMMARY_METRICS = (
     "direction_top_de",
     "discrimination_score",
     "de_overlap",
+    "mae",
     "energy_distance",
     MODE_COLLAPSE,
 )

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dcor
 import numpy as np
-from scipy.spatial.distance import cdist
 
 
 def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """Energy distance with Euclidean (not squared) distances.
+    """Energy distance with Euclidean (not squared) distances, computed by ``dcor``.
 
+    ``dcor.energy_distance`` with its defaults (exponent 1, the V-statistic):
     ``2 E|X - Y| - E|X - X'| - E|Y - Y'|``, with every expectation the mean over all pairs
-    (the V-statistic, never negative).
-    Squared distances would reduce it to the distance between the means; Euclidean distances
-    make it zero only when the two distributions are equal.
+    (never negative): the square of scipy's ``energy_distance``, and the formula
+    perturbscope used before it called ``dcor`` (the numbers are unchanged). Squared
+    distances would reduce it to the distance between the means; Euclidean distances make it
+    zero only when the two distributions are equal.
 
     Parameters
     ----------
@@ -29,4 +31,4 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     1.0
     """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())
+    return float(dcor.energy_distance(x, y))

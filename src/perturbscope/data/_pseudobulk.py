@@ -1,7 +1,8 @@
 """The one pseudobulk: group means of log1p-normalised expression.
 
 Every metric, baseline, the model and the benchmark runner call :func:`pseudobulk`, so that a
-profile is computed once and in one way. It equals ``scanpy.get.aggregate(func="mean")``.
+profile is computed once and in one way: a thin wrapper of ``scanpy.get.aggregate(func="mean")``
+that returns a labelled DataFrame.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scanpy as sc
 from scipy import sparse
 
 from .._constants import TARGET_SUM
@@ -59,7 +61,7 @@ def pseudobulk(
     groupby: str | Sequence[str],
     layer: str | None = None,
 ) -> pd.DataFrame:
-    """Mean expression of each group of cells.
+    """Mean expression of each group of cells, by ``scanpy.get.aggregate(func="mean")``.
 
     Parameters
     ----------
@@ -75,6 +77,13 @@ def pseudobulk(
     A DataFrame (groups x genes) with ``var_names`` as columns; the index is the group label
     (a ``MultiIndex`` for several columns). Groups are sorted.
 
+    Raises
+    ------
+    KeyError
+        If a ``groupby`` column is not in ``adata.obs``.
+    ValueError
+        If ``adata`` has no cells.
+
     Examples
     --------
     >>> import anndata as ad, numpy as np, pandas as pd
@@ -89,19 +98,25 @@ def pseudobulk(
         raise KeyError(
             f"groupby columns {missing} not in adata.obs; columns are {list(adata.obs.columns)}."
         )
-    X = adata.X if layer is None else adata.layers[layer]
+    if adata.n_obs == 0:
+        raise ValueError("pseudobulk needs at least one cell; adata has none.")
     labels = adata.obs[keys].astype(str)
-    codes, uniques = pd.MultiIndex.from_frame(labels).factorize(sort=True)
-    indicator = sparse.csr_matrix(
-        (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(uniques), len(codes))
+    work = ad.AnnData(
+        X=adata.X if layer is None else adata.layers[layer],
+        obs=pd.DataFrame({k: pd.Categorical(labels[k]) for k in keys}, index=adata.obs_names),
+        var=pd.DataFrame(index=adata.var_names),
     )
-    counts = np.asarray(indicator.sum(axis=1)).ravel()
-    sums = indicator @ X
-    means = np.asarray(sums.todense() if sparse.issparse(sums) else sums) / counts[:, None]
-    index = uniques if len(keys) > 1 else pd.Index(uniques.get_level_values(0), name=keys[0])
+    means = sc.get.aggregate(work, keys, func="mean")
     if len(keys) > 1:
-        index = pd.MultiIndex.from_tuples(list(uniques), names=keys)
-    return pd.DataFrame(means, index=index, columns=adata.var_names.copy())
+        index = pd.MultiIndex.from_frame(means.obs[keys].astype(str))
+    else:
+        index = pd.Index(means.obs[keys[0]].astype(str).to_numpy(), name=keys[0])
+    table = pd.DataFrame(
+        np.asarray(means.layers["mean"], dtype=np.float64),
+        index=index,
+        columns=adata.var_names.copy(),
+    )
+    return table.sort_index()
 
 
 def log1p_expression(
