@@ -223,7 +223,10 @@ class MultimodalMixin:
         if layer is not None and layer not in data.layers:
             raise KeyError(f"layer {layer!r} not found in modality {name!r}; layers are {list(data.layers)}.")
         matrix = _registered_matrix(data, layer)
-        check_count_data(matrix, layer)
+        try:
+            check_count_data(matrix, layer)
+        except ValueError as error:
+            raise ValueError(f"modality {name!r}: {error}") from None
         library = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
         if (library == 0).any():
             raise ValueError(

@@ -108,7 +108,10 @@ def check_modalities(mdata, modalities: dict | None, layers: dict[str, str | Non
             continue
         layer = layers.get(key)
         matrix = data.X if layer is None else data.layers[layer]
-        check_count_data(matrix, layer)
+        try:
+            check_count_data(matrix, layer)
+        except ValueError as error:
+            raise ValueError(f"modality {name!r} ({key}): {error}") from None
         totals = np.asarray(matrix.sum(axis=1)).ravel()
         if not (totals > 0).any():
             raise ValueError(f"modality {name!r} ({key}) has no counts in any cell.")
