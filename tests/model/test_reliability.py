@@ -139,19 +139,25 @@ def test_duplicate_obs_names(screen):
 
 
 def test_backed_anndata(screen, tmp_path):
+    """A backed AnnData is set up for streaming: only the documented setup keys, in memory; the file is untouched."""
     adata, embeddings = screen
     adata.uns.pop("simulation", None)  # nested ground truth is irrelevant here
     path = tmp_path / "screen.h5ad"
     adata.write_h5ad(path)
+    on_disk = path.read_bytes()
     backed = ad.read_h5ad(path, backed="r")
     try:
-        before = _snapshot(backed)
-        with pytest.raises(ValueError, match=r"^adata is backed \(opened with backed='r'\); load it into memory with "
-                           r"adata\.to_memory\(\) before setup\.$"):
-            _setup(backed, embeddings)
-        _assert_unchanged(backed, before)
+        columns, obs, obsm_keys = _snapshot(backed)
+        _setup(backed, embeddings)
+        assert backed.isbacked
+        assert isinstance(backed.X, ad.abc.CSRDataset)
+        assert list(backed.obs.columns) == [*columns, "_scvi_context", "_scvi_batch"]
+        pd.testing.assert_frame_equal(backed.obs[columns], obs)
+        assert sorted(backed.obsm.keys()) == sorted([*obsm_keys, "_scopevi_perturbation_genes"])
+        assert {"_scvi_uuid", "_scvi_manager_uuid"} <= set(backed.uns)
     finally:
         backed.file.close()
+    assert path.read_bytes() == on_disk  # setup writes to the in-memory obs/obsm/uns only
 
 
 # ---------------------------------------------------------------- labels

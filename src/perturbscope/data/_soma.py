@@ -11,6 +11,8 @@ genes are in ``soma_joinid`` order.
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -96,8 +98,8 @@ def read_soma(
     measurement_name: str = "RNA",
     X_name: str = "data",
     obs_column_names: list[str] | None = None,
-    obs_id_name: str = "obs_id",
-    var_id_name: str = "var_id",
+    obs_id_name: str | None = None,
+    var_id_name: str | None = None,
 ) -> ad.AnnData:
     """Open a TileDB-SOMA experiment as an AnnData whose ``X`` stays in the store.
 
@@ -113,7 +115,9 @@ def read_soma(
     obs_column_names
         ``obs`` columns to read; all when ``None``.
     obs_id_name, var_id_name
-        Columns used as ``obs_names`` and ``var_names`` when present.
+        Columns used as ``obs_names`` and ``var_names``. ``None``: the index column that
+        :func:`tiledbsoma.io.from_anndata` wrote (the AnnData's index name, else ``obs_id`` /
+        ``var_id``); the ``soma_joinid`` (as strings) where there is none.
 
     Returns
     -------
@@ -154,11 +158,19 @@ def read_soma(
         columns = None if obs_column_names is None else ["soma_joinid", *obs_column_names]
         obs = experiment.obs.read(column_names=columns).concat().to_pandas()
         var = measurement.var.read().concat().to_pandas()
+        obs_id_name = obs_id_name or _index_column(experiment.obs, "obs_id")
+        var_id_name = var_id_name or _index_column(measurement.var, "var_id")
         X = SomaCSRMatrix(array.uri, np.sort(obs["soma_joinid"].to_numpy()),
                           np.sort(var["soma_joinid"].to_numpy()), array.schema.field("soma_data").type.to_pandas_dtype())
     obs = _frame(obs, obs_id_name)
     var = _frame(var, var_id_name)
     return ad.AnnData(X=X, obs=obs, var=var)
+
+
+def _index_column(dataframe, default: str) -> str:
+    """The column tiledbsoma.io wrote the AnnData index to (recorded in the dataframe's metadata)."""
+    original = json.loads(str(dataframe.metadata.get("soma_dataframe_original_index_name", "null")))
+    return original or default
 
 
 def _frame(table: pd.DataFrame, id_name: str) -> pd.DataFrame:
