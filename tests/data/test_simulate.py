@@ -152,3 +152,92 @@ def test_invalid_sizes():
         simulate_perturbseq(n_genes=10, n_perturbed_genes=12)
     with pytest.raises(ValueError, match="n_combinations=4 exceeds the 3 distinct pairs of 3 perturbed genes"):
         simulate_perturbseq(n_genes=10, n_perturbed_genes=3, n_combinations=4)
+
+
+# ---------------------------------------------------------------- simulate_multimodal_perturbseq
+MULTI = dict(n_genes=80, n_perturbed_genes=8, n_combinations=3, n_cell_types=2, n_cells_per_condition=30,
+             embedding_dim=8, n_proteins=16, seed=2)
+
+
+@pytest.fixture(scope="module")
+def multimodal_screen():
+    from perturbscope.data import simulate_multimodal_perturbseq
+
+    return simulate_multimodal_perturbseq(**MULTI, n_peaks=20, missing_protein_fraction=0.25)
+
+
+def test_multimodal_rna_is_the_rna_simulation(multimodal_screen):
+    mdata, embeddings = multimodal_screen
+    rna, rna_embeddings = simulate_perturbseq(**{k: v for k, v in MULTI.items() if k != "n_proteins"})
+    assert (mdata["rna"].X != rna.X).nnz == 0
+    pd.testing.assert_frame_equal(embeddings, rna_embeddings)
+    assert list(mdata.mod) == ["rna", "adt", "atac"]
+    assert mdata["adt"].shape == (rna.n_obs, 16) and mdata["atac"].shape == (rna.n_obs, 20)
+    assert list(mdata.obs["perturbation"]) == list(rna.obs["perturbation"].astype(str))
+
+
+def test_own_protein_falls_beyond_its_mrna(multimodal_screen):
+    mdata, _ = multimodal_screen
+    var = mdata["adt"].var
+    protein_lfc = mdata["adt"].uns["simulation"]["log_fold_change"]["type_0"]
+    rna_lfc = mdata["rna"].uns["simulation"]["log_fold_change"]["type_0"]
+    own = var.index[var["kind"] == "own"]
+    assert len(own) == 6  # min(n_perturbed_genes, (n_proteins - n_post) // 2)
+    for protein in own:
+        gene = var.loc[protein, "source_gene"]
+        assert protein_lfc.loc[gene, protein] - rna_lfc.loc[gene, gene] == pytest.approx(-1.0)
+        # observed: the knocked-down cells have less of the protein than the controls
+        X = mdata["adt"].X.toarray()
+        share = X / np.clip(X.sum(axis=1, keepdims=True), 1, None)
+        labels = mdata.obs["perturbation"].to_numpy()
+        has = mdata.obs["has_protein"].to_numpy()
+        column = list(var.index).index(protein)
+        assert share[(labels == gene) & has, column].mean() < 0.6 * share[(labels == "control") & has, column].mean()
+
+
+def test_post_transcriptional_proteins_change_without_their_mrna(multimodal_screen):
+    mdata, _ = multimodal_screen
+    var = mdata["adt"].var
+    post = var.index[var["kind"] == "post_transcriptional"]
+    assert len(post) == 4
+    for cell_type in ("type_0", "type_1"):
+        rna_lfc = mdata["rna"].uns["simulation"]["log_fold_change"][cell_type]
+        protein_lfc = mdata["adt"].uns["simulation"]["log_fold_change"][cell_type]
+        assert (rna_lfc[var.loc[post, "source_gene"]].to_numpy() == 0).all()
+        assert (protein_lfc[post].abs().to_numpy().max(axis=0) > 0.3).all()
+    downstream = var.index[var["kind"] == "downstream"]
+    rna_lfc = mdata["rna"].uns["simulation"]["log_fold_change"]["type_0"]
+    protein_lfc = mdata["adt"].uns["simulation"]["log_fold_change"]["type_0"]
+    np.testing.assert_allclose(protein_lfc[downstream].to_numpy(),
+                               rna_lfc[var.loc[downstream, "source_gene"]].to_numpy())
+
+
+def test_missing_protein_rows_are_zero_and_flagged(multimodal_screen):
+    mdata, _ = multimodal_screen
+    totals = np.asarray(mdata["adt"].X.sum(axis=1)).ravel()
+    has = mdata.obs["has_protein"].to_numpy()
+    assert (totals[~has] == 0).all() and (totals[has] > 0).all()
+    assert 0.15 < 1 - has.mean() < 0.35
+
+
+def test_peaks_follow_their_linked_gene(multimodal_screen):
+    mdata, _ = multimodal_screen
+    atac = mdata["atac"]
+    rna_lfc = mdata["rna"].uns["simulation"]["log_fold_change"]["type_1"]
+    peak_lfc = atac.uns["simulation"]["log_fold_change"]["type_1"]
+    np.testing.assert_allclose(peak_lfc.to_numpy(), 0.5 * rna_lfc[atac.var["linked_gene"]].to_numpy())
+    values = atac.X.data
+    assert np.array_equal(values, np.round(values)) and (values > 0).all()
+
+
+def test_multimodal_invalid_arguments():
+    from perturbscope.data import simulate_multimodal_perturbseq
+
+    with pytest.raises(ValueError, match=r"^n_proteins must be a positive integer, got 0\.$"):
+        simulate_multimodal_perturbseq(n_proteins=0)
+    with pytest.raises(ValueError, match=r"^n_peaks must be a non-negative integer, got -1\.$"):
+        simulate_multimodal_perturbseq(n_peaks=-1)
+    with pytest.raises(ValueError, match=r"^missing_protein_fraction must lie in \[0, 1\), got 1\.0\.$"):
+        simulate_multimodal_perturbseq(missing_protein_fraction=1.0)
+    with pytest.raises(ValueError, match=r"^n_proteins=200 needs 50 genes that no programme loads"):
+        simulate_multimodal_perturbseq(n_genes=60, n_perturbed_genes=6, n_combinations=2, n_proteins=200)
