@@ -172,7 +172,8 @@ def test_multimodal_rna_is_the_rna_simulation(multimodal_screen):
     assert (mdata["rna"].X != rna.X).nnz == 0
     pd.testing.assert_frame_equal(embeddings, rna_embeddings)
     assert list(mdata.mod) == ["rna", "adt", "atac"]
-    assert mdata["adt"].shape == (rna.n_obs, 16) and mdata["atac"].shape == (rna.n_obs, 20)
+    assert mdata["adt"].shape == (rna.n_obs, 16)
+    assert mdata["atac"].shape == (rna.n_obs, 20)
     assert list(mdata.obs["perturbation"]) == list(rna.obs["perturbation"].astype(str))
 
 
@@ -216,7 +217,8 @@ def test_missing_protein_rows_are_zero_and_flagged(multimodal_screen):
     mdata, _ = multimodal_screen
     totals = np.asarray(mdata["adt"].X.sum(axis=1)).ravel()
     has = mdata.obs["has_protein"].to_numpy()
-    assert (totals[~has] == 0).all() and (totals[has] > 0).all()
+    assert (totals[~has] == 0).all()
+    assert (totals[has] > 0).all()
     assert 0.15 < 1 - has.mean() < 0.35
 
 
@@ -227,7 +229,8 @@ def test_peaks_follow_their_linked_gene(multimodal_screen):
     peak_lfc = atac.uns["simulation"]["log_fold_change"]["type_1"]
     np.testing.assert_allclose(peak_lfc.to_numpy(), 0.5 * rna_lfc[atac.var["linked_gene"]].to_numpy())
     values = atac.X.data
-    assert np.array_equal(values, np.round(values)) and (values > 0).all()
+    assert np.array_equal(values, np.round(values))
+    assert (values > 0).all()
 
 
 def test_multimodal_invalid_arguments():

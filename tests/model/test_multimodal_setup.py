@@ -114,7 +114,8 @@ def test_setup_changes_only_documented_keys(screen):
     setup(mdata, emb, modalities={"rna_layer": "rna", "protein_layer": "adt", "atac_layer": "atac"})
     for name, (obs, var, X, layers, obsm, uns) in before.items():
         mod = mdata.mod[name]
-        assert mod.obs.equals(obs) and mod.var.equals(var)
+        assert mod.obs.equals(obs)
+        assert mod.var.equals(var)
         assert (mod.X != X).nnz == 0
         assert (set(mod.layers), set(mod.obsm), set(mod.uns)) == (layers, obsm, uns)
     new_obs = set(mdata.obs.columns) - set(obs_before.columns)
