@@ -8,7 +8,9 @@ and baseline shares.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import anndata as ad
@@ -20,13 +22,17 @@ from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi import settings
 from scvi.utils import track
 
-from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
+from .._constants import REGISTRY_KEYS, TARGET_SUM
 from ..data import (
-    aggregate_prediction,
+    ALL_CONTEXTS,
+    PredictionMeans,
+    PredictionStore,
     check_count_data,
     check_log_normalized,
+    check_store_path,
     check_var_names,
     is_control,
+    log1p_expression,
     prediction_anndata,
 )
 from ..module._scopevae import COUNT_LIKELIHOODS
@@ -57,7 +63,8 @@ class PredictionMixin:
         batch_size: int | None = None,
         seed: int | None = None,
         interval_levels: Sequence[float] = (0.8, 0.95),
-    ) -> ad.AnnData:
+        out: str | Path | None = None,
+    ) -> ad.AnnData | Path:
         """Predict perturbed cells from control cells.
 
         Every control cell is an anchor: ``z`` is drawn from the conditional prior
@@ -110,10 +117,27 @@ class PredictionMixin:
         interval_levels
             Coverage levels of the intervals added to a mean prediction (``aggregate="mean"``)
             of a model with the effect prior.
+        out
+            A new ``.h5ad`` or ``.zarr`` path: the predicted cells are written there chunk by
+            chunk (:class:`perturbscope.data.PredictionStore`) instead of being held in memory.
+            Returns the path, or with ``aggregate="mean"`` the mean prediction (the cells are
+            still written to ``out``).
+
+        Notes
+        -----
+        Prediction streams over chunks of ``batch_size`` control cells: with ``aggregate="mean"``
+        only running sums per (perturbation, context) are kept
+        (:class:`perturbscope.data.PredictionMeans`) and with ``out`` the cells go to disk, so
+        memory is set by ``batch_size`` and the number of mean profiles, not by the number of
+        (perturbation, control cell) pairs. With the effect prior the VAE's draws are made twice
+        from the same seeded generator: once for its mean change per context, which every cell's
+        composition needs, then for the cells. The draws depend on ``seed`` and ``batch_size``.
 
         Returns
         -------
-        A new AnnData (``adata_control`` is untouched) with the training ``var_names`` and
+        The path ``out`` when it is given without ``aggregate``; otherwise a new AnnData
+        (``adata_control`` is untouched). The prediction, in memory or in ``out``, has the
+        training ``var_names`` and
 
         * ``X``: expression on the training scale (expected counts at the control cell's library
           size for count likelihoods; log-normalised values for ``"normal"``);
@@ -135,8 +159,9 @@ class PredictionMixin:
         Raises
         ------
         ValueError
-            If ``var_names`` differ from training, ``adata_control`` holds non-control cells, or
-            a batch/covariate value was not seen in training.
+            If ``var_names`` differ from training, ``adata_control`` is empty or holds
+            non-control cells, a batch/covariate value was not seen in training, ``perturbations``
+            is empty, or ``out`` exists or does not end in ``.h5ad`` or ``.zarr``.
         KeyError
             If a perturbed gene is not in the embedding table.
         """
@@ -147,46 +172,139 @@ class PredictionMixin:
             raise ValueError(f"combination must be 'additive' or 'joint', got {combination!r}.")
         if not isinstance(n_samples, int | np.integer) or n_samples <= 0:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
+        batch_size = settings.batch_size if batch_size is None else batch_size
+        if not isinstance(batch_size, int | np.integer) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+        out = None if out is None else check_store_path(out)
         adata_control, perturbations = self._prediction_inputs(adata_control, perturbations)
-        gene_index = torch.as_tensor(self.encode_perturbations(perturbations))
-        generator = torch.Generator().manual_seed(int(seed if seed is not None else (settings.seed or 0)))
-        n_cells, n_genes = adata_control.shape
-        X = np.empty((len(perturbations), n_samples, n_cells, n_genes), dtype=np.float32)
-        log1p_norm = np.empty_like(X)
         with_prior = self.effect_prior is not None and residual
+        context_key = self._original_key(REGISTRY_KEYS.CONTEXT_KEY)
+        contexts = adata_control.obs[context_key].astype(str).to_numpy() if context_key in adata_control.obs else None
+        if with_prior and context_key is not None and contexts is None:
+            raise KeyError(f"adata_control.obs has no column {context_key!r}, the context the model was set up with.")
+        gene_index = torch.as_tensor(self.encode_perturbations(perturbations))
+        seed = int(seed if seed is not None else (settings.seed or 0))
+        control_obs, provenance = self._prediction_layout(adata_control)
+
+        def draws():  # the same seeded draws, in the same order, on every call
+            return self._predicted_chunks(adata_control, gene_index, n_samples, use_prior_mean, residual,
+                                          combination, batch_size, seed, with_prior)
+
+        if with_prior:  # a first pass for the VAE's mean change per context, which every cell needs
+            terms = self._composition_terms(adata_control, perturbations, contexts, n_samples, draws())
+            provenance["mean_correction"] = terms["mean_correction"]
+        n_cells, n_genes = adata_control.shape
+        means = (PredictionMeans(perturbations, contexts, context_key, n_samples, n_genes)
+                 if aggregate == "mean" else None)
+        store = None if out is None else PredictionStore(out, perturbations, control_obs, adata_control.var_names,
+                                                         n_samples, provenance, rows_per_chunk=batch_size)
+        cells_in_memory = means is None and store is None
+        if cells_in_memory:
+            X = np.empty((len(perturbations), n_samples, n_cells, n_genes), dtype=np.float32)
+            log1p_norm = np.empty_like(X)
+        anchors = None
+        try:
+            for cells, p, first, second in draws():
+                if with_prior:
+                    if anchors is None or anchors[0] != cells:
+                        anchors = (cells, *self._anchor_expression(adata_control, cells))
+                    first, second = self._compose_cells(terms, p, anchors, first)
+                if means is not None:
+                    means.add(p, cells, first, second)
+                if store is not None:
+                    store.write(p, cells, first, second)
+                if cells_in_memory:
+                    X[p, :, cells], log1p_norm[p, :, cells] = first, second
+        except BaseException:
+            if store is not None:  # no half-written store is left behind
+                store.close()
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            raise
+        if store is not None:
+            store.close()
+        if cells_in_memory:
+            return prediction_anndata(perturbations, control_obs, X.reshape(-1, n_genes),
+                                      log1p_norm.reshape(-1, n_genes), adata_control.var_names, n_samples, provenance)
+        if means is None:
+            return out
+        prediction = means.to_anndata(adata_control.var_names, provenance)
+        if with_prior:
+            self.add_prediction_intervals(prediction, interval_levels)
+        return prediction
+
+    def _predicted_chunks(self, adata_control, gene_index, n_samples, use_prior_mean, residual, combination,
+                          batch_size, seed, with_prior):
+        """Yield ``(cells, perturbation index, first, second)`` per chunk of control cells and perturbation.
+
+        With the effect prior ``first`` is the VAE's change ``(n_samples, cells, genes)`` and
+        ``second`` is ``None``; without, they are ``X`` and ``log1p_norm``. The prior draws come
+        from one generator seeded with ``seed``, consumed chunk by chunk, perturbation by
+        perturbation: a second call yields the same numbers.
+        """
+        generator = torch.Generator().manual_seed(seed)
         for cells, anchor_x, batch_index, cat_covs in self._anchor_batches(adata_control, batch_size):
-            for p in range(len(perturbations)):
+            for p in range(len(gene_index)):
                 genes = gene_index[p].expand(len(anchor_x), -1).to(anchor_x.device)
-                if with_prior:  # the VAE's per-cell change, composed with the prior below
+                if with_prior:
                     shape = (n_samples, len(anchor_x), self.module.n_latent)
                     noise = torch.zeros(shape) if use_prior_mean else torch.randn(shape, generator=generator)
                     change, _ = self.module.predicted_change(
                         anchor_x, genes, noise.to(anchor_x.device), batch_index, cat_covs, combination
                     )
-                    log1p_norm[p, :, cells] = change.cpu().numpy()
+                    yield cells, p, change.cpu().numpy(), None
                     continue
                 expression, normalised = self.module.predict_from_anchor(
                     anchor_x, genes, batch_index, cat_covs, n_samples=n_samples,
                     use_prior_mean=use_prior_mean, residual=residual, generator=generator,
                     combination=combination,
                 )
-                X[p, :, cells] = expression.cpu().numpy()
-                log1p_norm[p, :, cells] = normalised.cpu().numpy()
-        corrections = {}
-        if with_prior:
-            for p, label in enumerate(perturbations):
-                X[p], log1p_norm[p], corrections_p = self._compose(adata_control, label, log1p_norm[p])
-                corrections.update(corrections_p)
-        prediction = self._prediction_anndata(adata_control, perturbations, n_samples, X, log1p_norm)
-        if with_prior:
-            prediction.uns[OUTPUT_KEYS.PROVENANCE_UNS]["mean_correction"] = pd.DataFrame(
-                corrections, index=adata_control.var_names.copy()
-            ).T
-        if aggregate == "mean":
-            prediction = aggregate_prediction(prediction, self._original_key(REGISTRY_KEYS.CONTEXT_KEY))
-            if with_prior:
-                self.add_prediction_intervals(prediction, interval_levels)
-        return prediction
+                yield cells, p, expression.cpu().numpy(), normalised.cpu().numpy()
+
+    def _composition_terms(self, adata_control, perturbations, contexts, n_samples, changes) -> dict:
+        """The per-(perturbation, context) terms of the effect-prior composition, from one pass of ``changes``.
+
+        ``s`` (the prior's shift), ``correction`` (``w_k (m - s)``), ``m`` (the VAE's mean change
+        over the context's anchors) and ``g`` (the cell-term weight) as arrays indexed
+        ``[perturbation, context]``; see :mod:`perturbscope.model._effect_correction`.
+        """
+        contexts = np.full(adata_control.n_obs, ALL_CONTEXTS) if contexts is None else contexts
+        sums = PredictionMeans(perturbations, contexts, None, n_samples, adata_control.n_vars, n_layers=1)
+        for cells, p, change, _ in changes:
+            sums.add(p, cells, change)
+        m = sums.means(0).astype(np.float32)
+        prior = self.effect_prior
+        s = np.zeros(m.shape)
+        correction = np.zeros(m.shape)
+        g = np.zeros(m.shape[:2], dtype=np.float32)
+        for p, label in enumerate(perturbations):
+            for c, context in enumerate(sums.contexts):
+                shift = prior.predict_shifts([label], context)
+                kind = shift.attrs["kinds"][0]
+                s[p, c] = shift.to_numpy()[0]
+                correction[p, c] = self.correction_weights_.get(kind, 0.0) * (m[p, c] - s[p, c])
+                g[p, c] = getattr(self, "cell_term_weights_", {}).get(kind, 1.0)
+        position = {context: c for c, context in enumerate(sums.contexts)}
+        rows = {f"{label}|{context}": correction[p, position[context]]
+                for p, label in enumerate(perturbations) for context in pd.unique(contexts)}
+        return {"s": s, "correction": correction, "m": m, "g": g, "sums": sums,
+                "mean_correction": pd.DataFrame(rows, index=adata_control.var_names.copy()).T}
+
+    def _anchor_expression(self, adata_control: ad.AnnData, cells: slice):
+        """log1p-normalised expression and library size of the anchors ``cells``."""
+        chunk = _matrix_of(adata_control, self._layer)[cells]
+        start = log1p_expression(ad.AnnData(X=chunk), None, self._data_scale)
+        return start, np.asarray(chunk.sum(axis=1)).ravel()
+
+    def _compose_cells(self, terms: dict, p: int, anchors, changes: np.ndarray):
+        """``(X, log1p_norm)`` of anchors + prior + correction + cell term, ``(n_samples, cells, genes)``."""
+        cells, start, library = anchors
+        k = terms["sums"].context_of(cells)
+        composed = (start[None] + terms["s"][p, k] + terms["correction"][p, k]
+                    + terms["g"][p, k][:, None] * (changes - terms["m"][p, k]))
+        log1p_norm = composed.astype(np.float32)
+        if self._data_scale == "log1p_norm":
+            return log1p_norm, log1p_norm
+        return np.clip(np.expm1(log1p_norm), 0, None) * library[None, :, None] / TARGET_SUM, log1p_norm
 
     @torch.inference_mode()
     def get_perturbation_programs(
@@ -290,6 +408,8 @@ class PredictionMixin:
         perturbations = [str(p) for p in perturbations]
         if not perturbations:
             raise ValueError("perturbations is empty; pass at least one perturbation label.")
+        if adata_control.n_obs == 0:
+            raise ValueError("adata_control has no cells; pass at least one control cell to anchor the predictions.")
         check_var_names(adata_control.var_names, self.var_names, "adata")
         self._check_only_controls(adata_control)
         matrix = _matrix_of(adata_control, self._layer)
@@ -322,7 +442,8 @@ class PredictionMixin:
                         torch.as_tensor(covariate_codes[cells], dtype=torch.long, device=device))
             yield cells, anchor_x, batch_index, cat_covs
 
-    def _prediction_anndata(self, adata_control, perturbations, n_samples, X, log1p_norm) -> ad.AnnData:
+    def _prediction_layout(self, adata_control: ad.AnnData) -> tuple[pd.DataFrame, dict]:
+        """The anchors' ``obs`` columns carried into a prediction, and its ``uns["perturbscope"]``."""
         context_columns = [k for k in (self._original_key(REGISTRY_KEYS.CONTEXT_KEY),
                                        self._original_key(SCVI_KEYS.BATCH_KEY)) if k is not None]
         if SCVI_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
@@ -334,11 +455,7 @@ class PredictionMixin:
             "context_columns": context_columns,
             "gene_embeddings": {str(k): str(v) for k, v in self._perturbation_state.get("provenance", {}).items()},
         }
-        n_genes = X.shape[-1]
-        return prediction_anndata(
-            perturbations, adata_control.obs[context_columns], X.reshape(-1, n_genes),
-            log1p_norm.reshape(-1, n_genes), adata_control.var_names, n_samples, provenance,
-        )
+        return adata_control.obs[context_columns], provenance
 
     def _category_codes(self, adata: ad.AnnData, registry_key: str) -> np.ndarray | None:
         key = self._original_key(registry_key)
