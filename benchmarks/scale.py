@@ -5,9 +5,10 @@ simulated screen (``simulate_perturbseq``), at each batch size:
 
 - ``SCVI``: ``scvi.model.SCVI`` with scvi-tools' own loader (the reference);
 - ``ScopeVI anchored``: ScopeVI with its default loader,
-  :class:`perturbscope.data.AnchoredDataSplitter` (host-side batches, control anchors added);
-- ``ScopeVI device``: ScopeVI with :class:`perturbscope.data.DeviceDataSplitter` (data, batches
-  and anchors on the training device);
+  :class:`perturbscope.data.AnchoredDataSplitter` (``loader="anndata"``: host-side batches,
+  control anchors added);
+- ``ScopeVI device``: ScopeVI with :class:`perturbscope.data.DeviceDataSplitter`
+  (``loader="device"``: data, batches and anchors on the training device);
 - ``ScopeVI device+compile`` (with ``--compile``): the device path with
   :class:`perturbscope.model.ScopeTrainingPlan` (``compile=True``; the first, untimed epoch
   pays the compilation).
@@ -31,7 +32,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import perturbscope as ps
-from perturbscope.data import DeviceDataSplitter
 from perturbscope.model import ScopeTrainingPlan
 
 ARCHITECTURE = {"n_latent": 16, "n_hidden": 128, "n_layers": 2, "gene_likelihood": "nb"}
@@ -78,14 +78,11 @@ def simulated_screen(n_cells: int, n_genes: int):
     )
 
 
-def scopevi(adata, embeddings, splitter=None):
-    """A fresh ScopeVI on its own copy of ``adata``; ``splitter`` replaces its data splitter."""
+def scopevi(adata, embeddings):
+    """A fresh ScopeVI on its own copy of ``adata``."""
     data = adata.copy()
     ps.ScopeVI.setup_anndata(data, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
-    model = ps.ScopeVI(data, effect_prior=False, **ARCHITECTURE)
-    if splitter is not None:
-        model._data_splitter_cls = splitter
-    return model
+    return ps.ScopeVI(data, effect_prior=False, **ARCHITECTURE)
 
 
 def main() -> None:
@@ -111,12 +108,12 @@ def main() -> None:
         scvi.model.SCVI.setup_anndata(scvi_data, batch_key="cell_type")
         reference = seconds_per_epoch(scvi.model.SCVI(scvi_data, **ARCHITECTURE), args.epochs, batch_size)
         rows.append(("SCVI", batch_size, reference, reference))
-        paths = [("ScopeVI anchored", scopevi(adata, embeddings), {}),
-                 ("ScopeVI device", scopevi(adata, embeddings, DeviceDataSplitter), {})]
+        paths = [("ScopeVI anchored", scopevi(adata, embeddings), {"loader": "anndata"}),
+                 ("ScopeVI device", scopevi(adata, embeddings), {"loader": "device"})]
         if args.compile:
-            model = scopevi(adata, embeddings, DeviceDataSplitter)
+            model = scopevi(adata, embeddings)
             model._training_plan_cls = ScopeTrainingPlan
-            paths.append(("ScopeVI device+compile", model, {"plan_kwargs": {"compile": True}}))
+            paths.append(("ScopeVI device+compile", model, {"loader": "device", "plan_kwargs": {"compile": True}}))
         for name, model, kwargs in paths:
             rows.append((name, batch_size, seconds_per_epoch(model, args.epochs, batch_size, **kwargs), reference))
 

@@ -59,6 +59,20 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def format_bytes(n_bytes: float) -> str:
+    """``n_bytes`` in the largest binary unit that keeps it at least 1 (``"1.50 GiB"``).
+
+    Examples
+    --------
+    >>> format_bytes(1536), format_bytes(3 * 2**30), format_bytes(12)
+    ('1.50 KiB', '3.00 GiB', '12 B')
+    """
+    for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if n_bytes >= 1024**power:
+            return f"{n_bytes / 1024**power:.2f} {unit}"
+    return f"{int(n_bytes)} B"
+
+
 def _expression_bytes(matrix, dense: bool) -> int:
     n_obs, n_vars = matrix.shape
     if dense:
@@ -179,12 +193,13 @@ class DeviceBatches:
             return self.n_rows // self.batch_size
         return -(-self.n_rows // self.batch_size)
 
-    def _rows(self) -> torch.Tensor:
+    def rows(self, epoch: int) -> torch.Tensor:
+        """The cells this rank visits on pass ``epoch``, in order."""
         rows = self.indices
         if self.shuffle:
             # Every rank draws the same permutation (same seed and epoch) and keeps its shard.
             generator = torch.Generator(device=self.store.device)
-            generator.manual_seed(self.seed * 100_003 + self.epoch)
+            generator.manual_seed(self.seed * 100_003 + epoch)
             rows = rows[torch.randperm(len(rows), generator=generator, device=self.store.device)]
         if self.world_size > 1:
             padded = self.n_rows * self.world_size
@@ -192,7 +207,7 @@ class DeviceBatches:
         return rows
 
     def __iter__(self):
-        rows = self._rows()
+        rows = self.rows(self.epoch)
         self.epoch += 1
         for batch_index in range(len(self)):
             chunk = rows[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
@@ -303,7 +318,8 @@ class DeviceDataSplitter(DataSplitter):
         widths = [np.asarray(self.adata_manager.get_from_registry(key)).reshape(n_obs, -1).shape[1]
                   for key in self.adata_manager.data_registry if key != SCVI_KEYS.X_KEY]
         other = n_obs * 8 * (sum(widths) + 2)
-        budget = self.memory_fraction * available_memory(device)
+        free = available_memory(device)
+        budget = self.memory_fraction * free
         dense_bytes = _expression_bytes(matrix, dense=True) + other
         sparse_bytes = _expression_bytes(matrix, dense=False) + other if sp.issparse(matrix) else dense_bytes
         if self.layout == "dense" or (self.layout == "auto" and dense_bytes <= budget):
@@ -312,11 +328,10 @@ class DeviceDataSplitter(DataSplitter):
             needed, dense = sparse_bytes, not sp.issparse(matrix)
         if needed > budget:
             raise MemoryError(
-                f"DeviceDataSplitter: the registered data need {needed / 2**30:.3f} GiB on {device} "
-                f"({'dense' if dense else 'CSR'} expression of {n_obs} cells x {matrix.shape[1]} genes) "
-                f"but memory_fraction={self.memory_fraction} of the {budget / self.memory_fraction / 2**30:.3f} "
-                "GiB free allows only "
-                f"{budget / 2**30:.3f} GiB. Train with the default anchored loader instead."
+                f"DeviceDataSplitter: the registered data need {format_bytes(needed)} on {device} "
+                f"({'dense' if dense else 'CSR'} expression of {n_obs} cells x {matrix.shape[1]} genes), "
+                f"but memory_fraction={self.memory_fraction} of the {format_bytes(free)} free there "
+                f"allows {format_bytes(budget)}. Train with the default anchored loader instead."
             )
         return dense
 

@@ -88,13 +88,13 @@ class ScopeTrainingPlan(TrainingPlan):
             mode = "reduce-overhead" if device.type == "cuda" else "default"
         try:
             self._compiled_forward = torch.compile(self.module.forward, mode=mode, backend=self.compile_backend)
-        except Exception as error:  # noqa: BLE001 - any failure means: train eagerly
+        except Exception as error:  # any failure means: train eagerly
             self._warn_eager(error)
 
     @staticmethod
     def _warn_eager(error: Exception) -> None:
         warnings.warn(
-            f"torch.compile is unavailable ({type(error).__name__}: {error}); training continues "
+            f"torch.compile is unavailable or failed ({type(error).__name__}: {error}); training continues "
             "with the eager module.", UserWarning, stacklevel=settings.warnings_stacklevel,
         )
 
@@ -111,7 +111,7 @@ class ScopeTrainingPlan(TrainingPlan):
             return self._compiled_forward(*args, **kwargs)
         try:
             result = self._compiled_forward(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - compilation happens at the first call
+        except Exception as error:  # compilation happens at the first call
             self._warn_eager(error)
             self._compiled_forward = None
             return self.module(*args, **kwargs)
