@@ -17,6 +17,7 @@ from scipy import sparse, stats
 from scipy.spatial.distance import cdist
 
 from perturbscope.benchmark import (
+    ControlDE,
     de_overlap,
     discrimination_score,
     energy_distance,
@@ -145,6 +146,39 @@ def test_de_overlap_is_cell_evals(pair, cell_eval_scores):
     expected = cell_eval_scores["de_overlap"].loc[PERTURBATIONS].to_numpy()
     assert ours == pytest.approx(expected, abs=1e-12)
     assert 0 < expected.mean() < 1
+
+
+def test_control_de_pvalues_are_scipys_mann_whitney():
+    rng = np.random.default_rng(2)
+    # counts on the log1p scale: many ties, genes never expressed, one constant in both
+    control = np.log1p(rng.poisson(0.8, (90, 30))).astype(float)
+    perturbed = np.log1p(rng.poisson(1.1, (35, 30))).astype(float)
+    control[:, :3] = 0.0
+    perturbed[:, :2] = 0.0
+    control[:, 5], perturbed[:, 5] = 2.0, 2.0
+    test = ControlDE(control, [f"g{i}" for i in range(30)])
+    expected = stats.mannwhitneyu(perturbed, control, axis=0, method="asymptotic").pvalue
+    np.testing.assert_allclose(test.pvalues(perturbed), expected, rtol=1e-12, atol=0)
+    assert test.pvalues(perturbed)[[0, 1, 5]].tolist() == [1.0, 1.0, 1.0]
+    # continuous values, no ties
+    x, y = rng.normal(size=(20, 12)), rng.normal(0.5, 1, (50, 12))
+    np.testing.assert_allclose(
+        ControlDE(y, list("abcdefghijkl")).pvalues(x),
+        stats.mannwhitneyu(x, y, axis=0, method="asymptotic").pvalue,
+        rtol=1e-12,
+    )
+
+
+def test_control_de_bad_input():
+    with pytest.raises(ValueError, match=r"^DE needs control cells x genes; got shape \(0, 3\)"):
+        ControlDE(np.zeros((0, 3)), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="^control has 3 genes but 2 gene names"):
+        ControlDE(np.zeros((4, 3)), ["a", "b"])
+    test = ControlDE(np.zeros((4, 3)), ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"^perturbed must be cells x 3 genes .*got shape \(2, 2\)"):
+        test.significant_genes(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"^perturbed must be cells x 3 genes"):
+        significant_de_genes(np.zeros((0, 3)), np.zeros((4, 3)), ["a", "b", "c"])
 
 
 def test_evaluate_reports_the_cell_eval_columns(pair, cell_eval_scores):

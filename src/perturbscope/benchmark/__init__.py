@@ -10,7 +10,13 @@ from ..effects import (
     PerturbedMeanBaseline,
 )
 from ._ceiling import delta_correlation, mode_collapse, noise_ceiling
-from ._cell_eval_metrics import SPEARMAN_BROWN_METRICS, mae, significant_de_genes, spearman_brown
+from ._cell_eval_metrics import (
+    SPEARMAN_BROWN_METRICS,
+    ControlDE,
+    mae,
+    significant_de_genes,
+    spearman_brown,
+)
 from ._distribution_metrics import energy_distance, histogram_kl, moment_errors
 from ._learning_curve import few_shot_splits, learning_curve
 from ._metrics import (
@@ -102,4 +108,5 @@ __all__ = [
     "mae",
     "significant_de_genes",
     "spearman_brown",
+    "ControlDE",
 ]

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 from sklearn.metrics import pairwise_distances
 
 #: cell-eval's false discovery rate cut of a significant DE gene.
@@ -131,6 +131,112 @@ def mae(predicted: np.ndarray, observed: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(predicted, float) - np.asarray(observed, float))))
 
 
+class ControlDE:
+    """cell-eval's DE test of any perturbation against one set of control cells.
+
+    The controls are sorted once, so that each perturbation's Mann-Whitney U statistics and
+    tie corrections come from binary searches (identical to
+    ``scipy.stats.mannwhitneyu(method="asymptotic")``, without ranking the controls again for
+    every perturbation and every model). :func:`significant_de_genes` is the one-off form.
+
+    Parameters
+    ----------
+    control
+        Log1p-normalised control cells x genes.
+    genes
+        Gene names (the columns).
+
+    Raises
+    ------
+    ValueError
+        If there are no control cells, or ``genes`` does not name every column.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> test = ControlDE(rng.normal(1, 0.1, (30, 3)), ["a", "b", "c"])
+    >>> pert = rng.normal(1, 0.1, (30, 3)); pert[:, 2] += 1
+    >>> test.significant_genes(pert)
+    ['c']
+    """
+
+    def __init__(self, control: np.ndarray, genes: Sequence[str]):
+        control = np.asarray(control, dtype=np.float64)
+        self.genes = np.asarray(genes, dtype=str)
+        if control.ndim != 2 or len(control) == 0:
+            raise ValueError(f"DE needs control cells x genes; got shape {control.shape}.")
+        if control.shape[1] != len(self.genes):
+            raise ValueError(
+                f"control has {control.shape[1]} genes but {len(self.genes)} gene names."
+            )
+        self.n_control, n_genes = control.shape
+        with np.errstate(over="ignore"):
+            self._geometric_mean = np.expm1(control.mean(axis=0))
+        # (gene, value) as complex numbers sort and search lexicographically, exactly
+        self._sorted = (np.arange(n_genes) + 1j * np.sort(control, axis=0)).ravel(order="F")
+        values, counts = np.unique(self._sorted, return_counts=True)
+        self._control_ties = np.bincount(
+            values.real.astype(np.int64), weights=counts**3.0 - counts, minlength=n_genes
+        )
+
+    def pvalues(self, perturbed: np.ndarray) -> np.ndarray:
+        """Two-sided Mann-Whitney U p-values of ``perturbed`` against the controls, per gene.
+
+        The normal approximation with tie and continuity corrections, as
+        ``scipy.stats.mannwhitneyu(method="asymptotic")`` and pdex compute it.
+        """
+        perturbed = self._check(perturbed)
+        n1, n2 = len(perturbed), self.n_control
+        n_genes = len(self.genes)
+        gene = np.arange(n_genes)
+        queries = (gene + 1j * perturbed).ravel(order="F")
+        below = np.searchsorted(self._sorted, queries, side="left")
+        upto = np.searchsorted(self._sorted, queries, side="right")
+        u1 = (below + 0.5 * (upto - below) - np.repeat(gene * n2, n1)).reshape(n_genes, n1)
+        u1 = u1.sum(axis=1)
+        values, counts = np.unique(queries, return_counts=True)
+        shared = np.searchsorted(self._sorted, values, "right") - np.searchsorted(
+            self._sorted, values, "left"
+        )
+        union = counts + shared
+        extra = (union**3.0 - union) - (shared**3.0 - shared)
+        ties = self._control_ties + np.bincount(
+            values.real.astype(np.int64), weights=extra, minlength=n_genes
+        )
+        n = n1 + n2
+        u = np.maximum(u1, n1 * n2 - u1)
+        spread = np.sqrt(n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1))))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = (u - n1 * n2 / 2 - 0.5) / spread
+        return np.clip(2 * special.ndtr(-z), 0.0, 1.0)
+
+    def significant_genes(
+        self, perturbed: np.ndarray, fdr_threshold: float = FDR_THRESHOLD
+    ) -> list[str]:
+        """The significant DE genes of ``perturbed``, most changed first.
+
+        See :func:`significant_de_genes` for the definition.
+        """
+        perturbed = self._check(perturbed)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            lfc = np.log2(np.expm1(perturbed.mean(axis=0)) / self._geometric_mean)
+        lfc[np.isnan(lfc)] = 0.0
+        fdr = stats.false_discovery_control(self.pvalues(perturbed))
+        # cell-eval stores both as float32 before it filters and ranks
+        significant = np.flatnonzero(fdr.astype(np.float32) < fdr_threshold)
+        strength = np.abs(lfc.astype(np.float32))[significant]
+        return self.genes[significant[np.argsort(-strength, kind="stable")]].tolist()
+
+    def _check(self, perturbed: np.ndarray) -> np.ndarray:
+        perturbed = np.asarray(perturbed, dtype=np.float64)
+        if perturbed.ndim != 2 or len(perturbed) == 0 or perturbed.shape[1] != len(self.genes):
+            raise ValueError(
+                f"perturbed must be cells x {len(self.genes)} genes with at least one cell; "
+                f"got shape {perturbed.shape}."
+            )
+        return perturbed
+
+
 def significant_de_genes(
     perturbed: np.ndarray,
     control: np.ndarray,
@@ -144,7 +250,7 @@ def significant_de_genes(
     FDRs over the genes; genes with ``FDR < fdr_threshold`` are ranked by
     ``|log2 fold change|``, descending (ties in gene order), where the fold change is that of
     the geometric means ``expm1(mean(log1p x))`` (a gene zero in both groups has fold
-    change 0).
+    change 0). Many perturbations against the same controls: :class:`ControlDE`.
 
     Parameters
     ----------
@@ -172,28 +278,7 @@ def significant_de_genes(
     >>> significant_de_genes(pert, ctrl, ["a", "b", "c"])
     ['c', 'a']
     """
-    perturbed = np.asarray(perturbed, dtype=np.float64)
-    control = np.asarray(control, dtype=np.float64)
-    genes = np.asarray(genes, dtype=str)
-    if len(perturbed) == 0 or len(control) == 0:
-        raise ValueError(
-            f"DE needs cells in both groups; got {len(perturbed)} perturbed and "
-            f"{len(control)} control cells."
-        )
-    if not perturbed.shape[1] == control.shape[1] == len(genes):
-        raise ValueError(
-            f"perturbed, control and genes must have the same genes; got {perturbed.shape[1]}, "
-            f"{control.shape[1]} and {len(genes)}."
-        )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lfc = np.log2(np.expm1(perturbed.mean(axis=0)) / np.expm1(control.mean(axis=0)))
-    lfc[np.isnan(lfc)] = 0.0
-    pvalue = stats.mannwhitneyu(perturbed, control, axis=0, method="asymptotic").pvalue
-    fdr = stats.false_discovery_control(np.clip(pvalue, 0.0, 1.0))
-    # cell-eval stores both as float32 before it filters and ranks
-    significant = np.flatnonzero(fdr.astype(np.float32) < fdr_threshold)
-    strength = np.abs(lfc.astype(np.float32))[significant]
-    return genes[significant[np.argsort(-strength, kind="stable")]].tolist()
+    return ControlDE(control, genes).significant_genes(perturbed, fdr_threshold)
 
 
 def de_overlap(

@@ -23,7 +23,7 @@ from scipy import sparse
 
 from .._constants import OUTPUT_KEYS
 from ..data import pseudobulk
-from ._cell_eval_metrics import de_overlap, discrimination_score, mae, significant_de_genes
+from ._cell_eval_metrics import ControlDE, de_overlap, discrimination_score, mae
 from ._distribution_metrics import energy_distance, histogram_kl, moment_errors
 
 #: Profile metrics (higher is better unless named in :data:`LOWER_IS_BETTER`).
@@ -384,9 +384,8 @@ def prepare_reference(
     )
     top = np.argsort(-control_mean, kind="stable")[: min(n_top_expressed, len(control_mean))]
     cells = {p: observed_X[(labels == p).to_numpy()] for p in observed_means.index}
-    significant = {
-        p: significant_de_genes(c, control_X, observed.var_names) for p, c in cells.items()
-    }
+    control_de = ControlDE(control_X, observed.var_names)
+    significant = {p: control_de.significant_genes(c) for p, c in cells.items()}
     stacked = np.vstack([control_X, observed_X])
     n_pcs = min(n_pcs, *stacked.shape)
     pca = PCA(n_components=n_pcs, random_state=seed).fit(stacked)
@@ -487,6 +486,7 @@ def evaluate(
 
     pds = discrimination_score(predicted_means, observed_means, control)
     rng = np.random.default_rng(seed)
+    control_de = ControlDE(reference.control_cells, genes) if distributional and has_cells else None
     rows = {}
     for p in perturbations:
         pred, obs = predicted_means.loc[p].to_numpy(), observed_means.loc[p].to_numpy()
@@ -508,8 +508,7 @@ def evaluate(
             cells_pred = X[(labels == p).to_numpy()]
             cells_obs = reference.observed_cells[p]
             row["de_overlap"] = de_overlap(
-                significant_de_genes(cells_pred, reference.control_cells, genes),
-                reference.significant_genes[p],
+                control_de.significant_genes(cells_pred), reference.significant_genes[p]
             )
             row.update(moment_errors(cells_pred, cells_obs))
             row["histogram_kl"] = float(np.mean(histogram_kl(cells_pred, cells_obs)))
