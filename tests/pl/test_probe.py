@@ -36,7 +36,7 @@ def test_gradient_field_draws_one_arrow_per_chosen_cell(field_adata):
 def test_gradient_field_errors(field_adata):
     with pytest.raises(
         ValueError,
-        match=r"adata.obsm has no 'probe_grad_gene9_umap'; run perturbscope.probe.gradient_field",
+        match=r"adata.obsm has no 'X_grad_gene9_umap'; run perturbscope.probe.gradient_field",
     ):
         gradient_field(field_adata, "gene9")
     with pytest.raises(ValueError, match="basis 'X_pca' is not in adata.obsm"):
@@ -68,9 +68,9 @@ def test_pathway_ranking_plot():
     table = pd.DataFrame(
         {"pathway": ["a", "b", "c"], "score": [2.0, -1.0, 0.5], "padj": [1e-5, 0.01, 0.5]}
     )
-    ax = pathway_ranking(table, n_top=2)
-    widths = sorted(p.get_width() for p in ax.patches)
-    np.testing.assert_allclose(widths, [2.0, 5.0])
+    ax = pathway_ranking(table, n_top=2, show=False)
+    heights = ax.collections[1].get_offsets()[:, 0]  # dots at -log10 padj, bottom row first
+    np.testing.assert_allclose(heights, [2.0, 5.0])
     with pytest.raises(ValueError, match=r"table lacks columns \['padj'\]"):
         pathway_ranking(table[["pathway", "score"]])
     plt.close("all")

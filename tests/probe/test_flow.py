@@ -12,11 +12,11 @@ def test_gradient_field_writes_documented_keys(tiny_scvi):
     sub = adata[:60].copy()
     before = set(sub.obsm)
     gradient_field(model, sub, "gene2", basis="X_umap", n_neighbors=10, progress_bar=False)
-    assert set(sub.obsm) - before == {"probe_grad_gene2", "probe_grad_gene2_umap"}
-    assert sub.obsm["probe_grad_gene2"].shape == (60, 4)
-    assert sub.obsm["probe_grad_gene2_umap"].shape == (60, 2)
+    assert set(sub.obsm) - before == {"X_grad_gene2", "X_grad_gene2_umap"}
+    assert sub.obsm["X_grad_gene2"].shape == (60, 4)
+    assert sub.obsm["X_grad_gene2_umap"].shape == (60, 2)
     expected = decoder_jacobian(model, sub, genes=["gene2"], progress_bar=False)[:, 0, :]
-    np.testing.assert_allclose(sub.obsm["probe_grad_gene2"], expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sub.obsm["X_grad_gene2"], expected, rtol=1e-5, atol=1e-7)
 
 
 def test_projection_follows_the_gradient():

@@ -236,7 +236,7 @@ def test_plot_returns_figure_with_panels(screen):
     from perturbscope.pl._interactions import genetic_interactions as plot
 
     table = genetic_interactions(screen)
-    fig = plot(table)
+    fig = plot(table, show=False, return_fig=True)
     assert len(fig.axes) == 2
     assert len(fig.axes[0].collections) >= 4  # one scatter per call present, plus the (1, 1) mark
     published = pd.DataFrame(
@@ -249,12 +249,12 @@ def test_plot_returns_figure_with_panels(screen):
         }
     )
     _, matched = compare_with_published(table, published)
-    fig = plot(table, comparison=matched, label=False)
-    assert fig.axes[2].get_xlabel() == "published mag"
+    axes = plot(table, comparison=matched, label=False, show=False)
+    assert axes[2].get_xlabel() == "published magnitude (Norman et al. 2019)"
     with pytest.raises(KeyError, match=r"table lacks columns \['mag'\]"):
         plot(table.drop(columns="mag"))
-    with pytest.raises(ValueError, match="axes must hold 2 axes, got 1"):
-        plot(table, axes=[fig.axes[0]])
+    with pytest.raises(ValueError, match=r"^ax must hold 2 axes, got 1\.$"):
+        plot(table, ax=[fig.axes[0]])
 
 
 def test_real_norman_cells_agree_with_published_fits(shared_data):

@@ -1,25 +1,45 @@
-"""Plots of benchmark results (the long table of :func:`perturbscope.benchmark.run_benchmark`)."""
+"""Plots of benchmark results (the long table of :func:`perturbscope.benchmark.run_benchmark`).
+
+Every plot takes scanpy's ``ax``, ``show``, ``save`` and ``return_fig`` (see
+:mod:`perturbscope.pl._figure`). Groups of held-out perturbations (``seen0``, ``seen1``,
+``seen2``, ``zero-shot``...) differ in difficulty, so :func:`benchmark_figures` draws each group
+in its own titled panel rather than pooling them.
+"""
 
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from ..benchmark import CEILING as _CEILING
-from ..benchmark import MODE_COLLAPSE, shot_statistics
+from ..benchmark import CLOSEST_TO_ONE, LOWER_IS_BETTER, MODE_COLLAPSE, shot_statistics
 from ..benchmark import OBSERVED as _OBSERVED
+from ._figure import check_show_save, finish, metric_label, new_axes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+BAR_COLOUR, SEED_COLOUR, CEILING_COLOUR = "#9ecae1", "#08519c", "#cb181d"
+
+
+def _check_columns(results: pd.DataFrame) -> None:
+    required = {"task", "group", "model", "perturbation", "metric", "value", "seed"}
+    missing = sorted(required - set(results.columns))
+    if missing:
+        raise KeyError(f"results lacks columns {missing}; pass the output of run_benchmark.")
+    if results.empty:
+        raise ValueError("results is empty; pass the output of run_benchmark.")
 
 
 def _select(
     results: pd.DataFrame, metric: str, task: str | None, group: str | None
 ) -> pd.DataFrame:
-    required = {"task", "group", "model", "perturbation", "metric", "value", "seed"}
-    missing = sorted(required - set(results.columns))
-    if missing:
-        raise KeyError(f"results lacks columns {missing}; pass the output of run_benchmark.")
+    _check_columns(results)
     rows = results[results["metric"] == metric]
     if rows.empty:
         raise ValueError(
@@ -34,12 +54,36 @@ def _select(
     return rows
 
 
+def _better(metric: str) -> str:
+    if metric in CLOSEST_TO_ONE:
+        return "closest to 1 is best"
+    return "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+
+
+def _wrap(label: str, width: int = 45) -> str:
+    return "\n".join(textwrap.wrap(label, width))
+
+
+def _title(rows: pd.DataFrame, task: str | None, group: str | None) -> str:
+    tasks = ", ".join(map(str, pd.unique(rows["task"]))) if task is None else task
+    if group is None:
+        groups = pd.unique(rows["group"])
+        group = str(groups[0]) if len(groups) == 1 else f"{len(groups)} groups pooled"
+    n = rows.loc[rows["perturbation"] != "(all)", "perturbation"].nunique()
+    seeds = rows["seed"].nunique()
+    counts = f"{n} perturbation{'s' * (n != 1)}, " if n else ""
+    return f"{tasks}: {group}\n({counts}{seeds} seed{'s' * (seeds != 1)})"
+
+
 def benchmark_scores(
     results: pd.DataFrame,
     metric: str = "pearson_delta_top_de",
     task: str | None = None,
     group: str | None = None,
-    ax=None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike | None = None,
+    return_fig: bool = False,
 ):
     """Per-seed mean score of each model, with the split-half noise ceiling as a line.
 
@@ -50,13 +94,21 @@ def benchmark_scores(
     metric
         The metric to plot.
     task, group
-        Restrict to one task or one group (``seen2``, ``zero-shot``...).
+        Restrict to one task or one group (``seen2``, ``zero-shot``...); without ``group``
+        the groups are pooled (the title says so).
     ax
         Matplotlib axes; a new figure when ``None``.
+    show
+        Show the figure; ``None`` shows it in interactive sessions when nothing is saved.
+    save
+        File to save the figure to (format from the extension).
+    return_fig
+        Return the Figure instead of the Axes.
 
     Returns
     -------
-    The axes: one dot per seed, a bar at the mean, a dashed line at the ceiling.
+    The Axes (the Figure with ``return_fig=True``): a bar at the mean over seeds, one dot per
+    seed, a dashed line at the noise ceiling, the metric and its unit on the y axis.
 
     Raises
     ------
@@ -70,32 +122,32 @@ def benchmark_scores(
     >>> from perturbscope.benchmark import run_benchmark
     >>> results = run_benchmark(None, "simulated", models=["additive", "perturbed_mean"],
     ...                         seeds=1, distributional=False, progress=False)
-    >>> ax = benchmark_scores(results, "pearson_delta_top_de")
-    >>> ax.get_ylabel()
-    'pearson_delta_top_de'
+    >>> ax = benchmark_scores(results, "pearson_delta_top_de", show=False)
+    >>> " ".join(ax.get_ylabel().split())
+    'Pearson r of predicted and observed change, top-20 DE genes (unitless); higher is better'
     """
-    import matplotlib.pyplot as plt
-
+    check_show_save(show, save, return_fig)
     rows = _select(results, metric, task, group)
     rows = rows[rows["model"] != _OBSERVED]
     per_seed = rows.groupby(["model", "seed"])["value"].mean().reset_index()
     models = [m for m in pd.unique(per_seed["model"]) if m != _CEILING]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(1.0 + 0.8 * len(models), 3.2))
+    ax = new_axes(ax, (1.6 + 0.8 * len(models), 3.4))
     for i, model in enumerate(models):
         values = per_seed.loc[per_seed["model"] == model, "value"].to_numpy()
-        ax.bar(i, np.nanmean(values), color="#9ecae1", width=0.6)
-        ax.scatter(np.full(len(values), i), values, color="#08519c", s=12, zorder=3)
+        ax.bar(i, np.nanmean(values), color=BAR_COLOUR, width=0.6,
+               label="mean over seeds" if i == 0 else None)
+        ax.scatter(np.full(len(values), i), values, color=SEED_COLOUR, s=12, zorder=3,
+                   label="one seed" if i == 0 else None)
     ceiling = per_seed.loc[per_seed["model"] == _CEILING, "value"]
     if len(ceiling):
-        ax.axhline(float(ceiling.mean()), color="#cb181d", linestyle="--", label="noise ceiling")
-        ax.legend(frameon=False, fontsize=8)
+        ax.axhline(float(ceiling.mean()), color=CEILING_COLOUR, linestyle="--",
+                   label="noise ceiling (split-half)")
+    ax.legend(frameon=False, fontsize=7, loc="best")
     ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
-    ax.set_ylabel(metric)
-    title = " / ".join(str(x) for x in (task, group) if x is not None)
-    if title:
-        ax.set_title(title)
-    return ax
+    ax.set_xlabel("model")
+    ax.set_ylabel(_wrap(f"{metric_label(metric)}; {_better(metric)}"), fontsize=8)
+    ax.set_title(_title(rows, task, group), fontsize=9)
+    return finish(ax.figure, ax, show, save, return_fig)
 
 
 def benchmark_scatter(
@@ -105,12 +157,15 @@ def benchmark_scatter(
     metric: str = "pearson_delta_top_de",
     task: str | None = None,
     group: str | None = None,
-    ax=None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike | None = None,
+    return_fig: bool = False,
 ):
     """Per-perturbation scores of two models against each other, with the diagonal.
 
     Points are the mean over seeds of each held-out perturbation's score; a point above the
-    diagonal is a perturbation ``y_model`` predicts better (for higher-is-better metrics).
+    diagonal is a perturbation ``y_model`` scores higher on.
 
     Parameters
     ----------
@@ -124,10 +179,16 @@ def benchmark_scatter(
         Restrict to one task or group.
     ax
         Matplotlib axes; a new figure when ``None``.
+    show
+        Show the figure; ``None`` shows it in interactive sessions when nothing is saved.
+    save
+        File to save the figure to (format from the extension).
+    return_fig
+        Return the Figure instead of the Axes.
 
     Returns
     -------
-    The axes.
+    The Axes (the Figure with ``return_fig=True``).
 
     Raises
     ------
@@ -139,77 +200,95 @@ def benchmark_scatter(
     >>> from perturbscope.benchmark import run_benchmark
     >>> results = run_benchmark(None, "simulated", models=["additive", "perturbed_mean"],
     ...                         seeds=1, distributional=False, progress=False)
-    >>> ax = benchmark_scatter(results, "perturbed_mean", "additive")
+    >>> ax = benchmark_scatter(results, "perturbed_mean", "additive", show=False)
     >>> ax.get_xlabel()
     'perturbed_mean'
     """
-    import matplotlib.pyplot as plt
-
+    check_show_save(show, save, return_fig)
     rows = _select(results, metric, task, group)
     rows = rows[rows["perturbation"] != "(all)"]
     table = rows.groupby(["model", "perturbation"])["value"].mean().unstack("model")
     for model in (x_model, y_model):
         if model not in table.columns:
             raise ValueError(f"model {model!r} not in results; found {list(table.columns)}.")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(3.4, 3.4))
+    ax = new_axes(ax, (3.8, 3.8))
     x, y = table[x_model], table[y_model]
-    ax.scatter(x, y, s=14, color="#08519c")
+    ax.scatter(x, y, s=14, color=SEED_COLOUR, label="one perturbation (mean over seeds)")
     low = float(np.nanmin([x.min(), y.min()]))
     high = float(np.nanmax([x.max(), y.max()]))
-    ax.plot([low, high], [low, high], color="grey", linewidth=0.8)
+    ax.plot([low, high], [low, high], color="grey", linewidth=0.8, label="equal scores")
     ax.set_xlabel(x_model)
     ax.set_ylabel(y_model)
-    ax.set_title(metric)
-    return ax
+    ax.set_title(f"{metric_label(metric)}\n{_title(rows, task, group)}", fontsize=8)
+    ax.legend(frameon=False, fontsize=7, loc="best")
+    return finish(ax.figure, ax, show, save, return_fig)
 
 
-def benchmark_mode_collapse(results: pd.DataFrame, task: str | None = None, ax=None):
+def benchmark_mode_collapse(
+    results: pd.DataFrame,
+    task: str | None = None,
+    group: str | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike | None = None,
+    return_fig: bool = False,
+):
     """Mean pairwise correlation of predicted changes per model, beside the observed one.
 
     Parameters
     ----------
     results
         Long results from :func:`~perturbscope.benchmark.run_benchmark`.
-    task
-        Restrict to one task.
+    task, group
+        Restrict to one task or one group.
     ax
         Matplotlib axes; a new figure when ``None``.
+    show
+        Show the figure; ``None`` shows it in interactive sessions when nothing is saved.
+    save
+        File to save the figure to (format from the extension).
+    return_fig
+        Return the Figure instead of the Axes.
 
     Returns
     -------
-    The axes: a bar per model and a dashed line at the observed figure. Bars well above the
-    line flag predictions collapsed onto one common change.
+    The Axes (the Figure with ``return_fig=True``): a bar per model and a dashed line at the
+    observed figure. Bars well above the line flag predictions collapsed onto one change.
 
     Examples
     --------
     >>> from perturbscope.benchmark import run_benchmark
     >>> results = run_benchmark(None, "simulated", models=["additive", "perturbed_mean"],
     ...                         seeds=1, distributional=False, progress=False)
-    >>> benchmark_mode_collapse(results).get_ylabel()
-    'mean pairwise correlation of changes'
+    >>> " ".join(benchmark_mode_collapse(results, show=False).get_ylabel().split())
+    'mean pairwise correlation of changes (unitless)'
     """
-    import matplotlib.pyplot as plt
-
-    rows = _select(results, "delta_correlation", task, None)
+    check_show_save(show, save, return_fig)
+    rows = _select(results, MODE_COLLAPSE, task, group)
     means = rows.groupby("model")["value"].mean()
     models = [m for m in means.index if m != _OBSERVED]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(1.0 + 0.8 * len(models), 3.2))
-    ax.bar(range(len(models)), means.loc[models].to_numpy(), color="#fdae6b", width=0.6)
+    ax = new_axes(ax, (1.6 + 0.8 * len(models), 3.4))
+    ax.bar(range(len(models)), means.loc[models].to_numpy(), color="#fdae6b", width=0.6,
+           label="predicted (mean over seeds)")
     if _OBSERVED in means.index:
-        ax.axhline(float(means.loc[_OBSERVED]), color="black", linestyle="--", label="observed")
-        ax.legend(frameon=False, fontsize=8)
+        ax.axhline(float(means.loc[_OBSERVED]), color="black", linestyle="--",
+                   label="observed changes")
+    ax.legend(frameon=False, fontsize=7, loc="best")
     ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
-    ax.set_ylabel("mean pairwise correlation of changes")
-    return ax
+    ax.set_xlabel("model")
+    ax.set_ylabel(_wrap(metric_label(MODE_COLLAPSE)), fontsize=8)
+    ax.set_title(_title(rows, task, group), fontsize=9)
+    return finish(ax.figure, ax, show, save, return_fig)
 
 
 def learning_curve(
     results: pd.DataFrame,
     metric: str = "pearson_delta_top_de",
     task: str | None = None,
-    ax=None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike | None = None,
+    return_fig: bool = False,
 ):
     """Score against the number of given cells ``k``, one line per model, ceiling dashed.
 
@@ -223,10 +302,16 @@ def learning_curve(
         Restrict to one task.
     ax
         Matplotlib axes; a new figure when ``None``.
+    show
+        Show the figure; ``None`` shows it in interactive sessions when nothing is saved.
+    save
+        File to save the figure to (format from the extension).
+    return_fig
+        Return the Figure instead of the Axes.
 
     Returns
     -------
-    The axes.
+    The Axes (the Figure with ``return_fig=True``).
 
     Raises
     ------
@@ -244,11 +329,10 @@ def learning_curve(
     >>> curve = run_curve(adata, "perturbation", "cell_type", shots=(0, 5), data_scale="counts",
     ...                   scopevi=False, baselines=["matching_mean"], distributional=False,
     ...                   progress=False)
-    >>> learning_curve(curve).get_xlabel()
+    >>> learning_curve(curve, show=False).get_xlabel()
     'cells given per perturbation (k)'
     """
-    import matplotlib.pyplot as plt
-
+    check_show_save(show, save, return_fig)
     if "shots" not in results.columns:
         raise KeyError("results lacks a 'shots' column; pass the output of benchmark.learning_curve.")
     # one colour per model across every task of ``results``, so panels can be compared
@@ -256,8 +340,7 @@ def learning_curve(
     colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
     rows = _select(results, metric, task, None)
     stats = shot_statistics(rows.assign(task=""), metric).droplevel("task")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax = new_axes(ax, (4.8, 3.4))
     for model, block in stats.groupby(level="model", sort=False):
         block = block.droplevel("model")
         style = ({"color": "grey", "linestyle": "--"} if model == _CEILING
@@ -265,20 +348,22 @@ def learning_curve(
         label = "noise ceiling (split-half)" if model == _CEILING else model
         ax.errorbar(block.index, block["mean"], yerr=block["std"], label=label, capsize=2, **style)
     ax.set_xlabel("cells given per perturbation (k)")
-    ax.set_ylabel(metric)
-    if task is not None:
-        ax.set_title(task)
+    ax.set_ylabel(_wrap(metric_label(metric)), fontsize=8)
+    tasks = ", ".join(map(str, pd.unique(rows["task"]))) if task is None else task
+    ax.set_title(f"{tasks} (mean ± sd over seeds)", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
-    return ax
+    return finish(ax.figure, ax, show, save, return_fig)
 
 
 def benchmark_figures(results: pd.DataFrame, out: str | os.PathLike) -> list[Path]:
-    """Save the standard figures of benchmark results as PNGs in ``out``.
+    """Save the standard figures of benchmark results as PNGs in ``out``, one panel per group.
 
     ``pearson_delta_top_de.png`` and ``l2_top_expressed.png`` (:func:`benchmark_scores`) and,
     when two or more perturbations were held out, ``delta_correlation.png``
-    (:func:`benchmark_mode_collapse`). The tables of the same results are written by
-    :func:`perturbscope.benchmark.write_results`.
+    (:func:`benchmark_mode_collapse`). Each file has one titled panel per (task, group) of
+    held-out perturbations (``seen0``, ``seen1``, ``seen2``, ``zero-shot``...), sharing the y
+    axis, since the groups differ in difficulty and pooling them would hide that. The tables of
+    the same results are written by :func:`perturbscope.benchmark.write_results`.
 
     Parameters
     ----------
@@ -291,6 +376,13 @@ def benchmark_figures(results: pd.DataFrame, out: str | os.PathLike) -> list[Pat
     -------
     The paths written.
 
+    Raises
+    ------
+    KeyError
+        If ``results`` lacks the columns of the runner's table.
+    ValueError
+        If ``results`` is empty.
+
     Examples
     --------
     >>> import tempfile
@@ -302,22 +394,34 @@ def benchmark_figures(results: pd.DataFrame, out: str | os.PathLike) -> list[Pat
     """
     import matplotlib.pyplot as plt
 
+    _check_columns(results)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    title = ", ".join(map(str, pd.unique(results["task"])))
+    metrics = set(results["metric"])
     drawers = [
-        (metric, lambda m=metric: benchmark_scores(results, metric=m))
-        for metric in ("pearson_delta_top_de", "l2_top_expressed")
-        if metric in set(results["metric"])
+        (metric, lambda ax, t, g, m=metric: benchmark_scores(results, m, t, g, ax=ax, show=False))
+        for metric in ("pearson_delta_top_de", "l2_top_expressed") if metric in metrics
     ]
-    if MODE_COLLAPSE in set(results["metric"]):  # needs two or more held-out perturbations
-        drawers.append((MODE_COLLAPSE, lambda: benchmark_mode_collapse(results)))
+    if MODE_COLLAPSE in metrics:  # needs two or more held-out perturbations
+        drawers.append((MODE_COLLAPSE, lambda ax, t, g: benchmark_mode_collapse(
+            results, t, g, ax=ax, show=False)))
     written = []
     for name, draw in drawers:
-        ax = draw()
-        ax.set_title(title)
+        rows = results[results["metric"] == name]
+        panels = list(rows[["task", "group"]].drop_duplicates().itertuples(index=False))
+        n_models = rows.loc[~rows["model"].isin([_CEILING, _OBSERVED]), "model"].nunique()
+        fig, axes = plt.subplots(1, len(panels), sharey=True, squeeze=False,
+                                 figsize=(len(panels) * (1.6 + 0.6 * n_models), 3.8))
+        for ax, (task, group) in zip(axes[0], panels):
+            draw(ax, task, group)
+            ax.get_legend().remove()
+        for ax in axes[0][1:]:
+            ax.set_ylabel("")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                   ncol=len(labels), frameon=False, fontsize=8)
         path = folder / f"{name}.png"
-        ax.figure.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(ax.figure)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
         written.append(path)
     return written

@@ -9,7 +9,7 @@ rankings of those scores.
 from .._safe_load import load_model_file
 from ._alignment import axis_alignment_scores, mean_expression_baseline
 from ._census import load_census_scvi, load_scvi_model
-from ._flow import gradient_field, gradient_flow
+from ._flow import gradient_field, gradient_flow, gradient_key
 from ._jacobian import decoder_jacobian
 from ._pathways import gene_set_table, rank_pathways
 from ._scvi_files import SIZE_CAPS, SUPPORTED_MODELS
@@ -22,6 +22,7 @@ __all__ = [
     "decoder_jacobian",
     "gradient_field",
     "gradient_flow",
+    "gradient_key",
     "load_census_scvi",
     "load_model_file",
     "load_scvi_model",

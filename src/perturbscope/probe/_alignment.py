@@ -137,7 +137,7 @@ def axis_alignment_scores(
     batch_size
         Cells per Jacobian chunk; memory grows as ``batch_size * n_genes * n_latent``.
     progress_bar
-        Show a tqdm bar.
+        Show a progress bar over chunks (``scvi.settings.progress_bar_style``).
 
     Returns
     -------

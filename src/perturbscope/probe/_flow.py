@@ -20,8 +20,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from scvi.utils import track
 from sklearn.neighbors import NearestNeighbors
-from tqdm.auto import tqdm
 
 from .._constants import TARGET_SUM
 from ._jacobian import (
@@ -37,19 +37,44 @@ from ._jacobian import (
 )
 
 
+def gradient_key(gene: str, basis: str | None = None) -> str:
+    """The ``obsm`` key of a gene's latent gradient, or of its projection onto ``basis``.
+
+    Parameters
+    ----------
+    gene
+        The gene.
+    basis
+        The embedding the field was projected onto (``"X_umap"`` or ``"umap"``); ``None`` for
+        the latent gradient itself.
+
+    Returns
+    -------
+    ``f"X_grad_{gene}"``, or ``f"X_grad_{gene}_{name}"`` with ``name`` the basis without
+    its ``X_`` prefix.
+
+    Examples
+    --------
+    >>> gradient_key("ISG15"), gradient_key("ISG15", "X_umap")
+    ('X_grad_ISG15', 'X_grad_ISG15_umap')
+    """
+    key = f"X_grad_{gene}"
+    return key if basis is None else f"{key}_{basis.removeprefix('X_')}"
+
+
 def _check_gene(gene: Any) -> None:
     if not isinstance(gene, str) or not gene:
         raise ValueError(f"gene must be one gene name (a non-empty string), got {gene!r}")
 
 
 def _latent_gradient(
-    probe: _Probe, gene_index: np.ndarray, batch_size: int, progress: bool, z: torch.Tensor | None
+    probe: _Probe, gene_index: np.ndarray, batch_size: int, progress_bar: bool, z: torch.Tensor | None
 ) -> torch.Tensor:
     z_all = probe.z if z is None else z
     rows = np.arange(z_all.shape[0])
     grads = torch.empty_like(z_all)
     for part, jac in _iter_jacobian(
-        probe, rows, gene_index, "log_scale", batch_size, progress, "gradient", z=z_all
+        probe, rows, gene_index, "log_scale", batch_size, progress_bar, "gradient", z=z_all
     ):
         grads[part] = jac[:, 0, :]
     return grads
@@ -105,16 +130,16 @@ def gradient_field(
     batch_size
         Cells per Jacobian chunk.
     progress_bar
-        Show a tqdm bar.
+        Show a progress bar over chunks (``scvi.settings.progress_bar_style``).
 
     Returns
     -------
-    ``None``. Writes to ``adata``:
+    ``None``. Writes to ``adata`` (scanpy's ``X_`` prefix marks per-cell coordinates):
 
-    - ``obsm[f"probe_grad_{gene}"]``: ``(n_cells, n_latent)``, the gradient of
+    - ``obsm[f"X_grad_{gene}"]``: ``(n_cells, n_latent)``, the gradient of
       ``log px_scale[gene]`` with respect to ``z`` at each cell's posterior mean;
-    - ``obsm[f"probe_grad_{gene}_{name}"]``: ``(n_cells, 2)``, its projection onto ``basis``
-      (``name`` is ``basis`` without a leading ``X_``, e.g. ``probe_grad_ISG15_umap``). Each
+    - ``obsm[f"X_grad_{gene}_{name}"]``: ``(n_cells, 2)``, its projection onto ``basis``
+      (``name`` is ``basis`` without a leading ``X_``, e.g. ``X_grad_ISG15_umap``). Each
       cell's arrow is ``sum_j (p_ij - 1/k) (e_j - e_i) / |e_j - e_i|`` over its ``k`` latent
       neighbours ``j``, with ``p_ij`` the softmax of ``cos(grad_i, z_j - z_i) / temperature``
       (scVelo's velocity-embedding rule).
@@ -155,9 +180,8 @@ def gradient_field(
     projected = _project_onto_embedding(
         z_np.astype(np.float64), grad_np.astype(np.float64), embedding, n_neighbors, temperature
     )
-    name = basis.removeprefix("X_")
-    adata.obsm[f"probe_grad_{gene}"] = grad_np.astype(np.float32)
-    adata.obsm[f"probe_grad_{gene}_{name}"] = projected.astype(np.float32)
+    adata.obsm[gradient_key(gene)] = grad_np.astype(np.float32)
+    adata.obsm[gradient_key(gene, basis)] = projected.astype(np.float32)
 
 
 def gradient_flow(
@@ -197,7 +221,7 @@ def gradient_flow(
     batch_size
         Cells per chunk.
     progress_bar
-        Show a tqdm bar over steps.
+        Show a progress bar over steps (``scvi.settings.progress_bar_style``).
 
     Returns
     -------
@@ -254,7 +278,7 @@ def gradient_flow(
     layers = {}
     with _eval_mode(model.module):
         layers["step_0"] = decode(z)
-        for step in tqdm(range(1, n_steps + 1), desc="gradient flow", disable=not progress_bar):
+        for step in track(range(1, n_steps + 1), description="gradient flow", disable=not progress_bar):
             grad = _latent_gradient(probe, gene_index, batch_size, False, z)
             unit = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
             z = z + direction * step_size * unit

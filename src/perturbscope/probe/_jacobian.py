@@ -41,8 +41,8 @@ import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi.module import VAE
+from scvi.utils import track
 from torch.func import jacfwd, jacrev
-from tqdm.auto import tqdm
 
 from .._constants import REGISTRY_KEYS as SCOPE_KEYS
 from .._constants import TARGET_SUM
@@ -368,7 +368,7 @@ def _iter_jacobian(
     genes: np.ndarray | None,
     output: str,
     batch_size: int,
-    progress: bool,
+    progress_bar: bool,
     desc: str = "decoder Jacobian",
     z: torch.Tensor | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -378,7 +378,7 @@ def _iter_jacobian(
     n_out = len(probe.gene_names) if genes is None else len(genes)
     use_forward = n_out >= probe.n_latent
     starts = range(0, len(rows), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
+    for start in track(starts, description=desc, disable=not progress_bar or len(starts) < 2):
         part = slice(start, min(start + batch_size, len(rows)))
         chunk_rows = rows[part]
         z_chunk = z_all[torch.as_tensor(chunk_rows, device=z_all.device)].detach()
@@ -438,7 +438,7 @@ def decoder_jacobian(
     library_size
         Library size for ``output="rate"``.
     progress_bar
-        Show a tqdm bar over chunks.
+        Show a progress bar over chunks (``scvi.settings.progress_bar_style``).
 
     Returns
     -------
