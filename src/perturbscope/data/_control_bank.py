@@ -115,7 +115,7 @@ class StreamedControlBank:
     def expression(self, cells: np.ndarray) -> torch.Tensor:
         """Dense expression of banked ``cells`` (indices into the AnnData)."""
         position = np.searchsorted(self.cells, np.asarray(cells))
-        return self.X[torch.from_numpy(position)]
+        return torch.index_select(self.X, 0, torch.from_numpy(position))
 
     def group_sizes(self) -> dict[int, int]:
         """Banked control cells per pairing group."""

@@ -65,6 +65,8 @@ def row_blocks(rows: np.ndarray, chunk_size: int) -> list[np.ndarray]:
 def read_block(matrix, rows: np.ndarray):
     """The sorted ``rows`` of one block: one contiguous read of their span, then a selection."""
     span = read_rows(matrix, int(rows[0]), int(rows[-1]) + 1)
+    if len(rows) == span.shape[0]:  # every row of the span: no selection to make
+        return span
     return span[rows - rows[0]]
 
 
