@@ -144,6 +144,9 @@ def gradient_field(
       neighbours ``j``, with ``p_ij`` the softmax of ``cos(grad_i, z_j - z_i) / temperature``
       (scVelo's velocity-embedding rule).
 
+    Like scvi-tools' getters, the model registers an ``adata`` it was not trained on (adding
+    ``obs["_scvi_batch"]``, ``uns["_scvi_uuid"]``...).
+
     Raises
     ------
     ValueError
