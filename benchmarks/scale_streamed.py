@@ -9,10 +9,13 @@ Two measurements, printed in one run:
    callback) and cells per second are printed, with the ratios to the in-memory path.
 2. **Peak memory.** For each size in ``--sizes`` (default 50k, 200k, 800k cells x 2,000 genes) a
    fresh Python process opens the backed h5ad, sets it up, builds ScopeVI (which checks the
-   counts in chunks), fits the effect prior (pseudobulks in one streamed pass, the bounded
-   control bank, the validation of the correction weights) and runs ``--steps`` training steps,
-   then reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. Target: the peak at the largest
-   size within 1.3x of the peak at the smallest.
+   counts in chunks), runs the effect prior's pseudobulk pass and ``--steps`` training steps of
+   the streamed loader (its bounded control bank included), then reports
+   ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. These are the parts that grow with cells; the
+   prior's cross-fitting and the validation of the correction weights work on group means and
+   on at most 500 controls per context and 200 cells per query, whatever the number of cells,
+   and are left out to keep the run short. Target: the peak at the largest size within 1.3x of
+   the peak at the smallest.
 
 Data: :func:`perturbscope.data.simulate_perturbseq` simulates one screen of ~6,400 cells (the
 simulator costs milliseconds per cell, too slow for 800k cells on a laptop); larger screens tile
@@ -22,6 +25,8 @@ more than one copy in memory.
 
     python benchmarks/scale_streamed.py [--sizes 50000,200000,800000] [--speed-cells 20000]
                                         [--steps 20] [--workdir DIR]
+
+``--sizes ""`` skips the memory series and ``--speed-cells 0`` the speed comparison.
 """
 
 from __future__ import annotations
@@ -135,17 +140,25 @@ def speed(workdir: Path, n_cells: int, base: ad.AnnData, embeddings: pd.DataFram
 
 
 def child(path: str, steps: int) -> None:
-    """One size, in this fresh process: setup, prior, ``steps`` training steps; print peak RSS."""
+    """One size, in this fresh process: every pass that grows with cells; print peak RSS.
+
+    Setup, ScopeVI's construction (the count check, streamed), the effect prior's pseudobulk
+    pass (:func:`perturbscope.data.streamed_pseudobulk`, as ``train`` runs it) and ``steps``
+    training steps of the streamed loader (which builds the bounded control bank).
+    """
     embeddings = pd.read_pickle(Path(path).with_suffix(".embeddings.pkl"))
     start = time.perf_counter()
     scvi.settings.seed = 0
     backed = ad.read_h5ad(path, backed="r")
     ps.ScopeVI.setup_anndata(backed, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
-    model = ps.ScopeVI(backed)
+    model = ps.ScopeVI(backed, effect_prior=False)
+    expression = model._training_expression()
+    means, _ = ps.data.streamed_pseudobulk(expression.X, expression.obs, ["perturbation", "context"], "counts")
     model.train(max_epochs=1, batch_size=BATCH_SIZE, max_steps=steps, limit_val_batches=2,
                 enable_progress_bar=False, enable_model_summary=False, logger=False)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"n_cells": backed.n_obs, "peak_mb": peak_mb, "seconds": time.perf_counter() - start}))
+    print(json.dumps({"n_cells": backed.n_obs, "peak_mb": peak_mb, "seconds": time.perf_counter() - start,
+                      "groups": len(means)}))
 
 
 def memory(workdir: Path, sizes: list[int], steps: int, base: ad.AnnData, embeddings: pd.DataFrame) -> None:
@@ -164,8 +177,8 @@ def memory(workdir: Path, sizes: list[int], steps: int, base: ad.AnnData, embedd
         print(f"  measured {json.dumps(row)}", flush=True)
         rows.append(row)
         path.unlink()
-    print(f"\nPeak RSS, backed h5ad, {N_GENES} genes: setup + ScopeVI (count check) + effect prior + {steps} "
-          f"training steps, each size in a fresh process")
+    print(f"\nPeak RSS, backed h5ad, {N_GENES} genes: setup + ScopeVI (count check) + prior pseudobulk pass + "
+          f"{steps} streamed training steps, each size in a fresh process")
     print(f"{'cells':>9}{'file GB':>9}{'peak MB':>9}{'vs first':>10}{'run s':>8}")
     for row in rows:
         print(f"{row['n_cells']:>9}{row['file_gb']:>9.2f}{row['peak_mb']:>9.0f}"
@@ -190,7 +203,8 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scale_streamed_"))
     workdir.mkdir(parents=True, exist_ok=True)
     base, embeddings = _base_screen()
-    memory(workdir, [int(s) for s in args.sizes.split(",")], args.steps, base, embeddings)
+    if args.sizes:
+        memory(workdir, [int(s) for s in args.sizes.split(",")], args.steps, base, embeddings)
     if args.speed_cells:
         speed(workdir, args.speed_cells, base, embeddings)
 

@@ -172,3 +172,9 @@ def test_loader_choices_are_checked_on_entry(screen):
         assert "_data_splitter_cls" not in model.__dict__  # the class default is left alone
     finally:
         backed.file.close()
+    in_memory = screen[0].copy()
+    ps.ScopeVI.setup_anndata(in_memory, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
+    model = ps.ScopeVI(in_memory, n_latent=4, n_hidden=16)
+    assert model._splitter_class("auto") is ps.data.AnchoredDataSplitter
+    assert model._splitter_class("device") is ps.data.DeviceDataSplitter
+    assert model._splitter_class("streamed") is ps.data.StreamedDataSplitter
