@@ -149,3 +149,15 @@ def test_protein_prior_reads_only_cells_with_protein(screen):
     data = model._modality_training_data("proteins")
     assert data.n_obs == int(mdata.obs["has_protein"].sum()) < mdata.n_obs
     assert list(data.obs_names) == list(mdata.obs_names[mdata.obs["has_protein"].to_numpy()])
+
+
+def test_names_unique_within_each_modality_not_across(screen):
+    mdata, emb = fresh(screen)
+    mdata.mod["adt"].var_names = list(mdata.mod["rna"].var_names[:10])  # proteins named as their genes
+    mdata.update()
+    setup(mdata, emb, modalities={"protein_layer": "adt"})
+    mdata, emb = fresh(screen)
+    mdata.mod["adt"].var_names = ["P00"] * 2 + list(mdata.mod["adt"].var_names[2:])
+    mdata.update()
+    with pytest.raises(ValueError, match=re.escape("mdata['adt'].var_names has duplicates ['P00']")):
+        setup(mdata, emb, modalities={"protein_layer": "adt"})

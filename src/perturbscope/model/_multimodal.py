@@ -21,6 +21,9 @@ prior and cannot serve as anchors for protein predictions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -43,9 +46,6 @@ from ..module._multimodal import ATAC_KEY, MODALITY_KEYS, PROTEIN_KEY
 
 #: The normalised layer of every modality's prediction (counts normalised to 1e4, log1p).
 NORMALISED_LAYER = OUTPUT_KEYS.LOG1P_NORM_LAYER
-#: Per-modality prediction options the multimodal path reads (the rest go to RNA's predict).
-_DEFAULTS = {"n_samples": 1, "aggregate": None, "use_prior_mean": False, "residual": True,
-             "combination": "additive", "batch_size": None, "seed": None, "interval_levels": (0.8, 0.95)}
 
 
 def _registered_matrix(data: ad.AnnData, layer: str | None):
@@ -126,18 +126,33 @@ class MultimodalMixin:
         return cache[key]
 
     # ------------------------------------------------------------------ prediction
-    def predict(self, adata_control=None, perturbations=None, **kwargs):
+    def predict(
+        self,
+        adata_control=None,
+        perturbations: Sequence[str] | None = None,
+        n_samples: int = 1,
+        aggregate: Literal["mean"] | None = None,
+        use_prior_mean: bool = False,
+        residual: bool = True,
+        combination: Literal["additive", "joint"] = "additive",
+        batch_size: int | None = None,
+        seed: int | None = None,
+        interval_levels: Sequence[float] = (0.8, 0.95),
+        out=None,
+    ):
         """Predict perturbed cells; a model with protein or ATAC returns a MuData.
 
-        For an RNA-only model this is :meth:`PredictionMixin.predict` (an AnnData). For a model
-        set up with protein and/or ATAC, ``adata_control`` is a MuData of control cells (e.g.
-        ``mdata[mdata.obs["perturbation"] == "control"]``, ``None`` for the training controls)
-        holding every registered modality (extra modalities are ignored), and the result is a
+        For an RNA-only model this is :meth:`PredictionMixin.predict
+        <perturbscope.model._prediction.PredictionMixin.predict>`, which documents every
+        argument and the AnnData it returns. For a model set up with protein and/or ATAC,
+        ``adata_control`` is a MuData of control cells (e.g.
+        ``mdata[mdata.obs["perturbation"] == "control"]``; ``None``: the training controls)
+        holding every registered modality (others are ignored), and the result is a
         :class:`mudata.MuData` with one AnnData per registered modality, under its modality name,
         all with the same ``obs`` (``perturbation``, ``control_cell``, ``sample`` and the context
         columns; with ``aggregate="mean"`` one row per perturbation and context, ``n_cells``):
 
-        * RNA: exactly what :meth:`PredictionMixin.predict` returns for the RNA modality;
+        * RNA: exactly what the RNA-only ``predict`` returns for the RNA modality;
         * protein and ATAC: ``X`` expected counts at the anchor's library size of that modality,
           ``layers["log1p_norm"]`` log1p of counts normalised to 1e4 per cell (the scale of the
           modality's effect prior), and with ``aggregate="mean"`` and the effect prior the
@@ -148,12 +163,10 @@ class MultimodalMixin:
         ----------
         adata_control
             Control cells: AnnData for an RNA-only model, MuData for a multimodal one.
-        perturbations
-            Labels to predict; defaults to the training perturbations.
-        **kwargs
-            ``n_samples``, ``aggregate``, ``use_prior_mean``, ``residual``, ``combination``,
-            ``batch_size``, ``seed``, ``interval_levels``: as for :meth:`PredictionMixin.predict`,
-            applied to every modality.
+        perturbations, n_samples, aggregate, use_prior_mean, residual, combination, batch_size, seed, interval_levels
+            As for the RNA-only ``predict``; applied to every modality.
+        out
+            Write predicted cells to a file (RNA-only models).
 
         Returns
         -------
@@ -166,19 +179,23 @@ class MultimodalMixin:
         KeyError
             If a registered modality is missing from the MuData.
         ValueError
-            For another modality's features, non-count data, anchors without counts of a
-            modality, or anything :meth:`PredictionMixin.predict` refuses.
+            For ``out`` with a multimodal model, another modality's features, non-count data,
+            anchors without counts of a modality, or anything the RNA-only ``predict`` refuses.
         """
+        options = {"n_samples": n_samples, "aggregate": aggregate, "use_prior_mean": use_prior_mean,
+                   "residual": residual, "combination": combination, "batch_size": batch_size, "seed": seed,
+                   "interval_levels": interval_levels}
         extras = self._extra_modalities()
         if not extras:
-            return super().predict(adata_control, perturbations, **kwargs)
-        unknown = sorted(set(kwargs) - set(_DEFAULTS))
-        if unknown:
-            raise TypeError(f"predict got unexpected arguments {unknown}; it takes {sorted(_DEFAULTS)}.")
-        options = {**_DEFAULTS, **kwargs}
+            return super().predict(adata_control, perturbations, out=out, **options)
+        if out is not None:
+            raise ValueError(
+                "out= (writing predicted cells to a file) is for RNA-only models; a multimodal model "
+                "returns a MuData: predict in smaller sets of perturbations and write each with mdata.write()."
+            )
         mdata = self._multimodal_controls(adata_control)
         rna = self._rna_controls(mdata)
-        rna_prediction = super().predict(rna, perturbations, **kwargs)
+        rna_prediction = super().predict(rna, perturbations, **options)
         labels = [str(p) for p in (perturbations if perturbations is not None else self.training_perturbations)]
         predictions = {self.modalities[SCVI_KEYS.X_KEY]: rna_prediction}
         for key, name in extras.items():

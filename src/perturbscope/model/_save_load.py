@@ -180,13 +180,18 @@ def _saved_or_given_adata(folder: Path, prefix: str | None, adata):
 
 
 def _check_saved_genes(saved, adata, setup_args: dict) -> None:
-    """The given data must have the saved genes, in order (per modality for a MuData model)."""
-    rna = (setup_args.get("modalities") or {}).get("rna_layer", "rna")
-    if isinstance(saved, dict):  # a MuData model: scvi-tools saves genes per modality
-        saved, genes = saved[rna], adata.mod[rna].var_names
-    else:
-        genes = adata.var_names
-    check_var_names(genes, pd.Index(np.asarray(saved).astype(str)), "adata")
+    """The given data must have the saved features, in order (every registered modality of a MuData)."""
+    if not isinstance(saved, dict):
+        check_var_names(adata.var_names, pd.Index(np.asarray(saved).astype(str)), "adata")
+        return
+    # a MuData model: scvi-tools saves the features of every modality
+    modalities = {"rna_layer": "rna", **(setup_args.get("modalities") or {})}
+    for name in modalities.values():
+        if not hasattr(adata, "mod") or name not in adata.mod:
+            raise ValueError(f"the saved model was set up with modality {name!r}; pass a MuData that has it.")
+        if name in saved:
+            check_var_names(adata.mod[name].var_names, pd.Index(np.asarray(saved[name]).astype(str)),
+                            f"mdata[{name!r}]")
 
 
 def _init_kwargs(init_params: dict) -> dict:

@@ -54,11 +54,17 @@ from ._save_load import SafeLoadMixin
 
 
 def _check_setup(data, where: str, perturbation_key: str, control_value: str,
-                 context_key: str | None, batch_key: str | None, transferred: bool) -> None:
-    """Setup-time checks; a transfer from a saved registry skips the label and control checks."""
+                 context_key: str | None, batch_key: str | None, transferred: bool,
+                 modalities: Sequence[str] = ()) -> None:
+    """Setup-time checks; a transfer from a saved registry skips the label and control checks.
+
+    Names must be unique within each registered modality of a MuData, not across them (a gene
+    and its protein often share a name).
+    """
     obs = data.obs
     check_backing(data, where.split(".")[0])
-    check_unique_names(data, where.split(".")[0])
+    for part, name in ([(data.mod[m], f"mdata[{m!r}]") for m in modalities] or [(data, where.split(".")[0])]):
+        check_unique_names(part, name)
     if perturbation_key not in obs.columns:
         raise KeyError(
             f"perturbation_key {perturbation_key!r} not found in {where}; columns are {list(obs.columns)}."
@@ -339,8 +345,8 @@ categorical_covariate_keys, combination_delimiter
         layers = {"rna_layer": rna_layer, "protein_layer": protein_layer, "atac_layer": atac_layer}
         modalities = check_modalities(mdata, modalities, layers)
         rna = modalities["rna_layer"]
-        _check_setup(mdata, "mdata.obs", perturbation_key, control_value, context_key,
-                         batch_key, transferred=kwargs.get("source_registry") is not None)
+        _check_setup(mdata, "mdata.obs", perturbation_key, control_value, context_key, batch_key,
+                     transferred=kwargs.get("source_registry") is not None, modalities=list(modalities.values()))
         fields = [
             MuDataLayerField(SCVI_KEYS.X_KEY, rna_layer, mod_key=rna, is_count_data=False, mod_required=True),
             MuDataPerturbationGenesField(perturbation_key, control_value, gene_embeddings,
