@@ -48,7 +48,7 @@ def bounded_control_sample(
     --------
     >>> import numpy as np
     >>> cells = bounded_control_sample(np.array([0, 0, 0, 1, 1]), np.array([1, 1, 1, 0, 1], bool), 2)
-    >>> len(cells), cells[-1]
+    >>> len(cells), int(cells[-1])
     (3, 4)
     """
     if int(max_per_group) < 1:
