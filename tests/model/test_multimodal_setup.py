@@ -43,7 +43,7 @@ def test_unknown_modalities_key_lists_the_accepted_ones(screen):
 def test_unknown_modality_names_the_ones_there(screen):
     mdata, emb = fresh(screen)
     with pytest.raises(KeyError, match=re.escape(
-        "modalities['protein_layer'] = 'protein' is not a modality of the MuData; its modalities are "
+        "modalities['protein_layer']: modality 'protein' not in the MuData; modalities are "
         "['rna', 'adt', 'atac']. It should hold surface protein (antibody tag) counts."
     )):
         setup(mdata, emb, modalities={"rna_layer": "rna", "protein_layer": "protein"})
@@ -51,7 +51,7 @@ def test_unknown_modality_names_the_ones_there(screen):
 
 def test_missing_rna_modality(screen):
     mdata, emb = fresh(screen)
-    with pytest.raises(KeyError, match=r"^\"modalities\['rna_layer'\] = 'gex' is not a modality"):
+    with pytest.raises(KeyError, match=r"^\"modalities\['rna_layer'\]: modality 'gex' not in the MuData"):
         setup(mdata, emb, modalities={"rna_layer": "gex"})
 
 

@@ -76,7 +76,7 @@ def check_modalities(mdata, modalities: dict | None, layers: dict[str, str | Non
             raise TypeError(f"modalities[{key!r}] must be a modality name (str), got {name!r}.")
         if name not in mdata.mod:
             raise KeyError(
-                f"modalities[{key!r}] = {name!r} is not a modality of the MuData; its modalities are "
+                f"modalities[{key!r}]: modality {name!r} not in the MuData; modalities are "
                 f"{list(mdata.mod)}. It should hold {MODALITY_CONTENT[key]}."
             )
     names = list(modalities.values())
