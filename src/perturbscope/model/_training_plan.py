@@ -3,8 +3,8 @@
 On a GPU one eager ScopeVAE step is bound by kernel launches, not arithmetic: its time hardly
 changes between batch 128 and 16,384. :func:`torch.compile` fuses those kernels (and, with
 ``mode="reduce-overhead"``, replays them as CUDA graphs). :class:`ScopeTrainingPlan` compiles
-the module's forward pass (inference, generative and loss) when training starts on a CUDA
-device, leaves it eager on the CPU unless asked, and falls back to the eager module with a
+the module's forward pass (inference, generative and loss) when asked (``compile=True``, or
+``"auto"``: only on a CUDA device), and falls back to the eager module with a
 warning when compilation is unavailable or fails, so that training never depends on it.
 """
 
@@ -27,8 +27,8 @@ class ScopeTrainingPlan(TrainingPlan):
     module
         The module to train.
     compile
-        ``"auto"``: compile when training on a CUDA device, stay eager on CPU. ``True``/``False``
-        force it on or off.
+        ``False`` (default): the eager module. ``"auto"``: compile when training on a CUDA
+        device, stay eager on CPU. ``True``: compile on any device.
     compile_mode
         ``mode`` of :func:`torch.compile`; ``"auto"`` is ``"reduce-overhead"`` on CUDA (CUDA
         graphs remove the launch cost) and ``"default"`` elsewhere.
@@ -59,7 +59,7 @@ class ScopeTrainingPlan(TrainingPlan):
         self,
         module: BaseModuleClass,
         *,
-        compile: bool | Literal["auto"] = "auto",
+        compile: bool | Literal["auto"] = False,
         compile_mode: str = "auto",
         compile_backend: str = "inductor",
         **kwargs,
