@@ -9,7 +9,9 @@ unset, is the ``"scvi"`` logger's; :mod:`logging` clears its level caches whenev
 changes, so the two stay in step without either package knowing the other. Nothing here imports
 scvi-tools, so the command line's ``--help`` stays fast.
 
-:func:`quiet_lightning` silences Lightning's start-up lines ("GPU available: ...", the
+:func:`quiet_loggers` raises any loggers for the length of a ``with`` block (the tools use it
+to hide scvi-tools' "AnnData object appears to be a copy" for the scratch AnnData they register
+themselves); :func:`quiet_lightning` silences Lightning's start-up lines ("GPU available: ...", the
 ``litlogger``/``litmodels`` tips) inside a ``with`` block only: the loggers' levels are restored
 on exit, so a user's own Lightning runs still print them.
 """
@@ -64,6 +66,43 @@ def _package_logger() -> logging.Logger:
 logger = _package_logger()
 
 
+#: scvi-tools' logger of model setup transfers ("AnnData object appears to be a copy...").
+SCVI_SETUP_LOGGER = "scvi.model.base._base_model"
+
+
+@contextmanager
+def quiet_loggers(names: tuple[str, ...], level: int = logging.WARNING) -> Iterator[None]:
+    """Raise the named loggers to ``level`` inside the block and restore their levels after.
+
+    Parameters
+    ----------
+    names
+        Logger names.
+    level
+        The level they are set to inside the block.
+
+    Yields
+    ------
+    Nothing; the levels are restored when the block ends, also on an exception.
+
+    Examples
+    --------
+    >>> import logging
+    >>> with quiet_loggers(("scvi.model.base._base_model",)):
+    ...     logging.getLogger("scvi.model.base._base_model").level == logging.WARNING
+    True
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, saved, strict=True):
+            lg.setLevel(old)
+
+
 @contextmanager
 def quiet_lightning(level: int = logging.WARNING) -> Iterator[None]:
     """Raise Lightning's loggers to ``level`` inside the block and restore them after.
@@ -87,12 +126,5 @@ def quiet_lightning(level: int = logging.WARNING) -> Iterator[None]:
     >>> logging.getLogger("lightning.pytorch").level == before
     True
     """
-    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
-    saved = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(level)
-    try:
+    with quiet_loggers(LIGHTNING_LOGGERS, level):
         yield
-    finally:
-        for lg, old in zip(loggers, saved, strict=True):
-            lg.setLevel(old)

@@ -60,9 +60,13 @@ def place_labels(
     >>> matplotlib.use("Agg")
     >>> import matplotlib.pyplot as plt
     >>> fig, ax = plt.subplots()
-    >>> drawn = place_labels(ax, [0, 0, 1], [0, 0, 1], ["a", "b", "c"], use_adjust_text=False)
+    >>> _ = ax.set(xlim=(0, 2), ylim=(0, 2))
+    >>> drawn = place_labels(ax, [0.5, 0.5, 1.5], [0.5, 0.5, 1.5], ["a", "b", "c"],
+    ...                      use_adjust_text=False)
     >>> [t.get_text() for t in drawn]
     ['a', 'b', 'c']
+    >>> bool(drawn[0].get_window_extent().overlaps(drawn[1].get_window_extent()))
+    False
     """
     if use_adjust_text is None:
         use_adjust_text = has_adjust_text()

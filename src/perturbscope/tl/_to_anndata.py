@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
-from .._logging import logger
+from .._logging import SCVI_SETUP_LOGGER, logger, quiet_loggers
 from ..data import is_control, perturbation_shifts
 from ..probe import axis_alignment_scores
 from ._genetic_interactions import Method, genetic_interactions
@@ -122,7 +122,8 @@ def scopevi_latent(
     """
     _check_key("key_added", key_added)
     target = _target(adata, copy)
-    latent = np.asarray(model.get_latent_representation(_scratch(target), batch_size=batch_size))
+    with quiet_loggers((SCVI_SETUP_LOGGER,)):  # the scratch copy is ours, not the user's
+        latent = np.asarray(model.get_latent_representation(_scratch(target), batch_size=batch_size))
     target.obsm[key_added] = latent
     logger.info("added obsm[%r] (%d cells x %d latent dimensions)", key_added, *latent.shape)
     return target if copy else None
@@ -220,9 +221,10 @@ def predict_response(
             f"adata has no control cells ({column!r} == {control_value!r}) to anchor predictions."
         )
     anchors = target[controls].copy()  # the model registers this copy, not the user's cells
-    prediction = model.predict(
-        anchors, [perturbation], n_samples=1, seed=seed, batch_size=batch_size
-    )
+    with quiet_loggers((SCVI_SETUP_LOGGER,)):
+        prediction = model.predict(
+            anchors, [perturbation], n_samples=1, seed=seed, batch_size=batch_size
+        )
     values = prediction.layers[OUTPUT_KEYS.LOG1P_NORM_LAYER] if output == "log1p_norm" else prediction.X
     values = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
     rows = target.obs_names.get_indexer(prediction.obs[OUTPUT_KEYS.CONTROL_CELL].astype(str))
@@ -454,10 +456,11 @@ def decoder_gene_scores(
     """
     _check_key("key_added", key_added)
     result = _target(adata, copy)
-    table = axis_alignment_scores(
-        model, _scratch(result), groupby, reference, target, n_cells=n_cells, seed=seed,
-        transform_batch=transform_batch, batch_size=batch_size, progress_bar=progress_bar,
-    )
+    with quiet_loggers((SCVI_SETUP_LOGGER,)):
+        table = axis_alignment_scores(
+            model, _scratch(result), groupby, reference, target, n_cells=n_cells, seed=seed,
+            transform_batch=transform_batch, batch_size=batch_size, progress_bar=progress_bar,
+        )
     table = table.reindex(result.var_names.astype(str))
     result.var[key_added] = table["probe_alignment"].to_numpy()
     result.var[f"{key_added}_baseline"] = table["mean_expression_baseline"].to_numpy()
