@@ -102,12 +102,17 @@ def main() -> None:
     print(f"data: {adata.n_obs} cells x {adata.n_vars} genes; {accelerator}; "
           f"torch threads {torch.get_num_threads()}; {args.epochs - 1} timed epochs per row")
 
-    rows = []
+    print(f"{'path':<24}{'batch':>7}{'s/epoch':>10}{'cells/s':>10}{'vs SCVI':>9}", flush=True)
+
+    def report(name: str, batch_size: int, seconds: float, reference: float) -> None:
+        print(f"{name:<24}{batch_size:>7}{seconds:>10.2f}{adata.n_obs / seconds:>10.0f}"
+              f"{seconds / reference:>8.2f}x", flush=True)
+
     for batch_size in args.batch_sizes:
         scvi_data = adata.copy()
         scvi.model.SCVI.setup_anndata(scvi_data, batch_key="cell_type")
         reference = seconds_per_epoch(scvi.model.SCVI(scvi_data, **ARCHITECTURE), args.epochs, batch_size)
-        rows.append(("SCVI", batch_size, reference, reference))
+        report("SCVI", batch_size, reference, reference)
         paths = [("ScopeVI anchored", scopevi(adata, embeddings), {"loader": "anndata"}),
                  ("ScopeVI device", scopevi(adata, embeddings), {"loader": "device"})]
         if args.compile:
@@ -115,12 +120,7 @@ def main() -> None:
             model._training_plan_cls = ScopeTrainingPlan
             paths.append(("ScopeVI device+compile", model, {"loader": "device", "plan_kwargs": {"compile": True}}))
         for name, model, kwargs in paths:
-            rows.append((name, batch_size, seconds_per_epoch(model, args.epochs, batch_size, **kwargs), reference))
-
-    print(f"{'path':<24}{'batch':>7}{'s/epoch':>10}{'cells/s':>10}{'vs SCVI':>9}")
-    for name, batch_size, seconds, reference in rows:
-        print(f"{name:<24}{batch_size:>7}{seconds:>10.2f}{adata.n_obs / seconds:>10.0f}"
-              f"{seconds / reference:>8.2f}x")
+            report(name, batch_size, seconds_per_epoch(model, args.epochs, batch_size, **kwargs), reference)
     print("target: ScopeVI / SCVI <= 1.3x at every batch size")
 
 
