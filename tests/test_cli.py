@@ -134,3 +134,15 @@ def test_benchmark_writes_tables_and_figures(tmp_path, capsys):
     assert "| model |" in printed
     assert "±" not in printed  # one seed: no spread, not '± 0.000'
     assert f"Wrote every metric to {out / 'metrics.csv'}." in printed
+
+
+def test_the_package_loads_its_parts_on_first_use():
+    code = ("import sys, perturbscope as ps\n"
+            "assert 'perturbscope.model' not in sys.modules and 'torch' not in sys.modules\n"
+            "assert ps.ScopeVI.__name__ == 'ScopeVI' and ps.ScopeVAE.__name__ == 'ScopeVAE'\n"
+            "assert [m.__name__ for m in (ps.data, ps.tl, ps.pl, ps.probe)] == "
+            "['perturbscope.data', 'perturbscope.tl', 'perturbscope.pl', 'perturbscope.probe']\n"
+            "assert dir(ps) == sorted([*ps.__all__, '__version__'])\n"
+            "try:\n    ps.nothing\nexcept AttributeError as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "module 'perturbscope' has no attribute 'nothing'"
