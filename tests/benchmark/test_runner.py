@@ -1,5 +1,3 @@
-import time
-
 import pandas as pd
 import pytest
 
@@ -8,7 +6,6 @@ from perturbscope.benchmark import TASKS, load_task, markdown_table, run_benchma
 
 
 def test_runner_smoke_on_simulated_data_with_scopevi(tmp_path):
-    start = time.perf_counter()
     results = run_benchmark(
         None,
         "simulated",
@@ -18,7 +15,6 @@ def test_runner_smoke_on_simulated_data_with_scopevi(tmp_path):
         scopevi_kwargs={"train": {"max_epochs": 2}},
         progress=False,
     )
-    assert time.perf_counter() - start < 60
     assert set(results["model"]) == {
         "scopevi",
         "linear",
@@ -47,7 +43,8 @@ def test_runner_smoke_on_simulated_data_with_scopevi(tmp_path):
         .eq(9)
         .all()
     )
-    # the perturbed mean predicts one change for all: complete mode collapse, chance-level PDS
+    # the perturbed mean predicts one change for all: complete mode collapse, and cell-eval's PDS
+    # near chance ((n+1)/(2n) on average), far below the split-half ceiling's
     collapse = results[
         (results["metric"] == "delta_correlation") & (results["model"] == "perturbed_mean")
     ]
@@ -55,7 +52,10 @@ def test_runner_smoke_on_simulated_data_with_scopevi(tmp_path):
     pds = scores[
         (scores["metric"] == "discrimination_score") & (scores["model"] == "perturbed_mean")
     ]
-    assert pds["value"].eq(0.5).all()
+    ceiling_pds = scores[
+        (scores["metric"] == "discrimination_score") & (scores["model"] == "noise_ceiling")
+    ]
+    assert pds["value"].mean() < 0.75 < ceiling_pds["value"].mean()
     # the additive baseline predicts an unseen single as no change: Pearson delta 0
     pearson = scores[(scores["metric"] == "pearson_delta") & (scores["model"] == "additive")]
     assert pearson["value"].eq(0.0).all()

@@ -213,6 +213,14 @@ class PredictionMeans:
     >>> mean = sums.to_anndata(pd.Index(["x", "y"]))
     >>> mean.obs_names.tolist(), mean.X.tolist(), mean.obs["n_cells"].tolist()
     (['A|t', 'A|u'], [[2.0, 3.0], [5.0, 5.0]], [2, 1])
+
+    Without contexts, one mean per perturbation over every cell added:
+
+    >>> pooled = PredictionMeans(["A"], None, None, n_samples=1, n_genes=2)
+    >>> pooled.add(0, slice(0, 2), np.array([[[1.0, 2], [5, 5]]]), np.zeros((1, 2, 2)))
+    >>> pooled.add(0, slice(2, 3), np.array([[[3.0, 4]]]), np.zeros((1, 1, 2)))
+    >>> pooled.means(0).tolist(), pooled.to_anndata(pd.Index(["x", "y"])).obs["n_cells"].tolist()
+    ([[[3.0, 3.6666666666666665]]], [3])
     """
 
     def __init__(self, perturbations: Sequence[str], contexts: np.ndarray | None, context_key: str | None,
@@ -223,11 +231,15 @@ class PredictionMeans:
         if contexts is not None:
             self.contexts, self._codes = np.unique(np.asarray(contexts).astype(str), return_inverse=True)
         n_groups = 1 if self.contexts is None else len(self.contexts)
-        self.n_cells = n_samples * (np.ones(1, dtype=int) if self._codes is None else np.bincount(self._codes))
+        self.n_samples = n_samples
+        self.counts = np.zeros((len(self.perturbations), n_groups), dtype=np.int64)
         self.sums = np.zeros((n_layers, len(self.perturbations), n_groups, n_genes))
 
     def add(self, perturbation: int, cells: slice, *values: np.ndarray) -> None:
         """Add predicted cells ``(n_samples, cells, genes)`` of one perturbation, one array per layer."""
+        self.counts[perturbation] += self.n_samples * np.bincount(
+            self.context_of(cells), minlength=self.counts.shape[1]
+        )
         for layer, value in enumerate(values):
             per_cell = value.sum(axis=0, dtype=np.float64)
             if self._codes is None:
@@ -241,7 +253,7 @@ class PredictionMeans:
 
     def means(self, layer: int = 0) -> np.ndarray:
         """Means so far, ``(perturbations, contexts, genes)``; contexts in :attr:`contexts` order."""
-        return self.sums[layer] / self.n_cells[None, :, None]
+        return self.sums[layer] / np.maximum(self.counts, 1)[:, :, None]
 
     def context_of(self, cells: slice) -> np.ndarray:
         """Index into :attr:`contexts` of each control cell in ``cells`` (zeros without contexts)."""
@@ -258,7 +270,7 @@ class PredictionMeans:
         n_genes = self.sums.shape[-1]
         return _mean_prediction(
             groups, self.means(0).reshape(-1, n_genes), self.means(1).reshape(-1, n_genes),
-            np.tile(self.n_cells, n_perturbations), list(dict.fromkeys(self.perturbations)), var_names,
+            self.counts.ravel(), list(dict.fromkeys(self.perturbations)), var_names,
             dict(provenance or {}),
         )
 

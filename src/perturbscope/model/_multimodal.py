@@ -43,6 +43,7 @@ from ..data import (
 from ..effects import EffectPrior
 from ..module import MultimodalScopeVAE
 from ..module._multimodal import ATAC_KEY, MODALITY_KEYS, PROTEIN_KEY
+from ._effect_correction import Loader
 
 #: The normalised layer of every modality's prediction (counts normalised to 1e4, log1p).
 NORMALISED_LAYER = OUTPUT_KEYS.LOG1P_NORM_LAYER
@@ -84,15 +85,24 @@ class MultimodalMixin:
                 "n_peaks": len(self._modality_var_names(ATAC_KEY)) if ATAC_KEY in extras else 0}
 
     # ------------------------------------------------------------------ training
-    def train(self, *args, **kwargs):
-        """Train as :meth:`EffectCorrectionMixin.train`; then fit each extra modality's effect prior.
+    def train(
+        self,
+        max_epochs: int | None = 100,
+        batch_size: int = 128,
+        datasplitter_kwargs: dict | None = None,
+        loader: Loader = "auto",
+        **kwargs,
+    ):
+        """Train ScopeVI; with extra modalities, then fit each extra modality's effect prior.
 
         Parameters
         ----------
-        *args, **kwargs
-            Passed to :meth:`perturbscope.model._effect_correction.EffectCorrectionMixin.train`.
+        max_epochs, batch_size, datasplitter_kwargs, loader, **kwargs
+            As for :meth:`perturbscope.model._effect_correction.EffectCorrectionMixin.train`:
+            the RNA effect prior, the validated correction and the VAE are trained there.
         """
-        result = super().train(*args, **kwargs)
+        result = super().train(max_epochs=max_epochs, batch_size=batch_size,
+                               datasplitter_kwargs=datasplitter_kwargs, loader=loader, **kwargs)
         if self._extra_modalities() and self.effect_prior is not None and not getattr(self, "_inherited_prior", False):
             self.modality_prior_states_ = {key: self._fit_modality_prior(key).state()
                                            for key in self._extra_modalities()}

@@ -51,6 +51,8 @@ from ._multimodal_setup import check_modalities, modality_fields
 from ._prediction import PredictionMixin
 from ._query import QueryMixin
 from ._save_load import SafeLoadMixin
+from ._scvi_api import ScviApiMixin
+from ._training_plan import ScopeTrainingPlan
 
 
 def _check_setup(data, where: str, perturbation_key: str, control_value: str,
@@ -77,7 +79,8 @@ def _check_setup(data, where: str, perturbation_key: str, control_value: str,
     check_controls_per_context(obs, perturbation_key, control_value, group_keys)
 
 
-class ScopeVI(MultimodalMixin, EffectCorrectionMixin, PredictionMixin, SafeLoadMixin, QueryMixin, UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
+class ScopeVI(MultimodalMixin, EffectCorrectionMixin, PredictionMixin, ScviApiMixin, SafeLoadMixin, QueryMixin,
+              UnsupervisedTrainingMixin, VAEMixin, BaseModelClass):
     """Perturbation-response model anchored on control cells (DeSCOPE in scvi-tools form).
 
     Parameters
@@ -146,6 +149,7 @@ class ScopeVI(MultimodalMixin, EffectCorrectionMixin, PredictionMixin, SafeLoadM
 
     _module_cls = ScopeVAE
     _data_splitter_cls = AnchoredDataSplitter
+    _training_plan_cls = ScopeTrainingPlan
 
     def __init__(
         self,
