@@ -38,7 +38,7 @@ from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi.model.base import UnsupervisedTrainingMixin
 from sklearn.decomposition import PCA
 
-from .._constants import OUTPUT_KEYS, REGISTRY_KEYS, TARGET_SUM
+from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
 from ..data import (
     ALL_CONTEXTS,
     DeviceDataSplitter,
@@ -350,37 +350,6 @@ class EffectCorrectionMixin:
         if getattr(self, "_effect_prior", None) is None and getattr(self, "effect_prior_state_", None):
             self._effect_prior = EffectPrior.from_state(self.effect_prior_state_, self._prior_embeddings())
         return getattr(self, "_effect_prior", None)
-
-    def _compose(self, adata_control: ad.AnnData, perturbation: str, changes: np.ndarray):
-        """``(X, log1p_norm, corrections)`` of one perturbation: anchors + prior + correction + cell term.
-
-        ``changes`` is the VAE's per-cell change, ``(n_samples, n_cells, n_genes)``;
-        ``corrections`` maps ``"perturbation|context"`` to the mean correction ``w (m - s)``.
-        """
-        prior = self.effect_prior
-        column = self._context_column
-        contexts = (adata_control.obs[column].astype(str).to_numpy() if column is not None
-                    else np.full(adata_control.n_obs, ALL_CONTEXTS))
-        matrix = adata_control.X if self._layer is None else adata_control.layers[self._layer]
-        light = ad.AnnData(X=matrix, var=pd.DataFrame(index=adata_control.var_names))
-        start = log1p_expression(light, None, self._data_scale)
-        log1p_norm = np.empty_like(changes)
-        corrections = {}
-        for context in pd.unique(contexts):
-            cells = contexts == context
-            shift = prior.predict_shifts([perturbation], context)
-            weight = self.correction_weights_.get(shift.attrs["kinds"][0], 0.0)
-            s = shift.to_numpy()[0]
-            m = changes[:, cells].mean(axis=(0, 1))
-            correction = weight * (m - s)
-            corrections[f"{perturbation}|{context}"] = correction
-            cell_weight = getattr(self, "cell_term_weights_", {}).get(shift.attrs["kinds"][0], 1.0)
-            log1p_norm[:, cells] = start[cells][None] + s + correction + cell_weight * (changes[:, cells] - m)
-        if self._data_scale == "log1p_norm":
-            return log1p_norm, log1p_norm, corrections
-        library = np.asarray(matrix.sum(axis=1)).ravel()
-        X = np.clip(np.expm1(log1p_norm), 0, None) * library[None, :, None] / TARGET_SUM
-        return X, log1p_norm, corrections
 
     def add_prediction_intervals(self, aggregated: ad.AnnData, levels=(0.8, 0.95)) -> None:
         """Add interval layers to a mean prediction, in place.
