@@ -112,7 +112,7 @@ class ScviApiMixin:
         >>> ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=emb)
         >>> model = ps.ScopeVI(adata, n_latent=4, n_hidden=16, effect_prior=False)
         >>> model.train(max_epochs=1, enable_progress_bar=False)
-        >>> rho = ScviApiMixin.get_normalized_expression(model, perturbation="G00")
+        >>> rho = model.get_normalized_expression(perturbation="G00")
         >>> rho.shape, bool(np.allclose(rho.sum(axis=1), 1, atol=1e-5))
         ((160, 30), True)
         """
@@ -279,7 +279,7 @@ class ScviApiMixin:
             condition = perturbation if indices[0] < n_cells else control
             cells = np.sort(indices % n_cells)
             per_cell = n_samples_overall // len(cells) + 1  # scvi-tools' rule
-            scales = ScviApiMixin.get_normalized_expression(self, anchors, cells, condition, n_samples=per_cell,
+            scales = self.get_normalized_expression(anchors, cells, condition, n_samples=per_cell,
                                                     return_mean=False, return_numpy=True,
                                                     batch_size=batch_size, seed=int(rng.integers(2**31)))
             scales = scales.reshape(-1, scales.shape[-1])

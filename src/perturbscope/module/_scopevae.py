@@ -461,8 +461,6 @@ class ScopeVAE(BaseModuleClass):
         decoder makes of a summed latent input. ``"joint"`` decodes ``p_S`` directly. Singles are
         the same under both.
         """
-        if combination not in ("additive", "joint"):
-            raise ValueError(f"combination must be 'additive' or 'joint', got {combination!r}.")
         basal = self.basal_state(anchor_x)
         library = torch.log(anchor_x.sum(dim=1, keepdim=True).clamp(min=1.0))
 
@@ -477,6 +475,8 @@ class ScopeVAE(BaseModuleClass):
 
         The composition rule of :meth:`predicted_change`, shared by every decoded modality.
         """
+        if combination not in ("additive", "joint"):
+            raise ValueError(f"combination must be 'additive' or 'joint', got {combination!r}.")
         gene_vectors, interaction = self.perturbation_encoder.components(perturbation_genes)
         summed = gene_vectors.sum(dim=1)
         unperturbed = decode(torch.zeros_like(summed))
