@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -39,11 +40,23 @@ def test_benchmark_help_lists_every_task_model_and_accelerator(capsys, monkeypat
 
 
 def test_choices_agree_with_the_benchmark():
-    from perturbscope.benchmark import BASELINES, MODELS, TASKS
+    from perturbscope.benchmark import BASELINES, MODELS, TASKS, make_model
 
     assert tuple(TASKS) == TASK_NAMES
-    assert tuple(MODELS) == MODEL_NAMES
-    assert tuple(BASELINES) == BASELINE_NAMES
+    # the names are defined once, in _choices; the benchmark builds every one of them
+    assert MODELS is MODEL_NAMES
+    assert BASELINES is BASELINE_NAMES
+    assert set(BASELINE_NAMES) < set(MODEL_NAMES)
+    embeddings = pd.DataFrame(np.eye(3), index=["A", "B", "C"])
+    for name in MODEL_NAMES:
+        model = make_model(name, embeddings)
+        assert model.name == name
+        assert callable(model.fit)
+        assert callable(model.predict)
+    for name in BASELINE_NAMES:  # the baselines are the effect estimators of effects/
+        assert type(make_model(name, embeddings)).__module__.startswith("perturbscope.effects")
+    with pytest.raises(ValueError, match=r"^Unknown model 'nope'; choose from \[.*'linear'\]\.$"):
+        make_model("nope")
 
 
 def test_help_imports_nothing_heavy():

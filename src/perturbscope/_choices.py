@@ -1,8 +1,10 @@
 """Names the command line offers, importable without torch or scvi-tools.
 
 :mod:`perturbscope.cli` lists these in ``--help`` and checks its arguments against them before it
-imports anything heavy; ``tests/test_cli.py`` checks that they equal
-:data:`perturbscope.benchmark.TASKS` and :data:`perturbscope.benchmark.MODELS`.
+imports anything heavy. The model names are defined here only: :data:`perturbscope.benchmark.MODELS`
+and :data:`perturbscope.benchmark.BASELINES` are these tuples, and ``tests/test_cli.py`` checks
+that :func:`perturbscope.benchmark.make_model` builds every one of them and that
+:data:`TASK_NAMES` equals the keys of :data:`perturbscope.benchmark.TASKS`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ TASK_NAMES: tuple[str, ...] = (
     "simulated",
 )
 
-#: The baselines, in :data:`perturbscope.benchmark.BASELINES` order.
+#: The baselines (:data:`perturbscope.benchmark.BASELINES`), each a ``make_model`` name.
 BASELINE_NAMES: tuple[str, ...] = (
     "no_change", "perturbed_mean", "matching_mean", "additive", "embedding_nn", "linear",
 )

@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 from perturbscope.benchmark import (
@@ -74,7 +75,7 @@ def test_learning_curve_rows(screen):
     adata, _ = screen
     curve = learning_curve(adata, "perturbation", "cell_type", contexts=["type_1"], shots=(0, 5),
                            data_scale="counts", scopevi=False, baselines=["matching_mean"],
-                           distributional=False, progress=False)
+                           distributional=False, progress_bar=False)
     assert set(curve["model"]) == {"matching_mean", "noise_ceiling", "observed"}
     scored = curve[(curve["model"] == "matching_mean") & (curve["metric"] == "pearson_delta_top_de")]
     assert sorted(scored.groupby("shots")["perturbation"].nunique().items()) == [(0, 4), (5, 4)]
@@ -88,7 +89,7 @@ def test_learning_curve_with_scopevi_query(screen):
         gene_embeddings=embeddings, baselines=["no_change"], fine_tune_epochs=2, n_samples=2,
         query_variants={"scopevi": {}, "scopevi_frozen": {"freeze_decoder": True}},
         scopevi_kwargs={"model": {"n_latent": 4, "n_hidden": 16}, "train": {"max_epochs": 2}},
-        progress=False,
+        progress_bar=False,
     )
     assert {"scopevi", "scopevi_frozen", "scopevi_reference", "no_change"} <= set(curve["model"])
     assert {"variance_ratio", "energy_distance"} <= set(curve["metric"])
@@ -102,14 +103,14 @@ def test_learning_curve_with_scopevi_query(screen):
 def test_learning_curve_bad_input(screen):
     adata, _ = screen
     with pytest.raises(KeyError, match="context_key 'line' not in adata.obs"):
-        learning_curve(adata, "perturbation", "line", scopevi=False, progress=False)
+        learning_curve(adata, "perturbation", "line", scopevi=False, progress_bar=False)
     with pytest.raises(ValueError, match="Unknown model 'mean'"):
-        learning_curve(adata, "perturbation", "cell_type", baselines=["mean"], scopevi=False, progress=False)
+        learning_curve(adata, "perturbation", "cell_type", baselines=["mean"], scopevi=False, progress_bar=False)
     with pytest.raises(ValueError, match="metric 'nope' not in results"):
         learning_curve_table(learning_curve(adata, "perturbation", "cell_type", contexts=["type_1"],
                                             shots=(0,), data_scale="counts", scopevi=False,
                                             baselines=["no_change"], distributional=False,
-                                            progress=False), "nope")
+                                            progress_bar=False), "nope")
 
 
 def test_few_shot_splits_common_test_set(screen):
@@ -124,3 +125,15 @@ def test_few_shot_splits_common_test_set(screen):
     # the cells given at k=10 are exactly those the default scores at k=10 leaves out
     default = few_shot_splits(adata, "perturbation", "cell_type", "type_1", shots=(0, 5, 10), seed=2)
     assert set(default[10].test) == tests[0]
+
+
+def test_old_progress_keyword_still_works_with_a_future_warning(screen, capsys):
+    adata, _ = screen
+    kwargs = {"contexts": ["type_1"], "shots": (0,), "data_scale": "counts", "scopevi": False,
+              "baselines": ["no_change"], "distributional": False}
+    new = learning_curve(adata, "perturbation", "cell_type", progress_bar=True, **kwargs)
+    assert "learning curve" in capsys.readouterr().err
+    with pytest.warns(FutureWarning, match=r"^learning_curve's `progress` is deprecated; use `progress_bar`\.$"):
+        old = learning_curve(adata, "perturbation", "cell_type", progress=False, **kwargs)
+    assert "learning curve" not in capsys.readouterr().err
+    pd.testing.assert_frame_equal(old, new)

@@ -13,7 +13,7 @@ def test_runner_smoke_on_simulated_data_with_scopevi(tmp_path):
         seeds=1,
         out=tmp_path,
         scopevi_kwargs={"train": {"max_epochs": 2}},
-        progress=False,
+        progress_bar=False,
     )
     assert set(results["model"]) == {
         "scopevi",
@@ -71,7 +71,7 @@ def test_runner_smoke_on_simulated_data_with_scopevi(tmp_path):
 
 def test_summary_and_table_mark_missing_models():
     results = run_benchmark(
-        None, "simulated", models=["additive"], seeds=2, distributional=False, progress=False
+        None, "simulated", models=["additive"], seeds=2, distributional=False, progress_bar=False
     )
     summary = summarize(results)
     row = summary.loc[("simulated", "unseen_single", "additive", "l2_top_expressed")]
@@ -105,7 +105,7 @@ def test_runner_errors():
 
 def test_table_shows_no_spread_for_one_seed():
     results = run_benchmark(
-        None, "simulated", models=["additive"], seeds=1, distributional=False, progress=False
+        None, "simulated", models=["additive"], seeds=1, distributional=False, progress_bar=False
     )
     table = markdown_table(summarize(results), metrics=["pearson_delta"], models=["additive"])
     assert "±" not in table
@@ -128,3 +128,14 @@ def test_benchmark_runs_scopevi_at_its_defaults():
     signature = inspect.signature(ps.ScopeVI.__init__).parameters
     assert signature["effect_prior"].default is True
     assert inspect.signature(ps.ScopeVI.train).parameters["max_epochs"].default == 100
+
+
+def test_old_progress_keyword_still_works_with_a_future_warning(capsys):
+    new = run_benchmark(None, "simulated", models=["additive"], seeds=1, distributional=False,
+                        progress_bar=True)
+    assert "benchmark simulated" in capsys.readouterr().err  # the bar is drawn
+    with pytest.warns(FutureWarning, match=r"^run_benchmark's `progress` is deprecated; use `progress_bar`\.$"):
+        old = run_benchmark(None, "simulated", models=["additive"], seeds=1, distributional=False,
+                            progress=False)
+    assert "benchmark simulated" not in capsys.readouterr().err  # progress=False still hides it
+    pd.testing.assert_frame_equal(old, new)

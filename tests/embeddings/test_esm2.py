@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ def direct_mean(model, sequence: str, layer: int = 2) -> np.ndarray:
 
 def test_local_checkpoint_equals_direct_forward(tiny_esm2):
     path, model = tiny_esm2
-    emb = esm2_embeddings(SEQUENCES, model=path, show_progress=False)
+    emb = esm2_embeddings(SEQUENCES, model=path, progress_bar=False)
     assert list(emb.index) == list(SEQUENCES)
     assert list(emb.columns) == [f"esm2_{i}" for i in range(32)]
     for gene, sequence in SEQUENCES.items():
@@ -49,25 +50,25 @@ def test_checkpoint_needs_the_allow_list(tiny_esm2):
 
 def test_deterministic_and_batching_invariant(tiny_esm2):
     path, _ = tiny_esm2
-    first = esm2_embeddings(SEQUENCES, model=path, show_progress=False)
-    again = esm2_embeddings(SEQUENCES, model=path, show_progress=False)
+    first = esm2_embeddings(SEQUENCES, model=path, progress_bar=False)
+    again = esm2_embeddings(SEQUENCES, model=path, progress_bar=False)
     np.testing.assert_array_equal(first.to_numpy(), again.to_numpy())
     # A budget of one sequence per batch removes padding altogether; results must not change.
     one_by_one = esm2_embeddings(
-        SEQUENCES, model=path, max_tokens=100, window=98, show_progress=False
+        SEQUENCES, model=path, max_tokens=100, window=98, progress_bar=False
     )
     np.testing.assert_allclose(one_by_one.to_numpy(), first.to_numpy(), atol=1e-5)
 
 
 def test_loaded_pair_and_bos_pooling_and_layer(tiny_esm2):
     path, model = tiny_esm2
-    from_path = esm2_embeddings(SEQUENCES, model=path, show_progress=False)
-    from_pair = esm2_embeddings(SEQUENCES, model=(model, model.alphabet), show_progress=False)
+    from_path = esm2_embeddings(SEQUENCES, model=path, progress_bar=False)
+    from_pair = esm2_embeddings(SEQUENCES, model=(model, model.alphabet), progress_bar=False)
     np.testing.assert_allclose(from_pair.to_numpy(), from_path.to_numpy(), atol=1e-6)
     assert from_pair.attrs["model"] == "ESM2"
 
     bos = esm2_embeddings(
-        {"MIDN": "MEQRGQ"}, model=path, pooling="bos", repr_layer=1, show_progress=False
+        {"MIDN": "MEQRGQ"}, model=path, pooling="bos", repr_layer=1, progress_bar=False
     )
     _, _, tokens = model.alphabet.get_batch_converter()([("x", "MEQRGQ")])
     with torch.no_grad():
@@ -80,7 +81,7 @@ def test_long_sequences_are_windowed_and_averaged(tiny_esm2):
     path, model = tiny_esm2
     sequence = "MSAPAAKVSKKELNSNHDGADET"  # 23 residues
     emb = esm2_embeddings(
-        {"SET": sequence}, model=path, window=10, stride=4, max_tokens=40, show_progress=False
+        {"SET": sequence}, model=path, window=10, stride=4, max_tokens=40, progress_bar=False
     )
     # Starts 0, 4, 8, 12, then 13 so that the last window ends at the last residue.
     windows = [sequence[s : s + 10] for s in (0, 4, 8, 12, 13)]
@@ -104,21 +105,21 @@ def test_cache_computes_only_new_genes(tiny_esm2, tmp_path, monkeypatch):
     monkeypatch.setattr(esm.model.esm2.ESM2, "forward", counting)
     cache = tmp_path / "cache"
     two = {g: SEQUENCES[g] for g in ("KLF1", "SET")}
-    first = esm2_embeddings(two, model=path, cache_dir=cache, show_progress=False)
+    first = esm2_embeddings(two, model=path, cache_dir=cache, progress_bar=False)
     assert sum(seen) == 2
     assert len(list(cache.rglob("*.npy"))) == 2
 
-    again = esm2_embeddings(two, model=path, cache_dir=cache, show_progress=False)
+    again = esm2_embeddings(two, model=path, cache_dir=cache, progress_bar=False)
     assert sum(seen) == 2  # nothing recomputed
     np.testing.assert_array_equal(again.to_numpy(), first.to_numpy())
     assert again.attrs == first.attrs
 
-    three = esm2_embeddings(SEQUENCES, model=path, cache_dir=cache, show_progress=False)
+    three = esm2_embeddings(SEQUENCES, model=path, cache_dir=cache, progress_bar=False)
     assert sum(seen) == 3  # only MIDN was computed
     np.testing.assert_array_equal(three.loc[["KLF1", "SET"]].to_numpy(), first.to_numpy())
 
     # A different layer is a different cache entry.
-    esm2_embeddings(two, model=path, cache_dir=cache, repr_layer=1, show_progress=False)
+    esm2_embeddings(two, model=path, cache_dir=cache, repr_layer=1, progress_bar=False)
     assert sum(seen) == 5
 
 
@@ -131,9 +132,9 @@ def test_fasta_input(tiny_esm2, tmp_path):
         f">SET protein SET\n{SEQUENCES['SET']}*\n"
     )
     assert read_protein_fasta(fasta) == {"KLF1": SEQUENCES["KLF1"], "SET": SEQUENCES["SET"]}
-    from_fasta = esm2_embeddings(fasta, model=path, show_progress=False)
+    from_fasta = esm2_embeddings(fasta, model=path, progress_bar=False)
     from_dict = esm2_embeddings(
-        {g: SEQUENCES[g] for g in ("KLF1", "SET")}, model=path, show_progress=False
+        {g: SEQUENCES[g] for g in ("KLF1", "SET")}, model=path, progress_bar=False
     )
     np.testing.assert_array_equal(from_fasta.to_numpy(), from_dict.to_numpy())
 
@@ -169,11 +170,11 @@ def test_model_name_error_says_internet(monkeypatch):
 
     monkeypatch.setattr(_esm2, "_download_checkpoint", offline)
     with pytest.raises(RuntimeError, match=r"'esm2_t6_8M_UR50D'.*needs internet.*local"):
-        esm2_embeddings({"A": "MKV"}, model="esm2_t6_8M_UR50D", show_progress=False)
+        esm2_embeddings({"A": "MKV"}, model="esm2_t6_8M_UR50D", progress_bar=False)
     with pytest.raises(
         ValueError, match="neither an existing checkpoint file nor a fair-esm model name"
     ):
-        esm2_embeddings({"A": "MKV"}, model="esm2_typo", show_progress=False)
+        esm2_embeddings({"A": "MKV"}, model="esm2_typo", progress_bar=False)
 
 
 def test_model_name_is_read_through_the_safe_path(tiny_esm2, monkeypatch):
@@ -194,10 +195,10 @@ def test_model_name_is_read_through_the_safe_path(tiny_esm2, monkeypatch):
         "load_hub_workaround",
     ):
         monkeypatch.setattr(esm.pretrained, loader, unsafe)
-    emb = esm2_embeddings({"MIDN": "MEQRGQ"}, model="esm2_t6_8M_UR50D", show_progress=False)
+    emb = esm2_embeddings({"MIDN": "MEQRGQ"}, model="esm2_t6_8M_UR50D", progress_bar=False)
     np.testing.assert_allclose(emb.loc["MIDN"].to_numpy(), direct_mean(model, "MEQRGQ"), atol=1e-5)
     assert emb.attrs["model"] == "esm2_t6_8M_UR50D"
-    from_path = esm2_embeddings({"MIDN": "MEQRGQ"}, model=path, show_progress=False)
+    from_path = esm2_embeddings({"MIDN": "MEQRGQ"}, model=path, progress_bar=False)
     np.testing.assert_array_equal(emb.to_numpy(), from_path.to_numpy())
 
 
@@ -233,7 +234,7 @@ def test_checkpoint_payload_is_refused_and_never_runs(
         ValueError,
         match=rf"refusing to load .*{target.name}.*`io\.open`.*not on perturbscope's allow-list",
     ):
-        esm2_embeddings({"A": "MKV"}, model=path, show_progress=False)
+        esm2_embeddings({"A": "MKV"}, model=path, progress_bar=False)
     assert not marker.exists()
 
 
@@ -244,18 +245,18 @@ def test_checkpoint_that_is_not_an_esm_dict(tmp_path):
     with pytest.raises(
         ValueError, match=r"is not an ESM checkpoint: expected a dict with a 'model'"
     ):
-        esm2_embeddings({"A": "MKV"}, model=path, show_progress=False)
+        esm2_embeddings({"A": "MKV"}, model=path, progress_bar=False)
 
 
 def test_bad_checkpoints(tiny_esm2, tmp_path):
     path, _ = tiny_esm2
     with pytest.raises(FileNotFoundError, match="ESM checkpoint .* does not exist"):
-        esm2_embeddings({"A": "MKV"}, model=tmp_path / "missing.pt", show_progress=False)
+        esm2_embeddings({"A": "MKV"}, model=tmp_path / "missing.pt", progress_bar=False)
     (tmp_path / "esm2_t2_tiny-contact-regression.pt").unlink()
     with pytest.raises(FileNotFoundError, match="contact-regression weights"):
-        esm2_embeddings({"A": "MKV"}, model=path, show_progress=False)
+        esm2_embeddings({"A": "MKV"}, model=path, progress_bar=False)
     with pytest.raises(TypeError, match=r"\(model, alphabet\) pair"):
-        esm2_embeddings({"A": "MKV"}, model=3, show_progress=False)
+        esm2_embeddings({"A": "MKV"}, model=3, progress_bar=False)
 
 
 @pytest.mark.parametrize(
@@ -293,3 +294,15 @@ def test_bad_arguments(tiny_esm2, kwargs, error, match):
     arguments = {"sequences": {"A": "MKV"}, "model": path, "show_progress": False, **kwargs}
     with pytest.raises(error, match=match):
         esm2_embeddings(**arguments)
+
+
+def test_old_show_progress_keyword_still_works_with_a_future_warning(tiny_esm2, capsys):
+    path, _ = tiny_esm2
+    new = esm2_embeddings(SEQUENCES, model=path, progress_bar=True)
+    assert "ESM2 batches" in capsys.readouterr().err
+    with pytest.warns(
+        FutureWarning, match=r"^esm2_embeddings's `show_progress` is deprecated; use `progress_bar`\.$"
+    ):
+        old = esm2_embeddings(SEQUENCES, model=path, show_progress=False)
+    assert "ESM2 batches" not in capsys.readouterr().err
+    pd.testing.assert_frame_equal(old, new)

@@ -170,7 +170,8 @@ def learning_curve(
     common_test: bool = False,
     distributional: bool = True,
     task: str = "learning_curve",
-    progress: bool = True,
+    progress_bar: bool = True,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Zero- and few-shot scores on held-out contexts as the number of given cells ``k`` grows.
 
@@ -213,8 +214,11 @@ def learning_curve(
         Also compute the distributional metrics.
     task
         Value of the ``task`` column.
+    progress_bar
+        Show a progress bar over held-out contexts.
     progress
-        Show a progress bar.
+        Deprecated name of ``progress_bar``, kept for one release (warns with a
+        :class:`FutureWarning`).
 
     Returns
     -------
@@ -236,10 +240,14 @@ def learning_curve(
     ...                                n_cells_per_condition=20)
     >>> curve = learning_curve(adata, "perturbation", "cell_type", shots=(0, 5),
     ...                        data_scale="counts", scopevi=False, distributional=False,
-    ...                        baselines=["matching_mean"], progress=False)
+    ...                        baselines=["matching_mean"], progress_bar=False)
     >>> sorted(curve["shots"].unique().tolist())
     [0, 5]
     """
+    if progress is not None:
+        warnings.warn("learning_curve's `progress` is deprecated; use `progress_bar`.", FutureWarning,
+                      stacklevel=2)
+        progress_bar = progress
     if context_key not in adata.obs.columns:
         raise KeyError(f"context_key {context_key!r} not in adata.obs; columns are {list(adata.obs.columns)}.")
     contexts = sorted(pd.unique(adata.obs[context_key].astype(str))) if contexts is None else list(contexts)
@@ -258,7 +266,7 @@ def learning_curve(
                                         control_value, seed, min_test_cells, common_test))
         for seed in range(seeds) for context in contexts
     ]
-    bar = tqdm(total=len(jobs), desc="learning curve", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="learning curve", disable=not progress_bar)
     records: list[dict] = []
     for seed, context, splits in jobs:
         reference = None

@@ -11,6 +11,7 @@ import anndata as ad
 import pandas as pd
 import scvi
 
+from .._choices import BASELINE_NAMES, MODEL_NAMES
 from ..data import aggregate_prediction
 from ..effects import (
     AdditiveBaseline,
@@ -22,10 +23,12 @@ from ..effects import (
 )
 from ..model import ScopeVI
 
-BASELINES = ("no_change", "perturbed_mean", "matching_mean", "additive", "embedding_nn", "linear")
-#: ``scopevi``: the default model (effect prior plus validated correction); ``scopevi_vae``: the
-#: earlier design, the VAE alone (``effect_prior=False``), kept for comparison.
-MODELS = ("scopevi", "scopevi_vae", *BASELINES)
+#: The baselines by name (defined once, in :data:`perturbscope._choices.BASELINE_NAMES`).
+BASELINES = BASELINE_NAMES
+#: Every model by name (defined once, in :data:`perturbscope._choices.MODEL_NAMES`):
+#: ``scopevi``, the default model (effect prior plus validated correction); ``scopevi_vae``, the
+#: earlier design, the VAE alone (``effect_prior=False``), kept for comparison; the baselines.
+MODELS = MODEL_NAMES
 #: ScopeVI settings of the benchmark (chosen before looking at any test split).
 SCOPEVI_DEFAULTS: dict[str, Any] = {"model": {}, "train": {}}
 #: ScopeVI runs at its own defaults (``ScopeVI()`` and ``ScopeVI.train()``); only the likelihood

@@ -41,7 +41,8 @@ def run_benchmark(
     *,
     scopevi_kwargs: dict[str, Any] | None = None,
     distributional: bool = True,
-    progress: bool = True,
+    progress_bar: bool = True,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Run models on every split of a task, beside the split-half noise ceiling.
 
@@ -53,8 +54,8 @@ def run_benchmark(
     task
         A name in :data:`~perturbscope.benchmark.TASKS`.
     models
-        Names from ``("scopevi", "no_change", "perturbed_mean", "matching_mean", "additive",
-        "embedding_nn", "linear")``. Models the task cannot run are skipped with a warning.
+        Names from :data:`~perturbscope.benchmark.MODELS`. Models the task cannot run are
+        skipped with a warning.
     seeds
         Number of seeds (``0 .. seeds-1``): the fold assignment, few-shot cells, halving of the
         ceiling and ScopeVI's training all change with the seed.
@@ -66,8 +67,11 @@ def run_benchmark(
         settings.
     distributional
         Also compute the distributional metrics (slower).
+    progress_bar
+        Show a progress bar over fits.
     progress
-        Show a progress bar.
+        Deprecated name of ``progress_bar``, kept for one release (warns with a
+        :class:`FutureWarning`).
 
     Returns
     -------
@@ -84,10 +88,14 @@ def run_benchmark(
     Examples
     --------
     >>> results = run_benchmark(None, "simulated", models=["additive"], seeds=1,
-    ...                         distributional=False, progress=False)
+    ...                         distributional=False, progress_bar=False)
     >>> sorted(results["model"].unique())
     ['additive', 'noise_ceiling', 'observed']
     """
+    if progress is not None:
+        warnings.warn("run_benchmark's `progress` is deprecated; use `progress_bar`.", FutureWarning,
+                      stacklevel=2)
+        progress_bar = progress
     spec = _check_task(task)
     models = list(models)
     unknown = [m for m in models if m not in MODELS]
@@ -101,7 +109,7 @@ def run_benchmark(
     all_log = log_anndata(adata, spec, key)
 
     jobs = [(seed, split) for seed in range(seeds) for split in spec.make_splits(adata, seed)]
-    bar = tqdm(total=len(jobs) * (len(models) + 1), desc=f"benchmark {task}", disable=not progress)
+    bar = tqdm(total=len(jobs) * (len(models) + 1), desc=f"benchmark {task}", disable=not progress_bar)
     records: list[dict] = []
     timings: list[dict] = []
     contexts = None if spec.context_key is None else adata.obs[spec.context_key].astype(str)

@@ -55,7 +55,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     --------
     >>> from perturbscope.benchmark import run_benchmark
     >>> results = run_benchmark(None, "simulated", models=["additive"], seeds=2,
-    ...                         distributional=False, progress=False)
+    ...                         distributional=False, progress_bar=False)
     >>> summarize(results).loc[("simulated", "unseen_single", "additive", "pearson_delta"), "n_seeds"]
     np.int64(2)
     """
@@ -92,7 +92,7 @@ def markdown_table(
     --------
     >>> from perturbscope.benchmark import run_benchmark
     >>> results = run_benchmark(None, "simulated", models=["additive"], seeds=1,
-    ...                         distributional=False, progress=False)
+    ...                         distributional=False, progress_bar=False)
     >>> print(markdown_table(summarize(results), metrics=["pearson_delta"]).splitlines()[2])
     | model | pearson_delta |
     """

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -300,7 +301,8 @@ def esm2_embeddings(
     cache_dir: str | os.PathLike | None = None,
     window: int = 1022,
     stride: int | None = None,
-    show_progress: bool = True,
+    progress_bar: bool = True,
+    show_progress: bool | None = None,
 ) -> pd.DataFrame:
     """Per-gene protein embeddings from an ESM2 protein language model (fair-esm).
 
@@ -333,8 +335,11 @@ def esm2_embeddings(
     stride
         Distance between window starts; ``None`` means ``window // 2``. The last window always
         ends at the protein's last residue.
-    show_progress
+    progress_bar
         Show a progress bar over batches.
+    show_progress
+        Deprecated name of ``progress_bar``, kept for one release (warns with a
+        :class:`FutureWarning`).
 
     Returns
     -------
@@ -357,10 +362,14 @@ def esm2_embeddings(
     >>> import esm
     >>> net = esm.model.esm2.ESM2(num_layers=1, embed_dim=16, attention_heads=2)
     >>> emb = esm2_embeddings({"KLF1": "MKVLA", "SET": "MSAPAAK"}, model=(net, net.alphabet),
-    ...                       show_progress=False)
+    ...                       progress_bar=False)
     >>> emb.shape, emb.attrs["pooling"]
     ((2, 16), 'mean')
     """
+    if show_progress is not None:
+        warnings.warn("esm2_embeddings's `show_progress` is deprecated; use `progress_bar`.",
+                      FutureWarning, stacklevel=2)
+        progress_bar = show_progress
     if pooling not in ("mean", "bos"):
         raise ValueError(f"pooling must be 'mean' or 'bos', got {pooling!r}.")
     if isinstance(sequences, str | os.PathLike):
@@ -423,7 +432,7 @@ def esm2_embeddings(
             device,
             window,
             stride,
-            show_progress,
+            progress_bar,
         )
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
@@ -466,7 +475,7 @@ def _model_key_without_loading(model: str | os.PathLike) -> str:
 
 
 def _embed(
-    module, alphabet, sequences, layer, pooling, max_tokens, device, window, stride, show_progress
+    module, alphabet, sequences, layer, pooling, max_tokens, device, window, stride, progress_bar
 ):
     """Pool each window of each sequence, then average windows per gene."""
     import torch
@@ -486,7 +495,7 @@ def _embed(
     counts: dict[str, int] = {}
     batches = _batches([len(p[1]) for p in pieces], max_tokens)
     with torch.inference_mode():
-        for batch in tqdm(batches, desc="ESM2 batches", disable=not show_progress):
+        for batch in tqdm(batches, desc="ESM2 batches", disable=not progress_bar):
             _, _, tokens = converter([pieces[i] for i in batch])
             tokens = tokens.to(device)
             hidden = module(tokens, repr_layers=[layer])["representations"][layer]

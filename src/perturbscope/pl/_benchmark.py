@@ -121,7 +121,7 @@ def benchmark_scores(
     --------
     >>> from perturbscope.benchmark import run_benchmark
     >>> results = run_benchmark(None, "simulated", models=["additive", "perturbed_mean"],
-    ...                         seeds=1, distributional=False, progress=False)
+    ...                         seeds=1, distributional=False, progress_bar=False)
     >>> ax = benchmark_scores(results, "pearson_delta_top_de", show=False)
     >>> " ".join(ax.get_ylabel().split())
     'Pearson r of predicted and observed change, top-20 DE genes (unitless); higher is better'
@@ -199,7 +199,7 @@ def benchmark_scatter(
     --------
     >>> from perturbscope.benchmark import run_benchmark
     >>> results = run_benchmark(None, "simulated", models=["additive", "perturbed_mean"],
-    ...                         seeds=1, distributional=False, progress=False)
+    ...                         seeds=1, distributional=False, progress_bar=False)
     >>> ax = benchmark_scatter(results, "perturbed_mean", "additive", show=False)
     >>> ax.get_xlabel()
     'perturbed_mean'
@@ -259,7 +259,7 @@ def benchmark_mode_collapse(
     --------
     >>> from perturbscope.benchmark import run_benchmark
     >>> results = run_benchmark(None, "simulated", models=["additive", "perturbed_mean"],
-    ...                         seeds=1, distributional=False, progress=False)
+    ...                         seeds=1, distributional=False, progress_bar=False)
     >>> " ".join(benchmark_mode_collapse(results, show=False).get_ylabel().split())
     'mean pairwise correlation of changes (unitless)'
     """
@@ -328,7 +328,7 @@ def learning_curve(
     ...                                n_cells_per_condition=20)
     >>> curve = run_curve(adata, "perturbation", "cell_type", shots=(0, 5), data_scale="counts",
     ...                   scopevi=False, baselines=["matching_mean"], distributional=False,
-    ...                   progress=False)
+    ...                   progress_bar=False)
     >>> learning_curve(curve, show=False).get_xlabel()
     'cells given per perturbation (k)'
     """
@@ -388,7 +388,7 @@ def benchmark_figures(results: pd.DataFrame, out: str | os.PathLike) -> list[Pat
     >>> import tempfile
     >>> from perturbscope.benchmark import run_benchmark
     >>> results = run_benchmark(None, "simulated", models=["additive"], seeds=1,
-    ...                         distributional=False, progress=False)
+    ...                         distributional=False, progress_bar=False)
     >>> [p.name for p in benchmark_figures(results, tempfile.mkdtemp())]
     ['pearson_delta_top_de.png', 'l2_top_expressed.png', 'delta_correlation.png']
     """

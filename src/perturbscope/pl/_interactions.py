@@ -72,9 +72,10 @@ def genetic_interactions(
     a legend names every marker and line. With ``comparison``, a third panel plots our ``mag``
     against the published one (black edge: the calls agree).
 
-    Labels are placed without overlap (adjustText when installed, else free spots around each
-    point); the doubles furthest from additivity (largest ``|mag - sqrt(2)|``) are labelled
-    first, at most ``max_labels`` of them per panel.
+    Labels are placed without overlap (adjustText when installed, the optional extra
+    ``pip install "perturbscope[plot]"``; else free spots around each point); the doubles
+    furthest from additivity (largest ``|mag - sqrt(2)|``) are labelled first, at most
+    ``max_labels`` of them per panel.
 
     Parameters
     ----------

@@ -3,7 +3,8 @@
 The greedy placement tries eight offsets around each point, in order of the label's priority,
 and keeps the first whose text box overlaps no label already placed and stays inside the axes;
 a label with no free spot is left out (the caller says how many were drawn). adjustText, when
-installed, moves every label instead and draws a connector line.
+installed (the optional extra ``pip install "perturbscope[plot]"``), moves every label instead
+and draws a connector line.
 """
 
 from __future__ import annotations
