@@ -17,11 +17,13 @@ A query is a perturbation in a context. Its *kind* decides which estimators can 
 * ``"unseen_context"``: measured in training, but in other contexts only; candidates are the
   transfer (its mean shift over other contexts), the perturbed mean and no change.
 
-:meth:`EffectPrior.fit` picks, for every kind, the candidate with the lowest error on the
-training perturbations of that kind when they are held out (folds of genes, of combinations, or
-one context at a time), refitting every candidate without them: cross-fitting inside the
-training data, so no test perturbation is ever read. The held-out residuals of the chosen
-estimator give split-conformal intervals per gene. For unseen genes a residual is divided by a
+:meth:`EffectPrior.fit` predicts the training perturbations of every kind while they are held
+out (folds of genes, of combinations, or one context at a time), refitting every candidate
+without them: cross-fitting inside the training data, so no test perturbation is ever read.
+From these held-out predictions it fits, per kind, a non-negative blend of the candidates
+(stacking, :func:`stack_weights`): the weights say how much of each estimator to trust, and
+their sum may fall below 1, shrinking a noisy estimator towards no change. The held-out
+residuals of the blend give split-conformal intervals per gene. For unseen genes a residual is divided by a
 difficulty scale, ``0.5 + (1 - cosine similarity to the nearest training gene)``, so a gene far
 from every training gene gets a wider interval (normalised conformal prediction), and each
 gene's residuals by their own scale, so that one quantile pooled over genes calibrates them all
@@ -45,7 +47,7 @@ from ._baselines import (
     PerturbedMeanBaseline,
 )
 from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
-from ._scoring import gene_scaled_quantiles, pick, top_change_scores
+from ._scoring import gene_scaled_quantiles, stack_weights, top_change_scores
 
 KINDS = ("seen", "few_shot", "combination", "unseen_gene", "unseen_context")
 #: Groups with fewer training cells than this are ``"few_shot"`` queries.
@@ -105,10 +107,14 @@ class EffectPrior:
 
     Attributes
     ----------
+    weights_
+        ``{kind: {estimator name: weight}}``, the cross-fitted blend that answers each kind.
     choices_
-        ``{kind: estimator name}``.
+        ``{kind: estimator name}``: the estimator with the largest weight (``"no_change"`` when
+        every weight is 0).
     crossfit_scores_
-        Mean held-out Pearson and MSE (see :func:`top_change_scores`) per kind and candidate.
+        Mean held-out Pearson and MSE (see :func:`top_change_scores`) per kind, for each
+        candidate and for the blend (``"stacked"``).
     n_held_out_
         Held-out (perturbation, context) pairs per kind.
     quantiles_
@@ -174,7 +180,30 @@ class EffectPrior:
         counts = pd.Series(1, index=pd.MultiIndex.from_arrays([labels, contexts])).groupby(level=[0, 1]).size()
         counts.index = counts.index.set_names(["perturbation", "context"])
         self.fit_means(probe.means_, control_value, context_key, delimiter, counts=counts)
-        few = self._few_shot_residuals(adata, layer, data_scale, labels, contexts)
+        return self.fit_few_shot(adata, labels, contexts, layer, data_scale)
+
+    def fit_few_shot(self, adata, labels: np.ndarray, contexts: np.ndarray, layer: str | None = None,
+                     data_scale: str = "counts") -> EffectPrior:
+        """Cross-fit the ``"few_shot"`` blend, after :meth:`fit_means`.
+
+        Well-measured training groups are reduced to as many cells as the few-shot groups
+        have, drawn from ``adata``, and every few-shot candidate is scored against the groups'
+        full means. Only the drawn cells are read, so ``adata`` may be backed or streamed.
+
+        Parameters
+        ----------
+        adata
+            The training cells the means were computed from.
+        labels, contexts
+            Each cell's perturbation label and context (as strings).
+        layer, data_scale
+            As for :meth:`fit`.
+
+        Returns
+        -------
+        ``self``; unchanged when there are no few-shot groups or too few well-measured ones.
+        """
+        few = self._few_shot_residuals(adata, layer, data_scale, np.asarray(labels), np.asarray(contexts))
         if few:
             self._choose("few_shot", few)
         return self
@@ -187,8 +216,9 @@ class EffectPrior:
         delimiter: str = "+",
         choices: dict[str, str] | None = None,
         counts: pd.Series | None = None,
+        weights: dict[str, dict[str, float]] | None = None,
     ) -> EffectPrior:
-        """Fit from the training group means; cross-fit unless ``choices`` are given.
+        """Fit from the training group means; cross-fit unless ``weights`` or ``choices`` are given.
 
         Parameters
         ----------
@@ -198,10 +228,14 @@ class EffectPrior:
         control_value, context_key, delimiter
             As for :meth:`fit`.
         choices
-            ``{kind: estimator}`` to use as they are (no cross-fitting, no intervals).
+            ``{kind: estimator}`` to use alone (weight 1), as they are (no cross-fitting, no
+            intervals).
         counts
             Cells per group (same index as ``means``); groups below :data:`FEW_SHOT_CELLS` are
             ``"few_shot"`` queries. ``None`` treats every measured group as well measured.
+        weights
+            ``{kind: {estimator: weight}}`` to use as they are (see :attr:`weights_`); they take
+            precedence over ``choices``.
 
         Returns
         -------
@@ -212,33 +246,46 @@ class EffectPrior:
         self.control_value_ = control_value
         self.context_key_ = context_key
         self.delimiter_ = delimiter
-        self.estimators_ = self._fit_estimators(means, self._names(choices))
+        given = weights if weights is not None else (
+            None if choices is None else {kind: {name: 1.0} for kind, name in choices.items()})
+        self.estimators_ = self._fit_estimators(means, self._names(given))
         self.shifts_ = self.estimators_["additive"].shifts_
-        if choices is not None:
-            self.choices_, self.crossfit_scores_, self.n_held_out_, self.quantiles_ = dict(choices), None, {}, {}
+        if given is not None:
+            self.weights_ = {kind: dict(w) for kind, w in given.items()}
+            self.choices_ = {kind: _dominant(w) for kind, w in self.weights_.items()}
+            self.crossfit_scores_, self.n_held_out_, self.quantiles_ = None, {}, {}
             return self
         residuals = self._crossfit(means)
         self.crossfit_scores_ = pd.DataFrame(index=pd.Index([], name="kind"), dtype=float)
-        self.choices_, self.n_held_out_, self.quantiles_ = {"seen": "observed"}, {}, {}
+        self.weights_, self.choices_ = {"seen": {"observed": 1.0}}, {"seen": "observed"}
+        self.n_held_out_, self.quantiles_ = {}, {}
         for kind in KINDS[1:]:
             self._choose(kind, residuals.get(kind, {}))
         return self
 
     def _choose(self, kind: str, per: dict) -> None:
-        """Pick the candidate with the lowest held-out error and calibrate its intervals."""
+        """Stack the candidates on their held-out predictions and calibrate the blend's intervals."""
         n = len(next(iter(per.values()))[0]) if per else 0
         self.n_held_out_[kind] = n
         if n < MIN_HELD_OUT:
+            self.weights_[kind] = {self._available(kind)[0]: 1.0}
             self.choices_[kind] = self._available(kind)[0]
             return
-        for name, (errors, _, _) in per.items():
+        names = [name for name in self._available(kind) if name in per]
+        truth = next(iter(per.values()))[3]
+        predictions = {name: truth - per[name][1] for name in names}
+        weights = stack_weights(predictions, truth, n_genes=truth.shape[1])
+        stacked = sum(w * predictions[name] for name, w in weights.items())
+        rows = {**{name: per[name][0] for name in names},
+                "stacked": [top_change_scores(p, t) for p, t in zip(stacked, truth)]}
+        for name, errors in rows.items():
             mse, pearson = np.mean(np.asarray(errors, dtype=float), axis=0)
             self.crossfit_scores_.loc[kind, f"{name} (pearson)"] = float(pearson)
             self.crossfit_scores_.loc[kind, f"{name} (mse)"] = float(mse)
-        best = pick({name: errors for name, (errors, _, _) in per.items()}, self._available(kind))
-        self.choices_[kind] = best
-        _, raw, scale = per[best]
-        self.quantiles_[kind] = gene_scaled_quantiles(np.abs(raw) / scale[:, None], self.levels)
+        self.weights_[kind] = {name: w for name, w in weights.items() if w > 0}
+        self.choices_[kind] = _dominant(self.weights_[kind])
+        scale = per[names[0]][2]
+        self.quantiles_[kind] = gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels)
 
     def _few_shot_residuals(self, adata, layer, data_scale, labels, contexts) -> dict:
         """Few-shot candidates scored on well-measured groups reduced to as many cells."""
@@ -252,7 +299,7 @@ class EffectPrior:
         full = [full[i] for i in rng.permutation(len(full))[:60]]
         if len(full) < MIN_HELD_OUT:
             return {}
-        out: dict[str, tuple[list, list, list]] = {}
+        out: dict[str, tuple[list, list, list, list]] = {}
         for p, c in full:
             cells = np.flatnonzero((labels == p) & (contexts == c))
             drawn = adata[np.sort(rng.choice(cells, k, replace=False))]
@@ -261,11 +308,12 @@ class EffectPrior:
             truth = self.shifts_.loc[(p, c)].to_numpy()
             for name in self._available("few_shot"):
                 predicted = self._few_shot_estimate(name, p, c, observed_k, exclude_self=True)
-                errors, residuals, scales = out.setdefault(name, ([], [], []))
+                errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
                 errors.append(top_change_scores(predicted, truth))
                 residuals.append(truth - predicted)
                 scales.append(1.0)
-        return {name: (e, np.asarray(r), np.asarray(sc)) for name, (e, r, sc) in out.items()}
+                truths.append(truth)
+        return {name: (e, np.asarray(r), np.asarray(sc), np.asarray(t)) for name, (e, r, sc, t) in out.items()}
 
     def _few_shot_estimate(self, name: str, p: str, c: str, observed: np.ndarray, exclude_self: bool = False):
         shifts = self.shifts_
@@ -282,8 +330,9 @@ class EffectPrior:
         elsewhere = shifts[~in_context & ~others]
         return elsewhere.mean(axis=0).to_numpy() if len(elsewhere) else observed
 
-    def _names(self, choices: dict[str, str] | None) -> list[str]:
-        names = {"additive"} | set(choices.values() if choices else sum(CANDIDATES.values(), ()))
+    def _names(self, weights: dict[str, dict[str, float]] | None) -> list[str]:
+        used = {name for w in weights.values() for name in w} if weights else set(sum(CANDIDATES.values(), ()))
+        names = {"additive"} | used
         names -= {"observed", "transfer", "observed_perturbed_mean"}
         return sorted(n for n in names if n != "embedding_nn" or self.gene_embeddings is not None)
 
@@ -309,8 +358,8 @@ class EffectPrior:
     def _genes(self, perturbation: str) -> tuple[str, ...]:
         return parse_perturbation(perturbation, self.control_value_, self.delimiter_)
 
-    def _crossfit(self, means: pd.DataFrame) -> dict[str, dict[str, tuple[list, np.ndarray, np.ndarray]]]:
-        """``{kind: {candidate: (errors, residuals, scales)}}`` over held-out training queries."""
+    def _crossfit(self, means: pd.DataFrame) -> dict[str, dict[str, tuple]]:
+        """``{kind: {candidate: (errors, residuals, scales, truths)}}`` over held-out training queries."""
         rng = np.random.default_rng(self.seed)
         rows = self.shifts_.index
         perts = rows.get_level_values("perturbation")
@@ -339,8 +388,8 @@ class EffectPrior:
         keep = [p == self.control_value_ or not leave_out(p, c) for p, c in means.index]
         return means[np.asarray(keep)]
 
-    def _score_folds(self, kind: str, folds) -> dict[str, tuple[list, np.ndarray, np.ndarray]]:
-        out: dict[str, tuple[list, list, list]] = {}
+    def _score_folds(self, kind: str, folds) -> dict[str, tuple[list, np.ndarray, np.ndarray, np.ndarray]]:
+        out: dict[str, tuple[list, list, list, list]] = {}
         for reduced, held in folds:
             if not held or reduced.index.get_level_values("perturbation").nunique() < 2:
                 continue
@@ -349,14 +398,15 @@ class EffectPrior:
             for name, estimator in fitted.items():
                 if name not in self._available(kind):
                     continue
-                errors, residuals, scales = out.setdefault(name, ([], [], []))
+                errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
                 for p, c in held:
                     truth = self.shifts_.loc[(p, c)].to_numpy()
                     predicted = _predict_one(estimator, p, c)
                     errors.append(top_change_scores(predicted, truth))
                     residuals.append(truth - predicted)
                     scales.append(self._scale(kind, p, reference))
-        return {name: (e, np.asarray(r), np.asarray(s)) for name, (e, r, s) in out.items()}
+                    truths.append(truth)
+        return {name: (e, np.asarray(r), np.asarray(s), np.asarray(t)) for name, (e, r, s, t) in out.items()}
 
     def _scale(self, kind: str, perturbation: str, fitted: Baseline) -> float:
         """Difficulty of a query: 0.5 + cosine distance of its least familiar unseen gene."""
@@ -423,7 +473,6 @@ class EffectPrior:
             warnings.simplefilter("ignore", UserWarning)
             for p in map(str, perturbations):
                 kind = self.kind(p, str(context))
-                name = self.choices_.get(kind, "additive")
                 genes = self._genes(p)
                 rule = self.choices_.get("combination", "additive")
                 if kind == "unseen_gene" and len(genes) > 1 and rule in ("additive", "matching_mean"):
@@ -435,19 +484,22 @@ class EffectPrior:
                     kinds.append(kind)
                     names.append(f"{rule} of " + ", ".join(parts.attrs["estimators"]))
                     continue
-                if kind == "few_shot":
-                    observed = self.shifts_.loc[(p, str(context))].to_numpy()
-                    rows.append(self._few_shot_estimate(name, p, str(context), observed))
-                else:
-                    estimator = self.estimators_.get("additive" if name == "observed" else name,
-                                                     self.estimators_["additive"])
-                    rows.append(_predict_one(estimator, p, str(context)))
+                weights = self.weights_.get(kind, {"additive": 1.0})
+                rows.append(sum((w * self._estimate(name, kind, p, str(context)) for name, w in weights.items()),
+                                np.zeros(len(self.shifts_.columns))))
                 kinds.append(kind)
-                names.append(name)
+                names.append(_describe(weights))
         table = pd.DataFrame(np.vstack(rows), index=list(map(str, perturbations)),
                              columns=self.estimators_["additive"].var_names_)
         table.attrs = {"kinds": kinds, "estimators": names}
         return table
+
+    def _estimate(self, name: str, kind: str, p: str, context: str) -> np.ndarray:
+        """One estimator's shift for the query ``p`` in ``context``."""
+        if kind == "few_shot":
+            return self._few_shot_estimate(name, p, context, self.shifts_.loc[(p, context)].to_numpy())
+        estimator = self.estimators_.get("additive" if name == "observed" else name, self.estimators_["additive"])
+        return _predict_one(estimator, p, context)
 
     def half_widths(self, perturbations: Sequence[str], context: str, level: float) -> pd.DataFrame:
         """Half-width per gene of the ``level`` interval on each perturbation's mean shift.
@@ -490,6 +542,7 @@ class EffectPrior:
                 self.counts_.reindex(index).fillna(0).to_numpy(), dtype=np.int64),
             "control_value": self.control_value_, "context_key": self.context_key_,
             "delimiter": self.delimiter_, "choices": dict(self.choices_), "levels": list(self.levels),
+            "weights": {k: {n: float(w) for n, w in v.items()} for k, v in self.weights_.items()},
             "n_folds": self.n_folds, "seed": self.seed, "n_held_out": dict(self.n_held_out_),
             "quantiles": {k: {float(lv): np.asarray(q) for lv, q in v.items()} for k, v in self.quantiles_.items()},
             "crossfit_scores": None if scores is None else {
@@ -519,12 +572,25 @@ class EffectPrior:
         means = pd.DataFrame(state["means"], index=index, columns=pd.Index(state["genes"], name=state.get("genes_name")))
         counts = None if state.get("counts") is None else pd.Series(state["counts"], index=index)
         prior.fit_means(means, state["control_value"], state["context_key"], state["delimiter"],
-                        choices=state["choices"], counts=counts)
+                        choices=state["choices"], counts=counts, weights=state.get("weights"))
         prior.n_held_out_ = dict(state["n_held_out"])
         prior.quantiles_ = {k: {float(lv): np.asarray(q) for lv, q in v.items()} for k, v in state["quantiles"].items()}
         scores = state["crossfit_scores"]
         prior.crossfit_scores_ = None if scores is None else pd.DataFrame.from_dict(scores, orient="index")
         return prior
+
+
+def _describe(weights: dict[str, float]) -> str:
+    """``"linear"`` for a lone estimator at weight 1, else ``"0.61 linear + 0.13 perturbed_mean"``."""
+    if len(weights) == 1 and next(iter(weights.values())) == 1.0:
+        return next(iter(weights))
+    return " + ".join(f"{w:.2f} {name}" for name, w in weights.items()) or "no_change"
+
+
+def _dominant(weights: dict[str, float]) -> str:
+    """The estimator with the largest weight; ``"no_change"`` when every weight is 0."""
+    positive = {name: w for name, w in weights.items() if w > 0}
+    return max(positive, key=positive.get) if positive else "no_change"
 
 
 def _split(items: Sequence[str], n_folds: int, rng: np.random.Generator) -> list[list[str]]:

@@ -15,8 +15,9 @@ perturbation ``p`` and the anchor's context ``c``::
   and one context's perturbed cells are held out of the VAE's training cells; after training,
   ``w_k`` in ``{0, 0.25, 0.5, 0.75, 1}`` with the best held-out Pearson correlation of
   ``s' + w (m - s')`` with the observed shift (``s'`` the prior refitted without them; within
-  0.02 of the best, the lowest error) is kept, among the weights whose held-out error is no
-  larger than the prior's own (``w = 0``). Where a kind cannot be
+  0.02 of the best, the lowest error) is kept, among the weights whose held-out error is below
+  the prior's own (``w = 0``) by at least one standard error of the paired difference over the
+  held-out queries (with fewer than 3 queries: no larger). Where a kind cannot be
   validated ``w_k = 0``: the prediction's mean is the prior's, and so is its size.
 
 The last term, zero on average over a context's anchors, is the VAE's cell-state-dependent
@@ -245,7 +246,7 @@ class EffectCorrectionMixin:
         # every training group the VAE did not see is left out of the refitted prior too
         reduced_means = prior.means_[[idx not in excluded for idx in prior.means_.index]]
         reduced = EffectPrior(prior.gene_embeddings).fit_means(
-            reduced_means, prior.control_value_, prior.context_key_, prior.delimiter_, choices=prior.choices_
+            reduced_means, prior.control_value_, prior.context_key_, prior.delimiter_, weights=prior.weights_
         )
         controls = self._training_controls(expression)
         for kind, queries in held.items():
@@ -265,8 +266,7 @@ class EffectCorrectionMixin:
                 continue
             scores[kind] = {w: [float(x) for x in np.mean(np.asarray(e), axis=0)] for w, e in errors.items()}
             # a correction may not raise the held-out error: the prior's size unless evidence says more
-            mse = {w: scores[kind][w][0] for w in CORRECTION_WEIGHTS}
-            allowed = [w for w in CORRECTION_WEIGHTS if mse[w] <= mse[0.0]]
+            allowed = [w for w in CORRECTION_WEIGHTS if _lowers_error(errors[w], errors[0.0])]
             weights[kind] = pick({w: errors[w] for w in allowed}, allowed)
             self._choose_cell_weight(kind, queries, reduced, weights[kind], expression, controls)
         return weights, scores
@@ -393,6 +393,27 @@ class EffectCorrectionMixin:
             aggregated.layers[f"log1p_norm_upper_{tag}"] = (mean - np.minimum(correction, 0) + half).astype(np.float32)
 
 
+def _lowers_error(errors: list, baseline: list) -> bool:
+    """Whether a correction's held-out error is below the prior's (``baseline``) by evidence.
+
+    With at least :data:`MIN_HELD_OUT` held-out queries the mean paired difference of their MSEs
+    plus one standard error must be at most 0 (the one-standard-error rule: a correction that
+    wins by less than its noise is not kept); with fewer, where no standard error can be had,
+    the mean error may not rise.
+
+    Examples
+    --------
+    >>> _lowers_error([(1.0, 0.5), (1.0, 0.5), (1.0, 0.5)], [(2.0, 0.4), (2.1, 0.4), (1.9, 0.4)])
+    True
+    >>> _lowers_error([(1.0, 0.5), (3.0, 0.5), (1.0, 0.5)], [(2.0, 0.4), (2.1, 0.4), (1.9, 0.4)])
+    False
+    """
+    differences = np.asarray([e[0] for e in errors]) - np.asarray([b[0] for b in baseline])
+    if len(differences) < MIN_HELD_OUT:
+        return float(differences.mean()) <= 0
+    return float(differences.mean() + differences.std(ddof=1) / np.sqrt(len(differences))) <= 0
+
+
 def _sample(items: list[str], rng: np.random.Generator) -> list[str]:
     """``VALIDATION_FRACTION`` of ``items`` (none when fewer than 2 * MIN_HELD_OUT)."""
     if len(items) < 2 * MIN_HELD_OUT:
@@ -413,7 +434,5 @@ def _fit_prior_streamed(prior: EffectPrior, expression: ad.AnnData, perturbation
     means.columns = expression.var_names.copy()
     counts.name = None
     prior.fit_means(means, control_value, context_key, delimiter, counts=counts)
-    labels = expression.obs[perturbation_key].to_numpy()
-    few = prior._few_shot_residuals(expression, None, data_scale, labels, expression.obs["context"].to_numpy())
-    if few:
-        prior._choose("few_shot", few)
+    prior.fit_few_shot(expression, expression.obs[perturbation_key].astype(str).to_numpy(),
+                       expression.obs["context"].astype(str).to_numpy(), None, data_scale)
