@@ -6,7 +6,10 @@
 Options: --data (the shared data folder, default ../shared/data), --seeds (3), --out
 (per-task CSVs and plots, default benchmarks/results), --scopevi-epochs, --tasks, and
 --reuse-others (tasks not in --tasks are read back from their metrics.csv under --out, and their
-runtime rows from the previous RESULTS.md, instead of being left out).
+runtime rows from the previous RESULTS.md, instead of being left out), and --reuse-models (models
+named here are not rerun in the tasks that are: their rows come from the task's previous
+metrics.csv, same splits and seeds, less the metrics whose definitions changed since; the task's
+section says so).
 
 The sections other scripts own (learning curves, variants, genetic interactions; see
 ``_sections.py``) are kept as they are.
@@ -52,6 +55,26 @@ REAL_TASKS = (
     "papalexi_unseen_single",
 )
 SCOPEVI_MODELS = ("scopevi", "scopevi_vae")
+#: Metrics whose definitions changed (cell-eval's PDS and DE overlap, stop 17): rows reused from
+#: an earlier run do not carry them.
+REDEFINED_METRICS = ("discrimination_score", "de_overlap")
+
+
+def reuse_model_rows(results: pd.DataFrame, previous: Path, models: list[str]) -> tuple[pd.DataFrame, str]:
+    """Add ``models``' rows from a task's previous ``metrics.csv`` (same seeds), and a note."""
+    old = pd.read_csv(previous, keep_default_na=False, na_values=[""])
+    old["value"] = pd.to_numeric(old["value"])
+    seeds = set(results["seed"])
+    rows = old[old["model"].isin(models) & old["seed"].isin(seeds) & ~old["metric"].isin(REDEFINED_METRICS)]
+    if rows.empty:
+        raise SystemExit(f"--reuse-models: no rows of {models} for seeds {sorted(seeds)} in {previous}")
+    merged = pd.concat([results, rows[results.columns]], ignore_index=True)
+    merged.attrs = results.attrs
+    note = (f" Rows of {', '.join(f'`{m}`' for m in models)} were not rerun: they are read back from "
+            f"the previous run of this task (same splits and seeds; that design has not changed since, "
+            f"though a rerun would draw other anchors with the newer sampler), "
+            f"without {', '.join(f'`{m}`' for m in REDEFINED_METRICS)}, whose definitions changed since.")
+    return merged, note
 
 
 def cross_check(data: Path) -> str:
@@ -214,11 +237,14 @@ def main() -> None:
     parser.add_argument("--no-scopevi", action="store_true", help="baselines and ceiling only")
     parser.add_argument("--reuse-others", action="store_true",
                         help="read tasks not in --tasks back from --out instead of leaving them out")
+    parser.add_argument("--reuse-models", default="",
+                        help="comma-separated models read back from the tasks' previous metrics.csv")
     parser.add_argument("--scopevi-epochs", type=int, default=None,
                         help="ScopeVI epochs (default: ScopeVI.train's default)")
     args = parser.parse_args()
 
-    models = [m for m in MODELS if not (args.no_scopevi and m in SCOPEVI_MODELS)]
+    reused = [m for m in args.reuse_models.split(",") if m]
+    models = [m for m in MODELS if not (args.no_scopevi and m in SCOPEVI_MODELS) and m not in reused]
     scopevi_kwargs = {"train": {} if args.scopevi_epochs is None else {"max_epochs": args.scopevi_epochs}}
     started = time.perf_counter()
     task_sections, timings, summaries = [], [], []
@@ -243,6 +269,12 @@ def main() -> None:
                 results = run_benchmark(
                     args.data, task, models=models, seeds=args.seeds, scopevi_kwargs=scopevi_kwargs
                 )
+            note_file = args.out / task / "reused_models.txt"
+            if reused:
+                results, note = reuse_model_rows(results, args.out / task / "metrics.csv", reused)
+                note_file.write_text(note + "\n")
+            elif note_file.is_file():
+                note_file.unlink()
             write_results(results, args.out / task, title=spec.description)
             perturbscope.pl.benchmark_figures(results, args.out / task)
             elapsed = time.perf_counter() - t0
@@ -267,8 +299,10 @@ def main() -> None:
             f"\n`{m}` does not apply here: {why}." for m, why in spec.not_applicable.items()
         )
         n_seeds = results["seed"].nunique()
+        note_file = args.out / task / "reused_models.txt"
+        reuse_note = note_file.read_text().strip() if note_file.is_file() else ""
         task_sections.append(
-            f"## {task}\n\n{spec.description}; {n_seeds} seed{'s' if n_seeds > 1 else ''}.{skipped}\n\n{table}\n"
+            f"## {task}\n\n{spec.description}; {n_seeds} seed{'s' if n_seeds > 1 else ''}.{reuse_note}{skipped}\n\n{table}\n"
         )
     check = cross_check(args.data)
     total = (time.perf_counter() - started) / 60
