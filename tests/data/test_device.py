@@ -1,3 +1,6 @@
+import re
+
+import anndata as ad
 import numpy as np
 import pytest
 import scvi
@@ -125,6 +128,27 @@ def test_bad_arguments(model):
         DeviceDataSplitter(model.adata_manager, layout="coo")
     with pytest.raises(ValueError, match=r"^memory_fraction must be in \(0, 1\], got 0.$"):
         DeviceDataSplitter(model.adata_manager, memory_fraction=0)
+
+
+def test_backed_expression_is_refused_on_entry(small_screen, tmp_path):
+    adata, embeddings = small_screen
+    adata = adata.copy()
+    adata.uns.pop("simulation", None)
+    path = tmp_path / "screen.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        ps.ScopeVI.setup_anndata(backed, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
+        manager = ps.ScopeVI(backed, n_latent=3, n_hidden=8, effect_prior=False).adata_manager
+        with pytest.raises(ValueError, match=(
+            r"^DeviceDataSplitter copies all the expression to the device, but the registered expression is "
+            rf"read from the backed file {re.escape(repr(str(path)))}; train with loader='streamed', or load it "
+            r"into memory with adata\.to_memory\(\) and set it up again\.$"
+        )):
+            DeviceDataSplitter(manager, device="cpu")
+        assert isinstance(backed.X, ad.abc.CSRDataset)  # nothing was loaded
+    finally:
+        backed.file.close()
 
 
 def _shift_pearson(loader: str, seed: int) -> float:

@@ -8,6 +8,7 @@ noise), with the very same effect prior (its pseudobulks are streamed, and equal
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import anndata as ad
@@ -178,3 +179,17 @@ def test_loader_choices_are_checked_on_entry(screen):
     assert model._splitter_class("auto") is ps.data.AnchoredDataSplitter
     assert model._splitter_class("device") is ps.data.DeviceDataSplitter
     assert model._splitter_class("streamed") is ps.data.StreamedDataSplitter
+
+
+def test_the_device_splitter_refuses_a_soma_store_on_entry(screen):
+    _, _, embeddings, _, uri = screen
+    soma = ps.data.read_soma(uri)
+    ps.ScopeVI.setup_anndata(soma, "perturbation", gene_embeddings=embeddings, context_key="cell_type")
+    model = ps.ScopeVI(soma, n_latent=4, n_hidden=16, effect_prior=False)
+    array = f"file://{uri}/ms/RNA/X/data"  # the X layer inside the store
+    with pytest.raises(ValueError, match=(
+        r"^DeviceDataSplitter copies all the expression to the device, but the registered expression is read "
+        rf"from the TileDB-SOMA array {re.escape(repr(array))}; train with loader='streamed', or load it "
+        r"into memory with adata\.to_memory\(\) and set it up again\.$"
+    )):
+        ps.data.DeviceDataSplitter(model.adata_manager, device="cpu")

@@ -40,7 +40,7 @@ from ._prediction import (
     prediction_obs,
 )
 from ._pseudobulk import log1p_expression, log1p_normalized, pseudobulk
-from ._rows import is_out_of_core, iter_row_chunks, take_rows
+from ._rows import is_out_of_core, iter_row_chunks, out_of_core_source, take_rows
 from ._shifts import ALL_CONTEXTS, perturbation_shifts, shifts_from_means
 from ._simulate import simulate_perturbseq
 from ._simulate_multimodal import simulate_multimodal_perturbseq
@@ -54,6 +54,7 @@ __all__ = [
     "StreamedDataSplitter",
     "bounded_control_sample",
     "is_out_of_core",
+    "out_of_core_source",
     "iter_row_chunks",
     "read_soma",
     "streamed_pseudobulk",

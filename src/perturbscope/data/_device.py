@@ -32,6 +32,7 @@ from scvi.dataloaders import DataSplitter
 
 from .._constants import REGISTRY_KEYS
 from ._pairing import ControlBank, control_mask, distributed_rank, registered_pairing_groups
+from ._rows import is_out_of_core, out_of_core_source
 
 #: Data-loader options of :class:`~scvi.dataloaders.AnnDataLoader` that have no meaning here
 #: (there are no worker processes and nothing to pin); they are accepted and ignored.
@@ -250,6 +251,10 @@ class DeviceDataSplitter(DataSplitter):
 
     Raises
     ------
+    ValueError
+        When the registered expression is out of core (a backed AnnData or a TileDB-SOMA store):
+        it is not copied to the device; use ``loader="streamed"``
+        (:class:`~perturbscope.data.StreamedDataSplitter`) or load it into memory.
     MemoryError
         When the data do not fit in ``memory_fraction`` of the device's free memory, with both
         sizes.
@@ -294,6 +299,13 @@ class DeviceDataSplitter(DataSplitter):
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}.")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        matrix = adata_manager.get_from_registry(SCVI_KEYS.X_KEY)
+        if is_out_of_core(matrix):
+            raise ValueError(
+                "DeviceDataSplitter copies all the expression to the device, but the registered expression is "
+                f"read from {out_of_core_source(adata_manager.adata, matrix)}; train with loader='streamed', or "
+                "load it into memory with adata.to_memory() and set it up again."
+            )
         drop_last = kwargs.get("drop_last", False)
         super().__init__(
             adata_manager, train_size=train_size, validation_size=validation_size,

@@ -31,6 +31,26 @@ def is_out_of_core(matrix) -> bool:
     return isinstance(matrix, (ad.abc.CSRDataset, ad.abc.CSCDataset, h5py.Dataset))
 
 
+def out_of_core_source(adata: ad.AnnData, matrix) -> str:
+    """Where an out-of-core ``matrix`` of ``adata`` is read from, for messages.
+
+    ``"the backed file '<path>'"`` for an AnnData opened with ``backed="r"``, ``"the TileDB-SOMA
+    array '<uri>'"`` for :func:`perturbscope.data.read_soma`'s ``X``.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> out_of_core_source(ad.AnnData(np.zeros((2, 2))), np.zeros((2, 2)))
+    'an in-memory ndarray'
+    """
+    uri = getattr(matrix, "uri", None)
+    if isinstance(uri, str):
+        return f"the TileDB-SOMA array {uri!r}"
+    if adata.isbacked:
+        return f"the backed file {str(adata.filename)!r}"
+    return f"{'an on-disk' if is_out_of_core(matrix) else 'an in-memory'} {type(matrix).__name__}"
+
+
 def read_rows(matrix, start: int, stop: int):
     """Rows ``start:stop`` of a dense, CSR or out-of-core matrix, in memory (CSR or ndarray)."""
     block = matrix[start:stop]
