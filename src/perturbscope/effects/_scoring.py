@@ -81,7 +81,7 @@ def stack_weights(
     {'good': 0.5, 'zero': 0.0}
     """
     names = list(predictions)
-    top = np.argsort(-np.abs(truth), axis=1)[:, :n_genes]
+    top = np.argsort(-np.abs(truth), axis=1, kind="stable")[:, :n_genes]
     rows = np.arange(len(truth))[:, None]
     design = np.column_stack([np.asarray(predictions[k])[rows, top].ravel() for k in names])
     target = truth[rows, top].ravel()
