@@ -139,7 +139,9 @@ def test_bad_batch_size(tiny_scvi):
 
 def test_not_an_scvi_model():
     with pytest.raises(
-        TypeError, match="probes work on scvi.model.SCVI and perturbscope.ScopeVI models, not str"
+        TypeError,
+        match=r"^probes work on scvi\.model\.SCVI, scvi\.model\.TOTALVI and perturbscope\.ScopeVI "
+        r"models, not str$",
     ):
         decoder_jacobian("model", z=np.zeros((1, 4)))
 

@@ -36,6 +36,7 @@ from ._metrics import (
     top_de_genes,
 )
 from ._models import BASELINES, MODELS, SCOPEVI_DEFAULTS, ScopeVIModel, make_model
+from ._multimodal import modality_cells, score_modalities
 from ._runner import run_benchmark
 from ._splits import Split, combo_split, unseen_context_split, unseen_single_split
 from ._summaries import (
@@ -109,4 +110,6 @@ __all__ = [
     "significant_de_genes",
     "spearman_brown",
     "ControlDE",
+    "modality_cells",
+    "score_modalities",
 ]

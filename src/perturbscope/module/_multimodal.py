@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributions import Normal, Poisson
 
 from .._constants import TARGET_SUM
-from ._scopevae import Combination, ScopeVAE
+from ._scopevae import Combination, DecodedExpression, ScopeVAE
 
 #: Registry keys of the extra modalities: scvi-tools' own (totalVI's proteins, MultiVI's ATAC).
 PROTEIN_KEY = SCVI_KEYS.PROTEIN_EXP_KEY
@@ -200,13 +200,80 @@ class MultimodalScopeVAE(ScopeVAE):
         return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local=kl,
                           extra_metrics=base.extra_metrics)
 
+    def decode_modality_expression(
+        self,
+        key: str,
+        z: torch.Tensor,
+        perturbation_genes: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        library: torch.Tensor | None = None,
+    ) -> DecodedExpression:
+        """Decode latent points into an extra modality's expected profile, differentiably.
+
+        :meth:`ScopeVAE.decode` for protein (``key="proteins"``) or ATAC (``key="atac"``): the
+        entry :mod:`perturbscope.probe` differentiates. It runs in the caller's grad mode.
+
+        Parameters
+        ----------
+        key
+            Registry key of the modality, one of :attr:`modalities`.
+        z, perturbation_genes, batch_index, cat_covs
+            As for :meth:`ScopeVAE.decode`.
+        library
+            ``(n_cells, 1)`` *log* library sizes of the modality; ``None`` uses ``log(1e4)``.
+
+        Returns
+        -------
+        ``DecodedExpression(scale, mean, log1p_norm)`` as for :meth:`ScopeVAE.decode`: ``mean`` the expected counts at
+        ``library`` (protein: the mean of the background/foreground mixture; ATAC: the Poisson
+        rate), ``scale`` that mean normalised to sum to one over features, ``log1p_norm``
+        ``log1p(scale * 1e4)`` (the scale of the modality's predictions and effect prior).
+
+        Raises
+        ------
+        ValueError
+            If ``key`` is not a modality of the module, ``z``'s last dimension is not
+            ``n_latent``, or another input has a different number of cells.
+
+        Examples
+        --------
+        >>> module = MultimodalScopeVAE(n_input=20, gene_embeddings=torch.randn(6, 4), n_proteins=5,
+        ...                             n_latent=3)
+        >>> out = module.decode_modality_expression("proteins", torch.zeros(2, 3), torch.tensor([[0], [-1]]))
+        >>> out.mean.shape, bool(torch.allclose(out.scale.sum(-1), torch.ones(2)))
+        (torch.Size([2, 5]), True)
+        """
+        if key not in self.modalities:
+            raise ValueError(f"modality {key!r} is not decoded by this module; it decodes {list(self.modalities)}.")
+        if z.dim() not in (2, 3) or z.shape[-1] != self.n_latent:
+            raise ValueError(
+                f"z must have shape (n_cells, n_latent={self.n_latent}) or (n_samples, n_cells, "
+                f"n_latent={self.n_latent}), got {tuple(z.shape)}."
+            )
+        n_cells = z.shape[-2]
+        for name, value in (("perturbation_genes", perturbation_genes), ("batch_index", batch_index),
+                            ("cat_covs", cat_covs), ("library", library)):
+            if value is not None and value.shape[0] != n_cells:
+                raise ValueError(f"{name} has {value.shape[0]} rows but z has {n_cells} cells.")
+        if perturbation_genes is None:
+            perturbation = torch.zeros(n_cells, self.perturbation_encoder.n_output, device=z.device, dtype=z.dtype)
+        else:
+            perturbation = self.perturbation_encoder(perturbation_genes.to(z.device)).to(z.dtype)
+        return self._decode_modality_expression(key, z, perturbation, library, batch_index, cat_covs)
+
+    def _decode_modality_expression(self, key, z, perturbation, library, batch_index, cat_covs) -> DecodedExpression:
+        if library is None:
+            library = torch.full((z.shape[-2], 1), math.log(TARGET_SUM), device=z.device, dtype=z.dtype)
+        distribution = self.decode_modality(key, z, perturbation, library, batch_index, cat_covs)
+        mean = mixture_mean(distribution) if key == PROTEIN_KEY else distribution.mean
+        scale = mean / mean.sum(dim=-1, keepdim=True)
+        return DecodedExpression(scale, mean, torch.log1p(scale * TARGET_SUM))
+
     # ------------------------------------------------------------------ prediction
     def _modality_log1p(self, key: str, z, perturbation, batch_index, cat_covs) -> torch.Tensor:
         """log1p of the decoded expected profile normalised to 1e4 counts."""
-        library = torch.full((z.shape[-2], 1), math.log(TARGET_SUM), device=z.device, dtype=z.dtype)
-        distribution = self.decode_modality(key, z, perturbation, library, batch_index, cat_covs)
-        mean = mixture_mean(distribution) if key == PROTEIN_KEY else distribution.mean
-        return torch.log1p(mean / mean.sum(dim=-1, keepdim=True) * TARGET_SUM)
+        return self._decode_modality_expression(key, z, perturbation, None, batch_index, cat_covs).log1p_norm
 
     @torch.inference_mode()
     def predicted_modality_change(

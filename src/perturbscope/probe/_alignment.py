@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from scvi import REGISTRY_KEYS as SCVI_KEYS
 
 from .._constants import TARGET_SUM
+from ._decoders import FEATURE_NOUNS, MODALITY_REGISTRY_KEYS, check_modality, registered_location
 from ._jacobian import (
     _check_cells,
     _check_positive_int,
@@ -46,10 +46,18 @@ def _group_mask(adata: ad.AnnData, groupby: str, value: str, name: str) -> np.nd
     return mask
 
 
-def _mean_normalised(counts: Any, mask: np.ndarray) -> np.ndarray:
-    sub = counts[mask]
+def _mean_normalised(counts: Any, mask: np.ndarray, measured_only: bool = False) -> np.ndarray:
+    """Mean counts per 1e4 of the cells in ``mask``; ``measured_only`` skips all-zero rows.
+
+    A cell without a protein (or ATAC) measurement is an all-zero row (MultiVI's convention):
+    it is not a cell with no protein, so it stays out of that modality's means.
+    """
+    sub = counts.to_numpy() if hasattr(counts, "to_numpy") else counts
+    sub = sub[mask]
     sub = sub.tocsr() if sp.issparse(sub) else np.asarray(sub)
     totals = np.asarray(sub.sum(axis=1)).ravel()
+    if measured_only:
+        sub, totals = sub[totals > 0], totals[totals > 0]
     factors = TARGET_SUM / np.maximum(totals, 1e-12)
     if sp.issparse(sub):
         normalised = sp.diags(factors) @ sub
@@ -107,16 +115,18 @@ def axis_alignment_scores(
     transform_batch: str | Sequence[str] | None = None,
     batch_size: int = 64,
     progress_bar: bool = True,
+    modality: str = "rna",
 ) -> pd.DataFrame:
     """Score genes by the alignment of their latent gradients with a reference-to-target axis.
 
     Parameters
     ----------
     model
-        A trained :class:`scvi.model.SCVI` (Census models included) or
-        :class:`perturbscope.ScopeVI`.
+        A trained :class:`scvi.model.SCVI` (Census models included), :class:`scvi.model.TOTALVI`
+        or :class:`perturbscope.ScopeVI` (multimodal included).
     adata
-        Cells set up like the model's training data.
+        Cells set up like the model's training data (a MuData for ``setup_mudata`` models; its
+        global ``obs`` holds ``groupby``).
     groupby
         Column of ``adata.obs`` holding the two groups (e.g. ``"condition"``).
     reference
@@ -138,22 +148,30 @@ def axis_alignment_scores(
         Cells per Jacobian chunk; memory grows as ``batch_size * n_genes * n_latent``.
     progress_bar
         Show a progress bar over chunks (``scvi.settings.progress_bar_style``).
+    modality
+        Whose features to score: ``"rna"``, ``"protein"`` (multimodal ScopeVI, TOTALVI) or
+        ``"atac"`` (multimodal ScopeVI); the gradients are those of
+        :func:`decoder_jacobian` with that ``modality``. The axis is always the latent one.
 
     Returns
     -------
-    A DataFrame indexed by gene, sorted by decreasing alignment, with columns
-    ``probe_alignment`` (mean cosine, in ``[-1, 1]``), ``mean_expression_baseline``,
-    ``mean_reference`` and ``mean_target`` (mean counts per 10,000 in each group). Also writes
-    ``adata.var["probe_alignment"]`` (``NaN`` for genes not scored).
+    A DataFrame indexed by feature (named ``gene``, ``protein`` or ``peak``), sorted by
+    decreasing alignment, with columns ``probe_alignment`` (mean cosine, in ``[-1, 1]``),
+    ``mean_expression_baseline``, ``mean_reference`` and ``mean_target`` (mean counts per 10,000
+    in each group; for protein and ATAC over the cells measured in it, i.e. with any counts).
+    Also writes ``var["probe_alignment"]`` (``NaN`` for features not scored) of the AnnData that
+    holds the modality's features: ``adata`` itself, or the MuData's modality (e.g.
+    ``mdata["adt"].var``); nothing is written for proteins kept in ``adata.obsm`` (TOTALVI on
+    an AnnData).
 
     Raises
     ------
     ValueError
         If ``groupby`` is not in ``adata.obs``, ``reference`` or ``target`` is not one of its
         values or they are equal, ``at`` is unknown, ``n_cells`` or ``batch_size`` is not a
-        positive integer, ``genes`` is empty or holds a gene the model does not decode, or
-        ``adata`` has no cells or ``var_names`` other than the model's genes in the model's
-        order.
+        positive integer, ``genes`` is empty or holds a feature the model does not decode,
+        ``modality`` is not one the model decodes, a group has no cell measured in the modality,
+        or ``adata`` has no cells or features other than the model's in the model's order.
 
     Examples
     --------
@@ -174,13 +192,16 @@ def axis_alignment_scores(
     _check_positive_int("batch_size", batch_size)
     if genes is not None and not isinstance(genes, str) and len(genes) == 0:
         raise ValueError("genes is empty; pass at least one gene name, or None for all genes")
+    check_modality(model, modality)
     _check_cells(adata)
-    _check_var_names(model, adata)
+    _check_var_names(model, adata, modality)
     in_reference = _group_mask(adata, groupby, reference, "reference")
     in_target = _group_mask(adata, groupby, target, "target")
 
-    probe, checked = _make_probe(model, adata, None, transform_batch, TARGET_SUM, batch_size)
-    gene_index = _gene_indices(probe.gene_names, genes)
+    probe, checked = _make_probe(
+        model, adata, None, transform_batch, TARGET_SUM, batch_size, modality
+    )
+    gene_index = _gene_indices(probe.gene_names, genes, FEATURE_NOUNS[modality])
     z = probe.z
     axis = z[torch.as_tensor(in_target)].mean(0) - z[torch.as_tensor(in_reference)].mean(0)
     axis_unit = axis / axis.norm().clamp_min(1e-12)
@@ -201,9 +222,13 @@ def axis_alignment_scores(
     scores = (cos_sum / len(rows)).numpy()
 
     names = probe.gene_names if gene_index is None else probe.gene_names[gene_index]
-    counts = model.get_anndata_manager(checked, required=True).get_from_registry(SCVI_KEYS.X_KEY)
-    m0 = _mean_normalised(counts, in_reference)
-    m1 = _mean_normalised(counts, in_target)
+    manager = model.get_anndata_manager(checked, required=True)
+    counts = manager.get_from_registry(MODALITY_REGISTRY_KEYS[modality])
+    measured_only = modality != "rna"
+    if measured_only:
+        _check_measured(counts, {reference: in_reference, target: in_target}, modality)
+    m0 = _mean_normalised(counts, in_reference, measured_only)
+    m1 = _mean_normalised(counts, in_target, measured_only)
     if gene_index is not None:
         m0, m1 = m0[gene_index], m1[gene_index]
     table = pd.DataFrame(
@@ -213,9 +238,22 @@ def axis_alignment_scores(
             "mean_reference": m0,
             "mean_target": m1,
         },
-        index=pd.Index(names, name="gene"),
+        index=pd.Index(names, name=FEATURE_NOUNS[modality][:-1]),
     )
-    column = pd.Series(np.nan, index=adata.var_names, dtype=float)
-    column.loc[table.index] = table[ALIGNMENT_KEY].to_numpy()
-    adata.var[ALIGNMENT_KEY] = column.to_numpy()
+    holder, _ = registered_location(model, adata, modality)
+    if holder is not None:
+        column = pd.Series(np.nan, index=holder.var_names, dtype=float)
+        column.loc[table.index] = table[ALIGNMENT_KEY].to_numpy()
+        holder.var[ALIGNMENT_KEY] = column.to_numpy()
     return table.sort_values(ALIGNMENT_KEY, ascending=False)
+
+
+def _check_measured(counts: Any, groups: dict[str, np.ndarray], modality: str) -> None:
+    values = counts.to_numpy() if hasattr(counts, "to_numpy") else counts
+    totals = np.asarray(values.sum(axis=1)).ravel()
+    for name, mask in groups.items():
+        if not (totals[mask] > 0).any():
+            raise ValueError(
+                f"no cell of group {name!r} was measured in modality {modality!r} (every one has "
+                "zero counts); its mean expression is undefined"
+            )

@@ -2,6 +2,7 @@
 
 Which output is differentiated
 ------------------------------
+``modality`` chooses the decoder (``"rna"``, ``"protein"``, ``"atac"``); for each,
 ``"log_scale"`` (default) is the log of the decoder's normalised expression ``px_scale``; its
 gradient is the relative change ``d y / y`` and is what the vector-field, flow and alignment
 probes use. ``"scale"`` is ``px_scale`` itself (it sums to one over genes, so when all genes are
@@ -21,9 +22,11 @@ over cells is cheaper (one reverse pass per gene). Memory is bounded by
 
 scvi-tools' public getters run under ``torch.inference_mode``, which forbids differentiation,
 so the probes call the decoder themselves, outside inference mode, through the small adapter
-:func:`_decoder_fn`, the only place that knows how a module decodes: a
-:class:`~perturbscope.module.ScopeVAE` through its public :meth:`~perturbscope.module.ScopeVAE.decode`,
-an scVI ``VAE`` through its ``generative``. The
+:func:`~perturbscope.probe._decoders.decoder_fn`, the only place that knows how a module decodes
+each modality: a :class:`~perturbscope.module.ScopeVAE` through its public
+:meth:`~perturbscope.module.ScopeVAE.decode` (a multimodal one's protein and ATAC through
+``decode_modality_expression``), scVI's ``VAE`` and totalVI's ``TOTALVAE`` through their
+``generative``. The
 ``torch.func`` transforms run under ``no_grad`` (they differentiate with respect to their own
 inputs whatever the grad mode), so no graph through the decoder's parameters is recorded and
 memory stays that of one chunk.
@@ -31,7 +34,7 @@ memory stays that of one chunk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,22 +42,22 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
-from scvi import REGISTRY_KEYS as SCVI_KEYS
-from scvi.module import VAE
 from scvi.utils import track
 from torch.func import jacfwd, jacrev
 
-from .._constants import REGISTRY_KEYS as SCOPE_KEYS
 from .._constants import TARGET_SUM
-from ..module import ScopeVAE
-from ._census import REFERENCE_BATCHES_ATTR
+from ._decoders import (
+    FEATURE_NOUNS,
+    Decoder,
+    check_modality,
+    decoder_fn,
+    feature_names,
+    model_kind,
+    registered_location,
+)
 
 Output = Literal["log_scale", "scale", "rate"]
 OUTPUTS: tuple[str, ...] = ("log_scale", "scale", "rate")
-
-# (n_cells, n_latent) latent -> (scale or None, rate), both (n_cells, n_genes)
-Decoder = Callable[[torch.Tensor, np.ndarray], tuple[torch.Tensor | None, torch.Tensor]]
-
 
 @dataclass
 class _Probe:
@@ -62,28 +65,12 @@ class _Probe:
 
     decode: Decoder
     z: torch.Tensor  # (n_cells, n_latent), posterior means unless given
-    gene_names: np.ndarray  # the decoder's genes, in output order
+    gene_names: np.ndarray  # the decoder's features (genes, proteins, peaks), in output order
+    randomness: str = "error"  # torch.func's vmap mode: "same" where the decoder draws (totalVI)
 
     @property
     def n_latent(self) -> int:
         return self.z.shape[1]
-
-
-def _model_kind(model: Any) -> str:
-    """``"scope"`` for a :class:`ScopeVAE` module, ``"scvi"`` for scvi-tools' ``VAE``."""
-    module = getattr(model, "module", None)
-    if isinstance(module, ScopeVAE):
-        return "scope"
-    if isinstance(module, VAE):
-        return "scvi"
-    raise TypeError(
-        f"probes work on scvi.model.SCVI and perturbscope.ScopeVI models, not {type(model).__name__}"
-    )
-
-
-def _model_genes(model: Any) -> pd.Index:
-    """The genes the model decodes, in its output order."""
-    return pd.Index(model.adata_manager.get_state_registry(SCVI_KEYS.X_KEY).column_names).astype(str)
 
 
 def _preview(values: Sequence[Any], n: int = 5) -> str:
@@ -91,42 +78,54 @@ def _preview(values: Sequence[Any], n: int = 5) -> str:
     return repr(shown)[:-1] + (", ...]" if len(values) > n else "]")
 
 
-def _check_var_names(model: Any, adata: ad.AnnData) -> None:
-    """Raise unless ``adata`` has exactly the model's genes in the model's order.
+def _check_var_names(model: Any, adata: Any, modality: str = "rna") -> None:
+    """Raise unless ``adata`` has exactly the model's features in the model's order.
 
-    scvi-tools only compares the number of genes, so a query with the same count in another
-    order would be decoded gene by gene against the wrong columns.
+    scvi-tools only compares the number of features, so a query with the same count in another
+    order would be decoded feature by feature against the wrong columns. RNA is always checked
+    (the latent is read from it); another ``modality`` is checked too. For a MuData the
+    features are those of the modality the model registered.
 
     Raises
     ------
     ValueError
-        Naming how many model genes are missing, how many genes are extra, or where the order
-        first differs, and how to select the model's genes.
+        Naming how many model features are missing, how many are extra, or where the order
+        first differs, and how to select the model's features.
     """
-    expected = _model_genes(model)
-    got = pd.Index(adata.var_names).astype(str)
+    for name in dict.fromkeys(("rna", modality)):
+        holder, where = registered_location(model, adata, name)
+        if holder is not None:
+            _check_features(feature_names(model, name), pd.Index(holder.var_names).astype(str),
+                            where.removesuffix(".var_names"), FEATURE_NOUNS[name])
+
+
+def _check_features(expected: pd.Index, got: pd.Index, label: str, noun: str) -> None:
     if got.equals(expected):
         return
-    fix = "select them in the model's order with adata[:, model.adata.var_names]"
+    if label == "adata":
+        fix = "select them in the model's order with adata[:, model.adata.var_names]"
+    else:
+        fix = f"select them in the model's order with {label}[:, names], names the model's {noun}"
+    where = f"{label}.var_names"
     missing, extra = expected.difference(got, sort=False), got.difference(expected, sort=False)
     if len(missing) or len(extra):
         parts = []
         if len(missing):
-            parts.append(f"{len(missing)} of the model's {len(expected)} genes are missing from "
-                         f"adata.var_names ({_preview(missing)})")
+            parts.append(f"{len(missing)} of the model's {len(expected)} {noun} are missing from "
+                         f"{where} ({_preview(missing)})")
         if len(extra):
-            parts.append(f"{len(extra)} of adata's {len(got)} genes are not the model's "
+            parts.append(f"{len(extra)} of {label}'s {len(got)} {noun} are not the model's "
                          f"({_preview(extra)})")
         hint = (
-            "; the probes need every model gene: add the missing ones (e.g. as zero counts) and "
-            if len(missing) else "; "
+            f"; the probes need every model {noun[:-1]}: add the missing ones (e.g. as zero counts) "
+            "and " if len(missing) else "; "
         )
-        raise ValueError(f"adata's genes are not the model's: {' and '.join(parts)}{hint}{fix}")
+        raise ValueError(f"{label}'s {noun} are not the model's: {' and '.join(parts)}{hint}{fix}")
     if got.has_duplicates:
-        raise ValueError(f"adata.var_names has duplicates ({_preview(got[got.duplicated()])}); {fix}")
+        raise ValueError(f"{where} has duplicates ({_preview(got[got.duplicated()])}); {fix}")
     first = int(np.flatnonzero(got.to_numpy() != expected.to_numpy())[0])
     raise ValueError(
-        f"adata has the model's {len(expected)} genes in another order (position {first} holds "
+        f"{label} has the model's {len(expected)} {noun} in another order (position {first} holds "
         f"{got[first]!r} where the model has {expected[first]!r}); {fix}"
     )
 
@@ -145,130 +144,6 @@ def _check_positive_int(name: str, value: Any) -> None:
 def _check_positive(name: str, value: Any) -> None:
     if not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _batch_codes(model: Any, names: Sequence[str]) -> list[int]:
-    """Integer codes of batch names, with a clear error listing the model's batches."""
-    manager = model.adata_manager
-    if SCVI_KEYS.BATCH_KEY not in manager.data_registry:
-        return [0]
-    mapping = [
-        str(b) for b in manager.get_state_registry(SCVI_KEYS.BATCH_KEY).categorical_mapping
-    ]
-    unknown = [n for n in names if str(n) not in mapping]
-    if unknown:
-        shown = mapping[:20] + (["..."] if len(mapping) > 20 else [])
-        raise ValueError(
-            f"transform_batch {unknown!r} is not a batch of the model; its batches are {shown} "
-            f"({len(mapping)} in all)"
-        )
-    return [mapping.index(str(n)) for n in names]
-
-
-def _transform_batches(model: Any, transform_batch: str | Sequence[str] | None) -> list[int] | None:
-    """Batch codes to decode through (averaged), or ``None`` for each cell's own batch."""
-    if transform_batch is None:
-        transform_batch = getattr(model, REFERENCE_BATCHES_ATTR, None)
-    if transform_batch is None:
-        return None
-    names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
-    if not names:
-        raise ValueError(
-            "transform_batch is an empty list; pass a batch name, a list of them, or None"
-        )
-    return _batch_codes(model, names)
-
-
-def _registry_tensor(manager: Any, key: str) -> np.ndarray | None:
-    if key not in manager.data_registry:
-        return None
-    values = manager.get_from_registry(key)
-    values = values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)
-    return values
-
-
-def _decoder_fn(
-    model: Any,
-    adata: ad.AnnData | None,
-    transform_batch: str | Sequence[str] | None,
-    library_size: float,
-) -> Decoder:
-    """Return ``decode(z, rows) -> (scale, rate)`` for the cells ``rows`` of ``adata``.
-
-    This adapter is the one place that knows how each model class decodes. Covariates are
-    read once from the model's registry for ``adata``; ``z`` is the only differentiated input.
-    With several transform batches, expression is averaged over them (scvi-tools' convention
-    for ``transform_batch`` lists).
-    """
-    kind = _model_kind(model)
-    module = model.module
-    codes = _transform_batches(model, transform_batch)
-    # scvi-tools getters register an unseen AnnData the same way (adding its ``_scvi_*`` keys)
-    manager = None
-    if adata is not None:
-        adata = model._validate_anndata(adata)
-        manager = model.get_anndata_manager(adata, required=True)
-    if manager is None and codes is None:
-        n_batch = getattr(module, "n_batch", 1) or 1
-        codes = list(range(n_batch))  # no cells to read batches from: average over all
-
-    def from_registry(key: str) -> np.ndarray | None:
-        return None if manager is None else _registry_tensor(manager, key)
-
-    own_batch = from_registry(SCVI_KEYS.BATCH_KEY)
-    cont = from_registry(SCVI_KEYS.CONT_COVS_KEY)
-    cat = from_registry(SCVI_KEYS.CAT_COVS_KEY)
-    if manager is None and (
-        SCVI_KEYS.CONT_COVS_KEY in model.adata_manager.data_registry
-        or SCVI_KEYS.CAT_COVS_KEY in model.adata_manager.data_registry
-    ):
-        raise ValueError("this model has covariates: pass adata with z so they can be read")
-    # ScopeVI decodes each cell at its own registered perturbation (controls: none)
-    perturbation = from_registry(SCOPE_KEYS.PERTURBATION_KEY) if kind == "scope" else None
-
-    param = next(module.parameters())
-    device, dtype = param.device, param.dtype
-
-    def tensor(values: np.ndarray | None, rows: np.ndarray, as_dtype: torch.dtype) -> Any:
-        if values is None:
-            return None
-        return torch.as_tensor(np.asarray(values)[rows], device=device, dtype=as_dtype)
-
-    def decode(z: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor | None, torch.Tensor]:
-        n = z.shape[0]
-        log_library = torch.full((n, 1), float(np.log(library_size)), device=device, dtype=dtype)
-        if codes is None:
-            batches = [tensor(own_batch, rows, torch.long)]
-        else:
-            batches = [torch.full((n, 1), c, device=device, dtype=torch.long) for c in codes]
-        scale_sum, rate_sum = None, None
-        for batch_index in batches:
-            if kind == "scvi":
-                out = module.generative(
-                    z=z,
-                    library=log_library,
-                    batch_index=batch_index
-                    if batch_index is not None
-                    else torch.zeros((n, 1), dtype=torch.long, device=device),
-                    cont_covs=tensor(cont, rows, dtype),
-                    cat_covs=tensor(cat, rows, torch.long),
-                )
-                scale, rate = out["px"].scale, out["px"].mu
-            else:
-                decoded = module.decode(
-                    z,
-                    tensor(perturbation, rows, torch.long),
-                    batch_index=batch_index,
-                    cat_covs=tensor(cat, rows, torch.long),
-                    library=log_library,
-                )
-                scale, rate = decoded.scale, decoded.mean
-            scale_sum = scale if scale_sum is None else scale_sum + scale
-            rate_sum = rate if rate_sum is None else rate_sum + rate
-        k = len(batches)
-        return (None if scale_sum is None else scale_sum / k), rate_sum / k
-
-    return decode
 
 
 def _select(
@@ -291,7 +166,9 @@ def _check_output(output: str) -> None:
         raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
 
 
-def _gene_indices(gene_names: np.ndarray, genes: str | Sequence[str] | None) -> np.ndarray | None:
+def _gene_indices(
+    gene_names: np.ndarray, genes: str | Sequence[str] | None, noun: str = "genes"
+) -> np.ndarray | None:
     if genes is None:
         return None
     wanted = [genes] if isinstance(genes, str) else list(genes)
@@ -302,7 +179,7 @@ def _gene_indices(gene_names: np.ndarray, genes: str | Sequence[str] | None) -> 
     if missing:
         raise ValueError(
             f"genes {missing[:10]!r}{' ...' if len(missing) > 10 else ''} are not decoded by the "
-            f"model ({len(gene_names)} genes, e.g. {list(gene_names[:5])})"
+            f"model ({len(gene_names)} {noun}, e.g. {[str(g) for g in gene_names[:5]]})"
         )
     return np.array([lookup[g] for g in wanted], dtype=np.int64)
 
@@ -318,8 +195,9 @@ def _make_probe(
     transform_batch: str | Sequence[str] | None,
     library_size: float,
     batch_size: int,
+    modality: str = "rna",
 ) -> tuple[_Probe, ad.AnnData | None]:
-    _model_kind(model)
+    check_modality(model, modality)
     if adata is None and z is None:
         adata = model.adata
         if adata is None:
@@ -342,10 +220,12 @@ def _make_probe(
             raise ValueError(
                 f"z has {z_array.shape[0]} rows but adata has {adata.n_obs} cells; they must match"
             )
-    decode = _decoder_fn(model, adata, transform_batch, library_size)
-    gene_names = _model_genes(model).to_numpy()
+    decode = decoder_fn(model, adata, transform_batch, library_size, modality)
+    gene_names = feature_names(model, modality).to_numpy()
     z_tensor = torch.as_tensor(z_array, dtype=param.dtype, device=param.device)
-    return _Probe(decode=decode, z=z_tensor, gene_names=gene_names.astype(str)), adata
+    randomness = "same" if model_kind(model) == "totalvi" else "error"
+    return _Probe(decode=decode, z=z_tensor, gene_names=gene_names.astype(str),
+                  randomness=randomness), adata
 
 
 class _eval_mode:
@@ -393,7 +273,7 @@ def _iter_jacobian(
         with torch.inference_mode(False), torch.no_grad():
             if use_forward:
                 shift = torch.zeros(probe.n_latent, dtype=z_chunk.dtype, device=z_chunk.device)
-                jac = jacfwd(lambda v, zc=z_chunk, f=f: f(zc + v))(shift)
+                jac = jacfwd(lambda v, zc=z_chunk, f=f: f(zc + v), randomness=probe.randomness)(shift)
             else:
                 jac = jacrev(lambda zc, f=f: f(zc).sum(0))(z_chunk).permute(1, 0, 2)
         yield part, jac.detach()
@@ -401,7 +281,7 @@ def _iter_jacobian(
 
 def decoder_jacobian(
     model: Any,
-    adata: ad.AnnData | None = None,
+    adata: Any = None,
     z: np.ndarray | torch.Tensor | None = None,
     genes: str | Sequence[str] | None = None,
     output: Output = "log_scale",
@@ -409,6 +289,7 @@ def decoder_jacobian(
     batch_size: int = 64,
     library_size: float = TARGET_SUM,
     progress_bar: bool = True,
+    modality: str = "rna",
 ) -> np.ndarray:
     """Jacobian of the decoder output with respect to the latent variables, per cell.
 
@@ -416,42 +297,52 @@ def decoder_jacobian(
     ----------
     model
         A trained :class:`scvi.model.SCVI` (Census models from :func:`load_census_scvi`
-        included) or :class:`perturbscope.ScopeVI`.
+        included), :class:`scvi.model.TOTALVI` or :class:`perturbscope.ScopeVI` (multimodal
+        included).
     adata
-        Cells to probe, set up like the model's training data. ``None`` uses ``model.adata``
-        (unless ``z`` is given, in which case the decoder's covariates default to the average
-        over all batches).
+        Cells to probe, set up like the model's training data (a MuData for models set up with
+        ``setup_mudata``). ``None`` uses ``model.adata`` (unless ``z`` is given, in which case
+        the decoder's covariates default to the average over all batches).
     z
         Latent points ``(n_cells, n_latent)`` to differentiate at. ``None`` uses the posterior
         means of ``adata``'s cells.
     genes
-        Gene names (``var_names`` of the model) to return, in this order; ``None`` returns all.
+        Names of the modality's features (genes; proteins or peaks for those modalities) to
+        return, in this order; ``None`` returns all.
     output
         ``"log_scale"``: log normalised expression. ``"scale"``: normalised expression
-        ``px_scale``; it sums to one over genes, so with all genes the Jacobian's columns sum to
-        zero across genes. ``"rate"``: expected counts at the fixed ``library_size``.
+        ``px_scale``; it sums to one over features, so with all of them the Jacobian's columns
+        sum to zero. ``"rate"``: expected counts at the fixed ``library_size``.
     transform_batch
         Batch name, or list of names to average decoded expression over; ``None`` uses each
         cell's own batch, or ``model.probe_reference_batches_`` for Census models.
     batch_size
-        Cells per chunk; peak memory grows as ``batch_size * n_genes * n_latent``.
+        Cells per chunk; peak memory grows as ``batch_size * n_features * n_latent``.
     library_size
-        Library size for ``output="rate"``.
+        Library size for ``output="rate"`` (of the modality; totalVI's protein decoder has none,
+        so it is not used there).
     progress_bar
         Show a progress bar over chunks (``scvi.settings.progress_bar_style``).
+    modality
+        The decoder to differentiate: ``"rna"`` (every model), ``"protein"`` (a multimodal
+        ScopeVI set up with protein, and TOTALVI) or ``"atac"`` (a multimodal ScopeVI set up
+        with ATAC). See :mod:`perturbscope.probe._decoders` for what each model's protein output
+        is (for TOTALVI: the foreground, with the background at its median).
 
     Returns
     -------
-    Array of shape ``(n_cells, n_genes, n_latent)``: ``J[c, g, k] = d output_g / d z_k`` at cell
-    ``c``, genes in the order of ``genes`` (or the model's ``var_names``).
+    Array of shape ``(n_cells, n_features, n_latent)``: ``J[c, g, k] = d output_g / d z_k`` at
+    cell ``c``, features in the order of ``genes`` (or the model's registered features of the
+    modality, e.g. ``mdata["adt"].var_names``).
 
     Raises
     ------
     ValueError
-        For an unknown ``output``; ``genes`` empty or holding genes the model does not decode;
-        ``adata`` without cells or whose ``var_names`` are not the model's genes in the model's
-        order; a batch the model does not have or an empty ``transform_batch`` list; ``z`` of
-        the wrong shape, without rows or with a row count other than ``adata``'s;
+        For an unknown ``output``; a ``modality`` the model does not decode (the message lists
+        those it does); ``genes`` empty or holding features the model does not decode; ``adata``
+        without cells or whose RNA (or the modality's) features are not the model's in the
+        model's order; a batch the model does not have or an empty ``transform_batch`` list;
+        ``z`` of the wrong shape, without rows or with a row count other than ``adata``'s;
         ``batch_size < 1`` or ``library_size <= 0``.
 
     Examples
@@ -460,14 +351,17 @@ def decoder_jacobian(
     >>> jac = ps.probe.decoder_jacobian(model, adata, genes=["ISG15", "IFI6"])  # doctest: +SKIP
     >>> jac.shape  # doctest: +SKIP
     (1975, 2, 10)
+    >>> ps.probe.decoder_jacobian(model, mdata, modality="protein").shape  # doctest: +SKIP
+    (1975, 24, 10)
     """
     _check_output(output)
     _check_positive_int("batch_size", batch_size)
     _check_positive("library_size", library_size)
+    check_modality(model, modality)
     if adata is not None:
-        _check_var_names(model, adata)
-    probe, _ = _make_probe(model, adata, z, transform_batch, library_size, batch_size)
-    gene_idx = _gene_indices(probe.gene_names, genes)
+        _check_var_names(model, adata, modality)
+    probe, _ = _make_probe(model, adata, z, transform_batch, library_size, batch_size, modality)
+    gene_idx = _gene_indices(probe.gene_names, genes, FEATURE_NOUNS[modality])
     n_genes = len(probe.gene_names) if gene_idx is None else len(gene_idx)
     rows = np.arange(probe.z.shape[0])
     result = np.empty((len(rows), n_genes, probe.n_latent), dtype=np.float64)
