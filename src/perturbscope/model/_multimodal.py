@@ -21,7 +21,9 @@ prior and cannot serve as anchors for protein predictions.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from copy import deepcopy
 from typing import Literal
 
 import anndata as ad
@@ -134,6 +136,48 @@ class MultimodalMixin:
         if key not in cache:
             cache[key] = EffectPrior.from_state(states[key], self._prior_embeddings())
         return cache[key]
+
+    # ------------------------------------------------------------------ query (scArches)
+    @classmethod
+    def load_query_data(
+        cls,
+        adata,
+        reference_model,
+        freeze_decoder: bool | Literal["shared"] = "shared",
+        freeze_perturbation_encoder: bool = True,
+        unfrozen: bool = False,
+    ):
+        """:meth:`QueryMixin.load_query_data <perturbscope.model._query.QueryMixin.load_query_data>`, multimodal too.
+
+        A reference set up with protein and/or ATAC needs the query as a MuData holding every
+        modality it was set up with (a cell without a protein measurement is an all-zero row);
+        the query model decodes them all, and keeps the reference's effect prior of each extra
+        modality beside RNA's, so its protein and ATAC predictions are composed as the
+        reference's are (see :mod:`perturbscope.model._multimodal`). Arguments and the returned
+        model are as for the RNA-only method.
+
+        Raises
+        ------
+        TypeError
+            If the reference is multimodal and ``adata`` is not a MuData.
+        KeyError
+            If the MuData lacks a modality the reference was set up with.
+        """
+        if isinstance(reference_model, str | os.PathLike):
+            reference_model = cls.load(reference_model, adata)
+        extras = reference_model._extra_modalities()
+        if extras and not hasattr(adata, "mod"):
+            raise TypeError(
+                f"the reference model was set up with the modalities {list(reference_model.modalities.values())}; "
+                f"pass the query as a MuData holding all of them, not a {type(adata).__name__}."
+            )
+        model = super().load_query_data(adata, reference_model, freeze_decoder=freeze_decoder,
+                                        freeze_perturbation_encoder=freeze_perturbation_encoder, unfrozen=unfrozen)
+        states = getattr(reference_model, "modality_prior_states_", None)
+        if states is not None:
+            model.modality_prior_states_ = deepcopy(states)
+            model._modality_priors = {}
+        return model
 
     # ------------------------------------------------------------------ prediction
     def predict(

@@ -1,0 +1,72 @@
+"""``load_query_data`` on a multimodal ScopeVI: a new cell type, every modality, the priors kept."""
+
+from __future__ import annotations
+
+import re
+
+import mudata as md
+import numpy as np
+import pytest
+import scvi
+
+import perturbscope as ps
+from perturbscope.data import log1p_expression
+
+md.set_options(pull_on_update=False)
+MODALITIES = {"rna_layer": "rna", "protein_layer": "adt"}
+
+
+@pytest.fixture(scope="module")
+def reference_and_query():
+    mdata, emb = ps.data.simulate_multimodal_perturbseq(
+        n_genes=60, n_perturbed_genes=6, n_combinations=0, n_proteins=12, n_cell_types=2,
+        n_cells_per_condition=10, embedding_dim=8, seed=0,
+    )
+    types = mdata.obs["cell_type"].astype(str).to_numpy()
+    labels = mdata.obs["perturbation"].astype(str).to_numpy()
+    reference = mdata[types == "type_0"].copy()
+    # the query: controls of the new cell type plus a few cells of two genes (few-shot)
+    query = mdata[(types == "type_1") & np.isin(labels, ["control", "G01", "G02"])].copy()
+    scvi.settings.seed = 0
+    ps.ScopeVI.setup_mudata(reference, "perturbation", gene_embeddings=emb, context_key="cell_type",
+                            modalities=MODALITIES)
+    model = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    return model, query
+
+
+def test_query_model_decodes_every_modality_and_keeps_the_priors(reference_and_query):
+    reference, query = reference_and_query
+    model = ps.ScopeVI.load_query_data(query.copy(), reference)
+    assert type(model.module).__name__ == "MultimodalScopeVAE"
+    assert model.modalities == {"X": "rna", "proteins": "adt"}
+    assert model.modality_prior_states_.keys() == reference.modality_prior_states_.keys()
+    model.train(max_epochs=2, enable_progress_bar=False)
+    # training the query does not refit the reference's priors
+    assert model.modality_prior_states_.keys() == reference.modality_prior_states_.keys()
+    controls = model.adata[(model.adata.obs["perturbation"].astype(str) == "control").to_numpy()]
+    prediction = model.predict(controls, ["G00", "G03"], aggregate="mean", seed=0)
+    assert list(prediction.mod) == ["rna", "adt"]
+    assert list(prediction["adt"].obs["cell_type"].astype(str)) == ["type_1", "type_1"]
+    # the protein mean is the anchors' mean plus the reference's protein prior shift in the new
+    # cell type (an unseen-context query of that prior): the prior is used, not dropped
+    prior = model.modality_prior("proteins")
+    anchors = log1p_expression(controls["adt"]).mean(axis=0)
+    expected = anchors + prior.predict_shifts(["G00", "G03"], "type_1").to_numpy()
+    np.testing.assert_allclose(prediction["adt"].layers["log1p_norm"], expected, rtol=0, atol=1e-4)
+
+
+def test_query_without_the_reference_modalities_is_refused(reference_and_query):
+    reference, query = reference_and_query
+    rna = query["rna"].copy()
+    rna.obs = query.obs[["perturbation", "cell_type"]].copy()
+    with pytest.raises(TypeError, match=re.escape(
+        "the reference model was set up with the modalities ['rna', 'adt']; pass the query as a MuData "
+        "holding all of them, not a AnnData."
+    )):
+        ps.ScopeVI.load_query_data(rna, reference)
+    only_rna = md.MuData({"rna": query["rna"].copy()})
+    only_rna.obs["perturbation"] = query.obs["perturbation"].to_numpy()
+    only_rna.obs["cell_type"] = query.obs["cell_type"].to_numpy()
+    with pytest.raises(KeyError, match=r"modality 'adt' not in the MuData"):
+        ps.ScopeVI.load_query_data(only_rna, reference)
