@@ -212,6 +212,33 @@ def test_distributed_ranks_get_disjoint_equal_shares(backed):
     assert not set(shares[0]) & set(shares[1])
 
 
+def test_splitter_loaders_share_one_copy_of_the_labels_and_groups(backed):
+    adata, opened, embeddings = backed
+    manager = _manager(opened, embeddings)
+    splitter = ps.data.StreamedDataSplitter(manager, batch_size=16, chunk_size=10, seed=0)
+    splitter.setup()
+    train, val = splitter.train_dataloader(), splitter.val_dataloader()
+    assert sorted(train.tensors) == ["batch", "context", "perturbation_genes"]
+    for key, tensor in train.tensors.items():
+        assert val.tensors[key] is tensor, key  # one copy, not one per loader
+    assert train.groups is val.groups is splitter.control_bank.groups
+    # and the shared tensors are the cells' own: each batch's labels match its rows
+    rows = {tuple(r): i for i, r in enumerate(adata.X.toarray())}
+    codes = adata.obs["lane"].astype("category").cat.codes.to_numpy()
+    for batch in val:
+        cells = [rows[tuple(r)] for r in batch["X"].numpy()]
+        np.testing.assert_array_equal(batch["batch"].numpy().ravel(), codes[cells])
+
+
+def test_a_control_bank_of_other_cells_is_refused(backed):
+    _, opened, embeddings = backed
+    manager = _manager(opened, embeddings)
+    bank = StreamedControlBank(np.zeros((4, opened.n_vars)), np.zeros(4), np.ones(4, bool))
+    with pytest.raises(ValueError, match=rf"^control_bank holds the pairing groups of 4 cells, but the AnnData "
+                                         rf"has {opened.n_obs}\.$"):
+        StreamedAnnDataLoader(manager, control_bank=bank)
+
+
 # ---------------------------------------------------------------- SOMA
 def test_read_soma_reads_rows_like_the_anndata(tmp_path):
     tiledbsoma_io = pytest.importorskip("tiledbsoma.io")

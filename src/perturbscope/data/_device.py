@@ -31,7 +31,13 @@ from scvi.data import AnnDataManager
 from scvi.dataloaders import DataSplitter
 
 from .._constants import REGISTRY_KEYS
-from ._pairing import ControlBank, control_mask, distributed_rank, registered_pairing_groups
+from ._pairing import (
+    ControlBank,
+    control_mask,
+    distributed_rank,
+    registered_pairing_groups,
+    registered_tensors,
+)
 from ._rows import is_out_of_core, out_of_core_source
 
 #: Data-loader options of :class:`~scvi.dataloaders.AnnDataLoader` that have no meaning here
@@ -107,12 +113,7 @@ class DeviceStore:
             self.crow = torch.as_tensor(csr.indptr.astype(np.int64), device=device)
             self.col = torch.as_tensor(csr.indices.astype(np.int64), device=device)
             self.values = torch.as_tensor(csr.data.astype(np.float32), device=device)
-        # The other registered keys, read through scvi-tools' own dataset so that their dtypes
-        # are those of the default loader's batches.
-        keys = [key for key in adata_manager.data_registry if key != SCVI_KEYS.X_KEY]
-        dataset = adata_manager.create_torch_dataset(data_and_attributes=keys)
-        every = dataset[np.arange(adata_manager.adata.n_obs)]
-        self.tensors = {key: torch.as_tensor(np.asarray(value), device=device) for key, value in every.items()}
+        self.tensors = registered_tensors(adata_manager, device)
         groups, _ = registered_pairing_groups(adata_manager)
         bank = ControlBank(groups, control_mask(adata_manager))
         position = bank.positions(groups)

@@ -42,6 +42,17 @@ def registered_pairing_groups(adata_manager: AnnDataManager) -> tuple[np.ndarray
     return pairing_groups(context, batch, n_batch), n_batch
 
 
+def registered_tensors(adata_manager: AnnDataManager, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every registered tensor but the expression, for every cell, on ``device``.
+
+    Read through scvi-tools' own dataset, so that the dtypes are those of the default loader's
+    batches; the streamed and the device-resident loaders index them by cell.
+    """
+    keys = [key for key in adata_manager.data_registry if key != SCVI_KEYS.X_KEY]
+    every = adata_manager.create_torch_dataset(data_and_attributes=keys)[np.arange(adata_manager.adata.n_obs)]
+    return {key: torch.as_tensor(np.asarray(value), device=device) for key, value in every.items()}
+
+
 def control_mask(adata_manager: AnnDataManager) -> np.ndarray:
     """Boolean mask of control cells (an empty perturbation set)."""
     genes = np.asarray(adata_manager.get_from_registry(REGISTRY_KEYS.PERTURBATION_KEY))

@@ -38,7 +38,7 @@ from scvi.dataloaders import DataSplitter
 
 from .._constants import REGISTRY_KEYS
 from ._control_bank import StreamedControlBank
-from ._pairing import control_mask, distributed_rank, registered_pairing_groups
+from ._pairing import control_mask, distributed_rank, registered_pairing_groups, registered_tensors
 from ._pseudobulk import DataScale, log1p_expression
 from ._rows import CHUNK_SIZE, iter_row_chunks, read_block, row_blocks
 
@@ -127,7 +127,11 @@ class StreamedAnnDataLoader:
     drop_last
         Drop the last incomplete minibatch.
     control_bank
-        Anchors' expression; built here when ``None``.
+        Anchors' expression (and the pairing group of every cell); built here when ``None``.
+    tensors
+        The registered tensors but the expression, of every cell
+        (``registered_tensors``); read here when ``None``.
+        :class:`StreamedDataSplitter` reads them once and shares them between its loaders.
     chunk_size
         Rows per block.
     buffer_chunks
@@ -149,6 +153,7 @@ class StreamedAnnDataLoader:
         batch_size: int = 128,
         drop_last: bool = False,
         control_bank: StreamedControlBank | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
         chunk_size: int = CHUNK_SIZE,
         buffer_chunks: int = BUFFER_CHUNKS,
         distributed_sampler: bool = False,
@@ -173,16 +178,17 @@ class StreamedAnnDataLoader:
         self.world_size = torch.distributed.get_world_size() if distributed else 1
         self.seed = int(settings.seed or 0) if seed is None else int(seed)
         self.epoch = 0
-        # Labels and covariates are in memory; read them through scvi-tools' own dataset so that
-        # their dtypes are the default loader's.
-        keys = [key for key in adata_manager.data_registry if key != SCVI_KEYS.X_KEY]
-        every = adata_manager.create_torch_dataset(data_and_attributes=keys)[np.arange(n_obs)]
-        self.tensors = {key: torch.as_tensor(np.asarray(value)) for key, value in every.items()}
-        self.groups, _ = registered_pairing_groups(adata_manager)
+        # Labels and covariates are in memory: one tensor per key for every cell.
+        self.tensors = registered_tensors(adata_manager) if tensors is None else tensors
         if control_bank is None:
-            control_bank = StreamedControlBank(self.matrix, self.groups, control_mask(adata_manager),
+            groups, _ = registered_pairing_groups(adata_manager)
+            control_bank = StreamedControlBank(self.matrix, groups, control_mask(adata_manager),
                                                seed=self.seed, chunk_size=self.chunk_size)
+        if len(control_bank.groups) != n_obs:
+            raise ValueError(f"control_bank holds the pairing groups of {len(control_bank.groups)} cells, "
+                             f"but the AnnData has {n_obs}.")
         self.control_bank = control_bank
+        self.groups = control_bank.groups  # the pairing group of every cell, held once by the bank
         self.anchor_sampler = control_bank.sampler(seed=self.seed + self.rank)
 
     @property
@@ -262,8 +268,8 @@ class StreamedDataSplitter(DataSplitter):
 
     For an AnnData opened with ``backed="r"`` or read from TileDB-SOMA with
     :func:`perturbscope.data.read_soma`. Splitting into training, validation and test cells is
-    scvi-tools' own (``external_indexing`` included); one bounded control bank is built once
-    and shared by the loaders.
+    scvi-tools' own (``external_indexing`` included); one bounded control bank and one copy of
+    the registered labels and covariates are built once and shared by the loaders.
 
     Parameters
     ----------
@@ -328,7 +334,9 @@ external_indexing
             adata_manager.get_from_registry(SCVI_KEYS.X_KEY), groups, control_mask(adata_manager),
             seed=seed, chunk_size=int(chunk_size), **bank_options,
         )
+        self.tensors = registered_tensors(adata_manager)
         self.data_loader_kwargs.update(
-            control_bank=self.control_bank, chunk_size=int(chunk_size), buffer_chunks=int(buffer_chunks), seed=seed
+            control_bank=self.control_bank, tensors=self.tensors, chunk_size=int(chunk_size),
+            buffer_chunks=int(buffer_chunks), seed=seed,
         )
 
