@@ -31,7 +31,13 @@ napoleon_use_rtype = True
 typehints_defaults = "braces"
 always_document_param_types = False
 myst_enable_extensions = ["colon_fence", "dollarmath", "amsmath"]
-nb_execution_mode = "off"  # tutorials are executed by their authors; docs build offline
+# The tutorials run in every build; jupyter-cache re-runs a notebook only when its code changed
+# (the cache lives in _build/.jupyter_cache). A failing cell fails the build.
+nb_execution_mode = "cache"
+nb_execution_raise_on_error = True
+nb_execution_timeout = 600  # seconds per cell
+nb_execution_show_tb = True
+nb_merge_streams = True  # one stdout block per cell, not one per print
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "jupyter_execute", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 intersphinx_mapping = {}  # no network at build time
