@@ -53,6 +53,8 @@ class ScopeTrainingPlan(TrainingPlan):
     >>> model = ps.ScopeVI(adata, n_latent=4, n_hidden=16, effect_prior=False)
     >>> model._training_plan_cls = ScopeTrainingPlan
     >>> model.train(max_epochs=1, enable_progress_bar=False, plan_kwargs={"compile": False})
+    >>> model.trainer.lightning_module.is_compiled
+    False
     """
 
     def __init__(
@@ -72,6 +74,12 @@ class ScopeTrainingPlan(TrainingPlan):
         self.compile_backend = compile_backend
         self._compiled_forward = None
         self._compiled_checked = False
+        self._cuda_graphs = False
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether the forward pass runs through :func:`torch.compile` (``False`` after a fallback)."""
+        return self._compiled_forward is not None
 
     def _should_compile(self, device: torch.device) -> bool:
         if self.compile_forward == "auto":
@@ -80,12 +88,15 @@ class ScopeTrainingPlan(TrainingPlan):
 
     def _compile(self, device: torch.device) -> None:
         """Wrap the module's forward in :func:`torch.compile`, or warn why it stays eager."""
-        self._compiled_forward, self._compiled_checked = None, False
+        self._compiled_forward, self._compiled_checked, self._cuda_graphs = None, False, False
         if not self._should_compile(device):
             return
         mode = self.compile_mode
         if mode == "auto":
             mode = "reduce-overhead" if device.type == "cuda" else "default"
+        # CUDA graphs replay into static buffers: each step is marked so that the previous step's
+        # outputs are released rather than read after being overwritten.
+        self._cuda_graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
         try:
             self._compiled_forward = torch.compile(self.module.forward, mode=mode, backend=self.compile_backend)
         except Exception as error:  # any failure means: train eagerly
@@ -107,6 +118,8 @@ class ScopeTrainingPlan(TrainingPlan):
         kwargs.setdefault("get_inference_input_kwargs", {"full_forward_pass": not self.update_only_decoder})
         if self._compiled_forward is None:
             return self.module(*args, **kwargs)
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if self._compiled_checked:
             return self._compiled_forward(*args, **kwargs)
         try:
