@@ -15,7 +15,13 @@ from ._baselines import (
 )
 from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
 from ._prior import CANDIDATES, KINDS, EffectPrior
-from ._scoring import conformal_quantile, gene_scaled_quantiles, pick, stack_weights, top_change_scores
+from ._scoring import (
+    conformal_quantile,
+    gene_scaled_quantiles,
+    pick,
+    stack_weights,
+    top_change_scores,
+)
 
 __all__ = [
     "CANDIDATES",

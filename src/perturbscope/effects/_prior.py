@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ..data import log1p_expression, parse_perturbation
+from ..data import parse_perturbation
 from ._baselines import (
     AdditiveBaseline,
     Baseline,
@@ -47,11 +47,10 @@ from ._baselines import (
     PerturbedMeanBaseline,
 )
 from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
+from ._few_shot import FEW_SHOT_CELLS, MIN_HELD_OUT, FewShotMixin
 from ._scoring import gene_scaled_quantiles, stack_weights, top_change_scores
 
 KINDS = ("seen", "few_shot", "combination", "unseen_gene", "unseen_context")
-#: Groups with fewer training cells than this are ``"few_shot"`` queries.
-FEW_SHOT_CELLS = 30
 #: Candidate estimators per kind, in order of preference on ties; the first is the fallback
 #: when a kind cannot be cross-fitted (too few training perturbations of that kind).
 CANDIDATES: dict[str, tuple[str, ...]] = {
@@ -61,8 +60,6 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "unseen_gene": ("perturbed_mean", "linear", "embedding_nn", "no_change"),
     "unseen_context": ("matching_mean", "perturbed_mean", "no_change"),
 }
-#: Held-out perturbations needed before a kind's choice is made by cross-fitting.
-MIN_HELD_OUT = 3
 
 
 def make_estimator(name: str, gene_embeddings: pd.DataFrame | None) -> Baseline | None:
@@ -88,7 +85,7 @@ def make_estimator(name: str, gene_embeddings: pd.DataFrame | None) -> Baseline 
     raise ValueError(f"unknown estimator {name!r}; choose from {sorted(set(sum(CANDIDATES.values(), ())))}.")
 
 
-class EffectPrior:
+class EffectPrior(FewShotMixin):
     """Mean shifts of perturbations from the baselines' estimators, chosen by cross-fitting.
 
     See the module docstring for the kinds of query and their candidates.
@@ -182,32 +179,6 @@ class EffectPrior:
         self.fit_means(probe.means_, control_value, context_key, delimiter, counts=counts)
         return self.fit_few_shot(adata, labels, contexts, layer, data_scale)
 
-    def fit_few_shot(self, adata, labels: np.ndarray, contexts: np.ndarray, layer: str | None = None,
-                     data_scale: str = "counts") -> EffectPrior:
-        """Cross-fit the ``"few_shot"`` blend, after :meth:`fit_means`.
-
-        Well-measured training groups are reduced to as many cells as the few-shot groups
-        have, drawn from ``adata``, and every few-shot candidate is scored against the groups'
-        full means. Only the drawn cells are read, so ``adata`` may be backed or streamed.
-
-        Parameters
-        ----------
-        adata
-            The training cells the means were computed from.
-        labels, contexts
-            Each cell's perturbation label and context (as strings).
-        layer, data_scale
-            As for :meth:`fit`.
-
-        Returns
-        -------
-        ``self``; unchanged when there are no few-shot groups or too few well-measured ones.
-        """
-        few = self._few_shot_residuals(adata, layer, data_scale, np.asarray(labels), np.asarray(contexts))
-        if few:
-            self._choose("few_shot", few)
-        return self
-
     def fit_means(
         self,
         means: pd.DataFrame,
@@ -286,49 +257,6 @@ class EffectPrior:
         self.choices_[kind] = _dominant(self.weights_[kind])
         scale = per[names[0]][2]
         self.quantiles_[kind] = gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels)
-
-    def _few_shot_residuals(self, adata, layer, data_scale, labels, contexts) -> dict:
-        """Few-shot candidates scored on well-measured groups reduced to as many cells."""
-        counts = self.counts_.drop(index=self.control_value_, level="perturbation", errors="ignore")
-        few = counts[counts < FEW_SHOT_CELLS]
-        if few.empty:
-            return {}
-        k = max(1, int(np.median(few)))
-        rng = np.random.default_rng(self.seed)
-        full = [idx for idx, n in counts.items() if n >= 3 * k]
-        full = [full[i] for i in rng.permutation(len(full))[:60]]
-        if len(full) < MIN_HELD_OUT:
-            return {}
-        out: dict[str, tuple[list, list, list, list]] = {}
-        for p, c in full:
-            cells = np.flatnonzero((labels == p) & (contexts == c))
-            drawn = adata[np.sort(rng.choice(cells, k, replace=False))]
-            observed_k = log1p_expression(drawn, layer, data_scale).mean(axis=0) - \
-                self.estimators_["additive"].control_means_.loc[c].to_numpy()
-            truth = self.shifts_.loc[(p, c)].to_numpy()
-            for name in self._available("few_shot"):
-                predicted = self._few_shot_estimate(name, p, c, observed_k, exclude_self=True)
-                errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
-                errors.append(top_change_scores(predicted, truth))
-                residuals.append(truth - predicted)
-                scales.append(1.0)
-                truths.append(truth)
-        return {name: (e, np.asarray(r), np.asarray(sc), np.asarray(t)) for name, (e, r, sc, t) in out.items()}
-
-    def _few_shot_estimate(self, name: str, p: str, c: str, observed: np.ndarray, exclude_self: bool = False):
-        shifts = self.shifts_
-        in_context = shifts.index.get_level_values("context") == c
-        others = shifts.index.get_level_values("perturbation") != p
-        pm_rows = shifts[in_context & others] if exclude_self else shifts[in_context]
-        perturbed_mean = pm_rows.mean(axis=0).to_numpy() if len(pm_rows) else np.zeros_like(observed)
-        if name == "observed":
-            return observed
-        if name == "perturbed_mean":
-            return perturbed_mean
-        if name == "observed_perturbed_mean":
-            return 0.5 * (observed + perturbed_mean)
-        elsewhere = shifts[~in_context & ~others]
-        return elsewhere.mean(axis=0).to_numpy() if len(elsewhere) else observed
 
     def _names(self, weights: dict[str, dict[str, float]] | None) -> list[str]:
         used = {name for w in weights.values() for name in w} if weights else set(sum(CANDIDATES.values(), ()))
