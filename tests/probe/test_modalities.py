@@ -256,3 +256,22 @@ def test_rna_only_scopevi_has_rna_only(small_screen):
         "modality 'protein' is not decoded by this ScopeVI; its modalities are ['rna']"
     )):
         decoder_jacobian(model, adata, modality="protein")
+
+
+def test_totalvi_on_an_anndata_with_proteins_in_obsm():
+    mdata, _ = _screen(seed=2)
+    keep = mdata.obs["has_protein"].to_numpy()
+    adata = mdata["rna"][keep].copy()
+    adata.obs["perturbation"] = mdata.obs["perturbation"].astype(str).to_numpy()[keep]
+    adata.obsm["protein"] = mdata["adt"][keep].to_df()  # a DataFrame: its columns name the proteins
+    scvi.settings.seed = 0
+    scvi.model.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein")
+    model = scvi.model.TOTALVI(adata, n_latent=N_LATENT, n_hidden=16)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    columns = list(adata.var.columns)
+    table = axis_alignment_scores(model, adata, "perturbation", "control", "G01", modality="protein",
+                                  n_cells=20, progress_bar=False)
+    assert sorted(table.index) == sorted(adata.obsm["protein"].columns)
+    assert list(adata.var.columns) == columns  # proteins in obsm: nothing is written to var
+    jac = decoder_jacobian(model, adata[:7].copy(), modality="protein", progress_bar=False)
+    assert jac.shape == (7, 12, N_LATENT)
