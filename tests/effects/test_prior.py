@@ -12,7 +12,13 @@ from perturbscope.data import (
     perturbation_shifts,
     simulate_perturbseq,
 )
-from perturbscope.effects import EffectPrior, conformal_quantile, pick, stack_weights, top_change_scores
+from perturbscope.effects import (
+    EffectPrior,
+    conformal_quantile,
+    pick,
+    stack_weights,
+    top_change_scores,
+)
 from perturbscope.effects._prior import FEW_SHOT_CELLS
 
 EMBEDDING_MAPS = {"linear", "embedding_nn"}

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import dcor
 import numpy as np
+import torch
+
+# dcor imports numba, whose OpenMP layer resets torch's thread count to every core; keep the
+# user's setting (with 2 DDP ranks on 2 cores, 2 threads each spin-waited a fit 20x slower)
+_threads = torch.get_num_threads()
+import dcor  # noqa: E402
+
+torch.set_num_threads(_threads)
 
 
 def energy_distance(x: np.ndarray, y: np.ndarray) -> float:

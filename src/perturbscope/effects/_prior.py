@@ -123,8 +123,10 @@ class EffectPrior(FewShotMixin):
     >>> adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=10, n_combinations=8,
     ...                                  n_cell_types=1, n_cells_per_condition=40, seed=1)
     >>> prior = EffectPrior(emb).fit(adata, "perturbation")
-    >>> prior.choices_["combination"], prior.choices_["unseen_gene"]
-    ('additive', 'linear')
+    >>> prior.choices_["unseen_gene"], round(prior.weights_["unseen_gene"]["linear"], 2)
+    ('linear', 0.71)
+    >>> sorted(prior.weights_["combination"])   # a blend: the simulated doubles are not additive
+    ['linear', 'matching_mean', 'perturbed_mean']
     """
 
     def __init__(
