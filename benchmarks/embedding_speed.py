@@ -57,10 +57,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = save_tiny_checkpoint(Path(folder))
         esm2_embeddings(
-            dict(list(sequences.items())[:4]), model=path, show_progress=False
+            dict(list(sequences.items())[:4]), model=path, progress_bar=False
         )  # warm-up
         start = time.perf_counter()
-        emb = esm2_embeddings(sequences, model=path, device="cpu", show_progress=False)
+        emb = esm2_embeddings(sequences, model=path, device="cpu", progress_bar=False)
         seconds = time.perf_counter() - start
     residues = sum(len(s) for s in sequences.values())
     print(

@@ -95,7 +95,7 @@ def vectorised(model, z: np.ndarray, batch_size: int) -> float:
     total = 0.0
     with _eval_mode(model.module):
         for _, jac in _iter_jacobian(
-            probe, np.arange(len(z)), None, "log_scale", batch_size, progress=False
+            probe, np.arange(len(z)), None, "log_scale", batch_size, progress_bar=False
         ):
             total += float(jac[:, :, 0].sum())
     return total

@@ -93,7 +93,7 @@ def main() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 results = run_benchmark(args.data, task, models=[model], seeds=args.seeds,
-                                        scopevi_kwargs=kwargs, distributional=False, progress=False)
+                                        scopevi_kwargs=kwargs, distributional=False, progress_bar=False)
             results = results[results["model"] == model].assign(model=name)
             results.attrs = {}
             results.to_csv(args.out / f"{task}__{name.replace(' ', '_').replace('(', '').replace(')', '')}.csv", index=False)

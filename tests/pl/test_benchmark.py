@@ -19,7 +19,7 @@ def results():
         models=["additive", "perturbed_mean"],
         seeds=1,
         distributional=False,
-        progress=False,
+        progress_bar=False,
     )
 
 

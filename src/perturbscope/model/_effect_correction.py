@@ -29,6 +29,7 @@ distribution is ScopeVI's to the extent that it was validated. ``effect_prior=Fa
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import anndata as ad
@@ -40,6 +41,7 @@ from scvi.model.base import UnsupervisedTrainingMixin
 from sklearn.decomposition import PCA
 
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
+from .._logging import quiet_lightning
 from ..data import (
     ALL_CONTEXTS,
     DeviceDataSplitter,
@@ -113,14 +115,20 @@ class EffectCorrectionMixin:
         Notes
         -----
         A model made by :meth:`load_query_data` keeps its reference's effect prior and
-        correction weights; training it fine-tunes the VAE only.
+        correction weights; training it fine-tunes the VAE only. Lightning's informational
+        lines (accelerator and logger tips) are silenced during the call and its logger levels
+        restored afterwards, as are two of its warnings that say nothing about the user's data
+        (:data:`LIGHTNING_NOISE`); everything else, the progress bar included, still shows.
         """
         splitter_cls = self._splitter_class(loader)
         had_own = "_data_splitter_cls" in self.__dict__
         previous = self.__dict__.get("_data_splitter_cls")
         self._data_splitter_cls = splitter_cls  # scvi-tools' train builds the splitter from it
         try:
-            return self._train_with_prior(max_epochs, batch_size, datasplitter_kwargs, **kwargs)
+            with quiet_lightning(), warnings.catch_warnings():
+                for message in LIGHTNING_NOISE:
+                    warnings.filterwarnings("ignore", message=message)
+                return self._train_with_prior(max_epochs, batch_size, datasplitter_kwargs, **kwargs)
         finally:
             if had_own:
                 self._data_splitter_cls = previous
@@ -391,6 +399,14 @@ class EffectCorrectionMixin:
             # the interval of the prior's shift, stretched to reach the corrected mean
             aggregated.layers[f"log1p_norm_lower_{tag}"] = (mean - np.maximum(correction, 0) - half).astype(np.float32)
             aggregated.layers[f"log1p_norm_upper_{tag}"] = (mean - np.minimum(correction, 0) + half).astype(np.float32)
+
+
+#: Lightning warnings that ``train`` silences: a small data set's log interval, and torch's
+#: deprecation of a pytree class that Lightning itself still uses.
+LIGHTNING_NOISE = (
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
 
 
 def _lowers_error(errors: list, baseline: list) -> bool:
