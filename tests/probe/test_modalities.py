@@ -249,7 +249,7 @@ def test_bad_protein_inputs(multimodal):
 
 def test_rna_only_scopevi_has_rna_only(small_screen):
     adata, embeddings = small_screen
-    adata = adata[:60].copy()
+    adata = adata.copy()
     ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=embeddings.copy())
     model = ps.ScopeVI(adata, n_latent=N_LATENT, n_hidden=8)
     with pytest.raises(ValueError, match=re.escape(
