@@ -246,20 +246,7 @@ class MultimodalScopeVAE(ScopeVAE):
         """
         if key not in self.modalities:
             raise ValueError(f"modality {key!r} is not decoded by this module; it decodes {list(self.modalities)}.")
-        if z.dim() not in (2, 3) or z.shape[-1] != self.n_latent:
-            raise ValueError(
-                f"z must have shape (n_cells, n_latent={self.n_latent}) or (n_samples, n_cells, "
-                f"n_latent={self.n_latent}), got {tuple(z.shape)}."
-            )
-        n_cells = z.shape[-2]
-        for name, value in (("perturbation_genes", perturbation_genes), ("batch_index", batch_index),
-                            ("cat_covs", cat_covs), ("library", library)):
-            if value is not None and value.shape[0] != n_cells:
-                raise ValueError(f"{name} has {value.shape[0]} rows but z has {n_cells} cells.")
-        if perturbation_genes is None:
-            perturbation = torch.zeros(n_cells, self.perturbation_encoder.n_output, device=z.device, dtype=z.dtype)
-        else:
-            perturbation = self.perturbation_encoder(perturbation_genes.to(z.device)).to(z.dtype)
+        perturbation = self._checked_perturbation(z, perturbation_genes, batch_index, cat_covs, library)
         return self._decode_modality_expression(key, z, perturbation, library, batch_index, cat_covs)
 
     def _decode_modality_expression(self, key, z, perturbation, library, batch_index, cat_covs) -> DecodedExpression:

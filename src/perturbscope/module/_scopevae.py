@@ -171,9 +171,7 @@ class ScopeVAE(BaseModuleClass):
     ):
         super().__init__()
         if gene_likelihood not in (*COUNT_LIKELIHOODS, "normal"):
-            raise ValueError(
-                f"gene_likelihood must be one of {(*COUNT_LIKELIHOODS, 'normal')}, got {gene_likelihood!r}."
-            )
+            raise ValueError(f"gene_likelihood must be one of {(*COUNT_LIKELIHOODS, 'normal')}, got {gene_likelihood!r}.")
         if perturbation_effect not in ("dense", "sparse"):
             raise ValueError(f"perturbation_effect must be 'dense' or 'sparse', got {perturbation_effect!r}.")
         if sparsity_weight < 0:
@@ -411,6 +409,13 @@ class ScopeVAE(BaseModuleClass):
         >>> bool(torch.allclose(out.mean, out.scale * 1e4))
         True
         """
+        perturbation = self._checked_perturbation(z, perturbation_genes, batch_index, cat_covs, library)
+        if library is None:
+            library = torch.full((z.shape[-2], 1), math.log(TARGET_SUM), device=z.device, dtype=z.dtype)
+        return self._decode(z, perturbation, library, batch_index, cat_covs)
+
+    def _checked_perturbation(self, z, perturbation_genes, batch_index, cat_covs, library) -> torch.Tensor:
+        """Check a decoder call's inputs against ``z`` and encode its perturbation vector."""
         if z.dim() not in (2, 3) or z.shape[-1] != self.n_latent:
             raise ValueError(
                 f"z must have shape (n_cells, n_latent={self.n_latent}) or (n_samples, n_cells, "
@@ -422,13 +427,8 @@ class ScopeVAE(BaseModuleClass):
             if value is not None and value.shape[0] != n_cells:
                 raise ValueError(f"{name} has {value.shape[0]} rows but z has {n_cells} cells.")
         if perturbation_genes is None:
-            perturbation = torch.zeros(n_cells, self.perturbation_encoder.n_output, device=z.device,
-                                       dtype=z.dtype)
-        else:
-            perturbation = self.perturbation_encoder(perturbation_genes.to(z.device)).to(z.dtype)
-        if library is None:
-            library = torch.full((n_cells, 1), math.log(TARGET_SUM), device=z.device, dtype=z.dtype)
-        return self._decode(z, perturbation, library, batch_index, cat_covs)
+            return torch.zeros(n_cells, self.perturbation_encoder.n_output, device=z.device, dtype=z.dtype)
+        return self.perturbation_encoder(perturbation_genes.to(z.device)).to(z.dtype)
 
     def _decode(self, z, perturbation, library, batch_index, cat_covs) -> DecodedExpression:
         """:meth:`decode` from an encoded perturbation vector (``(n_cells, n_perturbation)``)."""
