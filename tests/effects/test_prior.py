@@ -101,6 +101,28 @@ def test_stack_weights_hand_values():
     assert stack_weights({"c": right_on_top}, truth, n_genes=1) == {"c": pytest.approx(1.0, abs=1e-12)}
 
 
+def test_stack_weights_bad_input():
+    truth = np.ones((2, 3))
+    with pytest.raises(ValueError, match=r"^stack_weights needs at least one candidate and held-out rows; got 0 candidates"):
+        stack_weights({}, truth)
+    with pytest.raises(ValueError, match=r"^stack_weights needs at least one candidate .* truth of shape \(0, 3\)"):
+        stack_weights({"a": np.ones((0, 3))}, np.ones((0, 3)))
+    with pytest.raises(ValueError, match=r"^candidate predictions must have truth's shape \(2, 3\); got \{'a': \(3, 2\)\}"):
+        stack_weights({"a": np.ones((3, 2))}, truth)
+    with pytest.raises(ValueError, match=r"^n_genes must be >= 1, got 0"):
+        stack_weights({"a": truth}, truth, n_genes=0)
+
+
+def test_fit_few_shot_bad_input(two_context_prior):
+    prior, train, emb = two_context_prior
+    labels = train.obs["perturbation"].astype(str).to_numpy()
+    contexts = train.obs["cell_type"].astype(str).to_numpy()
+    with pytest.raises(RuntimeError, match=r"^fit_few_shot needs the group means first"):
+        EffectPrior(emb).fit_few_shot(train, labels, contexts)
+    with pytest.raises(ValueError, match=rf"^labels has {len(labels) - 1} entries but adata has {train.n_obs} cells"):
+        prior.fit_few_shot(train, labels[:-1], contexts)
+
+
 def test_stacked_blend_is_no_worse_than_any_candidate_on_the_fitted_entries():
     rng = np.random.default_rng(0)
     truth = rng.normal(size=(30, 50))

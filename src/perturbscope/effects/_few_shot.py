@@ -41,7 +41,19 @@ class FewShotMixin:
         Returns
         -------
         ``self``; unchanged when there are no few-shot groups or too few well-measured ones.
+
+        Raises
+        ------
+        RuntimeError
+            If called before :meth:`fit_means`.
+        ValueError
+            If ``labels`` or ``contexts`` do not have one entry per cell of ``adata``.
         """
+        if not hasattr(self, "shifts_"):
+            raise RuntimeError("fit_few_shot needs the group means first; call fit_means (or fit).")
+        for name, values in (("labels", labels), ("contexts", contexts)):
+            if len(values) != adata.n_obs:
+                raise ValueError(f"{name} has {len(values)} entries but adata has {adata.n_obs} cells.")
         few = self._few_shot_residuals(adata, layer, data_scale, np.asarray(labels), np.asarray(contexts))
         if few:
             self._choose("few_shot", few)

@@ -73,6 +73,12 @@ def stack_weights(
     -------
     ``{candidate: weight}`` in the order of ``predictions``.
 
+    Raises
+    ------
+    ValueError
+        If there are no candidates or no held-out rows, a candidate's shape differs from
+        ``truth``'s, or ``n_genes`` is below 1.
+
     Examples
     --------
     >>> truth = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 1.0]])
@@ -80,6 +86,15 @@ def stack_weights(
     >>> {k: round(v, 6) for k, v in w.items()}
     {'good': 0.5, 'zero': 0.0}
     """
+    truth = np.asarray(truth, dtype=float)
+    if not predictions or truth.ndim != 2 or truth.shape[0] == 0:
+        raise ValueError(f"stack_weights needs at least one candidate and held-out rows; got "
+                         f"{len(predictions)} candidates and truth of shape {truth.shape}.")
+    wrong = {k: np.shape(v) for k, v in predictions.items() if np.shape(v) != truth.shape}
+    if wrong:
+        raise ValueError(f"candidate predictions must have truth's shape {truth.shape}; got {wrong}.")
+    if n_genes < 1:
+        raise ValueError(f"n_genes must be >= 1, got {n_genes}.")
     names = list(predictions)
     top = np.argsort(-np.abs(truth), axis=1, kind="stable")[:, :n_genes]
     rows = np.arange(len(truth))[:, None]
