@@ -225,16 +225,20 @@ class EffectPrior(FewShotMixin):
         self.shifts_ = self.estimators_["additive"].shifts_
         if given is not None:
             self.weights_ = {kind: dict(w) for kind, w in given.items()}
-            self.choices_ = {kind: _dominant(w) for kind, w in self.weights_.items()}
             self.crossfit_scores_, self.n_held_out_, self.quantiles_ = None, {}, {}
             return self
         residuals = self._crossfit(means)
         self.crossfit_scores_ = pd.DataFrame(index=pd.Index([], name="kind"), dtype=float)
-        self.weights_, self.choices_ = {"seen": {"observed": 1.0}}, {"seen": "observed"}
+        self.weights_ = {"seen": {"observed": 1.0}}
         self.n_held_out_, self.quantiles_ = {}, {}
         for kind in KINDS[1:]:
             self._choose(kind, residuals.get(kind, {}))
         return self
+
+    @property
+    def choices_(self) -> dict[str, str]:
+        """``{kind: estimator}``: the largest part of each kind's blend (see :attr:`weights_`)."""
+        return {kind: _dominant(weights) for kind, weights in self.weights_.items()}
 
     def _choose(self, kind: str, per: dict) -> None:
         """Stack the candidates on their held-out predictions and calibrate the blend's intervals."""
@@ -242,7 +246,6 @@ class EffectPrior(FewShotMixin):
         self.n_held_out_[kind] = n
         if n < MIN_HELD_OUT:
             self.weights_[kind] = {self._available(kind)[0]: 1.0}
-            self.choices_[kind] = self._available(kind)[0]
             return
         names = [name for name in self._available(kind) if name in per]
         truth = next(iter(per.values()))[3]
@@ -256,7 +259,6 @@ class EffectPrior(FewShotMixin):
             self.crossfit_scores_.loc[kind, f"{name} (pearson)"] = float(pearson)
             self.crossfit_scores_.loc[kind, f"{name} (mse)"] = float(mse)
         self.weights_[kind] = {name: w for name, w in weights.items() if w > 0}
-        self.choices_[kind] = _dominant(self.weights_[kind])
         scale = per[names[0]][2]
         self.quantiles_[kind] = gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels)
 
