@@ -132,8 +132,8 @@ def test_old_progress_keyword_still_works_with_a_future_warning(screen, capsys):
     kwargs = {"contexts": ["type_1"], "shots": (0,), "data_scale": "counts", "scopevi": False,
               "baselines": ["no_change"], "distributional": False}
     new = learning_curve(adata, "perturbation", "cell_type", progress_bar=True, **kwargs)
-    assert "learning curve" in capsys.readouterr().err
+    assert "learning curve" in "".join(capsys.readouterr())
     with pytest.warns(FutureWarning, match=r"^learning_curve's `progress` is deprecated; use `progress_bar`\.$"):
         old = learning_curve(adata, "perturbation", "cell_type", progress=False, **kwargs)
-    assert "learning curve" not in capsys.readouterr().err
+    assert "learning curve" not in "".join(capsys.readouterr())
     pd.testing.assert_frame_equal(old, new)

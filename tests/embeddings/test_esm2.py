@@ -299,10 +299,10 @@ def test_bad_arguments(tiny_esm2, kwargs, error, match):
 def test_old_show_progress_keyword_still_works_with_a_future_warning(tiny_esm2, capsys):
     path, _ = tiny_esm2
     new = esm2_embeddings(SEQUENCES, model=path, progress_bar=True)
-    assert "ESM2 batches" in capsys.readouterr().err
+    assert "ESM2 batches" in "".join(capsys.readouterr())
     with pytest.warns(
         FutureWarning, match=r"^esm2_embeddings's `show_progress` is deprecated; use `progress_bar`\.$"
     ):
         old = esm2_embeddings(SEQUENCES, model=path, show_progress=False)
-    assert "ESM2 batches" not in capsys.readouterr().err
+    assert "ESM2 batches" not in "".join(capsys.readouterr())
     pd.testing.assert_frame_equal(old, new)

@@ -23,7 +23,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from scvi.utils import track
 
 from ..data import log1p_expression
 from ..model import ScopeVI
@@ -266,9 +266,8 @@ def learning_curve(
                                         control_value, seed, min_test_cells, common_test))
         for seed in range(seeds) for context in contexts
     ]
-    bar = tqdm(total=len(jobs), desc="learning curve", disable=not progress_bar)
     records: list[dict] = []
-    for seed, context, splits in jobs:
+    for seed, context, splits in track(jobs, description="learning curve", disable=not progress_bar):
         reference = None
         if scopevi:
             zero_shot = unseen_context_split(adata, perturbation_key, context_key, context, control_value)
@@ -309,7 +308,5 @@ def learning_curve(
             for name, prediction in predictions.items():
                 records += score_records(prediction, reference_scores, groups, distributional,
                                           model=name, **fields)
-        bar.update()
-    bar.close()
     columns = ["task", "seed", "split", "shots", "group", "model", "perturbation", "metric", "value"]
     return pd.DataFrame.from_records(records)[columns]

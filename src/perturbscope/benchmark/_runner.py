@@ -17,7 +17,7 @@ from typing import Any
 
 import anndata as ad
 import pandas as pd
-from tqdm.auto import tqdm
+from scvi.utils import track
 
 from ._models import MODELS, make_model
 from ._scoring import (
@@ -109,11 +109,10 @@ def run_benchmark(
     all_log = log_anndata(adata, spec, key)
 
     jobs = [(seed, split) for seed in range(seeds) for split in spec.make_splits(adata, seed)]
-    bar = tqdm(total=len(jobs) * (len(models) + 1), desc=f"benchmark {task}", disable=not progress_bar)
     records: list[dict] = []
     timings: list[dict] = []
     contexts = None if spec.context_key is None else adata.obs[spec.context_key].astype(str)
-    for seed, split in jobs:
+    for seed, split in track(jobs, description=f"benchmark {task}", disable=not progress_bar):
         fields = {"task": task, "seed": seed, "split": split.name}
         reference, ceiling = split_reference(all_log, split, key, control_value, contexts, seed)
         groups = split.labels
@@ -121,7 +120,6 @@ def run_benchmark(
         records += collapse_records(
             reference.observed_means, reference.control_mean, groups, model=OBSERVED, **fields
         )
-        bar.update()
         for name in models:
             start = time.perf_counter()
             model = make_model(name, embeddings, seed=seed, scopevi_kwargs=scopevi_kwargs)
@@ -147,8 +145,6 @@ def run_benchmark(
                     "seconds": time.perf_counter() - start,
                 }
             )
-            bar.update()
-    bar.close()
     results = pd.DataFrame.from_records(records)[
         ["task", "seed", "split", "group", "model", "perturbation", "metric", "value"]
     ]

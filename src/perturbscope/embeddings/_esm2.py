@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from scvi.utils import track
 
 from .._safe_load import load_model_file
 from ._files import _preview, check_gene_embeddings
@@ -495,7 +495,7 @@ def _embed(
     counts: dict[str, int] = {}
     batches = _batches([len(p[1]) for p in pieces], max_tokens)
     with torch.inference_mode():
-        for batch in tqdm(batches, desc="ESM2 batches", disable=not progress_bar):
+        for batch in track(batches, description="ESM2 batches", disable=not progress_bar):
             _, _, tokens = converter([pieces[i] for i in batch])
             tokens = tokens.to(device)
             hidden = module(tokens, repr_layers=[layer])["representations"][layer]
