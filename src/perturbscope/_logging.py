@@ -19,6 +19,7 @@ on exit, so a user's own Lightning runs still print them.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -128,3 +129,40 @@ def quiet_lightning(level: int = logging.WARNING) -> Iterator[None]:
     """
     with quiet_loggers(LIGHTNING_LOGGERS, level):
         yield
+
+
+def progress_switch(progress_bar: bool, old_value: bool | None, owner: str, old_name: str = "progress") -> bool:
+    """The progress switch of a function whose old keyword ``old_name`` is deprecated.
+
+    Parameters
+    ----------
+    progress_bar
+        The value of the current keyword, ``progress_bar``.
+    old_value
+        The value passed under the old keyword; ``None`` when it was not passed.
+    owner
+        The function's name, for the warning.
+    old_name
+        The old keyword.
+
+    Returns
+    -------
+    ``old_value`` when it was passed (with a :class:`FutureWarning` naming the new keyword),
+    else ``progress_bar``.
+
+    Examples
+    --------
+    >>> progress_switch(True, None, "run_benchmark")
+    True
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     progress_switch(True, False, "run_benchmark")
+    False
+    >>> str(caught[0].message)
+    "run_benchmark's `progress` is deprecated; use `progress_bar`."
+    """
+    if old_value is None:
+        return progress_bar
+    warnings.warn(f"{owner}'s `{old_name}` is deprecated; use `progress_bar`.", FutureWarning, stacklevel=3)
+    return old_value

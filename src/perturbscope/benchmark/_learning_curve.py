@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from scvi.utils import track
 
+from .._logging import progress_switch
 from ..data import log1p_expression
 from ..model import ScopeVI
 from ._models import ScopeVIModel, make_model
@@ -244,10 +245,7 @@ def learning_curve(
     >>> sorted(curve["shots"].unique().tolist())
     [0, 5]
     """
-    if progress is not None:
-        warnings.warn("learning_curve's `progress` is deprecated; use `progress_bar`.", FutureWarning,
-                      stacklevel=2)
-        progress_bar = progress
+    progress_bar = progress_switch(progress_bar, progress, "learning_curve")
     if context_key not in adata.obs.columns:
         raise KeyError(f"context_key {context_key!r} not in adata.obs; columns are {list(adata.obs.columns)}.")
     contexts = sorted(pd.unique(adata.obs[context_key].astype(str))) if contexts is None else list(contexts)

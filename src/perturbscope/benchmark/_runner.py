@@ -19,6 +19,7 @@ import anndata as ad
 import pandas as pd
 from scvi.utils import track
 
+from .._logging import progress_switch
 from ._models import MODELS, make_model
 from ._scoring import (
     collapse_records,
@@ -92,10 +93,7 @@ def run_benchmark(
     >>> sorted(results["model"].unique())
     ['additive', 'noise_ceiling', 'observed']
     """
-    if progress is not None:
-        warnings.warn("run_benchmark's `progress` is deprecated; use `progress_bar`.", FutureWarning,
-                      stacklevel=2)
-        progress_bar = progress
+    progress_bar = progress_switch(progress_bar, progress, "run_benchmark")
     spec = _check_task(task)
     models = list(models)
     unknown = [m for m in models if m not in MODELS]

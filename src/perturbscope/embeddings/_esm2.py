@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import numpy as np
 import pandas as pd
 from scvi.utils import track
 
+from .._logging import progress_switch
 from .._safe_load import load_model_file
 from ._files import _preview, check_gene_embeddings
 
@@ -366,10 +366,7 @@ def esm2_embeddings(
     >>> emb.shape, emb.attrs["pooling"]
     ((2, 16), 'mean')
     """
-    if show_progress is not None:
-        warnings.warn("esm2_embeddings's `show_progress` is deprecated; use `progress_bar`.",
-                      FutureWarning, stacklevel=2)
-        progress_bar = show_progress
+    progress_bar = progress_switch(progress_bar, show_progress, "esm2_embeddings", "show_progress")
     if pooling not in ("mean", "bos"):
         raise ValueError(f"pooling must be 'mean' or 'bos', got {pooling!r}.")
     if isinstance(sequences, str | os.PathLike):
