@@ -70,8 +70,12 @@ def reuse_model_rows(results: pd.DataFrame, previous: Path, models: list[str]) -
         raise SystemExit(f"--reuse-models: no rows of {models} for seeds {sorted(seeds)} in {previous}")
     merged = pd.concat([results, rows[results.columns]], ignore_index=True)
     merged.attrs = results.attrs
+    found = sorted(set(rows["seed"]))
+    seeds_note = ("same splits and seeds" if found == sorted(seeds) else
+                  f"same splits; only seed{'s' if len(found) > 1 else ''} {', '.join(map(str, found))} "
+                  f"of {len(seeds)} had been run, so their figures are over {'those seeds' if len(found) > 1 else 'that seed'}")
     note = (f" Rows of {', '.join(f'`{m}`' for m in models)} were not rerun: they are read back from "
-            f"the previous run of this task (same splits and seeds; that design has not changed since, "
+            f"the previous run of this task ({seeds_note}; that design has not changed since, "
             f"though a rerun would draw other anchors with the newer sampler), "
             f"without {', '.join(f'`{m}`' for m in REDEFINED_METRICS)}, whose definitions changed since.")
     return merged, note

@@ -14,6 +14,7 @@ from perturbscope.data import (
 )
 from perturbscope.effects import (
     EffectPrior,
+    bagged_stack_weights,
     conformal_quantile,
     pick,
     stack_weights,
@@ -101,6 +102,22 @@ def test_stack_weights_hand_values():
     assert stack_weights({"c": right_on_top}, truth, n_genes=1) == {"c": pytest.approx(1.0, abs=1e-12)}
 
 
+def test_bagged_stack_weights_hand_values():
+    # row 0 alone gives weight 1, row 1 alone weight 4 (0.5 * 4 = 2), both rows 1.6 (minimum
+    # of (w - 1)^2 + (0.5 w - 2)^2). A bootstrap of 2 rows draws only row 0, only row 1 or both
+    # with chance 1/4, 1/4, 1/2: the bagged weight tends to 0.25 + 1.0 + 0.8 = 2.05.
+    truth = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    candidate = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
+    assert stack_weights({"c": candidate}, truth, n_genes=3)["c"] == pytest.approx(1.6, abs=1e-12)
+    assert bagged_stack_weights({"c": candidate}, truth, 3, n_bootstrap=0)["c"] == pytest.approx(1.6, abs=1e-12)
+    bagged = bagged_stack_weights({"c": candidate}, truth, 3, n_bootstrap=4000, seed=0)["c"]
+    assert bagged == pytest.approx(2.05, abs=0.06)   # standard error 0.018
+    with pytest.raises(ValueError, match=r"^n_bootstrap must be >= 0, got -1"):
+        bagged_stack_weights({"c": candidate}, truth, 3, n_bootstrap=-1)
+    with pytest.raises(ValueError, match=r"^stack_weights needs at least one candidate"):
+        bagged_stack_weights({}, truth)
+
+
 def test_stack_weights_bad_input():
     truth = np.ones((2, 3))
     with pytest.raises(ValueError, match=r"^stack_weights needs at least one candidate and held-out rows; got 0 candidates"):
@@ -172,7 +189,8 @@ def test_kind_of_every_query(two_context_prior):
     assert prior.kind("G02+G04", "type_1") == "combination"         # unmeasured pair of seen genes
     assert prior.kind("G04+G02", "type_0") == "combination"
     assert prior.kind("G07", "type_0") == "unseen_gene"
-    assert prior.kind("G00+G07", "type_0") == "unseen_gene"         # a combination with an unseen gene
+    assert prior.kind("G00+G07", "type_0") == "partial_combination"  # a combination with an unseen gene
+    assert prior.kind("G07+G08", "type_0") == "partial_combination"  # neither gene seen alone
     assert prior.kind("NOT_A_GENE", "type_0") == "unseen_gene"
     table = prior.predict_shifts(["G00", "G05", "G06", "G02+G04", "G07"], "type_1")
     assert table.attrs["kinds"] == ["seen", "seen", "unseen_context", "combination", "unseen_gene"]
@@ -322,8 +340,41 @@ def test_intervals_cover_held_out_genes():
     assert coverage_95 > coverage_80
 
 
+# ---------------------------------------------------------------- combinations with unseen genes
+def test_partial_combinations_are_cross_fitted_on_training_doubles():
+    """Doubles that hold a gene never seen alone: gene by gene where training doubles show it works.
+
+    The simulated doubles are the sum of their genes' effects plus an interaction, and the
+    embeddings carry the single effects, so the sum of the genes' own predictions (the unseen
+    one by the embedding maps) beats the matching mean, which drops the unseen gene.
+    """
+    adata, emb = simulate_perturbseq(n_genes=60, n_perturbed_genes=24, n_combinations=30, n_cell_types=1,
+                                     n_cells_per_condition=30, seed=1)
+    prior = EffectPrior(emb).fit(adata, "perturbation")
+    assert prior.n_held_out_["partial_combination"] >= 30     # the training doubles holding a held-out gene
+    assert prior.choices_["partial_combination"] == "gene_by_gene"          # measured weight 0.81
+    scores = prior.crossfit_scores_.loc["partial_combination"]
+    assert scores["gene_by_gene (pearson)"] > scores["matching_mean (pearson)"] + 0.1
+    assert scores["gene_by_gene (pearson)"] > 0.8                           # measured 0.88
+
+    # without training doubles nothing can be cross-fitted: the matching mean answers (the
+    # seen gene's shift, or the perturbed mean when neither gene was seen alone)
+    singles = adata[~adata.obs["perturbation"].astype(str).str.contains("+", regex=False).to_numpy()]
+    alone = EffectPrior(emb).fit(singles[~_touching(singles.obs["perturbation"], ["G00", "G01"])], "perturbation")
+    assert alone.n_held_out_["partial_combination"] == 0
+    assert alone.weights_["partial_combination"] == {"matching_mean": 1.0}
+    table = alone.predict_shifts(["G00+G02", "G00+G01", "G02"], "all")
+    assert table.attrs["kinds"] == ["partial_combination", "partial_combination", "seen"]
+    np.testing.assert_allclose(table.loc["G00+G02"], table.loc["G02"], rtol=0, atol=1e-12)
+    perturbed_mean = alone.estimators_["perturbed_mean"].predict_shifts(["G00"]).to_numpy()[0]
+    np.testing.assert_allclose(table.loc["G00+G01"], perturbed_mean, rtol=0, atol=1e-12)
+    assert np.isnan(alone.half_widths(["G00+G02"], "all", 0.8).to_numpy()).all()   # not calibrated
+
+
 def test_effect_prior_bad_arguments():
     with pytest.raises(ValueError, match=r"n_folds must be an integer >= 2, got 1"):
         EffectPrior(n_folds=1)
     with pytest.raises(ValueError, match=r"levels must lie strictly between 0 and 1, got \[1.0\]"):
         EffectPrior(levels=(0.8, 1.0))
+    with pytest.raises(ValueError, match=r"n_bootstrap must be an integer >= 0, got 1.5"):
+        EffectPrior(n_bootstrap=1.5)

@@ -16,6 +16,7 @@ from ._baselines import (
 from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
 from ._prior import CANDIDATES, KINDS, EffectPrior
 from ._scoring import (
+    bagged_stack_weights,
     conformal_quantile,
     gene_scaled_quantiles,
     pick,
@@ -27,6 +28,7 @@ __all__ = [
     "CANDIDATES",
     "KINDS",
     "EffectPrior",
+    "bagged_stack_weights",
     "conformal_quantile",
     "gene_scaled_quantiles",
     "pick",

@@ -11,9 +11,14 @@ A query is a perturbation in a context. Its *kind* decides which estimators can 
 * ``"combination"``: several genes, each measured alone in training; candidates are the sum of
   the single shifts (``additive``), their mean, the linear model and the perturbed mean.
 * ``"unseen_gene"``: a gene never perturbed in training; candidates are the linear model on
-  gene embeddings, embedding neighbours, the perturbed mean and no change. A combination that
-  holds an unseen gene is predicted gene by gene (each by its own kind) and combined by the
-  combination rule when that rule is the sum or the mean of the singles.
+  gene embeddings, embedding neighbours, the perturbed mean and no change.
+* ``"partial_combination"``: several genes, at least one never perturbed alone in training (the
+  ``seen1``/``seen0`` doubles). Candidates are the Systema matching mean (the mean of the genes
+  seen as singles, else the perturbed mean), the gene-by-gene sum (each gene by its own kind,
+  an unseen one by the ``"unseen_gene"`` blend), the perturbed mean and no change. They are
+  cross-fitted on the training combinations that hold a held-out gene; without such
+  combinations the matching mean answers, since summing unvalidated unseen-gene predictions is
+  an extrapolation no training data has checked.
 * ``"unseen_context"``: measured in training, but in other contexts only; candidates are the
   transfer (its mean shift over other contexts), the perturbed mean and no change.
 
@@ -21,7 +26,7 @@ A query is a perturbation in a context. Its *kind* decides which estimators can 
 out (folds of genes, of combinations, or one context at a time), refitting every candidate
 without them: cross-fitting inside the training data, so no test perturbation is ever read.
 From these held-out predictions it fits, per kind, a non-negative blend of the candidates
-(stacking, :func:`stack_weights`): the weights say how much of each estimator to trust, and
+(stacking, :func:`stack_weights`, averaged over bootstrap resamples): the weights say how much of each estimator to trust, and
 their sum may fall below 1, shrinking a noisy estimator towards no change. The held-out
 residuals of the blend give split-conformal intervals per gene. For unseen genes a residual is divided by a
 difficulty scale, ``0.5 + (1 - cosine similarity to the nearest training gene)``, so a gene far
@@ -48,9 +53,9 @@ from ._baselines import (
 )
 from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
 from ._few_shot import FEW_SHOT_CELLS, MIN_HELD_OUT, FewShotMixin
-from ._scoring import gene_scaled_quantiles, stack_weights, top_change_scores
+from ._scoring import bagged_stack_weights, gene_scaled_quantiles, top_change_scores
 
-KINDS = ("seen", "few_shot", "combination", "unseen_gene", "unseen_context")
+KINDS = ("seen", "few_shot", "combination", "unseen_gene", "partial_combination", "unseen_context")
 #: Candidate estimators per kind, in order of preference on ties; the first is the fallback
 #: when a kind cannot be cross-fitted (too few training perturbations of that kind).
 CANDIDATES: dict[str, tuple[str, ...]] = {
@@ -58,6 +63,7 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "few_shot": ("observed", "transfer", "perturbed_mean", "observed_perturbed_mean"),
     "combination": ("additive", "matching_mean", "linear", "perturbed_mean"),
     "unseen_gene": ("perturbed_mean", "linear", "embedding_nn", "no_change"),
+    "partial_combination": ("matching_mean", "gene_by_gene", "perturbed_mean", "no_change"),
     "unseen_context": ("matching_mean", "perturbed_mean", "no_change"),
 }
 
@@ -96,7 +102,10 @@ class EffectPrior(FewShotMixin):
         Genes x dimensions for the embedding-based candidates; ``None`` leaves them out (the
         linear model then uses PCA rows of measured genes).
     n_folds
-        Folds of held-out genes or combinations.
+        Folds of held-out genes or combinations (at most one per perturbation).
+    n_bootstrap
+        Bootstrap resamples of the held-out perturbations over which the stacking weights are
+        averaged (:func:`bagged_stack_weights`); ``0`` fits them once.
     levels
         Coverage levels of the intervals.
     seed
@@ -124,25 +133,29 @@ class EffectPrior(FewShotMixin):
     ...                                  n_cell_types=1, n_cells_per_condition=40, seed=1)
     >>> prior = EffectPrior(emb).fit(adata, "perturbation")
     >>> prior.choices_["unseen_gene"], round(prior.weights_["unseen_gene"]["linear"], 2)
-    ('linear', 0.71)
-    >>> sorted(prior.weights_["combination"])   # a blend: the simulated doubles are not additive
-    ['linear', 'matching_mean', 'perturbed_mean']
+    ('linear', 0.68)
+    >>> {k: round(w, 2) for k, w in prior.weights_["combination"].items()}  # the doubles are not additive
+    {'additive': 0.26, 'matching_mean': 0.13, 'linear': 0.53, 'perturbed_mean': 0.31}
     """
 
     def __init__(
         self,
         gene_embeddings: pd.DataFrame | None = None,
-        n_folds: int = 5,
+        n_folds: int = 10,
         levels: Sequence[float] = (0.8, 0.95),
         seed: int = 0,
+        n_bootstrap: int = 50,
     ):
         if not isinstance(n_folds, int) or n_folds < 2:
             raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}.")
         bad = [lv for lv in levels if not 0 < lv < 1]
         if bad:
             raise ValueError(f"levels must lie strictly between 0 and 1, got {bad}.")
+        if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
+            raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}.")
         self.gene_embeddings = gene_embeddings
         self.n_folds = n_folds
+        self.n_bootstrap = n_bootstrap
         self.levels = tuple(float(lv) for lv in levels)
         self.seed = seed
 
@@ -232,6 +245,8 @@ class EffectPrior(FewShotMixin):
         self.weights_ = {"seen": {"observed": 1.0}}
         self.n_held_out_, self.quantiles_ = {}, {}
         for kind in KINDS[1:]:
+            if kind == "partial_combination":  # its gene-by-gene candidate needs the unseen-gene blend
+                residuals[kind] = self._score_folds(kind, self._gene_folds(means, partial=True))
             self._choose(kind, residuals.get(kind, {}))
         return self
 
@@ -250,7 +265,7 @@ class EffectPrior(FewShotMixin):
         names = [name for name in self._available(kind) if name in per]
         truth = next(iter(per.values()))[3]
         predictions = {name: truth - per[name][1] for name in names}
-        weights = stack_weights(predictions, truth, n_genes=truth.shape[1])
+        weights = bagged_stack_weights(predictions, truth, truth.shape[1], self.n_bootstrap, self.seed)
         stacked = sum(w * predictions[name] for name, w in weights.items())
         rows = {**{name: per[name][0] for name in names},
                 "stacked": [top_change_scores(p, t) for p, t in zip(stacked, truth)]}
@@ -265,7 +280,7 @@ class EffectPrior(FewShotMixin):
     def _names(self, weights: dict[str, dict[str, float]] | None) -> list[str]:
         used = {name for w in weights.values() for name in w} if weights else set(sum(CANDIDATES.values(), ()))
         names = {"additive"} | used
-        names -= {"observed", "transfer", "observed_perturbed_mean"}
+        names -= {"observed", "transfer", "observed_perturbed_mean", "gene_by_gene"}
         return sorted(n for n in names if n != "embedding_nn" or self.gene_embeddings is not None)
 
     def _available(self, kind: str) -> list[str]:
@@ -292,18 +307,13 @@ class EffectPrior(FewShotMixin):
 
     def _crossfit(self, means: pd.DataFrame) -> dict[str, dict[str, tuple]]:
         """``{kind: {candidate: (errors, residuals, scales, truths)}}`` over held-out training queries."""
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.seed + 1)
         rows = self.shifts_.index
         perts = rows.get_level_values("perturbation")
-        singles = sorted({p for p in perts if len(self._genes(p)) == 1})
-        single_genes = {self._genes(p)[0] for p in singles}
+        single_genes = {self._genes(p)[0] for p in perts if len(self._genes(p)) == 1}
         combos = sorted({p for p in perts if len(self._genes(p)) > 1 and set(self._genes(p)) <= single_genes})
         folds: dict[str, list[tuple[pd.DataFrame, list[tuple[str, str]]]]] = {}
-        folds["unseen_gene"] = [
-            (self._drop(means, lambda p, c, fold=set(fold): bool(fold & set(self._genes(p)))),
-             [(p, c) for p, c in rows if p in fold])
-            for fold in _split(singles, self.n_folds, rng)
-        ]
+        folds["unseen_gene"] = self._gene_folds(means, partial=False)
         folds["combination"] = [
             (self._drop(means, lambda p, c, fold=set(fold): p in fold), [(p, c) for p, c in rows if p in fold])
             for fold in _split(combos, self.n_folds, rng)
@@ -316,6 +326,26 @@ class EffectPrior(FewShotMixin):
         ]
         return {kind: self._score_folds(kind, kind_folds) for kind, kind_folds in folds.items()}
 
+    def _gene_folds(self, means: pd.DataFrame, partial: bool) -> list[tuple[pd.DataFrame, list[tuple[str, str]]]]:
+        """Folds of single genes left out with every perturbation that holds them.
+
+        The held-out queries are the fold's singles, or (``partial``) the training combinations
+        that hold a fold gene. The same seed gives both the same folds.
+        """
+        rng = np.random.default_rng(self.seed)
+        rows = self.shifts_.index
+        singles = sorted({p for p in rows.get_level_values("perturbation") if len(self._genes(p)) == 1})
+        out = []
+        for fold in map(set, _split(singles, self.n_folds, rng)):
+            def holds_fold_gene(p, c=None, fold=fold):
+                return bool(fold & set(self._genes(p)))
+            if partial:
+                held = [(p, c) for p, c in rows if len(self._genes(p)) > 1 and holds_fold_gene(p)]
+            else:
+                held = [(p, c) for p, c in rows if p in fold]
+            out.append((self._drop(means, holds_fold_gene), held))
+        return out
+
     def _drop(self, means: pd.DataFrame, leave_out) -> pd.DataFrame:
         keep = [p == self.control_value_ or not leave_out(p, c) for p, c in means.index]
         return means[np.asarray(keep)]
@@ -325,24 +355,50 @@ class EffectPrior(FewShotMixin):
         for reduced, held in folds:
             if not held or reduced.index.get_level_values("perturbation").nunique() < 2:
                 continue
-            fitted = self._fit_estimators(reduced, self._available(kind))
+            fitted = self._fit_estimators(reduced, self._estimator_names(self._available(kind)))
             reference = fitted.get("additive") or next(iter(fitted.values()))
-            for name, estimator in fitted.items():
-                if name not in self._available(kind):
+            for name in self._available(kind):
+                if name not in fitted and name != "gene_by_gene":
                     continue
                 errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
                 for p, c in held:
                     truth = self.shifts_.loc[(p, c)].to_numpy()
-                    predicted = _predict_one(estimator, p, c)
+                    predicted = self._held_out_prediction(name, fitted, p, c)
                     errors.append(top_change_scores(predicted, truth))
                     residuals.append(truth - predicted)
                     scales.append(self._scale(kind, p, reference))
                     truths.append(truth)
         return {name: (e, np.asarray(r), np.asarray(s), np.asarray(t)) for name, (e, r, s, t) in out.items()}
 
+    def _held_out_prediction(self, name: str, fitted: dict[str, Baseline], p: str, c: str) -> np.ndarray:
+        """A candidate's prediction of the held-out query ``p`` in ``c`` from the fold's estimators.
+
+        ``"gene_by_gene"`` sums each gene's observed single shift where the fold has it in ``c``,
+        else the gene's ``"unseen_gene"`` blend.
+        """
+        if name != "gene_by_gene":
+            return _predict_one(fitted[name], p, c)
+        observed = fitted["additive"]
+        blend = self.weights_.get("unseen_gene", {})
+        total = np.zeros(len(observed.var_names_))
+        for gene in self._genes(p):
+            if (gene, c) in observed.shifts_.index:
+                total += _predict_one(observed, gene, c)
+            else:
+                total += sum((w * _predict_one(fitted[n], gene, c) for n, w in blend.items() if n in fitted),
+                             np.zeros(len(total)))
+        return total
+
+    def _estimator_names(self, names) -> list[str]:
+        """The estimators to fit for ``names``: ``"gene_by_gene"`` stands for the unseen-gene blend."""
+        out = {"additive"} | {n for n in names if n != "gene_by_gene"}
+        if "gene_by_gene" in names:
+            out |= set(self.weights_.get("unseen_gene", {}))
+        return sorted(out)
+
     def _scale(self, kind: str, perturbation: str, fitted: Baseline) -> float:
         """Difficulty of a query: 0.5 + cosine distance of its least familiar unseen gene."""
-        if kind != "unseen_gene" or self.gene_embeddings is None:
+        if kind not in ("unseen_gene", "partial_combination") or self.gene_embeddings is None:
             return 1.0
         seen = [p for p in fitted.seen_ if len(self._genes(p)) == 1]
         reference = self.gene_embeddings.reindex([self._genes(p)[0] for p in seen]).dropna()
@@ -372,6 +428,8 @@ class EffectPrior(FewShotMixin):
         >>> prior = EffectPrior().fit(adata[adata.obs["perturbation"] != "G03"], "perturbation")
         >>> prior.kind("G00", "all"), prior.kind("G03", "all"), prior.kind("G00+G01", "all")
         ('seen', 'unseen_gene', 'combination')
+        >>> prior.kind("G00+G03", "all")
+        'partial_combination'
         """
         if (perturbation, context) in self.shifts_.index:
             n = None if self.counts_ is None else self.counts_.get((perturbation, context))
@@ -381,8 +439,8 @@ class EffectPrior(FewShotMixin):
             return "unseen_context"
         genes = self._genes(perturbation)
         singles = {self._genes(p)[0] for p in seen if len(self._genes(p)) == 1}
-        if len(genes) > 1 and set(genes) <= singles:
-            return "combination"
+        if len(genes) > 1:
+            return "combination" if set(genes) <= singles else "partial_combination"
         return "unseen_gene"
 
     def predict_shifts(self, perturbations: Sequence[str], context: str) -> pd.DataFrame:
@@ -405,17 +463,6 @@ class EffectPrior(FewShotMixin):
             warnings.simplefilter("ignore", UserWarning)
             for p in map(str, perturbations):
                 kind = self.kind(p, str(context))
-                genes = self._genes(p)
-                rule = self.choices_.get("combination", "additive")
-                if kind == "unseen_gene" and len(genes) > 1 and rule in ("additive", "matching_mean"):
-                    # a combination with an unseen gene: each gene by its own kind, combined by
-                    # the combination rule (sum or mean) that cross-fitting chose
-                    parts = self.predict_shifts(list(genes), str(context))
-                    combined = parts.to_numpy().sum(axis=0)
-                    rows.append(combined if rule == "additive" else combined / len(genes))
-                    kinds.append(kind)
-                    names.append(f"{rule} of " + ", ".join(parts.attrs["estimators"]))
-                    continue
                 weights = self.weights_.get(kind, {"additive": 1.0})
                 rows.append(sum((w * self._estimate(name, kind, p, str(context)) for name, w in weights.items()),
                                 np.zeros(len(self.shifts_.columns))))
@@ -430,6 +477,8 @@ class EffectPrior(FewShotMixin):
         """One estimator's shift for the query ``p`` in ``context``."""
         if kind == "few_shot":
             return self._few_shot_estimate(name, p, context, self.shifts_.loc[(p, context)].to_numpy())
+        if name == "gene_by_gene":
+            return self.predict_shifts(list(self._genes(p)), context).to_numpy().sum(axis=0)
         estimator = self.estimators_.get("additive" if name == "observed" else name, self.estimators_["additive"])
         return _predict_one(estimator, p, context)
 
@@ -475,7 +524,7 @@ class EffectPrior(FewShotMixin):
             "control_value": self.control_value_, "context_key": self.context_key_,
             "delimiter": self.delimiter_, "choices": dict(self.choices_), "levels": list(self.levels),
             "weights": {k: {n: float(w) for n, w in v.items()} for k, v in self.weights_.items()},
-            "n_folds": self.n_folds, "seed": self.seed, "n_held_out": dict(self.n_held_out_),
+            "n_folds": self.n_folds, "seed": self.seed, "n_bootstrap": self.n_bootstrap, "n_held_out": dict(self.n_held_out_),
             "quantiles": {k: {float(lv): np.asarray(q) for lv, q in v.items()} for k, v in self.quantiles_.items()},
             "crossfit_scores": None if scores is None else {
                 k: {c: float(v) for c, v in row.items()} for k, row in scores.to_dict("index").items()
@@ -497,14 +546,19 @@ class EffectPrior(FewShotMixin):
         ...                  prior.predict_shifts(["G00+G01"], "all")))
         True
         """
-        prior = cls(gene_embeddings, n_folds=int(state["n_folds"]), levels=state["levels"], seed=int(state["seed"]))
+        prior = cls(gene_embeddings, n_folds=int(state["n_folds"]), levels=state["levels"], seed=int(state["seed"]),
+                    n_bootstrap=int(state.get("n_bootstrap", 0)))
         index = pd.MultiIndex.from_arrays(
             [state["means_perturbation"], state["means_context"]], names=["perturbation", "context"]
         )
         means = pd.DataFrame(state["means"], index=index, columns=pd.Index(state["genes"], name=state.get("genes_name")))
         counts = None if state.get("counts") is None else pd.Series(state["counts"], index=index)
+        weights = state.get("weights")
+        if weights is not None and "partial_combination" not in weights:
+            # saved before the kind existed: such queries were predicted gene by gene
+            weights = {**weights, "partial_combination": {"gene_by_gene": 1.0}}
         prior.fit_means(means, state["control_value"], state["context_key"], state["delimiter"],
-                        choices=state["choices"], counts=counts, weights=state.get("weights"))
+                        choices=state["choices"], counts=counts, weights=weights)
         prior.n_held_out_ = dict(state["n_held_out"])
         prior.quantiles_ = {k: {float(lv): np.asarray(q) for lv, q in v.items()} for k, v in state["quantiles"].items()}
         scores = state["crossfit_scores"]

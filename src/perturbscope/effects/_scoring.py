@@ -109,6 +109,55 @@ def stack_weights(
     return {k: float(w) for k, w in zip(names, weights)}
 
 
+def bagged_stack_weights(
+    predictions: dict[str, np.ndarray],
+    truth: np.ndarray,
+    n_genes: int = N_SCORED_GENES,
+    n_bootstrap: int = 50,
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`stack_weights` averaged over bootstrap resamples of the held-out perturbations.
+
+    With a dozen held-out perturbations one NNLS fit swings between near-tied candidates;
+    averaging the fits over resamples (bagging) keeps a share for each candidate in proportion
+    to how often it wins, which lowers the variance of the blend.
+
+    Parameters
+    ----------
+    predictions, truth, n_genes
+        As for :func:`stack_weights`.
+    n_bootstrap
+        Resamples; ``0`` is the plain fit on all rows.
+    seed
+        Seed of the resampling.
+
+    Returns
+    -------
+    ``{candidate: weight}`` in the order of ``predictions``.
+
+    Examples
+    --------
+    >>> truth = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 1.0]])
+    >>> w = bagged_stack_weights({"good": truth * 2, "zero": np.zeros_like(truth)}, truth, n_genes=3)
+    >>> {k: round(v, 6) for k, v in w.items()}   # every resample agrees
+    {'good': 0.5, 'zero': 0.0}
+    """
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}.")
+    if n_bootstrap == 0:
+        return stack_weights(predictions, truth, n_genes)
+    truth = np.asarray(truth, dtype=float)
+    stack_weights(predictions, truth, n_genes)  # the input checks, on the full data
+    rng = np.random.default_rng(seed)
+    total = dict.fromkeys(predictions, 0.0)
+    for _ in range(n_bootstrap):
+        rows = rng.integers(0, len(truth), len(truth))
+        weights = stack_weights({k: np.asarray(v)[rows] for k, v in predictions.items()}, truth[rows], n_genes)
+        for k, w in weights.items():
+            total[k] += w / n_bootstrap
+    return total
+
+
 def gene_scaled_quantiles(residuals: np.ndarray, levels: Sequence[float]) -> dict[float, np.ndarray]:
     """Per-gene half-widths: each gene's residual scale times one pooled conformal quantile.
 
