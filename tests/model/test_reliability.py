@@ -314,6 +314,22 @@ def test_load_unseen_context_leaves_adata_unchanged(trained):
     _assert_unchanged(adata, before)
 
 
+def test_load_query_data_from_a_saved_folder_with_a_new_context(trained):
+    """A saved reference is read onto a query with a new context, as the in-memory one is."""
+    model, fresh, _, _, folder = trained
+    query = fresh[fresh.obs["cell_type"] == "type_1"].copy()
+    query.obs["cell_type"] = query.obs["cell_type"].cat.rename_categories({"type_1": "type_new"})
+    before = _snapshot(model.adata)
+    transfer = ps.ScopeVI.load_query_data(query, folder)
+    contexts = transfer.adata_manager.get_state_registry("context").categorical_mapping
+    assert list(contexts) == ["type_0", "type_1", "type_new"]
+    assert transfer.effect_prior_state_ is not None
+    in_memory = ps.ScopeVI.load_query_data(query.copy(), model)
+    for key, value in in_memory.module.state_dict().items():
+        torch.testing.assert_close(transfer.module.state_dict()[key], value, msg=key)
+    _assert_unchanged(model.adata, before)
+
+
 def test_load_unknown_keyword(trained):
     _, fresh, _, _, folder = trained
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'unknown_kw'"):

@@ -337,7 +337,7 @@ def test_load_query_data_bad_freeze(small_screen, trained):
         ps.ScopeVI.load_query_data(query, model, freeze_decoder="all")
 
 
-def test_load_query_data_new_batch_starts_as_reference(small_screen):
+def test_load_query_data_new_batch_starts_as_reference(small_screen, tmp_path):
     scvi.settings.seed = 0
     reference, query, embeddings = _split_by_type(small_screen)
     reference.obs["batch"] = "b0"
@@ -349,6 +349,14 @@ def test_load_query_data_new_batch_starts_as_reference(small_screen):
     model.train(max_epochs=1, enable_progress_bar=False)
     transfer = ps.ScopeVI.load_query_data(query, model)
     assert transfer.module.covariate_sizes == [3]
+    # from the saved folder (new batch category, new context): the same query model
+    model.save(tmp_path / "reference", overwrite=True)
+    from_folder = ps.ScopeVI.load_query_data(query.copy(), tmp_path / "reference")
+    assert from_folder.module.covariate_sizes == [3]
+    saved_state = from_folder.module.state_dict()
+    for key, value in transfer.module.state_dict().items():
+        torch.testing.assert_close(saved_state[key], value, msg=key)
+    assert from_folder.correction_weights_ == transfer.correction_weights_
     z = torch.randn(5, 4)
     p = torch.zeros(5, model.module.perturbation_encoder.n_output)
     library = torch.full((5, 1), 7.0)

@@ -164,7 +164,7 @@ class MultimodalMixin:
             If the MuData lacks a modality the reference was set up with.
         """
         if isinstance(reference_model, str | os.PathLike):
-            reference_model = cls.load(reference_model, adata)
+            reference_model = cls._load_reference(reference_model, adata)
         extras = reference_model._extra_modalities()
         if extras and not hasattr(adata, "mod"):
             raise TypeError(

@@ -14,33 +14,9 @@ from typing import Literal, Self
 
 import anndata as ad
 import pandas as pd
-import torch
 
 from ..data import check_controls_per_context, check_var_names, control_mask
-from ._save_load import checked_setup
-
-
-def expand_covariate_columns(
-    reference: torch.Tensor, target: torch.Tensor, reference_sizes: list[int], target_sizes: list[int]
-) -> torch.Tensor:
-    """Copy a reference weight into a query weight that has more one-hot covariate columns.
-
-    FCLayers append one-hot covariate blocks after the continuous input; new categories get
-    zero weights, so the layer's output is unchanged for the reference categories.
-    """
-    if reference.shape == target.shape:
-        return reference.clone()
-    if reference.dim() != 2 or reference.shape[0] != target.shape[0]:
-        raise ValueError(f"Cannot transfer a weight of shape {tuple(reference.shape)} to {tuple(target.shape)}.")
-    n_continuous = reference.shape[1] - sum(reference_sizes)
-    out = torch.zeros_like(target)
-    out[:, :n_continuous] = reference[:, :n_continuous]
-    ref_start, target_start = n_continuous, n_continuous
-    for ref_size, target_size in zip(reference_sizes, target_sizes):
-        out[:, target_start : target_start + ref_size] = reference[:, ref_start : ref_start + ref_size]
-        ref_start += ref_size
-        target_start += target_size
-    return out
+from ._save_load import checked_setup, expand_covariate_columns
 
 
 def _check_query_controls(obs: pd.DataFrame, setup_args: dict) -> None:
@@ -80,8 +56,9 @@ class QueryMixin:
             Query cells with the reference's genes in the same order. Needs control cells in
             every context.
         reference_model
-            A trained :class:`ScopeVI`, or the folder it was saved to (loaded with the
-            restricted :meth:`load`, on ``adata``'s genes).
+            A trained :class:`ScopeVI`, or the folder it was saved to (read with the
+            restricted loader of :meth:`load`; the query's new contexts and batches extend its
+            categories).
         freeze_decoder
             ``"shared"``: freeze the decoder's hidden layers (which also take the batch and, in
             the dense model, the perturbation vector) and fine-tune its output layer, so the
@@ -124,7 +101,7 @@ class QueryMixin:
         if freeze_decoder not in (True, False, "shared"):
             raise ValueError(f"freeze_decoder must be True, False or 'shared', got {freeze_decoder!r}.")
         if isinstance(reference_model, str | os.PathLike):
-            reference_model = cls.load(reference_model, adata)
+            reference_model = cls._load_reference(reference_model, adata)
         check_var_names(reference_model._expression_modality(adata).var_names, reference_model.var_names,
                         "query")
         registry = deepcopy(reference_model.registry_)

@@ -16,6 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from scvi import REGISTRY_KEYS as SCVI_KEYS
 
 from .._safe_load import load_model_file
 from ..data import check_var_names
@@ -122,6 +123,19 @@ class SafeLoadMixin:
         >>> type(loaded).__name__, loaded.is_trained_, list(loaded.var_names) == list(adata.var_names)
         ('ScopeVI', True, True)
         """
+        return cls._load(dir_path, adata, accelerator, device, prefix, extend_categories=False)
+
+    @classmethod
+    def _load_reference(cls, dir_path: str | os.PathLike, adata):
+        """A saved reference set up on a query's ``adata``, its categories extended by the query's.
+
+        Weights of the new batch or covariate categories start at zero (see
+        :func:`expand_covariate_columns`); ``load_query_data`` copies them from here.
+        """
+        return cls._load(dir_path, adata, "auto", "auto", None, extend_categories=True)
+
+    @classmethod
+    def _load(cls, dir_path, adata, accelerator, device, prefix, extend_categories: bool):
         folder = Path(dir_path)
         path = folder / f"{prefix or ''}model.pt"
         if not path.is_file():
@@ -135,8 +149,9 @@ class SafeLoadMixin:
         adata = _saved_or_given_adata(folder, prefix, adata)
         _check_saved_genes(payload["var_names"], adata, setup_args)
         before = _setup_keys(adata)
+        saved_sizes = registry_covariate_sizes(registry)
         try:
-            setup(adata, source_registry=registry, **setup_args)
+            setup(adata, source_registry=registry, extend_categories=extend_categories, **setup_args)
         except Exception as error:
             _remove_new_keys(adata, before)
             if isinstance(error, ValueError) and "extend_categories" in str(error):
@@ -151,10 +166,62 @@ class SafeLoadMixin:
             setattr(model, attr, value)
         state = dict(payload["model_state_dict"])
         state.pop("pyro_param_store", None)
+        if extend_categories:
+            sizes = (saved_sizes, model.module.covariate_sizes)
+            state = {key: expand_covariate_columns(state[key], value, *sizes)
+                     for key, value in model.module.state_dict().items()}
         model.module.load_state_dict(state)
         model.to_device(resolve_device(accelerator, device))
         model.module.eval()
         return model
+
+
+def registry_covariate_sizes(registry: dict) -> list[int]:
+    """One-hot widths of the decoder covariates a registry implies (``ScopeVAE.covariate_sizes``).
+
+    The batch first, then each extra categorical covariate; ``0`` where a covariate has one
+    category (it is not one-hot encoded).
+
+    Examples
+    --------
+    >>> registry = {"field_registries": {"batch": {"summary_stats": {"n_batch": 3}},
+    ...             "extra_categorical_covs": {"state_registry": {"n_cats_per_key": [1, 4]}}}}
+    >>> registry_covariate_sizes(registry)
+    [3, 0, 4]
+    """
+    fields = registry["field_registries"]
+    n_batch = fields.get(SCVI_KEYS.BATCH_KEY, {}).get("summary_stats", {}).get("n_batch", 1)
+    per_key = fields.get(SCVI_KEYS.CAT_COVS_KEY, {}).get("state_registry", {}).get("n_cats_per_key", [])
+    return [n if n > 1 else 0 for n in (n_batch, *per_key)]
+
+
+def expand_covariate_columns(
+    reference: torch.Tensor, target: torch.Tensor, reference_sizes: list[int], target_sizes: list[int]
+) -> torch.Tensor:
+    """Copy a reference weight into a query weight that has more one-hot covariate columns.
+
+    FCLayers append one-hot covariate blocks after the continuous input; new categories get
+    zero weights, so the layer's output is unchanged for the reference categories.
+
+    Examples
+    --------
+    >>> reference = torch.tensor([[1.0, 2.0, 3.0]])       # one input, a batch of two
+    >>> expand_covariate_columns(reference, torch.empty(1, 4), [2], [3]).tolist()
+    [[1.0, 2.0, 3.0, 0.0]]
+    """
+    if reference.shape == target.shape:
+        return reference.clone()
+    if reference.dim() != 2 or reference.shape[0] != target.shape[0]:
+        raise ValueError(f"Cannot transfer a weight of shape {tuple(reference.shape)} to {tuple(target.shape)}.")
+    n_continuous = reference.shape[1] - sum(reference_sizes)
+    out = torch.zeros_like(target)
+    out[:, :n_continuous] = reference[:, :n_continuous]
+    ref_start, target_start = n_continuous, n_continuous
+    for ref_size, target_size in zip(reference_sizes, target_sizes):
+        out[:, target_start : target_start + ref_size] = reference[:, ref_start : ref_start + ref_size]
+        ref_start += ref_size
+        target_start += target_size
+    return out
 
 
 def _setup_keys(data) -> dict[str, set]:
