@@ -86,6 +86,27 @@ def test_training_never_reads_held_out_cells():
     np.testing.assert_array_equal(np.asarray(predictions[0].X), np.asarray(predictions[1].X))
 
 
+@pytest.mark.slow
+def test_combinations_holding_a_validation_gene_are_partial_validation_queries():
+    """A gene held out for validation takes its training doubles with it: they validate the
+    ``"partial_combination"`` kind, and none of their cells trains the VAE."""
+    adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=16, n_combinations=16, n_cell_types=1,
+                                     n_cells_per_condition=15, embedding_dim=8, seed=0)
+    model = _train(adata, emb, epochs=2)
+    held = model.validation_perturbations_
+    genes = {q.split("|")[0] for q in held["unseen_gene"]}
+    expected = sorted(p for p in adata.obs["perturbation"].astype(str).unique()
+                      if "+" in p and set(p.split("+")) & genes)
+    assert expected
+    assert sorted(q.split("|")[0] for q in held["partial_combination"]) == expected
+    trained_on = set(adata.obs["perturbation"].astype(str).to_numpy()[model.train_indices])
+    assert not trained_on & set(expected)
+    assert not trained_on & genes
+    # enough of them (3 or more) to choose the kind's correction weight on
+    assert len(expected) >= 3
+    assert set(model.correction_scores_["partial_combination"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
+
+
 # ---------------------------------------------------------------- a measured null perturbation
 @pytest.mark.slow
 def test_null_perturbation_on_sparse_counts_is_the_control_pseudobulk():

@@ -7,12 +7,13 @@ perturbation ``p`` and the anchor's context ``c``::
 
 * ``s(p, c)``: the effect prior (:class:`perturbscope.effects.EffectPrior`), the mean shift from
   the baselines' estimator that cross-fitting inside the training data chose for the query's
-  kind ``k`` (seen, combination, unseen gene, unseen context);
+  kind ``k`` (seen, few-shot, combination, unseen gene, partial combination, unseen context);
 * ``d(a, p)``: the VAE's predicted change for anchor ``a`` (:meth:`ScopeVAE.predicted_change`),
   and ``m(p, c)`` its mean over the context's anchors;
 * ``w_k``: the weight of the learned mean correction for kind ``k``, chosen on training
-  perturbations that the VAE did not see: before training, some single genes, some combinations
-  and one context's perturbed cells are held out of the VAE's training cells; after training,
+  perturbations that the VAE did not see: before training, some single genes (with the
+  combinations that hold them), some combinations and one context's perturbed cells are held
+  out of the VAE's training cells; after training,
   ``w_k`` in ``{0, 0.25, 0.5, 0.75, 1}`` with the best held-out Pearson correlation of
   ``s' + w (m - s')`` with the observed shift (``s'`` the prior refitted without them; within
   0.02 of the best, the lowest error) is kept, among the weights whose held-out error is below
@@ -226,6 +227,10 @@ class EffectCorrectionMixin:
         held: dict[str, list[tuple[str, str]]] = {}
         held_genes = set(_sample(singles, rng))
         held["unseen_gene"] = [(p, c) for p, c in rows if p in held_genes]
+        # training combinations that hold a held-out gene are left out with it: partial queries
+        held_gene_names = {genes(q)[0] for q in held_genes}
+        held["partial_combination"] = [(p, c) for p, c in rows
+                                       if len(genes(p)) > 1 and set(genes(p)) & held_gene_names]
         held_combos = set(_sample(combos, rng))
         held["combination"] = [(p, c) for p, c in rows if p in held_combos]
         contexts = sorted({c for _, c in rows})
@@ -236,7 +241,7 @@ class EffectCorrectionMixin:
         labels = expression.obs["perturbation"].to_numpy()
         contexts_of = expression.obs["context"].to_numpy()
         perturbed = ~is_control(labels, control)
-        gene_hit = np.array([bool(set(genes(p)) & {genes(q)[0] for q in held_genes}) for p in labels]) \
+        gene_hit = np.array([bool(set(genes(p)) & held_gene_names) for p in labels]) \
             if held_genes else np.zeros(len(labels), dtype=bool)
         mask = perturbed & (gene_hit | np.isin(labels, list(held_combos)))
         if held.get("unseen_context"):
