@@ -221,42 +221,34 @@ def target_section(summary: pd.DataFrame) -> str:
 
 def _why_lines(facts: list[dict]) -> list[str]:
     """What the runs show about the misses and the ties; each bullet only where it applies."""
-    def listed(rows):
-        return ", ".join(f["label"] for f in rows)
-    bullets = []
-    r_missed = [f for f in facts if f["r_missed"]]
-    if r_missed:
-        bullets.append(
-            f"- Pearson target missed on {listed(r_missed)}. Every blend is fitted on held-out *training* "
-            "perturbations, and there are few of them (a dozen training genes per Norman fold, about 20 "
-            "Papalexi genes). Where one estimator wins on the test genes, the blend fitted on the training "
-            "folds spreads its weight over the candidates that were close there, and nothing looks at the "
-            "test split to correct it; the shrinkage keeps L2 and energy distance within the targets.")
-    ties = [f for f in facts if f["tie"]]
-    if ties:
-        bullets.append(
-            f"- Level with the best baseline (same Pearson delta and L2 to 4 decimals) on {listed(ties)}: "
-            "there the prior's blend is that baseline alone (additive for doubles of measured genes; for "
-            "doubles holding a gene never perturbed alone, the matching mean, since the task has no training "
-            "doubles to cross-fit anything else on) and the correction was not validated, so ScopeVI "
-            "predicts the baseline's mean and cannot be strictly better.")
-    shrunk = [f for f in facts if np.isfinite(f["ratio"]) and f["ratio"] < 0.5]
-    if shrunk:
-        bullets.append(
-            f"- Predicted changes much smaller than the observed ones (`norm ratio` below 0.5) on "
-            f"{listed(shrunk)}: where the evidence is weak the blend is shrunk towards no change, or is "
-            "the perturbed mean, whose average over many perturbations is small; that keeps L2 low.")
-    behind = [f for f in facts if f["behind_vae"]]
-    if behind:
-        bullets.append(
-            f"- Behind the VAE alone (`scopevi_vae`) on Pearson delta: {listed(behind)}. A correction is "
-            "kept only where it beat the prior on the held-out training queries (one cell type, for an "
-            "unseen cell type); where it lost there, the prediction fell back to the prior.")
-    if not bullets:
+    bullets = [
+        ([f for f in facts if f["r_missed"]],
+         "- Pearson target missed on {}. Every blend is fitted on held-out *training* perturbations, and "
+         "there are few of them (a dozen training genes per Norman fold, about 20 Papalexi genes). Where "
+         "one estimator wins on the test genes, the blend fitted on the training folds spreads its weight "
+         "over the candidates that were close there, and nothing looks at the test split to correct it; "
+         "the shrinkage keeps L2 and energy distance within the targets."),
+        ([f for f in facts if f["tie"]],
+         "- Level with the best baseline (same Pearson delta and L2 to 4 decimals) on {}: there the "
+         "prior's blend is that baseline alone (additive for doubles of measured genes; for doubles "
+         "holding a gene never perturbed alone, the matching mean, since the task has no training doubles "
+         "to cross-fit anything else on) and the correction was not validated, so ScopeVI predicts the "
+         "baseline's mean and cannot be strictly better."),
+        ([f for f in facts if np.isfinite(f["ratio"]) and f["ratio"] < 0.5],
+         "- Predicted changes much smaller than the observed ones (`norm ratio` below 0.5) on {}: where "
+         "the evidence is weak the blend is shrunk towards no change, or is the perturbed mean, whose "
+         "average over many perturbations is small; that keeps L2 low."),
+        ([f for f in facts if f["behind_vae"]],
+         "- Behind the VAE alone (`scopevi_vae`) on Pearson delta: {}. A correction is kept only where it "
+         "beat the prior on the held-out training queries (one cell type, for an unseen cell type); where "
+         "it lost there, the prediction fell back to the prior."),
+    ]
+    written = [text.format(", ".join(f["label"] for f in rows)) for rows, text in bullets if rows]
+    if not written:
         return []
     return ["Why, as far as the runs show (the blend behind each prediction is in "
             "`model.effect_prior.weights_` and `crossfit_scores_`, the correction in "
-            "`model.correction_weights_` and `correction_scores_`):", *bullets, ""]
+            "`model.correction_weights_` and `correction_scores_`):", *written, ""]
 
 
 def main() -> None:
