@@ -352,10 +352,10 @@ def test_partial_combinations_are_cross_fitted_on_training_doubles():
                                      n_cells_per_condition=30, seed=1)
     prior = EffectPrior(emb).fit(adata, "perturbation")
     assert prior.n_held_out_["partial_combination"] >= 30     # the training doubles holding a held-out gene
-    assert prior.choices_["partial_combination"] == "gene_by_gene"          # measured weight 0.81
+    assert prior.choices_["partial_combination"] == "gene_by_gene"          # measured weight 0.87
     scores = prior.crossfit_scores_.loc["partial_combination"]
     assert scores["gene_by_gene (pearson)"] > scores["matching_mean (pearson)"] + 0.1
-    assert scores["gene_by_gene (pearson)"] > 0.8                           # measured 0.88
+    assert scores["gene_by_gene (pearson)"] > 0.8         # measured 0.88 (matching mean 0.64)
 
     # without training doubles nothing can be cross-fitted: the matching mean answers (the
     # seen gene's shift, or the perturbed mean when neither gene was seen alone)
