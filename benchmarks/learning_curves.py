@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--shots", default="0,5,10,25,50")
     parser.add_argument("--tasks", default=",".join(CURVE_TASKS))
     parser.add_argument("--fine-tune-epochs", type=int, default=100)
-    parser.add_argument("--scopevi-epochs", type=int, default=SCOPEVI_DEFAULTS["train"]["max_epochs"])
+    parser.add_argument("--scopevi-epochs", type=int, default=None,
+                        help="reference ScopeVI epochs (default: ScopeVI.train's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learning_curves")
     args = parser.parse_args()
     shots = tuple(int(k) for k in args.shots.split(","))
@@ -107,7 +108,8 @@ def main() -> None:
                 data_scale=spec.data_scale, baselines=BASELINES[task], seeds=args.seeds,
                 fine_tune_epochs=args.fine_tune_epochs, task=task,
                 query_variants={SCOPEVI_QUERY: {}, FULL: {"freeze_decoder": False}},
-                scopevi_kwargs={"train": {"max_epochs": args.scopevi_epochs}},
+                scopevi_kwargs={"train": {**SCOPEVI_DEFAULTS["train"], **(
+                    {} if args.scopevi_epochs is None else {"max_epochs": args.scopevi_epochs})}},
             )
         print(f"{task}: {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
