@@ -278,10 +278,11 @@ class EffectPrior(FewShotMixin):
         self.quantiles_[kind] = gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels)
 
     def _names(self, weights: dict[str, dict[str, float]] | None) -> list[str]:
-        used = {name for w in weights.values() for name in w} if weights else set(sum(CANDIDATES.values(), ()))
-        names = {"additive"} | used
-        names -= {"observed", "transfer", "observed_perturbed_mean", "gene_by_gene"}
-        return sorted(n for n in names if n != "embedding_nn" or self.gene_embeddings is not None)
+        """The estimators to fit for ``weights`` (every candidate when ``None``)."""
+        if not weights:
+            return self._estimator_names(sum(CANDIDATES.values(), ()), {})
+        used = {name for w in weights.values() for name in w}
+        return self._estimator_names(used, weights.get("unseen_gene", {}))
 
     def _available(self, kind: str) -> list[str]:
         return [n for n in CANDIDATES[kind] if n != "embedding_nn" or self.gene_embeddings is not None]
@@ -355,7 +356,8 @@ class EffectPrior(FewShotMixin):
         for reduced, held in folds:
             if not held or reduced.index.get_level_values("perturbation").nunique() < 2:
                 continue
-            fitted = self._fit_estimators(reduced, self._estimator_names(self._available(kind)))
+            blend = self.weights_.get("unseen_gene", {}) if kind == "partial_combination" else {}
+            fitted = self._fit_estimators(reduced, self._estimator_names(self._available(kind), blend))
             reference = fitted.get("additive") or next(iter(fitted.values()))
             for name in self._available(kind):
                 if name not in fitted and name != "gene_by_gene":
@@ -389,12 +391,12 @@ class EffectPrior(FewShotMixin):
                              np.zeros(len(total)))
         return total
 
-    def _estimator_names(self, names) -> list[str]:
-        """The estimators to fit for ``names``: ``"gene_by_gene"`` stands for the unseen-gene blend."""
-        out = {"additive"} | {n for n in names if n != "gene_by_gene"}
+    def _estimator_names(self, names, unseen_blend: dict[str, float]) -> list[str]:
+        """The estimators behind candidates ``names``; ``"gene_by_gene"`` needs ``unseen_blend``'s."""
+        out = {"additive"} | (set(names) - {"observed", "transfer", "observed_perturbed_mean", "gene_by_gene"})
         if "gene_by_gene" in names:
-            out |= set(self.weights_.get("unseen_gene", {}))
-        return sorted(out)
+            out |= set(unseen_blend)
+        return sorted(n for n in out if n != "embedding_nn" or self.gene_embeddings is not None)
 
     def _scale(self, kind: str, perturbation: str, fitted: Baseline) -> float:
         """Difficulty of a query: 0.5 + cosine distance of its least familiar unseen gene."""

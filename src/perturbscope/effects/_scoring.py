@@ -86,15 +86,7 @@ def stack_weights(
     >>> {k: round(v, 6) for k, v in w.items()}
     {'good': 0.5, 'zero': 0.0}
     """
-    truth = np.asarray(truth, dtype=float)
-    if not predictions or truth.ndim != 2 or truth.shape[0] == 0:
-        raise ValueError(f"stack_weights needs at least one candidate and held-out rows; got "
-                         f"{len(predictions)} candidates and truth of shape {truth.shape}.")
-    wrong = {k: np.shape(v) for k, v in predictions.items() if np.shape(v) != truth.shape}
-    if wrong:
-        raise ValueError(f"candidate predictions must have truth's shape {truth.shape}; got {wrong}.")
-    if n_genes < 1:
-        raise ValueError(f"n_genes must be >= 1, got {n_genes}.")
+    truth = _checked_stack_input(predictions, truth, n_genes)
     names = list(predictions)
     top = np.argsort(-np.abs(truth), axis=1, kind="stable")[:, :n_genes]
     rows = np.arange(len(truth))[:, None]
@@ -107,6 +99,20 @@ def stack_weights(
         solved, _ = nnls(design[:, usable] / scale[usable], target)
         weights[usable] = solved / scale[usable]
     return {k: float(w) for k, w in zip(names, weights)}
+
+
+def _checked_stack_input(predictions: dict[str, np.ndarray], truth: np.ndarray, n_genes: int) -> np.ndarray:
+    """``truth`` as floats, after the checks :func:`stack_weights` documents."""
+    truth = np.asarray(truth, dtype=float)
+    if not predictions or truth.ndim != 2 or truth.shape[0] == 0:
+        raise ValueError(f"stack_weights needs at least one candidate and held-out rows; got "
+                         f"{len(predictions)} candidates and truth of shape {truth.shape}.")
+    wrong = {k: np.shape(v) for k, v in predictions.items() if np.shape(v) != truth.shape}
+    if wrong:
+        raise ValueError(f"candidate predictions must have truth's shape {truth.shape}; got {wrong}.")
+    if n_genes < 1:
+        raise ValueError(f"n_genes must be >= 1, got {n_genes}.")
+    return truth
 
 
 def bagged_stack_weights(
@@ -146,13 +152,13 @@ def bagged_stack_weights(
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}.")
     if n_bootstrap == 0:
         return stack_weights(predictions, truth, n_genes)
-    truth = np.asarray(truth, dtype=float)
-    stack_weights(predictions, truth, n_genes)  # the input checks, on the full data
+    truth = _checked_stack_input(predictions, truth, n_genes)
+    arrays = {k: np.asarray(v) for k, v in predictions.items()}
     rng = np.random.default_rng(seed)
     total = dict.fromkeys(predictions, 0.0)
     for _ in range(n_bootstrap):
         rows = rng.integers(0, len(truth), len(truth))
-        weights = stack_weights({k: np.asarray(v)[rows] for k, v in predictions.items()}, truth[rows], n_genes)
+        weights = stack_weights({k: v[rows] for k, v in arrays.items()}, truth[rows], n_genes)
         for k, w in weights.items():
             total[k] += w / n_bootstrap
     return total
