@@ -378,3 +378,47 @@ def test_effect_prior_bad_arguments():
         EffectPrior(levels=(0.8, 1.0))
     with pytest.raises(ValueError, match=r"n_bootstrap must be an integer >= 0, got 1.5"):
         EffectPrior(n_bootstrap=1.5)
+
+
+def test_add_groups_pools_cells_and_keeps_the_fitted_blends(two_context_prior):
+    from perturbscope.effects import AdditiveBaseline
+
+    prior, train, emb = two_context_prior
+    weights, quantiles = dict(prior.weights_), dict(prior.quantiles_)
+    labels = train.obs["perturbation"].astype(str).to_numpy()
+    contexts = train.obs["cell_type"].astype(str).to_numpy()
+    # 4 more cells of the few-shot group and the controls of its context, as a query would bring
+    extra = np.flatnonzero(((labels == "G05") | (labels == "control")) & (contexts == "type_0"))[:60]
+    added = EffectPrior.from_state(prior.state(), emb)
+    added.add_groups(train[extra], labels[extra], contexts[extra])
+    # the pooled means equal the means of all the cells together (hand check: a refit on both)
+    both = ad.concat([train, train[extra]], index_unique="-")
+    pooled = AdditiveBaseline().fit(both, "perturbation", context_key="cell_type").means_
+    np.testing.assert_allclose(added.means_.loc[pooled.index].to_numpy(), pooled.to_numpy(), atol=1e-10)
+    n_before = int(prior.counts_.loc[("G05", "type_0")])
+    assert int(added.counts_.loc[("G05", "type_0")]) == n_before + int((labels[extra] == "G05").sum())
+    assert added.weights_ == weights
+    assert added.quantiles_.keys() == quantiles.keys()
+    # a new context's groups: the perturbation it holds becomes a few-shot query there
+    assert added.kind("G06", "type_1") == "unseen_context"
+    g06 = np.flatnonzero((labels == "G06") & (contexts == "type_0"))[:5]
+    controls = np.flatnonzero((labels == "control") & (contexts == "type_0"))[:20]
+    cells = np.r_[controls, g06]
+    added.add_groups(train[cells], labels[cells], np.full(len(cells), "type_9"))
+    assert added.kind("G06", "type_9") == "few_shot"
+    assert added.kind("G05", "type_9") == "unseen_context"
+
+
+def test_add_groups_bad_input(two_context_prior):
+    prior, train, emb = two_context_prior
+    labels = train.obs["perturbation"].astype(str).to_numpy()
+    contexts = train.obs["cell_type"].astype(str).to_numpy()
+    with pytest.raises(RuntimeError, match=r"^add_groups needs the fitted prior first"):
+        EffectPrior(emb).add_groups(train, labels, contexts)
+    with pytest.raises(ValueError, match=rf"^contexts has 3 entries but adata has {train.n_obs} cells"):
+        prior.add_groups(train, labels, contexts[:3])
+    with pytest.raises(ValueError, match=r"^adata's genes \(var_names\) differ from the genes the prior was fitted on"):
+        prior.add_groups(train[:, 1:], labels, contexts)
+    perturbed = np.flatnonzero(labels == "G05")[:3]
+    with pytest.raises(ValueError, match=r"^contexts \['type_9'\] have no control cells \('control'\)"):
+        prior.add_groups(train[perturbed], labels[perturbed], np.full(3, "type_9"))

@@ -374,6 +374,54 @@ def test_load_query_data_new_batch_starts_as_reference(small_screen, tmp_path):
     assert pred.obs["cell_type"].tolist() == ["type_1"]
 
 
+def test_load_query_data_few_shot_cells_join_the_prior(tmp_path):
+    """k cells per perturbation in a new cell type join the query's prior as few-shot groups;
+    on the type's other cells the query beats both the k-cell means and the zero-shot prior."""
+    from perturbscope.data import log1p_expression, simulate_perturbseq
+
+    scvi.settings.seed = 0
+    adata, embeddings = simulate_perturbseq(n_genes=100, n_perturbed_genes=12, n_combinations=0, n_cell_types=3,
+                                            n_cells_per_condition=60, embedding_dim=16, seed=1)
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    new = (adata.obs["cell_type"] == "type_2").to_numpy()
+    reference = adata[~new].copy()
+    _setup(reference, embeddings)
+    model = ps.ScopeVI(reference, n_latent=8, n_hidden=64)
+    model.train(max_epochs=20, enable_progress_bar=False)
+    perturbations = sorted(set(labels) - {"control"})
+    rng = np.random.default_rng(0)
+    shots = np.concatenate([rng.choice(np.flatnonzero(new & (labels == p)), 10, replace=False) for p in perturbations])
+    controls = np.flatnonzero(new & (labels == "control"))
+    query = adata[np.sort(np.r_[controls, shots])].copy()
+    transfer = ps.ScopeVI.load_query_data(query, model)
+    transfer.train(max_epochs=5, enable_progress_bar=False)
+    transfer.train(max_epochs=5, enable_progress_bar=False)  # twice: the cells are added once
+    prior = transfer.effect_prior
+    assert {prior.kind(p, "type_2") for p in perturbations} == {"few_shot"}
+    assert {int(prior.counts_.loc[(p, "type_2")]) for p in perturbations} == {10}
+    assert prior.n_held_out_["few_shot"] >= 3  # re-cross-fitted on the reference's cells
+    assert model.effect_prior.kind(perturbations[0], "type_2") == "unseen_context"  # reference untouched
+
+    log1p = log1p_expression(adata, None, "counts")
+    control_mean = log1p[controls].mean(axis=0)
+    test = np.setdiff1d(np.flatnonzero(new & (labels != "control")), shots)
+    truth = np.vstack([log1p[test[labels[test] == p]].mean(axis=0) for p in perturbations]) - control_mean
+    k_means = np.vstack([log1p[shots[labels[shots] == p]].mean(axis=0) for p in perturbations]) - control_mean
+    zero_shot = model.effect_prior.predict_shifts(perturbations, "type_2").to_numpy()
+    predicted = transfer.predict(query[query.obs["perturbation"] == "control"], perturbations, aggregate="mean").layers["log1p_norm"] - control_mean
+
+    def l2(x):
+        return float(np.linalg.norm(x - truth, axis=1).mean())
+
+    assert l2(predicted) < 0.95 * min(l2(k_means), l2(zero_shot)), (l2(predicted), l2(k_means), l2(zero_shot))
+    # from a saved folder there are no reference cells: the reference's few-shot blend answers
+    model.save(tmp_path / "reference", overwrite=True)
+    from_folder = ps.ScopeVI.load_query_data(query.copy(), tmp_path / "reference")
+    from_folder.train(max_epochs=1, enable_progress_bar=False)
+    assert from_folder.effect_prior.kind(perturbations[0], "type_2") == "few_shot"
+    assert from_folder.effect_prior.weights_["few_shot"] == model.effect_prior.weights_["few_shot"]
+
+
 def test_predict_with_batches_and_covariates(small_screen):
     adata, embeddings = small_screen
     adata = adata.copy()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 
 from ..data import log1p_expression
+from ._baselines import AdditiveBaseline
 from ._scoring import top_change_scores
 
 #: Groups with fewer training cells than this are ``"few_shot"`` queries.
@@ -59,6 +62,92 @@ class FewShotMixin:
             self._choose("few_shot", few)
         return self
 
+    def add_groups(self, adata, labels: np.ndarray, contexts: np.ndarray, layer: str | None = None,
+                   data_scale: str = "counts") -> FewShotMixin:
+        """Add the group means of new cells, such as a query's few cells, keeping the blends.
+
+        The new cells' (perturbation, context) means join the training means: a group measured
+        in both becomes their cell-weighted mean, a new context gets its control mean from its
+        own control cells. The cross-fitted blends and intervals are kept as they are, so a new
+        group of fewer than :data:`FEW_SHOT_CELLS` cells is a ``"few_shot"`` query, answered by
+        the few-shot blend; re-cross-fit that blend for the new groups' size with
+        :meth:`fit_few_shot` on the original training cells.
+
+        Parameters
+        ----------
+        adata
+            The new cells (read, not modified).
+        labels, contexts
+            Each new cell's perturbation label and context (as strings).
+        layer, data_scale
+            As for :meth:`fit`.
+
+        Returns
+        -------
+        ``self``.
+
+        Raises
+        ------
+        RuntimeError
+            If called before :meth:`fit_means`.
+        ValueError
+            If ``labels`` or ``contexts`` do not have one entry per cell, if ``adata`` has
+            other genes than the training means, or if a context of the new cells has no
+            control cells in either.
+
+        Examples
+        --------
+        >>> from perturbscope.data import simulate_perturbseq
+        >>> from perturbscope.effects import EffectPrior
+        >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=0,
+        ...                                n_cell_types=2, n_cells_per_condition=40)
+        >>> in_b = (adata.obs["cell_type"] == "type_1").to_numpy()
+        >>> prior = EffectPrior().fit(adata[~in_b].copy(), "perturbation", context_key="cell_type")
+        >>> prior.kind("G00", "type_1")
+        'unseen_context'
+        >>> labels = adata.obs["perturbation"].astype(str).to_numpy()
+        >>> g00 = in_b & (labels == "G00")
+        >>> few = np.flatnonzero((in_b & (labels == "control")) | (g00 & (np.cumsum(g00) <= 5)))
+        >>> query = adata[few]
+        >>> _ = prior.add_groups(query, labels[few], np.full(len(few), "type_1"))
+        >>> prior.kind("G00", "type_1"), int(prior.counts_.loc[("G00", "type_1")])
+        ('few_shot', 5)
+        """
+        if not hasattr(self, "shifts_"):
+            raise RuntimeError("add_groups needs the fitted prior first; call fit_means (or fit).")
+        for name, values in (("labels", labels), ("contexts", contexts)):
+            if len(values) != adata.n_obs:
+                raise ValueError(f"{name} has {len(values)} entries but adata has {adata.n_obs} cells.")
+        genes = pd.Index(adata.var_names.astype(str))
+        if not genes.equals(pd.Index(self.means_.columns.astype(str))):
+            raise ValueError("adata's genes (var_names) differ from the genes the prior was fitted on.")
+        obs = pd.DataFrame({"perturbation": np.asarray(labels, dtype=str), "context": np.asarray(contexts, dtype=str)},
+                           index=pd.RangeIndex(adata.n_obs).astype(str))
+        matrix = adata.X if layer is None else adata.layers[layer]
+        light = ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes))
+        has_controls = set(obs.loc[obs["perturbation"] == self.control_value_, "context"])
+        known = set(self.means_.index.get_level_values("context")[
+            self.means_.index.get_level_values("perturbation") == self.control_value_])
+        missing = sorted(set(obs["context"]) - has_controls - known)
+        if missing:
+            raise ValueError(f"contexts {missing} have no control cells ({self.control_value_!r}) in the new cells "
+                             "or in training; every context needs controls to measure shifts from.")
+        new_means = AdditiveBaseline().fit(light, "perturbation", self.control_value_, "context", None,
+                                           data_scale, self.delimiter_).means_
+        new_counts = obs.groupby(["perturbation", "context"]).size()
+        new_counts.index = new_counts.index.set_names(["perturbation", "context"])
+        old_counts = (self.counts_ if self.counts_ is not None
+                      else pd.Series(FEW_SHOT_CELLS, index=self.means_.index))
+        counts = old_counts.add(new_counts.reindex(new_means.index), fill_value=0).astype(np.int64)
+        means = self.means_.mul(old_counts.reindex(self.means_.index), axis=0).add(
+            new_means.mul(new_counts.reindex(new_means.index), axis=0), fill_value=0
+        ).div(counts, axis=0)
+        kept = (self.crossfit_scores_, dict(self.n_held_out_), dict(self.quantiles_))
+        self.fit_means(means, self.control_value_, self.context_key_, self.delimiter_, counts=counts,
+                       weights=self.weights_)
+        self.crossfit_scores_, self.n_held_out_, self.quantiles_ = kept
+        return self
+
     def _few_shot_residuals(self, adata, layer, data_scale, labels, contexts) -> dict:
         """Few-shot candidates scored on well-measured groups reduced to as many cells."""
         counts = self.counts_.drop(index=self.control_value_, level="perturbation", errors="ignore")
@@ -67,7 +156,8 @@ class FewShotMixin:
             return {}
         k = max(1, int(np.median(few)))
         rng = np.random.default_rng(self.seed)
-        full = [idx for idx, n in counts.items() if n >= 3 * k]
+        present = set(zip(labels, contexts))  # groups added later (add_groups) have no cells here
+        full = [idx for idx, n in counts.items() if n >= 3 * k and idx in present]
         full = [full[i] for i in rng.permutation(len(full))[:60]]
         if len(full) < MIN_HELD_OUT:
             return {}

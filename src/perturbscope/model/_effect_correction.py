@@ -115,8 +115,10 @@ class EffectCorrectionMixin:
 
         Notes
         -----
-        A model made by :meth:`load_query_data` keeps its reference's effect prior and
-        correction weights; training it fine-tunes the VAE only. Lightning's informational
+        A model made by :meth:`load_query_data` keeps its reference's correction weights and
+        effect prior; training it fine-tunes the VAE, and the query's perturbed cells, if any,
+        join the prior as measured groups (few-shot groups below 30 cells, see
+        :meth:`perturbscope.effects.EffectPrior.add_groups`). Lightning's informational
         lines (accelerator and logger tips) are silenced during the call and its logger levels
         restored afterwards, as are two of its warnings that say nothing about the user's data
         (:data:`LIGHTNING_NOISE`); everything else, the progress bar included, still shows.
@@ -156,6 +158,8 @@ class EffectCorrectionMixin:
         return DeviceDataSplitter if loader == "device" else type(self)._data_splitter_cls
 
     def _train_with_prior(self, max_epochs, batch_size, datasplitter_kwargs, **kwargs):
+        if getattr(self, "_inherited_prior", False):
+            self._add_query_groups_to_prior()
         if not self.init_params_["non_kwargs"].get("effect_prior", True) or getattr(self, "_inherited_prior", False):
             return UnsupervisedTrainingMixin.train(
                 self, max_epochs=max_epochs, batch_size=batch_size, datasplitter_kwargs=datasplitter_kwargs, **kwargs
@@ -183,6 +187,30 @@ class EffectCorrectionMixin:
         self.correction_weights_, self.correction_scores_ = self._choose_weights(prior, expression, held)
         self.validation_perturbations_ = {k: [f"{p}|{c}" for p, c in v] for k, v in held.items()}
         return None
+
+    def _add_query_groups_to_prior(self) -> None:
+        """A query's perturbed cells join its inherited prior (:meth:`EffectPrior.add_groups`).
+
+        Rebuilt from the reference's prior on every call, so training twice adds them once. With
+        the reference's cells at hand (a reference model in memory), the few-shot blend is
+        cross-fitted again on the reference's well-measured groups reduced to the query's cells
+        per group; otherwise the reference's few-shot blend answers.
+        """
+        state = getattr(self, "_reference_prior_state", None)
+        if state is None:
+            return
+        expression = self._training_expression()
+        labels = expression.obs["perturbation"].to_numpy()
+        if is_control(labels, self._perturbation_state["control_value"]).all():
+            return
+        prior = EffectPrior.from_state(state, self._prior_embeddings())
+        prior.add_groups(expression, labels, expression.obs["context"].to_numpy(), None, self._data_scale)
+        reference = getattr(self, "_reference_expression", None)
+        if reference is not None:
+            prior.fit_few_shot(reference, reference.obs["perturbation"].to_numpy(),
+                               reference.obs["context"].to_numpy(), None, self._data_scale)
+        self._effect_prior = prior
+        self.effect_prior_state_ = prior.state()
 
     @property
     def _context_column(self) -> str | None:

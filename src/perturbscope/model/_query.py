@@ -47,8 +47,12 @@ class QueryMixin:
         hidden layers stay frozen; the encoder, the conditional prior and the decoder's output
         layer are fine-tuned by ``model.train()`` on what the query holds: control cells only,
         or controls plus a few cells of some perturbations (few-shot). A reference with the effect
-        prior passes it on, with its correction weights: in the query's new context a perturbation
-        is an ``"unseen_context"`` query of that prior.
+        prior passes it on, with its correction weights. In the query's new context a perturbation
+        the query does not hold is an ``"unseen_context"`` query of that prior; one it holds in
+        fewer than 30 cells joins the prior at ``train()`` as a ``"few_shot"`` group, answered by
+        the few-shot blend, which is cross-fitted again on the reference's cells reduced to the
+        query's group size when the reference is a model in memory (from a folder, the
+        reference's own few-shot blend is used).
 
         Parameters
         ----------
@@ -100,7 +104,8 @@ class QueryMixin:
         """
         if freeze_decoder not in (True, False, "shared"):
             raise ValueError(f"freeze_decoder must be True, False or 'shared', got {freeze_decoder!r}.")
-        if isinstance(reference_model, str | os.PathLike):
+        from_folder = isinstance(reference_model, str | os.PathLike)
+        if from_folder:
             reference_model = cls._load_reference(reference_model, adata)
         check_var_names(reference_model._expression_modality(adata).var_names, reference_model.var_names,
                         "query")
@@ -133,5 +138,10 @@ class QueryMixin:
             if getattr(reference_model, attr, None) is not None:
                 setattr(model, attr, deepcopy(getattr(reference_model, attr)))
         model._inherited_prior = True
+        model._reference_prior_state = deepcopy(getattr(reference_model, "effect_prior_state_", None))
+        # the reference's own cells re-cross-fit the few-shot blend for the query's group sizes;
+        # a reference read from a folder is set up on the query's cells, so it has none of its own
+        model._reference_expression = None if from_folder or model._reference_prior_state is None \
+            else reference_model._training_expression()
         model.module.to(reference_model.device)
         return model
