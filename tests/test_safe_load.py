@@ -1,6 +1,8 @@
 import contextlib
 import pickle
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -195,6 +197,37 @@ def test_size_bombs_are_refused_before_allocating():
         restricted_pickle.loads(pickle.dumps(_HugeArray(), protocol=2))
 
 
+class _ShortObjectArray:
+    """An object array whose state declares 127 values and holds 3 (numpy fills it blindly)."""
+
+    def __reduce__(self):
+        from numpy.core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (0,), b"b"), (1, (127,), np.dtype("O"), False, [1, 2, 3]))
+
+
+def test_object_array_state_shorter_than_its_shape_is_refused_not_a_crash():
+    # numpy's own __setstate__ crashes the interpreter on this state (a segmentation fault), so
+    # the load runs in a child process: a regression fails this test instead of killing the run
+    code = (
+        f"import pickle, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_safe_load import _ShortObjectArray\n"
+        "from perturbscope._safe_load import restricted_pickle\n"
+        "try:\n    restricted_pickle.loads(pickle.dumps(_ShortObjectArray(), protocol=2))\n"
+        "except pickle.UnpicklingError as err:\n    print(err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "the file restores an object array of shape (127,) from 3 values"
+
+
+def test_protocol_5_bytearray_is_refused_before_allocating():
+    # BYTEARRAY8 declaring 2**40 bytes: Python's unpickler would allocate them before reading
+    data = b"\x80\x05\x96" + (2**40).to_bytes(8, "little") + b"."
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file holds a protocol-5 bytearray"):
+        restricted_pickle.loads(data)
+
+
 def test_numpy_arrays_round_trip_through_the_allow_list():
     value = {"a": np.arange(5), "b": np.array(["x", "y"], dtype=object), "c": np.float32(2)}
     loaded = restricted_pickle.loads(pickle.dumps(value, protocol=2))
@@ -246,13 +279,14 @@ _FUZZ_EXAMPLES = 400
 
 
 @contextlib.contextmanager
-def _memory_headroom(gib: int = 4):
+def _memory_headroom(gib: int = 1):
     """Cap this process's address space at its current size plus ``gib`` while fuzzing.
 
-    A flipped byte in a real model file can declare an array or storage of many gigabytes: the
-    loader then allocates it before the file is found wanting (measured: up to 20 GB resident,
-    which killed a CI run on a 24 GB machine). Under the cap such an allocation fails at once
-    with ``MemoryError``, which ``load_model_file`` reports as the ``ValueError`` it documents.
+    A flipped byte in a real model file can declare a buffer of many gigabytes (a protocol-5
+    bytearray's size, which Python's unpickler allocates before reading; measured before it was
+    refused: up to 20 GB resident, which killed a CI run on a 24 GB machine). Under the cap such
+    an allocation fails at once with ``MemoryError``, and the fuzz tests fail on it
+    (:func:`_ran_out_of_memory`) instead of the machine running out of memory.
     """
     resource = pytest.importorskip("resource", reason="address-space limits need a POSIX system")
     proc = Path("/proc/self/status")
@@ -268,6 +302,24 @@ def _memory_headroom(gib: int = 4):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+def _failure(load) -> Exception | None:
+    """The documented error ``load()`` raised, or ``None``."""
+    try:
+        load()
+    except (ValueError, pickle.UnpicklingError) as err:
+        return err
+    return None
+
+
+def _ran_out_of_memory(err: BaseException | None) -> bool:
+    """Whether ``err`` was raised because an allocation failed (it or a cause a MemoryError)."""
+    while err is not None:
+        if isinstance(err, MemoryError):
+            return True
+        err = err.__cause__
+    return False
+
+
 _GLOBALS = [
     f"c{mod}\n{name}\n".encode()
     for mod, name in sorted(ALLOW_LISTS["scvi"])
@@ -298,8 +350,8 @@ def test_fuzz_random_opcode_streams():
     @hypothesis.given(_opcode_streams())
     def check(data: bytes) -> None:
         ran.append(1)
-        with contextlib.suppress(pickle.UnpicklingError):
-            restricted_pickle.loads(data)
+        failure = _failure(lambda: restricted_pickle.loads(data))
+        assert not _ran_out_of_memory(failure), failure
 
     with _memory_headroom():
         check()
@@ -317,8 +369,8 @@ def test_fuzz_random_bytes():
     @hypothesis.given(st.binary(max_size=200))
     def check(data: bytes) -> None:
         ran.append(1)
-        with contextlib.suppress(pickle.UnpicklingError):
-            restricted_pickle.loads(data)
+        failure = _failure(lambda: restricted_pickle.loads(data))
+        assert not _ran_out_of_memory(failure), failure
 
     with _memory_headroom():
         check()
@@ -377,8 +429,8 @@ def test_fuzz_flipped_bytes_in_a_real_model_file(real_pickle, tmp_path):
         changed = bytearray(blob)
         changed[position] = value
         path.write_bytes(bytes(changed))
-        with contextlib.suppress(ValueError):
-            load_model_file(path)
+        failure = _failure(lambda: load_model_file(path))
+        assert not _ran_out_of_memory(failure), f"byte {position} set to {value}: {failure}"
 
     with _memory_headroom():
         check()

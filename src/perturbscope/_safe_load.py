@@ -250,10 +250,41 @@ def _resolve(module: str, name: str) -> Any:
     return getattr(__import__(module, fromlist=[name]), name)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals in ``allowed`` (the scVI list by default)."""
+def _check_array_state(state: Any) -> None:
+    """Refuse an ndarray ``__setstate__`` argument whose data does not fill its shape.
+
+    numpy trusts the shape of an object array's state: a list shorter than the shape crashes
+    the interpreter (a segmentation fault, not an exception) when the array is filled.
+    """
+    if not isinstance(state, tuple) or len(state) not in (4, 5):
+        raise pickle.UnpicklingError(f"the file restores an array from {type(state).__name__}, not numpy's state tuple")
+    shape, dtype, _, data = state[-4:]
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    if not isinstance(dtype, np.dtype) or not all(isinstance(d, int) and d >= 0 for d in dims):
+        raise pickle.UnpicklingError(f"the file restores an array of invalid shape {shape!r} or dtype {dtype!r}")
+    size = int(np.prod([int(d) for d in dims], dtype=object))
+    if dtype.hasobject:
+        if not isinstance(data, list) or len(data) != size:
+            found = len(data) if isinstance(data, list) else type(data).__name__
+            raise pickle.UnpicklingError(
+                f"the file restores an object array of shape {shape!r} from {found} values")
+    elif not isinstance(data, bytes | bytearray | str) or len(data) != size * dtype.itemsize:
+        raise pickle.UnpicklingError(
+            f"the file restores an array of shape {shape!r} and dtype {dtype} from data of the wrong size")
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler that resolves only the globals in ``allowed`` (the scVI list by default).
+
+    It is Python's pure-Python unpickler, so that each step that could crash the interpreter or
+    allocate without bound is checked before it runs: restoring a numpy array's state
+    (:func:`_check_array_state`) and a protocol-5 ``bytearray`` (refused: its declared size would
+    be allocated first). Counted strings and bytes are read, not pre-allocated, and torch checks
+    a tensor storage's declared size against the file's record before allocating it.
+    """
 
     allowed: frozenset[tuple[str, str]] = ALLOW_LISTS["scvi"]
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.allowed:
@@ -262,6 +293,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 "perturbscope's allow-list of globals such a file needs"
             )
         return _resolve(module, name)
+
+    def load_build(self) -> None:
+        if isinstance(self.stack[-2], np.ndarray):
+            _check_array_state(self.stack[-1])
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def load_bytearray8(self) -> None:
+        raise pickle.UnpicklingError(
+            "the file holds a protocol-5 bytearray (whose declared size is allocated before it "
+            "is read), which no scvi-tools or ESM file needs")
+
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
 
 def _loads_with(unpickler: type[pickle.Unpickler], file: Any, **kwargs: Any) -> Any:
