@@ -407,6 +407,16 @@ def test_add_groups_pools_cells_and_keeps_the_fitted_blends(two_context_prior):
     added.add_groups(train[cells], labels[cells], np.full(len(cells), "type_9"))
     assert added.kind("G06", "type_9") == "few_shot"
     assert added.kind("G05", "type_9") == "unseen_context"
+    # a new group is few-shot whatever its size (its blend is cross-fitted at that size), and
+    # stays so through the saved state; a training group keeps its kind
+    g04 = np.flatnonzero((labels == "G04") & (contexts == "type_0"))
+    assert len(g04) >= FEW_SHOT_CELLS
+    cells = np.r_[controls, g04]
+    added.add_groups(train[cells], labels[cells], np.full(len(cells), "type_8"))
+    again = EffectPrior.from_state(added.state(), emb)
+    assert again.kind("G04", "type_8") == "few_shot"
+    assert again.kind("G04", "type_0") == "seen"
+    assert again.added_groups_ == {("G06", "type_9"), ("G04", "type_8")}
 
 
 def test_add_groups_bad_input(two_context_prior):

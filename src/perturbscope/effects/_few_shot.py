@@ -6,8 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..data import log1p_expression
-from ._baselines import AdditiveBaseline
+from ..data import log1p_expression, pseudobulk
 from ._scoring import top_change_scores
 
 #: Groups with fewer training cells than this are ``"few_shot"`` queries.
@@ -21,16 +20,19 @@ class FewShotMixin:
 
     A few-shot group is answered by a blend of its observed shift, the transfer from other
     contexts, the context's perturbed mean and the mean of the observed shift and the perturbed
-    mean; the blend is cross-fitted on well-measured training groups reduced to as many cells.
+    mean; the blend is cross-fitted on well-measured training groups reduced to as many cells
+    and scored against the mean of their other cells, as a test would score it.
     """
 
     def fit_few_shot(self, adata, labels: np.ndarray, contexts: np.ndarray, layer: str | None = None,
                      data_scale: str = "counts") -> FewShotMixin:
         """Cross-fit the ``"few_shot"`` blend, after :meth:`fit_means`.
 
-        Well-measured training groups are reduced to as many cells as the few-shot groups
-        have, drawn from ``adata``, and every few-shot candidate is scored against the groups'
-        full means. Only the drawn cells are read, so ``adata`` may be backed or streamed.
+        Well-measured training groups (at least twice the few-shot groups' median size ``k``,
+        up to 60 of them) are reduced to ``k`` cells drawn from ``adata``, and every few-shot
+        candidate is scored against the mean of the group's other cells: the drawn cells are
+        left out of the truth, as a test leaves out the cells a model saw. Only these groups'
+        cells are read, so ``adata`` may be backed or streamed.
 
         Parameters
         ----------
@@ -68,9 +70,9 @@ class FewShotMixin:
 
         The new cells' (perturbation, context) means join the training means: a group measured
         in both becomes their cell-weighted mean, a new context gets its control mean from its
-        own control cells. The cross-fitted blends and intervals are kept as they are, so a new
-        group of fewer than :data:`FEW_SHOT_CELLS` cells is a ``"few_shot"`` query, answered by
-        the few-shot blend; re-cross-fit that blend for the new groups' size with
+        own control cells. The cross-fitted blends and intervals are kept as they are. A group new
+        to the prior, whatever its size, is a ``"few_shot"`` query (listed in ``added_groups_``),
+        answered by the few-shot blend; re-cross-fit that blend for the new groups' size with
         :meth:`fit_few_shot` on the original training cells.
 
         Parameters
@@ -123,8 +125,7 @@ class FewShotMixin:
             raise ValueError("adata's genes (var_names) differ from the genes the prior was fitted on.")
         obs = pd.DataFrame({"perturbation": np.asarray(labels, dtype=str), "context": np.asarray(contexts, dtype=str)},
                            index=pd.RangeIndex(adata.n_obs).astype(str))
-        matrix = adata.X if layer is None else adata.layers[layer]
-        light = ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes))
+        light = ad.AnnData(X=log1p_expression(adata, layer, data_scale), obs=obs, var=pd.DataFrame(index=genes))
         has_controls = set(obs.loc[obs["perturbation"] == self.control_value_, "context"])
         known = set(self.means_.index.get_level_values("context")[
             self.means_.index.get_level_values("perturbation") == self.control_value_])
@@ -132,8 +133,7 @@ class FewShotMixin:
         if missing:
             raise ValueError(f"contexts {missing} have no control cells ({self.control_value_!r}) in the new cells "
                              "or in training; every context needs controls to measure shifts from.")
-        new_means = AdditiveBaseline().fit(light, "perturbation", self.control_value_, "context", None,
-                                           data_scale, self.delimiter_).means_
+        new_means = pseudobulk(light, ["perturbation", "context"])
         new_counts = obs.groupby(["perturbation", "context"]).size()
         new_counts.index = new_counts.index.set_names(["perturbation", "context"])
         old_counts = (self.counts_ if self.counts_ is not None
@@ -143,31 +143,34 @@ class FewShotMixin:
             new_means.mul(new_counts.reindex(new_means.index), axis=0), fill_value=0
         ).div(counts, axis=0)
         kept = (self.crossfit_scores_, dict(self.n_held_out_), dict(self.quantiles_))
+        added = set(getattr(self, "added_groups_", set())) | {
+            (p, c) for p, c in new_means.index if p != self.control_value_ and (p, c) not in self.means_.index}
         self.fit_means(means, self.control_value_, self.context_key_, self.delimiter_, counts=counts,
                        weights=self.weights_)
         self.crossfit_scores_, self.n_held_out_, self.quantiles_ = kept
+        self.added_groups_ = added
         return self
 
     def _few_shot_residuals(self, adata, layer, data_scale, labels, contexts) -> dict:
-        """Few-shot candidates scored on well-measured groups reduced to as many cells."""
+        """Few-shot candidates on well-measured groups reduced to k cells, scored on their other cells."""
         counts = self.counts_.drop(index=self.control_value_, level="perturbation", errors="ignore")
-        few = counts[counts < FEW_SHOT_CELLS]
-        if few.empty:
+        few = [n for (p, c), n in counts.items() if self._is_few_shot(p, c, n)]
+        if not few:
             return {}
         k = max(1, int(np.median(few)))
         rng = np.random.default_rng(self.seed)
         present = set(zip(labels, contexts))  # groups added later (add_groups) have no cells here
-        full = [idx for idx, n in counts.items() if n >= 3 * k and idx in present]
+        full = [idx for idx, n in counts.items() if n >= 2 * k and idx in present and not self._is_few_shot(*idx, n)]
         full = [full[i] for i in rng.permutation(len(full))[:60]]
         if len(full) < MIN_HELD_OUT:
             return {}
         out: dict[str, tuple[list, list, list, list]] = {}
         for p, c in full:
-            cells = np.flatnonzero((labels == p) & (contexts == c))
-            drawn = adata[np.sort(rng.choice(cells, k, replace=False))]
-            observed_k = log1p_expression(drawn, layer, data_scale).mean(axis=0) - \
-                self.estimators_["additive"].control_means_.loc[c].to_numpy()
-            truth = self.shifts_.loc[(p, c)].to_numpy()
+            # k drawn cells are the observation, the group's other cells the truth (as in a test)
+            cells = rng.permutation(np.flatnonzero((labels == p) & (contexts == c)))
+            control = self.estimators_["additive"].control_means_.loc[c].to_numpy()
+            observed_k, truth = (log1p_expression(adata[np.sort(part)], layer, data_scale).mean(axis=0) - control
+                                 for part in (cells[:k], cells[k:]))
             for name in self._available("few_shot"):
                 predicted = self._few_shot_estimate(name, p, c, observed_k, exclude_self=True)
                 errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
@@ -176,6 +179,14 @@ class FewShotMixin:
                 scales.append(1.0)
                 truths.append(truth)
         return {name: (e, np.asarray(r), np.asarray(sc), np.asarray(t)) for name, (e, r, sc, t) in out.items()}
+
+    def _is_few_shot(self, perturbation: str, context: str, n: float | None) -> bool:
+        """Whether a measured group is a ``"few_shot"`` query.
+
+        It is when it has under :data:`FEW_SHOT_CELLS` cells, or was added by :meth:`add_groups`
+        (its blend is then cross-fitted at its own size).
+        """
+        return (n is not None and n < FEW_SHOT_CELLS) or (perturbation, context) in getattr(self, "added_groups_", ())
 
     def _few_shot_estimate(self, name: str, p: str, c: str, observed: np.ndarray, exclude_self: bool = False):
         shifts = self.shifts_

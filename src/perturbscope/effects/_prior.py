@@ -7,7 +7,7 @@ A query is a perturbation in a context. Its *kind* decides which estimators can 
 * ``"few_shot"``: measured in this context, but in fewer cells; candidates are the observed
   shift, the transfer from other contexts, the context's perturbed mean and the mean of the
   observed shift and the perturbed mean. They are cross-fitted by drawing as many cells from
-  well-measured training groups and scoring against those groups' full means.
+  well-measured training groups and scoring against the mean of those groups' other cells.
 * ``"combination"``: several genes, each measured alone in training; candidates are the sum of
   the single shifts (``additive``), their mean, the linear model and the perturbed mean.
 * ``"unseen_gene"``: a gene never perturbed in training; candidates are the linear model on
@@ -52,7 +52,7 @@ from ._baselines import (
     PerturbedMeanBaseline,
 )
 from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
-from ._few_shot import FEW_SHOT_CELLS, MIN_HELD_OUT, FewShotMixin
+from ._few_shot import FEW_SHOT_CELLS, MIN_HELD_OUT, FewShotMixin  # noqa: F401 (FEW_SHOT_CELLS: documented here)
 from ._scoring import bagged_stack_weights, gene_scaled_quantiles, top_change_scores
 
 KINDS = ("seen", "few_shot", "combination", "unseen_gene", "partial_combination", "unseen_context")
@@ -435,7 +435,7 @@ class EffectPrior(FewShotMixin):
         """
         if (perturbation, context) in self.shifts_.index:
             n = None if self.counts_ is None else self.counts_.get((perturbation, context))
-            return "few_shot" if n is not None and n < FEW_SHOT_CELLS else "seen"
+            return "few_shot" if self._is_few_shot(perturbation, context, n) else "seen"
         seen = set(self.shifts_.index.get_level_values("perturbation"))
         if perturbation in seen:
             return "unseen_context"
@@ -527,6 +527,7 @@ class EffectPrior(FewShotMixin):
             "delimiter": self.delimiter_, "choices": dict(self.choices_), "levels": list(self.levels),
             "weights": {k: {n: float(w) for n, w in v.items()} for k, v in self.weights_.items()},
             "n_folds": self.n_folds, "seed": self.seed, "n_bootstrap": self.n_bootstrap, "n_held_out": dict(self.n_held_out_),
+            "added_groups": sorted(getattr(self, "added_groups_", ())),
             "quantiles": {k: {float(lv): np.asarray(q) for lv, q in v.items()} for k, v in self.quantiles_.items()},
             "crossfit_scores": None if scores is None else {
                 k: {c: float(v) for c, v in row.items()} for k, row in scores.to_dict("index").items()
@@ -561,7 +562,7 @@ class EffectPrior(FewShotMixin):
             weights = {**weights, "partial_combination": {"gene_by_gene": 1.0}}
         prior.fit_means(means, state["control_value"], state["context_key"], state["delimiter"],
                         choices=state["choices"], counts=counts, weights=weights)
-        prior.n_held_out_ = dict(state["n_held_out"])
+        prior.n_held_out_, prior.added_groups_ = dict(state["n_held_out"]), set(map(tuple, state.get("added_groups", ())))
         prior.quantiles_ = {k: {float(lv): np.asarray(q) for lv, q in v.items()} for k, v in state["quantiles"].items()}
         scores = state["crossfit_scores"]
         prior.crossfit_scores_ = None if scores is None else pd.DataFrame.from_dict(scores, orient="index")
