@@ -42,8 +42,13 @@ def test_query_model_decodes_every_modality_and_keeps_the_priors(reference_and_q
     assert model.modalities == {"X": "rna", "proteins": "adt"}
     assert model.modality_prior_states_.keys() == reference.modality_prior_states_.keys()
     model.train(max_epochs=2, enable_progress_bar=False)
-    # training the query does not refit the reference's priors
+    # training the query adds its few cells of G01 and G02 to every modality's prior as few-shot
+    # groups of the new cell type; the reference's priors are unchanged
     assert model.modality_prior_states_.keys() == reference.modality_prior_states_.keys()
+    for prior, before in ((model.effect_prior, reference.effect_prior),
+                          (model.modality_prior("proteins"), reference.modality_prior("proteins"))):
+        assert [prior.kind(p, "type_1") for p in ("G01", "G02", "G00")] == ["few_shot", "few_shot", "unseen_context"]
+        assert before.kind("G01", "type_1") == "unseen_context"
     controls = model.adata[(model.adata.obs["perturbation"].astype(str) == "control").to_numpy()]
     prediction = model.predict(controls, ["G00", "G03"], aggregate="mean", seed=0)
     assert list(prediction.mod) == ["rna", "adt"]

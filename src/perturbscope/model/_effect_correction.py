@@ -189,28 +189,22 @@ class EffectCorrectionMixin:
         return None
 
     def _add_query_groups_to_prior(self) -> None:
-        """A query's perturbed cells join its inherited prior (:meth:`EffectPrior.add_groups`).
+        """A query's perturbed cells join its inherited prior (see :func:`prior_with_query_groups`).
 
-        Rebuilt from the reference's prior on every call, so training twice adds them once. With
-        the reference's cells at hand (a reference model in memory), the few-shot blend is
-        cross-fitted again on the reference's well-measured groups reduced to the query's cells
-        per group; otherwise the reference's few-shot blend answers.
+        Rebuilt from the reference's prior on every call, so training twice adds them once.
         """
         state = getattr(self, "_reference_prior_state", None)
-        if state is None:
+        if state is None or not self._has_perturbed_cells():
             return
-        expression = self._training_expression()
-        labels = expression.obs["perturbation"].to_numpy()
-        if is_control(labels, self._perturbation_state["control_value"]).all():
-            return
-        prior = EffectPrior.from_state(state, self._prior_embeddings())
-        prior.add_groups(expression, labels, expression.obs["context"].to_numpy(), None, self._data_scale)
-        reference = getattr(self, "_reference_expression", None)
-        if reference is not None:
-            prior.fit_few_shot(reference, reference.obs["perturbation"].to_numpy(),
-                               reference.obs["context"].to_numpy(), None, self._data_scale)
-        self._effect_prior = prior
-        self.effect_prior_state_ = prior.state()
+        reference = getattr(self, "_prior_reference", None)
+        self._effect_prior = prior_with_query_groups(
+            state, self._prior_embeddings(), self._training_expression(),
+            None if reference is None else reference._training_expression(), self._data_scale)
+        self.effect_prior_state_ = self._effect_prior.state()
+
+    def _has_perturbed_cells(self) -> bool:
+        labels = self.adata.obs[self._perturbation_state["perturbation_key"]]
+        return not is_control(labels, self._perturbation_state["control_value"]).all()
 
     @property
     def _context_column(self) -> str | None:
@@ -440,6 +434,24 @@ LIGHTNING_NOISE = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
+
+
+def prior_with_query_groups(state: dict, embeddings, query: ad.AnnData, reference: ad.AnnData | None,
+                            data_scale: str) -> EffectPrior:
+    """A reference's prior (``state``) with a query's cells added as few-shot groups.
+
+    The query's perturbed groups join the prior (:meth:`EffectPrior.add_groups`). With the
+    reference's own cells (``reference``; a model in memory has them, one read from a folder
+    does not), the few-shot blend is cross-fitted again at the query's group size; otherwise the
+    reference's few-shot blend answers. Both AnnDatas carry ``obs["perturbation"]`` and
+    ``obs["context"]``.
+    """
+    prior = EffectPrior.from_state(state, embeddings)
+    prior.add_groups(query, query.obs["perturbation"].to_numpy(), query.obs["context"].to_numpy(), None, data_scale)
+    if reference is not None:
+        prior.fit_few_shot(reference, reference.obs["perturbation"].to_numpy(), reference.obs["context"].to_numpy(),
+                           None, data_scale)
+    return prior
 
 
 def _lowers_error(errors: list, baseline: list) -> bool:

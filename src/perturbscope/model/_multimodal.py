@@ -45,7 +45,7 @@ from ..data import (
 from ..effects import EffectPrior
 from ..module import MultimodalScopeVAE
 from ..module._multimodal import ATAC_KEY, MODALITY_KEYS, PROTEIN_KEY
-from ._effect_correction import Loader
+from ._effect_correction import Loader, prior_with_query_groups
 
 #: The normalised layer of every modality's prediction (counts normalised to 1e4, log1p).
 NORMALISED_LAYER = OUTPUT_KEYS.LOG1P_NORM_LAYER
@@ -105,9 +105,17 @@ class MultimodalMixin:
         """
         result = super().train(max_epochs=max_epochs, batch_size=batch_size,
                                datasplitter_kwargs=datasplitter_kwargs, loader=loader, **kwargs)
+        inherited = getattr(self, "_reference_modality_states", None)
         if self._extra_modalities() and self.effect_prior is not None and not getattr(self, "_inherited_prior", False):
             self.modality_prior_states_ = {key: self._fit_modality_prior(key).state()
                                            for key in self._extra_modalities()}
+            self._modality_priors = {}
+        elif inherited and self._has_perturbed_cells():  # a query's perturbed cells join each prior
+            reference = getattr(self, "_prior_reference", None)
+            self.modality_prior_states_ = {key: prior_with_query_groups(
+                state, self._prior_embeddings(), self._modality_training_data(key),
+                None if reference is None else reference._modality_training_data(key), "counts").state()
+                for key, state in inherited.items()}
             self._modality_priors = {}
         return result
 
@@ -176,6 +184,7 @@ class MultimodalMixin:
         states = getattr(reference_model, "modality_prior_states_", None)
         if states is not None:
             model.modality_prior_states_ = deepcopy(states)
+            model._reference_modality_states = deepcopy(states)  # a query's cells join them at train()
             model._modality_priors = {}
         return model
 

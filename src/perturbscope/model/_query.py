@@ -104,8 +104,7 @@ class QueryMixin:
         """
         if freeze_decoder not in (True, False, "shared"):
             raise ValueError(f"freeze_decoder must be True, False or 'shared', got {freeze_decoder!r}.")
-        from_folder = isinstance(reference_model, str | os.PathLike)
-        if from_folder:
+        if isinstance(reference_model, str | os.PathLike):
             reference_model = cls._load_reference(reference_model, adata)
         check_var_names(reference_model._expression_modality(adata).var_names, reference_model.var_names,
                         "query")
@@ -141,7 +140,6 @@ class QueryMixin:
         model._reference_prior_state = deepcopy(getattr(reference_model, "effect_prior_state_", None))
         # the reference's own cells re-cross-fit the few-shot blend for the query's group sizes;
         # a reference read from a folder is set up on the query's cells, so it has none of its own
-        model._reference_expression = None if from_folder or model._reference_prior_state is None \
-            else reference_model._training_expression()
+        model._prior_reference = None if reference_model.adata is adata else reference_model
         model.module.to(reference_model.device)
         return model
