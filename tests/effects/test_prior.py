@@ -1,5 +1,7 @@
 """The effect prior: its scoring helpers, its kinds of query, its choices and its intervals."""
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -432,3 +434,30 @@ def test_add_groups_bad_input(two_context_prior):
     perturbed = np.flatnonzero(labels == "G05")[:3]
     with pytest.raises(ValueError, match=r"^contexts \['type_9'\] have no control cells \('control'\)"):
         prior.add_groups(train[perturbed], labels[perturbed], np.full(3, "type_9"))
+
+
+def test_few_shot_refit_draws_only_groups_with_enough_cells_of_their_own():
+    """A training group of 8 cells that a query grows to 33 is not drawn from: the training cells
+    hold too few of its cells to leave a truth after drawing k (its truth would be a NaN mean)."""
+    adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=8, n_combinations=0, n_cell_types=3,
+                                     n_cells_per_condition=40, embedding_dim=8, seed=3)
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    in_training = types != "type_2"
+    g01 = np.flatnonzero((labels == "G01") & (types == "type_0"))
+    in_training[g01[8:]] = False
+    train = adata[in_training].copy()
+    prior = EffectPrior(emb, n_bootstrap=5).fit(train, "perturbation", context_key="cell_type")
+    cells = np.r_[g01[8:33], np.flatnonzero((types == "type_2") & (labels == "control"))]
+    for p in sorted(set(labels) - {"control"}):
+        cells = np.r_[cells, np.flatnonzero((types == "type_2") & (labels == p))[:16]]
+    query = adata[np.sort(cells)]
+    prior.add_groups(query, labels[np.sort(cells)], types[np.sort(cells)])
+    assert prior.kind("G01", "type_0") == "seen"  # pooled: 33 cells
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "Mean of empty slice" before the fix
+        prior.fit_few_shot(train, train.obs["perturbation"].astype(str).to_numpy(),
+                           train.obs["cell_type"].astype(str).to_numpy())
+    assert prior.n_held_out_["few_shot"] >= 3
+    assert all(np.isfinite(q).all() for q in prior.quantiles_["few_shot"].values())
+    assert np.isfinite(prior.crossfit_scores_.loc["few_shot", "stacked (pearson)"])

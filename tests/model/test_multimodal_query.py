@@ -75,3 +75,24 @@ def test_query_without_the_reference_modalities_is_refused(reference_and_query):
     only_rna.obs["cell_type"] = query.obs["cell_type"].to_numpy()
     with pytest.raises(KeyError, match=r"modality 'adt' not in the MuData"):
         ps.ScopeVI.load_query_data(only_rna, reference)
+
+
+def test_query_contexts_without_measured_controls_are_left_out_of_that_modality(reference_and_query):
+    """Query controls without a protein measurement (all-zero rows) leave no protein baseline in
+    their context: that context's cells join the RNA prior only, with a warning."""
+    reference, query = reference_and_query
+    query = query.copy()
+    controls = (query.obs["perturbation"].astype(str) == "control").to_numpy()
+    adt = query["adt"]
+    adt.X = adt.X.copy()
+    adt.X[controls] = 0
+    for name in adt.layers:
+        adt.layers[name] = adt.layers[name].copy()
+        adt.layers[name][controls] = 0
+    model = ps.ScopeVI.load_query_data(query, reference)
+    with pytest.warns(UserWarning, match=re.escape(
+            "modality 'adt': contexts ['type_1'] have no measured control cells in the query; their cells "
+            "are left out of that modality's effect prior.")):
+        model.train(max_epochs=1, enable_progress_bar=False)
+    assert model.effect_prior.kind("G01", "type_1") == "few_shot"
+    assert model.modality_prior("proteins").kind("G01", "type_1") == "unseen_context"

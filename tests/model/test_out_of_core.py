@@ -193,3 +193,24 @@ def test_the_device_splitter_refuses_a_soma_store_on_entry(screen):
         r"into memory with adata\.to_memory\(\) and set it up again\.$"
     )):
         ps.data.DeviceDataSplitter(model.adata_manager, device="cpu")
+
+
+def test_a_backed_query_adds_its_cells_to_the_prior(tmp_path):
+    """A few-shot query opened with ``backed="r"`` trains, and its prior equals the in-memory one."""
+    adata, embeddings = ps.data.simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=0, n_cell_types=2,
+                                                    n_cells_per_condition=30, embedding_dim=8, seed=1)
+    adata.uns.pop("simulation", None)
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    reference = adata[types == "type_0"].copy()
+    g00 = np.flatnonzero((types == "type_1") & (labels == "G00"))[:6]
+    query = adata[np.sort(np.r_[np.flatnonzero((types == "type_1") & (labels == "control")), g00])].copy()
+    query.write_h5ad(tmp_path / "query.h5ad")
+    model = _fit(reference, embeddings, seed=0, max_epochs=1)
+    priors = []
+    for cells in (query, ad.read_h5ad(tmp_path / "query.h5ad", backed="r")):
+        transfer = ps.ScopeVI.load_query_data(cells, model)
+        transfer.train(max_epochs=1, enable_progress_bar=False)
+        priors.append(transfer.effect_prior)
+    assert [p.kind("G00", "type_1") for p in priors] == ["few_shot", "few_shot"]
+    np.testing.assert_allclose(priors[1].means_.to_numpy(), priors[0].means_.to_numpy(), rtol=0, atol=1e-10)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import anndata as ad
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 
-from ..data import log1p_expression, pseudobulk
+from ..data import log1p_expression, streamed_pseudobulk
 from ._scoring import top_change_scores
 
-#: Groups with fewer training cells than this are ``"few_shot"`` queries.
+#: Groups with fewer training cells than this are ``"few_shot"`` queries (as are groups that
+#: :meth:`FewShotMixin.add_groups` adds, whatever their size).
 FEW_SHOT_CELLS = 30
 #: Held-out perturbations needed before a kind's choice is made by cross-fitting.
 MIN_HELD_OUT = 3
@@ -61,6 +63,8 @@ class FewShotMixin:
                 raise ValueError(f"{name} has {len(values)} entries but adata has {adata.n_obs} cells.")
         few = self._few_shot_residuals(adata, layer, data_scale, np.asarray(labels), np.asarray(contexts))
         if few:
+            if self.crossfit_scores_ is None:  # fitted with given weights or choices: no scores yet
+                self.crossfit_scores_ = pd.DataFrame(index=pd.Index([], name="kind"), dtype=float)
             self._choose("few_shot", few)
         return self
 
@@ -123,9 +127,7 @@ class FewShotMixin:
         genes = pd.Index(adata.var_names.astype(str))
         if not genes.equals(pd.Index(self.means_.columns.astype(str))):
             raise ValueError("adata's genes (var_names) differ from the genes the prior was fitted on.")
-        obs = pd.DataFrame({"perturbation": np.asarray(labels, dtype=str), "context": np.asarray(contexts, dtype=str)},
-                           index=pd.RangeIndex(adata.n_obs).astype(str))
-        light = ad.AnnData(X=log1p_expression(adata, layer, data_scale), obs=obs, var=pd.DataFrame(index=genes))
+        obs = pd.DataFrame({"perturbation": np.asarray(labels, dtype=str), "context": np.asarray(contexts, dtype=str)})
         has_controls = set(obs.loc[obs["perturbation"] == self.control_value_, "context"])
         known = set(self.means_.index.get_level_values("context")[
             self.means_.index.get_level_values("perturbation") == self.control_value_])
@@ -133,9 +135,10 @@ class FewShotMixin:
         if missing:
             raise ValueError(f"contexts {missing} have no control cells ({self.control_value_!r}) in the new cells "
                              "or in training; every context needs controls to measure shifts from.")
-        new_means = pseudobulk(light, ["perturbation", "context"])
-        new_counts = obs.groupby(["perturbation", "context"]).size()
-        new_counts.index = new_counts.index.set_names(["perturbation", "context"])
+        # one pass over row chunks: the cells may be backed or streamed, and no dense copy is made
+        new_means, new_counts = streamed_pseudobulk(adata.X if layer is None else adata.layers[layer], obs,
+                                                    ["perturbation", "context"], data_scale)
+        new_means.columns = self.means_.columns
         old_counts = (self.counts_ if self.counts_ is not None
                       else pd.Series(FEW_SHOT_CELLS, index=self.means_.index))
         counts = old_counts.add(new_counts.reindex(new_means.index), fill_value=0).astype(np.int64)
@@ -159,8 +162,9 @@ class FewShotMixin:
             return {}
         k = max(1, int(np.median(few)))
         rng = np.random.default_rng(self.seed)
-        present = set(zip(labels, contexts))  # groups added later (add_groups) have no cells here
-        full = [idx for idx, n in counts.items() if n >= 2 * k and idx in present and not self._is_few_shot(*idx, n)]
+        # the cells in adata, not the counts: groups added later (add_groups) have fewer cells here
+        present = Counter(zip(labels, contexts))
+        full = [idx for idx, n in counts.items() if present[idx] >= 2 * k and not self._is_few_shot(*idx, n)]
         full = [full[i] for i in rng.permutation(len(full))[:60]]
         if len(full) < MIN_HELD_OUT:
             return {}
@@ -183,8 +187,8 @@ class FewShotMixin:
     def _is_few_shot(self, perturbation: str, context: str, n: float | None) -> bool:
         """Whether a measured group is a ``"few_shot"`` query.
 
-        It is when it has under :data:`FEW_SHOT_CELLS` cells, or was added by :meth:`add_groups`
-        (its blend is then cross-fitted at its own size).
+        It is when it has under :data:`FEW_SHOT_CELLS` cells, or is new to the prior from
+        :meth:`add_groups` (listed in ``added_groups_``), whatever its size.
         """
         return (n is not None and n < FEW_SHOT_CELLS) or (perturbation, context) in getattr(self, "added_groups_", ())
 

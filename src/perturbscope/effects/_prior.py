@@ -125,6 +125,8 @@ class EffectPrior(FewShotMixin):
         Held-out (perturbation, context) pairs per kind.
     quantiles_
         ``{kind: {level: per-gene half-width at scale 1}}``.
+    added_groups_
+        (perturbation, context) groups added by :meth:`add_groups`: ``"few_shot"`` queries.
 
     Examples
     --------

@@ -117,8 +117,8 @@ class EffectCorrectionMixin:
         -----
         A model made by :meth:`load_query_data` keeps its reference's correction weights and
         effect prior; training it fine-tunes the VAE, and the query's perturbed cells, if any,
-        join the prior as measured groups (few-shot groups below 30 cells, see
-        :meth:`perturbscope.effects.EffectPrior.add_groups`). Lightning's informational
+        join the prior as measured groups (a group new to the prior is a few-shot query at any
+        size, see :meth:`perturbscope.effects.EffectPrior.add_groups`). Lightning's informational
         lines (accelerator and logger tips) are silenced during the call and its logger levels
         restored afterwards, as are two of its warnings that say nothing about the user's data
         (:data:`LIGHTNING_NOISE`); everything else, the progress bar included, still shows.

@@ -22,6 +22,7 @@ prior and cannot serve as anchors for protein predictions.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from copy import deepcopy
 from typing import Literal
@@ -112,12 +113,32 @@ class MultimodalMixin:
             self._modality_priors = {}
         elif inherited and self._has_perturbed_cells():  # a query's perturbed cells join each prior
             reference = getattr(self, "_prior_reference", None)
-            self.modality_prior_states_ = {key: prior_with_query_groups(
-                state, self._prior_embeddings(), self._modality_training_data(key),
-                None if reference is None else reference._modality_training_data(key), "counts").state()
-                for key, state in inherited.items()}
+            self.modality_prior_states_ = {}
+            for key, state in inherited.items():
+                query = self._query_cells_with_controls(key, state)
+                self.modality_prior_states_[key] = state if query.n_obs == 0 else prior_with_query_groups(
+                    state, self._prior_embeddings(), query,
+                    None if reference is None else reference._modality_training_data(key), "counts").state()
             self._modality_priors = {}
         return result
+
+    def _query_cells_with_controls(self, key: str, state: dict) -> ad.AnnData:
+        """The query's cells measured in modality ``key``, in contexts with measured controls.
+
+        A context whose controls have no measurement in the modality (all-zero rows) has no
+        baseline to measure that modality's shifts from: its cells are left out of the
+        modality's prior, with a warning, and its perturbations stay ``"unseen_context"`` there.
+        """
+        data = self._modality_training_data(key)
+        control = self._perturbation_state["control_value"]
+        labels, contexts = data.obs["perturbation"].to_numpy(), data.obs["context"].to_numpy()
+        known = set(np.asarray(state["means_context"])[np.asarray(state["means_perturbation"]) == control])
+        keep = np.isin(contexts, list(set(contexts[labels == control]) | known))
+        if not keep.all():
+            warnings.warn(f"modality {self.modalities.get(key, key)!r}: contexts {sorted(set(contexts[~keep]))} "
+                          "have no measured control cells in the query; their cells are left out of that "
+                          "modality's effect prior.", UserWarning, stacklevel=3)
+        return data[keep]
 
     def _modality_training_data(self, key: str) -> ad.AnnData:
         """Counts of modality ``key`` with ``perturbation``/``context`` labels, cells that have them."""

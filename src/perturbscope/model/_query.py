@@ -48,11 +48,14 @@ class QueryMixin:
         layer are fine-tuned by ``model.train()`` on what the query holds: control cells only,
         or controls plus a few cells of some perturbations (few-shot). A reference with the effect
         prior passes it on, with its correction weights. In the query's new context a perturbation
-        the query does not hold is an ``"unseen_context"`` query of that prior; one it holds in
-        fewer than 30 cells joins the prior at ``train()`` as a ``"few_shot"`` group, answered by
-        the few-shot blend, which is cross-fitted again on the reference's cells reduced to the
-        query's group size when the reference is a model in memory (from a folder, the
-        reference's own few-shot blend is used).
+        the query does not hold is an ``"unseen_context"`` query of that prior. The cells it holds
+        join the prior at ``train()``: a (perturbation, context) group new to the prior becomes a
+        ``"few_shot"`` query at any size, answered by the few-shot blend, and a group the
+        reference already measured is pooled with it, cell-weighted. When the reference is a
+        model in memory, the few-shot blend is cross-fitted again on the reference's cells reduced
+        to the few-shot groups' median size; from a folder the reference's cells are not at hand
+        and its own few-shot blend answers (the observed shift alone when the reference had no
+        few-shot groups). The query model holds a reference to the reference model for this.
 
         Parameters
         ----------
