@@ -192,7 +192,7 @@ def test_size_bombs_are_refused_before_allocating():
         restricted_pickle.loads(pickle.dumps(_HugeBytes(), protocol=2))
     with pytest.raises(
         pickle.UnpicklingError,
-        match=r"empty array of shape \(1000000, 1000000\), over perturbscope's cap of 1048576",
+        match=r"empty array of shape \(1000000, 1000000\) and dtype int8, over perturbscope's cap of 1048576",
     ):
         restricted_pickle.loads(pickle.dumps(_HugeArray(), protocol=2))
 
@@ -219,6 +219,59 @@ def test_object_array_state_shorter_than_its_shape_is_refused_not_a_crash():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "the file restores an object array of shape (127,) from 3 values"
+
+
+class _Reduce:
+    """Pickles as ``function(*args)``, with ``state`` applied by BUILD when given."""
+
+    def __init__(self, function, args, state=None):
+        self.function, self.args, self.state = function, args, state
+
+    def __reduce__(self):
+        return (self.function, self.args) if self.state is None else (self.function, self.args, self.state)
+
+
+def _forged_object_dtype():
+    # a copy of the object dtype whose restored flags say it holds no objects
+    return _Reduce(np.dtype, ("O8", False, True), (3, "|", None, None, None, -1, -1, 0))
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        # numpy would read the 8 bytes as an object pointer: a crash, or worse
+        (lambda: _Reduce(_reconstruct_function(), (np.ndarray, (0,), b"b"),
+                         (1, (1,), _forged_object_dtype(), False, b"A" * 8)),
+         r"restores dtype object with flags 0 and item size 8, where numpy's own are 63 and 8"),
+        # ndarray((2**33,), "u1") asks for 8 GiB from a few bytes
+        (lambda: _Reduce(np.ndarray, ((1 << 33,), "u1")), r"calls numpy\.ndarray directly"),
+        # one element of a 2 GB dtype, or a million 8 kB subarrays, passes a cap on elements
+        (lambda: _Reduce(_reconstruct_function(), (np.ndarray, (1,), np.dtype("V2000000000"))),
+         r"shape \(1,\) and dtype \|V2000000000, over perturbscope's cap"),
+        # zero-byte elements: no bytes in the file bound the shape
+        (lambda: _Reduce(_reconstruct_function(), (np.ndarray, (0,), b"b"), (1, (1 << 40,), np.dtype("V0"), False, b"")),
+         r"shape \(1099511627776,\) of zero-byte elements"),
+        # list() over a lazy range allocates what the range declares
+        (lambda: _Reduce(list, (pd.RangeIndex(1 << 25),)), r"calls list on a RangeIndex"),
+    ],
+)
+def test_crafted_pickles_that_crash_or_allocate_are_refused(payload, message):
+    with pytest.raises(pickle.UnpicklingError, match=message):
+        restricted_pickle.loads(pickle.dumps(payload(), protocol=2))
+
+
+def test_setting_attributes_of_a_class_is_refused():
+    # BUILD with a class as its target: pd.Index.copy = list for everyone, were it allowed
+    data = b"\x80\x02cpandas.core.indexes.base\nIndex\n}X\x04\x00\x00\x00copyc__builtin__\nlist\nsb."
+    with pytest.raises(pickle.UnpicklingError, match=r"sets attributes of <class 'pandas\.core\.indexes\.base\.Index'>"):
+        restricted_pickle.loads(data)
+    assert pd.Index([1, 2]).copy().tolist() == [1, 2]
+
+
+def _reconstruct_function():
+    from numpy.core.multiarray import _reconstruct
+
+    return _reconstruct
 
 
 def test_protocol_5_bytearray_is_refused_before_allocating():

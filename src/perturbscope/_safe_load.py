@@ -31,6 +31,7 @@ import os
 import pickle
 import re
 import types
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,8 +179,20 @@ def _guarded_bytearray(*args: Any) -> bytearray:
     return _refuse_sizes(bytearray, *args)
 
 
+class _NdarrayClass:
+    """What ``numpy.ndarray`` resolves to: only :func:`_guarded_reconstruct` accepts it.
+
+    Called directly, ``ndarray(shape, dtype)`` would allocate any shape from a few bytes.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError(
+            "the file calls numpy.ndarray directly, which allocates any shape it names; numpy's "
+            "own pickles use _reconstruct")
+
+
 def _guarded_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    if subtype is not np.ndarray:
+    if subtype is not _NdarrayClass:
         raise pickle.UnpicklingError(
             f"the file asks numpy's _reconstruct to build a {subtype!r}; only numpy.ndarray is "
             "allowed"
@@ -187,12 +200,14 @@ def _guarded_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     dims = shape if isinstance(shape, tuple) else (shape,)
     if not all(isinstance(d, int) and d >= 0 for d in dims):
         raise pickle.UnpicklingError(f"the file asks for an array of invalid shape {shape!r}")
-    if int(np.prod([int(d) for d in dims], dtype=object)) > MAX_RECONSTRUCT_ELEMENTS:
+    # counted in 8-byte elements, so a subarray dtype (many elements in one) counts in full
+    size = int(np.prod([int(d) for d in dims], dtype=object)) * max(1, np.dtype(dtype).itemsize // 8)
+    if size > MAX_RECONSTRUCT_ELEMENTS:
         raise pickle.UnpicklingError(
-            f"the file asks for an empty array of shape {shape!r}, over perturbscope's cap of "
-            f"{MAX_RECONSTRUCT_ELEMENTS} elements"
+            f"the file asks for an empty array of shape {shape!r} and dtype {np.dtype(dtype)}, over "
+            f"perturbscope's cap of {MAX_RECONSTRUCT_ELEMENTS} elements"
         )
-    return np.ndarray.__new__(subtype, shape, dtype)
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
 
 
 #: The longest ``RangeIndex`` a pickle may ask for (a pandas object can broadcast a scalar over
@@ -239,6 +254,8 @@ def _resolve(module: str, name: str) -> Any:
         except ImportError:  # numpy < 2
             from numpy.core.multiarray import scalar
         return scalar
+    if (module, name) == ("numpy", "ndarray"):
+        return _NdarrayClass
     if (module, name) in _LEGACY_PANDAS_INDEXES:
         return pd.Index
     if (module, name) == ("pandas.core.indexes.range", "RangeIndex"):
@@ -263,6 +280,10 @@ def _check_array_state(state: Any) -> None:
     if not isinstance(dtype, np.dtype) or not all(isinstance(d, int) and d >= 0 for d in dims):
         raise pickle.UnpicklingError(f"the file restores an array of invalid shape {shape!r} or dtype {dtype!r}")
     size = int(np.prod([int(d) for d in dims], dtype=object))
+    if dtype.itemsize == 0 and size > MAX_RECONSTRUCT_ELEMENTS:  # no bytes in the file bound it
+        raise pickle.UnpicklingError(
+            f"the file restores an array of shape {shape!r} of zero-byte elements, over perturbscope's "
+            f"cap of {MAX_RECONSTRUCT_ELEMENTS} elements")
     if dtype.hasobject:
         if not isinstance(data, list) or len(data) != size:
             found = len(data) if isinstance(data, list) else type(data).__name__
@@ -273,14 +294,48 @@ def _check_array_state(state: Any) -> None:
             f"the file restores an array of shape {shape!r} and dtype {dtype} from data of the wrong size")
 
 
+def _expected_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype numpy builds from ``dtype``'s description, with flags numpy derives itself."""
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return np.dtype((_expected_dtype(base), shape))
+    if dtype.names is not None:
+        return np.dtype(dtype.descr, align=dtype.isalignedstruct)
+    return np.dtype(dtype.str)
+
+
+def _check_dtype_state(dtype: np.dtype) -> None:
+    """Refuse a dtype whose restored flags or item size differ from numpy's own for it.
+
+    A dtype's pickled state carries its flags: an object dtype stripped of them makes numpy read
+    raw bytes from the file as object pointers (a crash, or worse).
+    """
+    try:
+        expected = _expected_dtype(dtype)
+    except (TypeError, ValueError) as err:
+        raise pickle.UnpicklingError(f"the file restores an invalid dtype ({err})") from err
+    if (dtype.flags, dtype.itemsize) != (expected.flags, expected.itemsize):
+        raise pickle.UnpicklingError(
+            f"the file restores dtype {dtype} with flags {dtype.flags} and item size {dtype.itemsize}, "
+            f"where numpy's own are {expected.flags} and {expected.itemsize}")
+
+
+#: Containers whose call iterates its argument: only plain containers may be passed to them.
+_ITERATING_CALLS = (list, tuple, set, frozenset, dict, OrderedDict)
+_PLAIN_ITERABLES = (list, tuple, set, frozenset, dict, str, bytes, bytearray)
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that resolves only the globals in ``allowed`` (the scVI list by default).
 
-    It is Python's pure-Python unpickler, so that each step that could crash the interpreter or
-    allocate without bound is checked before it runs: restoring a numpy array's state
-    (:func:`_check_array_state`) and a protocol-5 ``bytearray`` (refused: its declared size would
-    be allocated first). Counted strings and bytes are read, not pre-allocated, and torch checks
-    a tensor storage's declared size against the file's record before allocating it.
+    It is Python's pure-Python unpickler, so that the steps known to crash the interpreter or to
+    allocate far beyond the file's size are checked before they run: a numpy array's state
+    (:func:`_check_array_state`), a dtype's restored flags (:func:`_check_dtype_state`),
+    ``numpy.ndarray`` called directly, containers built by iterating an index or array,
+    attributes set on a class or function (which would change it for the whole process), and a
+    protocol-5 ``bytearray`` (its declared size is allocated before reading). Counted strings
+    and bytes are read, not pre-allocated, and torch checks a tensor storage's declared size
+    against the file's record before allocating it.
     """
 
     allowed: frozenset[tuple[str, str]] = ALLOW_LISTS["scvi"]
@@ -295,11 +350,28 @@ class _RestrictedUnpickler(pickle._Unpickler):
         return _resolve(module, name)
 
     def load_build(self) -> None:
-        if isinstance(self.stack[-2], np.ndarray):
+        target = self.stack[-2]
+        if isinstance(target, type | types.FunctionType | types.BuiltinFunctionType | types.ModuleType):
+            raise pickle.UnpicklingError(
+                f"the file sets attributes of {target!r}, a class or function, which would change it "
+                "for the whole process")
+        if isinstance(target, np.ndarray):
             _check_array_state(self.stack[-1])
         pickle._Unpickler.load_build(self)
+        if isinstance(target, np.dtype):
+            _check_dtype_state(target)
 
     dispatch[pickle.BUILD[0]] = load_build
+
+    def load_reduce(self) -> None:
+        args, function = self.stack[-1], self.stack[-2]
+        if any(function is c for c in _ITERATING_CALLS) and args and not isinstance(args[0], _PLAIN_ITERABLES):
+            raise pickle.UnpicklingError(
+                f"the file calls {function.__name__} on a {type(args[0]).__name__}; only plain "
+                "containers are expanded (iterating an index or array could allocate without bound)")
+        pickle._Unpickler.load_reduce(self)
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
 
     def load_bytearray8(self) -> None:
         raise pickle.UnpicklingError(
