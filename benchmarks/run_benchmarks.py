@@ -415,10 +415,10 @@ the embedding baselines do not apply.
         header += (f"\nTasks {', '.join(reused)} were read back from their saved metrics "
                    "(`--reuse-others`) rather than rerun.\n")
     if not args.no_scopevi:
-        header += ("Of the sections below that other scripts write, the learning curves and the "
-                   "distribution-aware scores drawn from them were produced before the effect prior "
-                   "existed, with the VAE alone, and have not been rerun; the variants and "
-                   "genetic-interaction sections were rerun with the effect prior.\n\n")
+        header += ("The sections below that other scripts write were all rerun with the effect prior: "
+                   "the variants, the genetic interactions, and the learning curves with the "
+                   "distribution-aware scores drawn from them (there a few-shot query's cells join "
+                   "its prior).\n\n")
     kept_sections = sections(args.results)  # read now: other scripts may have written meanwhile
     args.results.write_text(header + "\n".join(task_sections) + "\n" + "\n".join(kept_sections))
     print(f"wrote {args.results} in {total:.1f} min")
