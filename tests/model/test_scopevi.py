@@ -420,6 +420,13 @@ def test_load_query_data_few_shot_cells_join_the_prior(tmp_path):
     from_folder.train(max_epochs=1, enable_progress_bar=False)
     assert from_folder.effect_prior.kind(perturbations[0], "type_2") == "few_shot"
     assert from_folder.effect_prior.weights_["few_shot"] == model.effect_prior.weights_["few_shot"]
+    # a saved query model stays a query model: training it again adds its cells once, to the
+    # reference's prior, rather than refitting a prior on the query's few cells alone
+    transfer.save(tmp_path / "query_model", overwrite=True)
+    reloaded = ps.ScopeVI.load(tmp_path / "query_model", adata=query.copy())
+    reloaded.train(max_epochs=1, enable_progress_bar=False)
+    assert {int(reloaded.effect_prior.counts_.loc[(p, "type_2")]) for p in perturbations} == {10}
+    assert reloaded.effect_prior.kind(perturbations[0], "type_0") == "seen"
 
 
 def test_predict_with_batches_and_covariates(small_screen):

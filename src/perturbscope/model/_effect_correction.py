@@ -158,9 +158,9 @@ class EffectCorrectionMixin:
         return DeviceDataSplitter if loader == "device" else type(self)._data_splitter_cls
 
     def _train_with_prior(self, max_epochs, batch_size, datasplitter_kwargs, **kwargs):
-        if getattr(self, "_inherited_prior", False):
+        if getattr(self, "inherited_prior_", False):
             self._add_query_groups_to_prior()
-        if not self.init_params_["non_kwargs"].get("effect_prior", True) or getattr(self, "_inherited_prior", False):
+        if not self.init_params_["non_kwargs"].get("effect_prior", True) or getattr(self, "inherited_prior_", False):
             return UnsupervisedTrainingMixin.train(
                 self, max_epochs=max_epochs, batch_size=batch_size, datasplitter_kwargs=datasplitter_kwargs, **kwargs
             )
@@ -193,7 +193,7 @@ class EffectCorrectionMixin:
 
         Rebuilt from the reference's prior on every call, so training twice adds them once.
         """
-        state = getattr(self, "_reference_prior_state", None)
+        state = getattr(self, "reference_prior_state_", None)
         if state is None or not self._has_perturbed_cells():
             return
         reference = getattr(self, "_prior_reference", None)

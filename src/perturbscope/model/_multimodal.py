@@ -106,8 +106,8 @@ class MultimodalMixin:
         """
         result = super().train(max_epochs=max_epochs, batch_size=batch_size,
                                datasplitter_kwargs=datasplitter_kwargs, loader=loader, **kwargs)
-        inherited = getattr(self, "_reference_modality_states", None)
-        if self._extra_modalities() and self.effect_prior is not None and not getattr(self, "_inherited_prior", False):
+        inherited = getattr(self, "reference_modality_states_", None)
+        if self._extra_modalities() and self.effect_prior is not None and not getattr(self, "inherited_prior_", False):
             self.modality_prior_states_ = {key: self._fit_modality_prior(key).state()
                                            for key in self._extra_modalities()}
             self._modality_priors = {}
@@ -205,7 +205,7 @@ class MultimodalMixin:
         states = getattr(reference_model, "modality_prior_states_", None)
         if states is not None:
             model.modality_prior_states_ = deepcopy(states)
-            model._reference_modality_states = deepcopy(states)  # a query's cells join them at train()
+            model.reference_modality_states_ = deepcopy(states)  # a query's cells join them at train()
             model._modality_priors = {}
         return model
 

@@ -139,8 +139,8 @@ class QueryMixin:
         for attr in ("effect_prior_state_", "correction_weights_", "correction_scores_"):
             if getattr(reference_model, attr, None) is not None:
                 setattr(model, attr, deepcopy(getattr(reference_model, attr)))
-        model._inherited_prior = True
-        model._reference_prior_state = deepcopy(getattr(reference_model, "effect_prior_state_", None))
+        model.inherited_prior_ = True  # saved with the query model, as the two states below
+        model.reference_prior_state_ = deepcopy(getattr(reference_model, "effect_prior_state_", None))
         # the reference's own cells re-cross-fit the few-shot blend for the query's group sizes;
         # a reference read from a folder is set up on the query's cells, so it has none of its own
         model._prior_reference = None if reference_model.adata is adata else reference_model
