@@ -140,6 +140,8 @@ def test_fit_few_shot_bad_input(two_context_prior):
         EffectPrior(emb).fit_few_shot(train, labels, contexts)
     with pytest.raises(ValueError, match=rf"^labels has {len(labels) - 1} entries but adata has {train.n_obs} cells"):
         prior.fit_few_shot(train, labels[:-1], contexts)
+    with pytest.raises(ValueError, match=r"^k must be a positive integer, got 0\."):
+        prior.fit_few_shot(train, labels, contexts, k=0)
 
 
 def test_stacked_blend_is_no_worse_than_any_candidate_on_the_fitted_entries():

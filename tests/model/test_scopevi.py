@@ -414,12 +414,17 @@ def test_load_query_data_few_shot_cells_join_the_prior(tmp_path):
         return float(np.linalg.norm(x - truth, axis=1).mean())
 
     assert l2(predicted) < 0.95 * min(l2(k_means), l2(zero_shot)), (l2(predicted), l2(k_means), l2(zero_shot))
-    # from a saved folder there are no reference cells: the reference's few-shot blend answers
+    # from a saved folder there are no reference cells: the blend the reference cross-fitted at
+    # k = 10 when it was trained (saved with it) answers, and still beats the k-cell means
+    assert sorted(model.few_shot_blends_) == [5, 10, 25]  # 50: groups of 60 cells leave too few to score
     model.save(tmp_path / "reference", overwrite=True)
     from_folder = ps.ScopeVI.load_query_data(query.copy(), tmp_path / "reference")
     from_folder.train(max_epochs=1, enable_progress_bar=False)
     assert from_folder.effect_prior.kind(perturbations[0], "type_2") == "few_shot"
-    assert from_folder.effect_prior.weights_["few_shot"] == model.effect_prior.weights_["few_shot"]
+    assert from_folder.effect_prior.weights_["few_shot"] == model.few_shot_blends_[10]["weights"]
+    from_disk = from_folder.predict(query[query.obs["perturbation"] == "control"], perturbations,
+                                    aggregate="mean").layers["log1p_norm"] - control_mean
+    assert l2(from_disk) < 0.95 * l2(k_means), (l2(from_disk), l2(k_means))
     # a saved query model stays a query model: training it again adds its cells once, to the
     # reference's prior, rather than refitting a prior on the query's few cells alone
     transfer.save(tmp_path / "query_model", overwrite=True)

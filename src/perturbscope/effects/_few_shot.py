@@ -27,7 +27,7 @@ class FewShotMixin:
     """
 
     def fit_few_shot(self, adata, labels: np.ndarray, contexts: np.ndarray, layer: str | None = None,
-                     data_scale: str = "counts") -> FewShotMixin:
+                     data_scale: str = "counts", k: int | None = None) -> FewShotMixin:
         """Cross-fit the ``"few_shot"`` blend, after :meth:`fit_means`.
 
         Well-measured training groups (at least twice the few-shot groups' median size ``k``,
@@ -44,10 +44,14 @@ class FewShotMixin:
             Each cell's perturbation label and context (as strings).
         layer, data_scale
             As for :meth:`fit`.
+        k
+            Cells to draw per group; ``None``: the few-shot groups' median size. Given, the blend
+            is cross-fitted at ``k`` even without few-shot groups (for queries still to come).
 
         Returns
         -------
-        ``self``; unchanged when there are no few-shot groups or too few well-measured ones.
+        ``self``; unchanged when there are no few-shot groups (and no ``k``) or too few
+        well-measured ones.
 
         Raises
         ------
@@ -61,7 +65,9 @@ class FewShotMixin:
         for name, values in (("labels", labels), ("contexts", contexts)):
             if len(values) != adata.n_obs:
                 raise ValueError(f"{name} has {len(values)} entries but adata has {adata.n_obs} cells.")
-        few = self._few_shot_residuals(adata, layer, data_scale, np.asarray(labels), np.asarray(contexts))
+        if k is not None and (not isinstance(k, int | np.integer) or k < 1):
+            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        few = self._few_shot_residuals(adata, layer, data_scale, np.asarray(labels), np.asarray(contexts), k)
         if few:
             if self.crossfit_scores_ is None:  # fitted with given weights or choices: no scores yet
                 self.crossfit_scores_ = pd.DataFrame(index=pd.Index([], name="kind"), dtype=float)
@@ -154,13 +160,13 @@ class FewShotMixin:
         self.added_groups_ = added
         return self
 
-    def _few_shot_residuals(self, adata, layer, data_scale, labels, contexts) -> dict:
+    def _few_shot_residuals(self, adata, layer, data_scale, labels, contexts, k: int | None = None) -> dict:
         """Few-shot candidates on well-measured groups reduced to k cells, scored on their other cells."""
         counts = self.counts_.drop(index=self.control_value_, level="perturbation", errors="ignore")
         few = [n for (p, c), n in counts.items() if self._is_few_shot(p, c, n)]
-        if not few:
+        if not few and k is None:
             return {}
-        k = max(1, int(np.median(few)))
+        k = max(1, int(np.median(few))) if k is None else int(k)
         rng = np.random.default_rng(self.seed)
         # the cells in adata, not the counts: groups added later (add_groups) have fewer cells here
         present = Counter(zip(labels, contexts))

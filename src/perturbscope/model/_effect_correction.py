@@ -30,6 +30,7 @@ distribution is ScopeVI's to the extent that it was validated. ``effect_prior=Fa
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Literal
 
@@ -115,6 +116,8 @@ class EffectCorrectionMixin:
 
         Notes
         -----
+        Training with the effect prior also cross-fits few-shot blends at 5, 10, 25 and 50 cells
+        per group for later queries (``few_shot_blends_``, see :func:`few_shot_blends`).
         A model made by :meth:`load_query_data` keeps its reference's correction weights and
         effect prior; training it fine-tunes the VAE, and the query's perturbed cells, if any,
         join the prior as measured groups (a group new to the prior is a few-shot query at any
@@ -184,6 +187,7 @@ class EffectCorrectionMixin:
         )
         self._effect_prior = prior
         self.effect_prior_state_ = prior.state()
+        self.few_shot_blends_ = few_shot_blends(prior, expression, self._data_scale)
         self.correction_weights_, self.correction_scores_ = self._choose_weights(prior, expression, held)
         self.validation_perturbations_ = {k: [f"{p}|{c}" for p, c in v] for k, v in held.items()}
         return None
@@ -199,7 +203,8 @@ class EffectCorrectionMixin:
         reference = getattr(self, "_prior_reference", None)
         self._effect_prior = prior_with_query_groups(
             state, self._prior_embeddings(), self._training_expression(),
-            None if reference is None else reference._training_expression(), self._data_scale)
+            None if reference is None else reference._training_expression(), self._data_scale,
+            getattr(self, "few_shot_blends_", None))
         self.effect_prior_state_ = self._effect_prior.state()
 
     def _has_perturbed_cells(self) -> bool:
@@ -436,21 +441,53 @@ LIGHTNING_NOISE = (
 )
 
 
+#: Cells per group at which a trained model cross-fits few-shot blends for later queries.
+QUERY_SHOTS = (5, 10, 25, 50)
+
+
+def few_shot_blends(prior: EffectPrior, expression: ad.AnnData, data_scale: str,
+                    shots: tuple[int, ...] = QUERY_SHOTS) -> dict:
+    """``{k: {"weights", "quantiles", "n_held_out"}}``: the few-shot blend cross-fitted at ``k`` cells.
+
+    Computed with the training cells at hand and saved with the model, so that a query read
+    from a saved folder, without the reference's cells, still gets a blend fitted for its
+    group size (:func:`prior_with_query_groups`). A ``k`` with too few well-measured groups
+    (at least ``2k`` cells) is left out.
+    """
+    labels, contexts = expression.obs["perturbation"].to_numpy(), expression.obs["context"].to_numpy()
+    out = {}
+    for k in shots:
+        fitted = copy.deepcopy(prior)
+        fitted.n_held_out_["few_shot"] = 0  # unchanged when nothing can be drawn at k
+        fitted.fit_few_shot(expression, labels, contexts, None, data_scale, k=k)
+        if fitted.n_held_out_["few_shot"] >= MIN_HELD_OUT:
+            out[int(k)] = {"weights": dict(fitted.weights_["few_shot"]), "n_held_out": int(fitted.n_held_out_["few_shot"]),
+                           "quantiles": {float(lv): np.asarray(q) for lv, q in fitted.quantiles_["few_shot"].items()}}
+    return out
+
+
 def prior_with_query_groups(state: dict, embeddings, query: ad.AnnData, reference: ad.AnnData | None,
-                            data_scale: str) -> EffectPrior:
+                            data_scale: str, blends: dict | None = None) -> EffectPrior:
     """A reference's prior (``state``) with a query's cells added as few-shot groups.
 
     The query's perturbed groups join the prior (:meth:`EffectPrior.add_groups`). With the
     reference's own cells (``reference``; a model in memory has them, one read from a folder
-    does not), the few-shot blend is cross-fitted again at the query's group size; otherwise the
-    reference's few-shot blend answers. Both AnnDatas carry ``obs["perturbation"]`` and
-    ``obs["context"]``.
+    does not), the few-shot blend is cross-fitted again at the query's group size. Without
+    them, the saved blend (``blends``, :func:`few_shot_blends`) of the ``k`` nearest the
+    query's median group size answers (nearest on a log scale); with neither, the reference's
+    own few-shot blend. Both AnnDatas carry ``obs["perturbation"]`` and ``obs["context"]``.
     """
     prior = EffectPrior.from_state(state, embeddings)
     prior.add_groups(query, query.obs["perturbation"].to_numpy(), query.obs["context"].to_numpy(), None, data_scale)
     if reference is not None:
         prior.fit_few_shot(reference, reference.obs["perturbation"].to_numpy(), reference.obs["context"].to_numpy(),
                            None, data_scale)
+    elif blends and prior.added_groups_:
+        size = float(np.median([prior.counts_.loc[group] for group in prior.added_groups_]))
+        k = min(blends, key=lambda shots: (abs(np.log(float(shots)) - np.log(max(size, 1.0))), shots))
+        prior.weights_["few_shot"] = dict(blends[k]["weights"])
+        prior.quantiles_["few_shot"] = {float(lv): np.asarray(q) for lv, q in blends[k]["quantiles"].items()}
+        prior.n_held_out_["few_shot"] = int(blends[k]["n_held_out"])
     return prior
 
 

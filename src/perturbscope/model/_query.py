@@ -53,9 +53,10 @@ class QueryMixin:
         ``"few_shot"`` query at any size, answered by the few-shot blend, and a group the
         reference already measured is pooled with it, cell-weighted. When the reference is a
         model in memory, the few-shot blend is cross-fitted again on the reference's cells reduced
-        to the few-shot groups' median size; from a folder the reference's cells are not at hand
-        and its own few-shot blend answers (the observed shift alone when the reference had no
-        few-shot groups). The query model holds a reference to the reference model for this.
+        to the few-shot groups' median size; from a folder the reference's cells are not at hand,
+        and the blend the reference cross-fitted at training for the nearest of 5, 10, 25 and 50
+        cells (``few_shot_blends_``, saved with it) answers. The query model holds a reference
+        to the reference model for this.
 
         Parameters
         ----------
@@ -136,7 +137,7 @@ class QueryMixin:
             part.requires_grad_(False)
         # the query keeps the reference's effect prior and correction weights: its few cells
         # fine-tune the VAE, while the prior's choices were cross-fitted on the reference
-        for attr in ("effect_prior_state_", "correction_weights_", "correction_scores_"):
+        for attr in ("effect_prior_state_", "correction_weights_", "correction_scores_", "few_shot_blends_"):
             if getattr(reference_model, attr, None) is not None:
                 setattr(model, attr, deepcopy(getattr(reference_model, attr)))
         model.inherited_prior_ = True  # saved with the query model, as the two states below
