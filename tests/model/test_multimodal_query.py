@@ -96,3 +96,31 @@ def test_query_contexts_without_measured_controls_are_left_out_of_that_modality(
         model.train(max_epochs=1, enable_progress_bar=False)
     assert model.effect_prior.kind("G01", "type_1") == "few_shot"
     assert model.modality_prior("proteins").kind("G01", "type_1") == "unseen_context"
+
+
+
+def test_query_from_a_folder_uses_the_saved_few_shot_blends(tmp_path):
+    """Without the reference's cells (a saved folder), every modality's few-shot blend is the one
+    the reference cross-fitted at training for the k nearest the query's group size."""
+    mdata, emb = ps.data.simulate_multimodal_perturbseq(
+        n_genes=60, n_perturbed_genes=6, n_combinations=0, n_proteins=12, n_cell_types=2,
+        n_cells_per_condition=40, embedding_dim=8, seed=1,
+    )
+    types = mdata.obs["cell_type"].astype(str).to_numpy()
+    labels = mdata.obs["perturbation"].astype(str).to_numpy()
+    reference = mdata[types == "type_0"].copy()
+    shots = np.concatenate([np.flatnonzero((types == "type_1") & (labels == g))[:8] for g in ("G01", "G02")])
+    query = mdata[np.sort(np.r_[np.flatnonzero((types == "type_1") & (labels == "control")), shots])].copy()
+    scvi.settings.seed = 0
+    ps.ScopeVI.setup_mudata(reference, "perturbation", gene_embeddings=emb, context_key="cell_type",
+                            modalities=MODALITIES)
+    trained = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
+    trained.train(max_epochs=1, enable_progress_bar=False)
+    trained.save(tmp_path / "reference", overwrite=True)
+    model = ps.ScopeVI.load_query_data(query, tmp_path / "reference")
+    model.train(max_epochs=1, enable_progress_bar=False)
+    for prior, blends in ((model.effect_prior, trained.few_shot_blends_),
+                          (model.modality_prior("proteins"), trained.modality_few_shot_blends_["proteins"])):
+        assert sorted(blends) == [5, 10]  # 25 and 50 need groups of 50 and 100 cells
+        assert prior.kind("G01", "type_1") == "few_shot"
+        assert prior.weights_["few_shot"] == blends[10]["weights"]  # 8 cells per group: k = 10 is nearest

@@ -46,7 +46,7 @@ from ..data import (
 from ..effects import EffectPrior
 from ..module import MultimodalScopeVAE
 from ..module._multimodal import ATAC_KEY, MODALITY_KEYS, PROTEIN_KEY
-from ._effect_correction import Loader, prior_with_query_groups
+from ._effect_correction import Loader, few_shot_blends, prior_with_query_groups
 
 #: The normalised layer of every modality's prediction (counts normalised to 1e4, log1p).
 NORMALISED_LAYER = OUTPUT_KEYS.LOG1P_NORM_LAYER
@@ -108,17 +108,22 @@ class MultimodalMixin:
                                datasplitter_kwargs=datasplitter_kwargs, loader=loader, **kwargs)
         inherited = getattr(self, "reference_modality_states_", None)
         if self._extra_modalities() and self.effect_prior is not None and not getattr(self, "inherited_prior_", False):
-            self.modality_prior_states_ = {key: self._fit_modality_prior(key).state()
-                                           for key in self._extra_modalities()}
+            priors = {key: self._fit_modality_prior(key) for key in self._extra_modalities()}
+            self.modality_prior_states_ = {key: prior.state() for key, prior in priors.items()}
+            # few-shot blends for queries read from a folder, as for RNA (few_shot_blends_)
+            self.modality_few_shot_blends_ = {key: few_shot_blends(prior, self._modality_training_data(key), "counts")
+                                              for key, prior in priors.items()}
             self._modality_priors = {}
         elif inherited and self._has_perturbed_cells():  # a query's perturbed cells join each prior
             reference = getattr(self, "_prior_reference", None)
+            blends = getattr(self, "modality_few_shot_blends_", None) or {}
             self.modality_prior_states_ = {}
             for key, state in inherited.items():
                 query = self._query_cells_with_controls(key, state)
                 self.modality_prior_states_[key] = state if query.n_obs == 0 else prior_with_query_groups(
                     state, self._prior_embeddings(), query,
-                    None if reference is None else reference._modality_training_data(key), "counts").state()
+                    None if reference is None else reference._modality_training_data(key), "counts",
+                    blends.get(key)).state()
             self._modality_priors = {}
         return result
 
@@ -206,6 +211,7 @@ class MultimodalMixin:
         if states is not None:
             model.modality_prior_states_ = deepcopy(states)
             model.reference_modality_states_ = deepcopy(states)  # a query's cells join them at train()
+            model.modality_few_shot_blends_ = deepcopy(getattr(reference_model, "modality_few_shot_blends_", None))
             model._modality_priors = {}
         return model
 
