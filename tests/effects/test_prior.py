@@ -463,3 +463,18 @@ def test_few_shot_refit_draws_only_groups_with_enough_cells_of_their_own():
     assert prior.n_held_out_["few_shot"] >= 3
     assert all(np.isfinite(q).all() for q in prior.quantiles_["few_shot"].values())
     assert np.isfinite(prior.crossfit_scores_.loc["few_shot", "stacked (pearson)"])
+
+
+def test_few_shot_truth_is_the_mean_of_the_groups_other_cells(two_context_prior):
+    """The truth a few-shot candidate is scored on is the mean of the group's undrawn cells,
+    whether it is read (cells added since) or derived from the group's mean (only k cells read)."""
+    prior, train, _ = two_context_prior
+    labels = train.obs["perturbation"].astype(str).to_numpy()
+    contexts = train.obs["cell_type"].astype(str).to_numpy()
+    cells = np.random.default_rng(0).permutation(np.flatnonzero((labels == "G00") & (contexts == "type_0")))
+    expression = log1p_normalized(train)
+    expected = (expression[np.sort(cells[:5])].mean(axis=0), expression[np.sort(cells[5:])].mean(axis=0))
+    for n_group in (len(cells), len(cells) + 1):  # derived, read
+        drawn, rest = prior._drawn_and_rest_means(train, cells, 5, ("G00", "type_0"), n_group, None, "counts")
+        np.testing.assert_allclose(drawn, np.asarray(expected[0]).ravel(), rtol=0, atol=1e-5)  # float32 input
+        np.testing.assert_allclose(rest, np.asarray(expected[1]).ravel(), rtol=0, atol=1e-5)

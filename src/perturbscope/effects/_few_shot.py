@@ -179,8 +179,8 @@ class FewShotMixin:
             # k drawn cells are the observation, the group's other cells the truth (as in a test)
             cells = rng.permutation(np.flatnonzero((labels == p) & (contexts == c)))
             control = self.estimators_["additive"].control_means_.loc[c].to_numpy()
-            observed_k, truth = (log1p_expression(adata[np.sort(part)], layer, data_scale).mean(axis=0) - control
-                                 for part in (cells[:k], cells[k:]))
+            drawn, rest = self._drawn_and_rest_means(adata, cells, k, (p, c), counts[(p, c)], layer, data_scale)
+            observed_k, truth = drawn - control, rest - control
             for name in self._available("few_shot"):
                 predicted = self._few_shot_estimate(name, p, c, observed_k, exclude_self=True)
                 errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
@@ -189,6 +189,20 @@ class FewShotMixin:
                 scales.append(1.0)
                 truths.append(truth)
         return {name: (e, np.asarray(r), np.asarray(sc), np.asarray(t)) for name, (e, r, sc, t) in out.items()}
+
+    def _drawn_and_rest_means(self, adata, cells: np.ndarray, k: int, group: tuple[str, str], n_group: int,
+                              layer, data_scale) -> tuple[np.ndarray, np.ndarray]:
+        """Mean log1p expression of ``cells[:k]`` and of ``cells[k:]``.
+
+        Only the ``k`` drawn cells are read when the prior's mean of ``group`` is the mean of
+        exactly these ``cells`` (no cells added since): the rest's mean is then
+        ``(n * mean - k * drawn) / (n - k)``, so the cost does not grow with the group's size.
+        """
+        drawn = log1p_expression(adata[np.sort(cells[:k])], layer, data_scale).mean(axis=0)
+        if n_group == len(cells):
+            total = len(cells) * self.means_.loc[group].to_numpy()
+            return drawn, (total - k * drawn) / (len(cells) - k)
+        return drawn, log1p_expression(adata[np.sort(cells[k:])], layer, data_scale).mean(axis=0)
 
     def _is_few_shot(self, perturbation: str, context: str, n: float | None) -> bool:
         """Whether a measured group is a ``"few_shot"`` query.
