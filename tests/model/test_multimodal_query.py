@@ -16,23 +16,30 @@ md.set_options(pull_on_update=False)
 MODALITIES = {"rna_layer": "rna", "protein_layer": "adt"}
 
 
-@pytest.fixture(scope="module")
-def reference_and_query():
+def _screen(n_cells_per_condition: int, seed: int):
+    """A simulated RNA + protein screen over two cell types, its cell types and labels."""
     mdata, emb = ps.data.simulate_multimodal_perturbseq(
         n_genes=60, n_perturbed_genes=6, n_combinations=0, n_proteins=12, n_cell_types=2,
-        n_cells_per_condition=10, embedding_dim=8, seed=0,
+        n_cells_per_condition=n_cells_per_condition, embedding_dim=8, seed=seed,
     )
-    types = mdata.obs["cell_type"].astype(str).to_numpy()
-    labels = mdata.obs["perturbation"].astype(str).to_numpy()
-    reference = mdata[types == "type_0"].copy()
-    # the query: controls of the new cell type plus a few cells of two genes (few-shot)
-    query = mdata[(types == "type_1") & np.isin(labels, ["control", "G01", "G02"])].copy()
+    return mdata, emb, mdata.obs["cell_type"].astype(str).to_numpy(), mdata.obs["perturbation"].astype(str).to_numpy()
+
+
+def _trained_reference(reference, emb, max_epochs: int):
     scvi.settings.seed = 0
     ps.ScopeVI.setup_mudata(reference, "perturbation", gene_embeddings=emb, context_key="cell_type",
                             modalities=MODALITIES)
     model = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
-    model.train(max_epochs=2, enable_progress_bar=False)
-    return model, query
+    model.train(max_epochs=max_epochs, enable_progress_bar=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference_and_query():
+    mdata, emb, types, labels = _screen(10, seed=0)
+    # the query: controls of the new cell type plus a few cells of two genes (few-shot)
+    query = mdata[(types == "type_1") & np.isin(labels, ["control", "G01", "G02"])].copy()
+    return _trained_reference(mdata[types == "type_0"].copy(), emb, max_epochs=2), query
 
 
 def test_query_model_decodes_every_modality_and_keeps_the_priors(reference_and_query):
@@ -102,20 +109,10 @@ def test_query_contexts_without_measured_controls_are_left_out_of_that_modality(
 def test_query_from_a_folder_uses_the_saved_few_shot_blends(tmp_path):
     """Without the reference's cells (a saved folder), every modality's few-shot blend is the one
     the reference cross-fitted at training for the k nearest the query's group size."""
-    mdata, emb = ps.data.simulate_multimodal_perturbseq(
-        n_genes=60, n_perturbed_genes=6, n_combinations=0, n_proteins=12, n_cell_types=2,
-        n_cells_per_condition=40, embedding_dim=8, seed=1,
-    )
-    types = mdata.obs["cell_type"].astype(str).to_numpy()
-    labels = mdata.obs["perturbation"].astype(str).to_numpy()
-    reference = mdata[types == "type_0"].copy()
+    mdata, emb, types, labels = _screen(40, seed=1)
     shots = np.concatenate([np.flatnonzero((types == "type_1") & (labels == g))[:8] for g in ("G01", "G02")])
     query = mdata[np.sort(np.r_[np.flatnonzero((types == "type_1") & (labels == "control")), shots])].copy()
-    scvi.settings.seed = 0
-    ps.ScopeVI.setup_mudata(reference, "perturbation", gene_embeddings=emb, context_key="cell_type",
-                            modalities=MODALITIES)
-    trained = ps.ScopeVI(reference, n_latent=4, n_hidden=16)
-    trained.train(max_epochs=1, enable_progress_bar=False)
+    trained = _trained_reference(mdata[types == "type_0"].copy(), emb, max_epochs=1)
     trained.save(tmp_path / "reference", overwrite=True)
     model = ps.ScopeVI.load_query_data(query, tmp_path / "reference")
     model.train(max_epochs=1, enable_progress_bar=False)

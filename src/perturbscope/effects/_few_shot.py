@@ -60,11 +60,7 @@ class FewShotMixin:
         ValueError
             If ``labels`` or ``contexts`` do not have one entry per cell of ``adata``.
         """
-        if not hasattr(self, "shifts_"):
-            raise RuntimeError("fit_few_shot needs the group means first; call fit_means (or fit).")
-        for name, values in (("labels", labels), ("contexts", contexts)):
-            if len(values) != adata.n_obs:
-                raise ValueError(f"{name} has {len(values)} entries but adata has {adata.n_obs} cells.")
+        self._check_cells("fit_few_shot needs the group means first; call fit_means (or fit).", adata, labels, contexts)
         if k is not None and (not isinstance(k, int | np.integer) or k < 1):
             raise ValueError(f"k must be a positive integer, got {k!r}.")
         few = self._few_shot_residuals(adata, layer, data_scale, np.asarray(labels), np.asarray(contexts), k)
@@ -125,11 +121,7 @@ class FewShotMixin:
         >>> prior.kind("G00", "type_1"), int(prior.counts_.loc[("G00", "type_1")])
         ('few_shot', 5)
         """
-        if not hasattr(self, "shifts_"):
-            raise RuntimeError("add_groups needs the fitted prior first; call fit_means (or fit).")
-        for name, values in (("labels", labels), ("contexts", contexts)):
-            if len(values) != adata.n_obs:
-                raise ValueError(f"{name} has {len(values)} entries but adata has {adata.n_obs} cells.")
+        self._check_cells("add_groups needs the fitted prior first; call fit_means (or fit).", adata, labels, contexts)
         genes = pd.Index(adata.var_names.astype(str))
         if not genes.equals(pd.Index(self.means_.columns.astype(str))):
             raise ValueError("adata's genes (var_names) differ from the genes the prior was fitted on.")
@@ -159,6 +151,18 @@ class FewShotMixin:
         self.crossfit_scores_, self.n_held_out_, self.quantiles_ = kept
         self.added_groups_ = added
         return self
+
+    def _check_cells(self, unfitted: str, adata, labels, contexts) -> None:
+        """Check a call's cells: fitted first, one label and one context per cell.
+
+        Raises ``RuntimeError(unfitted)`` before :meth:`fit_means`, and a ``ValueError`` unless
+        ``labels`` and ``contexts`` have one entry per cell of ``adata``.
+        """
+        if not hasattr(self, "shifts_"):
+            raise RuntimeError(unfitted)
+        for name, values in (("labels", labels), ("contexts", contexts)):
+            if len(values) != adata.n_obs:
+                raise ValueError(f"{name} has {len(values)} entries but adata has {adata.n_obs} cells.")
 
     def _few_shot_residuals(self, adata, layer, data_scale, labels, contexts, k: int | None = None) -> dict:
         """Few-shot candidates on well-measured groups reduced to k cells, scored on their other cells."""

@@ -161,9 +161,10 @@ class EffectCorrectionMixin:
         return DeviceDataSplitter if loader == "device" else type(self)._data_splitter_cls
 
     def _train_with_prior(self, max_epochs, batch_size, datasplitter_kwargs, **kwargs):
-        if getattr(self, "inherited_prior_", False):
+        query = getattr(self, "inherited_prior_", False)
+        if query:  # the VAE is fine-tuned, the reference's prior takes the query's cells
             self._add_query_groups_to_prior()
-        if not self.init_params_["non_kwargs"].get("effect_prior", True) or getattr(self, "inherited_prior_", False):
+        if query or not self.init_params_["non_kwargs"].get("effect_prior", True):
             return UnsupervisedTrainingMixin.train(
                 self, max_epochs=max_epochs, batch_size=batch_size, datasplitter_kwargs=datasplitter_kwargs, **kwargs
             )

@@ -108,10 +108,11 @@ class MultimodalMixin:
                                datasplitter_kwargs=datasplitter_kwargs, loader=loader, **kwargs)
         inherited = getattr(self, "reference_modality_states_", None)
         if self._extra_modalities() and self.effect_prior is not None and not getattr(self, "inherited_prior_", False):
-            priors = {key: self._fit_modality_prior(key) for key in self._extra_modalities()}
+            data = {key: self._modality_training_data(key) for key in self._extra_modalities()}
+            priors = {key: self._fit_modality_prior(cells) for key, cells in data.items()}
             self.modality_prior_states_ = {key: prior.state() for key, prior in priors.items()}
             # few-shot blends for queries read from a folder, as for RNA (few_shot_blends_)
-            self.modality_few_shot_blends_ = {key: few_shot_blends(prior, self._modality_training_data(key), "counts")
+            self.modality_few_shot_blends_ = {key: few_shot_blends(prior, data[key], "counts")
                                               for key, prior in priors.items()}
             self._modality_priors = {}
         elif inherited and self._has_perturbed_cells():  # a query's perturbed cells join each prior
@@ -154,10 +155,10 @@ class MultimodalMixin:
                           var=pd.DataFrame(index=self._modality_var_names(key)))
         return data[totals > 0]
 
-    def _fit_modality_prior(self, key: str) -> EffectPrior:
+    def _fit_modality_prior(self, cells: ad.AnnData) -> EffectPrior:
         state = self._perturbation_state
         prior = EffectPrior(self._prior_embeddings(), seed=int(self.init_params_["non_kwargs"].get("prior_seed", 0)))
-        return prior.fit(self._modality_training_data(key), "perturbation", state["control_value"],
+        return prior.fit(cells, "perturbation", state["control_value"],
                          "context" if self._context_column is not None else None, data_scale="counts",
                          delimiter=state["combination_delimiter"])
 
