@@ -14,6 +14,7 @@ from ._baselines import (
     PerturbedMeanBaseline,
 )
 from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
+from ._interaction import InteractionBaseline
 from ._prior import CANDIDATES, KINDS, EffectPrior
 from ._scoring import (
     bagged_stack_weights,
@@ -37,6 +38,7 @@ __all__ = [
     "AdditiveBaseline",
     "Baseline",
     "EmbeddingNeighborsBaseline",
+    "InteractionBaseline",
     "LinearBaseline",
     "MatchingMeanBaseline",
     "NoChangeBaseline",

@@ -1,0 +1,75 @@
+"""The interaction estimator: Norman et al.'s scaled sum of singles, fitted on training doubles."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from perturbscope.data import simulate_perturbseq
+from perturbscope.effects import AdditiveBaseline, EffectPrior, InteractionBaseline
+
+
+def _means(shifts: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Group means (control at 1) from exact shifts, one context."""
+    rows = {"control": np.ones(len(next(iter(shifts.values())))), **{p: 1 + s for p, s in shifts.items()}}
+    index = pd.MultiIndex.from_tuples([(p, "all") for p in rows], names=["perturbation", "context"])
+    return pd.DataFrame(np.vstack(list(rows.values())), index=index, columns=[f"g{i}" for i in range(6)])
+
+
+def _cos(u, v):
+    return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
+
+
+def _exact_screen(a=0.8, b=0.5, doubles=("A+B", "A+C", "B+D", "C+D")):
+    rng = np.random.default_rng(0)
+    singles = {g: rng.normal(size=6) for g in "ABCDEF"}
+    shifts = dict(singles)
+    for d in doubles:
+        x, y = d.split("+")
+        shifts[d] = (a + b * _cos(singles[x], singles[y])) * (singles[x] + singles[y])
+    return singles, shifts
+
+
+def test_coefficients_are_recovered_exactly_from_exact_doubles():
+    singles, shifts = _exact_screen()
+    model = InteractionBaseline().fit_means(_means(shifts))
+    assert model.n_doubles_ == 4
+    np.testing.assert_allclose(model.coefficients_, (0.8, 0.5), atol=1e-10)
+    # an unmeasured double of measured singles: (a + b cos) times their sum, by hand
+    c = 0.8 + 0.5 * _cos(singles["E"], singles["F"])
+    assert np.isclose(model.coefficient("E+F", "all"), c)
+    np.testing.assert_allclose(model.predict_shifts(["E+F"]).to_numpy()[0], c * (singles["E"] + singles["F"]))
+    # measured perturbations are their own shift; a single's coefficient is 1
+    np.testing.assert_allclose(model.predict_shifts(["A+B"]).to_numpy()[0], shifts["A+B"])
+    assert model.coefficient("E", "all") == 1.0
+
+
+def test_too_few_doubles_is_the_additive_model():
+    singles, shifts = _exact_screen(doubles=("A+B", "C+D"))
+    means = _means(shifts)
+    model = InteractionBaseline().fit_means(means)
+    assert (model.n_doubles_, model.coefficients_) == (2, (1.0, 0.0))
+    np.testing.assert_allclose(model.predict_shifts(["E+F"]), AdditiveBaseline().fit_means(means).predict_shifts(["E+F"]))
+
+
+def test_interaction_strength_is_learned_from_simulated_doubles():
+    # The simulator's doubles are c (delta_A + delta_B) with c = 1 + strength cos(e_A, e_B).
+    # Measured on seeds 0-2: Spearman of the fitted against the true coefficients 0.73-0.79;
+    # b 0.45-0.95 at strength 0.6 against 0.20-0.61 at 0 (log1p of counts is not additive even
+    # without interactions); in the prior's cross-fitted blend the interaction estimator
+    # outweighs the plain sum (0.44-0.72 against 0.04-0.12).
+    warnings.simplefilter("ignore")
+    for seed in range(3):
+        fits = {}
+        for strength in (0.0, 0.6):
+            adata, emb = simulate_perturbseq(n_genes=80, n_perturbed_genes=30, n_combinations=12, n_cell_types=1,
+                                             n_cells_per_condition=30, embedding_dim=16, seed=seed,
+                                             interaction_strength=strength)
+            fits[strength] = InteractionBaseline().fit(adata, "perturbation")
+        truth = adata.uns["simulation"]["interactions"]["coefficient"]
+        fitted = [fits[0.6].coefficient(d, "all") for d in truth.index]
+        assert spearmanr(truth, fitted)[0] > 0.6, seed
+        assert fits[0.6].coefficients_[1] > fits[0.0].coefficients_[1] + 0.2, seed
+        weights = EffectPrior(emb).fit(adata, "perturbation").weights_["combination"]
+        assert weights["interaction"] > weights.get("additive", 0.0) + 0.25, (seed, weights)
