@@ -21,9 +21,12 @@ def _cos(u, v):
     return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
 
 
-def _exact_screen(a=0.8, b=0.5, doubles=("A+B", "A+C", "B+D", "C+D")):
+EIGHT_DOUBLES = ("A+B", "A+C", "A+D", "B+C", "B+D", "C+D", "A+G", "B+G")
+
+
+def _exact_screen(a=0.8, b=0.5, doubles=EIGHT_DOUBLES):
     rng = np.random.default_rng(0)
-    singles = {g: rng.normal(size=6) for g in "ABCDEF"}
+    singles = {g: rng.normal(size=6) for g in "ABCDEFG"}
     shifts = dict(singles)
     for d in doubles:
         x, y = d.split("+")
@@ -34,7 +37,7 @@ def _exact_screen(a=0.8, b=0.5, doubles=("A+B", "A+C", "B+D", "C+D")):
 def test_coefficients_are_recovered_exactly_from_exact_doubles():
     singles, shifts = _exact_screen()
     model = InteractionBaseline().fit_means(_means(shifts))
-    assert model.n_doubles_ == 4
+    assert model.n_doubles_ == 8
     np.testing.assert_allclose(model.coefficients_, (0.8, 0.5), atol=1e-10)
     # an unmeasured double of measured singles: (a + b cos) times their sum, by hand
     c = 0.8 + 0.5 * _cos(singles["E"], singles["F"])
@@ -46,10 +49,10 @@ def test_coefficients_are_recovered_exactly_from_exact_doubles():
 
 
 def test_too_few_doubles_is_the_additive_model():
-    singles, shifts = _exact_screen(doubles=("A+B", "C+D"))
+    singles, shifts = _exact_screen(doubles=EIGHT_DOUBLES[:7])
     means = _means(shifts)
     model = InteractionBaseline().fit_means(means)
-    assert (model.n_doubles_, model.coefficients_) == (2, (1.0, 0.0))
+    assert (model.n_doubles_, model.coefficients_) == (7, (1.0, 0.0))
     np.testing.assert_allclose(model.predict_shifts(["E+F"]), AdditiveBaseline().fit_means(means).predict_shifts(["E+F"]))
 
 
@@ -73,3 +76,17 @@ def test_interaction_strength_is_learned_from_simulated_doubles():
         assert fits[0.6].coefficients_[1] > fits[0.0].coefficients_[1] + 0.2, seed
         weights = EffectPrior(emb).fit(adata, "perturbation").weights_["combination"]
         assert weights["interaction"] > weights.get("additive", 0.0) + 0.25, (seed, weights)
+
+
+def test_interaction_not_validated_as_itself_gets_no_weight():
+    # 8 doubles: every cross-fitting fold leaves 7 in training, below MIN_DOUBLES, so the
+    # interaction estimator repeated the additive one on every held-out double. Fitted on all
+    # 8 it would differ, unvalidated; so it is left out of the blend.
+    warnings.simplefilter("ignore")
+    adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=10, n_combinations=8, n_cell_types=1,
+                                     n_cells_per_condition=40, seed=1)
+    prior = EffectPrior(emb).fit(adata, "perturbation")
+    assert prior.estimators_["interaction"].n_doubles_ == 8
+    assert prior.estimators_["interaction"].coefficients_ != (1.0, 0.0)
+    assert "interaction" not in prior.weights_["combination"]
+    assert prior.weights_["combination"]["additive"] > 0.2                       # measured 0.26
