@@ -46,6 +46,9 @@ def test_coefficients_are_recovered_exactly_from_exact_doubles():
     # measured perturbations are their own shift; a single's coefficient is 1
     np.testing.assert_allclose(model.predict_shifts(["A+B"]).to_numpy()[0], shifts["A+B"])
     assert model.coefficient("E", "all") == 1.0
+    # three genes: the mean cosine over their pairs
+    mean_cos = np.mean([_cos(singles[x], singles[y]) for x, y in ("EF", "EG", "FG")])
+    assert np.isclose(model.coefficient("E+F+G", "all"), 0.8 + 0.5 * mean_cos)
 
 
 def test_too_few_doubles_is_the_additive_model():

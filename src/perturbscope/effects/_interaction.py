@@ -2,22 +2,27 @@
 
 Norman et al. (2019) fit a double's change as ``c_A delta_A + c_B delta_B``: coefficients above
 1 are synergy, below 1 buffering or suppression. Which pairs synergise cannot be read from the
-singles alone, but it is not arbitrary: genes that move the same programmes tend to reinforce
-each other, opposing ones to cancel. :class:`InteractionBaseline` learns that relation from the
-training doubles: it predicts a double of measured singles as
+singles alone. :class:`InteractionBaseline` tests one simple hypothesis, learned from the
+training combinations: that the scaling depends on how much the single effects align. It
+predicts a combination of measured singles as
 
 ``c (delta_A + delta_B)``, with ``c = a + b cos(delta_A, delta_B)``,
 
-where ``cos`` is the cosine similarity of the two single shifts in the context, and ``(a, b)``
-are fitted by least squares over every training double whose singles were measured in its
-context. With fewer than :data:`MIN_DOUBLES` such doubles (distinct pairs, whatever their number
-of contexts) it is the additive model (``a = 1, b = 0``): a slope fitted on a handful of pairs
-is mostly noise. On the Norman devel data, fitted on 4 doubles per leave-one-double-out fold, it
+where ``cos`` is the cosine similarity of the two single shifts in the context (for three or
+more genes, its mean over their pairs), and ``(a, b)`` are fitted by least squares over every
+training combination whose singles were measured in its context. The effect prior offers it as
+one candidate among others, so the cross-fitting decides whether it earns weight.
+
+With fewer than :data:`MIN_DOUBLES` such combinations (distinct ones, whatever their number of
+contexts) it is the additive model (``a = 1, b = 0``): a slope fitted on a handful of pairs is
+mostly noise. On the Norman devel data, fitted on 4 doubles per leave-one-double-out fold, it
 ranked the held-out doubles' published coefficients in the opposite order (Spearman -0.7 on 5
 doubles), which is how the threshold came to be set above that.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pandas as pd
@@ -67,9 +72,8 @@ class InteractionBaseline(AdditiveBaseline):
             genes = self._genes(perturbation)
             if len(genes) < 2 or not all((g, context) in self.shifts_.index for g in genes):
                 continue
-            summed = sum(self.shifts_.loc[(g, context)].to_numpy() for g in genes)
-            feature = _cosine(*(self.shifts_.loc[(g, context)].to_numpy() for g in genes[:2]))
-            rows.append((self.shifts_.loc[(perturbation, context)].to_numpy(), summed, feature))
+            parts = [self.shifts_.loc[(g, context)].to_numpy() for g in genes]
+            rows.append((self.shifts_.loc[(perturbation, context)].to_numpy(), sum(parts), _similarity(parts)))
             pairs.append((perturbation, context))
         self.n_doubles_ = len({p for p, _ in pairs})
         self.coefficients_ = (1.0, 0.0)
@@ -95,7 +99,8 @@ class InteractionBaseline(AdditiveBaseline):
 
         Returns
         -------
-        ``a + b cos(delta_A, delta_B)``; 1 when fewer than two of its genes were measured alone.
+        ``a + b cos(delta_A, delta_B)`` (the mean cosine over pairs for more genes); 1 when fewer
+        than two of its genes were measured alone.
         """
         self._check_fitted()
         parts = [self._seen_shift(g, context) for g in self._genes(perturbation)]
@@ -103,13 +108,18 @@ class InteractionBaseline(AdditiveBaseline):
         if len(parts) < 2:
             return 1.0
         a, b = self.coefficients_
-        return a + b * _cosine(parts[0], parts[1])
+        return a + b * _similarity(parts)
 
     def _shift(self, perturbation: str, context: str) -> np.ndarray:
         summed = super()._shift(perturbation, context)
         if perturbation in self.seen_:
             return summed
         return self.coefficient(perturbation, context) * summed
+
+
+def _similarity(parts: list[np.ndarray]) -> float:
+    """Mean cosine similarity over the pairs of single shifts (the one cosine of a double)."""
+    return float(np.mean([_cosine(u, v) for u, v in itertools.combinations(parts, 2)]))
 
 
 def _cosine(u: np.ndarray, v: np.ndarray) -> float:
