@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import pytest
 from scipy.stats import spearmanr
 
 from perturbscope.data import simulate_perturbseq
@@ -38,9 +39,10 @@ def test_coefficients_are_recovered_exactly_from_exact_doubles():
     singles, shifts = _exact_screen()
     model = InteractionBaseline().fit_means(_means(shifts))
     assert model.n_doubles_ == 8
-    np.testing.assert_allclose(model.coefficients_, (0.8, 0.5), atol=1e-10)
+    np.testing.assert_allclose(model.coefficients_, (0.8, 0.5), atol=1e-4)  # the ridge's pull: 1e-6
     # an unmeasured double of measured singles: (a + b cos) times their sum, by hand
-    c = 0.8 + 0.5 * _cos(singles["E"], singles["F"])
+    a, b = model.coefficients_
+    c = a + b * _cos(singles["E"], singles["F"])
     assert np.isclose(model.coefficient("E+F", "all"), c)
     np.testing.assert_allclose(model.predict_shifts(["E+F"]).to_numpy()[0], c * (singles["E"] + singles["F"]))
     # measured perturbations are their own shift; a single's coefficient is 1
@@ -48,14 +50,38 @@ def test_coefficients_are_recovered_exactly_from_exact_doubles():
     assert model.coefficient("E", "all") == 1.0
     # three genes: the mean cosine over their pairs
     mean_cos = np.mean([_cos(singles[x], singles[y]) for x, y in ("EF", "EG", "FG")])
-    assert np.isclose(model.coefficient("E+F+G", "all"), 0.8 + 0.5 * mean_cos)
+    assert np.isclose(model.coefficient("E+F+G", "all"), a + b * mean_cos)
+
+
+def test_constant_cosines_put_the_common_scale_on_a():
+    # every double scaled by 1.5 and (nearly) the same cosine: b cannot be told from a, and the
+    # ridge keeps the fit at a ~ 1.5, b ~ 0 instead of two huge opposite coefficients
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=6)
+    singles = {g: base + 1e-4 * rng.normal(size=6) for g in "ABCDEFG"}
+    shifts = dict(singles)
+    for d in EIGHT_DOUBLES:
+        x, y = d.split("+")
+        shifts[d] = 1.5 * (singles[x] + singles[y])
+    model = InteractionBaseline().fit_means(_means(shifts))
+    a, b = model.coefficients_
+    assert abs(a + b - 1.5) < 1e-3, (a, b)
+    assert abs(b) < 0.5, (a, b)
+    assert abs(model.coefficient("E+F", "all") - 1.5) < 1e-3
+
+
+def test_non_finite_shifts_are_an_error_naming_the_combinations():
+    singles, shifts = _exact_screen()
+    shifts["A+B"] = np.full(6, np.nan)
+    with pytest.raises(ValueError, match=r"non-finite training shifts in combinations \['A\+B'\]"):
+        InteractionBaseline().fit_means(_means(shifts))
 
 
 def test_too_few_doubles_is_the_additive_model():
     singles, shifts = _exact_screen(doubles=EIGHT_DOUBLES[:7])
     means = _means(shifts)
     model = InteractionBaseline().fit_means(means)
-    assert (model.n_doubles_, model.coefficients_) == (7, (1.0, 0.0))
+    assert (model.n_doubles_, model.coefficients_, model.fitted_) == (7, (1.0, 0.0), False)
     np.testing.assert_allclose(model.predict_shifts(["E+F"]), AdditiveBaseline().fit_means(means).predict_shifts(["E+F"]))
 
 
@@ -83,8 +109,8 @@ def test_interaction_strength_is_learned_from_simulated_doubles():
 
 def test_interaction_not_validated_as_itself_gets_no_weight():
     # 8 doubles: every cross-fitting fold leaves 7 in training, below MIN_DOUBLES, so the
-    # interaction estimator repeated the additive one on every held-out double. Fitted on all
-    # 8 it would differ, unvalidated; so it is left out of the blend.
+    # interaction estimator fell back to the additive one. Fitted on all 8 it would differ,
+    # unvalidated; so it is left out of the blend.
     warnings.simplefilter("ignore")
     adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=10, n_combinations=8, n_cell_types=1,
                                      n_cells_per_condition=40, seed=1)
@@ -93,3 +119,10 @@ def test_interaction_not_validated_as_itself_gets_no_weight():
     assert prior.estimators_["interaction"].coefficients_ != (1.0, 0.0)
     assert "interaction" not in prior.weights_["combination"]
     assert prior.weights_["combination"]["additive"] > 0.2                       # measured 0.26
+    # 11 doubles in 3 folds: some folds keep 7, too few; left out although others could fit it
+    adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=12, n_combinations=11, n_cell_types=1,
+                                     n_cells_per_condition=40, seed=1)
+    prior = EffectPrior(emb, n_folds=3).fit(adata, "perturbation")
+    assert prior.estimators_["interaction"].fitted_
+    assert "interaction" not in prior.weights_["combination"]
+    assert "interaction (pearson)" not in prior.crossfit_scores_.columns

@@ -37,17 +37,22 @@ class InteractionBaseline(AdditiveBaseline):
     """Predict a combination as its singles' sum, scaled by a coefficient learned from training doubles.
 
     See the module docstring for the model. A perturbation seen in training is predicted by its
-    own shift; a combination holding a gene never measured alone by the sum of the measured
-    ones, as :class:`~perturbscope.effects.AdditiveBaseline` does.
+    own shift. A combination holding a gene never measured alone adds nothing for that gene, as
+    :class:`~perturbscope.effects.AdditiveBaseline` does, and scales the sum of the measured ones
+    by their coefficient (1 when only one of its genes was measured).
 
     Attributes
     ----------
     coefficients_
-        ``(a, b)`` of ``c = a + b cos``; ``(1.0, 0.0)`` (additive) when too few doubles were
-        measured.
+        ``(a, b)`` of ``c = a + b cos``; ``(1.0, 0.0)`` (additive) when too few combinations
+        were measured. The fit is ridge-regularised towards ``(1, 0)`` with a penalty of
+        ``1e-6`` of the design's scale, which only matters where the cosines hardly vary (then
+        ``a`` alone carries the common scaling instead of two huge opposite coefficients).
+    fitted_
+        Whether ``(a, b)`` were fitted (``False``: the additive model).
     n_doubles_
-        Distinct training doubles the coefficients were fitted on (each in every context where
-        it and its singles were measured).
+        Distinct training combinations (doubles, or more genes) the coefficients were fitted
+        on, each in every context where it and its singles were measured.
 
     Examples
     --------
@@ -76,16 +81,21 @@ class InteractionBaseline(AdditiveBaseline):
             rows.append((self.shifts_.loc[(perturbation, context)].to_numpy(), sum(parts), _similarity(parts)))
             pairs.append((perturbation, context))
         self.n_doubles_ = len({p for p, _ in pairs})
-        self.coefficients_ = (1.0, 0.0)
-        if self.n_doubles_ < MIN_DOUBLES:
+        self.coefficients_, self.fitted_ = (1.0, 0.0), self.n_doubles_ >= MIN_DOUBLES
+        if not self.fitted_:
             return
-        # minimise sum_i ||d_i - (a + b f_i) s_i||^2: linear least squares in (a, b)
+        # minimise sum_i ||d_i - (a + b f_i) s_i||^2 + lam ||(a, b) - (1, 0)||^2, in closed form
         design = np.column_stack([np.concatenate([s for _, s, _ in rows]),
                                   np.concatenate([f * s for _, s, f in rows])])
         target = np.concatenate([d for d, _, _ in rows])
-        solution, _, rank, _ = np.linalg.lstsq(design, target, rcond=None)
-        if rank == 2:
-            self.coefficients_ = (float(solution[0]), float(solution[1]))
+        if not (np.isfinite(design).all() and np.isfinite(target).all()):
+            bad = sorted({p for (p, _), (d, s, _) in zip(pairs, rows) if not np.isfinite(np.r_[d, s]).all()})
+            raise ValueError(f"non-finite training shifts in combinations {bad[:5]} or their singles; "
+                             "the interaction coefficients cannot be fitted.")
+        gram = design.T @ design
+        lam = 1e-6 * np.trace(gram)
+        a, b = np.linalg.solve(gram + lam * np.eye(2), design.T @ target + lam * np.array([1.0, 0.0]))
+        self.coefficients_ = (float(a), float(b))
 
     def coefficient(self, perturbation: str, context: str) -> float:
         """The scaling ``c`` of ``perturbation``'s summed singles in ``context`` (1 for a single).
@@ -100,7 +110,8 @@ class InteractionBaseline(AdditiveBaseline):
         Returns
         -------
         ``a + b cos(delta_A, delta_B)`` (the mean cosine over pairs for more genes); 1 when fewer
-        than two of its genes were measured alone.
+        than two of its genes were measured alone. A combination measured in training is
+        predicted by its own shift, which this coefficient does not scale.
         """
         self._check_fitted()
         parts = [self._seen_shift(g, context) for g in self._genes(perturbation)]

@@ -10,8 +10,9 @@ A query is a perturbation in a context. Its *kind* decides which estimators can 
   well-measured training groups and scoring against the mean of those groups' other cells.
 * ``"combination"``: several genes, each measured alone in training; candidates are the sum of
   the single shifts (``additive``), that sum scaled by an interaction coefficient learned from
-  the training doubles (``interaction``, :class:`InteractionBaseline`), their mean, the linear
-  model and the perturbed mean.
+  the training doubles (``interaction``, :class:`InteractionBaseline`; a candidate only where
+  every cross-fitting fold had enough doubles to fit it), their mean, the linear model and the
+  perturbed mean.
 * ``"unseen_gene"``: a gene never perturbed in training; candidates are the linear model on
   gene embeddings, embedding neighbours, the perturbed mean and no change.
 * ``"partial_combination"``: several genes, at least one never perturbed alone in training (the
@@ -262,11 +263,7 @@ class EffectPrior(FewShotMixin):
         names = [name for name in self._available(kind) if name in per]
         truth = next(iter(per.values()))[3]
         predictions = {name: truth - per[name][1] for name in names}
-        # a candidate that repeated an earlier one on every held-out query (the interaction
-        # estimator with too few doubles is the additive one) was not validated as itself
-        distinct = {n: p for i, (n, p) in enumerate(predictions.items())
-                    if not any(np.array_equal(p, predictions[m]) for m in names[:i])}
-        weights = bagged_stack_weights(distinct, truth, truth.shape[1], self.n_bootstrap, self.seed)
+        weights = bagged_stack_weights(predictions, truth, truth.shape[1], self.n_bootstrap, self.seed)
         stacked = sum(w * predictions[name] for name, w in weights.items())
         rows = {**{name: per[name][0] for name in names},
                 "stacked": [top_change_scores(p, t) for p, t in zip(stacked, truth)]}
@@ -354,12 +351,14 @@ class EffectPrior(FewShotMixin):
 
     def _score_folds(self, kind: str, folds) -> dict[str, tuple[list, np.ndarray, np.ndarray, np.ndarray]]:
         out: dict[str, tuple[list, list, list, list]] = {}
+        unvalidated = set()  # fell back in a fold (the interaction estimator with too few doubles)
         for reduced, held in folds:
             if not held or reduced.index.get_level_values("perturbation").nunique() < 2:
                 continue
             blend = self.weights_.get("unseen_gene", {}) if kind == "partial_combination" else {}
             fitted = self._fit_estimators(reduced, self._estimator_names(self._available(kind), blend))
             reference = fitted.get("additive") or next(iter(fitted.values()))
+            unvalidated |= {name for name, e in fitted.items() if not getattr(e, "fitted_", True)}
             for name in self._available(kind):
                 if name not in fitted and name != "gene_by_gene":
                     continue
@@ -371,7 +370,8 @@ class EffectPrior(FewShotMixin):
                     residuals.append(truth - predicted)
                     scales.append(self._scale(kind, p, reference))
                     truths.append(truth)
-        return {name: (e, np.asarray(r), np.asarray(s), np.asarray(t)) for name, (e, r, s, t) in out.items()}
+        return {name: (e, np.asarray(r), np.asarray(s), np.asarray(t))
+                for name, (e, r, s, t) in out.items() if name not in unvalidated}
 
     def _held_out_prediction(self, name: str, fitted: dict[str, Baseline], p: str, c: str) -> np.ndarray:
         """A candidate's prediction of the held-out query ``p`` in ``c`` from the fold's estimators.
