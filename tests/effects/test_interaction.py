@@ -126,3 +126,22 @@ def test_interaction_not_validated_as_itself_gets_no_weight():
     assert prior.estimators_["interaction"].fitted_
     assert "interaction" not in prior.weights_["combination"]
     assert "interaction (pearson)" not in prior.crossfit_scores_.columns
+
+
+def test_interaction_beats_the_plain_sum_on_held_out_simulated_doubles():
+    # 24 doubles, 6 held out, 8 seeds; L2 of the predicted against the observed mean shift of
+    # each held-out double (the two share Pearson: c only scales the sum). Measured: mean L2
+    # 7.94 against 8.25, lower on 5 of 8 seeds.
+    warnings.simplefilter("ignore")
+    errors = {"additive": [], "interaction": []}
+    for seed in range(8):
+        adata, _ = simulate_perturbseq(n_genes=80, n_perturbed_genes=24, n_combinations=24, n_cell_types=1,
+                                       n_cells_per_condition=30, embedding_dim=16, seed=seed)
+        held = list(adata.uns["simulation"]["interactions"].index)[:6]
+        observed = AdditiveBaseline().fit(adata, "perturbation").predict_shifts(held)
+        train = adata[~adata.obs["perturbation"].astype(str).isin(held).to_numpy()]
+        for name, model in (("additive", AdditiveBaseline()), ("interaction", InteractionBaseline())):
+            predicted = model.fit(train, "perturbation").predict_shifts(held)
+            errors[name].append(np.linalg.norm(predicted - observed, axis=1).mean())
+    assert InteractionBaseline().fit(train, "perturbation").fitted_
+    assert np.mean(errors["interaction"]) < np.mean(errors["additive"]) * 0.99, errors
