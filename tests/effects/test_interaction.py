@@ -145,3 +145,16 @@ def test_interaction_beats_the_plain_sum_on_held_out_simulated_doubles():
             errors[name].append(np.linalg.norm(predicted - observed, axis=1).mean())
     assert InteractionBaseline().fit(train, "perturbation").fitted_
     assert np.mean(errors["interaction"]) < np.mean(errors["additive"]) * 0.99, errors
+
+
+def test_a_blend_holding_the_interaction_estimator_survives_its_state():
+    warnings.simplefilter("ignore")
+    adata, emb = simulate_perturbseq(n_genes=80, n_perturbed_genes=30, n_combinations=12, n_cell_types=1,
+                                     n_cells_per_condition=30, embedding_dim=16, seed=1)
+    prior = EffectPrior(emb).fit(adata, "perturbation")
+    assert prior.weights_["combination"]["interaction"] > 0.5                      # measured 0.72
+    again = EffectPrior.from_state(prior.state(), emb)
+    assert again.estimators_["interaction"].coefficients_ == prior.estimators_["interaction"].coefficients_
+    query = "G02+G03"  # two measured genes, a double never measured
+    assert prior.kind(query, "all") == "combination"
+    np.testing.assert_array_equal(again.predict_shifts([query], "all"), prior.predict_shifts([query], "all"))
