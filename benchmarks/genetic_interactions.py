@@ -132,9 +132,9 @@ def main() -> None:
     for source, name in lodo_sources.items():
         rows = []
         for double in all_doubles:  # trained on every other double
-            keep = (labels != double).to_numpy()
             if name == "interaction" and double not in doubles:
                 continue  # it predicts only doubles whose singles were measured
+            keep = (labels != double).to_numpy()
             model = (InteractionBaseline() if name == "interaction"
                      else make_model(name, embeddings, seed=args.seed, scopevi_kwargs=scopevi_train))
             with warnings.catch_warnings():

@@ -72,24 +72,24 @@ class InteractionBaseline(AdditiveBaseline):
     name = "interaction"
 
     def _fit_extra(self, means: pd.DataFrame) -> None:
-        rows, pairs = [], []
+        rows = []  # (combination, its shift, the sum of its singles, their similarity)
         for perturbation, context in self.shifts_.index:
             genes = self._genes(perturbation)
             if len(genes) < 2 or not all((g, context) in self.shifts_.index for g in genes):
                 continue
             parts = [self.shifts_.loc[(g, context)].to_numpy() for g in genes]
-            rows.append((self.shifts_.loc[(perturbation, context)].to_numpy(), sum(parts), _similarity(parts)))
-            pairs.append((perturbation, context))
-        self.n_doubles_ = len({p for p, _ in pairs})
+            rows.append((perturbation, self.shifts_.loc[(perturbation, context)].to_numpy(), sum(parts),
+                         _similarity(parts)))
+        self.n_doubles_ = len({p for p, *_ in rows})
         self.coefficients_, self.fitted_ = (1.0, 0.0), self.n_doubles_ >= MIN_DOUBLES
         if not self.fitted_:
             return
         # minimise sum_i ||d_i - (a + b f_i) s_i||^2 + lam ||(a, b) - (1, 0)||^2, in closed form
-        design = np.column_stack([np.concatenate([s for _, s, _ in rows]),
-                                  np.concatenate([f * s for _, s, f in rows])])
-        target = np.concatenate([d for d, _, _ in rows])
+        design = np.column_stack([np.concatenate([s for *_, s, _ in rows]),
+                                  np.concatenate([f * s for *_, s, f in rows])])
+        target = np.concatenate([d for _, d, _, _ in rows])
         if not (np.isfinite(design).all() and np.isfinite(target).all()):
-            bad = sorted({p for (p, _), (d, s, _) in zip(pairs, rows) if not np.isfinite(np.r_[d, s]).all()})
+            bad = sorted({p for p, d, s, _ in rows if not np.isfinite(np.r_[d, s]).all()})
             raise ValueError(f"non-finite training shifts in combinations {bad[:5]} or their singles; "
                              "the interaction coefficients cannot be fitted.")
         gram = design.T @ design
@@ -114,18 +114,25 @@ class InteractionBaseline(AdditiveBaseline):
         predicted by its own shift, which this coefficient does not scale.
         """
         self._check_fitted()
+        return self._scaling(self._measured_parts(perturbation, context))
+
+    def _measured_parts(self, perturbation: str, context: str) -> list[np.ndarray]:
+        """The shifts of the genes of ``perturbation`` that were measured alone."""
         parts = [self._seen_shift(g, context) for g in self._genes(perturbation)]
-        parts = [p for p in parts if p is not None]
+        return [p for p in parts if p is not None]
+
+    def _scaling(self, parts: list[np.ndarray]) -> float:
+        """``a + b`` times the parts' similarity; 1 for fewer than two parts."""
         if len(parts) < 2:
             return 1.0
         a, b = self.coefficients_
         return a + b * _similarity(parts)
 
     def _shift(self, perturbation: str, context: str) -> np.ndarray:
-        summed = super()._shift(perturbation, context)
         if perturbation in self.seen_:
-            return summed
-        return self.coefficient(perturbation, context) * summed
+            return super()._shift(perturbation, context)
+        parts = self._measured_parts(perturbation, context)  # each single's shift read once
+        return self._scaling(parts) * sum(parts, np.zeros(len(self.var_names_)))
 
 
 def _similarity(parts: list[np.ndarray]) -> float:

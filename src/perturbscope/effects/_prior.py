@@ -360,8 +360,8 @@ class EffectPrior(FewShotMixin):
             reference = fitted.get("additive") or next(iter(fitted.values()))
             unvalidated |= {name for name, e in fitted.items() if not getattr(e, "fitted_", True)}
             for name in self._available(kind):
-                if name not in fitted and name != "gene_by_gene":
-                    continue
+                if (name not in fitted and name != "gene_by_gene") or name in unvalidated:
+                    continue  # an estimator that fell back in any fold is not scored at all
                 errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
                 for p, c in held:
                     truth = self.shifts_.loc[(p, c)].to_numpy()

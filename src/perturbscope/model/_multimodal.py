@@ -114,7 +114,6 @@ class MultimodalMixin:
             # few-shot blends for queries read from a folder, as for RNA (few_shot_blends_)
             self.modality_few_shot_blends_ = {key: few_shot_blends(prior, data[key], "counts")
                                               for key, prior in priors.items()}
-            self._modality_priors = {}
         elif inherited and self._has_perturbed_cells():  # a query's perturbed cells join each prior
             reference = getattr(self, "_prior_reference", None)
             blends = getattr(self, "modality_few_shot_blends_", None) or {}
@@ -125,7 +124,7 @@ class MultimodalMixin:
                     state, self._prior_embeddings(), query,
                     None if reference is None else reference._modality_training_data(key), "counts",
                     blends.get(key)).state()
-            self._modality_priors = {}
+        self._modality_priors = {}  # rebuilt from the states on first use
         return result
 
     def _query_cells_with_controls(self, key: str, state: dict) -> ad.AnnData:
