@@ -77,6 +77,11 @@ def test_non_finite_shifts_are_an_error_naming_the_combinations():
         InteractionBaseline().fit_means(_means(shifts))
 
 
+def test_coefficient_before_fitting_is_an_error():
+    with pytest.raises(RuntimeError, match=r"^InteractionBaseline is not fitted; call fit\(adata_train, \.\.\.\)\.$"):
+        InteractionBaseline().coefficient("A+B", "all")
+
+
 def test_too_few_doubles_is_the_additive_model():
     singles, shifts = _exact_screen(doubles=EIGHT_DOUBLES[:7])
     means = _means(shifts)
