@@ -107,6 +107,28 @@ def test_combinations_holding_a_validation_gene_are_partial_validation_queries()
     assert set(model.correction_scores_["partial_combination"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("n_types", "n_held"), [(3, 1), (4, 2)])
+def test_unseen_context_validation_holds_out_two_contexts_from_four(n_types, n_held):
+    """With four or more training contexts the unseen-context weight is validated on two, whose
+    perturbed cells (and only theirs among the contexts) are kept out of the VAE's training."""
+    adata, emb = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=0, n_cell_types=n_types,
+                                     n_cells_per_condition=12, embedding_dim=4, seed=0)
+    scvi.settings.seed = 0
+    ps.ScopeVI.setup_anndata(adata, "perturbation", context_key="cell_type", gene_embeddings=emb)
+    model = ps.ScopeVI(adata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, **QUIET)
+    queries = model.validation_perturbations_["unseen_context"]
+    contexts = sorted({q.split("|")[1] for q in queries})
+    assert len(contexts) == n_held
+    perturbations = [p for p in adata.obs["perturbation"].astype(str).unique() if p != "control"]
+    assert sorted(q.split("|")[0] for q in queries) == sorted(perturbations * n_held)
+    obs = adata.obs.iloc[model.train_indices]
+    perturbed = obs["perturbation"].astype(str) != "control"
+    assert (obs["perturbation"].astype(str)[obs["cell_type"].astype(str).isin(contexts)] == "control").all()
+    assert set(obs["cell_type"].astype(str)[perturbed]) == set(adata.obs["cell_type"].astype(str)) - set(contexts)
+
+
 # ---------------------------------------------------------------- a measured null perturbation
 @pytest.mark.slow
 def test_null_perturbation_on_sparse_counts_is_the_control_pseudobulk():

@@ -12,8 +12,9 @@ perturbation ``p`` and the anchor's context ``c``::
   and ``m(p, c)`` its mean over the context's anchors;
 * ``w_k``: the weight of the learned mean correction for kind ``k``, chosen on training
   perturbations that the VAE did not see: before training, some single genes (with the
-  combinations that hold them), some combinations and one context's perturbed cells are held
-  out of the VAE's training cells; after training,
+  combinations that hold them), some combinations and the perturbed cells of one context (two
+  with four or more training contexts, :data:`VALIDATION_CONTEXTS`) are held out of the VAE's
+  training cells; after training,
   ``w_k`` in ``{0, 0.25, 0.5, 0.75, 1}`` with the best held-out Pearson correlation of
   ``s' + w (m - s')`` with the observed shift (``s'`` the prior refitted without them; within
   0.02 of the best, the lowest error) is kept, among the weights whose held-out error is below
@@ -58,6 +59,9 @@ from ..effects import KINDS, EffectPrior, pick, top_change_scores
 from ..effects._prior import MIN_HELD_OUT
 from ..module._scopevae import COUNT_LIKELIHOODS
 
+#: Contexts held out of the VAE to validate the unseen-context correction, where at least twice as
+#: many are in training (one context with two or three).
+VALIDATION_CONTEXTS = 2
 #: Candidate weights of the learned mean correction.
 CORRECTION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: Candidate weights of the VAE's cell-level response (the term that is zero on average).
@@ -261,19 +265,17 @@ class EffectCorrectionMixin:
                                        if len(genes(p)) > 1 and set(genes(p)) & held_gene_names]
         held_combos = set(_sample(combos, rng))
         held["combination"] = [(p, c) for p, c in rows if p in held_combos]
-        contexts = sorted({c for _, c in rows})
-        if len(contexts) >= 2:
-            context = contexts[int(rng.integers(len(contexts)))]
-            elsewhere = {p for p, c in rows if c != context}
-            held["unseen_context"] = [(p, c) for p, c in rows if c == context and p in elsewhere]
+        held_contexts = _validation_contexts(sorted({c for _, c in rows}), rng)
+        elsewhere = {p for p, c in rows if c not in held_contexts}
+        held["unseen_context"] = [(p, c) for p, c in rows if c in held_contexts and p in elsewhere]
         labels = expression.obs["perturbation"].to_numpy()
         contexts_of = expression.obs["context"].to_numpy()
         perturbed = ~is_control(labels, control)
         gene_hit = np.array([bool(set(genes(p)) & held_gene_names) for p in labels]) \
             if held_genes else np.zeros(len(labels), dtype=bool)
         mask = perturbed & (gene_hit | np.isin(labels, list(held_combos)))
-        if held.get("unseen_context"):
-            mask |= perturbed & (contexts_of == held["unseen_context"][0][1])
+        if held["unseen_context"]:
+            mask |= perturbed & np.isin(contexts_of, held_contexts)
         return {k: v for k, v in held.items() if v}, mask
 
     def _choose_weights(self, prior: EffectPrior, expression: ad.AnnData, held: dict):
@@ -511,6 +513,29 @@ def _lowers_error(errors: list, baseline: list) -> bool:
     if len(differences) < MIN_HELD_OUT:
         return float(differences.mean()) <= 0
     return float(differences.mean() + differences.std(ddof=1) / np.sqrt(len(differences))) <= 0
+
+
+def _validation_contexts(contexts: list[str], rng: np.random.Generator) -> list[str]:
+    """The contexts whose perturbed cells validate the unseen-context correction.
+
+    One drawn context (none with fewer than 2), and up to :data:`VALIDATION_CONTEXTS` where at
+    least twice as many are in training, so that the weight is not chosen on one cell type alone.
+
+    Examples
+    --------
+    >>> _validation_contexts(["a"], np.random.default_rng(0))
+    []
+    >>> len(_validation_contexts(["a", "b", "c"], np.random.default_rng(0)))
+    1
+    >>> len(_validation_contexts(list("abcdef"), np.random.default_rng(0)))
+    2
+    """
+    if len(contexts) < 2:
+        return []
+    first = contexts[int(rng.integers(len(contexts)))]
+    n = VALIDATION_CONTEXTS if len(contexts) >= 2 * VALIDATION_CONTEXTS else 1
+    rest = [c for c in contexts if c != first]
+    return [first, *(rest[i] for i in sorted(rng.choice(len(rest), n - 1, replace=False)))]
 
 
 def _sample(items: list[str], rng: np.random.Generator) -> list[str]:
