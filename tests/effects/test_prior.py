@@ -1,5 +1,6 @@
 """The effect prior: its scoring helpers, its kinds of query, its choices and its intervals."""
 
+import copy
 import warnings
 
 import anndata as ad
@@ -143,6 +144,28 @@ def test_fit_few_shot_bad_input(two_context_prior):
         prior.fit_few_shot(train, labels[:-1], contexts)
     with pytest.raises(ValueError, match=r"^k must be a positive integer, got 0\."):
         prior.fit_few_shot(train, labels, contexts, k=0)
+
+
+def test_few_shot_blend_equals_fit_few_shot_and_leaves_the_prior_unchanged(two_context_prior):
+    """The blend returned at ``k`` is the one :meth:`fit_few_shot` keeps at ``k`` (same draws),
+    and returning it changes none of the prior's weights, intervals or scores."""
+    prior, train, _ = two_context_prior
+    labels = train.obs["perturbation"].astype(str).to_numpy()
+    contexts = train.obs["cell_type"].astype(str).to_numpy()
+    before = copy.deepcopy((prior.weights_, prior.n_held_out_, prior.quantiles_, prior.crossfit_scores_))
+    blend = prior.few_shot_blend(train, labels, contexts, k=5)
+    after = (prior.weights_, prior.n_held_out_, prior.quantiles_, prior.crossfit_scores_)
+    assert before[:2] == after[:2]
+    assert before[2].keys() == after[2].keys()
+    pd.testing.assert_frame_equal(before[3], after[3])
+    kept = copy.deepcopy(prior).fit_few_shot(train, labels, contexts, k=5)
+    assert blend["n_held_out"] == kept.n_held_out_["few_shot"] >= 3
+    assert blend["weights"] == kept.weights_["few_shot"]
+    for level, widths in kept.quantiles_["few_shot"].items():
+        np.testing.assert_array_equal(blend["quantiles"][level], widths)
+    assert blend["scores"] == kept.crossfit_scores_.loc["few_shot"].dropna().to_dict()
+    with pytest.raises(RuntimeError, match=r"^few_shot_blend needs the group means first"):
+        EffectPrior().few_shot_blend(train, labels, contexts, k=5)
 
 
 def test_stacked_blend_is_no_worse_than_any_candidate_on_the_fitted_entries():

@@ -70,6 +70,31 @@ class FewShotMixin:
             self._choose("few_shot", few)
         return self
 
+    def few_shot_blend(self, adata, labels: np.ndarray, contexts: np.ndarray, k: int, layer: str | None = None,
+                       data_scale: str = "counts") -> dict | None:
+        """The ``"few_shot"`` blend cross-fitted at ``k`` cells, leaving the prior as it is.
+
+        As :meth:`fit_few_shot` with ``k`` given, but returned instead of kept: a dict with
+        ``"weights"``, ``"n_held_out"``, ``"scores"`` and ``"quantiles"`` (``None`` for both
+        with fewer than :data:`MIN_HELD_OUT` held-out groups), or ``None`` where no group has
+        ``2 k`` cells to draw from.
+
+        Examples
+        --------
+        >>> from perturbscope.data import simulate_perturbseq
+        >>> from perturbscope.effects import EffectPrior
+        >>> adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=6, n_combinations=0,
+        ...                                n_cell_types=1, n_cells_per_condition=40, seed=0)
+        >>> prior = EffectPrior().fit(adata, "perturbation")
+        >>> labels, contexts = adata.obs["perturbation"].astype(str).to_numpy(), np.full(adata.n_obs, "all")
+        >>> blend = prior.few_shot_blend(adata, labels, contexts, k=5)
+        >>> blend["n_held_out"], prior.n_held_out_["few_shot"]   # the prior's own is unchanged
+        (6, 0)
+        """
+        self._check_cells("few_shot_blend needs the group means first; call fit_means (or fit).", adata, labels, contexts)
+        few = self._few_shot_residuals(adata, layer, data_scale, np.asarray(labels), np.asarray(contexts), k)
+        return self._stacked_blend("few_shot", few) if few else None
+
     def add_groups(self, adata, labels: np.ndarray, contexts: np.ndarray, layer: str | None = None,
                    data_scale: str = "counts") -> FewShotMixin:
         """Add the group means of new cells, such as a query's few cells, keeping the blends.

@@ -255,11 +255,24 @@ class EffectPrior(FewShotMixin):
 
     def _choose(self, kind: str, per: dict) -> None:
         """Stack the candidates on their held-out predictions and calibrate the blend's intervals."""
-        n = len(next(iter(per.values()))[0]) if per else 0
-        self.n_held_out_[kind] = n
-        if n < MIN_HELD_OUT:
-            self.weights_[kind] = {self._available(kind)[0]: 1.0}
+        blend = self._stacked_blend(kind, per)
+        self.n_held_out_[kind] = blend["n_held_out"]
+        self.weights_[kind] = blend["weights"]
+        if blend["quantiles"] is None:
             return
+        for column, value in blend["scores"].items():
+            self.crossfit_scores_.loc[kind, column] = value
+        self.quantiles_[kind] = blend["quantiles"]
+
+    def _stacked_blend(self, kind: str, per: dict) -> dict:
+        """``{"weights", "n_held_out", "scores", "quantiles"}`` of ``kind``'s blend; changes nothing.
+
+        With fewer than :data:`MIN_HELD_OUT` held-out queries the kind's first candidate
+        answers alone, without scores or intervals (``None``).
+        """
+        n = len(next(iter(per.values()))[0]) if per else 0
+        if n < MIN_HELD_OUT:
+            return {"weights": {self._available(kind)[0]: 1.0}, "n_held_out": n, "scores": None, "quantiles": None}
         names = [name for name in self._available(kind) if name in per]
         truth = next(iter(per.values()))[3]
         predictions = {name: truth - per[name][1] for name in names}
@@ -267,13 +280,13 @@ class EffectPrior(FewShotMixin):
         stacked = sum(w * predictions[name] for name, w in weights.items())
         rows = {**{name: per[name][0] for name in names},
                 "stacked": [top_change_scores(p, t) for p, t in zip(stacked, truth)]}
+        scores = {}
         for name, errors in rows.items():
             mse, pearson = np.mean(np.asarray(errors, dtype=float), axis=0)
-            self.crossfit_scores_.loc[kind, f"{name} (pearson)"] = float(pearson)
-            self.crossfit_scores_.loc[kind, f"{name} (mse)"] = float(mse)
-        self.weights_[kind] = {name: w for name, w in weights.items() if w > 0}
+            scores[f"{name} (pearson)"], scores[f"{name} (mse)"] = float(pearson), float(mse)
         scale = per[names[0]][2]
-        self.quantiles_[kind] = gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels)
+        return {"weights": {name: w for name, w in weights.items() if w > 0}, "n_held_out": n, "scores": scores,
+                "quantiles": gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels)}
 
     def _names(self, weights: dict[str, dict[str, float]] | None) -> list[str]:
         """The estimators to fit for ``weights`` (every candidate when ``None``)."""

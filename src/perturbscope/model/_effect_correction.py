@@ -31,7 +31,6 @@ distribution is ScopeVI's to the extent that it was validated. ``effect_prior=Fa
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Literal
 
@@ -460,12 +459,10 @@ def few_shot_blends(prior: EffectPrior, expression: ad.AnnData, data_scale: str,
     labels, contexts = expression.obs["perturbation"].to_numpy(), expression.obs["context"].to_numpy()
     out = {}
     for k in shots:
-        fitted = copy.deepcopy(prior)
-        fitted.n_held_out_["few_shot"] = 0  # unchanged when nothing can be drawn at k
-        fitted.fit_few_shot(expression, labels, contexts, None, data_scale, k=k)
-        if fitted.n_held_out_["few_shot"] >= MIN_HELD_OUT:
-            out[int(k)] = {"weights": dict(fitted.weights_["few_shot"]), "n_held_out": int(fitted.n_held_out_["few_shot"]),
-                           "quantiles": {float(lv): np.asarray(q) for lv, q in fitted.quantiles_["few_shot"].items()}}
+        blend = prior.few_shot_blend(expression, labels, contexts, k, None, data_scale)
+        if blend is not None and blend["n_held_out"] >= MIN_HELD_OUT:
+            out[int(k)] = {"weights": dict(blend["weights"]), "n_held_out": int(blend["n_held_out"]),
+                           "quantiles": {float(lv): np.asarray(q) for lv, q in blend["quantiles"].items()}}
     return out
 
 
