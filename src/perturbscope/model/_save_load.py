@@ -20,6 +20,7 @@ from scvi import REGISTRY_KEYS as SCVI_KEYS
 
 from .._safe_load import load_model_file
 from ..data import check_var_names
+from ..module._scopevae import covariate_widths
 
 #: The setup methods a saved file may name; anything else is refused.
 ALLOWED_SETUP_METHODS = ("setup_anndata", "setup_mudata")
@@ -179,8 +180,8 @@ class SafeLoadMixin:
 def registry_covariate_sizes(registry: dict) -> list[int]:
     """One-hot widths of the decoder covariates a registry implies (``ScopeVAE.covariate_sizes``).
 
-    The batch first, then each extra categorical covariate; ``0`` where a covariate has one
-    category (it is not one-hot encoded).
+    The batch first, then each extra categorical covariate, by the module's own rule
+    (:func:`~perturbscope.module._scopevae.covariate_widths`).
 
     Examples
     --------
@@ -192,7 +193,7 @@ def registry_covariate_sizes(registry: dict) -> list[int]:
     fields = registry["field_registries"]
     n_batch = fields.get(SCVI_KEYS.BATCH_KEY, {}).get("summary_stats", {}).get("n_batch", 1)
     per_key = fields.get(SCVI_KEYS.CAT_COVS_KEY, {}).get("state_registry", {}).get("n_cats_per_key", [])
-    return [n if n > 1 else 0 for n in (n_batch, *per_key)]
+    return covariate_widths(n_batch, per_key)
 
 
 def expand_covariate_columns(

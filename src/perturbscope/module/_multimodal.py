@@ -117,7 +117,7 @@ class MultimodalScopeVAE(ScopeVAE):
         n_perturbation = self.perturbation_encoder.n_output
         n_layers, n_hidden = kwargs.get("n_layers", 2), kwargs.get("n_hidden", 128)
         decoder_input = self.n_latent + (n_perturbation if self.perturbation_effect == "dense" else 0)
-        cat_list = [self.n_batch if self.n_batch > 1 else 0, *list(kwargs.get("n_cats_per_cov") or [])]
+        cat_list = self.covariate_sizes  # the RNA decoder's one-hot widths
         encoder_kwargs = {"n_output": self.n_latent, "n_layers": n_layers, "n_hidden": n_hidden,
                           "dropout_rate": kwargs.get("dropout_rate", 0.1), "return_dist": True}
         self.modality_encoders = nn.ModuleDict()

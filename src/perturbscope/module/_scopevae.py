@@ -53,6 +53,21 @@ PerturbationEffect = Literal["dense", "sparse"]
 Combination = Literal["additive", "joint"]
 
 
+def covariate_widths(n_batch: int, n_cats_per_cov: Iterable[int] | None) -> list[int]:
+    """One-hot widths of the decoder covariates: the batch, then each extra categorical covariate.
+
+    ``0`` where a covariate has one category (FCLayers does not one-hot encode it).
+
+    Examples
+    --------
+    >>> covariate_widths(3, [1, 4])
+    [3, 0, 4]
+    >>> covariate_widths(1, None)
+    [0]
+    """
+    return [n if n > 1 else 0 for n in (n_batch, *(n_cats_per_cov or ()))]
+
+
 class DecodedExpression(NamedTuple):
     """What :meth:`ScopeVAE.decode` returns; every field has shape ``(..., n_cells, n_genes)``.
 
@@ -201,9 +216,9 @@ class ScopeVAE(BaseModuleClass):
         self.prior_shift = nn.Linear(n_hidden, n_latent)
         self.prior_scale = nn.Linear(n_hidden, n_latent)
 
-        cat_list = [n_batch if n_batch > 1 else 0, *list(n_cats_per_cov or [])]
+        cat_list = covariate_widths(n_batch, n_cats_per_cov)
         #: One-hot widths of the decoder covariates (0 = not one-hot encoded), as FCLayers sees them.
-        self.covariate_sizes = [n if n > 1 else 0 for n in cat_list]
+        self.covariate_sizes = cat_list
         self._use_batch = n_batch > 1
         decoder_input = n_latent + (n_perturbation if perturbation_effect == "dense" else 0)
         if gene_likelihood == "normal":
