@@ -107,6 +107,27 @@ def test_combinations_holding_a_validation_gene_are_partial_validation_queries()
     assert set(model.correction_scores_["partial_combination"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
 
 
+def test_each_validation_query_is_of_its_own_kind_for_the_reduced_prior():
+    """A held-out combination holds no held-out gene, and a held-out context's queries exclude
+    the perturbations held out everywhere: the prior refitted without them answers every
+    validation query as the kind whose weight it validates."""
+    adata, emb = simulate_perturbseq(n_genes=60, n_perturbed_genes=30, n_combinations=30, n_cell_types=2,
+                                     n_cells_per_condition=12, embedding_dim=8, seed=0)
+    ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=emb, context_key="cell_type")
+    model = ps.ScopeVI(adata, n_latent=4, n_hidden=16)
+    expression = model._training_expression()
+    prior = ps.effects.EffectPrior(emb, n_bootstrap=0).fit(expression, "perturbation", "control", "context")
+    held, _ = model._validation_queries(prior, expression)
+    assert set(held) == {"unseen_gene", "partial_combination", "combination", "unseen_context"}
+    excluded = {q for queries in held.values() for q in queries}
+    reduced = ps.effects.EffectPrior(emb).fit_means(
+        prior.means_[[idx not in excluded for idx in prior.means_.index]], "control", "context", "+",
+        weights=prior.weights_)
+    for kind, queries in held.items():
+        assert len(queries) >= 3
+        assert {reduced.kind(p, c) for p, c in queries} == {kind}, kind
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("n_types", "n_held"), [(3, 1), (4, 2)])
 def test_unseen_context_validation_holds_out_two_contexts_from_four(n_types, n_held):

@@ -262,10 +262,13 @@ class EffectCorrectionMixin:
         held_gene_names = {genes(q)[0] for q in held_genes}
         held["partial_combination"] = [(p, c) for p, c in rows
                                        if len(genes(p)) > 1 and set(genes(p)) & held_gene_names]
-        held_combos = set(_sample(combos, rng))
+        # the held combinations, and the held contexts' queries, are of their own kind only: none
+        # holds a gene (or is a combination) already held out everywhere for another kind
+        held_combos = set(_sample([p for p in combos if not set(genes(p)) & held_gene_names], rng))
         held["combination"] = [(p, c) for p, c in rows if p in held_combos]
+        removed = {p for kind in ("unseen_gene", "partial_combination", "combination") for p, _ in held[kind]}
         held_contexts = _validation_contexts(sorted({c for _, c in rows}), rng)
-        elsewhere = {p for p, c in rows if c not in held_contexts}
+        elsewhere = {p for p, c in rows if c not in held_contexts and p not in removed}
         held["unseen_context"] = [(p, c) for p, c in rows if c in held_contexts and p in elsewhere]
         labels = expression.obs["perturbation"].to_numpy()
         contexts_of = expression.obs["context"].to_numpy()
