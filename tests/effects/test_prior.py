@@ -508,3 +508,33 @@ def test_few_shot_truth_is_the_mean_of_the_groups_other_cells(two_context_prior)
         drawn, rest = prior._drawn_and_rest_means(train, cells, 5, ("G00", "type_0"), n_group, None, "counts")
         np.testing.assert_allclose(drawn, np.asarray(expected[0]).ravel(), rtol=0, atol=1e-5)  # float32 input
         np.testing.assert_allclose(rest, np.asarray(expected[1]).ravel(), rtol=0, atol=1e-5)
+
+
+def test_query_groups_cross_fit_the_few_shot_blend_at_the_querys_group_size(monkeypatch):
+    """With the reference's cells at hand, the blend is cross-fitted at the query's median group
+    size, not at the median of every few-shot group (the reference's own 5-cell groups too)."""
+    from perturbscope.effects._few_shot import FewShotMixin
+    from perturbscope.model._effect_correction import prior_with_query_groups
+
+    adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=14, n_combinations=0, n_cell_types=2,
+                                     n_cells_per_condition=60, embedding_dim=8, seed=3)
+    labels, contexts = adata.obs["perturbation"].astype(str).to_numpy(), adata.obs["cell_type"].astype(str).to_numpy()
+    adata.obs = adata.obs.assign(perturbation=labels, context=contexts)
+    keep = np.ones(adata.n_obs, dtype=bool)
+    for gene in ("G00", "G01", "G02", "G04", "G05"):  # the reference's own few-shot groups: 5 cells
+        keep[np.flatnonzero((labels == gene) & (contexts == "type_0"))[5:]] = False
+    in_query = (contexts == "type_1") & np.isin(labels, ["G06", "G07"])
+    reference = adata[keep & ~in_query].copy()
+    query_cells = np.flatnonzero(in_query & (np.cumsum(in_query) % 3 == 0) | ((contexts == "type_1") & (labels == "control")))
+    query = adata[query_cells].copy()
+    assert sorted(np.unique(query.obs["perturbation"], return_counts=True)[1].tolist()) == [20, 20, 240]
+
+    prior = EffectPrior(emb, n_bootstrap=0).fit(reference, "perturbation", context_key="context")
+    drawn = []
+    original = FewShotMixin.fit_few_shot
+    monkeypatch.setattr(FewShotMixin, "fit_few_shot",
+                        lambda self, *args, k=None, **kw: drawn.append(k) or original(self, *args, k=k, **kw))
+    merged = prior_with_query_groups(prior.state(), emb, query, reference, "counts")
+    assert drawn == [20]
+    assert merged.added_groups_ == {("G06", "type_1"), ("G07", "type_1")}
+    assert merged.n_held_out_["few_shot"] >= 3

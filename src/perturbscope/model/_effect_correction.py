@@ -482,12 +482,15 @@ def prior_with_query_groups(state: dict, embeddings, query: ad.AnnData, referenc
     """
     prior = EffectPrior.from_state(state, embeddings)
     prior.add_groups(query, query.obs["perturbation"].to_numpy(), query.obs["context"].to_numpy(), None, data_scale)
+    if not prior.added_groups_:
+        return prior
+    # the query's median group size, not that of every few-shot group (the reference has its own)
+    size = max(1.0, float(np.median([prior.counts_.loc[group] for group in prior.added_groups_])))
     if reference is not None:
         prior.fit_few_shot(reference, reference.obs["perturbation"].to_numpy(), reference.obs["context"].to_numpy(),
-                           None, data_scale)
-    elif blends and prior.added_groups_:
-        size = float(np.median([prior.counts_.loc[group] for group in prior.added_groups_]))
-        k = min(blends, key=lambda shots: (abs(np.log(float(shots)) - np.log(max(size, 1.0))), shots))
+                           None, data_scale, k=int(size))
+    elif blends:
+        k = min(blends, key=lambda shots: (abs(np.log(float(shots)) - np.log(size)), shots))
         prior.weights_["few_shot"] = dict(blends[k]["weights"])
         prior.quantiles_["few_shot"] = {float(lv): np.asarray(q) for lv, q in blends[k]["quantiles"].items()}
         prior.n_held_out_["few_shot"] = int(blends[k]["n_held_out"])
