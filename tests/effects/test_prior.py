@@ -538,3 +538,17 @@ def test_query_groups_cross_fit_the_few_shot_blend_at_the_querys_group_size(monk
     assert drawn == [20]
     assert merged.added_groups_ == {("G06", "type_1"), ("G07", "type_1")}
     assert merged.n_held_out_["few_shot"] >= 3
+
+
+def test_an_estimator_that_cannot_be_fitted_in_every_fold_is_left_out_of_the_blend():
+    """Embeddings for one perturbed gene only: in the folds that hold it out, no training gene has
+    an embedding row and the embedding estimators cannot be fitted, so they are not scored (their
+    held-out rows would not line up with the other candidates') and get no weight."""
+    adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=10, n_combinations=0, n_cell_types=1,
+                                     n_cells_per_condition=40, embedding_dim=8, seed=1)
+    partial = emb.loc[[g for g in emb.index if g == "G00" or int(g[1:]) >= 10]]
+    prior = EffectPrior(partial, n_bootstrap=0).fit(adata, "perturbation")
+    assert prior.n_held_out_["unseen_gene"] == 10
+    scored = {c.split(" ")[0] for c in prior.crossfit_scores_.loc["unseen_gene"].dropna().index}
+    assert scored == {"perturbed_mean", "embedding_nn", "no_change", "stacked"}  # not "linear"
+    assert "linear" not in prior.weights_["unseen_gene"]

@@ -365,7 +365,9 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
 
     def _score_folds(self, kind: str, folds) -> dict[str, tuple[list, np.ndarray, np.ndarray, np.ndarray]]:
         out: dict[str, tuple[list, list, list, list]] = {}
-        unvalidated = set()  # fell back in a fold (the interaction estimator with too few doubles)
+        # fell back in a fold (the interaction estimator with too few doubles) or could not be fitted
+        # there (an embedding estimator when no training gene of the fold has an embedding row)
+        unvalidated = set()
         for reduced, held in folds:
             if not held or reduced.index.get_level_values("perturbation").nunique() < 2:
                 continue
@@ -373,8 +375,9 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             fitted = self._fit_estimators(reduced, self._estimator_names(self._available(kind), blend))
             reference = fitted.get("additive") or next(iter(fitted.values()))
             unvalidated |= {name for name, e in fitted.items() if not getattr(e, "fitted_", True)}
+            unvalidated |= {name for name in self._available(kind) if name not in fitted and name != "gene_by_gene"}
             for name in self._available(kind):
-                if (name not in fitted and name != "gene_by_gene") or name in unvalidated:
+                if name in unvalidated:
                     continue  # an estimator that fell back in any fold is not scored at all
                 errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
                 for p, c in held:
