@@ -210,5 +210,7 @@ def test_fit_and_predict_errors():
         model.predict(adata[:, :2], ["A"])
     with pytest.raises(ValueError, match="aggregate must be None or 'mean', got 'median'"):
         model.predict(adata, ["A"], aggregate="median")
-    with pytest.raises(ValueError, match="perturbations is empty"):
+    with pytest.raises(ValueError, match=r"^perturbations is empty; pass at least one perturbation label\.$"):
         model.predict(adata, [])
+    with pytest.raises(ValueError, match=r"^perturbations holds labels more than once: \['A'\]; give each label once\.$"):
+        model.predict(adata, ["A", "B", "A"])

@@ -241,6 +241,15 @@ def test_predict_bare_string(trained):
         model.predict(_controls(fresh), "G00")
 
 
+def test_predict_repeated_label(trained):
+    """A label asked twice is an error (predictions are keyed by label and context)."""
+    model, fresh, *_ = trained
+    with pytest.raises(ValueError, match=re.escape(
+        "perturbations holds labels more than once: ['G00']; give each label once."
+    )):
+        model.predict(_controls(fresh), ["G00", "G01", "G00"])
+
+
 def test_predict_zero_samples(trained):
     model, fresh, *_ = trained
     with pytest.raises(ValueError, match=r"^n_samples must be a positive integer, got 0\.$"):

@@ -12,6 +12,7 @@ from ._checks import (
     check_gene_embeddings,
     check_labels,
     check_log_normalized,
+    check_perturbation_labels,
     check_unique_names,
     check_var_names,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "check_finite",
     "check_labels",
     "check_log_normalized",
+    "check_perturbation_labels",
     "check_backing",
     "check_unique_names",
     "check_gene_embeddings",

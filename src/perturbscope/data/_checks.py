@@ -25,6 +25,38 @@ def preview(values, limit: int = 10) -> str:
     return f"[{shown}]{more}"
 
 
+def check_perturbation_labels(perturbations) -> list[str]:
+    """The labels to predict, as strings: a non-empty list, each label once.
+
+    Raises
+    ------
+    TypeError
+        If ``perturbations`` is one string (a list of its characters was surely not meant).
+    ValueError
+        If it is empty or holds a label twice (predictions are keyed by label and context).
+
+    Examples
+    --------
+    >>> check_perturbation_labels(("G00", "G01+G02"))
+    ['G00', 'G01+G02']
+    >>> check_perturbation_labels(["G00", "G01", "G00"])
+    Traceback (most recent call last):
+    ...
+    ValueError: perturbations holds labels more than once: ['G00']; give each label once.
+    """
+    if isinstance(perturbations, str):
+        raise TypeError(
+            f"perturbations must be a list of labels, got the string {perturbations!r}; pass [{perturbations!r}]."
+        )
+    labels = [str(p) for p in perturbations]
+    if not labels:
+        raise ValueError("perturbations is empty; pass at least one perturbation label.")
+    repeated = pd.Index(labels)[pd.Index(labels).duplicated()].unique()
+    if len(repeated):
+        raise ValueError(f"perturbations holds labels more than once: {preview(repeated)}; give each label once.")
+    return labels
+
+
 def check_gene_embeddings(df: pd.DataFrame, name: str = "gene embeddings") -> pd.DataFrame:
     """Check that a table is a valid gene embedding and return it as float64.
 

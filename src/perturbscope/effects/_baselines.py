@@ -25,6 +25,7 @@ from ..data import (
     ALL_CONTEXTS,
     aggregate_prediction,
     check_control_present,
+    check_perturbation_labels,
     check_var_names,
     log1p_expression,
     parse_perturbation,
@@ -285,9 +286,7 @@ class Baseline:
         self._check_fitted()
         if aggregate not in (None, "mean"):
             raise ValueError(f"aggregate must be None or 'mean', got {aggregate!r}.")
-        perturbations = [str(p) for p in perturbations]
-        if not perturbations:
-            raise ValueError("perturbations is empty; give at least one perturbation label.")
+        perturbations = check_perturbation_labels(perturbations)
         check_var_names(adata_control.var_names, self.var_names_, "adata_control")
         if self.context_key_ is not None and self.context_key_ not in adata_control.obs.columns:
             raise KeyError(

@@ -29,6 +29,7 @@ from ..data import (
     PredictionStore,
     check_count_data,
     check_log_normalized,
+    check_perturbation_labels,
     check_store_path,
     check_var_names,
     is_control,
@@ -400,14 +401,7 @@ class PredictionMixin:
             adata_control = self._expression_modality(self.adata)[controls]
         if perturbations is None:
             perturbations = self.training_perturbations
-        if isinstance(perturbations, str):
-            raise TypeError(
-                f"perturbations must be a list of labels, got the string {perturbations!r}; "
-                f"pass [{perturbations!r}]."
-            )
-        perturbations = [str(p) for p in perturbations]
-        if not perturbations:
-            raise ValueError("perturbations is empty; pass at least one perturbation label.")
+        perturbations = check_perturbation_labels(perturbations)
         if adata_control.n_obs == 0:
             raise ValueError("adata_control has no cells; pass at least one control cell to anchor the predictions.")
         check_var_names(adata_control.var_names, self.var_names, "adata")
