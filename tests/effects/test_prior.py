@@ -552,3 +552,34 @@ def test_an_estimator_that_cannot_be_fitted_in_every_fold_is_left_out_of_the_ble
     scored = {c.split(" ")[0] for c in prior.crossfit_scores_.loc["unseen_gene"].dropna().index}
     assert scored == {"perturbed_mean", "embedding_nn", "no_change", "stacked"}  # not "linear"
     assert "linear" not in prior.weights_["unseen_gene"]
+
+
+def test_few_shot_cross_fitting_without_counts_reads_the_groups_cells():
+    """``fit_means`` without ``counts`` treats every group as well measured: the few-shot blend
+    can still be cross-fitted (every group's other cells are read, none derived), and it equals
+    the one from the same means with their counts."""
+    adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=6, n_combinations=0, n_cell_types=1,
+                                   n_cells_per_condition=40, seed=0)
+    full = EffectPrior(n_bootstrap=0).fit(adata, "perturbation")
+    without = EffectPrior(n_bootstrap=0).fit_means(full.means_)
+    labels, contexts = adata.obs["perturbation"].astype(str).to_numpy(), np.full(adata.n_obs, "all")
+    blend, reference = without.few_shot_blend(adata, labels, contexts, k=5), full.few_shot_blend(adata, labels, contexts, k=5)
+    assert blend["n_held_out"] == reference["n_held_out"] == 6
+    assert blend["weights"].keys() == reference["weights"].keys()
+    for name, weight in blend["weights"].items():
+        assert weight == pytest.approx(reference["weights"][name], abs=1e-6)
+    assert without.fit_few_shot(adata, labels, contexts, k=5).n_held_out_["few_shot"] == 6
+
+
+def test_a_refit_forgets_the_groups_added_before():
+    adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=0, n_cell_types=2,
+                                   n_cells_per_condition=40, seed=0)
+    labels, contexts = adata.obs["perturbation"].astype(str).to_numpy(), adata.obs["cell_type"].astype(str).to_numpy()
+    reference = (contexts == "type_0") | (labels == "control")
+    prior = EffectPrior(n_bootstrap=0).fit(adata[reference].copy(), "perturbation", context_key="cell_type")
+    query = np.flatnonzero(~reference)
+    prior.add_groups(adata[query], labels[query], contexts[query])
+    assert prior.kind("G00", "type_1") == "few_shot"
+    prior.fit(adata, "perturbation", context_key="cell_type")  # every cell: 40 per group
+    assert prior.added_groups_ == set()
+    assert prior.kind("G00", "type_1") == "seen"

@@ -191,7 +191,7 @@ class FewShotMixin:
 
     def _few_shot_residuals(self, adata, layer, data_scale, labels, contexts, k: int | None = None) -> dict:
         """Few-shot candidates on well-measured groups reduced to k cells, scored on their other cells."""
-        counts = self.counts_.drop(index=self.control_value_, level="perturbation", errors="ignore")
+        counts = self._group_counts()
         few = [n for (p, c), n in counts.items() if self._is_few_shot(p, c, n)]
         if not few and k is None:
             return {}
@@ -218,6 +218,14 @@ class FewShotMixin:
                 scales.append(1.0)
                 truths.append(truth)
         return {name: (e, np.asarray(r), np.asarray(sc), np.asarray(t)) for name, (e, r, sc, t) in out.items()}
+
+    def _group_counts(self) -> pd.Series:
+        """Cells per perturbed training group; ``NaN`` for every group when fitted without counts
+        (each is then well measured, and its other cells are read rather than derived)."""
+        if self.counts_ is not None:
+            return self.counts_.drop(index=self.control_value_, level="perturbation", errors="ignore")
+        index = self.means_.index
+        return pd.Series(np.nan, index=index[index.get_level_values("perturbation") != self.control_value_])
 
     def _drawn_and_rest_means(self, adata, cells: np.ndarray, k: int, group: tuple[str, str], n_group: int,
                               layer, data_scale) -> tuple[np.ndarray, np.ndarray]:

@@ -230,6 +230,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         ``self``.
         """
         self.means_, self.counts_ = means, counts
+        self.added_groups_ = set()  # a refit starts afresh (add_groups and from_state set their own)
         self.control_value_, self.context_key_, self.delimiter_ = control_value, context_key, delimiter
         given = weights if weights is not None else (
             None if choices is None else {kind: {name: 1.0} for kind, name in choices.items()})
