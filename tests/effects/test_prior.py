@@ -1,6 +1,7 @@
 """The effect prior: its scoring helpers, its kinds of query, its choices and its intervals."""
 
 import copy
+import re
 import warnings
 
 import anndata as ad
@@ -583,3 +584,17 @@ def test_a_refit_forgets_the_groups_added_before():
     prior.fit(adata, "perturbation", context_key="cell_type")  # every cell: 40 per group
     assert prior.added_groups_ == set()
     assert prior.kind("G00", "type_1") == "seen"
+
+
+def test_blends_that_need_embeddings_are_refused_without_them():
+    """A saved blend that uses the embedding neighbours cannot be answered without embeddings: an
+    error, not a silent fall back to the additive estimator (which predicts no change there)."""
+    adata, emb = simulate_perturbseq(n_genes=30, n_perturbed_genes=6, n_combinations=0, n_cell_types=1,
+                                     n_cells_per_condition=20, embedding_dim=4, seed=0)
+    means = EffectPrior(emb, n_bootstrap=0).fit(adata, "perturbation").means_
+    weights = {"unseen_gene": {"embedding_nn": 0.7, "perturbed_mean": 0.2}}
+    assert EffectPrior(emb).fit_means(means, weights=weights).weights_["unseen_gene"] == weights["unseen_gene"]
+    with pytest.raises(ValueError, match=re.escape(
+            "the given blends use ['embedding_nn'], which cannot be fitted here without gene_embeddings; "
+            "pass the gene embeddings the prior was fitted with.")):
+        EffectPrior(None).fit_means(means, weights=weights)

@@ -235,6 +235,12 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         given = weights if weights is not None else (
             None if choices is None else {kind: {name: 1.0} for kind, name in choices.items()})
         self.estimators_ = self._fit_estimators(means, self._names(given))
+        used = set() if given is None else {name for w in given.values() for name in w if name == "embedding_nn"}
+        missing = sorted((set(self._names(given)) | used) - set(self.estimators_))
+        if given is not None and missing:
+            raise ValueError(f"the given blends use {missing}, which cannot be fitted here"
+                             + (" without gene_embeddings" if self.gene_embeddings is None else "")
+                             + "; pass the gene embeddings the prior was fitted with.")
         self.shifts_ = self.estimators_["additive"].shifts_
         if given is not None:
             self.weights_ = {kind: dict(w) for kind, w in given.items()}
@@ -500,8 +506,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             return self._few_shot_estimate(name, p, context, self.shifts_.loc[(p, context)].to_numpy())
         if name == "gene_by_gene":
             return self.predict_shifts(list(self._genes(p)), context).to_numpy().sum(axis=0)
-        estimator = self.estimators_.get("additive" if name == "observed" else name, self.estimators_["additive"])
-        return _predict_one(estimator, p, context)
+        return _predict_one(self.estimators_["additive" if name == "observed" else name], p, context)
 
     def half_widths(self, perturbations: Sequence[str], context: str, level: float) -> pd.DataFrame:
         """Half-width per gene of the ``level`` interval on each perturbation's mean shift.
