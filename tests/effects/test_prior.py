@@ -598,3 +598,29 @@ def test_blends_that_need_embeddings_are_refused_without_them():
             "the given blends use ['embedding_nn'], which cannot be fitted here without gene_embeddings; "
             "pass the gene embeddings the prior was fitted with.")):
         EffectPrior(None).fit_means(means, weights=weights)
+
+
+def test_singles_written_with_the_control_token_are_the_same_perturbations():
+    """Screens that write singles as ``"G00+control"`` get the prior (and the additive sums) of
+    screens that write ``"G00"``; a query may use either spelling."""
+    adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=10, n_combinations=6, n_cell_types=1,
+                                     n_cells_per_condition=20, embedding_dim=8, seed=0)
+    spelled = adata.copy()
+    labels = spelled.obs["perturbation"].astype(str)
+    spelled.obs["perturbation"] = np.where(labels.str.contains(r"\+") | (labels == "control"), labels,
+                                           labels + "+control")
+    assert (spelled.obs["perturbation"] == "G00+control").any()
+    plain = EffectPrior(emb, n_bootstrap=0).fit(adata, "perturbation")
+    other = EffectPrior(emb, n_bootstrap=0).fit(spelled, "perturbation")
+    assert other.weights_ == plain.weights_
+    combo = next(p for p in labels.unique() if "+" in p)
+    queries = ["G00", "G00+control", combo, "G00+G99"]
+    expected = plain.predict_shifts(["G00", "G00", combo, "G00+G99"], "all").to_numpy()
+    got = other.predict_shifts(queries, "all")
+    assert got.index.tolist() == queries
+    np.testing.assert_allclose(got.to_numpy(), expected, rtol=0, atol=1e-12)
+    assert other.kind("G00+control", "all") == plain.kind("G00", "all") == "few_shot"  # 20 cells
+    from perturbscope.effects import AdditiveBaseline
+
+    additive = AdditiveBaseline().fit(spelled, "perturbation").predict_shifts([combo]).to_numpy()
+    assert np.abs(additive).sum() > 0

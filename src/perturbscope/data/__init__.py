@@ -27,6 +27,7 @@ from ._pairing import (
     control_mask,
 )
 from ._perturbations import (
+    canonical_labels,
     check_control_present,
     is_control,
     parse_perturbation,
@@ -83,6 +84,7 @@ __all__ = [
     "is_control",
     "log1p_expression",
     "log1p_normalized",
+    "canonical_labels",
     "parse_perturbation",
     "perturbation_gene_sets",
     "perturbation_shifts",

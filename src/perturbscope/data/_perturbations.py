@@ -49,6 +49,23 @@ def parse_perturbation(label: str, control_value: str = "control", delimiter: st
     return tuple(dict.fromkeys(genes))
 
 
+def canonical_labels(labels: Iterable[str], control_value: str = "control", delimiter: str = "+") -> np.ndarray:
+    """Each label as the package keys it: its genes joined by ``delimiter``, control tokens dropped.
+
+    Screens that write singles as ``"KLF1+control"`` then share their labels with those that
+    write ``"KLF1"``; the genes keep their order (``"B+A"`` stays ``"B+A"``).
+
+    Examples
+    --------
+    >>> canonical_labels(["KLF1+control", "control", "SET+KLF1", " KLF1 "]).tolist()
+    ['KLF1', 'control', 'SET+KLF1', 'KLF1']
+    """
+    values = pd.Series(list(labels), dtype=str)
+    genes = perturbation_gene_sets(values, control_value, delimiter)
+    mapping = {label: delimiter.join(parsed) or control_value for label, parsed in genes.items()}
+    return values.map(mapping).to_numpy(dtype=str)
+
+
 def perturbation_gene_sets(
     labels: Iterable[str], control_value: str = "control", delimiter: str = "+"
 ) -> dict[str, tuple[str, ...]]:

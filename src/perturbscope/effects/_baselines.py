@@ -24,6 +24,7 @@ from .._constants import TARGET_SUM
 from ..data import (
     ALL_CONTEXTS,
     aggregate_prediction,
+    canonical_labels,
     check_control_present,
     check_perturbation_labels,
     check_var_names,
@@ -110,7 +111,7 @@ class Baseline:
             log1p_expression(adata_train, layer, data_scale),
             obs=pd.DataFrame(
                 {
-                    "perturbation": adata_train.obs[perturbation_key].astype(str).to_numpy(),
+                    "perturbation": canonical_labels(adata_train.obs[perturbation_key], control_value, delimiter),
                     "context": context_labels(adata_train, context_key).to_numpy(),
                 },
                 index=adata_train.obs_names,
@@ -228,10 +229,9 @@ class Baseline:
                     "pass the context to predict in."
                 )
             context = ALL_CONTEXTS
-        rows = [self._shift(str(p), str(context)) for p in perturbations]
-        return pd.DataFrame(
-            np.vstack(rows), index=list(map(str, perturbations)), columns=self.var_names_
-        )
+        labels = [str(p) for p in perturbations]  # answered by their canonical form ("A+control" is "A")
+        rows = [self._shift(p, str(context)) for p in canonical_labels(labels, self.control_value_, self.delimiter_)]
+        return pd.DataFrame(np.vstack(rows), index=labels, columns=self.var_names_)
 
     def predict(
         self,

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from ..data import log1p_expression, streamed_pseudobulk
+from ..data import canonical_labels, log1p_expression, streamed_pseudobulk
 from ._scoring import top_change_scores
 
 #: Groups with fewer training cells than this are ``"few_shot"`` queries (as are groups that
@@ -63,7 +63,7 @@ class FewShotMixin:
         self._check_cells("fit_few_shot needs the group means first; call fit_means (or fit).", adata, labels, contexts)
         if k is not None and (not isinstance(k, int | np.integer) or k < 1):
             raise ValueError(f"k must be a positive integer, got {k!r}.")
-        few = self._few_shot_residuals(adata, layer, data_scale, np.asarray(labels), np.asarray(contexts), k)
+        few = self._few_shot_residuals(adata, layer, data_scale, self._cell_labels(labels), np.asarray(contexts), k)
         if few:
             if self.crossfit_scores_ is None:  # fitted with given weights or choices: no scores yet
                 self.crossfit_scores_ = pd.DataFrame(index=pd.Index([], name="kind"), dtype=float)
@@ -92,7 +92,7 @@ class FewShotMixin:
         (6, 0)
         """
         self._check_cells("few_shot_blend needs the group means first; call fit_means (or fit).", adata, labels, contexts)
-        few = self._few_shot_residuals(adata, layer, data_scale, np.asarray(labels), np.asarray(contexts), k)
+        few = self._few_shot_residuals(adata, layer, data_scale, self._cell_labels(labels), np.asarray(contexts), k)
         return self._stacked_blend("few_shot", few) if few else None
 
     def add_groups(self, adata, labels: np.ndarray, contexts: np.ndarray, layer: str | None = None,
@@ -150,7 +150,7 @@ class FewShotMixin:
         genes = pd.Index(adata.var_names.astype(str))
         if not genes.equals(pd.Index(self.means_.columns.astype(str))):
             raise ValueError("adata's genes (var_names) differ from the genes the prior was fitted on.")
-        obs = pd.DataFrame({"perturbation": np.asarray(labels, dtype=str), "context": np.asarray(contexts, dtype=str)})
+        obs = pd.DataFrame({"perturbation": self._cell_labels(labels), "context": np.asarray(contexts, dtype=str)})
         has_controls = set(obs.loc[obs["perturbation"] == self.control_value_, "context"])
         known = set(self.means_.index.get_level_values("context")[
             self.means_.index.get_level_values("perturbation") == self.control_value_])
@@ -176,6 +176,10 @@ class FewShotMixin:
         self.crossfit_scores_, self.n_held_out_, self.quantiles_ = kept
         self.added_groups_ = added
         return self
+
+    def _cell_labels(self, labels) -> np.ndarray:
+        """Cells' labels as the prior keys them (``"A+control"`` is ``"A"``)."""
+        return canonical_labels(labels, self.control_value_, self.delimiter_)
 
     def _check_cells(self, unfitted: str, adata, labels, contexts) -> None:
         """Check a call's cells: fitted first, one label and one context per cell.
@@ -220,8 +224,11 @@ class FewShotMixin:
         return {name: (e, np.asarray(r), np.asarray(sc), np.asarray(t)) for name, (e, r, sc, t) in out.items()}
 
     def _group_counts(self) -> pd.Series:
-        """Cells per perturbed training group; ``NaN`` for every group when fitted without counts
-        (each is then well measured, and its other cells are read rather than derived)."""
+        """Cells per perturbed training group.
+
+        ``NaN`` for every group when fitted without counts: each is then well measured, and its
+        other cells are read rather than derived.
+        """
         if self.counts_ is not None:
             return self.counts_.drop(index=self.control_value_, level="perturbation", errors="ignore")
         index = self.means_.index

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ..data import parse_perturbation
+from ..data import canonical_labels, parse_perturbation
 from ._baselines import (
     AdditiveBaseline,
     Baseline,
@@ -188,7 +188,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         ``self``.
         """
         probe = AdditiveBaseline().fit(adata, perturbation_key, control_value, context_key, layer, data_scale, delimiter)
-        labels = adata.obs[perturbation_key].astype(str).to_numpy()
+        labels = canonical_labels(adata.obs[perturbation_key], control_value, delimiter)
         contexts = (np.full(adata.n_obs, probe.shifts_.index.get_level_values("context")[0])
                     if context_key is None else adata.obs[context_key].astype(str).to_numpy())
         counts = pd.Series(1, index=pd.MultiIndex.from_arrays([labels, contexts], names=["perturbation", "context"]))
@@ -325,6 +325,10 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
     def _genes(self, perturbation: str) -> tuple[str, ...]:
         return parse_perturbation(perturbation, self.control_value_, self.delimiter_)
 
+    def _canonical(self, labels: Sequence[str]) -> list[str]:
+        """The labels as the prior keys them (``"A+control"`` is ``"A"``; see ``canonical_labels``)."""
+        return list(canonical_labels(labels, self.control_value_, self.delimiter_))
+
     def _crossfit(self, means: pd.DataFrame) -> dict[str, dict[str, tuple]]:
         """``{kind: {candidate: (errors, residuals, scales, truths)}}`` over held-out training queries."""
         rng = np.random.default_rng(self.seed + 1)
@@ -458,6 +462,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         >>> prior.kind("G00+G03", "all")
         'partial_combination'
         """
+        perturbation = self._canonical([perturbation])[0]
         if (perturbation, context) in self.shifts_.index:
             n = None if self.counts_ is None else self.counts_.get((perturbation, context))
             return "few_shot" if self._is_few_shot(perturbation, context, n) else "seen"
@@ -486,17 +491,17 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         the kind of each query and the estimator that answered it.
         """
         rows, kinds, names = [], [], []
+        labels = [str(p) for p in perturbations]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            for p in map(str, perturbations):
+            for p in self._canonical(labels):
                 kind = self.kind(p, str(context))
                 weights = self.weights_.get(kind, {"additive": 1.0})
                 rows.append(sum((w * self._estimate(name, kind, p, str(context)) for name, w in weights.items()),
                                 np.zeros(len(self.shifts_.columns))))
                 kinds.append(kind)
                 names.append(_describe(weights))
-        table = pd.DataFrame(np.vstack(rows), index=list(map(str, perturbations)),
-                             columns=self.estimators_["additive"].var_names_)
+        table = pd.DataFrame(np.vstack(rows), index=labels, columns=self.estimators_["additive"].var_names_)
         table.attrs = {"kinds": kinds, "estimators": names}
         return table
 
@@ -524,7 +529,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         genes = self.estimators_["additive"].var_names_
         reference = self.estimators_["additive"]
         rows = []
-        for p in map(str, perturbations):
+        for p in self._canonical([str(p) for p in perturbations]):
             kind = self.kind(p, str(context))
             q = self.quantiles_.get(kind, {}).get(level)
             rows.append(np.full(len(genes), np.nan) if q is None else q * self._scale(kind, p, reference))

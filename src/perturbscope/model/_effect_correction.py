@@ -48,6 +48,7 @@ from ..data import (
     ALL_CONTEXTS,
     DeviceDataSplitter,
     StreamedDataSplitter,
+    canonical_labels,
     energy_distance,
     is_control,
     is_out_of_core,
@@ -239,7 +240,9 @@ class EffectCorrectionMixin:
         return ad.AnnData(
             X=matrix,
             obs=pd.DataFrame(
-                {"perturbation": obs[state["perturbation_key"]].astype(str).to_numpy(), "context": contexts},
+                {"perturbation": canonical_labels(obs[state["perturbation_key"]], state["control_value"],
+                                                  state["combination_delimiter"]),
+                 "context": contexts},
                 index=pd.Index(np.asarray(obs.index).astype(str)),
             ),
             var=pd.DataFrame(index=data.var_names.astype(str)),
