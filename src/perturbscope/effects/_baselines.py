@@ -230,7 +230,7 @@ class Baseline:
                 )
             context = ALL_CONTEXTS
         labels = [str(p) for p in perturbations]  # answered by their canonical form ("A+control" is "A")
-        rows = [self._shift(p, str(context)) for p in canonical_labels(labels, self.control_value_, self.delimiter_)]
+        rows = [self._shift(p, str(context)) for p in canonical_labels(labels, self.control_value_, self.delimiter_).tolist()]
         return pd.DataFrame(np.vstack(rows), index=labels, columns=self.var_names_)
 
     def predict(

@@ -327,7 +327,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
 
     def _canonical(self, labels: Sequence[str]) -> list[str]:
         """The labels as the prior keys them (``"A+control"`` is ``"A"``; see ``canonical_labels``)."""
-        return list(canonical_labels(labels, self.control_value_, self.delimiter_))
+        return canonical_labels(labels, self.control_value_, self.delimiter_).tolist()
 
     def _crossfit(self, means: pd.DataFrame) -> dict[str, dict[str, tuple]]:
         """``{kind: {candidate: (errors, residuals, scales, truths)}}`` over held-out training queries."""
