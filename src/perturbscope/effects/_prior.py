@@ -29,7 +29,8 @@ A query is a perturbation in a context. Its *kind* decides which estimators can 
 out (folds of genes, of combinations, or one context at a time), refitting every candidate
 without them: cross-fitting inside the training data, so no test perturbation is ever read.
 From these held-out predictions it fits, per kind, a non-negative blend of the candidates
-(stacking, :func:`stack_weights`, averaged over bootstrap resamples): the weights say how much of each estimator to trust, and
+(stacking, :func:`stack_weights` on every gene of the held-out shifts, averaged over bootstrap
+resamples): the weights say how much of each estimator to trust, and
 their sum may fall below 1, shrinking a noisy estimator towards no change. The held-out
 residuals of the blend give split-conformal intervals per gene. For unseen genes a residual is divided by a
 difficulty scale, ``0.5 + (1 - cosine similarity to the nearest training gene)``, so a gene far
