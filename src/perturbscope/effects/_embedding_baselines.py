@@ -111,6 +111,11 @@ class LinearBaseline(Baseline):
     A perturbation whose genes have no row in ``P`` gets ``b``, the perturbed mean (with a
     warning and listed as a fallback), not a zero-filled embedding in disguise.
 
+    With contexts, the (perturbation, context) shifts are the columns of ``Y``, pooled: one ``W``
+    and one ``b`` for every context, so the prediction is the same in each (as in the paper,
+    which has one cell line). A context-specific answer comes from the effect prior's other
+    estimators (the observed shift, the transfer), not from this one.
+
     Parameters
     ----------
     gene_embeddings

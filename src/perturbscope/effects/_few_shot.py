@@ -101,7 +101,9 @@ class FewShotMixin:
 
         The new cells' (perturbation, context) means join the training means: a group measured
         in both becomes their cell-weighted mean, a new context gets its control mean from its
-        own control cells. The cross-fitted blends and intervals are kept as they are. A group new
+        own control cells. New control cells of a known context join its control mean too, so
+        any batch difference between them and the training controls moves every shift of that
+        context measured from the pooled mean. The cross-fitted blends and intervals are kept as they are. A group new
         to the prior, whatever its size, is a ``"few_shot"`` query (listed in ``added_groups_``),
         answered by the few-shot blend; re-cross-fit that blend for the new groups' size with
         :meth:`fit_few_shot` on the original training cells.
