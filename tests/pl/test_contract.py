@@ -65,6 +65,17 @@ def _curve() -> pd.DataFrame:
                          "value": [0.1, 0.5, 0.3, 0.7]})
 
 
+def _intervals():
+    """A two-row mean prediction with 80% intervals, and its control cells."""
+    mean = np.array([[1.5, 1.0, 0.5], [1.0, 1.0, 2.0]])
+    prediction = ad.AnnData(mean, obs=pd.DataFrame({"perturbation": ["A", "B"], "n_cells": 3}, index=["A", "B"]),
+                            var=pd.DataFrame(index=["g0", "g1", "g2"]),
+                            layers={"log1p_norm": mean, "log1p_norm_lower_80": mean - 0.2,
+                                    "log1p_norm_upper_80": mean + 0.3})
+    prediction.uns["perturbscope"] = {"gene_likelihood": "normal"}
+    return prediction, ad.AnnData(np.ones((2, 3)), var=prediction.var)
+
+
 #: name -> (call(**kwargs), number of axes it draws on)
 PLOTS = {
     "benchmark_scores": (lambda **kw: pl.benchmark_scores(_results(), **kw), 1),
@@ -77,6 +88,7 @@ PLOTS = {
     "pathway_ranking": (lambda **kw: pl.pathway_ranking(
         pd.DataFrame({"pathway": ["p", "q"], "score": [1.0, -1.0], "padj": [0.01, 1.0]}), **kw), 1),
     "perturbation_programs": (lambda **kw: pl.perturbation_programs(_programs(), **kw), 1),
+    "prediction_intervals": (lambda **kw: pl.prediction_intervals(*_intervals(), **kw), 2),
 }
 
 

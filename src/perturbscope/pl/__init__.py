@@ -8,6 +8,7 @@ from ._benchmark import (
     learning_curve,
 )
 from ._interactions import genetic_interactions
+from ._intervals import prediction_intervals
 from ._probe import axis_alignment, gradient_field, pathway_ranking
 from ._programs import perturbation_programs
 
@@ -22,4 +23,5 @@ __all__ = [
     "learning_curve",
     "pathway_ranking",
     "perturbation_programs",
+    "prediction_intervals",
 ]
