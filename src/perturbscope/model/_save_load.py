@@ -20,7 +20,7 @@ from scvi import REGISTRY_KEYS as SCVI_KEYS
 
 from .._safe_load import load_model_file
 from ..data import check_var_names
-from ..module._scopevae import covariate_widths
+from ..module._decoder import covariate_widths
 
 #: The setup methods a saved file may name; anything else is refused.
 ALLOWED_SETUP_METHODS = ("setup_anndata", "setup_mudata")
@@ -181,7 +181,7 @@ def registry_covariate_sizes(registry: dict) -> list[int]:
     """One-hot widths of the decoder covariates a registry implies (``ScopeVAE.covariate_sizes``).
 
     The batch first, then each extra categorical covariate, by the module's own rule
-    (:func:`~perturbscope.module._scopevae.covariate_widths`).
+    (:func:`~perturbscope.module._decoder.covariate_widths`).
 
     Examples
     --------
