@@ -624,3 +624,46 @@ def test_singles_written_with_the_control_token_are_the_same_perturbations():
 
     additive = AdditiveBaseline().fit(spelled, "perturbation").predict_shifts([combo]).to_numpy()
     assert np.abs(additive).sum() > 0
+
+
+def test_tables_saved_with_control_token_labels_are_read_as_canonical():
+    """A prior state (or a means table) saved before labels were canonical keys its singles
+    ``"G00+control"``; it is read back keyed ``"G00"``, with the same kinds and shifts."""
+    adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=8, n_combinations=4, n_cell_types=1,
+                                     n_cells_per_condition=20, embedding_dim=8, seed=0)
+    plain = EffectPrior(emb, n_bootstrap=0).fit(adata, "perturbation")
+    state = plain.state()
+    singles = {p for p in state["means_perturbation"] if p != "control" and "+" not in p}
+    state["means_perturbation"] = np.array([f"{p}+control" if p in singles else p for p in state["means_perturbation"]])
+    state["added_groups"] = [("G00+control", "all")]
+    again = EffectPrior.from_state(state, emb)
+    assert again.added_groups_ == {("G00", "all")}
+    queries = ["G00", "G00+control", "G01+G02", "G99"]
+    assert [again.kind(p, "all") for p in queries[1:]] == ["few_shot", plain.kind("G01+G02", "all"), "unseen_gene"]
+    np.testing.assert_allclose(again.predict_shifts(queries[1:], "all").to_numpy()[1:],
+                               plain.predict_shifts(queries[1:], "all").to_numpy()[1:], rtol=0, atol=1e-12)
+    from perturbscope.effects import AdditiveBaseline
+
+    raw = AdditiveBaseline().fit_means(again.means_.rename(index={"G00": "G00+control"}, level="perturbation"))
+    np.testing.assert_allclose(raw.predict_shifts(["G00+control"]).to_numpy(),
+                               plain.estimators_["additive"].predict_shifts(["G00"]).to_numpy(), rtol=0, atol=1e-12)
+
+
+def test_fallbacks_are_reported_under_the_labels_asked_for():
+    from perturbscope.effects import LinearBaseline
+
+    adata, emb = simulate_perturbseq(n_genes=30, n_perturbed_genes=6, n_combinations=0, n_cell_types=1,
+                                     n_cells_per_condition=10, embedding_dim=4, seed=0)
+    model = LinearBaseline(emb.drop(index="G05")).fit(adata[adata.obs["perturbation"] != "G05"].copy(), "perturbation")
+    control = adata[adata.obs["perturbation"] == "control"]
+    with pytest.warns(UserWarning, match="no embedding row"):
+        prediction = model.predict(control, ["G05+control", "G01"], aggregate="mean")
+    assert prediction.uns["perturbscope"]["fallback_to_perturbed_mean"] == ["G05+control"]
+
+
+def test_few_shot_blend_refuses_a_k_below_one(two_context_prior):
+    prior, train, _ = two_context_prior
+    labels, contexts = train.obs["perturbation"].astype(str).to_numpy(), train.obs["cell_type"].astype(str).to_numpy()
+    for k in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=re.escape(f"k must be a positive integer, got {k!r}.")):
+            prior.few_shot_blend(train, labels, contexts, k=k)

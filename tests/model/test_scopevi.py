@@ -100,6 +100,17 @@ def test_count_likelihood_rejects_bad_counts(screen, value, message):
         ps.ScopeVI(adata, gene_likelihood="nb")
 
 
+def test_prediction_records_the_layer_it_read(screen):
+    """The prediction's provenance names the layer the model was set up with (plots read it)."""
+    adata, embeddings = screen
+    adata.layers["counts"] = adata.X.copy()
+    _setup(adata, embeddings, layer="counts")
+    model = ps.ScopeVI(adata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    controls = adata[adata.obs["perturbation"] == "control"]
+    assert model.predict(controls, ["G00"], aggregate="mean").uns["perturbscope"]["layer"] == "counts"
+
+
 def test_normal_likelihood_accepts_log_normalised(screen):
     adata, embeddings = screen
     adata.X = log1p_normalized(adata)

@@ -84,3 +84,20 @@ def test_bad_input_is_named():
         pl.prediction_intervals(prediction, control, row="B|x", observed=observed)
     with pytest.raises(ValueError, match=r"^ax must hold two Axes \(ranking, one prediction\), got 1\.$"):
         pl.prediction_intervals(prediction, control, ax=[plt.gca()])
+
+
+def test_cells_are_read_from_the_layer_the_model_was_set_up_with():
+    """A model set up on ``layers["counts"]`` (log-normalised ``X``, as scanpy keeps them) records
+    the layer in the prediction; the plot reads the control and observed cells from it."""
+    prediction, control, observed = prediction_and_cells()
+    prediction.uns["perturbscope"] = {"gene_likelihood": "normal", "layer": "counts"}
+    for cells in (control, observed):
+        cells.layers["counts"] = cells.X.copy()
+        cells.X = np.full(cells.shape, 50.0)  # not what the model read
+    _, right = pl.prediction_intervals(prediction, control, row="A|x", observed=observed, n_genes=3, show=False)
+    np.testing.assert_allclose(right.containers[0].lines[0].get_ydata(), [1.0, -1.0, 0.5])
+    markers = [line for line in right.get_lines() if line.get_marker() == "D"]
+    np.testing.assert_allclose(markers[0].get_ydata(), [1.0, -1.0, 0.5])
+    del control.layers["counts"]
+    with pytest.raises(KeyError, match=re.escape("control.layers has no 'counts', the layer the model was set up with.")):
+        pl.prediction_intervals(prediction, control, row="A|x")

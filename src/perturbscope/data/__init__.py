@@ -28,6 +28,7 @@ from ._pairing import (
 )
 from ._perturbations import (
     canonical_labels,
+    canonical_means,
     check_control_present,
     is_control,
     parse_perturbation,
@@ -85,6 +86,7 @@ __all__ = [
     "log1p_expression",
     "log1p_normalized",
     "canonical_labels",
+    "canonical_means",
     "parse_perturbation",
     "perturbation_gene_sets",
     "perturbation_shifts",

@@ -66,6 +66,38 @@ def canonical_labels(labels: Iterable[str], control_value: str = "control", deli
     return values.map(mapping).to_numpy(dtype=str)
 
 
+def canonical_means(
+    means: pd.DataFrame, counts: pd.Series | None = None, control_value: str = "control", delimiter: str = "+"
+) -> tuple[pd.DataFrame, pd.Series | None]:
+    """Group means (``MultiIndex`` perturbation, context) keyed by :func:`canonical_labels`.
+
+    Tables saved before labels were made canonical may key a group ``"KLF1+control"``; rows
+    whose labels become the same group are merged, weighted by ``counts`` (equally without).
+    Already canonical tables are returned as they are.
+
+    Examples
+    --------
+    >>> index = pd.MultiIndex.from_tuples([("control", "all"), ("A+control", "all"), ("A", "all")],
+    ...                                   names=["perturbation", "context"])
+    >>> means, counts = canonical_means(pd.DataFrame({"g": [0.0, 1.0, 4.0]}, index=index),
+    ...                                 pd.Series([5, 3, 1], index=index))
+    >>> means["g"].tolist(), counts.tolist()
+    ([0.0, 1.75], [5, 4])
+    """
+    labels = means.index.get_level_values("perturbation").astype(str)
+    canonical = canonical_labels(labels, control_value, delimiter)
+    if (canonical == np.asarray(labels)).all():
+        return means, counts
+    contexts = means.index.get_level_values("context")
+    keys = pd.MultiIndex.from_arrays([canonical, contexts], names=["perturbation", "context"])
+    weights = pd.Series(1.0 if counts is None else counts.reindex(means.index).to_numpy(dtype=float), index=keys)
+    summed = means.set_axis(keys).mul(weights, axis=0).groupby(level=[0, 1], sort=False).sum()
+    total = weights.groupby(level=[0, 1], sort=False).sum()
+    merged = summed.div(total, axis=0)
+    merged.columns = means.columns
+    return merged, (None if counts is None else total.round().astype(counts.dtype))
+
+
 def perturbation_gene_sets(
     labels: Iterable[str], control_value: str = "control", delimiter: str = "+"
 ) -> dict[str, tuple[str, ...]]:

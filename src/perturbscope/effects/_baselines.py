@@ -25,6 +25,7 @@ from ..data import (
     ALL_CONTEXTS,
     aggregate_prediction,
     canonical_labels,
+    canonical_means,
     check_control_present,
     check_perturbation_labels,
     check_var_names,
@@ -147,6 +148,7 @@ class Baseline:
         -------
         The fitted baseline (``self``).
         """
+        means, _ = canonical_means(means, None, control_value, delimiter)  # tables saved before canonical labels
         try:
             self.shifts_, self.control_means_ = shifts_from_means(means, control_value, context_key)
         except ValueError as error:  # name the user's column, not the internal one
@@ -230,7 +232,11 @@ class Baseline:
                 )
             context = ALL_CONTEXTS
         labels = [str(p) for p in perturbations]  # answered by their canonical form ("A+control" is "A")
-        rows = [self._shift(p, str(context)) for p in canonical_labels(labels, self.control_value_, self.delimiter_).tolist()]
+        keys = canonical_labels(labels, self.control_value_, self.delimiter_).tolist()
+        before = set(self.fallbacks_)
+        rows = [self._shift(p, str(context)) for p in keys]
+        fell_back = self.fallbacks_ - before  # reported under the labels asked for
+        self.fallbacks_ = before | {label for label, key in zip(labels, keys) if key in fell_back}
         return pd.DataFrame(np.vstack(rows), index=labels, columns=self.var_names_)
 
     def predict(

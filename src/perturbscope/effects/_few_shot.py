@@ -61,8 +61,7 @@ class FewShotMixin:
             If ``labels`` or ``contexts`` do not have one entry per cell of ``adata``.
         """
         self._check_cells("fit_few_shot needs the group means first; call fit_means (or fit).", adata, labels, contexts)
-        if k is not None and (not isinstance(k, int | np.integer) or k < 1):
-            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        _check_k(k)
         few = self._few_shot_residuals(adata, layer, data_scale, self._cell_labels(labels), np.asarray(contexts), k)
         if few:
             if self.crossfit_scores_ is None:  # fitted with given weights or choices: no scores yet
@@ -92,6 +91,7 @@ class FewShotMixin:
         (6, 0)
         """
         self._check_cells("few_shot_blend needs the group means first; call fit_means (or fit).", adata, labels, contexts)
+        _check_k(k)
         few = self._few_shot_residuals(adata, layer, data_scale, self._cell_labels(labels), np.asarray(contexts), k)
         return self._stacked_blend("few_shot", few) if few else None
 
@@ -272,3 +272,9 @@ class FewShotMixin:
             return 0.5 * (observed + perturbed_mean)
         elsewhere = shifts[~in_context & ~others]
         return elsewhere.mean(axis=0).to_numpy() if len(elsewhere) else observed
+
+
+def _check_k(k) -> None:
+    """``k`` (cells drawn per group) is ``None`` or a positive integer."""
+    if k is not None and (not isinstance(k, int | np.integer) or k < 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}.")

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ..data import canonical_labels, parse_perturbation
+from ..data import canonical_labels, canonical_means, parse_perturbation
 from ._baselines import (
     AdditiveBaseline,
     Baseline,
@@ -230,6 +230,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         -------
         ``self``.
         """
+        means, counts = canonical_means(means, counts, control_value, delimiter)  # saved before canonical labels
         self.means_, self.counts_ = means, counts
         self.added_groups_ = set()  # a refit starts afresh (add_groups and from_state set their own)
         self.control_value_, self.context_key_, self.delimiter_ = control_value, context_key, delimiter

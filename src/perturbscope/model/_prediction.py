@@ -148,7 +148,7 @@ class PredictionMixin:
           cells' context, batch and covariate columns, and ``obs["sample"]``;
           with ``aggregate="mean"``, ``obs["perturbation"]``, the context column and
           ``obs["n_cells"]``;
-        * ``uns["perturbscope"]``: the model, likelihood and embedding provenance; with the effect
+        * ``uns["perturbscope"]``: the model, likelihood, layer read and embedding provenance; with the effect
           prior also ``"mean_correction"``, the mean change the learned correction adds to the
           prior's shift (rows ``"perturbation|context"``, genes as columns);
         * with ``aggregate="mean"`` and the effect prior, ``layers["log1p_norm_lower_80"]`` and
@@ -446,6 +446,7 @@ class PredictionMixin:
         provenance = {
             "model": "ScopeVI",
             "gene_likelihood": self.module.gene_likelihood,
+            **({} if self._layer is None else {"layer": self._layer}),  # the layer read, for plots
             "context_columns": context_columns,
             "gene_embeddings": {str(k): str(v) for k, v in self._perturbation_state.get("provenance", {}).items()},
         }

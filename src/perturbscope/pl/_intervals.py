@@ -47,11 +47,18 @@ def _cells_of_row(cells: ad.AnnData, prediction: ad.AnnData, row: str, label: st
     return cells[mask]
 
 
-def _mean_log1p(cells: ad.AnnData, prediction: ad.AnnData) -> np.ndarray:
-    """Mean log1p-normalised expression of ``cells``, on the scale the model was trained on."""
-    likelihood = prediction.uns.get(OUTPUT_KEYS.PROVENANCE_UNS, {}).get("gene_likelihood", "nb")
-    scale = "log1p_norm" if likelihood == "normal" else "counts"
-    return log1p_expression(cells, None, scale).mean(axis=0)
+def _mean_log1p(cells: ad.AnnData, prediction: ad.AnnData, key: str) -> np.ndarray:
+    """Mean log1p-normalised expression of ``cells``, read as the model read its training cells.
+
+    The layer and the scale come from the prediction's provenance (``uns["perturbscope"]``):
+    the layer the model was set up with, counts unless its likelihood is ``"normal"``.
+    """
+    provenance = prediction.uns.get(OUTPUT_KEYS.PROVENANCE_UNS, {})
+    scale = "log1p_norm" if provenance.get("gene_likelihood", "nb") == "normal" else "counts"
+    layer = provenance.get("layer")
+    if layer is not None and layer not in cells.layers:
+        raise KeyError(f"{key}.layers has no {layer!r}, the layer the model was set up with.")
+    return log1p_expression(cells, layer, scale).mean(axis=0)
 
 
 def prediction_intervals(
@@ -82,8 +89,9 @@ def prediction_intervals(
         ``ScopeVI.predict(..., aggregate="mean")`` with the effect prior: one row per
         perturbation and context, with ``layers["log1p_norm"]`` and the interval layers.
     control
-        The control cells the prediction started from (the context column, on the training
-        scale); their mean per context is the reference of every change.
+        The control cells the prediction started from, with the context column; read from the
+        layer and on the scale the model was set up with (``uns["perturbscope"]``), their mean
+        per context is the reference of every change.
     row
         The prediction row (``obs_names``, ``"perturbation|context"``) of the right panel; the
         first row when ``None``.
@@ -107,7 +115,7 @@ def prediction_intervals(
     ------
     KeyError
         If the interval layers are missing, ``row`` is not a prediction row, or a context column
-        is missing from ``control`` or ``observed``.
+        or the model's layer is missing from ``control`` or ``observed``.
     ValueError
         If ``control`` or ``observed`` have no cells for ``row``, ``n_genes`` is below 1, or
         ``ax`` does not hold two Axes.
@@ -170,7 +178,7 @@ def _draw_widths(ax: Axes, prediction: ad.AnnData, widths: np.ndarray, level: in
 
 def _draw_changes(ax: Axes, prediction, control, observed, row, lower, upper, level, n_genes) -> None:
     index = prediction.obs_names.get_loc(row)
-    reference = _mean_log1p(_cells_of_row(control, prediction, row, None, "control"), prediction)
+    reference = _mean_log1p(_cells_of_row(control, prediction, row, None, "control"), prediction, "control")
     mean = np.asarray(prediction.layers[OUTPUT_KEYS.LOG1P_NORM_LAYER][index], dtype=float).ravel()
     change = mean - reference
     genes = np.argsort(-np.abs(change), kind="stable")[:n_genes]
@@ -186,7 +194,8 @@ def _draw_changes(ax: Axes, prediction, control, observed, row, lower, upper, le
     if observed is not None:
         label = str(prediction.obs.loc[row, OUTPUT_KEYS.PERTURBATION])
         cells = _cells_of_row(observed, prediction, row, label, "observed")
-        ax.plot(x, (_mean_log1p(cells, prediction) - reference)[genes], "D", color="#dd8452", label="observed")
+        ax.plot(x, (_mean_log1p(cells, prediction, "observed") - reference)[genes], "D", color="#dd8452",
+                label="observed")
     ax.set_xticks(x, list(prediction.var_names[genes]), rotation=90)
     ax.set_xlabel("gene (by predicted change)")
     ax.set_ylabel("change from the control mean\n(log1p-normalised expression)")
