@@ -244,6 +244,9 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
                              + (" without gene_embeddings" if self.gene_embeddings is None else "")
                              + "; pass the gene embeddings the prior was fitted with.")
         self.shifts_ = self.estimators_["additive"].shifts_
+        # what kind() looks up for every query, computed once per fit rather than per query
+        self._seen = set(self.shifts_.index.get_level_values("perturbation"))
+        self._single_genes = {self._genes(p)[0] for p in self._seen if len(self._genes(p)) == 1}
         if given is not None:
             self.weights_ = {kind: dict(w) for kind, w in given.items()}
             self.crossfit_scores_, self.n_held_out_, self.quantiles_ = None, {}, {}
@@ -468,13 +471,11 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         if (perturbation, context) in self.shifts_.index:
             n = None if self.counts_ is None else self.counts_.get((perturbation, context))
             return "few_shot" if self._is_few_shot(perturbation, context, n) else "seen"
-        seen = set(self.shifts_.index.get_level_values("perturbation"))
-        if perturbation in seen:
+        if perturbation in self._seen:
             return "unseen_context"
         genes = self._genes(perturbation)
-        singles = {self._genes(p)[0] for p in seen if len(self._genes(p)) == 1}
         if len(genes) > 1:
-            return "combination" if set(genes) <= singles else "partial_combination"
+            return "combination" if set(genes) <= self._single_genes else "partial_combination"
         return "unseen_gene"
 
     def predict_shifts(self, perturbations: Sequence[str], context: str) -> pd.DataFrame:
