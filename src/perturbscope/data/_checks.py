@@ -51,7 +51,8 @@ def check_perturbation_labels(perturbations) -> list[str]:
     labels = [str(p) for p in perturbations]
     if not labels:
         raise ValueError("perturbations is empty; pass at least one perturbation label.")
-    repeated = pd.Index(labels)[pd.Index(labels).duplicated()].unique()
+    index = pd.Index(labels)
+    repeated = index[index.duplicated()].unique()
     if len(repeated):
         raise ValueError(f"perturbations holds labels more than once: {preview(repeated)}; give each label once.")
     return labels

@@ -60,9 +60,7 @@ class FewShotMixin:
         ValueError
             If ``labels`` or ``contexts`` do not have one entry per cell of ``adata``.
         """
-        self._check_cells("fit_few_shot needs the group means first; call fit_means (or fit).", adata, labels, contexts)
-        _check_k(k)
-        few = self._few_shot_residuals(adata, layer, data_scale, self._cell_labels(labels), np.asarray(contexts), k)
+        few = self._checked_residuals("fit_few_shot", adata, labels, contexts, k, layer, data_scale)
         if few:
             if self.crossfit_scores_ is None:  # fitted with given weights or choices: no scores yet
                 self.crossfit_scores_ = pd.DataFrame(index=pd.Index([], name="kind"), dtype=float)
@@ -90,9 +88,7 @@ class FewShotMixin:
         >>> blend["n_held_out"], prior.n_held_out_["few_shot"]   # the prior's own is unchanged
         (6, 0)
         """
-        self._check_cells("few_shot_blend needs the group means first; call fit_means (or fit).", adata, labels, contexts)
-        _check_k(k)
-        few = self._few_shot_residuals(adata, layer, data_scale, self._cell_labels(labels), np.asarray(contexts), k)
+        few = self._checked_residuals("few_shot_blend", adata, labels, contexts, k, layer, data_scale)
         return self._stacked_blend("few_shot", few) if few else None
 
     def add_groups(self, adata, labels: np.ndarray, contexts: np.ndarray, layer: str | None = None,
@@ -152,7 +148,7 @@ class FewShotMixin:
         genes = pd.Index(adata.var_names.astype(str))
         if not genes.equals(pd.Index(self.means_.columns.astype(str))):
             raise ValueError("adata's genes (var_names) differ from the genes the prior was fitted on.")
-        obs = pd.DataFrame({"perturbation": self._cell_labels(labels), "context": np.asarray(contexts, dtype=str)})
+        obs = pd.DataFrame({"perturbation": self._canonical(labels), "context": np.asarray(contexts, dtype=str)})
         has_controls = set(obs.loc[obs["perturbation"] == self.control_value_, "context"])
         known = set(self.means_.index.get_level_values("context")[
             self.means_.index.get_level_values("perturbation") == self.control_value_])
@@ -179,9 +175,15 @@ class FewShotMixin:
         self.added_groups_ = added
         return self
 
-    def _cell_labels(self, labels) -> np.ndarray:
-        """Cells' labels as the prior keys them (``"A+control"`` is ``"A"``)."""
+    def _canonical(self, labels) -> np.ndarray:
+        """Labels as the prior keys them (``"A+control"`` is ``"A"``; see ``canonical_labels``)."""
         return canonical_labels(labels, self.control_value_, self.delimiter_)
+
+    def _checked_residuals(self, call: str, adata, labels, contexts, k, layer, data_scale) -> dict:
+        """The checks of a few-shot cross-fitting entry point ``call``, then its residuals."""
+        self._check_cells(f"{call} needs the group means first; call fit_means (or fit).", adata, labels, contexts)
+        _check_k(k)
+        return self._few_shot_residuals(adata, layer, data_scale, self._canonical(labels), np.asarray(contexts), k)
 
     def _check_cells(self, unfitted: str, adata, labels, contexts) -> None:
         """Check a call's cells: fitted first, one label and one context per cell.

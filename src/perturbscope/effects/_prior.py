@@ -237,8 +237,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         given = weights if weights is not None else (
             None if choices is None else {kind: {name: 1.0} for kind, name in choices.items()})
         self.estimators_ = self._fit_estimators(means, self._names(given))
-        used = set() if given is None else {name for w in given.values() for name in w if name == "embedding_nn"}
-        missing = sorted((set(self._names(given)) | used) - set(self.estimators_))
+        missing = sorted(set(self._names(given)) - set(self.estimators_))
         if given is not None and missing:
             raise ValueError(f"the given blends use {missing}, which cannot be fitted here"
                              + (" without gene_embeddings" if self.gene_embeddings is None else "")
@@ -329,10 +328,6 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
     # ------------------------------------------------------------------ cross-fitting
     def _genes(self, perturbation: str) -> tuple[str, ...]:
         return parse_perturbation(perturbation, self.control_value_, self.delimiter_)
-
-    def _canonical(self, labels: Sequence[str]) -> list[str]:
-        """The labels as the prior keys them (``"A+control"`` is ``"A"``; see ``canonical_labels``)."""
-        return canonical_labels(labels, self.control_value_, self.delimiter_).tolist()
 
     def _crossfit(self, means: pd.DataFrame) -> dict[str, dict[str, tuple]]:
         """``{kind: {candidate: (errors, residuals, scales, truths)}}`` over held-out training queries."""
@@ -430,7 +425,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         out = {"additive"} | (set(names) - {"observed", "transfer", "observed_perturbed_mean", "gene_by_gene"})
         if "gene_by_gene" in names:
             out |= set(unseen_blend)
-        return sorted(n for n in out if n != "embedding_nn" or self.gene_embeddings is not None)
+        return sorted(out)  # make_estimator builds no embedding_nn without embeddings
 
     def _scale(self, kind: str, perturbation: str, fitted: Baseline) -> float:
         """Difficulty of a query: 0.5 + cosine distance of its least familiar unseen gene."""
@@ -467,7 +462,10 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         >>> prior.kind("G00+G03", "all")
         'partial_combination'
         """
-        perturbation = self._canonical([perturbation])[0]
+        return self._kind(self._canonical([perturbation]).tolist()[0], context)
+
+    def _kind(self, perturbation: str, context: str) -> str:
+        """:meth:`kind` of a label already canonical (the prediction paths canonicalise once)."""
         if (perturbation, context) in self.shifts_.index:
             n = None if self.counts_ is None else self.counts_.get((perturbation, context))
             return "few_shot" if self._is_few_shot(perturbation, context, n) else "seen"
@@ -497,8 +495,8 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         labels = [str(p) for p in perturbations]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            for p in self._canonical(labels):
-                kind = self.kind(p, str(context))
+            for p in self._canonical(labels).tolist():
+                kind = self._kind(p, str(context))
                 weights = self.weights_.get(kind, {"additive": 1.0})
                 rows.append(sum((w * self._estimate(name, kind, p, str(context)) for name, w in weights.items()),
                                 np.zeros(len(self.shifts_.columns))))
@@ -532,8 +530,8 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         genes = self.estimators_["additive"].var_names_
         reference = self.estimators_["additive"]
         rows = []
-        for p in self._canonical([str(p) for p in perturbations]):
-            kind = self.kind(p, str(context))
+        for p in self._canonical([str(p) for p in perturbations]).tolist():
+            kind = self._kind(p, str(context))
             q = self.quantiles_.get(kind, {}).get(level)
             rows.append(np.full(len(genes), np.nan) if q is None else q * self._scale(kind, p, reference))
         return pd.DataFrame(np.vstack(rows), index=list(map(str, perturbations)), columns=genes)

@@ -68,7 +68,7 @@ class PriorStateMixin:
         prior.fit_means(means, state["control_value"], state["context_key"], state["delimiter"],
                         choices=state["choices"], counts=counts, weights=weights)
         prior.n_held_out_, prior.added_groups_ = dict(state["n_held_out"]), {
-            (prior._canonical([p])[0], c) for p, c in state.get("added_groups", ())}
+            (str(prior._canonical([p])[0]), c) for p, c in state.get("added_groups", ())}
         prior.quantiles_ = {k: {float(lv): np.asarray(q) for lv, q in v.items()} for k, v in state["quantiles"].items()}
         scores = state["crossfit_scores"]
         prior.crossfit_scores_ = None if scores is None else pd.DataFrame.from_dict(scores, orient="index")
