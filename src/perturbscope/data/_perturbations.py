@@ -59,6 +59,11 @@ def canonical_labels(labels: Iterable[str], control_value: str = "control", deli
     --------
     >>> canonical_labels(["KLF1+control", "control", "SET+KLF1", " KLF1 "]).tolist()
     ['KLF1', 'control', 'SET+KLF1', 'KLF1']
+
+    Raises
+    ------
+    ValueError
+        If a label has an empty gene name (``"A++B"``), as :func:`parse_perturbation` does.
     """
     values = pd.Series(list(labels), dtype=str)
     genes = perturbation_gene_sets(values, control_value, delimiter)
@@ -75,6 +80,12 @@ def canonical_means(
     whose labels become the same group are merged, weighted by ``counts`` (equally without).
     Already canonical tables are returned as they are.
 
+    Raises
+    ------
+    ValueError
+        If the index lacks the ``perturbation`` or ``context`` level, or a label has an empty
+        gene name.
+
     Examples
     --------
     >>> index = pd.MultiIndex.from_tuples([("control", "all"), ("A+control", "all"), ("A", "all")],
@@ -84,6 +95,10 @@ def canonical_means(
     >>> means["g"].tolist(), counts.tolist()
     ([0.0, 1.75], [5, 4])
     """
+    lacking = [level for level in ("perturbation", "context") if level not in (means.index.names or [])]
+    if lacking:
+        raise ValueError(f"means must have a MultiIndex with levels 'perturbation' and 'context'; "
+                         f"{lacking} missing from its index names {list(means.index.names)}.")
     labels = means.index.get_level_values("perturbation").astype(str)
     canonical = canonical_labels(labels, control_value, delimiter)
     if (canonical == np.asarray(labels)).all():
