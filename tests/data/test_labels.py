@@ -9,10 +9,10 @@ import pytest
 from perturbscope.data import canonical_labels, canonical_means
 
 
-def test_canonical_labels_drop_control_tokens_and_keep_gene_order():
-    labels = canonical_labels(["A+ctrl", "ctrl", "B+A", "ctrl+ctrl", "A+A"], control_value="ctrl")
-    assert labels.tolist() == ["A", "ctrl", "B+A", "ctrl", "A"]
-    assert canonical_labels(["A;control", "A;B"], delimiter=";").tolist() == ["A", "A;B"]
+def test_canonical_labels_drop_control_tokens_and_sort_genes():
+    labels = canonical_labels(["A+ctrl", "ctrl", "B+A", "ctrl+ctrl", "A+A", "A+B"], control_value="ctrl")
+    assert labels.tolist() == ["A", "ctrl", "A+B", "ctrl", "A", "A+B"]
+    assert canonical_labels(["A;control", "B;A"], delimiter=";").tolist() == ["A", "A;B"]
 
 
 def test_canonical_labels_refuse_an_empty_gene_name():
@@ -33,6 +33,11 @@ def test_canonical_means_merge_groups_weighted_by_cells_per_context():
     unweighted, none = canonical_means(means)
     assert none is None
     np.testing.assert_allclose(unweighted.loc[("A", "x")].to_numpy(), [5.0, 1.0])
+    swapped = pd.MultiIndex.from_tuples([("A+B", "x"), ("B+A", "x")], names=["perturbation", "context"])
+    both, n = canonical_means(pd.DataFrame({"g0": [1.0, 4.0]}, index=swapped), pd.Series([2, 1], index=swapped))
+    assert both.index.tolist() == [("A+B", "x")]
+    assert n.tolist() == [3]
+    np.testing.assert_allclose(both["g0"], [2.0])  # (2 * 1 + 4) / 3
     same, _ = canonical_means(merged)
     assert same is merged  # already canonical: returned as it is
 
@@ -43,3 +48,26 @@ def test_canonical_means_need_the_two_index_levels():
             "means must have a MultiIndex with levels 'perturbation' and 'context'; ['context'] missing "
             "from its index names ['perturbation'].")):
         canonical_means(means)
+
+
+def test_splits_refuse_a_combination_written_in_two_gene_orders():
+    """Holding out ``"G00+G01"`` while ``"G01+G00"`` trains would leak the double into training."""
+    from perturbscope.benchmark import combo_split, unseen_single_split
+    from perturbscope.data import simulate_perturbseq
+
+    adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=6, n_combinations=2, n_cell_types=1,
+                                   n_cells_per_condition=6, seed=0)
+    labels = adata.obs["perturbation"].astype(str).to_numpy().copy()
+    combo = next(p for p in labels if "+" in p)
+    first, second = combo.split("+")
+    labels[np.flatnonzero(labels == combo)[::2]] = f"{second}+{first}"
+    adata.obs["perturbation"] = labels
+    message = (f"adata.obs['perturbation'] writes the same combination in more than one gene order: "
+               f"{sorted([combo, f'{second}+{first}'])}; one perturbation must have one label, e.g. "
+               "adata.obs['perturbation'] = perturbscope.data.canonical_labels(adata.obs['perturbation']).")
+    for split in (combo_split, unseen_single_split):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            split(adata, "perturbation")
+    adata.obs["perturbation"] = canonical_labels(adata.obs["perturbation"])
+    assert combo_split(adata, "perturbation", test_fraction=1.0).perturbations == sorted(
+        {p for p in adata.obs["perturbation"] if "+" in p})

@@ -70,6 +70,13 @@ def test_top_change_scores_hand_values():
     assert top_change_scores(np.array([0.0, -1.0, 9.0]), np.array([0.1, -3.0, 0.0]), n_genes=1) == (4.0, 0.0)
     # a constant prediction on the scored genes carries no direction: Pearson 0
     assert top_change_scores(np.zeros(3), observed, n_genes=3) == (pytest.approx((4 + 0.01 + 1) / 3), 0.0)
+    # ties in |observed| are broken by gene order (not by the sort algorithm): of the 16 genes
+    # tied at |2|, the first 5 (by index) are scored, and a prediction right on those alone is exact
+    tied = np.tile([2.0, -1.0, -2.0, 0.5], 10)
+    first = np.flatnonzero(np.abs(tied) == 2)[:5]
+    guess = np.full(40, 9.0)
+    guess[first] = tied[first]
+    assert top_change_scores(guess, tied, n_genes=5)[0] == 0.0
 
 
 def test_pick_hand_values():
@@ -511,6 +518,45 @@ def test_few_shot_truth_is_the_mean_of_the_groups_other_cells(two_context_prior)
         np.testing.assert_allclose(rest, np.asarray(expected[1]).ravel(), rtol=0, atol=1e-5)
 
 
+def test_gene_by_gene_answers_each_gene_as_its_kind_in_cross_fitting_as_at_prediction(two_context_prior):
+    """The gene-by-gene sum scored in cross-fitting (from a fold's estimators) uses the rule the
+    prediction uses: a gene measured in the context by its shift, one measured in another
+    context only by the unseen-context blend, one measured nowhere by the unseen-gene blend."""
+    prior, _, _ = two_context_prior
+    assert [prior.kind(g, "type_1") for g in ("G00", "G06", "G07")] == ["seen", "unseen_context", "unseen_gene"]
+    for gene in ("G00", "G06", "G07"):
+        np.testing.assert_allclose(prior._fold_single(prior.estimators_, gene, "type_1"),
+                                   prior.predict_shifts([gene], "type_1").to_numpy()[0], rtol=0, atol=1e-10)
+    combo = prior._held_out_prediction("gene_by_gene", prior.estimators_, "G06+G07", "type_1")
+    singles = prior.predict_shifts(["G06", "G07"], "type_1").to_numpy().sum(axis=0)
+    np.testing.assert_allclose(combo, singles, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(prior._estimate("gene_by_gene", "partial_combination", "G06+G07", "type_1"),
+                               singles, rtol=0, atol=1e-10)
+    # the rule matters here: G06 answered as an unseen gene would be another shift
+    from perturbscope.effects._prior import _predict_one
+
+    as_unseen = sum(w * _predict_one(prior.estimators_[n], "G06", "type_1") for n, w in prior.weights_["unseen_gene"].items())
+    assert np.abs(as_unseen - prior.predict_shifts(["G06"], "type_1").to_numpy()[0]).max() > 1e-3
+
+
+def test_few_shot_perturbed_mean_counts_the_group_by_its_few_cells(two_context_prior):
+    """The perturbed-mean candidate of a few-shot group is the context's mean shift with the
+    group counted by its own few-cell shift: at prediction that is its measured shift, and in
+    cross-fitting the k drawn cells' shift (its full mean, the truth, is left out), so the two
+    score the same estimator."""
+    prior, _, _ = two_context_prior
+    shifts = prior.shifts_.xs("type_0", level="context")
+    others = shifts.drop(index="G00").to_numpy()
+    drawn = np.linspace(-1.0, 1.0, shifts.shape[1])
+    expected = (others.sum(axis=0) + drawn) / (len(others) + 1)
+    np.testing.assert_allclose(prior._few_shot_estimate("perturbed_mean", "G00", "type_0", drawn), expected,
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(prior._few_shot_estimate("observed_perturbed_mean", "G00", "type_0", drawn),
+                               0.5 * (drawn + expected), rtol=0, atol=1e-12)
+    measured = prior._few_shot_estimate("perturbed_mean", "G05", "type_0", shifts.loc["G05"].to_numpy())
+    np.testing.assert_allclose(measured, shifts.to_numpy().mean(axis=0), rtol=0, atol=1e-12)
+
+
 def test_query_groups_cross_fit_the_few_shot_blend_at_the_querys_group_size(monkeypatch):
     """With the reference's cells at hand, the blend is cross-fitted at the query's median group
     size, not at the median of every few-shot group (the reference's own 5-cell groups too)."""
@@ -624,6 +670,36 @@ def test_singles_written_with_the_control_token_are_the_same_perturbations():
 
     additive = AdditiveBaseline().fit(spelled, "perturbation").predict_shifts([combo]).to_numpy()
     assert np.abs(additive).sum() > 0
+
+
+def test_a_combination_is_the_same_perturbation_in_either_gene_order():
+    """A measured double asked for as ``"B+A"`` is the measured ``"A+B"`` (its observed shift),
+    not a new combination answered by the singles' sum; training cells written in both orders
+    are one group."""
+    adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=8, n_combinations=4, n_cell_types=1,
+                                     n_cells_per_condition=40, embedding_dim=8, seed=0)
+    labels = adata.obs["perturbation"].astype(str)
+    combo = next(p for p in labels.unique() if "+" in p)
+    first, second = combo.split("+")
+    reverse = f"{second}+{first}"
+    prior = EffectPrior(emb, n_bootstrap=0).fit(adata, "perturbation")
+    assert prior.kind(reverse, "all") == prior.kind(combo, "all") == "seen"
+    shifts = prior.predict_shifts([reverse, combo], "all")
+    assert shifts.index.tolist() == [reverse, combo]
+    np.testing.assert_allclose(shifts.loc[reverse].to_numpy(), shifts.loc[combo].to_numpy(), rtol=0, atol=0)
+    from perturbscope.effects import AdditiveBaseline
+
+    observed = AdditiveBaseline().fit(adata, "perturbation").predict_shifts([combo, reverse])
+    np.testing.assert_allclose(observed.loc[reverse].to_numpy(), observed.loc[combo].to_numpy(), rtol=0, atol=0)
+    mixed = adata.copy()  # half of the double's cells written the other way round
+    cells = np.flatnonzero(labels.to_numpy() == combo)
+    written = labels.to_numpy().copy()
+    written[cells[::2]] = reverse
+    mixed.obs["perturbation"] = written
+    merged = EffectPrior(emb, n_bootstrap=0).fit(mixed, "perturbation")
+    np.testing.assert_allclose(merged.means_.loc[(combo, "all")].to_numpy(),
+                               prior.means_.loc[(combo, "all")].to_numpy(), rtol=1e-6, atol=1e-6)
+    assert (reverse, "all") not in merged.means_.index
 
 
 def test_tables_saved_with_control_token_labels_are_read_as_canonical():

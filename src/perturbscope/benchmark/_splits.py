@@ -22,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..data import check_control_present, is_control, parse_perturbation
+from ..data import check_control_present, check_one_gene_order, is_control, parse_perturbation
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ def _labels(adata: ad.AnnData, perturbation_key: str, control_value: str) -> pd.
 
 
 def _gene_sets(labels: pd.Series, control_value: str, delimiter: str) -> dict[str, tuple[str, ...]]:
+    check_one_gene_order(labels, str(labels.name), control_value, delimiter)
     return {p: parse_perturbation(p, control_value, delimiter) for p in pd.unique(labels)}
 
 

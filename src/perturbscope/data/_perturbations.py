@@ -50,15 +50,17 @@ def parse_perturbation(label: str, control_value: str = "control", delimiter: st
 
 
 def canonical_labels(labels: Iterable[str], control_value: str = "control", delimiter: str = "+") -> np.ndarray:
-    """Each label as the package keys it: its genes joined by ``delimiter``, control tokens dropped.
+    """Each label as the package keys it: its genes sorted and joined by ``delimiter``, control tokens dropped.
 
     Screens that write singles as ``"KLF1+control"`` then share their labels with those that
-    write ``"KLF1"``; the genes keep their order (``"B+A"`` stays ``"B+A"``).
+    write ``"KLF1"``, and a combination is the same group in either gene order (``"SET+KLF1"``
+    and ``"KLF1+SET"`` are both ``"KLF1+SET"``): the order of the guides in a label carries no
+    meaning for the package. Outputs keep the labels the user gave.
 
     Examples
     --------
-    >>> canonical_labels(["KLF1+control", "control", "SET+KLF1", " KLF1 "]).tolist()
-    ['KLF1', 'control', 'SET+KLF1', 'KLF1']
+    >>> canonical_labels(["KLF1+control", "control", "SET+KLF1", " KLF1 ", "KLF1+SET"]).tolist()
+    ['KLF1', 'control', 'KLF1+SET', 'KLF1', 'KLF1+SET']
 
     Raises
     ------
@@ -67,8 +69,42 @@ def canonical_labels(labels: Iterable[str], control_value: str = "control", deli
     """
     values = pd.Series(list(labels), dtype=str)
     genes = perturbation_gene_sets(values, control_value, delimiter)
-    mapping = {label: delimiter.join(parsed) or control_value for label, parsed in genes.items()}
+    mapping = {label: delimiter.join(sorted(parsed)) or control_value for label, parsed in genes.items()}
     return values.map(mapping).to_numpy(dtype=str)
+
+
+def check_one_gene_order(labels: Iterable[str], key: str, control_value: str = "control", delimiter: str = "+") -> None:
+    """Refuse labels that write one combination in two gene orders (``"A+B"`` and ``"B+A"``).
+
+    A split that holds out one spelling while the other stays in training would leak the
+    combination into training; rewrite the column with :func:`canonical_labels` first.
+
+    Raises
+    ------
+    ValueError
+        Naming ``key`` and the first such pairs.
+
+    Examples
+    --------
+    >>> check_one_gene_order(["control", "A+B", "A"], "perturbation")
+    >>> check_one_gene_order(["A+B", "B+A"], "perturbation")
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.obs['perturbation'] writes the same combination in more than one gene order: ['A+B', 'B+A']; one perturbation must have one label, e.g. adata.obs['perturbation'] = perturbscope.data.canonical_labels(adata.obs['perturbation']).
+    """
+    distinct = pd.unique(pd.Series(list(labels), dtype=str))
+    canonical = pd.Series(canonical_labels(distinct, control_value, delimiter), index=distinct)
+    combos = canonical[canonical.str.contains(delimiter, regex=False)]
+    spellings = combos.groupby(combos.to_numpy(), sort=False).apply(lambda group: sorted(group.index))
+    repeated = [names for names in spellings if len(names) > 1]
+    if repeated:
+        shown = "; ".join(str(names) for names in repeated[:3])
+        more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""
+        raise ValueError(
+            f"adata.obs[{key!r}] writes the same combination in more than one gene order: {shown}{more}; "
+            f"one perturbation must have one label, e.g. adata.obs[{key!r}] = "
+            f"perturbscope.data.canonical_labels(adata.obs[{key!r}])."
+        )
 
 
 def canonical_means(

@@ -219,7 +219,7 @@ class FewShotMixin:
             drawn, rest = self._drawn_and_rest_means(adata, cells, k, (p, c), counts[(p, c)], layer, data_scale)
             observed_k, truth = drawn - control, rest - control
             for name in self._available("few_shot"):
-                predicted = self._few_shot_estimate(name, p, c, observed_k, exclude_self=True)
+                predicted = self._few_shot_estimate(name, p, c, observed_k)
                 errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
                 errors.append(top_change_scores(predicted, truth))
                 residuals.append(truth - predicted)
@@ -260,18 +260,22 @@ class FewShotMixin:
         """
         return (n is not None and n < FEW_SHOT_CELLS) or (perturbation, context) in getattr(self, "added_groups_", ())
 
-    def _few_shot_estimate(self, name: str, p: str, c: str, observed: np.ndarray, exclude_self: bool = False):
+    def _few_shot_estimate(self, name: str, p: str, c: str, observed: np.ndarray) -> np.ndarray:
+        """Few-shot candidate ``name`` for group ``(p, c)`` whose ``k``-cell shift is ``observed``.
+
+        The context's perturbed mean counts the group itself by ``observed``, as it does at
+        prediction, where the group's measured shift is its few cells' shift; in cross-fitting
+        the group's full mean (the truth) is left out of it.
+        """
         shifts = self.shifts_
         in_context = shifts.index.get_level_values("context") == c
         others = shifts.index.get_level_values("perturbation") != p
-        pm_rows = shifts[in_context & others] if exclude_self else shifts[in_context]
-        perturbed_mean = pm_rows.mean(axis=0).to_numpy() if len(pm_rows) else np.zeros_like(observed)
         if name == "observed":
             return observed
-        if name == "perturbed_mean":
-            return perturbed_mean
-        if name == "observed_perturbed_mean":
-            return 0.5 * (observed + perturbed_mean)
+        if name in ("perturbed_mean", "observed_perturbed_mean"):
+            rows = shifts[in_context & others]
+            perturbed_mean = (rows.sum(axis=0).to_numpy() + observed) / (len(rows) + 1)
+            return perturbed_mean if name == "perturbed_mean" else 0.5 * (observed + perturbed_mean)
         elsewhere = shifts[~in_context & ~others]
         return elsewhere.mean(axis=0).to_numpy() if len(elsewhere) else observed
 

@@ -254,8 +254,9 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         self.crossfit_scores_ = pd.DataFrame(index=pd.Index([], name="kind"), dtype=float)
         self.weights_ = {"seen": {"observed": 1.0}}
         self.n_held_out_, self.quantiles_ = {}, {}
-        for kind in KINDS[1:]:
-            if kind == "partial_combination":  # its gene-by-gene candidate needs the unseen-gene blend
+        # last: its gene-by-gene candidate answers genes by the unseen-gene and unseen-context blends
+        for kind in [k for k in KINDS[1:] if k != "partial_combination"] + ["partial_combination"]:
+            if kind == "partial_combination":
                 residuals[kind] = self._score_folds(kind, self._gene_folds(means, partial=True))
             self._choose(kind, residuals.get(kind, {}))
         return self
@@ -303,9 +304,14 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
     def _names(self, weights: dict[str, dict[str, float]] | None) -> list[str]:
         """The estimators to fit for ``weights`` (every candidate when ``None``)."""
         if not weights:
-            return self._estimator_names(sum(CANDIDATES.values(), ()), {})
+            return self._estimator_names(sum(CANDIDATES.values(), ()), ())
         used = {name for w in weights.values() for name in w}
-        return self._estimator_names(used, weights.get("unseen_gene", {}))
+        return self._estimator_names(used, self._single_blends(weights))
+
+    @staticmethod
+    def _single_blends(weights: dict[str, dict[str, float]]) -> tuple[dict[str, float], ...]:
+        """The blends that answer a gene of a ``"gene_by_gene"`` sum measured nowhere or elsewhere."""
+        return weights.get("unseen_gene", {}), weights.get("unseen_context", {})
 
     def _available(self, kind: str) -> list[str]:
         return [n for n in CANDIDATES[kind] if n != "embedding_nn" or self.gene_embeddings is not None]
@@ -382,11 +388,13 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         for reduced, held in folds:
             if not held or reduced.index.get_level_values("perturbation").nunique() < 2:
                 continue
-            blend = self.weights_.get("unseen_gene", {}) if kind == "partial_combination" else {}
-            fitted = self._fit_estimators(reduced, self._estimator_names(self._available(kind), blend))
+            blends = self._single_blends(self.weights_) if kind == "partial_combination" else ()
+            fitted = self._fit_estimators(reduced, self._estimator_names(self._available(kind), blends))
             reference = fitted.get("additive") or next(iter(fitted.values()))
             unvalidated |= {name for name, e in fitted.items() if not getattr(e, "fitted_", True)}
             unvalidated |= {name for name in self._available(kind) if name not in fitted and name != "gene_by_gene"}
+            if set(self._estimator_names(["gene_by_gene"], blends)) - set(fitted):
+                unvalidated.add("gene_by_gene")  # a gene's blend could not be built in this fold
             for name in self._available(kind):
                 if name in unvalidated:
                     continue  # an estimator that fell back in any fold is not scored at all
@@ -402,29 +410,41 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
                 for name, (e, r, s, t) in out.items() if name not in unvalidated}
 
     def _held_out_prediction(self, name: str, fitted: dict[str, Baseline], p: str, c: str) -> np.ndarray:
-        """A candidate's prediction of the held-out query ``p`` in ``c`` from the fold's estimators.
-
-        ``"gene_by_gene"`` sums each gene's observed single shift where the fold has it in ``c``,
-        else the gene's ``"unseen_gene"`` blend.
-        """
+        """A candidate's prediction of the held-out query ``p`` in ``c`` from the fold's estimators."""
         if name != "gene_by_gene":
             return _predict_one(fitted[name], p, c)
-        observed = fitted["additive"]
-        blend = self.weights_.get("unseen_gene", {})
-        total = np.zeros(len(observed.var_names_))
-        for gene in self._genes(p):
-            if (gene, c) in observed.shifts_.index:
-                total += _predict_one(observed, gene, c)
-            else:
-                total += sum((w * _predict_one(fitted[n], gene, c) for n, w in blend.items() if n in fitted),
-                             np.zeros(len(total)))
-        return total
+        return self._gene_by_gene(p, c, lambda gene: self._fold_single(fitted, gene, c))
 
-    def _estimator_names(self, names, unseen_blend: dict[str, float]) -> list[str]:
-        """The estimators behind candidates ``names``; ``"gene_by_gene"`` needs ``unseen_blend``'s."""
+    def _gene_by_gene(self, p: str, c: str, single) -> np.ndarray:
+        """The ``"gene_by_gene"`` candidate: the sum over ``p``'s genes of ``single(gene)``.
+
+        ``single`` answers one gene as its own kind: from the prior at prediction, from a
+        cross-fitting fold's estimators in :meth:`_fold_single`, by the same rule.
+        """
+        return np.sum([single(gene) for gene in self._genes(p)], axis=0)
+
+    def _fold_single(self, fitted: dict[str, Baseline], gene: str, c: str) -> np.ndarray:
+        """One gene's shift in ``c`` from a fold's estimators, the gene answered as its kind there.
+
+        Its observed shift where the fold measured it in ``c``; the ``"unseen_context"`` blend
+        where it measured it elsewhere only; else the ``"unseen_gene"`` blend.
+        """
+        observed = fitted["additive"]
+        if (gene, c) in observed.shifts_.index:
+            return _predict_one(observed, gene, c)
+        kind = "unseen_context" if gene in observed.seen_ else "unseen_gene"
+        return sum((w * _predict_one(fitted[n], gene, c) for n, w in self.weights_.get(kind, {}).items()),
+                   np.zeros(len(observed.var_names_)))
+
+    def _estimator_names(self, names, single_blends: Sequence[dict[str, float]]) -> list[str]:
+        """The estimators behind candidates ``names``.
+
+        ``"gene_by_gene"`` needs those of ``single_blends``, the ``"unseen_gene"`` and
+        ``"unseen_context"`` blends that answer its genes.
+        """
         out = {"additive"} | (set(names) - {"observed", "transfer", "observed_perturbed_mean", "gene_by_gene"})
         if "gene_by_gene" in names:
-            out |= set(unseen_blend)
+            out |= {name for blend in single_blends for name in blend}
         return sorted(out)  # make_estimator builds no embedding_nn without embeddings
 
     def _scale(self, kind: str, perturbation: str, fitted: Baseline) -> float:
@@ -511,7 +531,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         if kind == "few_shot":
             return self._few_shot_estimate(name, p, context, self.shifts_.loc[(p, context)].to_numpy())
         if name == "gene_by_gene":
-            return self.predict_shifts(list(self._genes(p)), context).to_numpy().sum(axis=0)
+            return self._gene_by_gene(p, context, lambda gene: self.predict_shifts([gene], context).to_numpy()[0])
         return _predict_one(self.estimators_["additive" if name == "observed" else name], p, context)
 
     def half_widths(self, perturbations: Sequence[str], context: str, level: float) -> pd.DataFrame:

@@ -23,7 +23,7 @@ def top_change_scores(predicted: np.ndarray, observed: np.ndarray, n_genes: int 
     >>> top_change_scores(np.array([1.0, 0.0, 0.5]), np.array([2.0, 0.0, 1.0]), n_genes=2)
     (0.625, 1.0)
     """
-    top = np.argsort(-np.abs(observed))[:n_genes]
+    top = np.argsort(-np.abs(observed), kind="stable")[:n_genes]  # ties: the first gene
     mse = float(np.mean((predicted[top] - observed[top]) ** 2))
     if np.std(predicted[top]) == 0 or np.std(observed[top]) == 0:
         return round(mse, 12), 0.0
