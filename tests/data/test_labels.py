@@ -71,3 +71,15 @@ def test_splits_refuse_a_combination_written_in_two_gene_orders():
     adata.obs["perturbation"] = canonical_labels(adata.obs["perturbation"])
     assert combo_split(adata, "perturbation", test_fraction=1.0).perturbations == sorted(
         {p for p in adata.obs["perturbation"] if "+" in p})
+
+
+def test_canonical_labels_read_categorical_columns_as_their_strings():
+    """AnnData keeps labels as categoricals (unused categories included); the result is that of
+    the same labels as strings."""
+    values = ["B+A", "control", "A+control", "B+A", "C"]
+    column = pd.Series(pd.Categorical(values, categories=["unused", "C", "B+A", "control", "A+control"]))
+    expected = ["A+B", "control", "A", "A+B", "C"]
+    assert canonical_labels(column).tolist() == expected
+    assert canonical_labels(np.array(values)).tolist() == expected
+    assert canonical_labels(pd.Series(pd.Categorical(["A", None]))).tolist() == ["A", "nan"]
+    assert canonical_labels([]).tolist() == []

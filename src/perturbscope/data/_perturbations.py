@@ -67,10 +67,15 @@ def canonical_labels(labels: Iterable[str], control_value: str = "control", deli
     ValueError
         If a label has an empty gene name (``"A++B"``), as :func:`parse_perturbation` does.
     """
-    values = pd.Series(list(labels), dtype=str)
-    genes = perturbation_gene_sets(values, control_value, delimiter)
-    mapping = {label: delimiter.join(sorted(parsed)) or control_value for label, parsed in genes.items()}
-    return values.map(mapping).to_numpy(dtype=str)
+    # parse each distinct label once: a screen has millions of cells but few labels
+    if isinstance(labels, pd.Series) and isinstance(labels.dtype, pd.CategoricalDtype) and (labels.cat.codes >= 0).all():
+        codes, distinct = labels.cat.codes.to_numpy(), labels.cat.categories.astype(str)
+    else:
+        values = labels if isinstance(labels, pd.Series | np.ndarray) else list(labels)
+        codes, distinct = pd.factorize(np.asarray(values, dtype=str))
+    genes = [parse_perturbation(label, control_value, delimiter) for label in distinct]
+    mapped = np.array([delimiter.join(sorted(parsed)) or control_value for parsed in genes], dtype=str)
+    return mapped[codes] if len(codes) else np.array([], dtype=str)
 
 
 def check_one_gene_order(labels: Iterable[str], key: str, control_value: str = "control", delimiter: str = "+") -> None:
