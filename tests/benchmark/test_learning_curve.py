@@ -137,3 +137,26 @@ def test_old_progress_keyword_still_works_with_a_future_warning(screen, capsys):
         old = learning_curve(adata, "perturbation", "cell_type", progress=False, **kwargs)
     assert "learning curve" not in "".join(capsys.readouterr())
     pd.testing.assert_frame_equal(old, new)
+
+
+def test_a_metric_without_finite_values_is_not_reported_as_zero():
+    """All-NaN at k = 0 stays NaN ("–"), and only finite seeds count towards the mean, the sd and
+    the number of seeds."""
+    from perturbscope.benchmark import shot_statistics, summarize
+
+    results = pd.DataFrame({"task": "t", "seed": [0, 1, 0, 1], "shots": [0, 0, 5, 5], "model": "m",
+                            "perturbation": "A", "metric": "r", "value": [np.nan, np.nan, 0.5, 0.7]})
+    table = learning_curve_table(results, "r")
+    assert table.loc[("t", "m"), 0] == "–"
+    assert table.loc[("t", "m"), 5] == "0.600 ± 0.141"
+    stats = shot_statistics(results, "r")
+    assert stats.loc[("t", "m", 0)].isna().all()
+    per_task = results.assign(group="g", value=[np.nan, 0.2, 0.4, 0.6], seed=[0, 1, 2, 3]).drop(columns="shots")
+    summary = summarize(per_task)
+    row = summary.loc[("t", "g", "m", "r")]
+    assert row["mean"] == pytest.approx(0.4)
+    assert row["sd"] == pytest.approx(0.2)  # sd of 0.2, 0.4, 0.6
+    assert row["n_seeds"] == 3  # the NaN seed is not counted
+    one = summarize(per_task.iloc[:2])
+    assert one.loc[("t", "g", "m", "r"), "n_seeds"] == 1
+    assert one.loc[("t", "g", "m", "r"), "sd"] == 0.0

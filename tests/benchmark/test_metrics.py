@@ -1,3 +1,5 @@
+import re
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -173,3 +175,36 @@ def test_evaluate_errors():
         evaluate(observed[observed.obs["p"] == "A"], reference, perturbation_key="p", layer=None)
     with pytest.raises(KeyError, match="perturbation_key 'perturbation' not in predicted.obs"):
         evaluate(observed, reference, layer=None)
+
+
+def test_distribution_metrics_are_skipped_only_for_perturbations_with_one_row():
+    """An extra, unscored label with a single row does not blank the other perturbations'
+    distributional metrics; a scored perturbation with one row gets NaN for its own."""
+    observed, control = _toy()
+    reference = prepare_reference(observed, control, "p", n_de=2, n_pcs=3)
+    extra = ad.concat([observed, ad.AnnData(observed.X[:1], obs=pd.DataFrame({"p": ["zzz"]}, index=["x0"]),
+                                            var=observed.var)])
+    scores = evaluate(extra, reference, perturbation_key="p", layer=None)
+    assert scores["energy_distance"].tolist() == pytest.approx([0.0, 0.0], abs=1e-9)
+    one_a = ad.concat([observed[observed.obs["p"] == "A"][:1], observed[observed.obs["p"] == "B"]])
+    scores = evaluate(one_a, reference, perturbation_key="p", layer=None)
+    assert np.isnan(scores.loc["A", "energy_distance"])
+    assert scores.loc["B", "energy_distance"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_given_de_genes_and_means_are_checked_and_left_alone():
+    observed, control = _toy()
+    with pytest.raises(KeyError, match=r"de_genes names genes that are not in observed.var_names: \{'A': \['NOPE'\]\}"):
+        prepare_reference(observed, control, "p", de_genes={"A": ["g0", "NOPE"], "B": ["g2"]}, n_pcs=3)
+    with pytest.raises(KeyError, match=r"de_genes has no entry for the observed perturbations \['B'\]"):
+        prepare_reference(observed, control, "p", de_genes={"A": ["g0"]}, n_pcs=3)
+    reference = prepare_reference(observed, control, "p", n_de=2, n_pcs=3)
+    reference.de_genes["A"] = ["g0", "NOPE"]  # a reference edited by hand
+    with pytest.raises(KeyError, match=re.escape("reference.de_genes['A'] names genes that are not in its var_names: ['NOPE'].")):
+        evaluate(observed, reference, perturbation_key="p", layer=None)
+    reference = prepare_reference(observed, control, "p", n_de=2, n_pcs=3)
+    means = pd.DataFrame(reference.observed_means.to_numpy(), index=pd.Index(["A", "B"], dtype=object),
+                         columns=observed.var_names)
+    index_before = means.index
+    evaluate(observed, reference, perturbation_key="p", layer=None, predicted_means=means)
+    assert means.index is index_before

@@ -62,7 +62,7 @@ def test_splits_refuse_a_combination_written_in_two_gene_orders():
     first, second = combo.split("+")
     labels[np.flatnonzero(labels == combo)[::2]] = f"{second}+{first}"
     adata.obs["perturbation"] = labels
-    message = (f"adata.obs['perturbation'] writes the same combination in more than one gene order: "
+    message = (f"adata.obs['perturbation'] writes the same perturbation in more than one way: "
                f"{sorted([combo, f'{second}+{first}'])}; one perturbation must have one label, e.g. "
                "adata.obs['perturbation'] = perturbscope.data.canonical_labels(adata.obs['perturbation']).")
     for split in (combo_split, unseen_single_split):
@@ -83,3 +83,35 @@ def test_canonical_labels_read_categorical_columns_as_their_strings():
     assert canonical_labels(np.array(values)).tolist() == expected
     assert canonical_labels(pd.Series(pd.Categorical(["A", None]))).tolist() == ["A", "nan"]
     assert canonical_labels([]).tolist() == []
+
+
+def test_every_split_refuses_one_perturbation_written_two_ways():
+    """The context split holds out raw labels too: ``"A+control"`` training while ``"A"`` is held
+    out would leak A's effect in that context."""
+    from perturbscope.benchmark import unseen_context_split
+    from perturbscope.data import simulate_perturbseq
+
+    adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=0, n_cell_types=2,
+                                   n_cells_per_condition=6, seed=0)
+    labels = adata.obs["perturbation"].astype(str).to_numpy().copy()
+    labels[np.flatnonzero(labels == "G00")[::2]] = "G00+control"
+    adata.obs["perturbation"] = labels
+    with pytest.raises(ValueError, match=re.escape(
+            "adata.obs['perturbation'] writes the same perturbation in more than one way: ['G00', 'G00+control']")):
+        unseen_context_split(adata, "perturbation", "cell_type", "type_1", perturbations=["G00"])
+
+
+def test_the_context_split_refuses_to_hold_out_nothing():
+    from perturbscope.benchmark import unseen_context_split
+    from perturbscope.data import simulate_perturbseq
+
+    adata, _ = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=0, n_cell_types=2,
+                                   n_cells_per_condition=6, seed=0)
+    with pytest.raises(ValueError, match=re.escape(
+            "perturbations is empty; pass None to hold out every perturbation of the context.")):
+        unseen_context_split(adata, "perturbation", "cell_type", "type_1", perturbations=[])
+    only_controls = adata[(adata.obs["cell_type"] == "type_0").to_numpy()
+                          | (adata.obs["perturbation"] == "control").to_numpy()].copy()
+    with pytest.raises(ValueError, match=re.escape(
+            "context 'type_1' has no perturbed cells to hold out, only 'control' cells.")):
+        unseen_context_split(only_controls, "perturbation", "cell_type", "type_1")

@@ -86,6 +86,23 @@ def test_bad_input_is_named():
         pl.prediction_intervals(prediction, control, ax=[plt.gca()])
 
 
+def test_cells_with_other_genes_or_another_gene_order_are_refused():
+    """A control (or observed) AnnData in another gene order would put its means under the wrong
+    genes; one with an extra gene would be normalised over other genes than the model's."""
+    prediction, control, observed = prediction_and_cells()
+    reordered = control[:, ::-1].copy()
+    with pytest.raises(ValueError, match=re.escape(
+            "control.var_names differ from the model's 5 genes (0 missing, 0 extra: same genes in another order)")):
+        pl.prediction_intervals(prediction, reordered, show=False)
+    extra = ad.concat([control, ad.AnnData(np.ones((6, 1)), obs=control.obs, var=pd.DataFrame(index=["g5"]))],
+                      axis=1, merge="same")
+    with pytest.raises(ValueError, match=re.escape("observed.var_names differ from the model's 5 genes (0 missing, 1 extra")):
+        pl.prediction_intervals(prediction, control, observed=ad.concat(
+            [observed, ad.AnnData(np.ones((3, 1)), obs=observed.obs, var=pd.DataFrame(index=["g5"]))],
+            axis=1, merge="same"), show=False)
+    assert extra.n_vars == 6
+
+
 def test_cells_are_read_from_the_layer_the_model_was_set_up_with():
     """A model set up on ``layers["counts"]`` (log-normalised ``X``, as scanpy keeps them) records
     the layer in the prediction; the plot reads the control and observed cells from it."""

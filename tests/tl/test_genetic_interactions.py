@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import anndata as ad
 import matplotlib
 import numpy as np
@@ -45,16 +47,17 @@ def shifts():
 @pytest.fixture(scope="module")
 def screen(shifts):
     a, b, unrelated = shifts
-    c = np.random.default_rng(1).normal(size=N_GENES)
+    c, d = np.random.default_rng(1).normal(size=(2, N_GENES))
     means = {
         "control": np.zeros(N_GENES),
         "A": a,
         "B": b,
         "C": c,
+        "D": d,
         "A+B": 2 * a + 0.5 * b,  # A dominates: epistasis
         "B+C": b + c,  # additive
         "A+C": unrelated,  # neomorphic
-        "C+B": 1.3 * (b + c),  # synergy: mag = 1.3 * sqrt(2)
+        "D+C": 1.3 * (d + c),  # synergy: mag = 1.3 * sqrt(2)
     }
     return _cells(means)
 
@@ -84,17 +87,17 @@ def test_fit_recovers_coefficients_exactly(shifts):
 
 def test_calls_on_synthetic_screen(screen):
     table = genetic_interactions(screen).set_index("double")
-    assert list(table.index) == ["A+B", "B+C", "A+C", "C+B"]
+    assert list(table.index) == ["A+B", "B+C", "A+C", "D+C"]
     assert table.loc["A+B", ["coef_first", "coef_second"]].tolist() == pytest.approx([2.0, 0.5])
     assert table.loc["B+C", ["coef_first", "coef_second"]].tolist() == pytest.approx([1.0, 1.0])
-    # order follows the label: C+B's first gene is C
-    assert table.loc["C+B", ["first", "second"]].tolist() == ["C", "B"]
-    assert table.loc["C+B", "mag"] == pytest.approx(1.3 * np.sqrt(2))
+    # order follows the label: D+C's first gene is D
+    assert table.loc["D+C", ["first", "second"]].tolist() == ["D", "C"]
+    assert table.loc["D+C", "mag"] == pytest.approx(1.3 * np.sqrt(2))
     assert table["call"].to_dict() == {
         "A+B": "epistasis",
         "B+C": "additive",
         "A+C": "neomorphic",
-        "C+B": "synergy",
+        "D+C": "synergy",
     }
     assert table.loc["A+B", "dominant"] == "A"
     assert table.loc["A+C", "dcor"] < THRESHOLDS["fit_threshold"]
@@ -152,8 +155,8 @@ def test_bad_inputs(screen, shifts):
         genetic_interactions(screen, doubles=["A"])
     with pytest.raises(ValueError, match=r"singles \['A\+B'\] are not single-gene"):
         genetic_interactions(screen, singles=["A+B"])
-    with pytest.raises(ValueError, match=r"singles \['D'\] are not labels"):
-        genetic_interactions(screen, singles=["D"])
+    with pytest.raises(ValueError, match=r"singles \['E'\] are not labels"):
+        genetic_interactions(screen, singles=["E"])
     with pytest.raises(
         ValueError, match=r"absent from the data \(or from singles\): A\+B: \['B'\]"
     ):
@@ -166,6 +169,31 @@ def test_bad_inputs(screen, shifts):
         genetic_interactions(screen, min_mean=100)
     with pytest.raises(ValueError, match="at least 3 genes"):
         fit_interaction([1.0, 2], [1.0, 0], [2.0, 2])
+
+
+def test_one_perturbation_written_two_ways_is_refused(shifts):
+    """``"A+ctrl"`` and ``"ctrl+A"`` (or ``"A+B"`` and ``"B+A"``) are one perturbation; keying
+    singles by gene would keep one spelling's cells and drop the other's, by row order."""
+    a, b, _ = shifts
+    means = {"ctrl": np.zeros(N_GENES), "A+ctrl": a, "ctrl+A": 3 * a, "B+ctrl": b, "A+B": 2 * a + b}
+    cells = _cells(means)
+    with pytest.raises(ValueError, match=re.escape(
+            "adata.obs['perturbation'] writes the same perturbation in more than one way: ['A+ctrl', 'ctrl+A']")):
+        genetic_interactions(cells, control_value="ctrl")
+    swapped = _cells({"control": np.zeros(N_GENES), "A": a, "B": b, "A+B": a + b, "B+A": 2 * a})
+    with pytest.raises(ValueError, match=re.escape("more than one way: ['A+B', 'B+A']")):
+        genetic_interactions(swapped)
+
+
+def test_calls_need_finite_inputs_and_thresholds_in_range():
+    with pytest.raises(ValueError, match=re.escape(
+            "coefficients and dcor must be finite to call an interaction; positions [0, 1] are NaN or infinite.")):
+        classify_interactions([np.nan, 1.0], [1.0, np.nan], [0.9, 0.9])
+    with pytest.raises(ValueError, match=re.escape(
+            "coef_first, coef_second and dcor must have one value per double, got lengths 2, 1 and 2.")):
+        classify_interactions([1.0, 1.0], [1.0], [0.9, 0.9])
+    with pytest.raises(ValueError, match=re.escape("fit_threshold must be in [0, 1] (a distance correlation), got 1.5.")):
+        classify_interactions([1.0], [1.0], [0.9], fit_threshold=1.5)
 
 
 def test_missing_singles_by_default_are_skipped_with_warning(shifts):
@@ -200,15 +228,15 @@ def test_compare_with_published_swaps_order(screen):
     published = pd.DataFrame(
         {
             # Norman's order B_A for our A+B: his coefficients are swapped to ours
-            "name": ["B_A", "B_C", "A_C", "Z_Y"],
-            "coef_first": [0.5, 1.0, 0.3, 1.0],
-            "coef_second": [2.0, 1.0, 0.2, 1.0],
-            "coef_norm2": [2.06, 1.41, 0.36, 1.41],
-            "dcor": [0.9, 0.9, 0.3, 0.9],
+            "name": ["B_A", "B_C", "A_C", "C_D", "Z_Y"],
+            "coef_first": [0.5, 1.0, 0.3, 1.0, 1.0],
+            "coef_second": [2.0, 1.0, 0.2, 1.0, 1.0],
+            "coef_norm2": [2.06, 1.41, 0.36, 1.41, 1.41],
+            "dcor": [0.9, 0.9, 0.3, 0.9, 0.9],
         }
     )
     summary, matched = compare_with_published(table, published)
-    assert summary["n_doubles"] == 4  # B_C matches both B+C and C+B; Z_Y matches nothing
+    assert summary["n_doubles"] == 4  # C_D matches D+C (in the other order); Z_Y matches nothing
     matched = matched.set_index("double")
     assert matched.loc["A+B", ["published_coef_first", "published_coef_second"]].tolist() == [
         2.0,
@@ -218,16 +246,16 @@ def test_compare_with_published_swaps_order(screen):
         "A+B": "epistasis",
         "B+C": "additive",
         "A+C": "neomorphic",
-        "C+B": "additive",
+        "D+C": "additive",
     }
-    assert summary["call_agreement"] == pytest.approx(0.75)  # C+B: synergy vs additive
+    assert summary["call_agreement"] == pytest.approx(0.75)  # D+C: synergy vs additive
     assert summary["spearman_mag"] == pytest.approx(0.9487, abs=1e-3)  # one tie (1.41)
     ts = table.copy()
     ts.attrs = {"method": "theil_sen"}
     with pytest.raises(KeyError, match=r"published fits lack columns \['ts_coef_first'"):
         compare_with_published(ts, published)
     with pytest.raises(ValueError, match="is in the published fits"):
-        compare_with_published(table, published.iloc[[3]])
+        compare_with_published(table, published.iloc[[4]])
     with pytest.raises(KeyError, match=r"table lacks columns \['call'\]"):
         compare_with_published(table.drop(columns="call"), published)
 

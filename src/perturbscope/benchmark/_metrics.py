@@ -333,7 +333,8 @@ def prepare_reference(
     Raises
     ------
     KeyError
-        If ``perturbation_key`` is not in ``observed.obs``.
+        If ``perturbation_key`` is not in ``observed.obs``, or ``de_genes`` lacks an observed
+        perturbation or names genes that are not in ``observed.var_names``.
     ValueError
         If the genes of ``observed`` and ``control`` differ.
 
@@ -379,6 +380,8 @@ def prepare_reference(
             ],
         )
         de_genes = top_de_genes(both, "p", "__control__", n_genes=n_de)
+    else:
+        _check_de_genes(de_genes, observed_means.index, observed.var_names)
     centroid = (
         observed_means.to_numpy().mean(axis=0) if perturbed_centroid is None else perturbed_centroid
     )
@@ -401,6 +404,17 @@ def prepare_reference(
         pca=pca,
         var_names=observed.var_names.copy(),
     )
+
+
+def _check_de_genes(de_genes: dict, perturbations: pd.Index, genes: pd.Index) -> None:
+    """Given DE genes cover every observed perturbation and name only measured genes."""
+    lacking = [p for p in perturbations if p not in de_genes]
+    if lacking:
+        raise KeyError(f"de_genes has no entry for the observed perturbations {lacking[:10]}.")
+    unknown = {p: [g for g in de_genes[p] if g not in genes] for p in perturbations}
+    unknown = {p: g for p, g in unknown.items() if g}
+    if unknown:
+        raise KeyError(f"de_genes names genes that are not in observed.var_names: {dict(list(unknown.items())[:5])}.")
 
 
 def evaluate(
@@ -428,7 +442,7 @@ def evaluate(
         Layer of ``predicted`` with log1p-normalised values; ``X`` when ``None``.
     distributional
         Also compute the distributional metrics and DE overlap (needs predicted cells, not
-        only means; skipped, as ``NaN``, when each perturbation has a single row).
+        only means; skipped, as ``NaN``, for a perturbation with a single predicted row).
     max_cells
         Cells per side used by the energy distance (subsampled with ``seed``).
     seed
@@ -475,14 +489,14 @@ def evaluate(
         obs=pd.DataFrame({"p": labels.to_numpy()}, index=predicted.obs_names),
         var=pd.DataFrame(index=predicted.var_names),
     )
-    if predicted_means is None:
-        predicted_means = pseudobulk(frame, "p")
+    predicted_means = pseudobulk(frame, "p") if predicted_means is None else predicted_means.copy()
     predicted_means.index = predicted_means.index.astype(str)
     predicted_means = predicted_means.loc[perturbations]
     observed_means = reference.observed_means
     genes = reference.var_names
     control = reference.control_mean
-    has_cells = bool(labels.value_counts().min() > 1)
+    rows_of = labels.value_counts()
+    has_cells = bool((rows_of.reindex(perturbations) > 1).any())
 
     pds = discrimination_score(predicted_means, observed_means, control)
     rng = np.random.default_rng(seed)
@@ -491,6 +505,9 @@ def evaluate(
     for p in perturbations:
         pred, obs = predicted_means.loc[p].to_numpy(), observed_means.loc[p].to_numpy()
         de = genes.get_indexer(reference.de_genes[p])
+        if (de < 0).any():  # a reference built by hand: -1 would silently score the last gene
+            raise KeyError(f"reference.de_genes[{p!r}] names genes that are not in its var_names: "
+                           f"{[g for g, i in zip(reference.de_genes[p], de) if i < 0]}.")
         top = reference.top_expressed
         row = {
             "pearson_delta": pearson_delta(pred, obs, control),
@@ -504,7 +521,7 @@ def evaluate(
             "mae": mae(pred, obs),
             "de_overlap": np.nan,
         }
-        if distributional and has_cells:
+        if distributional and rows_of[p] > 1:
             cells_pred = X[(labels == p).to_numpy()]
             cells_obs = reference.observed_cells[p]
             row["de_overlap"] = de_overlap(

@@ -22,7 +22,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..data import check_control_present, check_one_gene_order, is_control, parse_perturbation
+from ..data import (
+    check_control_present,
+    check_one_label_per_perturbation,
+    is_control,
+    parse_perturbation,
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class Split:
         return [str(p) for p in self.labels.index]
 
 
-def _labels(adata: ad.AnnData, perturbation_key: str, control_value: str) -> pd.Series:
+def _labels(adata: ad.AnnData, perturbation_key: str, control_value: str, delimiter: str = "+") -> pd.Series:
     if perturbation_key not in adata.obs.columns:
         raise KeyError(
             f"perturbation_key {perturbation_key!r} not in adata.obs; "
@@ -75,11 +80,11 @@ def _labels(adata: ad.AnnData, perturbation_key: str, control_value: str) -> pd.
         )
     labels = adata.obs[perturbation_key].astype(str)
     check_control_present(labels, perturbation_key, control_value)
+    check_one_label_per_perturbation(labels, perturbation_key, control_value, delimiter)
     return labels
 
 
 def _gene_sets(labels: pd.Series, control_value: str, delimiter: str) -> dict[str, tuple[str, ...]]:
-    check_one_gene_order(labels, str(labels.name), control_value, delimiter)
     return {p: parse_perturbation(p, control_value, delimiter) for p in pd.unique(labels)}
 
 
@@ -133,7 +138,7 @@ def unseen_single_split(
     >>> len(split.perturbations)
     2
     """
-    labels = _labels(adata, perturbation_key, control_value)
+    labels = _labels(adata, perturbation_key, control_value, delimiter)
     genes = _gene_sets(labels, control_value, delimiter)
     singles = sorted(p for p, g in genes.items() if len(g) == 1)
     if not 0 <= fold < n_folds:
@@ -203,7 +208,7 @@ def combo_split(
     """
     if not 0 < test_fraction <= 1:
         raise ValueError(f"test_fraction must be in (0, 1], got {test_fraction}.")
-    labels = _labels(adata, perturbation_key, control_value)
+    labels = _labels(adata, perturbation_key, control_value, delimiter)
     genes = _gene_sets(labels, control_value, delimiter)
     combos = sorted(p for p, g in genes.items() if len(g) >= 2)
     if not combos:
@@ -235,6 +240,7 @@ def unseen_context_split(
     k: int = 0,
     seed: int = 0,
     perturbations: Sequence[str] | None = None,
+    delimiter: str = "+",
 ) -> Split:
     """Hold out the perturbed cells of one context (cell type or line).
 
@@ -260,6 +266,8 @@ def unseen_context_split(
         Seed of the choice of the ``k`` cells.
     perturbations
         The perturbations to hold out; all non-control perturbations of ``context`` by default.
+    delimiter
+        Separator of genes in combination labels.
 
     Returns
     -------
@@ -270,8 +278,9 @@ def unseen_context_split(
     KeyError
         If ``context_key`` is not a column.
     ValueError
-        If ``context`` is absent, has no control cells, or a held-out perturbation has ``k`` or
-        fewer cells there (no test cells would be left).
+        If ``context`` is absent, has no control cells or no perturbed cells, ``perturbations``
+        is empty, a held-out perturbation has ``k`` or fewer cells there (no test cells would be
+        left), or the labels write one perturbation in two ways.
 
     Examples
     --------
@@ -282,7 +291,7 @@ def unseen_context_split(
     >>> split.labels.iloc[0], len(split.test)
     ('2-shot', 15)
     """
-    labels = _labels(adata, perturbation_key, control_value)
+    labels = _labels(adata, perturbation_key, control_value, delimiter)
     if context_key not in adata.obs.columns:
         raise KeyError(
             f"context_key {context_key!r} not in adata.obs; columns are {list(adata.obs.columns)}."
@@ -300,7 +309,11 @@ def unseen_context_split(
     if not (in_context & control_cells).any():
         raise ValueError(f"context {context!r} has no {control_value!r} cells to predict from.")
     available = labels[in_context & ~control_cells]
-    held_out = sorted(pd.unique(available)) if perturbations is None else list(perturbations)
+    if available.empty:
+        raise ValueError(f"context {context!r} has no perturbed cells to hold out, only {control_value!r} cells.")
+    held_out = sorted(pd.unique(available)) if perturbations is None else [str(p) for p in perturbations]
+    if not held_out:
+        raise ValueError("perturbations is empty; pass None to hold out every perturbation of the context.")
     counts = available.value_counts()
     missing = [p for p in held_out if p not in counts.index]
     if missing:

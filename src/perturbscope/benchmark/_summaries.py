@@ -61,10 +61,18 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """
     per_seed = results.groupby(["task", "group", "model", "metric", "seed"])["value"].mean()
     grouped = per_seed.groupby(level=["task", "group", "model", "metric"])
-    summary = pd.DataFrame(
-        {"mean": grouped.mean(), "sd": grouped.std(ddof=1).fillna(0.0), "n_seeds": grouped.size()}
-    )
-    return summary
+    return _mean_sd(grouped).rename(columns={"std": "sd", "count": "n_seeds"})
+
+
+def _mean_sd(grouped) -> pd.DataFrame:
+    """``mean``, ``std`` and ``count`` over the finite per-seed values of each group.
+
+    One finite seed has sd 0 (no spread to show); a group without any keeps a NaN mean and sd
+    and a count of 0, so that an all-NaN metric is never reported as 0.
+    """
+    stats = grouped.agg(["mean", "std", "count"])
+    stats.loc[stats["count"] == 1, "std"] = 0.0
+    return stats
 
 
 def markdown_table(
@@ -164,14 +172,15 @@ def write_results(results: pd.DataFrame, out: str | os.PathLike, title: str = ""
 def shot_statistics(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Mean and sd over seeds of a metric's per-seed mean, by (task, model, shots).
 
-    The observed row and the mode-collapse figure (perturbation ``"(all)"``) are left out.
+    The observed row and the mode-collapse figure (perturbation ``"(all)"``) are left out. A
+    (task, model, shots) without a finite value keeps a NaN mean and sd.
     """
     rows = results[(results["metric"] == metric) & (results["perturbation"] != "(all)")
                    & (results["model"] != OBSERVED)]
     if rows.empty:
         raise ValueError(f"metric {metric!r} not in results; found {sorted(results['metric'].unique())}.")
     per_seed = rows.groupby(["task", "model", "shots", "seed"])["value"].mean()
-    return per_seed.groupby(level=["task", "model", "shots"]).agg(["mean", "std"]).fillna(0.0)
+    return _mean_sd(per_seed.groupby(level=["task", "model", "shots"]))[["mean", "std"]]
 
 
 def learning_curve_table(results: pd.DataFrame, metric: str = "pearson_delta_top_de") -> pd.DataFrame:
@@ -188,7 +197,7 @@ def learning_curve_table(results: pd.DataFrame, metric: str = "pearson_delta_top
 
     Returns
     -------
-    A DataFrame of ``"mean ± sd"`` strings.
+    A DataFrame of ``"mean ± sd"`` strings (``"–"`` where the metric has no finite value).
 
     Examples
     --------
@@ -198,5 +207,6 @@ def learning_curve_table(results: pd.DataFrame, metric: str = "pearson_delta_top
     '0.600 ± 0.141'
     """
     stats = shot_statistics(results, metric)
-    text = stats.apply(lambda r: f"{r['mean']:.3f} ± {r['std']:.3f}", axis=1).unstack("shots")
+    text = stats.apply(lambda r: f"{r['mean']:.3f} ± {r['std']:.3f}" if np.isfinite(r["mean"]) else "–",
+                       axis=1).unstack("shots")
     return text

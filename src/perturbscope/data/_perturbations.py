@@ -78,35 +78,36 @@ def canonical_labels(labels: Iterable[str], control_value: str = "control", deli
     return mapped[codes] if len(codes) else np.array([], dtype=str)
 
 
-def check_one_gene_order(labels: Iterable[str], key: str, control_value: str = "control", delimiter: str = "+") -> None:
-    """Refuse labels that write one combination in two gene orders (``"A+B"`` and ``"B+A"``).
+def check_one_label_per_perturbation(labels: Iterable[str], key: str, control_value: str = "control",
+                                     delimiter: str = "+") -> None:
+    """Refuse labels that write one perturbation in two ways (``"A+B"``/``"B+A"``, ``"A"``/``"A+control"``).
 
     A split that holds out one spelling while the other stays in training would leak the
-    combination into training; rewrite the column with :func:`canonical_labels` first.
+    perturbation into training, and an analysis that keys groups by their genes would keep one
+    spelling's cells and drop the other's; rewrite the column with :func:`canonical_labels` first.
 
     Raises
     ------
     ValueError
-        Naming ``key`` and the first such pairs.
+        Naming ``key`` and the first such groups of labels.
 
     Examples
     --------
-    >>> check_one_gene_order(["control", "A+B", "A"], "perturbation")
-    >>> check_one_gene_order(["A+B", "B+A"], "perturbation")
+    >>> check_one_label_per_perturbation(["control", "A+B", "A"], "perturbation")
+    >>> check_one_label_per_perturbation(["A+B", "B+A"], "perturbation")
     Traceback (most recent call last):
     ...
-    ValueError: adata.obs['perturbation'] writes the same combination in more than one gene order: ['A+B', 'B+A']; one perturbation must have one label, e.g. adata.obs['perturbation'] = perturbscope.data.canonical_labels(adata.obs['perturbation']).
+    ValueError: adata.obs['perturbation'] writes the same perturbation in more than one way: ['A+B', 'B+A']; one perturbation must have one label, e.g. adata.obs['perturbation'] = perturbscope.data.canonical_labels(adata.obs['perturbation']).
     """
     distinct = pd.unique(pd.Series(list(labels), dtype=str))
     canonical = pd.Series(canonical_labels(distinct, control_value, delimiter), index=distinct)
-    combos = canonical[canonical.str.contains(delimiter, regex=False)]
-    spellings = combos.groupby(combos.to_numpy(), sort=False).apply(lambda group: sorted(group.index))
+    spellings = canonical.groupby(canonical.to_numpy(), sort=False).apply(lambda group: sorted(group.index))
     repeated = [names for names in spellings if len(names) > 1]
     if repeated:
         shown = "; ".join(str(names) for names in repeated[:3])
         more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""
         raise ValueError(
-            f"adata.obs[{key!r}] writes the same combination in more than one gene order: {shown}{more}; "
+            f"adata.obs[{key!r}] writes the same perturbation in more than one way: {shown}{more}; "
             f"one perturbation must have one label, e.g. adata.obs[{key!r}] = "
             f"perturbscope.data.canonical_labels(adata.obs[{key!r}])."
         )

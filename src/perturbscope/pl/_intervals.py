@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import OUTPUT_KEYS
-from ..data import log1p_expression
+from ..data import check_var_names, log1p_expression
 from ._figure import check_show_save, finish
 
 if TYPE_CHECKING:
@@ -117,8 +117,8 @@ def prediction_intervals(
         If the interval layers are missing, ``row`` is not a prediction row, or a context column
         or the model's layer is missing from ``control`` or ``observed``.
     ValueError
-        If ``control`` or ``observed`` have no cells for ``row``, ``n_genes`` is below 1, or
-        ``ax`` does not hold two Axes.
+        If ``control`` or ``observed`` have no cells for ``row`` or other genes (or another gene
+        order) than the prediction, ``n_genes`` is below 1, or ``ax`` does not hold two Axes.
 
     Examples
     --------
@@ -148,6 +148,9 @@ def prediction_intervals(
         raise ValueError(f"n_genes must be a positive integer, got {n_genes!r}.")
     if ax is not None and len(ax) != 2:
         raise ValueError(f"ax must hold two Axes (ranking, one prediction), got {len(ax)}.")
+    for key, cells in (("control", control), ("observed", observed)):
+        if cells is not None:  # the same genes in the same order, as the model reads its cells
+            check_var_names(cells.var_names, prediction.var_names, key)
     created = ax is None
     if created:
         _, ax = plt.subplots(1, 2, figsize=(11, max(3.0, 0.3 * prediction.n_obs + 1.5)),

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ..data import parse_perturbation, perturbation_shifts
+from ..data import check_one_label_per_perturbation, parse_perturbation, perturbation_shifts
 from ..data._shifts import context_labels
 
 Method = Literal["ols", "theil_sen"]
@@ -129,13 +129,16 @@ def classify_interactions(
     Raises
     ------
     ValueError
-        If a threshold is out of range.
+        If a threshold is out of range, the three inputs differ in length, or an input is NaN
+        or infinite (no rule can be applied there).
 
     Examples
     --------
     >>> classify_interactions([1.0, 2.0, 1.6, 0.5], [1.0, 0.5, 1.6, 0.5], [0.9, 0.9, 0.9, 0.3])
     array(['additive', 'epistasis', 'synergy', 'neomorphic'], dtype='<U11')
     """
+    if not 0 <= fit_threshold <= 1:
+        raise ValueError(f"fit_threshold must be in [0, 1] (a distance correlation), got {fit_threshold}.")
     if not 0 <= magnitude_tolerance < 1:
         raise ValueError(f"magnitude_tolerance must be in [0, 1), got {magnitude_tolerance}.")
     if dominance_threshold < 0 or additive_magnitude <= 0:
@@ -146,6 +149,13 @@ def classify_interactions(
     c1 = np.atleast_1d(np.asarray(coef_first, dtype=np.float64))
     c2 = np.atleast_1d(np.asarray(coef_second, dtype=np.float64))
     fit = np.atleast_1d(np.asarray(dcor, dtype=np.float64))
+    if not len(c1) == len(c2) == len(fit):
+        raise ValueError(f"coef_first, coef_second and dcor must have one value per double, got lengths "
+                         f"{len(c1)}, {len(c2)} and {len(fit)}.")
+    not_finite = np.flatnonzero(~(np.isfinite(c1) & np.isfinite(c2) & np.isfinite(fit)))
+    if len(not_finite):
+        raise ValueError(f"coefficients and dcor must be finite to call an interaction; positions "
+                         f"{not_finite[:10].tolist()} are NaN or infinite.")
     mag = np.hypot(c1, c2)
     dominance = _dominance(c1, c2)
     return np.select(
@@ -368,7 +378,8 @@ def genetic_interactions(
     KeyError
         If ``perturbation_key``, ``context_key`` or ``layer`` is missing.
     ValueError
-        If the control label is absent (from a context), a requested label is absent or of the
+        If the control label is absent (from a context), one perturbation is written in two ways
+        (``"A+B"`` and ``"B+A"``, ``"A"`` and ``"A+control"``), a requested label is absent or of the
         wrong kind, the singles of an explicitly requested double are absent, no double can be
         fitted, a threshold name is unknown, or a fit has fewer than 3 genes.
 
@@ -391,6 +402,7 @@ def genetic_interactions(
         raise ValueError(f"method must be 'ols' or 'theil_sen', got {method!r}.")
     shifts, controls = perturbation_shifts(adata, perturbation_key, control_value, context_key, layer)
     labels = adata.obs[perturbation_key].astype(str)
+    check_one_label_per_perturbation(labels, perturbation_key, control_value, delimiter)
     gene_to_single, to_fit = _resolve(labels, singles, doubles, control_value, delimiter)
     contexts = context_labels(adata, context_key)
     genes = shifts.columns
@@ -425,6 +437,11 @@ def genetic_interactions(
     if not rows:
         raise ValueError("no double has both singles and control cells in any context.")
     table = pd.DataFrame(rows)
+    undefined = table.loc[~np.isfinite(table[["coef_first", "coef_second", "dcor"]]).all(axis=1), "double"]
+    if len(undefined):
+        raise ValueError(f"the fits of doubles {sorted(set(undefined))} are not finite (a single or double "
+                         "whose shift is constant over the fitted genes, e.g. predicted as no change); "
+                         "no interaction can be called for them.")
     settings = {**THRESHOLDS, **thresholds}
     table["call"] = classify_interactions(
         table["coef_first"], table["coef_second"], table["dcor"], **settings
