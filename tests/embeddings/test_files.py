@@ -15,8 +15,8 @@ from perturbscope.embeddings import (
 @pytest.fixture
 def table():
     rng = np.random.default_rng(0)
-    df = pd.DataFrame(
-        rng.normal(size=(4, 3)), index=["KLF1", "SET", "MIDN", "HK2"], columns=["d0", "d1", "d2"]
+    df = pd.DataFrame(  # "NA" and "0123" are read by pandas as missing and as a number unless told not to
+        rng.normal(size=(6, 3)), index=["KLF1", "SET", "MIDN", "HK2", "NA", "0123"], columns=["d0", "d1", "d2"]
     )
     df.attrs = {"source": "test", "model": "none", "layer": 1}
     return df

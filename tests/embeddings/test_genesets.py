@@ -63,6 +63,10 @@ def test_bad_input(tmp_path):
         ValueError, match="line 1: a GMT line needs a name, a description and at least one gene"
     ):
         read_gene_sets(bad)
+    twice = tmp_path / "twice.gmt"
+    twice.write_text("A\tna\tG1\tG2\nA\tna\tG3\n")  # the first line was silently dropped
+    with pytest.raises(ValueError, match="line 2: the set name 'A' is used by an earlier line too"):
+        read_gene_sets(twice)
     (tmp_path / "sets.txt").write_text("a\tdesc\tG1\n")
     with pytest.raises(ValueError, match=r"expected a \.gmt or \.json file"):
         read_gene_sets(tmp_path / "sets.txt")

@@ -146,6 +146,7 @@ def test_bad_inputs(tiny_scvi, kwargs, message):
     ("kwargs", "message"),
     [
         ({"genes": []}, "genes is empty; pass at least one gene name, or None for all genes"),
+        ({"genes": 5}, "genes must be a gene name or a list of gene names, got 5"),
         ({"genes": ["gene0", "IFI6"]}, "genes ['IFI6'] are not decoded by the model (40 genes"),
         ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
         ({"n_cells": 1.5}, "n_cells must be a positive integer, got 1.5"),

@@ -1,5 +1,8 @@
+import re
+
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -95,6 +98,22 @@ def test_unknown_reference_batch_lists_batches(census_layout):
         load_census_scvi(folder, query, gene_id_column="ensembl_id", reference_batch="nope")
 
 
+def test_integer_reference_batch_empty_query_and_obsm_types(census_layout):
+    folder, _, query = census_layout
+    with pytest.raises(ValueError, match=r"reference_batch \[0\] is not a batch.*dsA_10x"):
+        load_census_scvi(folder, query, gene_id_column="ensembl_id", reference_batch=0)
+    with pytest.raises(ValueError, match="adata has no cells; pass the query cells to probe"):
+        load_census_scvi(folder, query[:0].copy(), gene_id_column="ensembl_id")
+    rich = query.copy()
+    rich.obsm["sparse"] = sp.random(rich.n_obs, 3, density=0.5, format="csr", random_state=0)
+    rich.obsm["frame"] = pd.DataFrame(np.ones((rich.n_obs, 2)), index=rich.obs_names, columns=["CD3", "CD4"])
+    with pytest.warns(UserWarning, match="zero-filled"):
+        model = load_census_scvi(folder, rich, gene_id_column="ensembl_id")
+    assert sp.issparse(model.adata.obsm["sparse"])
+    assert (model.adata.obsm["sparse"] != rich.obsm["sparse"]).nnz == 0
+    assert list(model.adata.obsm["frame"].columns) == ["CD3", "CD4"]
+
+
 def test_unknown_gene_id_column(census_layout):
     folder, _, query = census_layout
     with pytest.raises(ValueError, match="gene_id_column 'gene_ids' is not a column.*ensembl_id"):
@@ -146,6 +165,9 @@ def test_general_loader_without_adata(census_layout):
     folder, trained, _ = census_layout
     model = load_scvi_model(folder)
     assert model.adata.n_obs == 1
+    with pytest.raises(ValueError, match=re.escape(  # not a Jacobian of the all-zero placeholder cell
+            "the model was loaded without cells (its one cell is an all-zero placeholder): pass adata or z")):
+        decoder_jacobian(model, progress_bar=False)
     assert list(model.adata.var_names) == list(trained.adata.var_names)
     z = np.zeros((3, 5), dtype=np.float32)
     np.testing.assert_allclose(

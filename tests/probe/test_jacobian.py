@@ -59,6 +59,34 @@ def test_scale_columns_sum_to_zero_and_rate_is_library_times_scale(double_model)
     np.testing.assert_allclose(rate, 500.0 * scale, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize(("setup", "model_kwargs"), [
+    ({}, {"gene_likelihood": "poisson"}),
+    ({}, {"gene_likelihood": "normal"}),
+    ({"size_factor_key": "size_factor"}, {}),
+    ({"labels_key": "labels"}, {"dispersion": "gene-label"}),
+])
+def test_every_scvi_setup_decodes_normalised_expression(setup, model_kwargs):
+    """Poisson, normal, size-factor and label-dispersion SCVI models are probed like the default:
+    ``scale`` is the decoder's expression (rows sum to 1 under its softmax; for ``"normal"`` not
+    the distribution's standard deviation; a size-factor model's softplus scale, as scvi-tools
+    returns it, does not) and ``rate`` is the library size times it."""
+    import scvi
+
+    adata = scvi.data.synthetic_iid(batch_size=20, n_genes=12, n_batches=1)
+    adata.obs["size_factor"] = np.asarray(adata.X.sum(axis=1)).ravel() / 10.0
+    scvi.model.SCVI.setup_anndata(adata, **setup)
+    model = scvi.model.SCVI(adata, n_latent=3, n_hidden=16, **model_kwargs)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    z = model.get_latent_representation(adata[:5])
+    scale = _decoded(model, adata[:5].copy(), z, "scale")
+    if "size_factor_key" not in setup:
+        np.testing.assert_allclose(scale.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(_decoded(model, adata[:5].copy(), z, "rate"), 1e4 * scale, rtol=1e-4)
+    jac = decoder_jacobian(model, adata[:5].copy(), z=z, output="log_scale", progress_bar=False)
+    assert jac.shape == (5, 12, 3)
+    assert np.isfinite(jac).all()
+
+
 def test_chunking_does_not_change_the_result(tiny_scvi):
     model, adata = tiny_scvi
     sub = adata[:30].copy()
@@ -190,6 +218,9 @@ def test_missing_and_extra_genes_are_named(tiny_scvi):
         ({"library_size": 0}, "library_size must be a finite number > 0, got 0"),
         ({"transform_batch": []}, "transform_batch is an empty list; pass a batch name, a list of them, or None"),
         ({"batch_size": 2.5}, "batch_size must be a positive integer, got 2.5"),
+        ({"genes": 5}, "genes must be a gene name or a list of gene names, got 5"),
+        # an integer batch name is one name, looked up as such (these batches are 'b1', 'b2')
+        ({"transform_batch": 0}, "transform_batch [0] is not a batch of the model; its batches are ['b1', 'b2']"),
     ],
 )
 def test_bad_jacobian_inputs(tiny_scvi, kwargs, message):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -115,6 +116,13 @@ def test_bad_gene_sets(tmp_path, ranked_scores):
         ValueError, match="gene set 'a' must be a list of genes, got the string 'G1'"
     ):
         rank_pathways(scores, {"a": "G1"})
+    with pytest.raises(  # inside a collection a string was read as its letters
+        ValueError, match="gene set 'coll/IFN' must be a list of genes, got the string 'ISG15'"
+    ):
+        gene_set_table({"coll": {"IFN": "ISG15"}})
+    with pytest.raises(ValueError, match=re.escape(
+            "gene set 'a/b' holds a mapping: gene sets nest at most one level ({collection: {set: genes}}).")):
+        gene_set_table({"a": {"b": {"S1": ["G1", "G2"]}}})
     with pytest.raises(
         ValueError, match="gene_sets must be a GMT or JSON path or a dict, got list"
     ):

@@ -167,7 +167,9 @@ def read_gene_embeddings(path: str | os.PathLike) -> pd.DataFrame:
         raise FileNotFoundError(f"Gene-embedding file {str(path)!r} does not exist.")
     attrs: dict = {}
     if fmt in _TEXT_SUFFIXES:
-        df = pd.read_csv(path, sep=_TEXT_SUFFIXES[fmt], index_col=0, float_precision="round_trip")
+        # gene names are read as written: "NA" and "1" are genes, not a missing value or a number
+        df = pd.read_csv(path, sep=_TEXT_SUFFIXES[fmt], index_col=0, float_precision="round_trip",
+                         dtype={0: str}, keep_default_na=False, na_values=[""])
     elif fmt == "parquet":
         _require_pyarrow()
         try:

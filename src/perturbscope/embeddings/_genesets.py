@@ -47,7 +47,8 @@ def read_gene_sets(path: str | os.PathLike, flatten: bool = True) -> dict:
     Raises
     ------
     ValueError
-        For an unknown suffix, a GMT line with no genes, or JSON of another shape.
+        For an unknown suffix, a GMT line with no genes, a GMT set name used twice, or JSON of
+        another shape.
 
     Examples
     --------
@@ -72,6 +73,11 @@ def read_gene_sets(path: str | os.PathLike, flatten: bool = True) -> dict:
                     raise ValueError(
                         f"{str(path)!r} line {line_number}: a GMT line needs a name, a description "
                         "and at least one gene, separated by tabs."
+                    )
+                if fields[0] in sets:
+                    raise ValueError(
+                        f"{str(path)!r} line {line_number}: the set name {fields[0]!r} is used by an earlier "
+                        "line too; each GMT set needs its own name."
                     )
                 sets[fields[0]] = [g for g in fields[2:] if g]
         return sets

@@ -28,6 +28,7 @@ from ._jacobian import (
     _check_var_names,
     _eval_mode,
     _gene_indices,
+    _gene_list,
     _iter_jacobian,
     _make_probe,
 )
@@ -126,7 +127,8 @@ def axis_alignment_scores(
         or :class:`perturbscope.ScopeVI` (multimodal included).
     adata
         Cells set up like the model's training data (a MuData for ``setup_mudata`` models; its
-        global ``obs`` holds ``groupby``).
+        global ``obs`` holds ``groupby``). Like scvi-tools' getters, the model registers an ``adata`` it was not trained on
+        (adding ``obs["_scvi_batch"]``, ``uns["_scvi_uuid"]``...); nothing else in it is changed.
     groupby
         Column of ``adata.obs`` holding the two groups (e.g. ``"condition"``).
     reference
@@ -190,7 +192,7 @@ def axis_alignment_scores(
         raise ValueError(f"at must be 'both', 'reference' or 'target', got {at!r}")
     _check_positive_int("n_cells", n_cells)
     _check_positive_int("batch_size", batch_size)
-    if genes is not None and not isinstance(genes, str) and len(genes) == 0:
+    if genes is not None and len(_gene_list(genes)) == 0:
         raise ValueError("genes is empty; pass at least one gene name, or None for all genes")
     check_modality(model, modality)
     _check_cells(adata)

@@ -51,6 +51,8 @@ from ._scvi_files import (
 
 #: Model attribute naming the reference batches whose decoder the probes use.
 REFERENCE_BATCHES_ATTR = "probe_reference_batches_"
+#: Model attribute set when the model was loaded without cells (its AnnData is a placeholder).
+PLACEHOLDER_ATTR = "probe_placeholder_"
 
 
 def _strip_version(ids: pd.Index) -> pd.Index:
@@ -83,8 +85,10 @@ def _resolve_reference_batches(
 ) -> list[str]:
     if reference_batch is None:
         return [str(b) for b in batch_names]
-    wanted = [reference_batch] if isinstance(reference_batch, str) else list(reference_batch)
-    unknown = [b for b in wanted if b not in set(batch_names)]
+    single = isinstance(reference_batch, str) or np.isscalar(reference_batch)  # batch names may be integers
+    wanted = [reference_batch] if single else list(reference_batch)
+    known = {str(b) for b in batch_names}
+    unknown = [b for b in wanted if str(b) not in known]
     if unknown or not wanted:
         raise ValueError(
             f"reference_batch {unknown or wanted!r} is not a batch of the model (batch key "
@@ -145,7 +149,7 @@ def _map_genes(
         X=X,
         obs=adata.obs.copy(),
         var=var,
-        obsm={k: np.array(v, copy=True) for k, v in adata.obsm.items()},
+        obsm={k: v.copy() for k, v in adata.obsm.items()},  # sparse and DataFrame entries keep their type
         uns=dict(adata.uns),
     )
 
@@ -221,8 +225,8 @@ def load_scvi_model(
     Raises
     ------
     ValueError
-        If the folder holds no saved model, the file names a global outside the allow-list, the
-        model class is not in :data:`SUPPORTED_MODELS`, the setup method is not
+        If the folder holds no saved model, ``adata`` has no cells, the file names a global
+        outside the allow-list, the model class is not in :data:`SUPPORTED_MODELS`, the setup method is not
         ``setup_anndata``, a setup argument or init parameter is unknown or not plain data, a
         size exceeds :data:`SIZE_CAPS`, no query gene matches, ``gene_id_column`` or ``layer`` is
         missing, ``reference_batch`` or a query batch is not a batch of the model, or the
@@ -266,6 +270,8 @@ def load_scvi_model(
     references = _resolve_reference_batches(batch_names, reference_batch, batch_key)
 
     placeholder = adata is None
+    if adata is not None and adata.n_obs == 0:
+        raise ValueError("adata has no cells; pass the query cells to probe, or None for a model without cells.")
     if adata is None:
         adata = ad.AnnData(
             sp.csr_matrix((1, len(model_genes)), dtype=np.float32),
@@ -316,6 +322,7 @@ def load_scvi_model(
     model.module.eval()
     model.is_trained_ = True
     setattr(model, REFERENCE_BATCHES_ATTR, references)
+    setattr(model, PLACEHOLDER_ATTR, placeholder)
     return model
 
 

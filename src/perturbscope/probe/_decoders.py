@@ -142,7 +142,8 @@ def transform_batches(model: Any, transform_batch: str | Sequence[str] | None) -
         transform_batch = getattr(model, REFERENCE_BATCHES_ATTR, None)
     if transform_batch is None:
         return None
-    names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+    # one name may be any scalar (batch names are often integers), several come as a list
+    names = [transform_batch] if isinstance(transform_batch, str) or np.isscalar(transform_batch) else list(transform_batch)
     if not names:
         raise ValueError(
             "transform_batch is an empty list; pass a batch name, a list of them, or None"
@@ -156,6 +157,20 @@ def _registry_tensor(manager: Any, key: str) -> np.ndarray | None:
     values = manager.get_from_registry(key)
     values = values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)
     return values
+
+
+def _scale_and_rate(px: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised expression and expected counts of an scVI expression distribution.
+
+    Negative binomial and ZINB keep them as ``scale`` and ``mu``, Poisson as ``scale`` and
+    ``rate``; the ``"normal"`` likelihood's ``scale`` is its standard deviation, so its normalised
+    expression is ``normal_mu`` and its mean ``loc``.
+    """
+    if hasattr(px, "normal_mu"):
+        return px.normal_mu, px.loc
+    if hasattr(px, "mu"):
+        return px.scale, px.mu
+    return px.scale, px.rate
 
 
 def _totalvi_protein(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,11 +242,15 @@ def decoder_fn(
             return decoded.scale, decoded.mean
         if batch_index is None:
             batch_index = torch.zeros((n, 1), dtype=torch.long, device=device)
-        if kind == "scvi":
-            out = module.generative(z=z, library=log_library, batch_index=batch_index,
-                                    cont_covs=tensor(cont, rows, dtype), cat_covs=tensor(cat, rows, torch.long))
-            return out["px"].scale, out["px"].mu
         label = tensor(labels, rows, torch.long)
+        if kind == "scvi":
+            # size_factor: used in place of the library by models set up with a size_factor_key;
+            # y: read by label-specific dispersion ("gene-label")
+            out = module.generative(z=z, library=log_library, batch_index=batch_index,
+                                    cont_covs=tensor(cont, rows, dtype), cat_covs=tensor(cat, rows, torch.long),
+                                    size_factor=log_library,
+                                    y=label if label is not None else torch.zeros((n, 1), dtype=torch.long, device=device))
+            return _scale_and_rate(out["px"])
         out = module.generative(
             z, log_library.exp(), batch_index,
             label if label is not None else torch.zeros((n, 1), dtype=torch.long, device=device),

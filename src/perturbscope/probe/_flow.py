@@ -210,7 +210,8 @@ def gradient_flow(
     model
         A trained :class:`scvi.model.SCVI` or :class:`perturbscope.ScopeVI`.
     adata
-        Starting cells, set up like the model's training data (``adata`` is not modified).
+        Starting cells, set up like the model's training data. Like scvi-tools' getters, the model registers an ``adata`` it was not trained on
+        (adding ``obs["_scvi_batch"]``, ``uns["_scvi_uuid"]``...); nothing else in it is changed.
     gene
         Gene to knock down or over-express.
     direction
@@ -254,10 +255,7 @@ def gradient_flow(
         raise ValueError(
             f"direction must be -1 (knock-down) or +1 (over-expression), got {direction!r}"
         )
-    if not step_size > 0 or not np.isfinite(step_size) or n_steps < 1:
-        raise ValueError(
-            f"step_size must be > 0 and n_steps >= 1, got step_size={step_size}, n_steps={n_steps}"
-        )
+    _check_positive("step_size", step_size)
     _check_positive_int("n_steps", n_steps)
     _check_gene(gene)
     _check_positive_int("batch_size", batch_size)

@@ -46,6 +46,7 @@ from scvi.utils import track
 from torch.func import jacfwd, jacrev
 
 from .._constants import TARGET_SUM
+from ._census import PLACEHOLDER_ATTR
 from ._decoders import (
     FEATURE_NOUNS,
     Decoder,
@@ -166,12 +167,21 @@ def _check_output(output: str) -> None:
         raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}")
 
 
+def _gene_list(genes: str | Sequence[str]) -> list:
+    """``genes`` as a list: one name or a sequence of names, never a number."""
+    if isinstance(genes, str):
+        return [genes]
+    if np.isscalar(genes) or not hasattr(genes, "__iter__"):
+        raise ValueError(f"genes must be a gene name or a list of gene names, got {genes!r}")
+    return list(genes)
+
+
 def _gene_indices(
     gene_names: np.ndarray, genes: str | Sequence[str] | None, noun: str = "genes"
 ) -> np.ndarray | None:
     if genes is None:
         return None
-    wanted = [genes] if isinstance(genes, str) else list(genes)
+    wanted = _gene_list(genes)
     if not wanted:
         raise ValueError("genes is empty; pass at least one gene name, or None for all genes")
     lookup = {g: i for i, g in enumerate(gene_names)}
@@ -202,6 +212,9 @@ def _make_probe(
         adata = model.adata
         if adata is None:
             raise ValueError("the model holds no AnnData: pass adata or z")
+        if getattr(model, PLACEHOLDER_ATTR, False):
+            raise ValueError("the model was loaded without cells (its one cell is an all-zero placeholder): "
+                             "pass adata or z")
     param = next(model.module.parameters())
     if adata is not None:
         _check_cells(adata)
@@ -302,7 +315,8 @@ def decoder_jacobian(
     adata
         Cells to probe, set up like the model's training data (a MuData for models set up with
         ``setup_mudata``). ``None`` uses ``model.adata`` (unless ``z`` is given, in which case
-        the decoder's covariates default to the average over all batches).
+        the decoder's covariates default to the average over all batches). Like scvi-tools' getters, the model registers an ``adata`` it was not trained on
+        (adding ``obs["_scvi_batch"]``, ``uns["_scvi_uuid"]``...); nothing else in it is changed.
     z
         Latent points ``(n_cells, n_latent)`` to differentiate at. ``None`` uses the posterior
         means of ``adata``'s cells.

@@ -26,10 +26,11 @@ def _flatten(sets: Mapping) -> pd.DataFrame:
     rows = []
     for key, value in sets.items():
         if isinstance(value, Mapping):
-            rows += [(name, gene, key) for name, genes in value.items() for gene in genes]
-        elif isinstance(value, str):
-            raise ValueError(f"gene set {key!r} must be a list of genes, got the string {value!r}")
+            for name, genes in value.items():
+                _check_genes(genes, f"{key}/{name}")
+                rows += [(name, gene, key) for gene in genes]
         else:
+            _check_genes(value, key)
             rows += [(key, gene, "") for gene in value]
     net = pd.DataFrame(rows, columns=["source", "target", "collection"]).drop_duplicates()
     # a set name used in two collections is qualified as "collection:set"
@@ -37,6 +38,15 @@ def _flatten(sets: Mapping) -> pd.DataFrame:
     clash = net["source"].isin(per_name.index[per_name > 1])
     net.loc[clash, "source"] = net.loc[clash, "collection"] + ":" + net.loc[clash, "source"]
     return net
+
+
+def _check_genes(genes, name: str) -> None:
+    """A gene set is a list of gene names: not one string, and not a further level of sets."""
+    if isinstance(genes, str):
+        raise ValueError(f"gene set {name!r} must be a list of genes, got the string {genes!r}")
+    if isinstance(genes, Mapping):
+        raise ValueError(f"gene set {name!r} holds a mapping: gene sets nest at most one level "
+                         "({collection: {set: genes}}).")
 
 
 def gene_set_table(gene_sets: GeneSets) -> pd.DataFrame:
@@ -58,7 +68,8 @@ def gene_set_table(gene_sets: GeneSets) -> pd.DataFrame:
     Raises
     ------
     ValueError
-        If the path does not exist, has another suffix, or the sets are empty.
+        If the path does not exist, has another suffix, the sets are empty, a set is one string
+        rather than a list of genes, or the sets nest deeper than ``{collection: {set: genes}}``.
 
     Examples
     --------
