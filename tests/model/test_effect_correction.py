@@ -86,6 +86,19 @@ def test_training_never_reads_held_out_cells():
     np.testing.assert_array_equal(np.asarray(predictions[0].X), np.asarray(predictions[1].X))
 
 
+def test_validation_queries_are_reported_in_the_users_spelling():
+    """Doubles written "G03+G01" are keyed "G01+G03" inside the prior; the held-out validation
+    queries are reported as the user wrote them."""
+    adata, emb = simulate_perturbseq(n_genes=30, n_perturbed_genes=8, n_combinations=8, n_cell_types=1,
+                                     n_cells_per_condition=10, embedding_dim=8, seed=0)
+    labels = adata.obs["perturbation"].astype(str)
+    adata.obs["perturbation"] = ["+".join(reversed(p.split("+"))) for p in labels]
+    model = _train(adata, emb, epochs=1)
+    reported = {q.split("|")[0] for qs in model.validation_perturbations_.values() for q in qs}
+    assert any("+" in q for q in reported)
+    assert reported <= set(adata.obs["perturbation"])
+
+
 @pytest.mark.slow
 def test_combinations_holding_a_validation_gene_are_partial_validation_queries():
     """A gene held out for validation takes its training doubles with it: they validate the

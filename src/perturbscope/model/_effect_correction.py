@@ -194,8 +194,16 @@ class EffectCorrectionMixin:
         self.effect_prior_state_ = prior.state()
         self.few_shot_blends_ = few_shot_blends(prior, expression, self._data_scale)
         self.correction_weights_, self.correction_scores_ = self._choose_weights(prior, expression, held)
-        self.validation_perturbations_ = {k: [f"{p}|{c}" for p, c in v] for k, v in held.items()}
+        spelled = self._user_labels(expression)  # reported as the user wrote them, not canonical
+        self.validation_perturbations_ = {k: [f"{spelled.get(p, p)}|{c}" for p, c in v] for k, v in held.items()}
         return None
+
+    def _user_labels(self, expression: ad.AnnData) -> dict[str, str]:
+        """``{canonical label: the user's label}`` of the training cells (the first spelling seen)."""
+        raw = self.adata.obs[self._perturbation_state["perturbation_key"]].astype(str).to_numpy()
+        pairs = pd.DataFrame({"canonical": expression.obs["perturbation"].to_numpy(), "raw": raw})
+        pairs = pairs.drop_duplicates("canonical")
+        return dict(zip(pairs["canonical"], pairs["raw"], strict=True))
 
     def _add_query_groups_to_prior(self) -> None:
         """A query's perturbed cells join its inherited prior (see :func:`prior_with_query_groups`).
