@@ -385,7 +385,13 @@ def main() -> None:
         f"{VALIDATION_CONTEXTS} held-out training contexts where at least "
         f"{2 * VALIDATION_CONTEXTS} are in training (on one before); that change was adopted "
         "after a diagnostic run on one seed of Kang's test split, where it lowered the energy "
-        "distance, so the Kang figures are not free of test-split selection."
+        "distance, so the Kang figures are not free of test-split selection. Two consistency "
+        "fixes were made without reading test results, and the affected tasks rerun: in "
+        "cross-fitting, the few-shot perturbed-mean candidate counts the held-out group by its "
+        "drawn cells, as the prediction counts a few-shot group by its few cells (it had left "
+        "the group out); and the gene-by-gene sum answers a gene measured only in another "
+        "context by the unseen-context blend, as the prediction does (it had used the "
+        "unseen-gene blend)."
     )
     header = (
         f"""# Benchmark results
