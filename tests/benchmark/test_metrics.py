@@ -208,3 +208,12 @@ def test_given_de_genes_and_means_are_checked_and_left_alone():
     index_before = means.index
     evaluate(observed, reference, perturbation_key="p", layer=None, predicted_means=means)
     assert means.index is index_before
+
+
+def test_a_reference_needs_cells_on_both_sides():
+    observed, control = _toy()
+    with pytest.raises(ValueError, match=re.escape(
+            "control has no cells; the reference needs held-out perturbed cells and control cells.")):
+        prepare_reference(observed, control[:0].copy(), "p", n_pcs=3)
+    with pytest.raises(ValueError, match=re.escape("observed has no cells")):
+        prepare_reference(observed[:0].copy(), control, "p", n_pcs=3)

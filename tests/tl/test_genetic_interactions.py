@@ -258,6 +258,9 @@ def test_compare_with_published_swaps_order(screen):
         compare_with_published(table, published.iloc[[4]])
     with pytest.raises(KeyError, match=r"table lacks columns \['call'\]"):
         compare_with_published(table.drop(columns="call"), published)
+    two = pd.concat([table.assign(context="x"), table.assign(context="y")])
+    with pytest.raises(ValueError, match=re.escape("table holds 2 contexts (['x', 'y']); Norman's fits are of one screen")):
+        compare_with_published(two, published)
 
 
 def test_plot_returns_figure_with_panels(screen):

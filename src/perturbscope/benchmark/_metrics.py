@@ -336,7 +336,7 @@ def prepare_reference(
         If ``perturbation_key`` is not in ``observed.obs``, or ``de_genes`` lacks an observed
         perturbation or names genes that are not in ``observed.var_names``.
     ValueError
-        If the genes of ``observed`` and ``control`` differ.
+        If the genes of ``observed`` and ``control`` differ, or either has no cells.
 
     Examples
     --------
@@ -356,6 +356,9 @@ def prepare_reference(
         )
     if not observed.var_names.equals(control.var_names):
         raise ValueError("observed and control cells must have the same genes in the same order.")
+    for name, cells in (("observed", observed), ("control", control)):
+        if cells.n_obs == 0:
+            raise ValueError(f"{name} has no cells; the reference needs held-out perturbed cells and control cells.")
     labels = observed.obs[perturbation_key].astype(str)
     observed_X, control_X = _dense(observed.X), _dense(control.X)
     frame = ad.AnnData(

@@ -499,7 +499,8 @@ def compare_with_published(
     KeyError
         If ``table`` or ``published`` lacks a needed column.
     ValueError
-        If no double of the table is in the published fits.
+        If ``table`` holds several contexts (each double would be matched once per context), or
+        no double of the table is in the published fits.
 
     Examples
     --------
@@ -519,6 +520,10 @@ def compare_with_published(
     lacking = [c for c in needed if c not in table.columns]
     if lacking:
         raise KeyError(f"table lacks columns {lacking}; pass the output of genetic_interactions.")
+    if "context" in table.columns and table["context"].nunique() > 1:
+        raise ValueError(f"table holds {table['context'].nunique()} contexts "
+                         f"({sorted(map(str, table['context'].unique()))[:5]}); Norman's fits are of one "
+                         "screen: compare one context at a time, e.g. table[table['context'] == 'K562'].")
     method = table.attrs.get("method", "ols")
     prefix = "ts_" if method == "theil_sen" else ""
     columns = {
