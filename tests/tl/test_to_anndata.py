@@ -161,6 +161,16 @@ def test_call_interactions_stores_the_table():
     copied = tl.call_interactions(cells, key_added="gi", copy=True, fit_threshold=0.99)
     assert "gi" not in cells.uns
     assert copied.uns["gi"]["params"]["thresholds"]["fit_threshold"] == 0.99
+    assert copied.uns["gi"]["params"]["exclude_targets"] is True
+    # the plot reads the stored entry, with the thresholds the calls were made with
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from perturbscope import pl
+
+    axes = pl.genetic_interactions(copied.uns["gi"], show=False)
+    neomorphic = [line for line in axes[1].get_lines() if tuple(line.get_xdata()) == (0.99, 0.99)]
+    assert neomorphic, "the dcor threshold line is drawn at the stored 0.99, not the default 0.6"
 
 
 def test_call_interactions_survives_h5ad(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,7 +53,7 @@ def _label_points(ax: Axes, x, y, names, scores, max_labels: int | None) -> int:
 
 
 def genetic_interactions(
-    table: pd.DataFrame,
+    table: pd.DataFrame | Mapping,
     comparison: pd.DataFrame | None = None,
     label: bool = True,
     max_labels: int | None = 20,
@@ -80,7 +80,9 @@ def genetic_interactions(
     Parameters
     ----------
     table
-        Output of :func:`perturbscope.tl.genetic_interactions`.
+        Output of :func:`perturbscope.tl.genetic_interactions`, or the ``uns`` entry that
+        :func:`perturbscope.tl.call_interactions` writes (``adata.uns["genetic_interactions"]``);
+        the threshold lines are those the calls were made with.
     comparison
         The matched per-double table of :func:`perturbscope.tl.compare_with_published`.
     label
@@ -121,6 +123,11 @@ def genetic_interactions(
     from matplotlib.lines import Line2D
 
     check_show_save(show, save, return_fig)
+    if isinstance(table, Mapping):  # adata.uns[...] of tl.call_interactions: attrs are kept under "params"
+        thresholds = dict(table.get("params", {}).get("thresholds", {}))
+        table = table["table"]
+    else:
+        thresholds = dict(table.attrs.get("thresholds", {}))
     _check_tables(table, comparison)
     n_panels = 2 if comparison is None else 3
     if ax is None:
@@ -131,7 +138,7 @@ def genetic_interactions(
         if len(axes) != n_panels:
             raise ValueError(f"ax must hold {n_panels} axes, got {len(axes)}.")
         fig = axes[0].figure
-    settings = {**THRESHOLDS, **table.attrs.get("thresholds", {})}
+    settings = {**THRESHOLDS, **thresholds}
     additive = settings["additive_magnitude"]
     tolerance = settings["magnitude_tolerance"]
     low_mag, high_mag = additive * (1 - tolerance), additive * (1 + tolerance)

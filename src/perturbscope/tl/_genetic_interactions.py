@@ -446,7 +446,8 @@ def genetic_interactions(
     table["call"] = classify_interactions(
         table["coef_first"], table["coef_second"], table["dcor"], **settings
     )
-    table.attrs = {"method": method, "min_mean": min_mean, "thresholds": settings}
+    table.attrs = {"method": method, "min_mean": min_mean, "exclude_targets": exclude_targets,
+                   "random_state": random_state, "thresholds": settings}
     return table
 
 
