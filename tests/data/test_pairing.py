@@ -84,3 +84,33 @@ def test_each_distributed_rank_draws_its_own_anchors(small_screen, monkeypatch):
         loader = AnchoredAnnDataLoader(model.adata_manager, batch_size=64, shuffle=False, seed=0)
         anchors.append(next(iter(loader))["anchor_X"])
     assert not torch.equal(anchors[0], anchors[1])
+
+
+def test_anchors_read_from_a_backed_file_stay_in_the_batchs_order(tmp_path, monkeypatch):
+    """Without the dense control cache (controls over ``MAX_CACHE_BYTES``), anchors of a backed
+    AnnData are read through scvi-tools' dataset, which returns rows sorted; each anchor must
+    still be its own cell's, of the cell's context (about half were another type's)."""
+    import anndata as ad
+
+    from perturbscope.data import simulate_perturbseq
+
+    adata, emb = simulate_perturbseq(n_genes=20, n_perturbed_genes=4, n_combinations=0, n_cell_types=2,
+                                     n_cells_per_condition=15, embedding_dim=4, seed=0)
+    adata = adata[np.random.default_rng(0).permutation(adata.n_obs)].copy()  # not sorted by type
+    adata.X = adata.X.toarray() + np.arange(adata.n_obs)[:, None] * 1000  # each row identifiable
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    ps.ScopeVI.setup_anndata(backed, "perturbation", gene_embeddings=emb, context_key="cell_type")
+    model = ps.ScopeVI(backed, n_latent=2, n_hidden=8, effect_prior=False)
+    monkeypatch.setattr(pairing, "MAX_CACHE_BYTES", 0)
+    loader = AnchoredAnnDataLoader(model.adata_manager, indices=np.arange(backed.n_obs), shuffle=True, batch_size=16)
+    assert loader.anchor_cache is None
+    types = adata.obs["cell_type"].to_numpy()
+    checked = 0
+    for batch in loader:
+        cells = (batch["X"][:, 0].numpy() // 1000).astype(int)
+        anchors = (batch["anchor_X"][:, 0].numpy() // 1000).astype(int)
+        assert (adata.obs["perturbation"].to_numpy()[anchors] == "control").all()
+        assert (types[anchors] == types[cells]).all()
+        checked += len(cells)
+    assert checked == backed.n_obs

@@ -368,6 +368,10 @@ def test_load_query_data_new_batch_starts_as_reference(small_screen, tmp_path):
     for key, value in transfer.module.state_dict().items():
         torch.testing.assert_close(saved_state[key], value, msg=key)
     assert from_folder.correction_weights_ == transfer.correction_weights_
+    # every validated weight is inherited, the cell-level term's too (it fell back to 1 for every kind)
+    for query_model in (transfer, from_folder):
+        assert query_model.cell_term_weights_ == model.cell_term_weights_
+        assert query_model.cell_term_scores_.keys() == model.cell_term_scores_.keys()
     z = torch.randn(5, 4)
     p = torch.zeros(5, model.module.perturbation_encoder.n_output)
     library = torch.full((5, 1), 7.0)

@@ -195,7 +195,11 @@ class AnchoredAnnDataLoader(AnnDataLoader):
     def _anchor_expression(self, anchors: np.ndarray) -> torch.Tensor:
         if self.anchor_cache is not None:
             return self.anchor_cache[torch.from_numpy(self.cache_position[anchors])]
-        return torch.as_tensor(self.anchor_dataset[anchors][SCVI_KEYS.X_KEY])
+        # scvi-tools' dataset reads a backed AnnData's rows in sorted order (and h5py refuses
+        # repeats): read each anchor once, in order, and gather them back into the batch's order
+        unique, inverse = np.unique(anchors, return_inverse=True)
+        rows = torch.as_tensor(self.anchor_dataset[unique][SCVI_KEYS.X_KEY])
+        return rows[torch.from_numpy(inverse.reshape(-1))]
 
     def __iter__(self):
         for batch in super().__iter__():

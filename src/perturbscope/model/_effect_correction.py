@@ -198,6 +198,10 @@ class EffectCorrectionMixin:
         self.validation_perturbations_ = {k: [f"{spelled.get(p, p)}|{c}" for p, c in v] for k, v in held.items()}
         return None
 
+    def _cell_term_weight(self, kind: str) -> float:
+        """``g_k`` of ``kind``: 0 where it was not validated (the anchors' own spread)."""
+        return float(getattr(self, "cell_term_weights_", {}).get(kind, 0.0))
+
     def _user_labels(self, expression: ad.AnnData) -> dict[str, str]:
         """``{canonical label: the user's label}`` of the training cells (the first spelling seen)."""
         raw = self.adata.obs[self._perturbation_state["perturbation_key"]].astype(str).to_numpy()

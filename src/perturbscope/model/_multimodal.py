@@ -388,12 +388,11 @@ class MultimodalMixin:
         contexts = (rna.obs[column].astype(str).to_numpy() if column is not None
                     else np.full(rna.n_obs, ALL_CONTEXTS))
         log1p_norm = np.empty_like(changes)
-        cell_weights = getattr(self, "cell_term_weights_", {})
         for p, label in enumerate(labels):
             for context in pd.unique(contexts):
                 cells = contexts == context
                 shift = prior.predict_shifts([label], context)
-                weight = cell_weights.get(shift.attrs["kinds"][0], 0.0)
+                weight = self._cell_term_weight(shift.attrs["kinds"][0])
                 mean_change = changes[p][:, cells].mean(axis=(0, 1))
                 log1p_norm[p][:, cells] = (start[cells][None] + shift.to_numpy()[0]
                                            + weight * (changes[p][:, cells] - mean_change))

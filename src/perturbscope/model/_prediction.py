@@ -283,7 +283,7 @@ class PredictionMixin:
                 kind = shift.attrs["kinds"][0]
                 s[p, c] = shift.to_numpy()[0]
                 correction[p, c] = self.correction_weights_.get(kind, 0.0) * (m[p, c] - s[p, c])
-                g[p, c] = getattr(self, "cell_term_weights_", {}).get(kind, 1.0)
+                g[p, c] = self._cell_term_weight(kind)
         position = {context: c for c, context in enumerate(sums.contexts)}
         rows = {f"{label}|{context}": correction[p, position[context]]
                 for p, label in enumerate(perturbations) for context in pd.unique(contexts)}

@@ -18,6 +18,11 @@ import pandas as pd
 from ..data import check_controls_per_context, check_var_names, control_mask
 from ._save_load import checked_setup, expand_covariate_columns
 
+#: What a query model takes from its reference: the effect prior and every weight validated on
+#: the reference's held-out training queries (the mean correction and the cell-level term).
+INHERITED_ATTRS = ("effect_prior_state_", "correction_weights_", "correction_scores_", "cell_term_weights_",
+                   "cell_term_scores_", "few_shot_blends_")
+
 
 def _check_query_controls(obs: pd.DataFrame, setup_args: dict) -> None:
     """Every query context (and batch) needs control cells to anchor on; say so before training."""
@@ -137,7 +142,7 @@ class QueryMixin:
             part.requires_grad_(False)
         # the query keeps the reference's effect prior and correction weights: its few cells
         # fine-tune the VAE, while the prior's choices were cross-fitted on the reference
-        for attr in ("effect_prior_state_", "correction_weights_", "correction_scores_", "few_shot_blends_"):
+        for attr in INHERITED_ATTRS:
             if getattr(reference_model, attr, None) is not None:
                 setattr(model, attr, deepcopy(getattr(reference_model, attr)))
         model.inherited_prior_ = True  # saved with the query model, as the two states below
