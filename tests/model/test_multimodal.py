@@ -180,6 +180,12 @@ def test_bad_prediction_inputs(study):
         model.predict(shuffled, ["G000"])
     with pytest.raises(ValueError, match=r"^out= \(writing predicted cells to a file\) is for RNA-only models"):
         model.predict(controls, ["G000"], out="cells.h5ad")
+    # protein rows in another cell order would anchor each cell's protein on another cell
+    order = np.random.default_rng(0).permutation(controls.n_obs)
+    misaligned = md.MuData({"rna": controls["rna"].copy(), "adt": controls["adt"][order].copy()})
+    misaligned.obs = controls.obs.copy()
+    with pytest.raises(ValueError, match=r"^modality 'adt' has \d+ cells not in the order of the MuData's \d+"):
+        model.predict(misaligned, ["G000"])
 
 
 def test_save_load_gives_identical_predictions(study, tmp_path):

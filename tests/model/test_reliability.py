@@ -262,6 +262,36 @@ def test_predict_zero_batch_size(trained):
         model.predict(_controls(fresh), ["G00"], batch_size=0)
 
 
+def test_predict_refuses_the_control_label(trained):
+    """The control label would be answered as an unseen gene (a non-zero change)."""
+    model, fresh, *_ = trained
+    with pytest.raises(ValueError, match=re.escape(
+            "perturbations ['control'] are the control label: the control cells are the anchors")):
+        model.predict(_controls(fresh), ["G00", "control"], aggregate="mean")
+
+
+def test_predict_refuses_missing_contexts_and_unfitted_levels_before_running(trained, tmp_path):
+    model, fresh, *_ = trained
+    controls = _controls(fresh)
+    column = model._context_column
+    controls.obs[column] = controls.obs[column].astype(object)
+    controls.obs.iloc[:3, controls.obs.columns.get_loc(column)] = np.nan
+    with pytest.raises(ValueError, match=re.escape(f"adata_control.obs[{column!r}] has 3 missing values")):
+        model.predict(controls, ["G00"], aggregate="mean")
+    out = tmp_path / "pred.h5ad"
+    with pytest.raises(ValueError, match=re.escape("interval_levels [0.9] were not fitted; the model's levels are [0.8, 0.95].")):
+        model.predict(_controls(fresh), ["G00"], aggregate="mean", out=out, interval_levels=(0.9,))
+    assert not out.exists()  # refused before anything was written
+
+
+def test_predict_without_the_label_column_says_every_cell_is_taken_as_a_control(trained):
+    model, fresh, *_ = trained
+    controls = _controls(fresh)
+    del controls.obs["perturbation"]
+    with pytest.warns(UserWarning, match="adata_control.obs has no column 'perturbation': every cell is taken"):
+        model.predict(controls, ["G00"], aggregate="mean")
+
+
 # ---------------------------------------------------------------- query and load
 def test_query_context_without_controls(trained):
     model, fresh, *_ = trained

@@ -198,6 +198,13 @@ class EffectCorrectionMixin:
         self.validation_perturbations_ = {k: [f"{spelled.get(p, p)}|{c}" for p, c in v] for k, v in held.items()}
         return None
 
+    def _check_interval_levels(self, levels) -> None:
+        """Every level of ``levels`` was fitted by the prior (checked before any prediction runs)."""
+        fitted = list(self.effect_prior.levels)
+        unknown = [level for level in levels if level not in fitted]
+        if unknown:
+            raise ValueError(f"interval_levels {unknown} were not fitted; the model's levels are {fitted}.")
+
     def _cell_term_weight(self, kind: str) -> float:
         """``g_k`` of ``kind``: 0 where it was not validated (the anchors' own spread)."""
         return float(getattr(self, "cell_term_weights_", {}).get(kind, 0.0))
@@ -433,6 +440,7 @@ class EffectCorrectionMixin:
         prior = self.effect_prior
         if prior is None:
             raise ValueError("this model has no effect prior (effect_prior=False); no intervals.")
+        self._check_interval_levels(levels)
         column = self._context_column
         mean = aggregated.layers["log1p_norm"]
         keys = [

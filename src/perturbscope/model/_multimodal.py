@@ -47,6 +47,7 @@ from ..effects import EffectPrior
 from ..module import MultimodalScopeVAE
 from ..module._multimodal import ATAC_KEY, MODALITY_KEYS, PROTEIN_KEY
 from ._effect_correction import Loader, few_shot_blends, prior_with_query_groups
+from ._multimodal_setup import check_modality_rows
 
 #: The normalised layer of every modality's prediction (counts normalised to 1e4, log1p).
 NORMALISED_LAYER = OUTPUT_KEYS.LOG1P_NORM_LAYER
@@ -310,6 +311,7 @@ class MultimodalMixin:
             raise KeyError(f"the MuData has no modality {missing}; the model needs {names}, it has {list(data.mod)}.")
         if data.n_obs == 0:
             raise ValueError("the MuData of control cells is empty.")
+        check_modality_rows(data, names)  # anchors of every modality are the same cells
         return data
 
     def _rna_controls(self, mdata) -> ad.AnnData:

@@ -23,6 +23,24 @@ MODALITY_CONTENT = {"rna_layer": "RNA counts", "protein_layer": "surface protein
                     "atac_layer": "ATAC peak counts"}
 
 
+def check_modality_rows(mdata, names: list[str]) -> None:
+    """Every modality in ``names`` has a row for every cell of ``mdata``, in the MuData's order.
+
+    Raises
+    ------
+    ValueError
+        Naming the first modality whose rows are missing or in another order.
+    """
+    for name in names:
+        data = mdata.mod[name]
+        if data.n_obs != mdata.n_obs or not data.obs_names.equals(mdata.obs_names):
+            raise ValueError(
+                f"modality {name!r} has {data.n_obs} cells not in the order of the MuData's {mdata.n_obs}; "
+                "every registered modality needs a row for every cell, in the same order (a cell "
+                "without protein or ATAC data gets an all-zero row, as in MultiVI)."
+            )
+
+
 def check_modalities(mdata, modalities: dict | None, layers: dict[str, str | None]) -> dict[str, str]:
     """``{modalities key: modality name}`` after checking every key, modality and layer.
 
@@ -96,14 +114,9 @@ def check_modalities(mdata, modalities: dict | None, layers: dict[str, str | Non
             raise KeyError(
                 f"{key}={layer!r} is not a layer of modality {modalities[key]!r}; its layers are {list(data.layers)}."
             )
+    check_modality_rows(mdata, list(modalities.values()))
     for key, name in modalities.items():
         data = mdata.mod[name]
-        if data.n_obs != mdata.n_obs or not data.obs_names.equals(mdata.obs_names):
-            raise ValueError(
-                f"modality {name!r} has {data.n_obs} cells not in the order of the MuData's {mdata.n_obs}; "
-                "every registered modality needs a row for every cell, in the same order (a cell "
-                "without protein or ATAC data gets an all-zero row, as in MultiVI)."
-            )
         if key == "rna_layer":
             continue
         layer = layers.get(key)

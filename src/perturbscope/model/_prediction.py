@@ -9,6 +9,7 @@ and baseline shares.
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -27,6 +28,7 @@ from ..data import (
     ALL_CONTEXTS,
     PredictionMeans,
     PredictionStore,
+    canonical_labels,
     check_count_data,
     check_log_normalized,
     check_perturbation_labels,
@@ -179,8 +181,10 @@ class PredictionMixin:
         out = None if out is None else check_store_path(out)
         adata_control, perturbations = self._prediction_inputs(adata_control, perturbations)
         with_prior = self.effect_prior is not None and residual
+        if with_prior and aggregate == "mean":
+            self._check_interval_levels(interval_levels)  # before the prediction runs (and writes out=)
         context_key = self._original_key(REGISTRY_KEYS.CONTEXT_KEY)
-        contexts = adata_control.obs[context_key].astype(str).to_numpy() if context_key in adata_control.obs else None
+        contexts = self._control_contexts(adata_control, context_key)
         if with_prior and context_key is not None and contexts is None:
             raise KeyError(f"adata_control.obs has no column {context_key!r}, the context the model was set up with.")
         gene_index = torch.as_tensor(self.encode_perturbations(perturbations))
@@ -402,6 +406,12 @@ class PredictionMixin:
         if perturbations is None:
             perturbations = self.training_perturbations
         perturbations = check_perturbation_labels(perturbations)
+        asked_controls = [p for p, c in zip(perturbations, canonical_labels(perturbations, state["control_value"],
+                                                                              state["combination_delimiter"]))
+                          if c == state["control_value"]]
+        if asked_controls:
+            raise ValueError(f"perturbations {asked_controls} are the control label: the control cells are the "
+                             "anchors (their prediction is the anchors themselves); ask for perturbations.")
         if adata_control.n_obs == 0:
             raise ValueError("adata_control has no cells; pass at least one control cell to anchor the predictions.")
         check_var_names(adata_control.var_names, self.var_names, "adata")
@@ -486,10 +496,24 @@ class PredictionMixin:
             columns.append(codes)
         return np.stack(columns, axis=1) if columns else None
 
+    @staticmethod
+    def _control_contexts(adata_control: ad.AnnData, context_key: str | None) -> np.ndarray | None:
+        """Each control cell's context as a string; ``None`` without the column."""
+        if context_key is None or context_key not in adata_control.obs:
+            return None
+        column = adata_control.obs[context_key]
+        if column.isna().any():
+            raise ValueError(f"adata_control.obs[{context_key!r}] has {int(column.isna().sum())} missing values; "
+                             "every control cell needs its context (they would be predicted as a context 'nan').")
+        return column.astype(str).to_numpy()
+
     def _check_only_controls(self, adata: ad.AnnData) -> None:
         state = self._perturbation_state
         key = state["perturbation_key"]
-        if key in adata.obs.columns:
+        if key not in adata.obs.columns:
+            warnings.warn(f"adata_control.obs has no column {key!r}: every cell is taken as a control cell "
+                          "(for a MuData model, pass cells whose obs holds the labels).", UserWarning, stacklevel=4)
+        else:
             labels = adata.obs[key].astype(str)
             other = pd.unique(labels[~is_control(labels, state["control_value"])])
             if len(other):
