@@ -333,6 +333,26 @@ def test_load_refuses_unknown_setup_args(trained, tmp_path):
     _assert_unchanged(adata, before)
 
 
+@pytest.mark.parametrize("name", [
+    "predict",            # a method replaced by an allow-listed class
+    "_check_if_trained",  # a private hook
+    "history_",           # a data name given a callable
+])
+def test_load_refuses_attributes_that_would_choose_code(trained, tmp_path, name):
+    import collections
+
+    _, fresh, _, _, folder = trained
+    target = tmp_path / "tampered_attrs"
+    shutil.copytree(folder, target)
+    path = target / "model.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=False)  # our own test file
+    payload["attr_dict"][name] = collections.OrderedDict
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=re.escape(
+            f"the saved model sets the attribute {name!r}, which is not a data attribute")):
+        ps.ScopeVI.load(target, fresh.copy())
+
+
 def test_load_unseen_context(trained):
     _, fresh, _, _, folder = trained
     adata = fresh.copy()

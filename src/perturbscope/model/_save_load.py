@@ -163,7 +163,7 @@ class SafeLoadMixin:
                 ) from error
             raise
         model = cls(adata, **_init_kwargs(attr_dict.pop("init_params_")))
-        for attr, value in attr_dict.items():
+        for attr, value in _data_attributes(attr_dict, cls).items():
             setattr(model, attr, value)
         state = dict(payload["model_state_dict"])
         state.pop("pyro_param_store", None)
@@ -269,3 +269,25 @@ def _init_kwargs(init_params: dict) -> dict:
     # files saved before ``unseen_genes`` existed encoded unseen genes with the kernel
     non_kwargs.setdefault("unseen_genes", "kernel")
     return {**non_kwargs, **{k: v for group in kwargs_groups.values() for k, v in group.items()}}
+
+
+def _data_attributes(attr_dict: dict, cls: type) -> dict:
+    """The saved attributes a model file may set: data named like scvi-tools' ``name_`` attributes.
+
+    A file's contents never choose which code runs: a name that is not ``name_`` (a method such
+    as ``predict``, a private hook), a name of a method or property of ``cls``, or a callable
+    value is refused, whatever the allow-listed unpickler let through.
+
+    Raises
+    ------
+    ValueError
+        Naming the refused attribute.
+    """
+    for name, value in attr_dict.items():
+        plain = isinstance(name, str) and name.isidentifier() and name.endswith("_") and not name.startswith("_")
+        code = callable(value) or callable(getattr(cls, str(name), None)) or isinstance(getattr(cls, str(name), None), property)
+        if not plain or code:
+            raise ValueError(f"the saved model sets the attribute {name!r}, which is not a data attribute "
+                             "(name_ holding data); the file is refused.")
+    return attr_dict
+
