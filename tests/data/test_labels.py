@@ -115,3 +115,20 @@ def test_the_context_split_refuses_to_hold_out_nothing():
     with pytest.raises(ValueError, match=re.escape(
             "context 'type_1' has no perturbed cells to hold out, only 'control' cells.")):
         unseen_context_split(only_controls, "perturbation", "cell_type", "type_1")
+
+
+def test_missing_labels_are_not_a_group_called_nan():
+    import anndata as ad
+
+    from perturbscope.data import perturbation_shifts, pseudobulk
+
+    cells = ad.AnnData(np.ones((4, 2)), obs=pd.DataFrame({"p": ["control", "A", None, "A"]}, index=list("abcd")))
+    with pytest.raises(ValueError, match=re.escape(
+            "adata.obs['p'] (perturbation_key) has 1 missing labels (first cells: ['c']); label every cell.")):
+        perturbation_shifts(cells, "p")
+    with pytest.raises(ValueError, match=re.escape("adata.obs has missing values in the groupby columns {'p': 1}")):
+        pseudobulk(cells, "p")
+    cells.obs["p"] = ["control", "A", "A", "A"]
+    cells.obs["line"] = ["x", "x", np.nan, "x"]
+    with pytest.raises(ValueError, match=re.escape("adata.obs['line'] (context_key) has 1 missing labels")):
+        perturbation_shifts(cells, "p", context_key="line")

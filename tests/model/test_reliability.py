@@ -113,6 +113,24 @@ def test_raw_counts_to_normal_model_predict(trained):
         model.predict(raw, ["G00"])
 
 
+def test_raw_counts_to_a_normal_model_are_refused_at_construction(screen):
+    adata, embeddings = screen
+    _setup(adata, embeddings)
+    with pytest.raises(ValueError, match=r"^adata\.X looks like raw counts \(integers up to \d+\)"):
+        ps.ScopeVI(adata, n_latent=4, n_hidden=16, gene_likelihood="normal")
+
+
+def test_backed_log_normalised_controls_are_checked_chunk_by_chunk(trained, tmp_path):
+    """The raw-counts check reads a backed matrix row chunk by row chunk (it raised a TypeError)."""
+    model, fresh, counts, _, _ = trained
+    _controls(fresh).write_h5ad(tmp_path / "log.h5ad")
+    backed = ad.read_h5ad(tmp_path / "log.h5ad", backed="r")
+    assert model.predict(backed, ["G00"], aggregate="mean").n_obs >= 1
+    _controls(counts).write_h5ad(tmp_path / "raw.h5ad")
+    with pytest.raises(ValueError, match=r"^adata\.X looks like raw counts"):
+        model.predict(ad.read_h5ad(tmp_path / "raw.h5ad", backed="r"), ["G00"])
+
+
 # ---------------------------------------------------------------- names and storage
 def test_duplicate_var_names(screen):
     adata, embeddings = screen
@@ -169,6 +187,15 @@ def test_only_control_cells(screen):
                        r"ScopeVI needs perturbed cells .*load_query_data"):
         _setup(adata, embeddings)
     _assert_unchanged(adata, before)
+
+
+def test_no_cells_or_no_genes_are_named_at_setup(screen):
+    """An empty AnnData was told it held only controls; one without genes trained."""
+    adata, embeddings = screen
+    with pytest.raises(ValueError, match=r"^adata has no cells\.$"):
+        _setup(adata[:0].copy(), embeddings)
+    with pytest.raises(ValueError, match=re.escape("adata has no genes (features); the model needs expression")):
+        _setup(adata[:, :0].copy(), embeddings)
 
 
 def test_nan_perturbation_label(screen):

@@ -325,7 +325,7 @@ def check_labels(obs: pd.DataFrame, perturbation_key: str, control_value, **keys
     TypeError
         If ``control_value`` is not a string.
     ValueError
-        If a label column has missing values, or every cell is a control.
+        If there are no cells, a label column has missing values, or every cell is a control.
 
     Examples
     --------
@@ -341,7 +341,31 @@ def check_labels(obs: pd.DataFrame, perturbation_key: str, control_value, **keys
             f"convert the column first: adata.obs[{perturbation_key!r}] = "
             f"adata.obs[{perturbation_key!r}].astype(str), and pass control_value={str(control_value)!r}."
         )
-    for role, key in {"perturbation_key": perturbation_key, **keys}.items():
+    if len(obs) == 0:
+        raise ValueError("adata has no cells.")
+    check_no_missing_labels(obs, perturbation_key=perturbation_key, **keys)
+    if is_control(obs[perturbation_key], control_value).all():
+        raise ValueError(
+            f"adata.obs[{perturbation_key!r}] holds only control cells ({control_value!r}); ScopeVI "
+            "needs perturbed cells to learn from (use ScopeVI.load_query_data for a controls-only query)."
+        )
+
+
+def check_no_missing_labels(obs: pd.DataFrame, **keys: str | None) -> None:
+    """Raise a ``ValueError`` naming the column (and its role) that has missing labels.
+
+    ``keys`` are label columns by role (``perturbation_key="perturbation"``); ``None`` entries
+    and absent columns are skipped. ``astype(str)`` would otherwise make them a group ``"nan"``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> check_no_missing_labels(pd.DataFrame({"c": ["x", None]}), context_key="c")
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.obs['c'] (context_key) has 1 missing labels (first cells: ['1']); label every cell.
+    """
+    for role, key in keys.items():
         if key is None or key not in obs.columns:
             continue
         missing = obs[key].isna().to_numpy()
@@ -350,11 +374,6 @@ def check_labels(obs: pd.DataFrame, perturbation_key: str, control_value, **keys
                 f"adata.obs[{key!r}] ({role}) has {int(missing.sum())} missing labels (first cells: "
                 f"{[str(c) for c in obs.index[missing][:5]]}); label every cell."
             )
-    if is_control(obs[perturbation_key], control_value).all():
-        raise ValueError(
-            f"adata.obs[{perturbation_key!r}] holds only control cells ({control_value!r}); ScopeVI "
-            "needs perturbed cells to learn from (use ScopeVI.load_query_data for a controls-only query)."
-        )
 
 
 def check_finite(matrix, layer: str | None) -> None:
@@ -399,10 +418,16 @@ def check_log_normalized(matrix, layer: str | None, limit: float = 30.0) -> None
     ValueError: adata.X looks like raw counts (integers up to 250), but the model was trained on log-normalised values (gene_likelihood='normal'); pass log1p-normalised expression, e.g. sc.pp.normalize_total(adata, 1e4); sc.pp.log1p(adata).
     """
     check_finite(matrix, layer)
-    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
-    if values.size and values.max() > limit and np.array_equal(values, np.round(values)):
+    chunks = (rows for _, rows in iter_row_chunks(matrix)) if is_out_of_core(matrix) else [matrix]
+    largest, integers = -np.inf, True  # one pass over row chunks for backed or streamed data
+    for chunk in chunks:
+        values = chunk.data if sparse.issparse(chunk) else np.asarray(chunk)
+        if values.size:
+            largest = max(largest, float(values.max()))
+            integers = integers and bool(np.array_equal(values, np.round(values)))
+    if largest > limit and integers:
         raise ValueError(
-            f"{describe_layer(layer)} looks like raw counts (integers up to {values.max():.0f}), but the "
+            f"{describe_layer(layer)} looks like raw counts (integers up to {largest:.0f}), but the "
             "model was trained on log-normalised values (gene_likelihood='normal'); pass log1p-normalised "
             "expression, e.g. sc.pp.normalize_total(adata, 1e4); sc.pp.log1p(adata)."
         )

@@ -82,7 +82,7 @@ def pseudobulk(
     KeyError
         If a ``groupby`` column is not in ``adata.obs``.
     ValueError
-        If ``adata`` has no cells.
+        If ``adata`` has no cells, or a ``groupby`` column has missing values.
 
     Examples
     --------
@@ -100,6 +100,10 @@ def pseudobulk(
         )
     if adata.n_obs == 0:
         raise ValueError("pseudobulk needs at least one cell; adata has none.")
+    unlabelled = {k: int(n) for k, n in adata.obs[keys].isna().sum().items() if n}
+    if unlabelled:  # astype(str) would make them a group called "nan"
+        raise ValueError(f"adata.obs has missing values in the groupby columns {unlabelled}; "
+                         "every cell needs its group (drop or label those cells).")
     labels = adata.obs[keys].astype(str)
     work = ad.AnnData(
         X=adata.X if layer is None else adata.layers[layer],

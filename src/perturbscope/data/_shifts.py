@@ -9,7 +9,7 @@ from __future__ import annotations
 import anndata as ad
 import pandas as pd
 
-from ._checks import preview
+from ._checks import check_no_missing_labels, preview
 from ._perturbations import check_control_present
 from ._pseudobulk import pseudobulk
 
@@ -96,6 +96,7 @@ def perturbation_shifts(
     check_obs_keys(adata.obs, perturbation_key=perturbation_key, context_key=context_key)
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"layer {layer!r} not in adata.layers; layers are {list(adata.layers)}.")
+    check_no_missing_labels(adata.obs, perturbation_key=perturbation_key, context_key=context_key)
     labels = adata.obs[perturbation_key].astype(str)
     check_control_present(labels, perturbation_key, control_value)
     contexts = context_labels(adata, context_key)

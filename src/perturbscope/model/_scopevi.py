@@ -37,8 +37,8 @@ from ..data import (
     check_control_present,
     check_controls_per_context,
     check_count_data,
-    check_finite,
     check_labels,
+    check_log_normalized,
     check_unique_names,
     parse_perturbation,
 )
@@ -67,6 +67,8 @@ def _check_setup(data, where: str, perturbation_key: str, control_value: str,
     check_backing(data, where.split(".")[0])
     for part, name in ([(data.mod[m], f"mdata[{m!r}]") for m in modalities] or [(data, where.split(".")[0])]):
         check_unique_names(part, name)
+        if part.n_vars == 0:
+            raise ValueError(f"{name} has no genes (features); the model needs expression to learn from.")
     if perturbation_key not in obs.columns:
         raise KeyError(
             f"perturbation_key {perturbation_key!r} not found in {where}; columns are {list(obs.columns)}."
@@ -175,8 +177,8 @@ class ScopeVI(MultimodalMixin, EffectCorrectionMixin, PredictionMixin, ScviApiMi
             raise ValueError(f"perturbation_encoding must be 'kernel' or 'linear', got {perturbation_encoding!r}.")
         if gene_likelihood in COUNT_LIKELIHOODS:
             check_count_data(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY), self._layer)
-        else:
-            check_finite(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY), self._layer)
+        else:  # refused here, not after training, when predict would refuse the same cells
+            check_log_normalized(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY), self._layer)
         perturbation_state = self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY)
         self.module = self._module_for_modalities()(
             **self._modality_sizes(),
