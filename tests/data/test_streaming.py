@@ -257,6 +257,10 @@ def test_read_soma_reads_rows_like_the_anndata(tmp_path):
     np.testing.assert_array_equal(soma[np.arange(adata.n_obs) % 5 == 0].X.toarray(), dense[::5])
     with pytest.raises(KeyError, match=r"^\"X layer 'counts' not in measurement 'RNA'; it has \['data'\]\.\"$"):
         read_soma(uri, X_name="counts")
+    # reading a few obs columns keeps the cells' names (they were the joinids)
+    some = read_soma(uri, obs_column_names=["perturbation"])
+    assert list(some.obs_names) == list(adata.obs_names)
+    assert list(some.obs.columns) == ["perturbation"]
 
 
 # ---------------------------------------------------------------- checks

@@ -16,6 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import scvi
 import torch
 
@@ -196,6 +197,25 @@ def test_no_cells_or_no_genes_are_named_at_setup(screen):
         _setup(adata[:0].copy(), embeddings)
     with pytest.raises(ValueError, match=re.escape("adata has no genes (features); the model needs expression")):
         _setup(adata[:, :0].copy(), embeddings)
+
+
+def test_cells_without_counts_are_named_at_construction(screen, tmp_path):
+    """They failed inside train(), and a backed file named them by their row within a chunk."""
+    adata, embeddings = screen
+    counts = adata.X.toarray()
+    counts[[5, 40]] = 0
+    adata.X = sp.csr_matrix(counts)
+    names = [adata.obs_names[5], adata.obs_names[40]]
+    _setup(adata, embeddings)
+    message = re.escape(f"adata.X has 2 cells without counts ({names})")
+    with pytest.raises(ValueError, match=message):
+        ps.ScopeVI(adata, n_latent=4, n_hidden=16)
+    fresh = adata.copy()
+    fresh.write_h5ad(tmp_path / "zero.h5ad")
+    backed = ad.read_h5ad(tmp_path / "zero.h5ad", backed="r")
+    _setup(backed, embeddings)
+    with pytest.raises(ValueError, match=message):
+        ps.ScopeVI(backed, n_latent=4, n_hidden=16)
 
 
 def test_nan_perturbation_label(screen):

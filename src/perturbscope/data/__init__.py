@@ -6,6 +6,7 @@ package, so that no higher layer needs to import a sibling.
 
 from ._checks import (
     check_backing,
+    check_cells_have_counts,
     check_controls_per_context,
     check_count_data,
     check_finite,
@@ -72,6 +73,7 @@ __all__ = [
     "aggregate_prediction",
     "check_control_present",
     "check_controls_per_context",
+    "check_cells_have_counts",
     "check_count_data",
     "check_finite",
     "check_labels",

@@ -376,6 +376,29 @@ def check_no_missing_labels(obs: pd.DataFrame, **keys: str | None) -> None:
             )
 
 
+def check_cells_have_counts(matrix, obs_names: pd.Index, layer: str | None) -> None:
+    """Raise a ``ValueError`` naming the cells whose counts sum to zero (they cannot be normalised).
+
+    Out-of-core matrices are read row chunk by row chunk.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> check_cells_have_counts(np.array([[1.0, 0.0], [0.0, 0.0]]), pd.Index(["a", "b"]), None)
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.X has 1 cells without counts (['b']); every cell needs at least one count (filter them, e.g. sc.pp.filter_cells(adata, min_counts=1)).
+    """
+    chunks = iter_row_chunks(matrix) if is_out_of_core(matrix) else [(0, matrix)]
+    empty = np.concatenate([start + np.flatnonzero(np.asarray(rows.sum(axis=1)).ravel() <= 0)
+                            for start, rows in chunks])
+    if len(empty):
+        raise ValueError(
+            f"{describe_layer(layer)} has {len(empty)} cells without counts ({[str(obs_names[i]) for i in empty[:10]]}); "
+            "every cell needs at least one count (filter them, e.g. sc.pp.filter_cells(adata, min_counts=1))."
+        )
+
+
 def check_finite(matrix, layer: str | None) -> None:
     """Raise a ``ValueError`` naming the layer if it holds NaN or infinite values.
 

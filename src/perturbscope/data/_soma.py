@@ -155,11 +155,14 @@ def read_soma(
         array = measurement.X[X_name]
         if not isinstance(array, soma.SparseNDArray):
             raise TypeError(f"X layer {X_name!r} is a {type(array).__name__}; read_soma streams sparse ND arrays.")
-        columns = None if obs_column_names is None else ["soma_joinid", *obs_column_names]
-        obs = experiment.obs.read(column_names=columns).concat().to_pandas()
-        var = measurement.var.read().concat().to_pandas()
         obs_id_name = obs_id_name or _index_column(experiment.obs, "obs_id")
         var_id_name = var_id_name or _index_column(measurement.var, "var_id")
+        # the id column is always read: without it the cells would be named by their joinids
+        available = set(experiment.obs.schema.names)
+        columns = None if obs_column_names is None else list(dict.fromkeys(
+            ["soma_joinid", *([obs_id_name] if obs_id_name in available else []), *obs_column_names]))
+        obs = experiment.obs.read(column_names=columns).concat().to_pandas()
+        var = measurement.var.read().concat().to_pandas()
         X = SomaCSRMatrix(array.uri, np.sort(obs["soma_joinid"].to_numpy()),
                           np.sort(var["soma_joinid"].to_numpy()), array.schema.field("soma_data").type.to_pandas_dtype())
     obs = _frame(obs, obs_id_name)

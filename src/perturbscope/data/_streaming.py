@@ -97,7 +97,9 @@ def streamed_pseudobulk(
     codes, uniques = pd.MultiIndex.from_frame(labels).factorize(sort=True)
     sums = np.zeros((len(uniques), matrix.shape[1]), dtype=np.float64)
     for start, rows in iter_row_chunks(matrix, chunk_size):
-        values = log1p_expression(ad.AnnData(X=rows), None, data_scale)
+        # the chunk keeps its cells' names, so an error (a cell without counts) names the right cells
+        names = obs.index[start : start + rows.shape[0]].astype(str)
+        values = log1p_expression(ad.AnnData(X=rows, obs=pd.DataFrame(index=names)), None, data_scale)
         # unbuffered, in row order: the same additions, in the same order, as the indicator product
         np.add.at(sums, codes[start : start + len(values)], values)
     counts = np.bincount(codes, minlength=len(uniques))

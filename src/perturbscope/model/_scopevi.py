@@ -34,6 +34,7 @@ from .._constants import REGISTRY_KEYS
 from ..data import (
     AnchoredDataSplitter,
     check_backing,
+    check_cells_have_counts,
     check_control_present,
     check_controls_per_context,
     check_count_data,
@@ -176,7 +177,9 @@ class ScopeVI(MultimodalMixin, EffectCorrectionMixin, PredictionMixin, ScviApiMi
         if perturbation_encoding not in ("kernel", "linear"):
             raise ValueError(f"perturbation_encoding must be 'kernel' or 'linear', got {perturbation_encoding!r}.")
         if gene_likelihood in COUNT_LIKELIHOODS:
-            check_count_data(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY), self._layer)
+            matrix = self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY)
+            check_count_data(matrix, self._layer)
+            check_cells_have_counts(matrix, self.adata.obs_names, self._layer)  # not inside train()
         else:  # refused here, not after training, when predict would refuse the same cells
             check_log_normalized(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY), self._layer)
         perturbation_state = self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY)
