@@ -324,11 +324,14 @@ class PredictionMixin:
         For every anchor control cell the prior mean is computed under the perturbation and
         under none; their difference, averaged over anchors, is the perturbation's latent shift.
         A dimension is *active* when the shift is at least ``threshold`` standard deviations of
-        the anchors' basal states along it. Gene effects are the mean predicted change in
-        log1p-normalised expression at the prior mean. Most useful with
-        ``perturbation_effect="sparse"``, where every effect passes through the (L1-penalised)
-        shift; for the dense model the decoder also sees the perturbation directly, so the
-        shift is only part of the story while ``gene_effects`` stays complete.
+        the anchors' basal states along it. Gene effects are the VAE's mean change in
+        log1p-normalised expression at the prior mean: what the latent programme does through
+        the decoder. They are not the mean that :meth:`predict` returns for a model with the
+        effect prior (the default), which is the prior's shift plus only the validated share of
+        this change (``correction_weights_``); use ``predict(..., aggregate="mean")`` for that.
+        Most useful with ``perturbation_effect="sparse"``, where every effect passes through the
+        (L1-penalised) shift; for the dense model the decoder also sees the perturbation
+        directly, so the shift is only part of the story while ``gene_effects`` stays complete.
 
         Parameters
         ----------

@@ -24,8 +24,9 @@ class PerturbationPrograms:
     active
         Booleans, perturbations x latent dimensions: ``|standardized_shift| >= threshold``.
     gene_effects
-        Perturbations x genes: the mean predicted change in log1p-normalised expression
-        (prior mean, no sampling noise).
+        Perturbations x genes: the VAE's mean change in log1p-normalised expression (prior
+        mean, no sampling noise); with the effect prior, ``predict``'s mean is the prior's shift
+        plus only the validated share of it.
     threshold
         The threshold that defined ``active``.
 

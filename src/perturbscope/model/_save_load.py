@@ -242,9 +242,18 @@ def _saved_or_given_adata(folder: Path, prefix: str | None, adata):
     if adata is not None:
         return adata
     saved = folder / f"{prefix or ''}adata.h5ad"
-    if not saved.is_file():
-        raise ValueError(f"Pass adata: {folder} has no saved AnnData ({saved.name}).")
-    return ad.read_h5ad(saved)
+    if saved.is_file():
+        return ad.read_h5ad(saved)
+    mudata_file = folder / f"{prefix or ''}mdata.h5mu"  # scvi-tools' name for a saved MuData
+    if mudata_file.is_file():
+        import mudata as md
+
+        try:
+            return md.read_h5mu(mudata_file)
+        except ValueError as error:  # mudata cannot always read back a MuData scvi-tools registered
+            raise ValueError(f"{mudata_file} could not be read back by mudata ({error}); pass the MuData: "
+                             "ScopeVI.load(folder, mdata).") from error
+    raise ValueError(f"Pass adata: {folder} has no saved AnnData ({saved.name}) or MuData ({mudata_file.name}).")
 
 
 def _check_saved_genes(saved, adata, setup_args: dict) -> None:
