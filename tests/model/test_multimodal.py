@@ -228,6 +228,10 @@ def test_missing_protein_cells_train_and_atac_is_predicted():
     assert prediction["atac"].shape == (4, 15)
     assert np.isfinite(prediction["atac"].layers["log1p_norm"]).all()
     assert list(prediction["atac"].obs["cell_type"].astype(str)) == ["type_0", "type_1"] * 2
+    # by default the training controls measured in every modality anchor the prediction
+    default = model.predict(None, ["G00"], aggregate="mean")
+    n_measured = int((controls.obs["perturbation"].astype(str) == "control").sum())
+    assert default["adt"].obs["n_cells"].sum() == n_measured
 
 
 def test_docs_example_runs():

@@ -140,6 +140,13 @@ def test_rna_only_mudata_keeps_the_rna_model(screen):
     model = ps.ScopeVI(mdata, n_latent=3, n_hidden=8)
     assert model.modalities == {"X": "rna"}
     assert type(model.module).__name__ == "ScopeVAE"
+    # labels and contexts live on the global obs: the default controls, and a MuData of them, read them
+    model.train(max_epochs=1, enable_progress_bar=False)
+    default = model.predict(None, ["G00"], aggregate="mean")
+    assert sorted(default.obs["cell_type"].astype(str)) == ["type_0", "type_1"]
+    controls = mdata[(mdata.obs["perturbation"].astype(str) == "control").to_numpy()]
+    given = model.predict(controls, ["G00"], aggregate="mean")
+    np.testing.assert_array_equal(given.layers["log1p_norm"], default.layers["log1p_norm"])
 
 
 def test_protein_prior_reads_only_cells_with_protein(screen):

@@ -297,10 +297,16 @@ class MultimodalMixin:
         import mudata as md
 
         names = list(self.modalities.values())
-        if data is None:
+        if data is None:  # the training controls measured in every modality (a cell may lack protein)
             state = self._perturbation_state
             labels = self.adata.obs[state["perturbation_key"]].astype(str)
-            return self.adata[(labels == state["control_value"]).to_numpy()]
+            keep = (labels == state["control_value"]).to_numpy()
+            for key, name in self._extra_modalities().items():
+                matrix = _registered_matrix(self.adata.mod[name], self._modality_layer(key))
+                keep &= np.asarray(matrix.sum(axis=1)).ravel() > 0
+            if not keep.any():
+                raise ValueError("no training control cell has counts in every modality; pass control cells.")
+            return self.adata[keep]
         if not isinstance(data, md.MuData):
             raise TypeError(
                 f"this model was set up with the modalities {names}; pass a MuData of control cells "
@@ -316,7 +322,13 @@ class MultimodalMixin:
 
     def _rna_controls(self, mdata) -> ad.AnnData:
         """The RNA modality with the MuData's global ``obs`` (labels and contexts live there)."""
-        rna = mdata.mod[self.modalities[SCVI_KEYS.X_KEY]]
+        name = self.modalities[SCVI_KEYS.X_KEY]
+        if name is None:
+            raise TypeError("this model was set up on an AnnData; pass an AnnData of control cells, not a MuData.")
+        if name not in mdata.mod:
+            raise KeyError(f"the MuData has no modality {name!r}, the expression the model was set up with; "
+                           f"it has {list(mdata.mod)}.")
+        rna = mdata.mod[name]
         layer = self._layer
         if layer is not None and layer not in rna.layers:
             raise KeyError(f"layer {layer!r} not found in the RNA modality; layers are {list(rna.layers)}.")

@@ -405,7 +405,9 @@ class PredictionMixin:
         state = self._perturbation_state
         if adata_control is None:
             controls = is_control(self.adata.obs[state["perturbation_key"]], state["control_value"])
-            adata_control = self._expression_modality(self.adata)[controls]
+            adata_control = self.adata[controls.to_numpy() if hasattr(controls, "to_numpy") else controls]
+        if hasattr(adata_control, "mod"):  # a MuData: its expression modality, with the global obs (labels, contexts)
+            adata_control = self._rna_controls(adata_control)
         if perturbations is None:
             perturbations = self.training_perturbations
         perturbations = check_perturbation_labels(perturbations)
