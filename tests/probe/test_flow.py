@@ -98,6 +98,7 @@ def test_gradient_flow_errors(tiny_scvi):
         ({"gene": ["gene1"]}, "gene must be one gene name (a non-empty string), got ['gene1']"),
         ({"gene": ""}, "gene must be one gene name (a non-empty string), got ''"),
         ({"n_neighbors": 0}, "n_neighbors must be a positive integer, got 0"),
+        ({"n_neighbors": 1}, "n_neighbors must be at least 2, got 1"),
         ({"temperature": 0.0}, "temperature must be a finite number > 0, got 0.0"),
         ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
     ],

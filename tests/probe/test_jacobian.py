@@ -233,6 +233,8 @@ def test_empty_cells_and_latent_points(tiny_scvi):
     model, adata = tiny_scvi
     with pytest.raises(ValueError, match="^adata has no cells$"):
         decoder_jacobian(model, adata[:0].copy())
+    with pytest.raises(ValueError, match=re.escape("z has NaN or infinite values in 1 rows; every latent point must be finite")):
+        decoder_jacobian(model, z=np.array([[0.0] * 4, [np.nan] * 4]))
     with pytest.raises(ValueError, match="^z has no rows; pass at least one latent point$"):
         decoder_jacobian(model, z=np.zeros((0, 4)))
     with pytest.raises(ValueError, match="^adata has no cells$"):

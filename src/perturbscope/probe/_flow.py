@@ -162,6 +162,8 @@ def gradient_field(
     """
     _check_gene(gene)
     _check_positive_int("n_neighbors", n_neighbors)
+    if n_neighbors < 2:  # with one neighbour every arrow is exactly zero (p_ij - 1/k = 0)
+        raise ValueError(f"n_neighbors must be at least 2, got {n_neighbors}")
     _check_positive("temperature", temperature)
     _check_positive_int("batch_size", batch_size)
     if basis not in adata.obsm:

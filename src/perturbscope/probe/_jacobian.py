@@ -229,6 +229,9 @@ def _make_probe(
             )
         if z_array.shape[0] == 0:
             raise ValueError("z has no rows; pass at least one latent point")
+        if not np.isfinite(z_array).all():
+            raise ValueError(f"z has NaN or infinite values in {int((~np.isfinite(z_array)).any(axis=1).sum())} "
+                             "rows; every latent point must be finite")
         if adata is not None and adata.n_obs != z_array.shape[0]:
             raise ValueError(
                 f"z has {z_array.shape[0]} rows but adata has {adata.n_obs} cells; they must match"
