@@ -6,6 +6,7 @@ for bit, the bank's rows and the loader's batches row by row.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import anndata as ad
@@ -294,3 +295,11 @@ def test_checks_stream_a_backed_matrix_chunk_by_chunk(tmp_path):
             check_count_data(opened.X, None)
     finally:
         opened.file.close()
+
+
+def test_pseudobulk_of_a_backed_anndata_points_to_the_streamed_one(tmp_path):
+    adata, _ = _screen()
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    with pytest.raises(ValueError, match=re.escape("use perturbscope.data.streamed_pseudobulk(matrix, obs, groupby")):
+        pseudobulk(backed, "perturbation")

@@ -17,6 +17,7 @@ import scanpy as sc
 from scipy import sparse
 
 from .._constants import TARGET_SUM
+from ._rows import is_out_of_core
 
 DataScale = Literal["counts", "log1p_norm"]
 
@@ -82,7 +83,8 @@ def pseudobulk(
     KeyError
         If a ``groupby`` column is not in ``adata.obs``.
     ValueError
-        If ``adata`` has no cells, or a ``groupby`` column has missing values.
+        If ``adata`` has no cells, a ``groupby`` column has missing values, or the matrix is
+        backed (see :func:`streamed_pseudobulk`).
 
     Examples
     --------
@@ -104,6 +106,11 @@ def pseudobulk(
     if unlabelled:  # astype(str) would make them a group called "nan"
         raise ValueError(f"adata.obs has missing values in the groupby columns {unlabelled}; "
                          "every cell needs its group (drop or label those cells).")
+    matrix = adata.X if layer is None else adata.layers[layer]
+    if is_out_of_core(matrix):  # scanpy's aggregation needs the matrix in memory
+        raise ValueError("pseudobulk needs the expression in memory, and this AnnData is backed; use "
+                         "perturbscope.data.streamed_pseudobulk(matrix, obs, groupby, data_scale), which reads "
+                         "row chunks, or adata.to_memory().")
     labels = adata.obs[keys].astype(str)
     work = ad.AnnData(
         X=adata.X if layer is None else adata.layers[layer],
