@@ -27,6 +27,7 @@ from ..data import (
     canonical_labels,
     canonical_means,
     check_control_present,
+    check_finite,
     check_perturbation_labels,
     check_var_names,
     log1p_expression,
@@ -35,6 +36,7 @@ from ..data import (
     pseudobulk,
     shifts_from_means,
 )
+from ..data._checks import check_no_missing_labels
 from ..data._pseudobulk import DataScale
 from ..data._shifts import check_obs_keys, context_labels
 
@@ -107,7 +109,11 @@ class Baseline:
             If a context has no control cells.
         """
         check_obs_keys(adata_train.obs, perturbation_key=perturbation_key, context_key=context_key)
+        check_no_missing_labels(adata_train.obs, perturbation_key=perturbation_key, context_key=context_key)
         check_control_present(adata_train.obs[perturbation_key], perturbation_key, control_value)
+        if layer is not None and layer not in adata_train.layers:
+            raise KeyError(f"layer {layer!r} not in adata_train.layers; layers are {list(adata_train.layers)}.")
+        check_finite(adata_train.X if layer is None else adata_train.layers[layer], layer)
         expression = ad.AnnData(
             log1p_expression(adata_train, layer, data_scale),
             obs=pd.DataFrame(
@@ -120,8 +126,9 @@ class Baseline:
             var=pd.DataFrame(index=adata_train.var_names),
         )
         means = pseudobulk(expression, ["perturbation", "context"])
-        self.data_scale_ = data_scale
-        return self.fit_means(means, perturbation_key, control_value, context_key, delimiter)
+        self.fit_means(means, perturbation_key, control_value, context_key, delimiter)
+        self.data_scale_, self.layer_ = data_scale, layer  # predict reads its controls the same way
+        return self
 
     def fit_means(
         self,
@@ -149,6 +156,9 @@ class Baseline:
         The fitted baseline (``self``).
         """
         means, _ = canonical_means(means, None, control_value, delimiter)  # tables saved before canonical labels
+        if control_value not in set(means.index.get_level_values("perturbation")):
+            raise ValueError(f"means has no row of the control label {control_value!r}; shifts are measured "
+                             "from the control mean (pass the control value the table uses).")
         try:
             self.shifts_, self.control_means_ = shifts_from_means(means, control_value, context_key)
         except ValueError as error:  # name the user's column, not the internal one
@@ -158,8 +168,7 @@ class Baseline:
         self.perturbation_key_ = perturbation_key
         self.control_value_ = control_value
         self.context_key_ = context_key
-        if not hasattr(self, "data_scale_"):
-            self.data_scale_ = "log1p_norm"
+        self.data_scale_, self.layer_ = "log1p_norm", None  # means are log1p-normalised; fit() sets its own
         self.delimiter_ = delimiter
         self.seen_ = set(self.shifts_.index.get_level_values("perturbation"))
         self.fallbacks_: set[str] = set()
@@ -231,10 +240,12 @@ class Baseline:
                     "pass the context to predict in."
                 )
             context = ALL_CONTEXTS
-        labels = [str(p) for p in perturbations]  # answered by their canonical form ("A+control" is "A")
+        labels = check_perturbation_labels(perturbations)  # answered by their canonical form ("A+control" is "A")
         keys = canonical_labels(labels, self.control_value_, self.delimiter_).tolist()
         before = set(self.fallbacks_)
-        rows = [self._shift(p, str(context)) for p in keys]
+        # the control label moves nothing, in every baseline
+        rows = [np.zeros(len(self.var_names_)) if p == self.control_value_ else self._shift(p, str(context))
+                for p in keys]
         fell_back = self.fallbacks_ - before  # reported under the labels asked for
         self.fallbacks_ = before | {label for label, key in zip(labels, keys) if key in fell_back}
         return pd.DataFrame(np.vstack(rows), index=labels, columns=self.var_names_)
@@ -299,8 +310,17 @@ class Baseline:
                 f"context_key {self.context_key_!r} not in adata_control.obs; columns are "
                 f"{list(adata_control.obs.columns)}."
             )
+        if adata_control.n_obs == 0:
+            raise ValueError("adata_control has no cells; pass at least one control cell to shift.")
+        check_no_missing_labels(adata_control.obs, context_key=self.context_key_)
+        layer = getattr(self, "layer_", None)
+        if layer is not None and layer not in adata_control.layers:
+            raise KeyError(f"layer {layer!r} (the layer the baseline was fitted on) not in adata_control.layers; "
+                           f"layers are {list(adata_control.layers)}.")
+        matrix = adata_control.X if layer is None else adata_control.layers[layer]
+        check_finite(matrix, layer)
         self.fallbacks_ = set()
-        control = log1p_expression(adata_control, None, self.data_scale_)
+        control = log1p_expression(adata_control, layer, self.data_scale_)
         contexts = context_labels(adata_control, self.context_key_).to_numpy()
         unique_contexts = pd.unique(contexts)
         shift_tables = {
@@ -313,7 +333,7 @@ class Baseline:
             for p in perturbations
         ])
         if self.data_scale_ == "counts":
-            library = np.asarray(adata_control.X.sum(axis=1)).ravel()
+            library = np.asarray(matrix.sum(axis=1)).ravel()
             X = np.clip(np.expm1(log_values), 0, None) * np.tile(library, len(perturbations))[:, None] / TARGET_SUM
         else:
             X = log_values.copy()

@@ -147,6 +147,10 @@ class LinearBaseline(Baseline):
         self.gene_embeddings = (
             None if gene_embeddings is None else check_gene_embeddings(gene_embeddings, name="gene_embeddings")
         )
+        if isinstance(n_components, bool) or not isinstance(n_components, int | np.integer) or n_components < 1:
+            raise ValueError(f"n_components must be a positive integer, got {n_components!r}.")
+        if not np.isfinite(ridge) or ridge < 0:
+            raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}.")
         self.n_components = n_components
         self.ridge = ridge
 
@@ -186,10 +190,11 @@ class LinearBaseline(Baseline):
         ).T
 
     def _embed(self, perturbation: str) -> np.ndarray | None:
-        genes = [g for g in self._genes(perturbation) if g in self._table.index]
-        if not genes:
+        """The sum of the genes' embedding rows; ``None`` when any gene has none (no partial sum)."""
+        genes = self._genes(perturbation)
+        if not genes or any(g not in self._table.index for g in genes):
             return None
-        return self._table.loc[genes].to_numpy().sum(axis=0)
+        return self._table.loc[list(genes)].to_numpy().sum(axis=0)
 
     def _shift(self, perturbation: str, context: str) -> np.ndarray:
         embedding = self._embed(perturbation)
