@@ -121,6 +121,31 @@ def test_a_subcommand_is_required(capsys):
 
 
 @pytest.mark.slow
+def test_the_demos_unseen_genes_are_unseen_in_doubles_too(monkeypatch):
+    """Training kept the doubles that hold a held-out gene (420 cells at seed 0)."""
+    from perturbscope import _demo
+
+    trained_on = {}
+    original = _demo.ScopeVI.setup_anndata
+
+    def spy(adata, *args, **kwargs):
+        trained_on["labels"] = set(adata.obs["perturbation"].astype(str))
+        return original(adata, *args, **kwargs)
+
+    monkeypatch.setattr(_demo.ScopeVI, "setup_anndata", spy)
+    table = _demo.run_demo(max_epochs=1, progress_bar=False, accelerator="cpu")
+    assert not table.empty
+    genes_in_training = {g for p in trained_on["labels"] for g in p.split("+")} - {"control"}
+    import numpy as np
+
+    from perturbscope.data import simulate_perturbseq
+
+    adata, embeddings = simulate_perturbseq(n_genes=200, n_perturbed_genes=30, n_combinations=15, n_cell_types=2,
+                                            n_cells_per_condition=30, embedding_dim=32, seed=0)
+    unseen, _ = _demo._held_out(adata, embeddings, np.random.default_rng(0))
+    assert not genes_in_training & set(unseen)
+
+
 def test_demo_runs_end_to_end(capsys):
     main(["demo", "--epochs", "1", "--seed", "0"])
     out = capsys.readouterr().out

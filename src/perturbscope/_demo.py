@@ -64,8 +64,11 @@ def run_demo(
     )
     singles, doubles = _held_out(adata, embeddings, rng)
     held_out = singles + doubles
-    is_test = adata.obs["perturbation"].astype(str).isin(held_out).to_numpy()
-    train = adata[~is_test].copy()
+    labels = adata.obs["perturbation"].astype(str)
+    is_test = labels.isin(held_out).to_numpy()
+    # an unseen gene is unseen in doubles too: training drops every label that holds one
+    touches_unseen = labels.map(lambda p: bool(set(p.split("+")) & set(singles))).to_numpy()
+    train = adata[~is_test & ~touches_unseen].copy()
     print(f"Simulated {adata.n_obs} cells x {adata.n_vars} genes, 2 cell types; holding out "
           f"{len(singles)} unseen genes and {len(doubles)} doubles.")
 

@@ -60,6 +60,23 @@ def test_modality_cells_keeps_measured_cells_with_labels(screen):
     assert modality_cells(mdata, "rna", "perturbation").n_obs == mdata.n_obs
 
 
+def test_modality_cells_label_each_row_by_its_own_cell(screen):
+    """A modality whose rows are in another order, or a subset, of the global obs: each row keeps
+    its own cell's label (they were taken by position: 3 in 4 rows mislabelled)."""
+    mdata, _, _ = screen
+    order = np.random.default_rng(0).permutation(mdata.n_obs)
+    shuffled = md.MuData({"rna": mdata["rna"].copy(), "adt": mdata["adt"][order].copy()})
+    shuffled.obs["perturbation"] = mdata.obs["perturbation"].reindex(shuffled.obs_names)
+    cells = modality_cells(shuffled, "adt", "perturbation")
+    expected = mdata.obs["perturbation"].astype(str).reindex(cells.obs_names)
+    assert list(cells.obs["perturbation"]) == list(expected)
+    subset = md.MuData({"rna": mdata["rna"].copy(), "adt": mdata["adt"][: mdata.n_obs // 2].copy()})
+    subset.obs["perturbation"] = mdata.obs["perturbation"].reindex(subset.obs_names)
+    half = modality_cells(subset, "adt", "perturbation")
+    assert set(half.obs_names) <= set(mdata.obs_names[: mdata.n_obs // 2])
+    assert list(half.obs["perturbation"]) == list(mdata.obs["perturbation"].astype(str).reindex(half.obs_names))
+
+
 def test_modality_cells_refuses_bad_input(screen):
     mdata, _, _ = screen
     with pytest.raises(KeyError, match=re.escape("modality 'protein' is not in the MuData; its modalities are "

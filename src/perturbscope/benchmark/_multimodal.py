@@ -92,7 +92,12 @@ def modality_cells(
     measured = np.asarray(counts.sum(axis=1)).ravel() > 0
     if not measured.any():
         raise ValueError(f"no cell has counts in modality {modality!r}.")
-    obs = pd.DataFrame({c: mdata.obs[c].astype(str).to_numpy() for c in columns}, index=mdata.obs_names)
+    unknown = data.obs_names.difference(mdata.obs_names)
+    if len(unknown):
+        raise ValueError(f"modality {modality!r} has cells that are not in the MuData's obs: {list(unknown[:5])}.")
+    # labels by cell name: the modality's rows may be in another order, or a subset, of the global obs
+    labels = mdata.obs.loc[data.obs_names, columns]
+    obs = pd.DataFrame({c: labels[c].astype(str).to_numpy() for c in columns}, index=data.obs_names.copy())
     cells = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=data.var_names.copy()))
     return cells[measured].copy()
 
