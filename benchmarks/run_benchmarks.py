@@ -306,7 +306,7 @@ def main() -> None:
             write_results(results, args.out / task, title=spec.description)
             perturbscope.pl.benchmark_figures(results, args.out / task)
             elapsed = time.perf_counter() - t0
-            per_model = results.attrs["timings"].groupby("model")["seconds"].mean()
+            per_model = pd.DataFrame(results.attrs["timings"]).groupby("model")["seconds"].mean()
             timings.append(
                 f"| {task} | {elapsed / 60:.1f} | "
                 + ", ".join(f"{m} {s:.1f}" for m, s in per_model.items())

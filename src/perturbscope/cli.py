@@ -98,7 +98,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_benchmark_args(args: argparse.Namespace) -> None:
     parser = args.subparser
+    if args.out.exists() and not args.out.is_dir():  # refused before any work, not after the whole run
+        parser.error(f"--out {str(args.out)!r} is a file; pass a folder for the tables and plots")
     if args.task == "simulated":
+        if args.data is not None:
+            parser.error("--data is not read by the simulated task; leave it out")
         return
     if args.data is None:
         parser.error(f"--data is required for task {args.task!r}: the task's h5ad file or the "

@@ -139,3 +139,36 @@ def test_old_progress_keyword_still_works_with_a_future_warning(capsys):
                             progress=False)
     assert "benchmark simulated" not in "".join(capsys.readouterr())  # progress=False still hides it
     pd.testing.assert_frame_equal(old, new)
+
+
+def test_bad_seeds_and_no_runnable_model_are_named_before_any_work():
+    import re
+
+    import pytest
+
+    with pytest.raises(ValueError, match=re.escape("seeds must be a positive integer, got 0.")):
+        run_benchmark(None, "simulated", models=["additive"], seeds=0)
+    spec = TASKS["kang_unseen_cell_type"]
+    skipped = sorted(spec.not_applicable)
+    with pytest.warns(UserWarning, match="skips model"), pytest.raises(ValueError, match=re.escape(
+            f"task 'kang_unseen_cell_type' can run none of the models asked for; it skips {skipped}.")):
+        run_benchmark("/no/such/folder", "kang_unseen_cell_type", models=["linear"], seeds=1)
+
+
+def test_two_results_can_be_concatenated():
+    import pandas as pd
+
+    first = run_benchmark(None, "simulated", models=["additive"], seeds=1, distributional=False, progress_bar=False)
+    second = run_benchmark(None, "simulated", models=["no_change"], seeds=1, distributional=False, progress_bar=False)
+    both = pd.concat([first, second])  # a DataFrame in attrs made this raise
+    assert set(both["model"]) >= {"additive", "no_change"}
+    assert {"model", "seconds"} <= set(first.attrs["timings"][0])
+
+
+def test_the_ceiling_skips_distributional_metrics_when_the_models_do():
+    results = run_benchmark(None, "simulated", models=["additive"], seeds=1, distributional=False, progress_bar=False)
+    ceiling = results[(results["model"] == "noise_ceiling") & (results["metric"] == "energy_distance")]
+    assert len(ceiling)
+    assert ceiling["value"].isna().all()
+    profile = results[(results["model"] == "noise_ceiling") & (results["metric"] == "pearson_delta_top_de")]
+    assert profile["value"].notna().all()

@@ -33,6 +33,7 @@ def noise_ceiling(
     perturbed_centroid: np.ndarray | None = None,
     seed: int = 0,
     spearman_brown: bool = False,
+    distributional: bool = True,
     **kwargs,
 ) -> pd.DataFrame:
     """Score one random half of each perturbation's cells against the other half.
@@ -58,6 +59,8 @@ def noise_ceiling(
         ``r > 0``; every other value ``NaN``). cell-eval corrects the mean over perturbations
         instead: for its figure keep the default and pass ``table.mean()`` to
         :func:`~perturbscope.benchmark.spearman_brown`.
+    distributional
+        Also score the distributional metrics, as :func:`evaluate` does (``NaN`` without).
     **kwargs
         Passed to :func:`prepare_reference` (``n_de``, ``n_top_expressed``, ``n_pcs``).
 
@@ -112,7 +115,8 @@ def noise_ceiling(
         seed=seed,
         **kwargs,
     )
-    table = evaluate(half_a, reference, perturbation_key=perturbation_key, layer=None, seed=seed)
+    table = evaluate(half_a, reference, perturbation_key=perturbation_key, layer=None, seed=seed,
+                     distributional=distributional)
     return _spearman_brown(table) if spearman_brown else table
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 from scvi.utils import track
 
@@ -58,11 +59,14 @@ def run_benchmark(
         Names from :data:`~perturbscope.benchmark.MODELS`. Models the task cannot run are
         skipped with a warning.
     seeds
-        Number of seeds (``0 .. seeds-1``): the fold assignment, few-shot cells, halving of the
-        ceiling and ScopeVI's training all change with the seed.
+        Number of seeds (``0 .. seeds-1``), at least 1: the fold assignment, few-shot cells,
+        halving of the ceiling and ScopeVI's training (``scvi.settings.seed``) change with the
+        seed. ScopeVI's effect prior keeps its own seed (``prior_seed``, 0 unless
+        ``scopevi_kwargs["model"]`` sets it), so its cross-fitting folds are the same for
+        every seed and the spread over seeds leaves out their randomness.
     out
-        Folder to write ``metrics.csv`` (every metric), ``summary.csv``, ``results.md`` and
-        plots to; nothing is written when ``None``.
+        Folder to write ``metrics.csv`` (every metric), ``summary.csv`` and ``results.md`` to
+        (the CLI adds the plots of :func:`benchmark_figures`); nothing is written when ``None``.
     scopevi_kwargs
         ``{"model": {...}, "train": {...}, "predict": {...}}`` overriding ScopeVI's benchmark
         settings.
@@ -77,14 +81,15 @@ def run_benchmark(
     Returns
     -------
     A long DataFrame with columns ``task``, ``seed``, ``split``, ``group``, ``model``,
-    ``perturbation``, ``metric``, ``value``. The noise ceiling is the model
+    ``perturbation``, ``metric``, ``value``; ``attrs["timings"]`` holds one record (a dict)
+    per fit, with its ``seconds``. The noise ceiling is the model
     ``"noise_ceiling"``; the mode-collapse figure is the metric ``"delta_correlation"``
     (perturbation ``"(all)"``), with the observed figure under the model ``"observed"``.
 
     Raises
     ------
     ValueError
-        For an unknown task or model.
+        For an unknown task or model, ``seeds`` below 1, or no model the task can run.
 
     Examples
     --------
@@ -95,6 +100,8 @@ def run_benchmark(
     """
     progress_bar = progress_switch(progress_bar, progress, "run_benchmark")
     spec = _check_task(task)
+    if isinstance(seeds, bool) or not isinstance(seeds, int | np.integer) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}.")
     models = list(models)
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -102,6 +109,9 @@ def run_benchmark(
     for m in [m for m in models if m in spec.not_applicable]:
         warnings.warn(f"task {task!r} skips model {m!r}: {spec.not_applicable[m]}.", stacklevel=2)
     models = [m for m in models if m not in spec.not_applicable]
+    if not models:
+        raise ValueError(f"task {task!r} can run none of the models asked for; it skips "
+                         f"{sorted(spec.not_applicable)}.")
     adata, embeddings = load_task(task, data)
     key, control_value = spec.perturbation_key, spec.control_value
     all_log = log_anndata(adata, spec, key)
@@ -112,7 +122,7 @@ def run_benchmark(
     contexts = None if spec.context_key is None else adata.obs[spec.context_key].astype(str)
     for seed, split in track(jobs, description=f"benchmark {task}", disable=not progress_bar):
         fields = {"task": task, "seed": seed, "split": split.name}
-        reference, ceiling = split_reference(all_log, split, key, control_value, contexts, seed)
+        reference, ceiling = split_reference(all_log, split, key, control_value, contexts, seed, distributional)
         groups = split.labels
         records += with_groups(long_records(ceiling, model=CEILING, **fields), groups)
         records += collapse_records(
@@ -146,7 +156,8 @@ def run_benchmark(
     results = pd.DataFrame.from_records(records)[
         ["task", "seed", "split", "group", "model", "perturbation", "metric", "value"]
     ]
-    results.attrs["timings"] = pd.DataFrame(timings)
+    # plain records: a DataFrame in attrs breaks pandas' concat and merge of two results
+    results.attrs["timings"] = timings
     if out is not None:
         write_results(results, out, title=spec.description)
     return results

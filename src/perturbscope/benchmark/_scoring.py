@@ -46,6 +46,7 @@ def split_reference(
     control_value: str,
     contexts: pd.Series | None,
     seed: int,
+    distributional: bool = True,
 ):
     """The observed side of a split (:func:`prepare_reference`) and its split-half ceiling.
 
@@ -65,7 +66,8 @@ def split_reference(
     observed, control = all_log[split.test], all_log[split.control]
     reference = prepare_reference(observed, control, key, perturbed_centroid=centroid, seed=seed)
     ceiling = noise_ceiling(
-        observed, control, key, de_genes=reference.de_genes, perturbed_centroid=centroid, seed=seed
+        observed, control, key, de_genes=reference.de_genes, perturbed_centroid=centroid, seed=seed,
+        distributional=distributional,
     )
     return reference, ceiling
 
