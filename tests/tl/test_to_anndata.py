@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -58,6 +60,9 @@ def test_scopevi_latent_writes_obsm_only(trained):
     expected = model.get_latent_representation(cells.copy())
     np.testing.assert_allclose(cells.obsm["X_scopevi"], expected, rtol=1e-5)
     assert cells.obsm["X_scopevi"].shape == (cells.n_obs, 4)
+    # writing again over an existing key says so (scanpy replaces silently)
+    with pytest.warns(UserWarning, match=re.escape("adata.obsm['X_scopevi'] exists and is replaced; pass key_added=")):
+        tl.scopevi_latent(model, cells)
 
 
 def test_scopevi_latent_copy_leaves_input_alone(trained):

@@ -23,6 +23,7 @@ function                               writes
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -41,6 +42,13 @@ LATENT_KEY = "X_scopevi"
 EFFECTS_KEY = "perturbation_effects"
 INTERACTIONS_KEY = "genetic_interactions"
 SCORES_KEY = "probe_alignment"
+
+
+def _warn_replacing(adata, attribute: str, key: str) -> None:
+    """Warn that a tool replaces an existing entry (scanpy replaces silently; raw counts were lost)."""
+    if key in getattr(adata, attribute):
+        warnings.warn(f"adata.{attribute}[{key!r}] exists and is replaced; pass key_added= to keep it.",
+                      UserWarning, stacklevel=3)
 
 
 def _scratch(adata: ad.AnnData) -> ad.AnnData:
@@ -124,6 +132,7 @@ def scopevi_latent(
     target = _target(adata, copy)
     with quiet_loggers((SCVI_SETUP_LOGGER,)):  # the scratch copy is ours, not the user's
         latent = np.asarray(model.get_latent_representation(_scratch(target), batch_size=batch_size))
+    _warn_replacing(target, "obsm", key_added)
     target.obsm[key_added] = latent
     logger.info("added obsm[%r] (%d cells x %d latent dimensions)", key_added, *latent.shape)
     return target if copy else None
@@ -230,6 +239,7 @@ def predict_response(
     rows = target.obs_names.get_indexer(prediction.obs[OUTPUT_KEYS.CONTROL_CELL].astype(str))
     layer = np.full(target.shape, np.nan, dtype=np.float32)
     layer[rows] = values
+    _warn_replacing(target, "layers", key)
     target.layers[key] = layer
     logger.info(
         "added layers[%r] (%s response to %r on %d control cells)",
@@ -307,6 +317,7 @@ def perturbation_effects(
         names = [f"{p}|{c}" for p, c in shifts.index]
     shifts = pd.DataFrame(shifts.to_numpy(), index=pd.Index(names, name="perturbation"),
                           columns=shifts.columns.astype(str))
+    _warn_replacing(target, "uns", key_added)
     target.uns[key_added] = {
         "shifts": shifts,
         "control_means": controls,
@@ -388,6 +399,7 @@ def call_interactions(
     )
     params = dict(table.attrs)
     table.attrs = {}  # kept under "params": h5ad cannot write DataFrame attrs
+    _warn_replacing(target, "uns", key_added)
     target.uns[key_added] = {"table": table, "params": params}
     logger.info("added uns[%r] (%d doubles called)", key_added, len(table))
     return target if copy else None
@@ -462,6 +474,8 @@ def decoder_gene_scores(
             transform_batch=transform_batch, batch_size=batch_size, progress_bar=progress_bar,
         )
     table = table.reindex(result.var_names.astype(str))
+    for column in (key_added, f"{key_added}_baseline"):
+        _warn_replacing(result, "var", column)
     result.var[key_added] = table["probe_alignment"].to_numpy()
     result.var[f"{key_added}_baseline"] = table["mean_expression_baseline"].to_numpy()
     logger.info("added var[%r] and var[%r]", key_added, f"{key_added}_baseline")
