@@ -180,7 +180,7 @@ class ScopeVI(MultimodalMixin, EffectCorrectionMixin, PredictionMixin, ScviApiMi
             matrix = self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY)
             check_count_data(matrix, self._layer)
             check_cells_have_counts(matrix, self.adata.obs_names, self._layer)  # not inside train()
-        else:  # refused here, not after training, when predict would refuse the same cells
+        elif gene_likelihood == "normal":  # refused here, not after training, when predict would refuse them
             check_log_normalized(self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY), self._layer)
         perturbation_state = self.adata_manager.get_state_registry(REGISTRY_KEYS.PERTURBATION_KEY)
         self.module = self._module_for_modalities()(
