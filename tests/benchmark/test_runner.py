@@ -172,3 +172,16 @@ def test_the_ceiling_skips_distributional_metrics_when_the_models_do():
     assert ceiling["value"].isna().all()
     profile = results[(results["model"] == "noise_ceiling") & (results["metric"] == "pearson_delta_top_de")]
     assert profile["value"].notna().all()
+
+
+def test_scopevi_kwargs_sections_are_checked():
+    import re
+
+    import pytest
+
+    from perturbscope.benchmark import make_model
+
+    with pytest.raises(ValueError, match=re.escape("scopevi_kwargs has unknown sections ['trian']")):
+        make_model("scopevi", scopevi_kwargs={"trian": {"max_epochs": 1}})
+    with pytest.raises(ValueError, match=re.escape("scopevi_kwargs['predict'] cannot set 'seed'")):
+        make_model("scopevi", scopevi_kwargs={"predict": {"seed": 3}})

@@ -189,7 +189,8 @@ def make_model(
     Raises
     ------
     ValueError
-        For an unknown name, or ``"embedding_nn"`` without embeddings.
+        For an unknown name, ``"embedding_nn"`` without embeddings, or ``scopevi_kwargs`` with
+        a section other than ``model``, ``train`` and ``predict`` (or a predict ``seed``).
 
     Examples
     --------
@@ -212,6 +213,11 @@ def make_model(
         return LinearBaseline(gene_embeddings, n_components=10, ridge=0.1)
     if name in ("scopevi", "scopevi_vae"):
         kwargs = scopevi_kwargs or {}
+        unknown = sorted(set(kwargs) - {"model", "train", "predict"})
+        if unknown:  # a misspelt section would be ignored silently
+            raise ValueError(f"scopevi_kwargs has unknown sections {unknown}; use 'model', 'train' and 'predict'.")
+        if "seed" in (kwargs.get("predict") or {}):
+            raise ValueError("scopevi_kwargs['predict'] cannot set 'seed'; the benchmark's seed is used.")
         model_kwargs = dict(kwargs.get("model") or {})
         if name == "scopevi_vae":
             model_kwargs["effect_prior"] = False
