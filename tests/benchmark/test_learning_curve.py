@@ -160,3 +160,26 @@ def test_a_metric_without_finite_values_is_not_reported_as_zero():
     one = summarize(per_task.iloc[:2])
     assert one.loc[("t", "g", "m", "r"), "n_seeds"] == 1
     assert one.loc[("t", "g", "m", "r"), "sd"] == 0.0
+
+
+def test_query_fine_tuning_follows_the_references_settings_and_restores_logging(monkeypatch):
+    import logging
+
+    from perturbscope import ScopeVI
+    from perturbscope.benchmark import make_model
+    from perturbscope.benchmark._learning_curve import _adapt_to_context
+
+    adata, emb = simulate_perturbseq(n_genes=30, n_perturbed_genes=4, n_combinations=0, n_cell_types=2,
+                                     n_cells_per_condition=20, embedding_dim=4, seed=0)
+    in_type0 = (adata.obs["cell_type"] == "type_0").to_numpy()
+    reference = make_model("scopevi", emb, scopevi_kwargs={
+        "model": {"n_latent": 2, "n_hidden": 8}, "train": {"max_epochs": 1, "batch_size": 64}})
+    reference.fit(adata[in_type0].copy(), "perturbation", context_key="cell_type")
+    seen = {}
+    monkeypatch.setattr(ScopeVI, "train", lambda self, **kwargs: seen.update(kwargs))
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    query = adata[~in_type0 & (adata.obs["perturbation"] == "control").to_numpy()].copy()
+    _adapt_to_context(reference, query, epochs=1, seed=0)
+    assert (seen["batch_size"], seen["accelerator"]) == (64, "cpu")
+    assert logger.level == level  # it stayed at ERROR for the rest of the process

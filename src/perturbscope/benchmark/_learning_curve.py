@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scvi.utils import track
 
-from .._logging import progress_switch
+from .._logging import progress_switch, quiet_lightning
 from ..data import log1p_expression
 from ..model import ScopeVI
 from ._models import ScopeVIModel, make_model
@@ -137,15 +137,21 @@ def _adapt_to_context(
     reference: ScopeVIModel, adata_query: ad.AnnData, epochs: int, seed: int,
     query_kwargs: dict[str, Any] | None = None,
 ) -> Any:
-    """``ScopeVI.load_query_data`` on the context's cells, fine-tuned for ``epochs``."""
+    """``ScopeVI.load_query_data`` on the context's cells, fine-tuned for ``epochs``.
+
+    The fine-tuning uses the reference's ``accelerator`` and ``batch_size`` where its training
+    settings name them (the CPU and 128 cells otherwise), and Lightning's loggers are quieted
+    only while it runs.
+    """
     import scvi
 
     scvi.settings.seed = seed
     query = ScopeVI.load_query_data(adata_query.copy(), reference.model_, **(query_kwargs or {}))
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    settings = reference.train_kwargs
+    with warnings.catch_warnings(), quiet_lightning(logging.ERROR):
         warnings.simplefilter("ignore")
-        query.train(max_epochs=epochs, batch_size=128, accelerator="cpu",
+        query.train(max_epochs=epochs, batch_size=settings.get("batch_size", 128),
+                    accelerator=settings.get("accelerator", "cpu"),
                     enable_progress_bar=False, enable_model_summary=False)
     return query
 
