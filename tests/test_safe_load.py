@@ -268,6 +268,33 @@ def test_setting_attributes_of_a_class_is_refused():
     assert pd.Index([1, 2]).copy().tolist() == [1, 2]
 
 
+def test_dunder_attributes_that_make_numpy_read_file_bytes_as_pointers_are_refused(tmp_path):
+    """``__array_interface__`` on an allowed object, converted by an allowed pandas.Index, made
+    numpy read bytes of the file as object pointers: a segfault (or a read of any address). Run
+    in a subprocess, so that a crash fails the test instead of the test run."""
+    script = f"""
+import pickle, torch, pandas as pd
+from collections import OrderedDict
+from perturbscope._safe_load import load_model_file, load_pickle_file
+od = OrderedDict(); od.__dict__['__array__'] = 1
+od.__dict__['__array_interface__'] = {{'data': b'A' * 16, 'shape': (2,), 'typestr': '|O', 'version': 3}}
+class Call:
+    def __reduce__(self):
+        return (pd.Index, (od,))
+open({str(tmp_path / 'x.pkl')!r}, 'wb').write(pickle.dumps({{'registry': Call()}}, protocol=2))
+torch.save({{'registry': Call()}}, {str(tmp_path / 'x.pt')!r})
+for path, load in (({str(tmp_path / 'x.pkl')!r}, load_pickle_file), ({str(tmp_path / 'x.pt')!r}, load_model_file)):
+    try:
+        load(path)
+        print('LOADED')
+    except ValueError as error:
+        print('REFUSED', 'dunder attributes change how numpy and pandas read it' in str(error))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["REFUSED", "True", "REFUSED", "True"]
+
+
 def _reconstruct_function():
     from numpy.core.multiarray import _reconstruct
 

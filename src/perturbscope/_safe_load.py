@@ -325,6 +325,27 @@ _ITERATING_CALLS = (list, tuple, set, frozenset, dict, OrderedDict)
 _PLAIN_ITERABLES = (list, tuple, set, frozenset, dict, str, bytes, bytearray)
 
 
+def _check_build_keys(state: Any) -> None:
+    """Refuse a ``BUILD`` state that sets dunder (or non-string) attributes.
+
+    ``__array__``/``__array_interface__`` set on an allowed object make numpy read bytes of the
+    file as object pointers when pandas or numpy later convert it (a crash, or a read of any
+    address); no real scvi-tools, pandas or numpy pickle sets such names. The state is checked
+    as ``__dict__`` (a dict) and as ``(state, slotstate)``.
+    """
+    if isinstance(state, dict):
+        parts = [state]
+    elif isinstance(state, tuple) and len(state) == 2 and all(p is None or isinstance(p, dict) for p in state):
+        parts = [p for p in state if p]
+    else:
+        return
+    bad = [key for part in parts for key in part if not isinstance(key, str) or key.startswith("__")]
+    if bad:
+        raise pickle.UnpicklingError(
+            f"the file sets the attributes {[repr(k) for k in bad[:5]]} on an object; dunder attributes "
+            "change how numpy and pandas read it, and no model file needs them")
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that resolves only the globals in ``allowed`` (the scVI list by default).
 
@@ -357,6 +378,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 "for the whole process")
         if isinstance(target, np.ndarray):
             _check_array_state(self.stack[-1])
+        _check_build_keys(self.stack[-1])
         pickle._Unpickler.load_build(self)
         if isinstance(target, np.dtype):
             _check_dtype_state(target)
