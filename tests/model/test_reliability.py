@@ -400,6 +400,15 @@ def test_load_refuses_attributes_that_would_choose_code(trained, tmp_path, name)
         ps.ScopeVI.load(target, fresh.copy())
 
 
+@pytest.mark.parametrize("payload", [[1], {"a": 1}, {"model_state_dict": {}, "var_names": [], "attr_dict": {"registry_": [1]}}])
+def test_load_names_a_file_that_is_not_a_saved_model(tmp_path, trained, payload):
+    _, fresh, *_ = trained
+    (tmp_path / "bad").mkdir()
+    torch.save(payload, tmp_path / "bad" / "model.pt")
+    with pytest.raises(ValueError, match=re.escape("is not a saved model")):
+        ps.ScopeVI.load(tmp_path / "bad", fresh.copy())
+
+
 def test_load_unseen_context(trained):
     _, fresh, _, _, folder = trained
     adata = fresh.copy()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -142,6 +143,7 @@ class SafeLoadMixin:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; is {folder} a folder written by {cls.__name__}.save?")
         payload = load_model_file(path)
+        _check_payload(payload, path)
         attr_dict = dict(payload["attr_dict"])
         registry = attr_dict.pop("registry_")
         if registry.get("model_name", cls.__name__) != cls.__name__:
@@ -299,4 +301,15 @@ def _data_attributes(attr_dict: dict, cls: type) -> dict:
             raise ValueError(f"the saved model sets the attribute {name!r}, which is not a data attribute "
                              "(name_ holding data); the file is refused.")
     return attr_dict
+
+
+def _check_payload(payload: Any, path: Path) -> None:
+    """A saved model's layout: a dict with weights, ``attr_dict`` (with a ``registry_`` dict) and genes."""
+    if not isinstance(payload, dict) or not {"model_state_dict", "attr_dict", "var_names"} <= set(payload):
+        keys = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not a saved model: expected a dict with 'model_state_dict', 'attr_dict' and "
+                         f"'var_names', got {keys}.")
+    attrs = payload["attr_dict"]
+    if not isinstance(attrs, dict) or not isinstance(attrs.get("registry_"), dict) or "init_params_" not in attrs:
+        raise ValueError(f"{path} is not a saved model: its attr_dict needs a 'registry_' dict and 'init_params_'.")
 
