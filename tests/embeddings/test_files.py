@@ -117,3 +117,21 @@ def test_check_gene_embeddings():
     out = check_gene_embeddings(pd.DataFrame({0: [1, 2]}, index=["A", "B"]))
     assert out.dtypes.tolist() == [np.float64]
     assert list(out.columns) == ["0"]
+
+
+def test_crafted_files_are_refused_with_value_errors(tmp_path):
+    """An expanded (stride-0) tensor of a 2 KB file asked for gigabytes when stacked; malformed
+    .npz arrays raised TypeErrors."""
+    base = torch.zeros(1)
+    torch.save({f"G{i}": base.expand(2**27) for i in range(4)}, tmp_path / "expand.pt")
+    with pytest.raises(ValueError, match="hold tensors larger than their stored data"):
+        read_gene_embeddings(tmp_path / "expand.pt")
+    np.savez(tmp_path / "zero_d.npz", genes=np.array("A"), embeddings=np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="'genes' and 'columns' must be 1-D arrays of names"):
+        read_gene_embeddings(tmp_path / "zero_d.npz")
+    np.savez(tmp_path / "attrs.npz", genes=np.array(["A"]), embeddings=np.zeros((1, 2)), attrs=np.array("[1, 2]"))
+    with pytest.raises(ValueError, match="'attrs' must be a JSON object, got list"):
+        read_gene_embeddings(tmp_path / "attrs.npz")
+    rows = torch.randn(3, 4)  # slices of one stored tensor are fine
+    torch.save({f"G{i}": rows[i] for i in range(3)}, tmp_path / "slices.pt")
+    assert read_gene_embeddings(tmp_path / "slices.pt").shape == (3, 4)

@@ -87,6 +87,12 @@ def _read_torch_dict(path: Path) -> pd.DataFrame:
         raise ValueError(
             f"{str(path)!r}: genes {_preview(not_1d)} do not hold 1-D tensors (shapes {shapes})."
         )
+    # a tensor may be a view (stride 0) whose declared size the file's storage does not hold:
+    # refuse one longer than its storage before stacking allocates it
+    oversized = [g for g, v in data.items() if v.numel() > v.untyped_storage().nbytes() // max(v.element_size(), 1)]
+    if oversized:
+        raise ValueError(f"{str(path)!r}: genes {_preview(oversized)} hold tensors larger than their stored data "
+                         "(expanded views); save each embedding as its own contiguous tensor.")
     lengths = {g: int(v.shape[0]) for g, v in data.items()}
     _check_ragged(lengths, str(path))
     genes = [str(g) for g in data]
@@ -125,6 +131,10 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, di
         columns = data["columns"].astype(str) if "columns" in data.files else None
         if "attrs" in data.files:
             attrs = json.loads(str(data["attrs"]))
+    if genes.ndim != 1 or (columns is not None and columns.ndim != 1):
+        raise ValueError(f"{str(path)!r}: 'genes' and 'columns' must be 1-D arrays of names.")
+    if not isinstance(attrs, dict):
+        raise ValueError(f"{str(path)!r}: 'attrs' must be a JSON object, got {type(attrs).__name__}.")
     return matrix, genes, columns, attrs
 
 
