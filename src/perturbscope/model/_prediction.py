@@ -405,7 +405,7 @@ class PredictionMixin:
         state = self._perturbation_state
         if adata_control is None:
             controls = is_control(self.adata.obs[state["perturbation_key"]], state["control_value"])
-            adata_control = self.adata[controls.to_numpy() if hasattr(controls, "to_numpy") else controls]
+            adata_control = self.adata[np.asarray(controls)]
         if hasattr(adata_control, "mod"):  # a MuData: its expression modality, with the global obs (labels, contexts)
             adata_control = self._rna_controls(adata_control)
         if perturbations is None:

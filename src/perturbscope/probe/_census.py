@@ -73,6 +73,11 @@ def _query_gene_ids(
     return normalise(pd.Index(adata.var[gene_id_column].astype(str)))
 
 
+def as_names(value: Any) -> list:
+    """One name (any scalar: batch names are often integers) or a sequence of names, as a list."""
+    return [value] if np.isscalar(value) else list(value)
+
+
 def _category_of(registry: dict[str, Any], field: str) -> np.ndarray | None:
     entry = registry["field_registries"].get(field, {})
     state = entry.get("state_registry", {}) if isinstance(entry, Mapping) else {}
@@ -85,8 +90,7 @@ def _resolve_reference_batches(
 ) -> list[str]:
     if reference_batch is None:
         return [str(b) for b in batch_names]
-    single = isinstance(reference_batch, str) or np.isscalar(reference_batch)  # batch names may be integers
-    wanted = [reference_batch] if single else list(reference_batch)
+    wanted = as_names(reference_batch)
     known = {str(b) for b in batch_names}
     unknown = [b for b in wanted if str(b) not in known]
     if unknown or not wanted:

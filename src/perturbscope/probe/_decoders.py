@@ -34,7 +34,7 @@ from scvi.module import TOTALVAE, VAE
 
 from .._constants import REGISTRY_KEYS as SCOPE_KEYS
 from ..module import MultimodalScopeVAE, ScopeVAE
-from ._census import REFERENCE_BATCHES_ATTR
+from ._census import REFERENCE_BATCHES_ATTR, as_names
 
 #: Modality names the probes take, and the scvi-tools registry key of each.
 MODALITY_REGISTRY_KEYS: dict[str, str] = {
@@ -142,8 +142,7 @@ def transform_batches(model: Any, transform_batch: str | Sequence[str] | None) -
         transform_batch = getattr(model, REFERENCE_BATCHES_ATTR, None)
     if transform_batch is None:
         return None
-    # one name may be any scalar (batch names are often integers), several come as a list
-    names = [transform_batch] if isinstance(transform_batch, str) or np.isscalar(transform_batch) else list(transform_batch)
+    names = as_names(transform_batch)
     if not names:
         raise ValueError(
             "transform_batch is an empty list; pass a batch name, a list of them, or None"
