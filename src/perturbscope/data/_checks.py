@@ -354,8 +354,20 @@ def check_labels(obs: pd.DataFrame, perturbation_key: str, control_value, **keys
 def check_no_missing_labels(obs: pd.DataFrame, **keys: str | None) -> None:
     """Raise a ``ValueError`` naming the column (and its role) that has missing labels.
 
-    ``keys`` are label columns by role (``perturbation_key="perturbation"``); ``None`` entries
-    and absent columns are skipped. ``astype(str)`` would otherwise make them a group ``"nan"``.
+    ``astype(str)`` would otherwise make them a group ``"nan"``.
+
+    Parameters
+    ----------
+    obs
+        Cell annotations.
+    **keys
+        Label columns by role (``perturbation_key="perturbation"``); ``None`` entries and
+        absent columns are skipped.
+
+    Raises
+    ------
+    ValueError
+        Naming the first column with missing values, its role and up to 5 of its cells.
 
     Examples
     --------
@@ -379,7 +391,19 @@ def check_no_missing_labels(obs: pd.DataFrame, **keys: str | None) -> None:
 def check_cells_have_counts(matrix, obs_names: pd.Index, layer: str | None) -> None:
     """Raise a ``ValueError`` naming the cells whose counts sum to zero (they cannot be normalised).
 
-    Out-of-core matrices are read row chunk by row chunk.
+    Parameters
+    ----------
+    matrix
+        Cells x genes counts, in memory or out of core (read row chunk by row chunk).
+    obs_names
+        The cells' names, for the message.
+    layer
+        The layer the matrix came from (``None``: ``X``), for the message.
+
+    Raises
+    ------
+    ValueError
+        Naming up to 10 cells whose counts sum to zero.
 
     Examples
     --------
