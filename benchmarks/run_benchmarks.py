@@ -392,9 +392,9 @@ def main() -> None:
         "the group out); and the gene-by-gene sum answers a gene measured only in another "
         "context by the unseen-context blend, as the prediction does (it had used the "
         "unseen-gene blend). The seeds change the splits, the few-shot cells, the ceiling's "
-        "halving and the VAE's training; the effect prior keeps `prior_seed=0` in every seed, so "
-        "its cross-fitting folds are the same and the spread over seeds leaves out their "
-        "randomness."
+        "halving, the VAE's training and the effect prior's cross-fitting folds (`prior_seed` "
+        "is the benchmark seed; until this run it stayed 0 in every seed, which left the "
+        "folds' randomness out of the spread over seeds)."
     )
     header = (
         f"""# Benchmark results

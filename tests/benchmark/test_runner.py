@@ -185,3 +185,16 @@ def test_scopevi_kwargs_sections_are_checked():
         make_model("scopevi", scopevi_kwargs={"trian": {"max_epochs": 1}})
     with pytest.raises(ValueError, match=re.escape("scopevi_kwargs['predict'] cannot set 'seed'")):
         make_model("scopevi", scopevi_kwargs={"predict": {"seed": 3}})
+
+
+def test_the_benchmark_seed_is_the_effect_priors_seed_unless_the_model_kwargs_set_one():
+    from perturbscope.benchmark import make_model
+    from perturbscope.benchmark._tasks import simulated_screen
+
+    adata, embeddings = simulated_screen()
+    train = {"train": {"max_epochs": 1}}
+    seeded = make_model("scopevi", embeddings, seed=2, scopevi_kwargs=train).fit(adata, "perturbation")
+    assert seeded.model_.init_params_["non_kwargs"]["prior_seed"] == 2
+    fixed = make_model("scopevi", embeddings, seed=2,
+                       scopevi_kwargs={**train, "model": {"prior_seed": 5}}).fit(adata, "perturbation")
+    assert fixed.model_.init_params_["non_kwargs"]["prior_seed"] == 5

@@ -50,7 +50,8 @@ class ScopeVIModel:
     predict_kwargs
         Passed to ``ScopeVI.predict`` (e.g. ``{"combination": "joint"}``, ``{"n_samples": 3}``).
     seed
-        ``scvi.settings.seed`` for training and prediction.
+        ``scvi.settings.seed`` for training and prediction, and the effect prior's
+        cross-fitting folds (``prior_seed``) unless ``model_kwargs`` sets them.
 
     Examples
     --------
@@ -117,7 +118,7 @@ class ScopeVIModel:
             combination_delimiter=delimiter,
         )
         likelihood = "normal" if data_scale == "log1p_norm" else "nb"
-        kwargs = {"gene_likelihood": likelihood, **self.model_kwargs}
+        kwargs = {"gene_likelihood": likelihood, "prior_seed": self.seed, **self.model_kwargs}
         self.model_ = ScopeVI(adata, **kwargs)
         lightning_logger = logging.getLogger("lightning.pytorch")
         level = lightning_logger.level

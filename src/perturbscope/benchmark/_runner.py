@@ -60,10 +60,9 @@ def run_benchmark(
         skipped with a warning.
     seeds
         Number of seeds (``0 .. seeds-1``), at least 1: the fold assignment, few-shot cells,
-        halving of the ceiling and ScopeVI's training (``scvi.settings.seed``) change with the
-        seed. ScopeVI's effect prior keeps its own seed (``prior_seed``, 0 unless
-        ``scopevi_kwargs["model"]`` sets it), so its cross-fitting folds are the same for
-        every seed and the spread over seeds leaves out their randomness.
+        halving of the ceiling, ScopeVI's training (``scvi.settings.seed``) and its effect
+        prior's cross-fitting folds (``prior_seed``, unless ``scopevi_kwargs["model"]`` sets
+        it) change with the seed.
     out
         Folder to write ``metrics.csv`` (every metric), ``summary.csv`` and ``results.md`` to
         (the CLI adds the plots of :func:`benchmark_figures`); nothing is written when ``None``.
