@@ -20,7 +20,10 @@ Some constructors on the allow-list could allocate without bound from a few pick
 ``RangeIndex`` that a pandas object broadcasts over); they are replaced by guarded versions that
 refuse integer sizes, shapes over :data:`MAX_RECONSTRUCT_ELEMENTS` elements and ranges over
 :data:`MAX_RANGE_INDEX_LENGTH` (real pickles use ``bytes()`` and the shape ``(0,)``).
-``pandas.core.indexes.base._new_Index`` builds only ``Index`` and ``RangeIndex``.
+``pandas.core.indexes.base._new_Index`` builds only ``Index`` (from a numpy array) and
+``RangeIndex``. Every object the unpickler builds is charged to a memory budget that grows with
+the file's size (:mod:`perturbscope._pickle_budget`), so a small file cannot make the loader
+spend more than a few hundred MiB.
 """
 
 from __future__ import annotations
@@ -39,9 +42,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-#: The largest array numpy's ``_reconstruct`` may be asked to allocate from a pickle. Real
-#: pickles pass the shape ``(0,)`` and fill the array from its pickled bytes afterwards.
-MAX_RECONSTRUCT_ELEMENTS = 1 << 20
+from ._pickle_budget import MemoryBudget, array_bytes, describe, object_bytes, stream_size
+from ._pickle_checks import (
+    MAX_RECONSTRUCT_ELEMENTS,
+    check_array_state,
+    check_build_keys,
+    check_dtype_state,
+)
 
 _BUILTIN_NAMES = (
     "bool",
@@ -238,7 +245,20 @@ def _guarded_new_index(cls: Any, d: Any) -> pd.Index:
             f"the file asks pandas' _new_Index to build a {cls!r}; only Index and RangeIndex "
             "are allowed"
         )
+    if not isinstance(d.get("data"), np.ndarray):  # another index or a range would be expanded
+        raise pickle.UnpicklingError(
+            f"the file builds an Index from a {type(d.get('data')).__name__}; pandas' own pickles "
+            "hold a numpy array")
     return _new_Index(cls, d)
+
+
+def _numpy_scalar() -> Any:
+    """Return numpy's scalar rebuild (numpy 2 moved ``numpy.core`` to ``numpy._core``)."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    return scalar
 
 
 def _resolve(module: str, name: str) -> Any:
@@ -248,12 +268,7 @@ def _resolve(module: str, name: str) -> Any:
     if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         return _guarded_reconstruct
     if name == "scalar" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        # numpy 2 moved numpy.core to numpy._core; importing the old path only warns
-        try:
-            from numpy._core.multiarray import scalar
-        except ImportError:  # numpy < 2
-            from numpy.core.multiarray import scalar
-        return scalar
+        return _numpy_scalar()
     if (module, name) == ("numpy", "ndarray"):
         return _NdarrayClass
     if (module, name) in _LEGACY_PANDAS_INDEXES:
@@ -267,83 +282,20 @@ def _resolve(module: str, name: str) -> Any:
     return getattr(__import__(module, fromlist=[name]), name)
 
 
-def _check_array_state(state: Any) -> None:
-    """Refuse an ndarray ``__setstate__`` argument whose data does not fill its shape.
-
-    numpy trusts the shape of an object array's state: a list shorter than the shape crashes
-    the interpreter (a segmentation fault, not an exception) when the array is filled.
-    """
-    if not isinstance(state, tuple) or len(state) not in (4, 5):
-        raise pickle.UnpicklingError(f"the file restores an array from {type(state).__name__}, not numpy's state tuple")
-    shape, dtype, _, data = state[-4:]
-    dims = shape if isinstance(shape, tuple) else (shape,)
-    if not isinstance(dtype, np.dtype) or not all(isinstance(d, int) and d >= 0 for d in dims):
-        raise pickle.UnpicklingError(f"the file restores an array of invalid shape {shape!r} or dtype {dtype!r}")
-    size = int(np.prod([int(d) for d in dims], dtype=object))
-    if dtype.itemsize == 0 and size > MAX_RECONSTRUCT_ELEMENTS:  # no bytes in the file bound it
-        raise pickle.UnpicklingError(
-            f"the file restores an array of shape {shape!r} of zero-byte elements, over perturbscope's "
-            f"cap of {MAX_RECONSTRUCT_ELEMENTS} elements")
-    if dtype.hasobject:
-        if not isinstance(data, list) or len(data) != size:
-            found = len(data) if isinstance(data, list) else type(data).__name__
-            raise pickle.UnpicklingError(
-                f"the file restores an object array of shape {shape!r} from {found} values")
-    elif not isinstance(data, bytes | bytearray | str) or len(data) != size * dtype.itemsize:
-        raise pickle.UnpicklingError(
-            f"the file restores an array of shape {shape!r} and dtype {dtype} from data of the wrong size")
-
-
-def _expected_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype numpy builds from ``dtype``'s description, with flags numpy derives itself."""
-    if dtype.subdtype is not None:
-        base, shape = dtype.subdtype
-        return np.dtype((_expected_dtype(base), shape))
-    if dtype.names is not None:
-        return np.dtype(dtype.descr, align=dtype.isalignedstruct)
-    return np.dtype(dtype.str)
-
-
-def _check_dtype_state(dtype: np.dtype) -> None:
-    """Refuse a dtype whose restored flags or item size differ from numpy's own for it.
-
-    A dtype's pickled state carries its flags: an object dtype stripped of them makes numpy read
-    raw bytes from the file as object pointers (a crash, or worse).
-    """
-    try:
-        expected = _expected_dtype(dtype)
-    except (TypeError, ValueError) as err:
-        raise pickle.UnpicklingError(f"the file restores an invalid dtype ({err})") from err
-    if (dtype.flags, dtype.itemsize) != (expected.flags, expected.itemsize):
-        raise pickle.UnpicklingError(
-            f"the file restores dtype {dtype} with flags {dtype.flags} and item size {dtype.itemsize}, "
-            f"where numpy's own are {expected.flags} and {expected.itemsize}")
+def _reconstruct_bytes(subtype: Any, shape: Any, dtype: Any) -> int:
+    """What ``_reconstruct`` allocates; 0 where :func:`_guarded_reconstruct` refuses it anyway."""
+    n_bytes = array_bytes(shape, dtype)
+    return 0 if n_bytes > MAX_RECONSTRUCT_ELEMENTS * 8 else n_bytes
 
 
 #: Containers whose call iterates its argument: only plain containers may be passed to them.
 _ITERATING_CALLS = (list, tuple, set, frozenset, dict, OrderedDict)
 _PLAIN_ITERABLES = (list, tuple, set, frozenset, dict, str, bytes, bytearray)
-
-
-def _check_build_keys(state: Any) -> None:
-    """Refuse a ``BUILD`` state that sets dunder (or non-string) attributes.
-
-    ``__array__``/``__array_interface__`` set on an allowed object make numpy read bytes of the
-    file as object pointers when pandas or numpy later convert it (a crash, or a read of any
-    address); no real scvi-tools, pandas or numpy pickle sets such names. The state is checked
-    as ``__dict__`` (a dict) and as ``(state, slotstate)``.
-    """
-    if isinstance(state, dict):
-        parts = [state]
-    elif isinstance(state, tuple) and len(state) == 2 and all(p is None or isinstance(p, dict) for p in state):
-        parts = [p for p in state if p]
-    else:
-        return
-    bad = [key for part in parts for key in part if not isinstance(key, str) or key.startswith("__")]
-    if bad:
-        raise pickle.UnpicklingError(
-            f"the file sets the attributes {[repr(k) for k in bad[:5]]} on an object; dunder attributes "
-            "change how numpy and pandas read it, and no model file needs them")
+#: What a call allocates beyond copying its arguments, for the calls that allocate by size.
+_KNOWN_COSTS: dict[Any, Any] = {
+    _guarded_reconstruct: lambda args: _reconstruct_bytes(*args) if len(args) == 3 else 0,
+    _numpy_scalar(): lambda args: args[0].itemsize if args and isinstance(args[0], np.dtype) else 0,
+}
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
@@ -351,7 +303,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     It is Python's pure-Python unpickler, so that the steps known to crash the interpreter or to
     allocate far beyond the file's size are checked before they run: a numpy array's state
-    (:func:`_check_array_state`), a dtype's restored flags (:func:`_check_dtype_state`),
+    (:func:`~perturbscope._pickle_checks.check_array_state`), a dtype's restored flags (:func:`~perturbscope._pickle_checks.check_dtype_state`),
     ``numpy.ndarray`` called directly, containers built by iterating an index or array,
     attributes set on a class or function (which would change it for the whole process), and a
     protocol-5 ``bytearray`` (its declared size is allocated before reading). Counted strings
@@ -361,6 +313,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     allowed: frozenset[tuple[str, str]] = ALLOW_LISTS["scvi"]
     dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(file, *args, **kwargs)
+        self._budget = MemoryBudget(stream_size(file))
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.allowed:
@@ -377,23 +333,56 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 f"the file sets attributes of {target!r}, a class or function, which would change it "
                 "for the whole process")
         if isinstance(target, np.ndarray):
-            _check_array_state(self.stack[-1])
-        _check_build_keys(self.stack[-1])
+            check_array_state(self.stack[-1])
+            shape, dtype = self.stack[-1][-4:-2]
+            self._budget.charge(array_bytes(shape, dtype), f"an array of shape {shape!r} and dtype {dtype}")
+        check_build_keys(self.stack[-1])
         pickle._Unpickler.load_build(self)
         if isinstance(target, np.dtype):
-            _check_dtype_state(target)
+            check_dtype_state(target)
 
     dispatch[pickle.BUILD[0]] = load_build
 
-    def load_reduce(self) -> None:
-        args, function = self.stack[-1], self.stack[-2]
-        if any(function is c for c in _ITERATING_CALLS) and args and not isinstance(args[0], _PLAIN_ITERABLES):
+    def _check_call(self, function: Any, args: Any, *, new_object: bool = False) -> None:
+        if (any(function is c for c in _ITERATING_CALLS) and isinstance(args, tuple) and args
+                and not isinstance(args[0], _PLAIN_ITERABLES)):
             raise pickle.UnpicklingError(
                 f"the file calls {function.__name__} on a {type(args[0]).__name__}; only plain "
                 "containers are expanded (iterating an index or array could allocate without bound)")
+        self._budget.check_call(function, args, _KNOWN_COSTS, new_object=new_object)
+
+    def _charge_result(self, function: Any) -> None:
+        name = getattr(function, "__name__", "?").removeprefix("_guarded_")
+        result = self.stack[-1]
+        self._budget.charge(object_bytes(result), describe(result, f"the result of {name}"))
+
+    def load_reduce(self) -> None:
+        args, function = self.stack[-1], self.stack[-2]
+        self._check_call(function, args)
         pickle._Unpickler.load_reduce(self)
+        self._charge_result(function)
 
     dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_newobj(self) -> None:
+        args, cls = self.stack[-1], self.stack[-2]
+        self._check_call(cls, args, new_object=True)
+        pickle._Unpickler.load_newobj(self)
+        self._charge_result(cls)
+
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_newobj_ex(self) -> None:
+        args, cls = self.stack[-2], self.stack[-3]
+        if self.stack[-1]:
+            raise pickle.UnpicklingError(
+                f"the file builds {getattr(cls, '__name__', cls)!r} with keyword arguments, which "
+                "no scvi-tools or ESM file needs")
+        self._check_call(cls, args, new_object=True)
+        pickle._Unpickler.load_newobj_ex(self)
+        self._charge_result(cls)
+
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
 
     def load_bytearray8(self) -> None:
         raise pickle.UnpicklingError(

@@ -1,0 +1,182 @@
+"""A memory budget for the restricted unpickler of :mod:`perturbscope._safe_load`.
+
+The allow-list stops a pickle from running code, not from spending memory: its constructors
+can build objects far larger than the file (a ``Series`` broadcast over a long ``RangeIndex``,
+an object ``Index`` over one, a numpy scalar of a 2 GiB void dtype, ``tuple`` called again and
+again on one memoised list). The unpickler therefore charges every object it builds by calling
+or restoring to a budget of :data:`BUDGET_FLOOR_BYTES` plus :data:`BUDGET_BYTES_PER_FILE_BYTE`
+times the pickle's size, and refuses the file once the budget is spent. Where a call's cost is
+known before it runs (iterating a container, an empty array, a scalar without data, an index
+over given values) it is charged before the call, so the allocation never happens; otherwise the
+result is charged after it, which bounds any total to the budget plus one object, itself
+bounded by inputs that were charged. Objects the pickle opcodes build directly (strings, lists,
+dicts) are bounded by the file's own bytes and are not charged.
+
+Direct calls of ``DataFrame``, ``Series``, ``Index`` and ``Categorical`` (which broadcast a
+scalar over any index they are given) are refused outright: pandas pickles these through
+``NEWOBJ`` (an empty object whose state is restored) and ``_new_Index``, never by calling them.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+#: Bytes every load may spend, whatever the file's size (real scVI registries use a few MiB).
+BUDGET_FLOOR_BYTES = 256 << 20
+#: Further bytes allowed per byte of pickle data.
+BUDGET_BYTES_PER_FILE_BYTE = 64
+_POINTER = 8
+#: Pandas classes that real pickles rebuild through ``NEWOBJ`` or ``_new_Index``; called
+#: directly they broadcast a scalar over whatever index they are given.
+_BROADCASTING = (pd.DataFrame, pd.Series, pd.Index, pd.Categorical)
+_SCALAR_CALLS = (str, int, float, complex, bool)
+_SCALARS = (str, bytes, bytearray, int, float, complex, bool, type(None))
+#: Arguments a call may copy: charged by their length before it runs.
+_COPYABLE = (list, tuple, set, frozenset, dict, str, bytes, bytearray)
+
+
+def stream_size(file: Any) -> int:
+    """The number of bytes in a readable stream (0 when it cannot seek)."""
+    if isinstance(file, io.BytesIO):
+        return file.getbuffer().nbytes
+    try:
+        position = file.tell()
+        end = file.seek(0, io.SEEK_END)
+        file.seek(position)
+    except (AttributeError, OSError, ValueError):
+        return 0
+    return int(end)
+
+
+def object_bytes(obj: Any) -> int:
+    """Bytes charged for an object the unpickler built: its data, not Python's overhead.
+
+    Examples
+    --------
+    >>> object_bytes(np.zeros(4))
+    32
+    >>> object_bytes(pd.RangeIndex(10))
+    80
+    """
+    if isinstance(obj, np.ndarray | np.generic):
+        return int(obj.nbytes)
+    if isinstance(obj, pd.RangeIndex):  # lazy, but anything that reads it fills len x 8 bytes
+        return len(obj) * _POINTER
+    if isinstance(obj, pd.Index | pd.Series | pd.DataFrame):
+        if "_mgr" not in obj.__dict__ and not isinstance(obj, pd.Index):
+            return 0  # built empty by NEWOBJ; its blocks are charged as they are restored
+        return int(obj.memory_usage(index=False).sum() if isinstance(obj, pd.DataFrame) else obj.nbytes)
+    if isinstance(obj, torch.Tensor):  # a view of a storage whose size torch checked
+        return 0
+    if isinstance(obj, str | bytes | bytearray):
+        return len(obj)
+    if isinstance(obj, list | tuple | set | frozenset | dict | torch.Size):
+        return len(obj) * _POINTER * (3 if isinstance(obj, dict) else 1)
+    return 0
+
+
+def describe(obj: Any, fallback: str) -> str:
+    """Name an object the unpickler built, for an error message.
+
+    Examples
+    --------
+    >>> describe(pd.RangeIndex(5), "a call")
+    'a RangeIndex of 5 entries'
+    >>> describe(None, "a call of f")
+    'a call of f'
+    """
+    if isinstance(obj, np.ndarray):
+        return f"an array of shape {obj.shape} and dtype {obj.dtype}"
+    if isinstance(obj, pd.Index | list | tuple | set | frozenset | dict | str | bytes | bytearray):
+        return f"a {type(obj).__name__} of {len(obj)} entries"
+    return fallback
+
+
+class MemoryBudget:
+    """Bytes an unpickler may still spend on the objects it builds.
+
+    Parameters
+    ----------
+    file_bytes
+        Size of the pickle data.
+
+    Examples
+    --------
+    >>> budget = MemoryBudget(0)
+    >>> budget.charge(BUDGET_FLOOR_BYTES, "an array")
+    >>> budget.charge(1, "one more byte")
+    Traceback (most recent call last):
+    ...
+    _pickle.UnpicklingError: the file asks for one more byte, which takes perturbscope's loader past its memory budget of 268435456 bytes (256 MiB plus 64 per byte of pickle data)
+    """
+
+    def __init__(self, file_bytes: int):
+        self.limit = BUDGET_FLOOR_BYTES + BUDGET_BYTES_PER_FILE_BYTE * max(0, int(file_bytes))
+        self.spent = 0
+
+    def charge(self, n_bytes: int, what: str) -> None:
+        """Spend ``n_bytes`` on ``what``; refuse the file when the budget is exceeded."""
+        self.spent += int(n_bytes)
+        if self.spent > self.limit:
+            raise pickle.UnpicklingError(
+                f"the file asks for {what}, which takes perturbscope's loader past its memory "
+                f"budget of {self.limit} bytes ({BUDGET_FLOOR_BYTES >> 20} MiB plus "
+                f"{BUDGET_BYTES_PER_FILE_BYTE} per byte of pickle data)")
+
+    def check_call(self, function: Any, args: Any, known_costs: dict[Any, Callable[[tuple], int]],
+                   *, new_object: bool = False) -> None:
+        """Check a call the pickle asks for, and charge what it will copy or allocate.
+
+        Every container or string argument is charged by its length (the call may copy it);
+        ``known_costs`` maps a callable to what it allocates from its arguments.
+
+        Parameters
+        ----------
+        function
+            The resolved callable (for ``NEWOBJ``, the class whose ``__new__`` is called).
+        args
+            Its positional arguments.
+        known_costs
+            ``{callable: cost of its arguments in bytes}``.
+        new_object
+            ``True`` for ``NEWOBJ``, where a pandas class with no arguments builds an empty
+            object whose state is restored afterwards (pandas' own pickles).
+        """
+        if not isinstance(args, tuple):
+            return  # pickle's own call raises the error for a malformed argument
+        name = getattr(function, "__name__", repr(function)).removeprefix("_guarded_")
+        if any(function is cls for cls in _BROADCASTING) and (args or not new_object):
+            raise pickle.UnpicklingError(
+                f"the file calls pandas' {name} directly, which broadcasts over any index it is "
+                "given; pandas' own pickles restore it from its state")
+        if any(function is c for c in _SCALAR_CALLS) and args and not isinstance(args[0], _SCALARS):
+            raise pickle.UnpicklingError(
+                f"the file calls {name} on a {type(args[0]).__name__}; only plain values are converted")
+        copied = sum(object_bytes(a) for a in args if isinstance(a, _COPYABLE))
+        cost = known_costs.get(function)
+        self.charge(copied + (cost(args) if cost is not None else 0), f"a call of {name}")
+
+
+def array_bytes(shape: Any, dtype: Any) -> int:
+    """Bytes of an array of ``shape`` and ``dtype``; 0 for an invalid one (refused elsewhere).
+
+    Examples
+    --------
+    >>> array_bytes((2, 3), "float32")
+    24
+    """
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    if not all(isinstance(d, int) and d >= 0 for d in dims):
+        return 0
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except (TypeError, ValueError):
+        return 0
+    return int(np.prod([int(d) for d in dims], dtype=object)) * itemsize

@@ -1,0 +1,133 @@
+"""The restricted unpickler's memory budget: small files cannot build large objects."""
+
+import contextlib
+import pickle
+import re
+import resource
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from perturbscope._pickle_budget import BUDGET_BYTES_PER_FILE_BYTE, BUDGET_FLOOR_BYTES, MemoryBudget
+from perturbscope._safe_load import load_model_file, restricted_pickle
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _int(n: int) -> bytes:
+    return b"J" + n.to_bytes(4, "little", signed=True)
+
+
+@contextlib.contextmanager
+def _address_space(gib: int = 1):
+    """Cap the address space at its current size plus ``gib``: an allocation past it fails."""
+    status = Path("/proc/self/status")
+    match = re.search(r"VmSize:\s+(\d+) kB", status.read_text()) if status.exists() else None
+    if match is None:
+        pytest.skip("needs /proc/self/status to cap the address space")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = int(match.group(1)) * 1024 + gib * 2**30
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _copies_of_one_list(n_items: int, n_copies: int) -> bytes:
+    """``[tuple(L), tuple(L), ...]`` for one memoised list ``L``: memory grows as the product."""
+    items = b"]q\x00(" + b"K\x01" * n_items + b"e0"  # L in memo 0, popped from the stack
+    copy = b"h\x01h\x00\x85R"  # tuple (memo 1) called on L
+    return b"\x80\x02" + items + _global("builtins", "tuple") + b"q\x010" + b"](" + copy * n_copies + b"e."
+
+
+def test_the_budget_is_the_floor_plus_a_multiple_of_the_file_size():
+    budget = MemoryBudget(1000)
+    assert budget.limit == BUDGET_FLOOR_BYTES + 1000 * BUDGET_BYTES_PER_FILE_BYTE
+    budget.charge(budget.limit, "everything")
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file asks for a byte more, which takes"):
+        budget.charge(1, "a byte more")
+
+
+def test_copying_one_memoised_list_again_and_again_stops_at_the_budget():
+    data = _copies_of_one_list(n_items=4000, n_copies=100_000)  # 600 kB asking for 3.2 GB
+    assert len(data) < 700_000
+    with _address_space(1), pytest.raises(pickle.UnpicklingError) as err:
+        restricted_pickle.loads(data)
+    assert "past its memory budget of" in str(err.value)
+    assert not isinstance(err.value.__cause__, MemoryError)
+    small = restricted_pickle.loads(_copies_of_one_list(n_items=3, n_copies=4))
+    assert small == [(1, 1, 1)] * 4
+
+
+def test_repeated_array_states_from_one_memoised_buffer_stop_at_the_budget():
+    buffer = b"\x00" * (1 << 20)
+    reconstruct = _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+    array = (reconstruct + b"K\x00\x85C\x01b\x87R"  # _reconstruct(ndarray, (0,), b"b")
+             + b"(K\x01J\x00\x00\x10\x00\x85" + _global("numpy", "dtype") + b"X\x02\x00\x00\x00u1\x85R"
+             + b"\x89h\x00tb")  # BUILD (1, (2**20,), dtype("u1"), False, <memo 0>)
+    data = b"\x80\x02B" + len(buffer).to_bytes(4, "little") + buffer + b"q\x000](" + array * 2000 + b"e."
+    with _address_space(1), pytest.raises(pickle.UnpicklingError, match="past its memory budget"):
+        restricted_pickle.loads(data)
+    two = restricted_pickle.loads(data[: data.index(b"](") + 2] + array * 2 + b"e.")
+    assert [a.shape for a in two] == [(1 << 20,), (1 << 20,)]
+
+
+@pytest.mark.parametrize("cls", [pd.Series, pd.DataFrame, pd.Index, pd.Categorical])
+def test_pandas_constructors_called_directly_are_refused(cls):
+    data = (b"\x80\x02" + _global(cls.__module__, cls.__name__) + b"K\x00"
+            + _global("pandas.core.indexes.range", "RangeIndex") + _int(1000) + b"\x85R\x86R.")
+    with pytest.raises(pickle.UnpicklingError, match=(
+            rf"^the file calls pandas' {cls.__name__} directly, which broadcasts over any index it "
+            r"is given; pandas' own pickles restore it from its state$")):
+        restricted_pickle.loads(data)
+
+
+def test_an_index_over_a_range_is_refused():
+    data = (b"\x80\x02" + _global("pandas.core.indexes.base", "_new_Index")
+            + _global("pandas.core.indexes.base", "Index") + b"}(X\x04\x00\x00\x00data"
+            + _global("pandas.core.indexes.range", "RangeIndex") + _int(1000) + b"\x85Ru\x86R.")
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file builds an Index from a RangeIndex; pandas' own pickles hold a numpy array$")):
+        restricted_pickle.loads(data)
+
+
+def test_a_long_range_index_and_a_huge_void_scalar_are_refused():
+    long_range = (b"\x80\x02" + _global("pandas.core.indexes.range", "RangeIndex")
+                  + _int(1 << 26) + b"\x85R.")
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file asks for a RangeIndex of 67108864 entries, "):
+        restricted_pickle.loads(long_range)
+    void = b"V2147483647"
+    scalar = (b"\x80\x02" + _global("numpy.core.multiarray", "scalar") + _global("numpy", "dtype")
+              + b"X" + len(void).to_bytes(4, "little") + void + b"\x85R\x85R.")
+    with _address_space(1), pytest.raises(pickle.UnpicklingError, match=r"^the file asks for a call of scalar, "):
+        restricted_pickle.loads(scalar)
+
+
+def test_a_conversion_of_a_container_to_text_is_refused():
+    nested = b"\x80\x02" + _global("builtins", "str") + b"](K\x01e\x85R."
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file calls str on a list; only plain values are converted$"):
+        restricted_pickle.loads(nested)
+    assert restricted_pickle.loads(b"\x80\x02" + _global("builtins", "str") + b"K\x07\x85R.") == "7"
+
+
+def test_real_frames_indexes_and_arrays_still_load(tmp_path):
+    import torch
+
+    frame = pd.DataFrame({"x": np.arange(5.0), "y": list("abcde")}, index=[f"c{i}" for i in range(5)])
+    payload = {"frame": frame, "index": pd.Index(["g1", "g2"]), "range": pd.RangeIndex(3),
+               "series": frame["x"], "array": np.arange(6).reshape(2, 3), "scalar": np.float32(1.5),
+               "weights": torch.ones(3)}
+    path = tmp_path / "model.pt"
+    torch.save(payload, path)
+    loaded = load_model_file(path)
+    pd.testing.assert_frame_equal(loaded["frame"], frame)
+    pd.testing.assert_series_equal(loaded["series"], frame["x"])
+    assert loaded["index"].tolist() == ["g1", "g2"]
+    assert loaded["range"].equals(pd.RangeIndex(3))
+    assert loaded["array"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert loaded["scalar"] == np.float32(1.5)
