@@ -17,6 +17,7 @@ from perturbscope.data import (
     simulate_perturbseq,
 )
 from perturbscope.effects import (
+    AdditiveBaseline,
     EffectPrior,
     bagged_stack_weights,
     conformal_quantile,
@@ -743,3 +744,48 @@ def test_few_shot_blend_refuses_a_k_below_one(two_context_prior):
     for k in (0, -3, 2.5):
         with pytest.raises(ValueError, match=re.escape(f"k must be a positive integer, got {k!r}.")):
             prior.few_shot_blend(train, labels, contexts, k=k)
+
+
+def test_few_shot_cross_fitting_refuses_cells_whose_genes_are_in_another_order(two_context_prior):
+    prior, train, _ = two_context_prior
+    labels, contexts = train.obs["perturbation"].astype(str).to_numpy(), train.obs["cell_type"].astype(str).to_numpy()
+    reversed_genes = train[:, train.var_names[::-1]]
+    message = ("adata's genes (var_names) differ from the genes the prior was fitted on, or are in another "
+               "order; subset and order them as in training.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prior.few_shot_blend(reversed_genes, labels, contexts, k=5)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prior.fit_few_shot(reversed_genes, labels, contexts)
+
+
+def test_an_unseen_context_query_weighs_the_perturbed_mean_that_cross_fitting_scored():
+    adata, embeddings = simulate_perturbseq(n_genes=40, n_perturbed_genes=10, n_combinations=0, n_cell_types=2,
+                                            n_cells_per_condition=40, seed=1)
+    labels, types = adata.obs["perturbation"].astype(str), adata.obs["cell_type"].astype(str)
+    train = adata[~((labels == "G05") & (types == "type_0")).to_numpy()].copy()  # G05 held out of type_0 only
+    prior = EffectPrior(embeddings, n_bootstrap=5).fit(train, "perturbation", context_key="cell_type")
+    assert prior.kind("G05", "type_0") == "unseen_context"
+    # cross-fitting held the whole context out: its perturbed mean is type_1's
+    shifts = AdditiveBaseline().fit(train, "perturbation", context_key="cell_type").shifts_
+    type_1 = shifts[shifts.index.get_level_values("context") == "type_1"].mean(axis=0).to_numpy()
+    used = prior._estimate("perturbed_mean", "unseen_context", "G05", "type_0")
+    np.testing.assert_allclose(used, type_1, atol=1e-6)
+    own = prior.estimators_["perturbed_mean"].predict_shifts(["G05"], "type_0").to_numpy()[0]
+    assert np.abs(own - type_1).max() > 0.1  # type_0's own perturbed mean is another estimator
+
+
+def test_the_control_label_is_no_change_with_no_interval(two_context_prior):
+    prior = two_context_prior[0]
+    shifts = prior.predict_shifts(["control"], "type_0")
+    assert shifts.attrs["kinds"] == ["seen"]
+    assert np.abs(shifts.to_numpy()).max() == 0.0
+    assert np.isnan(prior.half_widths(["control"], "type_0", prior.levels[0]).to_numpy()).all()
+
+
+def test_a_prior_without_perturbed_cells_is_refused_by_name():
+    adata, _ = simulate_perturbseq(n_genes=20, n_perturbed_genes=2, n_combinations=0, n_cells_per_condition=10)
+    controls = adata[adata.obs["perturbation"] == "control"].copy()
+    with pytest.raises(ValueError, match=re.escape(
+            "adata has no perturbed cells in 'perturbation' (only controls, 'control'); the prior needs measured "
+            "perturbations to fit on.")):
+        EffectPrior().fit(controls, "perturbation")

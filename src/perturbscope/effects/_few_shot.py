@@ -145,9 +145,6 @@ class FewShotMixin:
         ('few_shot', 5)
         """
         self._check_cells("add_groups needs the fitted prior first; call fit_means (or fit).", adata, labels, contexts)
-        genes = pd.Index(adata.var_names.astype(str))
-        if not genes.equals(pd.Index(self.means_.columns.astype(str))):
-            raise ValueError("adata's genes (var_names) differ from the genes the prior was fitted on.")
         obs = pd.DataFrame({"perturbation": self._canonical(labels), "context": np.asarray(contexts, dtype=str)})
         has_controls = set(obs.loc[obs["perturbation"] == self.control_value_, "context"])
         known = set(self.means_.index.get_level_values("context")[
@@ -189,13 +186,17 @@ class FewShotMixin:
         """Check a call's cells: fitted first, one label and one context per cell.
 
         Raises ``RuntimeError(unfitted)`` before :meth:`fit_means`, and a ``ValueError`` unless
-        ``labels`` and ``contexts`` have one entry per cell of ``adata``.
+        ``labels`` and ``contexts`` have one entry per cell of ``adata`` and ``adata``'s genes are
+        the fitted ones, in their order (the cells' means are compared gene by gene).
         """
         if not hasattr(self, "shifts_"):
             raise RuntimeError(unfitted)
         for name, values in (("labels", labels), ("contexts", contexts)):
             if len(values) != adata.n_obs:
                 raise ValueError(f"{name} has {len(values)} entries but adata has {adata.n_obs} cells.")
+        if not pd.Index(adata.var_names.astype(str)).equals(pd.Index(self.means_.columns.astype(str))):
+            raise ValueError("adata's genes (var_names) differ from the genes the prior was fitted on, "
+                             "or are in another order; subset and order them as in training.")
 
     def _few_shot_residuals(self, adata, layer, data_scale, labels, contexts, k: int | None = None) -> dict:
         """Few-shot candidates on well-measured groups reduced to k cells, scored on their other cells."""

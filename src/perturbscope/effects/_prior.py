@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ..data import canonical_labels, canonical_means, parse_perturbation
+from ..data import ALL_CONTEXTS, canonical_labels, canonical_means, parse_perturbation
 from ._baselines import (
     AdditiveBaseline,
     Baseline,
@@ -189,8 +189,11 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         ``self``.
         """
         probe = AdditiveBaseline().fit(adata, perturbation_key, control_value, context_key, layer, data_scale, delimiter)
+        if probe.shifts_.empty:
+            raise ValueError(f"adata has no perturbed cells in {perturbation_key!r} (only controls, "
+                             f"{control_value!r}); the prior needs measured perturbations to fit on.")
         labels = canonical_labels(adata.obs[perturbation_key], control_value, delimiter)
-        contexts = (np.full(adata.n_obs, probe.shifts_.index.get_level_values("context")[0])
+        contexts = (np.full(adata.n_obs, ALL_CONTEXTS)
                     if context_key is None else adata.obs[context_key].astype(str).to_numpy())
         counts = pd.Series(1, index=pd.MultiIndex.from_arrays([labels, contexts], names=["perturbation", "context"]))
         counts = counts.groupby(level=[0, 1]).size()
@@ -433,7 +436,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         if (gene, c) in observed.shifts_.index:
             return _predict_one(observed, gene, c)
         kind = "unseen_context" if gene in observed.seen_ else "unseen_gene"
-        return sum((w * _predict_one(fitted[n], gene, c) for n, w in self.weights_.get(kind, {}).items()),
+        return sum((w * _candidate(fitted, n, kind, gene, c) for n, w in self.weights_.get(kind, {}).items()),
                    np.zeros(len(observed.var_names_)))
 
     def _estimator_names(self, names, single_blends: Sequence[dict[str, float]]) -> list[str]:
@@ -486,6 +489,8 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
 
     def _kind(self, perturbation: str, context: str) -> str:
         """:meth:`kind` of a label already canonical (the prediction paths canonicalise once)."""
+        if perturbation == self.control_value_:  # no change, by definition
+            return "seen"
         if (perturbation, context) in self.shifts_.index:
             n = None if self.counts_ is None else self.counts_.get((perturbation, context))
             return "few_shot" if self._is_few_shot(perturbation, context, n) else "seen"
@@ -532,7 +537,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             return self._few_shot_estimate(name, p, context, self.shifts_.loc[(p, context)].to_numpy())
         if name == "gene_by_gene":
             return self._gene_by_gene(p, context, lambda gene: self.predict_shifts([gene], context).to_numpy()[0])
-        return _predict_one(self.estimators_["additive" if name == "observed" else name], p, context)
+        return _candidate(self.estimators_, "additive" if name == "observed" else name, kind, p, context)
 
     def half_widths(self, perturbations: Sequence[str], context: str, level: float) -> pd.DataFrame:
         """Half-width per gene of the ``level`` interval on each perturbation's mean shift.
@@ -576,6 +581,20 @@ def _split(items: Sequence[str], n_folds: int, rng: np.random.Generator) -> list
     order = list(rng.permutation(len(items)))
     k = min(n_folds, len(items))
     return [[items[i] for i in order[f::k]] for f in range(k)]
+
+
+def _candidate(estimators: dict[str, Baseline], name: str, kind: str, perturbation: str, context: str) -> np.ndarray:
+    """Estimator ``name``'s shift for a query of ``kind``, as cross-fitting scored it.
+
+    For ``"unseen_context"`` queries the perturbed mean is over the *other* contexts:
+    cross-fitting holds a whole context out, so that is the candidate its blend weighs, even
+    where the query's context has training perturbations of its own.
+    """
+    if name == "perturbed_mean" and kind == "unseen_context":
+        shifts = estimators[name].shifts_
+        others = shifts[shifts.index.get_level_values("context") != context]
+        return (others if len(others) else shifts).mean(axis=0).to_numpy()
+    return _predict_one(estimators[name], perturbation, context)
 
 
 def _predict_one(estimator: Baseline, perturbation: str, context: str) -> np.ndarray:
