@@ -4,6 +4,7 @@ import contextlib
 import pickle
 import re
 import resource
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,71 @@ def test_real_frames_indexes_and_arrays_still_load(tmp_path):
     assert loaded["range"].equals(pd.RangeIndex(3))
     assert loaded["array"].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert loaded["scalar"] == np.float32(1.5)
+
+
+def _text(s: str) -> bytes:
+    data = s.encode()
+    return b"X" + len(data).to_bytes(4, "little") + data
+
+
+def test_block_managers_restored_over_a_long_memoised_axis_stop_at_the_budget():
+    # 8 frames' managers restored from one memoised state over a RangeIndex of 2^24 rows: pandas
+    # fills two int64 arrays of that length for each (2.3 GiB from 721 bytes before the fix)
+    n = 1 << 24
+    empty = (_global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray") + b"K\x00\x85C\x01b\x87R"
+             + b"(K\x01" + _int(n) + b"K\x00\x86" + _global("numpy", "dtype") + _text("f8") + b"\x85R\x89C\x00tb")
+    axis = _global("pandas.core.indexes.range", "RangeIndex") + _int(n) + b"\x85R"
+    state = (b"(NNN}" + _text("0.14.1") + b"}(" + _text("axes") + b"](" + axis
+             + _global("pandas.core.indexes.range", "RangeIndex") + b"K\x00\x85Re" + _text("blocks") + b"](}("
+             + _text("values") + empty + _text("mgr_locs") + _global("builtins", "slice") + b"K\x00" + _int(n)
+             + b"K\x01\x87Rueust" + b"r\x00\x00\x00\x000")
+    manager = _global("pandas.core.internals.managers", "BlockManager") + b")\x81j\x00\x00\x00\x00b"
+    with _address_space(1), pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file asks for a pandas block manager over long axes, which takes perturbscope's loader past")):
+        restricted_pickle.loads(b"\x80\x02" + state + b"](" + manager * 8 + b"e.")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (_text("abc") + _text("punycode"), r"^the file calls encode with the codec 'punycode'; only \['ascii', "),
+    (_text("abc") + _text("latin1") + _text("namereplace"),
+     r"^the file calls encode with the error handler 'namereplace'; only 'strict' is allowed$"),
+])
+def test_only_plain_codecs_are_allowed(args, message):
+    with pytest.raises(pickle.UnpicklingError, match=message):
+        restricted_pickle.loads(b"\x80\x02" + _global("_codecs", "encode") + b"(" + args + b"tR.")
+    latin = restricted_pickle.loads(b"\x80\x02" + _global("_codecs", "encode") + _text("\xe9") + _text("latin1") + b"\x86R.")
+    assert latin == b"\xe9"
+
+
+def _colliding_ints(n: int) -> list[bytes]:
+    """``n`` distinct ints with one hash (``hash(7 + i * modulus) == 7``), as pickle opcodes."""
+    return [pickle.dumps(7 + i * sys.hash_info.modulus, 2)[2:-1] for i in range(n)]
+
+
+def test_keys_that_collide_in_hash_are_refused_in_every_container():
+    message = r"^the file holds more than 16 distinct keys with one hash \(int keys such as "
+    def cases(keys):
+        items = b"(" + b"".join(keys)
+        return {
+            "frozenset call": b"\x80\x02" + _global("builtins", "frozenset") + b"]" + items + b"e\x85R.",
+            "FROZENSET": b"\x80\x04" + items + b"\x91.",
+            "ADDITEMS": b"\x80\x04\x8f" + items + b"\x90.",
+            "SETITEMS": b"\x80\x02}(" + b"".join(key + b"N" for key in keys) + b"u.",
+            "SETITEM": b"\x80\x02}" + b"".join(key + b"Ns" for key in keys) + b".",  # one key at a time
+        }
+
+    for data in cases(_colliding_ints(40)).values():
+        with pytest.raises(pickle.UnpicklingError, match=message):
+            restricted_pickle.loads(data)
+    for case, data in cases(_colliding_ints(16)).items():
+        assert len(restricted_pickle.loads(data)) == 16, case
+    assert restricted_pickle.loads(b"\x80\x02}(K\x01NK\x01NK\x02Nu.") == {1: None, 2: None}  # equal keys are fine
+
+
+def test_container_opcodes_fill_only_plain_containers():
+    frame = _global("pandas.core.frame", "DataFrame") + b")\x81"
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file applies SETITEMS to a DataFrame; pickles apply it to plain containers only$")):
+        restricted_pickle.loads(b"\x80\x02" + frame + b"(" + _text("c") + b"K\x00u.")
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file applies APPENDS to a dict; "):
+        restricted_pickle.loads(b"\x80\x02}(K\x00e.")

@@ -1,4 +1,7 @@
-"""Checks the restricted unpickler runs before steps that could crash the interpreter.
+"""Guards and checks the restricted unpickler runs before steps that could crash or exhaust it.
+
+Guarded constructors stand in for allow-listed globals that allocate by size
+(``bytes(n)``, numpy's ``_reconstruct``, ``RangeIndex``, pandas' ``_new_Index``).
 
 numpy and pandas trust the states a pickle restores: an object array's shape, a dtype's flags,
 the attributes set on an object. These checks refuse the states that no real scvi-tools, pandas
@@ -9,9 +12,13 @@ crash, or a read of any address), or allocate without bound.
 from __future__ import annotations
 
 import pickle
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 import numpy as np
+import pandas as pd
+
+from ._pickle_budget import array_bytes
 
 #: The largest array numpy's ``_reconstruct`` may be asked to allocate from a pickle. Real
 #: pickles pass the shape ``(0,)`` and fill the array from its pickled bytes afterwards.
@@ -90,3 +97,187 @@ def check_build_keys(state: Any) -> None:
         raise pickle.UnpicklingError(
             f"the file sets the attributes {[repr(k) for k in bad[:5]]} on an object; dunder attributes "
             "change how numpy and pandas read it, and no model file needs them")
+
+
+#: Distinct keys of one dict or set that may share a hash. Python's hashes of ints, floats,
+#: complex numbers and tuples are not randomised, so a file could fill a dict with colliding
+#: keys and make each insertion scan all the others (quadratic time from a small file).
+MAX_EQUAL_HASHES = 16
+
+
+class HashSpread:
+    """Refuse dict and set keys that collide in hash, container by container.
+
+    Strings and bytes are skipped: their hashes are randomised per process.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, tuple[Any, dict[int, list]]] = {}
+
+    def add(self, container: Any, keys: Any) -> None:
+        """Check ``keys`` inserted into ``container`` against its earlier keys.
+
+        Raises
+        ------
+        pickle.UnpicklingError
+            When more than :data:`MAX_EQUAL_HASHES` distinct keys share a hash.
+        """
+        entry = self._buckets.get(id(container))
+        if entry is None or entry[0] is not container:
+            entry = self._buckets[id(container)] = (container, {})
+        self._check(entry[1], keys)
+
+    @staticmethod
+    def check(keys: Any) -> None:
+        """Check the keys of a container built in one go (``set(items)``, ``frozenset``...)."""
+        HashSpread._check({}, keys)
+
+    @staticmethod
+    def _check(buckets: dict[int, list], keys: Any) -> None:
+        for key in keys:
+            if isinstance(key, str | bytes):
+                continue
+            bucket = buckets.setdefault(hash(key), [])
+            if any(key is other or key == other for other in bucket):
+                continue
+            bucket.append(key)
+            if len(bucket) > MAX_EQUAL_HASHES:
+                raise pickle.UnpicklingError(
+                    f"the file holds more than {MAX_EQUAL_HASHES} distinct keys with one hash "
+                    f"({type(key).__name__} keys such as {key!r:.40}); such collisions make every "
+                    "insertion scan the others, and no model file has them")
+
+
+def call_keys(function: Any, args: Any) -> list | None:
+    """The keys a call of ``set``, ``frozenset``, ``dict``, ``OrderedDict`` or ``defaultdict`` hashes.
+
+    ``None`` for any other call, and where the keys come in a dict or set already checked.
+    """
+    if not isinstance(args, tuple):
+        return None
+    position = 1 if function is defaultdict else 0  # defaultdict(factory, items)
+    source = args[position] if len(args) > position else None
+    if not isinstance(source, list | tuple):
+        return None  # dicts and sets passed in were checked as they were filled
+    if function is set or function is frozenset:
+        return list(source)
+    if any(function is c for c in (dict, OrderedDict, defaultdict)):
+        return [pair[0] for pair in source if isinstance(pair, list | tuple) and len(pair) == 2]
+    return None
+
+
+#: Codecs a pickle may ask for: linear in time, at most 4 bytes per character. numpy's and
+#: pandas' protocol-2 pickles use ``_codecs.encode(text, "latin1")``.
+PLAIN_CODECS = frozenset({"latin1", "latin-1", "ascii", "utf-8", "utf8"})
+
+
+def check_codec(name: str, args: tuple) -> None:
+    """Refuse a text conversion ``name(*args)`` with an unusual codec or error handler.
+
+    Only :data:`PLAIN_CODECS` and ``errors="strict"`` are allowed: some codecs take quadratic
+    time, and some handlers expand each character many times.
+    """
+    if len(args) > 1 and (not isinstance(args[1], str) or args[1].lower() not in PLAIN_CODECS):
+        raise pickle.UnpicklingError(
+            f"the file calls {name} with the codec {args[1]!r:.40}; only {sorted(PLAIN_CODECS)} are allowed")
+    if len(args) > 2 and args[2] != "strict":
+        raise pickle.UnpicklingError(
+            f"the file calls {name} with the error handler {args[2]!r:.40}; only 'strict' is allowed")
+
+
+def refuse_sizes(kind: type, *args: Any) -> Any:
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        raise pickle.UnpicklingError(
+            f"the file asks for `{kind.__name__}({args[0]})`, a zero-filled buffer of a given "
+            "size, which no scvi-tools or ESM file needs"
+        )
+    return kind(*args)
+
+
+def guarded_bytes(*args: Any) -> bytes:
+    return refuse_sizes(bytes, *args)
+
+
+def guarded_bytearray(*args: Any) -> bytearray:
+    return refuse_sizes(bytearray, *args)
+
+
+class NdarrayStandIn:
+    """What ``numpy.ndarray`` resolves to: only :func:`guarded_reconstruct` accepts it.
+
+    Called directly, ``ndarray(shape, dtype)`` would allocate any shape from a few bytes.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError(
+            "the file calls numpy.ndarray directly, which allocates any shape it names; numpy's "
+            "own pickles use _reconstruct")
+
+
+def guarded_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not NdarrayStandIn:
+        raise pickle.UnpicklingError(
+            f"the file asks numpy's _reconstruct to build a {subtype!r}; only numpy.ndarray is "
+            "allowed"
+        )
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    if not all(isinstance(d, int) and d >= 0 for d in dims):
+        raise pickle.UnpicklingError(f"the file asks for an array of invalid shape {shape!r}")
+    # counted in 8-byte elements, so a subarray dtype (many elements in one) counts in full
+    size = int(np.prod([int(d) for d in dims], dtype=object)) * max(1, np.dtype(dtype).itemsize // 8)
+    if size > MAX_RECONSTRUCT_ELEMENTS:
+        raise pickle.UnpicklingError(
+            f"the file asks for an empty array of shape {shape!r} and dtype {np.dtype(dtype)}, over "
+            f"perturbscope's cap of {MAX_RECONSTRUCT_ELEMENTS} elements"
+        )
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+#: The longest ``RangeIndex`` a pickle may ask for (a pandas object can broadcast a scalar over
+#: it, so a lazy range would otherwise become an allocation).
+MAX_RANGE_INDEX_LENGTH = 1 << 26
+
+
+def guarded_range_index(*args: Any, **kwargs: Any) -> pd.RangeIndex:
+    index = pd.RangeIndex(*args, **kwargs)
+    if len(index) > MAX_RANGE_INDEX_LENGTH:
+        raise pickle.UnpicklingError(
+            f"the file asks for a RangeIndex of {len(index)} entries, over perturbscope's cap of "
+            f"{MAX_RANGE_INDEX_LENGTH}"
+        )
+    return index
+
+
+def guarded_new_index(cls: Any, d: Any) -> pd.Index:
+    """Build with pandas' ``_new_Index``, for the index classes of the allow-list only."""
+    from pandas.core.indexes.base import _new_Index
+
+    if not isinstance(d, dict):
+        raise pickle.UnpicklingError(f"the file rebuilds an index from {type(d).__name__}")
+    if cls is guarded_range_index:
+        return guarded_range_index(**d)
+    if cls is not pd.Index:
+        raise pickle.UnpicklingError(
+            f"the file asks pandas' _new_Index to build a {cls!r}; only Index and RangeIndex "
+            "are allowed"
+        )
+    if not isinstance(d.get("data"), np.ndarray):  # another index or a range would be expanded
+        raise pickle.UnpicklingError(
+            f"the file builds an Index from a {type(d.get('data')).__name__}; pandas' own pickles "
+            "hold a numpy array")
+    return _new_Index(cls, d)
+
+
+def numpy_scalar() -> Any:
+    """Return numpy's scalar rebuild (numpy 2 moved ``numpy.core`` to ``numpy._core``)."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    return scalar
+
+
+def reconstruct_bytes(subtype: Any, shape: Any, dtype: Any) -> int:
+    """What ``_reconstruct`` allocates; 0 where :func:`guarded_reconstruct` refuses it anyway."""
+    n_bytes = array_bytes(shape, dtype)
+    return 0 if n_bytes > MAX_RECONSTRUCT_ELEMENTS * 8 else n_bytes

@@ -28,6 +28,7 @@ spend more than a few hundred MiB.
 
 from __future__ import annotations
 
+import _codecs
 import argparse
 import io
 import os
@@ -41,13 +42,31 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
+from pandas.core.internals.managers import BaseBlockManager
 
-from ._pickle_budget import MemoryBudget, array_bytes, describe, object_bytes, stream_size
+from ._pickle_budget import (
+    MemoryBudget,
+    array_bytes,
+    describe,
+    manager_state_bytes,
+    object_bytes,
+    stream_size,
+)
 from ._pickle_checks import (
-    MAX_RECONSTRUCT_ELEMENTS,
+    HashSpread,
+    NdarrayStandIn,
+    call_keys,
     check_array_state,
     check_build_keys,
+    check_codec,
     check_dtype_state,
+    guarded_bytearray,
+    guarded_bytes,
+    guarded_new_index,
+    guarded_range_index,
+    guarded_reconstruct,
+    numpy_scalar,
+    reconstruct_bytes,
 )
 
 _BUILTIN_NAMES = (
@@ -169,123 +188,25 @@ _WEIGHTS_ONLY_EXTRAS: dict[str, list[Any]] = {"scvi": [], "esm": [argparse.Names
 _TRUE_VALUES = ("1", "y", "yes", "true")
 
 
-def _refuse_sizes(kind: type, *args: Any) -> Any:
-    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
-        raise pickle.UnpicklingError(
-            f"the file asks for `{kind.__name__}({args[0]})`, a zero-filled buffer of a given "
-            "size, which no scvi-tools or ESM file needs"
-        )
-    return kind(*args)
-
-
-def _guarded_bytes(*args: Any) -> bytes:
-    return _refuse_sizes(bytes, *args)
-
-
-def _guarded_bytearray(*args: Any) -> bytearray:
-    return _refuse_sizes(bytearray, *args)
-
-
-class _NdarrayClass:
-    """What ``numpy.ndarray`` resolves to: only :func:`_guarded_reconstruct` accepts it.
-
-    Called directly, ``ndarray(shape, dtype)`` would allocate any shape from a few bytes.
-    """
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise pickle.UnpicklingError(
-            "the file calls numpy.ndarray directly, which allocates any shape it names; numpy's "
-            "own pickles use _reconstruct")
-
-
-def _guarded_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    if subtype is not _NdarrayClass:
-        raise pickle.UnpicklingError(
-            f"the file asks numpy's _reconstruct to build a {subtype!r}; only numpy.ndarray is "
-            "allowed"
-        )
-    dims = shape if isinstance(shape, tuple) else (shape,)
-    if not all(isinstance(d, int) and d >= 0 for d in dims):
-        raise pickle.UnpicklingError(f"the file asks for an array of invalid shape {shape!r}")
-    # counted in 8-byte elements, so a subarray dtype (many elements in one) counts in full
-    size = int(np.prod([int(d) for d in dims], dtype=object)) * max(1, np.dtype(dtype).itemsize // 8)
-    if size > MAX_RECONSTRUCT_ELEMENTS:
-        raise pickle.UnpicklingError(
-            f"the file asks for an empty array of shape {shape!r} and dtype {np.dtype(dtype)}, over "
-            f"perturbscope's cap of {MAX_RECONSTRUCT_ELEMENTS} elements"
-        )
-    return np.ndarray.__new__(np.ndarray, shape, dtype)
-
-
-#: The longest ``RangeIndex`` a pickle may ask for (a pandas object can broadcast a scalar over
-#: it, so a lazy range would otherwise become an allocation).
-MAX_RANGE_INDEX_LENGTH = 1 << 26
-
-
-def _guarded_range_index(*args: Any, **kwargs: Any) -> pd.RangeIndex:
-    index = pd.RangeIndex(*args, **kwargs)
-    if len(index) > MAX_RANGE_INDEX_LENGTH:
-        raise pickle.UnpicklingError(
-            f"the file asks for a RangeIndex of {len(index)} entries, over perturbscope's cap of "
-            f"{MAX_RANGE_INDEX_LENGTH}"
-        )
-    return index
-
-
-def _guarded_new_index(cls: Any, d: Any) -> pd.Index:
-    """Build with pandas' ``_new_Index``, for the index classes of the allow-list only."""
-    from pandas.core.indexes.base import _new_Index
-
-    if not isinstance(d, dict):
-        raise pickle.UnpicklingError(f"the file rebuilds an index from {type(d).__name__}")
-    if cls is _guarded_range_index:
-        return _guarded_range_index(**d)
-    if cls is not pd.Index:
-        raise pickle.UnpicklingError(
-            f"the file asks pandas' _new_Index to build a {cls!r}; only Index and RangeIndex "
-            "are allowed"
-        )
-    if not isinstance(d.get("data"), np.ndarray):  # another index or a range would be expanded
-        raise pickle.UnpicklingError(
-            f"the file builds an Index from a {type(d.get('data')).__name__}; pandas' own pickles "
-            "hold a numpy array")
-    return _new_Index(cls, d)
-
-
-def _numpy_scalar() -> Any:
-    """Return numpy's scalar rebuild (numpy 2 moved ``numpy.core`` to ``numpy._core``)."""
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
-    return scalar
-
-
 def _resolve(module: str, name: str) -> Any:
     """The object an allow-listed global stands for (guards and legacy mappings applied)."""
     if name in ("bytes", "bytearray") and module in ("builtins", "__builtin__"):
-        return _guarded_bytes if name == "bytes" else _guarded_bytearray
+        return guarded_bytes if name == "bytes" else guarded_bytearray
     if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        return _guarded_reconstruct
+        return guarded_reconstruct
     if name == "scalar" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        return _numpy_scalar()
+        return numpy_scalar()
     if (module, name) == ("numpy", "ndarray"):
-        return _NdarrayClass
+        return NdarrayStandIn
     if (module, name) in _LEGACY_PANDAS_INDEXES:
         return pd.Index
     if (module, name) == ("pandas.core.indexes.range", "RangeIndex"):
-        return _guarded_range_index
+        return guarded_range_index
     if (module, name) == ("pandas.core.indexes.base", "_new_Index"):
-        return _guarded_new_index
+        return guarded_new_index
     if module == "__builtin__":
         module = "builtins"
     return getattr(__import__(module, fromlist=[name]), name)
-
-
-def _reconstruct_bytes(subtype: Any, shape: Any, dtype: Any) -> int:
-    """What ``_reconstruct`` allocates; 0 where :func:`_guarded_reconstruct` refuses it anyway."""
-    n_bytes = array_bytes(shape, dtype)
-    return 0 if n_bytes > MAX_RECONSTRUCT_ELEMENTS * 8 else n_bytes
 
 
 #: Containers whose call iterates its argument: only plain containers may be passed to them.
@@ -293,8 +214,8 @@ _ITERATING_CALLS = (list, tuple, set, frozenset, dict, OrderedDict)
 _PLAIN_ITERABLES = (list, tuple, set, frozenset, dict, str, bytes, bytearray)
 #: What a call allocates beyond copying its arguments, for the calls that allocate by size.
 _KNOWN_COSTS: dict[Any, Any] = {
-    _guarded_reconstruct: lambda args: _reconstruct_bytes(*args) if len(args) == 3 else 0,
-    _numpy_scalar(): lambda args: args[0].itemsize if args and isinstance(args[0], np.dtype) else 0,
+    guarded_reconstruct: lambda args: reconstruct_bytes(*args) if len(args) == 3 else 0,
+    numpy_scalar(): lambda args: args[0].itemsize if args and isinstance(args[0], np.dtype) else 0,
 }
 
 
@@ -317,6 +238,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def __init__(self, file: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(file, *args, **kwargs)
         self._budget = MemoryBudget(stream_size(file))
+        self._hashes = HashSpread()
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.allowed:
@@ -336,6 +258,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
             check_array_state(self.stack[-1])
             shape, dtype = self.stack[-1][-4:-2]
             self._budget.charge(array_bytes(shape, dtype), f"an array of shape {shape!r} and dtype {dtype}")
+        if isinstance(target, BaseBlockManager):  # restoring it fills arrays as long as its axes
+            self._budget.charge(manager_state_bytes(self.stack[-1]), "a pandas block manager over long axes")
         check_build_keys(self.stack[-1])
         pickle._Unpickler.load_build(self)
         if isinstance(target, np.dtype):
@@ -350,9 +274,14 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 f"the file calls {function.__name__} on a {type(args[0]).__name__}; only plain "
                 "containers are expanded (iterating an index or array could allocate without bound)")
         self._budget.check_call(function, args, _KNOWN_COSTS, new_object=new_object)
+        if any(function is c for c in (str, _codecs.encode, guarded_bytes, guarded_bytearray)):
+            check_codec(getattr(function, "__name__", "?").removeprefix("guarded_"), args)
+        keys = call_keys(function, args)
+        if keys is not None:
+            HashSpread.check(keys)
 
     def _charge_result(self, function: Any) -> None:
-        name = getattr(function, "__name__", "?").removeprefix("_guarded_")
+        name = getattr(function, "__name__", "?").removeprefix("guarded_")
         result = self.stack[-1]
         self._budget.charge(object_bytes(result), describe(result, f"the result of {name}"))
 
@@ -383,6 +312,61 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._charge_result(cls)
 
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    # Containers filled by opcodes: pickles fill plain lists, dicts and sets only (a pandas
+    # frame's __setitem__ would broadcast a column over its index), and dict and set keys must
+    # not collide in hash (HashSpread).
+    def _target(self, target: Any, kind: type | tuple[type, ...], opcode: str) -> Any:
+        if not isinstance(target, kind):
+            raise pickle.UnpicklingError(
+                f"the file applies {opcode} to a {type(target).__name__}; pickles apply it to plain "
+                "containers only")
+        return target
+
+    def _marked_target(self) -> Any:
+        """The object below the topmost mark (what APPENDS, SETITEMS and ADDITEMS fill)."""
+        if not self.metastack or not self.metastack[-1]:
+            raise pickle.UnpicklingError("malformed pickle data (a container opcode with nothing to fill)")
+        return self.metastack[-1][-1]
+
+    def load_append(self) -> None:
+        self._target(self.stack[-2] if len(self.stack) > 1 else None, list, "APPEND")
+        pickle._Unpickler.load_append(self)
+
+    dispatch[pickle.APPEND[0]] = load_append
+
+    def load_appends(self) -> None:
+        self._target(self._marked_target(), list, "APPENDS")
+        pickle._Unpickler.load_appends(self)
+
+    dispatch[pickle.APPENDS[0]] = load_appends
+
+    def load_setitem(self) -> None:
+        target = self._target(self.stack[-3] if len(self.stack) > 2 else None, dict, "SETITEM")
+        self._hashes.add(target, [self.stack[-2]])
+        pickle._Unpickler.load_setitem(self)
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+
+    def load_setitems(self) -> None:
+        target = self._target(self._marked_target(), dict, "SETITEMS")
+        self._hashes.add(target, self.stack[0::2])
+        pickle._Unpickler.load_setitems(self)
+
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def load_additems(self) -> None:
+        target = self._target(self._marked_target(), set, "ADDITEMS")
+        self._hashes.add(target, self.stack)
+        pickle._Unpickler.load_additems(self)
+
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+
+    def load_frozenset(self) -> None:
+        HashSpread.check(self.stack)
+        pickle._Unpickler.load_frozenset(self)
+
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
 
     def load_bytearray8(self) -> None:
         raise pickle.UnpicklingError(

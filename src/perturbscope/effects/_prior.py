@@ -59,7 +59,7 @@ from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
 from ._few_shot import FEW_SHOT_CELLS, MIN_HELD_OUT, FewShotMixin  # noqa: F401 (FEW_SHOT_CELLS: documented here)
 from ._interaction import InteractionBaseline
 from ._prior_state import PriorStateMixin
-from ._scoring import bagged_stack_weights, gene_scaled_quantiles, top_change_scores
+from ._scoring import bagged_stack_weights, gene_scaled_quantiles, random_folds, top_change_scores
 
 KINDS = ("seen", "few_shot", "combination", "unseen_gene", "partial_combination", "unseen_context")
 #: Candidate estimators per kind, in order of preference on ties; the first is the fallback
@@ -349,7 +349,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         folds["unseen_gene"] = self._gene_folds(means, partial=False)
         folds["combination"] = [
             (self._drop(means, lambda p, c, fold=set(fold): p in fold), [(p, c) for p, c in rows if p in fold])
-            for fold in _split(combos, self.n_folds, rng)
+            for fold in random_folds(combos, self.n_folds, rng)
         ]
         contexts = sorted(set(rows.get_level_values("context")))
         folds["unseen_context"] = [] if len(contexts) < 2 else [
@@ -369,7 +369,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         rows = self.shifts_.index
         singles = sorted({p for p in rows.get_level_values("perturbation") if len(self._genes(p)) == 1})
         out = []
-        for fold in map(set, _split(singles, self.n_folds, rng)):
+        for fold in map(set, random_folds(singles, self.n_folds, rng)):
             def holds_fold_gene(p, c=None, fold=fold):
                 return bool(fold & set(self._genes(p)))
             if partial:
@@ -574,21 +574,10 @@ def _dominant(weights: dict[str, float]) -> str:
     return max(positive, key=positive.get) if positive else "no_change"
 
 
-def _split(items: Sequence[str], n_folds: int, rng: np.random.Generator) -> list[list[str]]:
-    """Random folds of ``items`` (at most ``len(items)`` of them, none empty)."""
-    if not items:
-        return []
-    order = list(rng.permutation(len(items)))
-    k = min(n_folds, len(items))
-    return [[items[i] for i in order[f::k]] for f in range(k)]
-
-
 def _candidate(estimators: dict[str, Baseline], name: str, kind: str, perturbation: str, context: str) -> np.ndarray:
-    """Estimator ``name``'s shift for a query of ``kind``, as cross-fitting scored it.
+    """Estimator ``name``'s shift for a ``kind`` query, as cross-fitting scored it.
 
-    For ``"unseen_context"`` queries the perturbed mean is over the *other* contexts:
-    cross-fitting holds a whole context out, so that is the candidate its blend weighs, even
-    where the query's context has training perturbations of its own.
+    For ``"unseen_context"``, whose folds hold contexts out: the other contexts' perturbed mean.
     """
     if name == "perturbed_mean" and kind == "unseen_context":
         shifts = estimators[name].shifts_

@@ -212,3 +212,18 @@ def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
     n = len(scores)
     rank = min(n, math.ceil((n + 1) * level))
     return np.sort(scores, axis=0)[rank - 1]
+
+
+def random_folds(items: Sequence[str], n_folds: int, rng: np.random.Generator) -> list[list[str]]:
+    """Random folds of ``items`` (at most ``len(items)`` of them, none empty).
+
+    Examples
+    --------
+    >>> random_folds(["a", "b", "c"], 2, np.random.default_rng(0))
+    [['c', 'b'], ['a']]
+    """
+    if not items:
+        return []
+    order = list(rng.permutation(len(items)))
+    k = min(n_folds, len(items))
+    return [[items[i] for i in order[f::k]] for f in range(k)]
