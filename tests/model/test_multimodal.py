@@ -95,6 +95,16 @@ def test_protein_predictions_beat_the_baselines_on_held_out_genes(study):
     assert means["model"] > means["no_change"] + 0.2, means
 
 
+def test_residual_false_decodes_every_modality_from_the_vae_alone(study):
+    kwargs = {"aggregate": "mean", "seed": 0, "use_prior_mean": True}
+    vae = study["model"].predict(study["controls"], study["held"][:2], residual=False, **kwargs)
+    prior = study["model"].predict(study["controls"], study["held"][:2], **kwargs)
+    for name in ("rna", "adt"):
+        assert not any("_lower_" in layer for layer in vae[name].layers), name  # no prior, no interval
+        assert np.abs(vae[name].layers["log1p_norm"] - prior[name].layers["log1p_norm"]).max() > 1e-3, name
+    assert any("_lower_80" in layer for layer in prior["adt"].layers)
+
+
 def test_post_transcriptional_proteins_are_predicted(study):
     """Proteins whose mRNA never changes: predicted shifts correlate with the true ones."""
     var = study["mdata"]["adt"].var

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
+import anndata as ad
 import mudata as md
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -147,6 +149,21 @@ def test_rna_only_mudata_keeps_the_rna_model(screen):
     controls = mdata[(mdata.obs["perturbation"].astype(str) == "control").to_numpy()]
     given = model.predict(controls, ["G00"], aggregate="mean")
     np.testing.assert_array_equal(given.layers["log1p_norm"], default.layers["log1p_norm"])
+
+
+def test_rna_only_mudata_refuses_controls_whose_rna_rows_are_in_another_order(screen):
+    mdata, emb = fresh(screen)
+    setup(mdata, emb)
+    model = ps.ScopeVI(mdata, n_latent=3, n_hidden=8)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    rna = mdata["rna"][(mdata.obs["perturbation"].astype(str) == "control").to_numpy()].copy()
+    hashtags = ad.AnnData(np.ones((rna.n_obs, 2), dtype=np.float32), obs=pd.DataFrame(index=rna.obs_names))[::-1]
+    controls = md.MuData({"hto": hashtags.copy(), "rna": rna})  # the global obs follows the hashtags' order
+    controls.obs["perturbation"] = "control"
+    controls.obs["cell_type"] = mdata.obs.loc[controls.obs_names, "cell_type"].to_numpy()
+    with pytest.raises(ValueError, match=re.escape(
+            f"modality 'rna' has {rna.n_obs} cells not in the order of the MuData's {rna.n_obs}; ")):
+        model.predict(controls, ["G00"], aggregate="mean")
 
 
 def test_protein_prior_reads_only_cells_with_protein(screen):

@@ -199,3 +199,21 @@ def test_failed_prediction_leaves_no_store(vae_model, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="^decoder failed$"):
         model.predict(_controls(adata), ["G00", "G03"], out=tmp_path / "p.h5ad")
     assert not (tmp_path / "p.h5ad").exists()
+
+
+def test_a_store_that_fails_while_being_created_leaves_nothing_behind(tmp_path):
+    # an object column holding a number and a string: h5py cannot write it
+    obs = pd.DataFrame({"cell_type": pd.Series(["t", 3], dtype=object)}, index=["c0", "c1"])
+    path = tmp_path / "pred.h5ad"
+    with pytest.raises(TypeError, match="Can't implicitly convert non-string objects to strings"):
+        PredictionStore(path, ["A"], obs, pd.Index(list("xy")))
+    assert not path.exists()  # a retry is not blocked by a half-made file
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_an_error_inside_the_with_block_discards_the_store(tmp_path, suffix):
+    path = tmp_path / f"pred{suffix}"
+    with pytest.raises(RuntimeError, match="^stop$"), PredictionStore(path, ["A"], pd.DataFrame(index=["c0"]),
+                                                                      pd.Index(list("xy"))):
+        raise RuntimeError("stop")
+    assert not path.exists()

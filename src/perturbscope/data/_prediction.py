@@ -16,6 +16,7 @@ layer), in the same layout.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -310,7 +311,8 @@ class PredictionStore:
     ``obs``, ``var`` and ``uns`` are written first with ``anndata.io.write_elem``; ``X`` and
     ``layers["log1p_norm"]`` are written the same way as empty arrays, resized to their final
     shape and filled by :meth:`write`. Read the result with ``anndata.read_h5ad(path,
-    backed="r")`` or ``anndata.read_zarr``.
+    backed="r")`` or ``anndata.read_zarr``. A store that fails while it is being created, or
+    whose ``with`` block raises, is deleted (:meth:`discard`).
 
     Parameters
     ----------
@@ -351,12 +353,16 @@ class PredictionStore:
         else:
             self._file = zarr.open_group(self.path, mode="w-", zarr_format=ad.settings.zarr_write_format)
             kwargs = {"chunks": chunks}
-        write_elem(self._file, "/", skeleton)
-        write_elem(self._file, "X", empty, dataset_kwargs=kwargs)
-        write_elem(self._file["layers"], OUTPUT_KEYS.LOG1P_NORM_LAYER, empty, dataset_kwargs=kwargs)
-        self._arrays = [self._file["X"], self._file["layers"][OUTPUT_KEYS.LOG1P_NORM_LAYER]]
-        for array in self._arrays:
-            array.resize(shape)
+        try:
+            write_elem(self._file, "/", skeleton)
+            write_elem(self._file, "X", empty, dataset_kwargs=kwargs)
+            write_elem(self._file["layers"], OUTPUT_KEYS.LOG1P_NORM_LAYER, empty, dataset_kwargs=kwargs)
+            self._arrays = [self._file["X"], self._file["layers"][OUTPUT_KEYS.LOG1P_NORM_LAYER]]
+            for array in self._arrays:
+                array.resize(shape)
+        except BaseException:  # e.g. an obs column h5py cannot write: leave no half-made file behind
+            self.discard()
+            raise
 
     def write(self, perturbation: int, cells: slice, X: np.ndarray, log1p_norm: np.ndarray) -> None:
         """Write predicted cells ``(n_samples, cells, genes)`` of one perturbation."""
@@ -373,8 +379,14 @@ class PredictionStore:
         else:
             zarr.consolidate_metadata(str(self.path))
 
+    def discard(self) -> None:
+        """Close the store and delete what was written (after an error)."""
+        if isinstance(self._file, h5py.File):
+            self._file.close()
+        shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink(missing_ok=True)
+
     def __enter__(self) -> PredictionStore:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, error_type, *exc) -> None:
+        self.discard() if error_type is not None else self.close()

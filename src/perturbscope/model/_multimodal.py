@@ -248,7 +248,13 @@ class MultimodalMixin:
           ``layers["log1p_norm"]`` log1p of counts normalised to 1e4 per cell (the scale of the
           modality's effect prior), and with ``aggregate="mean"`` and the effect prior the
           interval layers ``log1p_norm_lower_80`` etc. from that modality's prior. See
-          :mod:`perturbscope.model._multimodal` for how they are composed.
+          :mod:`perturbscope.model._multimodal` for how they are composed. ``residual=False``
+          decodes every modality from the VAE alone (no prior shift, no interval layers).
+
+        Memory: unlike RNA, whose ``aggregate="mean"`` is streamed, protein and ATAC predictions
+        are composed in memory, ``perturbations x n_samples x controls x features`` floats per
+        modality before they are averaged; for a large ATAC peak set predict a few perturbations
+        at a time.
 
         Parameters
         ----------
@@ -328,6 +334,7 @@ class MultimodalMixin:
         if name not in mdata.mod:
             raise KeyError(f"the MuData has no modality {name!r}, the expression the model was set up with; "
                            f"it has {list(mdata.mod)}.")
+        check_modality_rows(mdata, [name])  # labels and contexts come from the global obs, by row
         rna = mdata.mod[name]
         layer = self._layer
         if layer is not None and layer not in rna.layers:
@@ -377,7 +384,8 @@ class MultimodalMixin:
                 )
                 changes[p, :, cells] = change.cpu().numpy()
         start = log1p_expression(ad.AnnData(X=matrix), None, "counts").astype(np.float32)
-        log1p_norm = self._compose_modality(key, rna, labels, start, changes)
+        prior = self.modality_prior(key) if options["residual"] else None  # residual=False: the VAE alone
+        log1p_norm = self._compose_modality(prior, rna, labels, start, changes)
         X = np.clip(np.expm1(log1p_norm), 0, None) * library[None, None, :, None] / TARGET_SUM
         provenance = {**rna_prediction.uns.get(OUTPUT_KEYS.PROVENANCE_UNS, {}), "modality": name,
                       "likelihood": "nb_mixture" if key == PROTEIN_KEY else "poisson",
@@ -389,14 +397,13 @@ class MultimodalMixin:
                                         log1p_norm.reshape(-1, n_features), data.var_names, n_samples, provenance)
         if options["aggregate"] == "mean":
             prediction = aggregate_prediction(prediction, self._context_column)
-            if self.modality_prior(key) is not None:
+            if prior is not None:
                 self._add_modality_intervals(key, prediction, options["interval_levels"])
         return prediction
 
-    def _compose_modality(self, key, rna, labels, start, changes) -> np.ndarray:
+    def _compose_modality(self, prior, rna, labels, start, changes) -> np.ndarray:
         """Anchor + prior shift + weighted cell-level response (see the module docstring)."""
-        prior = self.modality_prior(key)
-        if prior is None:  # the VAE-only design: anchor plus the decoder's change
+        if prior is None:  # the VAE-only design (or residual=False): anchor plus the decoder's change
             return np.clip(start[None, None] + changes, 0, None)
         column = self._context_column
         contexts = (rna.obs[column].astype(str).to_numpy() if column is not None

@@ -8,7 +8,6 @@ and baseline shares.
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -222,8 +221,7 @@ class PredictionMixin:
                     X[p, :, cells], log1p_norm[p, :, cells] = first, second
         except BaseException:
             if store is not None:  # no half-written store is left behind
-                store.close()
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
+                store.discard()
             raise
         if store is not None:
             store.close()
