@@ -394,7 +394,12 @@ def main() -> None:
         "unseen-gene blend). The seeds change the splits, the few-shot cells, the ceiling's "
         "halving, the VAE's training and the effect prior's cross-fitting folds (`prior_seed` "
         "is the benchmark seed; until this run it stayed 0 in every seed, which left the "
-        "folds' randomness out of the spread over seeds)."
+        "folds' randomness out of the spread over seeds). One more consistency fix came after "
+        "these runs, from a code review, not from results: an unseen-context query whose context "
+        "has training perturbations of its own now weighs the other contexts' perturbed mean, "
+        "the candidate that cross-fitting (which holds whole contexts out) scored. No scored "
+        "query here is of that sort (the 10-shot line's are few-shot groups, and zero-shot "
+        "contexts have no perturbations of their own), so it moves no figure."
     )
     header = (
         f"""# Benchmark results
