@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -84,3 +86,35 @@ def tiny_scvi(two_state_counts, train_scvi):
     model = train_scvi(adata, "batch", n_latent=4, epochs=30, seed=0)
     adata.obsm["X_umap"] = model.get_latent_representation()[:, :2] * 3.0
     return model, adata
+
+
+@contextlib.contextmanager
+def _capped_address_space(gib: int = 1):
+    """Cap this process's address space at its current size plus ``gib`` while fuzzing.
+
+    A flipped byte in a real model file can declare a buffer of many gigabytes (a protocol-5
+    bytearray's size, which Python's unpickler allocates before reading; measured before it was
+    refused: up to 20 GB resident, which killed a CI run on a 24 GB machine). Under the cap such
+    an allocation fails at once with ``MemoryError``, and the fuzz tests fail on it
+    (:func:`_ran_out_of_memory`) instead of the machine running out of memory.
+    """
+    resource = pytest.importorskip("resource", reason="address-space limits need a POSIX system")
+    proc = Path("/proc/self/status")
+    status = proc.read_text() if proc.exists() else ""
+    match = re.search(r"VmSize:\s+(\d+) kB", status)
+    if match is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = int(match.group(1)) * 1024 + gib * 2**30
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture
+def memory_headroom():
+    """A context manager capping the address space at its current size plus ``gib`` (default 1)."""
+    return _capped_address_space

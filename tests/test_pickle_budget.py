@@ -1,11 +1,7 @@
 """The restricted unpickler's memory budget: small files cannot build large objects."""
 
-import contextlib
 import pickle
-import re
-import resource
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,22 +19,6 @@ def _int(n: int) -> bytes:
     return b"J" + n.to_bytes(4, "little", signed=True)
 
 
-@contextlib.contextmanager
-def _address_space(gib: int = 1):
-    """Cap the address space at its current size plus ``gib``: an allocation past it fails."""
-    status = Path("/proc/self/status")
-    match = re.search(r"VmSize:\s+(\d+) kB", status.read_text()) if status.exists() else None
-    if match is None:
-        pytest.skip("needs /proc/self/status to cap the address space")
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = int(match.group(1)) * 1024 + gib * 2**30
-    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
 def _copies_of_one_list(n_items: int, n_copies: int) -> bytes:
     """``[tuple(L), tuple(L), ...]`` for one memoised list ``L``: memory grows as the product."""
     items = b"]q\x00(" + b"K\x01" * n_items + b"e0"  # L in memo 0, popped from the stack
@@ -54,10 +34,10 @@ def test_the_budget_is_the_floor_plus_a_multiple_of_the_file_size():
         budget.charge(1, "a byte more")
 
 
-def test_copying_one_memoised_list_again_and_again_stops_at_the_budget():
+def test_copying_one_memoised_list_again_and_again_stops_at_the_budget(memory_headroom):
     data = _copies_of_one_list(n_items=4000, n_copies=100_000)  # 600 kB asking for 3.2 GB
     assert len(data) < 700_000
-    with _address_space(1), pytest.raises(pickle.UnpicklingError) as err:
+    with memory_headroom(1), pytest.raises(pickle.UnpicklingError) as err:
         restricted_pickle.loads(data)
     assert "past its memory budget of" in str(err.value)
     assert not isinstance(err.value.__cause__, MemoryError)
@@ -65,14 +45,14 @@ def test_copying_one_memoised_list_again_and_again_stops_at_the_budget():
     assert small == [(1, 1, 1)] * 4
 
 
-def test_repeated_array_states_from_one_memoised_buffer_stop_at_the_budget():
+def test_repeated_array_states_from_one_memoised_buffer_stop_at_the_budget(memory_headroom):
     buffer = b"\x00" * (1 << 20)
     reconstruct = _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
     array = (reconstruct + b"K\x00\x85C\x01b\x87R"  # _reconstruct(ndarray, (0,), b"b")
              + b"(K\x01J\x00\x00\x10\x00\x85" + _global("numpy", "dtype") + b"X\x02\x00\x00\x00u1\x85R"
              + b"\x89h\x00tb")  # BUILD (1, (2**20,), dtype("u1"), False, <memo 0>)
     data = b"\x80\x02B" + len(buffer).to_bytes(4, "little") + buffer + b"q\x000](" + array * 2000 + b"e."
-    with _address_space(1), pytest.raises(pickle.UnpicklingError, match="past its memory budget"):
+    with memory_headroom(1), pytest.raises(pickle.UnpicklingError, match="past its memory budget"):
         restricted_pickle.loads(data)
     two = restricted_pickle.loads(data[: data.index(b"](") + 2] + array * 2 + b"e.")
     assert [a.shape for a in two] == [(1 << 20,), (1 << 20,)]
@@ -97,7 +77,7 @@ def test_an_index_over_a_range_is_refused():
         restricted_pickle.loads(data)
 
 
-def test_a_long_range_index_and_a_huge_void_scalar_are_refused():
+def test_a_long_range_index_and_a_huge_void_scalar_are_refused(memory_headroom):
     long_range = (b"\x80\x02" + _global("pandas.core.indexes.range", "RangeIndex")
                   + _int(1 << 26) + b"\x85R.")
     with pytest.raises(pickle.UnpicklingError, match=r"^the file asks for a RangeIndex of 67108864 entries, "):
@@ -105,7 +85,7 @@ def test_a_long_range_index_and_a_huge_void_scalar_are_refused():
     void = b"V2147483647"
     scalar = (b"\x80\x02" + _global("numpy.core.multiarray", "scalar") + _global("numpy", "dtype")
               + b"X" + len(void).to_bytes(4, "little") + void + b"\x85R\x85R.")
-    with _address_space(1), pytest.raises(pickle.UnpicklingError, match=r"^the file asks for a call of scalar, "):
+    with memory_headroom(1), pytest.raises(pickle.UnpicklingError, match=r"^the file asks for a call of scalar, "):
         restricted_pickle.loads(scalar)
 
 
@@ -139,7 +119,7 @@ def _text(s: str) -> bytes:
     return b"X" + len(data).to_bytes(4, "little") + data
 
 
-def test_block_managers_restored_over_a_long_memoised_axis_stop_at_the_budget():
+def test_block_managers_restored_over_a_long_memoised_axis_stop_at_the_budget(memory_headroom):
     # 8 frames' managers restored from one memoised state over a RangeIndex of 2^24 rows: pandas
     # fills two int64 arrays of that length for each (2.3 GiB from 721 bytes before the fix)
     n = 1 << 24
@@ -151,7 +131,7 @@ def test_block_managers_restored_over_a_long_memoised_axis_stop_at_the_budget():
              + _text("values") + empty + _text("mgr_locs") + _global("builtins", "slice") + b"K\x00" + _int(n)
              + b"K\x01\x87Rueust" + b"r\x00\x00\x00\x000")
     manager = _global("pandas.core.internals.managers", "BlockManager") + b")\x81j\x00\x00\x00\x00b"
-    with _address_space(1), pytest.raises(pickle.UnpicklingError, match=(
+    with memory_headroom(1), pytest.raises(pickle.UnpicklingError, match=(
             r"^the file asks for a pandas block manager over long axes, which takes perturbscope's loader past")):
         restricted_pickle.loads(b"\x80\x02" + state + b"](" + manager * 8 + b"e.")
 

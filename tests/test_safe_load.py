@@ -1,4 +1,3 @@
-import contextlib
 import pickle
 import re
 import subprocess
@@ -358,30 +357,6 @@ def test_broadcast_over_a_huge_range_is_refused():
 _FUZZ_EXAMPLES = 400
 
 
-@contextlib.contextmanager
-def _memory_headroom(gib: int = 1):
-    """Cap this process's address space at its current size plus ``gib`` while fuzzing.
-
-    A flipped byte in a real model file can declare a buffer of many gigabytes (a protocol-5
-    bytearray's size, which Python's unpickler allocates before reading; measured before it was
-    refused: up to 20 GB resident, which killed a CI run on a 24 GB machine). Under the cap such
-    an allocation fails at once with ``MemoryError``, and the fuzz tests fail on it
-    (:func:`_ran_out_of_memory`) instead of the machine running out of memory.
-    """
-    resource = pytest.importorskip("resource", reason="address-space limits need a POSIX system")
-    proc = Path("/proc/self/status")
-    status = proc.read_text() if proc.exists() else ""
-    match = re.search(r"VmSize:\s+(\d+) kB", status)
-    if match is None:
-        yield
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = int(match.group(1)) * 1024 + gib * 2**30
-    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 def _failure(load) -> Exception | None:
     """The documented error ``load()`` raised, or ``None``."""
     try:
@@ -421,7 +396,7 @@ def _opcode_streams():
     return st.lists(piece, max_size=40).map(lambda parts: b"\x80\x02" + b"".join(parts) + b".")
 
 
-def test_fuzz_random_opcode_streams():
+def test_fuzz_random_opcode_streams(memory_headroom):
     hypothesis = pytest.importorskip("hypothesis")
 
     ran: list[int] = []
@@ -433,13 +408,13 @@ def test_fuzz_random_opcode_streams():
         failure = _failure(lambda: restricted_pickle.loads(data))
         assert not _ran_out_of_memory(failure), failure
 
-    with _memory_headroom():
+    with memory_headroom():
         check()
     print(f"FUZZ {len(ran)} examples")
     assert len(ran) >= 50
 
 
-def test_fuzz_random_bytes():
+def test_fuzz_random_bytes(memory_headroom):
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
 
@@ -452,7 +427,7 @@ def test_fuzz_random_bytes():
         failure = _failure(lambda: restricted_pickle.loads(data))
         assert not _ran_out_of_memory(failure), failure
 
-    with _memory_headroom():
+    with memory_headroom():
         check()
     print(f"FUZZ {len(ran)} examples")
     assert len(ran) >= 50
@@ -468,7 +443,7 @@ def real_pickle(census_layout) -> tuple[bytes, bytes]:
         return archive.read(key), blob
 
 
-def test_fuzz_truncated_real_pickles(real_pickle, tmp_path):
+def test_fuzz_truncated_real_pickles(real_pickle, tmp_path, memory_headroom):
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
     data, blob = real_pickle
@@ -487,13 +462,13 @@ def test_fuzz_truncated_real_pickles(real_pickle, tmp_path):
         with pytest.raises(ValueError, match=r"model\.pt"):
             load_model_file(path)
 
-    with _memory_headroom():
+    with memory_headroom():
         check()
     print(f"FUZZ {len(ran)} examples")
     assert len(ran) >= 50
 
 
-def test_fuzz_flipped_bytes_in_a_real_model_file(real_pickle, tmp_path):
+def test_fuzz_flipped_bytes_in_a_real_model_file(real_pickle, tmp_path, memory_headroom):
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
     data, blob = real_pickle
@@ -512,7 +487,7 @@ def test_fuzz_flipped_bytes_in_a_real_model_file(real_pickle, tmp_path):
         failure = _failure(lambda: load_model_file(path))
         assert not _ran_out_of_memory(failure), f"byte {position} set to {value}: {failure}"
 
-    with _memory_headroom():
+    with memory_headroom():
         check()
     print(f"FUZZ {len(ran)} examples")
     assert len(ran) >= 50
