@@ -180,3 +180,71 @@ def test_container_opcodes_fill_only_plain_containers():
         restricted_pickle.loads(b"\x80\x02" + frame + b"(" + _text("c") + b"K\x00u.")
     with pytest.raises(pickle.UnpicklingError, match=r"^the file applies APPENDS to a dict; "):
         restricted_pickle.loads(b"\x80\x02}(K\x00e.")
+
+
+def _put(i: int) -> bytes:
+    return b"r" + i.to_bytes(4, "little")
+
+
+def _get(i: int) -> bytes:
+    return b"j" + i.to_bytes(4, "little")
+
+
+def _doubling_tuple(n: int) -> bytes:
+    """``T_n`` with ``T_0 = (0,)``, ``T_{i+1} = (T_i, T_i)``: 2^n nodes from a few bytes a level."""
+    body = b"K\x00\x85" + _put(0)
+    for i in range(n):
+        body += _get(i) + _get(i) + b"\x86" + _put(i + 1)
+    return body
+
+
+def test_structures_that_share_parts_exponentially_are_refused():
+    # hashing {T_40: None} walks 2^40 nodes (hours of CPU from 660 bytes); printing T_30 in an
+    # error message took 1.3 GiB
+    key = b"\x80\x02" + _doubling_tuple(40) + b"0}" + _get(40) + b"Ns."
+    shape = (b"\x80\x02" + _doubling_tuple(30) + b"0" + _global("numpy.core.multiarray", "_reconstruct")
+             + _global("numpy", "ndarray") + _get(30) + b"C\x01b\x87R.")
+    for data in (key, shape):
+        with pytest.raises(pickle.UnpicklingError, match=(
+                r"^the file builds a tuple of \d+ nodes \(shared parts counted each time they occur\) nested "
+                r"\d+ deep; perturbscope's loader allows \d+ nodes and 100 levels$")):
+            restricted_pickle.loads(data)
+    assert restricted_pickle.loads(b"\x80\x02" + _doubling_tuple(8) + b".")[0][0][0][0][0][0][0][0] == (0,)
+
+
+def test_nesting_deeper_than_100_levels_is_refused():
+    # CPython hashes nested tuples recursively in C: 300,000 levels crashed the interpreter
+    data = b"\x80\x02}K\x00" + b"\x85" * 150 + b"Ns."
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file builds a tuple of 102 nodes .* nested 101 deep; "):
+        restricted_pickle.loads(data)
+
+
+def test_dtypes_whose_fields_share_parts_exponentially_are_refused():
+    # D_{i+1} holds two fields of type D_i: numpy's descr of D_21 took 1.9 GiB and 50 s
+    dtype = _global("numpy", "dtype")
+    body, size = dtype + b"(" + _text("i8") + b"\x89\x88tR" + _put(0), 8
+    for i in range(24):
+        body += (dtype + b"(" + _text(f"V{2 * size}") + b"\x89\x88tR" + b"(K\x03" + _text("|") + b"N" + _text("a")
+                 + _text("b") + b"\x86}(" + _text("a") + _get(i) + b"K\x00\x86" + _text("b") + _get(i) + b"J"
+                 + size.to_bytes(4, "little") + b"\x86uJ" + (2 * size).to_bytes(4, "little") + b"K\x01K\x10tb"
+                 + _put(i + 1))
+        size *= 2
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file builds a \w+ of \d+ nodes "):
+        restricted_pickle.loads(b"\x80\x02" + body + b".")
+
+
+def test_a_parameter_cannot_carry_dunder_attributes_and_blocks_are_placed_by_slices_or_integers():
+    # numpy honours an __array_interface__ set on the parameter: a read at an address the file names
+    iface = (b"}(" + _text("shape") + b"K\x04\x85" + _text("typestr") + _text("<i8") + _text("data")
+             + b"\x8a\x08" + (0x41414141).to_bytes(8, "little") + b"\x88\x86" + _text("version") + b"K\x03u")
+    param = (_global("torch._utils", "_rebuild_parameter_with_state") + b"(N\x89N}(" + _text("__array_interface__")
+             + iface + b"uN\x86tR")
+    values = _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray") + b"K\x00\x85C\x01b\x87R"
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file sets the attributes \['__array_interface__'\] on"):
+        restricted_pickle.loads(b"\x80\x02" + _global("pandas._libs.internals", "_unpickle_block") + b"("
+                                + values + param + b"K\x01tR.")
+    plain = _global("torch._utils", "_rebuild_parameter_with_state") + b"(N\x89N}tR"
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file places a pandas block by a Parameter; pandas' own pickles use a slice or an integer array$")):
+        restricted_pickle.loads(b"\x80\x02" + _global("pandas._libs.internals", "_unpickle_block") + b"("
+                                + values + plain + b"K\x01tR.")

@@ -199,3 +199,105 @@ def array_bytes(shape: Any, dtype: Any) -> int:
     except (TypeError, ValueError):
         return 0
     return int(np.prod([int(d) for d in dims], dtype=object)) * itemsize
+
+
+#: The deepest nesting of containers a pickle may build (CPython hashes nested tuples
+#: recursively in C, without a recursion guard: 300,000 levels crash the interpreter).
+MAX_NESTING = 100
+#: Nodes a structure may hold once its shared parts are counted every time they occur, beyond
+#: the pickle's own size: memo references let a few hundred bytes build a tuple whose hash,
+#: ``repr`` or comparison walks 2^40 nodes.
+EXPANDED_NODES_FLOOR = 1 << 16
+_CONTAINERS = (tuple, list, dict, set, frozenset)
+
+
+def _children(obj: Any) -> list | None:
+    """The parts a hash, repr or comparison of ``obj`` walks; ``None`` for a leaf."""
+    if isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    if isinstance(obj, _CONTAINERS):
+        return list(obj)
+    if isinstance(obj, np.dtype):
+        parts = [] if obj.fields is None else [field[0] for field in obj.fields.values()]
+        return parts + ([obj.subdtype[0]] if obj.subdtype is not None else []) or None
+    return None
+
+
+class StructureCheck:
+    """Refuse structures whose expanded size or nesting could exhaust the loader.
+
+    Each node is counted every time it occurs (what hashing, ``repr`` and comparison walk),
+    computed once per distinct node; tuples, frozensets and dtypes holding no mutable part are
+    remembered across calls. The visits of all checks together are capped too, so checking the
+    same large argument again and again cannot spend unbounded time either.
+
+    Parameters
+    ----------
+    file_bytes
+        Size of the pickle data.
+
+    Examples
+    --------
+    >>> check = StructureCheck(0)
+    >>> check.measure(((1, 2), [3]))
+    (6, 2)
+    """
+
+    def __init__(self, file_bytes: int):
+        self.max_nodes = EXPANDED_NODES_FLOOR + max(0, int(file_bytes))
+        self.visits_left = 64 * self.max_nodes
+        self._known: dict[int, tuple[Any, int, int]] = {}  # id -> (object, nodes, depth)
+
+    def measure(self, root: Any) -> tuple[int, int]:
+        """``(expanded nodes, nesting depth)`` of ``root``; refuses what is over the caps.
+
+        Raises
+        ------
+        pickle.UnpicklingError
+            For more than :attr:`max_nodes` expanded nodes, nesting deeper than
+            :data:`MAX_NESTING`, or more visits than the load has left.
+        """
+        done: dict[int, tuple[int, int, bool]] = {}  # id -> (nodes, depth, holds a mutable part)
+        open_ids: set[int] = set()
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:
+            obj, expanded = stack.pop()
+            key = id(obj)
+            if key in done:
+                continue
+            known = self._known.get(key)
+            if known is not None and known[0] is obj:
+                done[key] = (known[1], known[2], False)
+                continue
+            children = _children(obj)
+            if children is None:
+                done[key] = (1, 0, False)
+                continue
+            if not expanded:
+                if key in open_ids:  # a list that holds itself: repr prints [...]
+                    done[key] = (1, 0, True)
+                    continue
+                open_ids.add(key)
+                self.visits_left -= len(children)
+                if self.visits_left < 0:
+                    raise pickle.UnpicklingError(
+                        "the file's structures take perturbscope's loader past its budget of checks "
+                        f"({64 * self.max_nodes} visits)")
+                stack.append((obj, True))
+                stack.extend((child, False) for child in children if id(child) not in done)
+                continue
+            open_ids.discard(key)
+            parts = [done.get(id(child), (1, 0, True)) for child in children]
+            nodes = 1 + sum(p[0] for p in parts)
+            depth = 1 + max((p[1] for p in parts), default=0)
+            mutable = isinstance(obj, list | dict | set) or any(p[2] for p in parts)
+            if nodes > self.max_nodes or depth > MAX_NESTING:
+                raise pickle.UnpicklingError(
+                    f"the file builds a {type(obj).__name__} of {nodes} nodes (shared parts counted each "
+                    f"time they occur) nested {depth} deep; perturbscope's loader allows "
+                    f"{self.max_nodes} nodes and {MAX_NESTING} levels")
+            done[key] = (nodes, depth, mutable)
+            if not mutable:
+                self._known[key] = (obj, nodes, depth)
+        nodes, depth, _ = done[id(root)]
+        return nodes, depth

@@ -12,6 +12,7 @@ crash, or a read of any address), or allocate without bound.
 from __future__ import annotations
 
 import pickle
+import reprlib
 from collections import OrderedDict, defaultdict
 from typing import Any
 
@@ -36,20 +37,20 @@ def check_array_state(state: Any) -> None:
     shape, dtype, _, data = state[-4:]
     dims = shape if isinstance(shape, tuple) else (shape,)
     if not isinstance(dtype, np.dtype) or not all(isinstance(d, int) and d >= 0 for d in dims):
-        raise pickle.UnpicklingError(f"the file restores an array of invalid shape {shape!r} or dtype {dtype!r}")
+        raise pickle.UnpicklingError(f"the file restores an array of invalid shape {brief(shape)} or dtype {brief(dtype)}")
     size = int(np.prod([int(d) for d in dims], dtype=object))
     if dtype.itemsize == 0 and size > MAX_RECONSTRUCT_ELEMENTS:  # no bytes in the file bound it
         raise pickle.UnpicklingError(
-            f"the file restores an array of shape {shape!r} of zero-byte elements, over perturbscope's "
+            f"the file restores an array of shape {brief(shape)} of zero-byte elements, over perturbscope's "
             f"cap of {MAX_RECONSTRUCT_ELEMENTS} elements")
     if dtype.hasobject:
         if not isinstance(data, list) or len(data) != size:
             found = len(data) if isinstance(data, list) else type(data).__name__
             raise pickle.UnpicklingError(
-                f"the file restores an object array of shape {shape!r} from {found} values")
+                f"the file restores an object array of shape {brief(shape)} from {found} values")
     elif not isinstance(data, bytes | bytearray | str) or len(data) != size * dtype.itemsize:
         raise pickle.UnpicklingError(
-            f"the file restores an array of shape {shape!r} and dtype {dtype} from data of the wrong size")
+            f"the file restores an array of shape {brief(shape)} and dtype {brief(dtype)} from data of the wrong size")
 
 
 def _expected_dtype(dtype: np.dtype) -> np.dtype:
@@ -74,7 +75,7 @@ def check_dtype_state(dtype: np.dtype) -> None:
         raise pickle.UnpicklingError(f"the file restores an invalid dtype ({err})") from err
     if (dtype.flags, dtype.itemsize) != (expected.flags, expected.itemsize):
         raise pickle.UnpicklingError(
-            f"the file restores dtype {dtype} with flags {dtype.flags} and item size {dtype.itemsize}, "
+            f"the file restores dtype {brief(dtype)} with flags {dtype.flags} and item size {dtype.itemsize}, "
             f"where numpy's own are {expected.flags} and {expected.itemsize}")
 
 
@@ -95,7 +96,7 @@ def check_build_keys(state: Any) -> None:
     bad = [key for part in parts for key in part if not isinstance(key, str) or key.startswith("__")]
     if bad:
         raise pickle.UnpicklingError(
-            f"the file sets the attributes {[repr(k) for k in bad[:5]]} on an object; dunder attributes "
+            f"the file sets the attributes {brief(bad[:5])} on an object; dunder attributes "
             "change how numpy and pandas read it, and no model file needs them")
 
 
@@ -144,7 +145,7 @@ class HashSpread:
             if len(bucket) > MAX_EQUAL_HASHES:
                 raise pickle.UnpicklingError(
                     f"the file holds more than {MAX_EQUAL_HASHES} distinct keys with one hash "
-                    f"({type(key).__name__} keys such as {key!r:.40}); such collisions make every "
+                    f"({type(key).__name__} keys such as {brief(key)}); such collisions make every "
                     "insertion scan the others, and no model file has them")
 
 
@@ -179,10 +180,10 @@ def check_codec(name: str, args: tuple) -> None:
     """
     if len(args) > 1 and (not isinstance(args[1], str) or args[1].lower() not in PLAIN_CODECS):
         raise pickle.UnpicklingError(
-            f"the file calls {name} with the codec {args[1]!r:.40}; only {sorted(PLAIN_CODECS)} are allowed")
+            f"the file calls {name} with the codec {brief(args[1])}; only {sorted(PLAIN_CODECS)} are allowed")
     if len(args) > 2 and args[2] != "strict":
         raise pickle.UnpicklingError(
-            f"the file calls {name} with the error handler {args[2]!r:.40}; only 'strict' is allowed")
+            f"the file calls {name} with the error handler {brief(args[2])}; only 'strict' is allowed")
 
 
 def refuse_sizes(kind: type, *args: Any) -> Any:
@@ -217,17 +218,17 @@ class NdarrayStandIn:
 def guarded_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     if subtype is not NdarrayStandIn:
         raise pickle.UnpicklingError(
-            f"the file asks numpy's _reconstruct to build a {subtype!r}; only numpy.ndarray is "
+            f"the file asks numpy's _reconstruct to build a {brief(subtype)}; only numpy.ndarray is "
             "allowed"
         )
     dims = shape if isinstance(shape, tuple) else (shape,)
     if not all(isinstance(d, int) and d >= 0 for d in dims):
-        raise pickle.UnpicklingError(f"the file asks for an array of invalid shape {shape!r}")
+        raise pickle.UnpicklingError(f"the file asks for an array of invalid shape {brief(shape)}")
     # counted in 8-byte elements, so a subarray dtype (many elements in one) counts in full
     size = int(np.prod([int(d) for d in dims], dtype=object)) * max(1, np.dtype(dtype).itemsize // 8)
     if size > MAX_RECONSTRUCT_ELEMENTS:
         raise pickle.UnpicklingError(
-            f"the file asks for an empty array of shape {shape!r} and dtype {np.dtype(dtype)}, over "
+            f"the file asks for an empty array of shape {brief(shape)} and dtype {brief(np.dtype(dtype))}, over "
             f"perturbscope's cap of {MAX_RECONSTRUCT_ELEMENTS} elements"
         )
     return np.ndarray.__new__(np.ndarray, shape, dtype)
@@ -258,7 +259,7 @@ def guarded_new_index(cls: Any, d: Any) -> pd.Index:
         return guarded_range_index(**d)
     if cls is not pd.Index:
         raise pickle.UnpicklingError(
-            f"the file asks pandas' _new_Index to build a {cls!r}; only Index and RangeIndex "
+            f"the file asks pandas' _new_Index to build a {brief(cls)}; only Index and RangeIndex "
             "are allowed"
         )
     if not isinstance(d.get("data"), np.ndarray):  # another index or a range would be expanded
@@ -281,3 +282,75 @@ def reconstruct_bytes(subtype: Any, shape: Any, dtype: Any) -> int:
     """What ``_reconstruct`` allocates; 0 where :func:`guarded_reconstruct` refuses it anyway."""
     n_bytes = array_bytes(shape, dtype)
     return 0 if n_bytes > MAX_RECONSTRUCT_ELEMENTS * 8 else n_bytes
+
+
+def guarded_rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any, state: Any) -> Any:
+    """Torch's ``_rebuild_parameter_with_state``, with its attribute state checked first.
+
+    torch sets every attribute the state names, so a dunder such as ``__array_interface__``
+    would make numpy read memory at an address the file chose when the parameter is converted.
+    """
+    import torch._utils
+
+    if not (state is None or isinstance(state, dict)
+            or (isinstance(state, tuple) and len(state) == 2 and all(p is None or isinstance(p, dict) for p in state))):
+        raise pickle.UnpicklingError(
+            f"the file restores a parameter's attributes from a {type(state).__name__}, not a dict")
+    check_build_keys(state)
+    return torch._utils._rebuild_parameter_with_state(data, requires_grad, backward_hooks, state)
+
+
+def _check_block_args(values: Any, placement: Any) -> None:
+    if not isinstance(values, np.ndarray):
+        raise pickle.UnpicklingError(
+            f"the file restores a pandas block from a {type(values).__name__}, not a numpy array")
+    plain = isinstance(placement, slice | int) and not isinstance(placement, bool)
+    if not plain and not (isinstance(placement, np.ndarray) and placement.dtype.kind in "iu"):
+        raise pickle.UnpicklingError(
+            f"the file places a pandas block by a {type(placement).__name__}; pandas' own pickles use a "
+            "slice or an integer array")
+
+
+def guarded_unpickle_block(values: Any, placement: Any, ndim: Any) -> Any:
+    """Pandas' ``_unpickle_block`` for a numpy array placed by a slice, int or integer array."""
+    from pandas._libs.internals import _unpickle_block
+
+    _check_block_args(values, placement)
+    return _unpickle_block(values, placement, ndim)
+
+
+def guarded_new_block(values: Any, placement: Any, *args: Any, **kwargs: Any) -> Any:
+    """Pandas' ``new_block`` for a numpy array placed by a slice, int or integer array."""
+    from pandas.core.internals.blocks import new_block
+
+    _check_block_args(values, placement)
+    return new_block(values, placement, *args, **kwargs)
+
+
+class _BriefRepr(reprlib.Repr):
+    """Short, bounded text of file-controlled objects for error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxtuple, self.maxlist, self.maxdict = 2, 4, 4, 4
+        self.maxset = self.maxfrozenset = 4
+        self.maxstring, self.maxlong, self.maxother = 40, 40, 40
+
+    def repr_instance(self, obj: Any, level: int) -> str:  # never the object's own repr
+        return f"<{type(obj).__name__}>"
+
+    def repr_str(self, obj: str, level: int) -> str:
+        return repr(obj[:40]) + ("..." if len(obj) > 40 else "")
+
+
+def brief(obj: Any) -> str:
+    """A bounded description of ``obj`` for an error message (its full repr could be huge).
+
+    Examples
+    --------
+    >>> brief(((1, 2, 3, 4, 5), "abc"))
+    "((1, 2, 3, 4, ...), 'abc')"
+    """
+    if isinstance(obj, np.dtype):
+        return f"dtype of {obj.itemsize} bytes" if obj.fields or obj.subdtype else str(obj)
+    return _BriefRepr().repr(obj)

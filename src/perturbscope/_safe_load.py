@@ -46,6 +46,7 @@ from pandas.core.internals.managers import BaseBlockManager
 
 from ._pickle_budget import (
     MemoryBudget,
+    StructureCheck,
     array_bytes,
     describe,
     manager_state_bytes,
@@ -55,6 +56,7 @@ from ._pickle_budget import (
 from ._pickle_checks import (
     HashSpread,
     NdarrayStandIn,
+    brief,
     call_keys,
     check_array_state,
     check_build_keys,
@@ -62,9 +64,12 @@ from ._pickle_checks import (
     check_dtype_state,
     guarded_bytearray,
     guarded_bytes,
+    guarded_new_block,
     guarded_new_index,
     guarded_range_index,
+    guarded_rebuild_parameter_with_state,
     guarded_reconstruct,
+    guarded_unpickle_block,
     numpy_scalar,
     reconstruct_bytes,
 )
@@ -204,6 +209,11 @@ def _resolve(module: str, name: str) -> Any:
         return guarded_range_index
     if (module, name) == ("pandas.core.indexes.base", "_new_Index"):
         return guarded_new_index
+    guarded = {("torch._utils", "_rebuild_parameter_with_state"): guarded_rebuild_parameter_with_state,
+               ("pandas._libs.internals", "_unpickle_block"): guarded_unpickle_block,
+               ("pandas.core.internals.blocks", "new_block"): guarded_new_block}
+    if (module, name) in guarded:
+        return guarded[(module, name)]
     if module == "__builtin__":
         module = "builtins"
     return getattr(__import__(module, fromlist=[name]), name)
@@ -239,6 +249,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         super().__init__(file, *args, **kwargs)
         self._budget = MemoryBudget(stream_size(file))
         self._hashes = HashSpread()
+        self._structures = StructureCheck(stream_size(file))
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.allowed:
@@ -250,6 +261,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def load_build(self) -> None:
         target = self.stack[-2]
+        self._structures.measure(self.stack[-1])
         if isinstance(target, type | types.FunctionType | types.BuiltinFunctionType | types.ModuleType):
             raise pickle.UnpicklingError(
                 f"the file sets attributes of {target!r}, a class or function, which would change it "
@@ -257,17 +269,19 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if isinstance(target, np.ndarray):
             check_array_state(self.stack[-1])
             shape, dtype = self.stack[-1][-4:-2]
-            self._budget.charge(array_bytes(shape, dtype), f"an array of shape {shape!r} and dtype {dtype}")
+            self._budget.charge(array_bytes(shape, dtype), f"an array of shape {brief(shape)} and dtype {brief(dtype)}")
         if isinstance(target, BaseBlockManager):  # restoring it fills arrays as long as its axes
             self._budget.charge(manager_state_bytes(self.stack[-1]), "a pandas block manager over long axes")
         check_build_keys(self.stack[-1])
         pickle._Unpickler.load_build(self)
         if isinstance(target, np.dtype):
+            self._structures.measure(target)  # its fields may share parts: descr would expand them
             check_dtype_state(target)
 
     dispatch[pickle.BUILD[0]] = load_build
 
     def _check_call(self, function: Any, args: Any, *, new_object: bool = False) -> None:
+        self._structures.measure(args)  # before anything hashes, compares or prints them
         if (any(function is c for c in _ITERATING_CALLS) and isinstance(args, tuple) and args
                 and not isinstance(args[0], _PLAIN_ITERABLES)):
             raise pickle.UnpicklingError(
@@ -343,6 +357,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def load_setitem(self) -> None:
         target = self._target(self.stack[-3] if len(self.stack) > 2 else None, dict, "SETITEM")
+        self._structures.measure(self.stack[-2])
         self._hashes.add(target, [self.stack[-2]])
         pickle._Unpickler.load_setitem(self)
 
@@ -350,6 +365,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def load_setitems(self) -> None:
         target = self._target(self._marked_target(), dict, "SETITEMS")
+        self._structures.measure(self.stack)
         self._hashes.add(target, self.stack[0::2])
         pickle._Unpickler.load_setitems(self)
 
@@ -357,16 +373,25 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def load_additems(self) -> None:
         target = self._target(self._marked_target(), set, "ADDITEMS")
+        self._structures.measure(self.stack)
         self._hashes.add(target, self.stack)
         pickle._Unpickler.load_additems(self)
 
     dispatch[pickle.ADDITEMS[0]] = load_additems
 
     def load_frozenset(self) -> None:
+        self._structures.measure(self.stack)
         HashSpread.check(self.stack)
         pickle._Unpickler.load_frozenset(self)
 
     dispatch[pickle.FROZENSET[0]] = load_frozenset
+
+    def load_stop(self) -> None:
+        if self.stack:  # what the caller gets may be hashed or printed
+            self._structures.measure(self.stack[-1])
+        pickle._Unpickler.load_stop(self)
+
+    dispatch[pickle.STOP[0]] = load_stop
 
     def load_bytearray8(self) -> None:
         raise pickle.UnpicklingError(
