@@ -248,3 +248,12 @@ def test_a_parameter_cannot_carry_dunder_attributes_and_blocks_are_placed_by_sli
             r"^the file places a pandas block by a Parameter; pandas' own pickles use a slice or an integer array$")):
         restricted_pickle.loads(b"\x80\x02" + _global("pandas._libs.internals", "_unpickle_block") + b"("
                                 + values + plain + b"K\x01tR.")
+
+
+def test_only_numpy_pandas_and_namespace_states_are_restored():
+    index = (_global("pandas.core.indexes.base", "_new_Index") + _global("pandas.core.indexes.base", "Index")
+             + b"}(" + _text("data") + _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+             + b"K\x00\x85C\x01b\x87Ru\x86R")
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file restores the state of a Index; numpy, pandas and torch pickles restore only arrays, ")):
+        restricted_pickle.loads(b"\x80\x02" + index + b"}(" + _text("_data") + b"]ub.")

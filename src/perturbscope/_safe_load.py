@@ -35,7 +35,7 @@ import os
 import pickle
 import re
 import types
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -222,6 +222,11 @@ def _resolve(module: str, name: str) -> Any:
 #: Containers whose call iterates its argument: only plain containers may be passed to them.
 _ITERATING_CALLS = (list, tuple, set, frozenset, dict, OrderedDict)
 _PLAIN_ITERABLES = (list, tuple, set, frozenset, dict, str, bytes, bytearray)
+#: The objects whose state a pickle may restore with BUILD (what numpy, pandas, scvi-tools and
+#: ESM pickles restore that way); setting attributes of anything else (an Index's ``_data``, a
+#: tensor) could confuse the code that later reads it.
+_BUILD_TARGETS = (np.ndarray, np.dtype, pd.DataFrame, pd.Series, BaseBlockManager, pd.Categorical,
+                  pd.CategoricalDtype, argparse.Namespace, OrderedDict, defaultdict)
 #: What a call allocates beyond copying its arguments, for the calls that allocate by size.
 _KNOWN_COSTS: dict[Any, Any] = {
     guarded_reconstruct: lambda args: reconstruct_bytes(*args) if len(args) == 3 else 0,
@@ -266,6 +271,11 @@ class _RestrictedUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError(
                 f"the file sets attributes of {target!r}, a class or function, which would change it "
                 "for the whole process")
+        if not isinstance(target, _BUILD_TARGETS):
+            raise pickle.UnpicklingError(
+                f"the file restores the state of a {type(target).__name__}; numpy, pandas and torch "
+                "pickles restore only arrays, dtypes, frames, series, block managers, categoricals "
+                "and namespaces that way")
         if isinstance(target, np.ndarray):
             check_array_state(self.stack[-1])
             shape, dtype = self.stack[-1][-4:-2]
