@@ -257,3 +257,73 @@ def test_only_numpy_pandas_and_namespace_states_are_restored():
     with pytest.raises(pickle.UnpicklingError, match=(
             r"^the file restores the state of a Index; numpy, pandas and torch pickles restore only arrays, ")):
         restricted_pickle.loads(b"\x80\x02" + index + b"}(" + _text("_data") + b"]ub.")
+
+
+class _Rebuild:
+    """Pickles as ``f(*args)`` (or ``f.__new__(f, *args)``), then BUILD ``state``."""
+
+    def __init__(self, f, args, state=None, new_object=False):
+        self.f, self.args, self.state, self.new_object = f, args, state, new_object
+
+    def __reduce_ex__(self, protocol):
+        import copyreg
+
+        f, args = (copyreg.__newobj__, (self.f, *self.args)) if self.new_object else (self.f, tuple(self.args))
+        return (f, args, self.state)
+
+
+class _Pickler(pickle._Pickler):
+    def save_reduce(self, func, args, state=None, listitems=None, dictitems=None, state_setter=None, *, obj=None):
+        obj = None if isinstance(obj, _Rebuild) else obj  # no memo check against the stand-in
+        return super().save_reduce(func, args, state, listitems, dictitems, state_setter, obj=obj)
+
+
+def _dumps(obj) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def test_inconsistent_pandas_objects_are_refused():
+    from pandas._libs.internals import _unpickle_block
+    from pandas.core.internals.managers import SingleBlockManager
+
+    # codes past the categories, a series of 100,000 rows over one value: later indexing read
+    # memory past the arrays (crashes, heap pointers returned as data)
+    categorical = _Rebuild(pd.Categorical, (), {"_codes": np.array([0, 100_000_000]),
+                                                 "_categories": pd.Index(["a"]), "_ordered": False}, True)
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file restores an inconsistent pandas Categorical \(ValueError: 'codes outside -1 \.\. 0'\)$")):
+        restricted_pickle.loads(_dumps(categorical))
+    block = _Rebuild(_unpickle_block, (np.array([1]), slice(0, 1, 1), 1))
+    manager = _Rebuild(SingleBlockManager, (block, pd.Index(np.arange(1000))))
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file restores an inconsistent pandas SingleBlockManager \(ValueError: "
+            r"'1 values for an index of 1000'\)$")):
+        restricted_pickle.loads(_dumps(manager))
+    series = pd.Series([1.0, 2.0], index=["a", "b"])
+    pd.testing.assert_series_equal(restricted_pickle.loads(pickle.dumps(series, protocol=2)), series)
+
+
+def test_a_container_cannot_be_filled_after_it_was_used():
+    # an object array built around an empty list that is filled exponentially afterwards: repr
+    # of the loaded array took 43 s and 2 GiB
+    empty_list = b"]" + _put(0)
+    array = (_global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray") + b"K\x00\x85C\x01b\x87R"
+             + b"(K\x01K\x01\x85" + _global("numpy", "dtype") + _text("O") + b"\x85R\x89]" + _get(0) + b"atb")
+    fill = _get(0) + b"(K\x01e"  # APPENDS onto the list the array already holds
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file applies APPENDS to a list it has already used; pickles fill a container before they use it$")):
+        restricted_pickle.loads(b"\x80\x02" + empty_list + b"0" + array + fill + b"0.")
+
+
+def test_expanded_tensors_are_refused(tmp_path):
+    import torch
+
+    path = tmp_path / "expanded.pt"
+    torch.save({"w": torch.zeros(1).expand(2**40)}, path)
+    with pytest.raises(ValueError, match=(
+            r"the file holds a tensor of 1099511627776 elements over 1 stored ones \(an expanded view\)")):
+        load_model_file(path)

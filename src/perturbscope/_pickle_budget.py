@@ -247,6 +247,18 @@ class StructureCheck:
         self.max_nodes = EXPANDED_NODES_FLOOR + max(0, int(file_bytes))
         self.visits_left = 64 * self.max_nodes
         self._known: dict[int, tuple[Any, int, int]] = {}  # id -> (object, nodes, depth)
+        self._sealed: dict[int, Any] = {}  # id -> a mutable container that was measured
+
+    def check_unsealed(self, container: Any, opcode: str) -> None:
+        """Refuse filling a container after it was measured (passed to a call, restored, a key).
+
+        Real pickles fill a container before they use it; filling it afterwards would grow a
+        structure that was measured small.
+        """
+        if self._sealed.get(id(container)) is container:
+            raise pickle.UnpicklingError(
+                f"the file applies {opcode} to a {type(container).__name__} it has already used; "
+                "pickles fill a container before they use it")
 
     def measure(self, root: Any) -> tuple[int, int]:
         """``(expanded nodes, nesting depth)`` of ``root``; refuses what is over the caps.
@@ -291,6 +303,8 @@ class StructureCheck:
             nodes = 1 + sum(p[0] for p in parts)
             depth = 1 + max((p[1] for p in parts), default=0)
             mutable = isinstance(obj, list | dict | set) or any(p[2] for p in parts)
+            if isinstance(obj, list | dict | set):
+                self._sealed[key] = obj
             if nodes > self.max_nodes or depth > MAX_NESTING:
                 raise pickle.UnpicklingError(
                     f"the file builds a {type(obj).__name__} of {nodes} nodes (shared parts counted each "

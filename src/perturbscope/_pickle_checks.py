@@ -354,3 +354,83 @@ def brief(obj: Any) -> str:
     if isinstance(obj, np.dtype):
         return f"dtype of {obj.itemsize} bytes" if obj.fields or obj.subdtype else str(obj)
     return _BriefRepr().repr(obj)
+
+
+def _check_categorical(values: pd.Categorical) -> None:
+    codes = np.asarray(values._codes)
+    n = len(values.categories)
+    if codes.dtype.kind not in "iu" or (len(codes) and (codes.min() < -1 or codes.max() >= n)):
+        raise ValueError(f"codes outside -1 .. {n - 1}")
+
+
+def _check_manager(manager: Any) -> None:
+    from pandas.core.internals.managers import SingleBlockManager
+
+    if isinstance(manager, SingleBlockManager):
+        (block,) = manager.blocks
+        n = len(manager.axes[0])
+        if block.values.ndim != 1 or len(block.values) != n or len(block.mgr_locs) != n:
+            raise ValueError(f"{len(block.values)} values for an index of {n}")
+    else:
+        manager._verify_integrity()
+        manager._rebuild_blknos_and_blklocs()
+    for block in manager.blocks:
+        if isinstance(block.values, pd.Categorical):
+            _check_categorical(block.values)
+        elif not isinstance(block.values, np.ndarray):
+            raise ValueError(f"block values of type {type(block.values).__name__}")
+
+
+def check_pandas_object(obj: Any) -> None:
+    """Refuse a restored frame, series, block manager or categorical that is inconsistent.
+
+    pandas trusts restored state: a series whose values are shorter than its index, a frame
+    whose blocks do not match its axes, or categorical codes past the categories make later
+    indexing read past the end of an array (a crash, or memory returned as data).
+
+    Raises
+    ------
+    pickle.UnpicklingError
+        Naming the object and what is inconsistent.
+    """
+    from pandas.core.internals.managers import BaseBlockManager
+
+    try:
+        if isinstance(obj, pd.DataFrame | pd.Series):
+            manager = getattr(obj, "_mgr", None)
+            if manager is not None:
+                _check_manager(manager)
+        elif isinstance(obj, BaseBlockManager):
+            _check_manager(obj)
+        elif isinstance(obj, pd.Categorical) and hasattr(obj, "_codes"):
+            _check_categorical(obj)
+    except Exception as err:
+        raise pickle.UnpicklingError(
+            f"the file restores an inconsistent pandas {type(obj).__name__} ({type(err).__name__}: "
+            f"{brief(str(err))})") from None
+
+
+def check_tensor_sizes(loaded: Any) -> None:
+    """Refuse tensors that address more elements than their storage holds (stride-0 expansions).
+
+    A 1.4 kB file can hold a tensor of 2^40 elements over one stored value, which any
+    reduction then walks for minutes; no model file saves such views.
+    """
+    import torch
+
+    stack, seen = [loaded], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            stored = obj.untyped_storage().nbytes() // max(1, obj.element_size())
+            if obj.numel() > max(stored, 1):
+                raise pickle.UnpicklingError(
+                    f"the file holds a tensor of {obj.numel()} elements over {stored} stored ones (an "
+                    "expanded view); model files store every element")
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple):
+            stack.extend(obj)

@@ -53,7 +53,9 @@ from ._pickle_budget import (
     object_bytes,
     stream_size,
 )
-from ._pickle_checks import (
+from ._pickle_checks import (  # the caps are re-exported: the module docstring names them
+    MAX_RANGE_INDEX_LENGTH,  # noqa: F401
+    MAX_RECONSTRUCT_ELEMENTS,  # noqa: F401
     HashSpread,
     NdarrayStandIn,
     brief,
@@ -62,6 +64,8 @@ from ._pickle_checks import (
     check_build_keys,
     check_codec,
     check_dtype_state,
+    check_pandas_object,
+    check_tensor_sizes,
     guarded_bytearray,
     guarded_bytes,
     guarded_new_block,
@@ -284,6 +288,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             self._budget.charge(manager_state_bytes(self.stack[-1]), "a pandas block manager over long axes")
         check_build_keys(self.stack[-1])
         pickle._Unpickler.load_build(self)
+        check_pandas_object(target)
         if isinstance(target, np.dtype):
             self._structures.measure(target)  # its fields may share parts: descr would expand them
             check_dtype_state(target)
@@ -313,6 +318,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         args, function = self.stack[-1], self.stack[-2]
         self._check_call(function, args)
         pickle._Unpickler.load_reduce(self)
+        check_pandas_object(self.stack[-1])
         self._charge_result(function)
 
     dispatch[pickle.REDUCE[0]] = load_reduce
@@ -345,6 +351,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError(
                 f"the file applies {opcode} to a {type(target).__name__}; pickles apply it to plain "
                 "containers only")
+        self._structures.check_unsealed(target, opcode)
         return target
 
     def _marked_target(self) -> Any:
@@ -504,7 +511,7 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
         raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
     try:
         with torch.serialization.safe_globals(_WEIGHTS_ONLY_EXTRAS[allow]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = _weights_only_reason(err)  # expected for scVI files; try the allow-list
     except Exception as err:
@@ -512,6 +519,8 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
             f"{str(path)!r} is not a torch file that perturbscope can read "
             f"({type(err).__name__}: {err})"
         ) from err
+    else:
+        return _with_checked_tensors(path, loaded)
     if _env_flag("TORCH_FORCE_WEIGHTS_ONLY_LOAD"):
         raise ValueError(
             f"cannot load {str(path)!r}: torch's weights-only loader refuses it ({refused}), and "
@@ -521,7 +530,7 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
             "TORCH_FORCE_WEIGHTS_ONLY_LOAD to load it through that unpickler."
         )
     try:
-        return torch.load(
+        loaded = torch.load(
             path, map_location="cpu", weights_only=False, pickle_module=_PICKLE_MODULES[allow]
         )
     except pickle.UnpicklingError as err:
@@ -531,6 +540,16 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
             f"{str(path)!r} is not a torch file that perturbscope can read "
             f"({type(err).__name__}: {err})"
         ) from err
+    return _with_checked_tensors(path, loaded)
+
+
+def _with_checked_tensors(path: Path, loaded: Any) -> Any:
+    """``loaded``, after refusing expanded tensors (:func:`check_tensor_sizes`) with a ValueError."""
+    try:
+        check_tensor_sizes(loaded)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
+    return loaded
 
 
 def load_pickle_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") -> Any:
