@@ -188,7 +188,8 @@ def target_section(summary: pd.DataFrame) -> str:
         met.append(ok_r and ok_l2 and ok_e and ok_c)
         better.append(strictly)
         facts.append({
-            "label": f"{task} {group}", "r_missed": not ok_r,
+            "label": f"{task} {group}", "r_missed": not ok_r, "e_missed": not ok_e, "c_missed": not ok_c,
+            "l2_ok": ok_l2,
             "tie": abs(get("scopevi", "pearson_delta_top_de") - r[best_r]) < 5e-4
             and abs(get("scopevi", "l2_top_expressed") - l2[best_l2]) < 5e-4,
             "ratio": get("scopevi", "change_norm_ratio"),
@@ -228,8 +229,17 @@ def _why_lines(facts: list[dict]) -> list[str]:
          "- Pearson target missed on {}. Every blend is fitted on held-out *training* perturbations, and "
          "there are few of them (a dozen training genes per Norman fold, about 20 Papalexi genes). Where "
          "one estimator wins on the test genes, the blend fitted on the training folds spreads its weight "
-         "over the candidates that were close there, and nothing looks at the test split to correct it; "
-         "the shrinkage keeps L2 and energy distance within the targets."),
+         "over the candidates that were close there, and nothing looks at the test split to correct it"
+         + ("; the shrinkage keeps L2 within its target there." if all(f["l2_ok"] for f in facts if f["r_missed"])
+            else ".")),
+        ([f for f in facts if f["e_missed"]],
+         "- Energy-distance target missed on {}: the predicted cells are the control cells shifted by the "
+         "blend; a likely cause (not checked per split) is weight on candidates whose shifted cells are "
+         "further from the observed ones there than the best baseline's (the perturbed mean, no change)."),
+        ([f for f in facts if f["c_missed"]],
+         "- `delta_correlation` above the best baseline's on {}: ScopeVI's predicted changes resemble each "
+         "other more than the best baseline's do; a likely cause (not checked per split) is weight on the "
+         "perturbed mean, which predicts one common change for every perturbation (`delta_correlation` 1)."),
         ([f for f in facts if f["tie"]],
          "- Level with the best baseline (same Pearson delta and L2 to 4 decimals) on {}: there the "
          "prior's blend is that baseline alone (additive for doubles of measured genes; for doubles "
