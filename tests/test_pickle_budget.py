@@ -327,3 +327,30 @@ def test_expanded_tensors_are_refused(tmp_path):
     with pytest.raises(ValueError, match=(
             r"the file holds a tensor of 1099511627776 elements over 1 stored ones \(an expanded view\)")):
         load_model_file(path)
+
+
+def test_dates_are_rebuilt_through_their_validating_constructor():
+    import datetime
+
+    # from a bytes state CPython checks only the month: year 0 loaded, and its ctime() crashed
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file holds an invalid date \(year 0 is out of range\)$"):
+        restricted_pickle.loads(_dumps(_Rebuild(datetime.date, (b"\x00\x00\x01\x01",))))
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file holds an invalid datetime \(year 0 is out of range\)$"):
+        restricted_pickle.loads(_dumps(_Rebuild(datetime.datetime, (b"\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00",))))
+    moment = datetime.datetime(2024, 5, 6, 7, 8, 9, 10)
+    assert restricted_pickle.loads(pickle.dumps(moment, protocol=2)) == moment
+
+
+def test_frames_series_and_categorical_dtypes_must_be_what_pandas_builds():
+    frame = pd.DataFrame({"a": [1.0, 2.0]})
+    series = _Rebuild(pd.Series, (), {"_mgr": frame._mgr, "_typ": "series", "_metadata": ["_name"], "attrs": {},
+                                      "_flags": {"allows_duplicate_labels": True}, "_name": "s"}, True)
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file restores an inconsistent pandas Series \(ValueError: 'a BlockManager where pandas")):
+        restricted_pickle.loads(_dumps(series))
+    dtype = _Rebuild(pd.CategoricalDtype, (), {"categories": pd.Index(["a", "a"]), "ordered": False}, True)
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file restores an inconsistent pandas CategoricalDtype \(ValueError: 'Categorical categories must")):
+        restricted_pickle.loads(_dumps(dtype))
+    good = pd.CategoricalDtype(["a", "b"], ordered=True)
+    assert restricted_pickle.loads(pickle.dumps(good, protocol=2)) == good

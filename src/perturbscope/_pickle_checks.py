@@ -366,12 +366,17 @@ def _check_categorical(values: pd.Categorical) -> None:
 def _check_manager(manager: Any) -> None:
     from pandas.core.internals.managers import SingleBlockManager
 
+    if any(type(axis) not in (pd.Index, pd.RangeIndex) for axis in manager.axes):
+        raise ValueError("an axis that is not a plain Index or RangeIndex")
     if isinstance(manager, SingleBlockManager):
         (block,) = manager.blocks
         n = len(manager.axes[0])
         if block.values.ndim != 1 or len(block.values) != n or len(block.mgr_locs) != n:
             raise ValueError(f"{len(block.values)} values for an index of {n}")
     else:
+        if len(manager.axes) != 2 or any(block.values.ndim != 2 for block in manager.blocks
+                                         if isinstance(block.values, np.ndarray)):
+            raise ValueError(f"a frame of {len(manager.axes)} axes")
         manager._verify_integrity()
         manager._rebuild_blknos_and_blklocs()
     for block in manager.blocks:
@@ -382,7 +387,7 @@ def _check_manager(manager: Any) -> None:
 
 
 def check_pandas_object(obj: Any) -> None:
-    """Refuse a restored frame, series, block manager or categorical that is inconsistent.
+    """Refuse a restored frame, series, block manager, categorical or its dtype that is inconsistent.
 
     pandas trusts restored state: a series whose values are shorter than its index, a frame
     whose blocks do not match its axes, or categorical codes past the categories make later
@@ -393,13 +398,23 @@ def check_pandas_object(obj: Any) -> None:
     pickle.UnpicklingError
         Naming the object and what is inconsistent.
     """
-    from pandas.core.internals.managers import BaseBlockManager
+    from pandas.core.internals.managers import BaseBlockManager, BlockManager, SingleBlockManager
 
     try:
         if isinstance(obj, pd.DataFrame | pd.Series):
             manager = getattr(obj, "_mgr", None)
             if manager is not None:
+                expected = BlockManager if isinstance(obj, pd.DataFrame) else SingleBlockManager
+                if type(manager) is not expected:
+                    raise ValueError(f"a {type(manager).__name__} where pandas keeps a {expected.__name__}")
                 _check_manager(manager)
+        elif isinstance(obj, pd.CategoricalDtype):
+            if obj.categories is not None:
+                if type(obj.categories) not in (pd.Index, pd.RangeIndex):
+                    raise ValueError(f"categories held in a {type(obj.categories).__name__}")
+                pd.CategoricalDtype.validate_categories(obj.categories)
+            if not isinstance(obj.ordered, bool | type(None)):
+                raise ValueError(f"ordered is a {type(obj.ordered).__name__}")
         elif isinstance(obj, BaseBlockManager):
             _check_manager(obj)
         elif isinstance(obj, pd.Categorical) and hasattr(obj, "_codes"):
@@ -434,3 +449,30 @@ def check_tensor_sizes(loaded: Any) -> None:
             stack.extend(obj.values())
         elif isinstance(obj, list | tuple):
             stack.extend(obj)
+
+
+def guarded_date(*args: Any) -> Any:
+    """``datetime.date``, rebuilt through its validating constructor.
+
+    From a bytes state (what pickles pass) CPython checks only the month: a date of year 0
+    loads, and its ``ctime()`` then reads outside an array (a crash).
+    """
+    import datetime
+
+    value = datetime.date(*args)
+    try:
+        return datetime.date(value.year, value.month, value.day)
+    except ValueError as err:
+        raise pickle.UnpicklingError(f"the file holds an invalid date ({err})") from None
+
+
+def guarded_datetime(*args: Any) -> Any:
+    """``datetime.datetime``, rebuilt through its validating constructor (see :func:`guarded_date`)."""
+    import datetime
+
+    value = datetime.datetime(*args)
+    try:
+        return datetime.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
+                                 value.microsecond, value.tzinfo, fold=value.fold)
+    except ValueError as err:
+        raise pickle.UnpicklingError(f"the file holds an invalid datetime ({err})") from None

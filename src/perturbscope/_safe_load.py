@@ -68,6 +68,8 @@ from ._pickle_checks import (  # the caps are re-exported: the module docstring 
     check_tensor_sizes,
     guarded_bytearray,
     guarded_bytes,
+    guarded_date,
+    guarded_datetime,
     guarded_new_block,
     guarded_new_index,
     guarded_range_index,
@@ -214,6 +216,7 @@ def _resolve(module: str, name: str) -> Any:
     if (module, name) == ("pandas.core.indexes.base", "_new_Index"):
         return guarded_new_index
     guarded = {("torch._utils", "_rebuild_parameter_with_state"): guarded_rebuild_parameter_with_state,
+               ("datetime", "date"): guarded_date, ("datetime", "datetime"): guarded_datetime,
                ("pandas._libs.internals", "_unpickle_block"): guarded_unpickle_block,
                ("pandas.core.internals.blocks", "new_block"): guarded_new_block}
     if (module, name) in guarded:
