@@ -118,6 +118,17 @@ def manager_state_bytes(state: Any, depth: int = 4) -> int:
     return sum(manager_state_bytes(item, depth - 1) for item in items)
 
 
+def call_name(function: Any) -> str:
+    """The name of a callable a pickle asks for, as the file names it (guards unwrapped).
+
+    Examples
+    --------
+    >>> call_name(tuple)
+    'tuple'
+    """
+    return getattr(function, "__name__", type(function).__name__).removeprefix("guarded_")
+
+
 class MemoryBudget:
     """Bytes an unpickler may still spend on the objects it builds.
 
@@ -170,7 +181,7 @@ class MemoryBudget:
         """
         if not isinstance(args, tuple):
             return  # pickle's own call raises the error for a malformed argument
-        name = getattr(function, "__name__", repr(function)).removeprefix("guarded_")
+        name = call_name(function)
         if any(function is cls for cls in _BROADCASTING) and (args or not new_object):
             raise pickle.UnpicklingError(
                 f"the file calls pandas' {name} directly, which broadcasts over any index it is "

@@ -79,6 +79,23 @@ def check_dtype_state(dtype: np.dtype) -> None:
             f"where numpy's own are {expected.flags} and {expected.itemsize}")
 
 
+def attribute_dicts(state: Any) -> list[dict] | None:
+    """The attribute dicts of a ``BUILD``-style state: ``__dict__`` (a dict) or ``(state, slotstate)``.
+
+    ``None`` for a state of another shape (an array's or a dtype's tuple, for instance).
+
+    Examples
+    --------
+    >>> attribute_dicts(({"a": 1}, None)), attribute_dicts((1, 2, 3))
+    ([{'a': 1}], None)
+    """
+    if isinstance(state, dict):
+        return [state]
+    if isinstance(state, tuple) and len(state) == 2 and all(p is None or isinstance(p, dict) for p in state):
+        return [p for p in state if p]
+    return None
+
+
 def check_build_keys(state: Any) -> None:
     """Refuse a ``BUILD`` state that sets dunder (or non-string) attributes.
 
@@ -87,13 +104,8 @@ def check_build_keys(state: Any) -> None:
     address); no real scvi-tools, pandas or numpy pickle sets such names. The state is checked
     as ``__dict__`` (a dict) and as ``(state, slotstate)``.
     """
-    if isinstance(state, dict):
-        parts = [state]
-    elif isinstance(state, tuple) and len(state) == 2 and all(p is None or isinstance(p, dict) for p in state):
-        parts = [p for p in state if p]
-    else:
-        return
-    bad = [key for part in parts for key in part if not isinstance(key, str) or key.startswith("__")]
+    parts = attribute_dicts(state)
+    bad = [key for part in parts or () for key in part if not isinstance(key, str) or key.startswith("__")]
     if bad:
         raise pickle.UnpicklingError(
             f"the file sets the attributes {brief(bad[:5])} on an object; dunder attributes "
@@ -292,8 +304,7 @@ def guarded_rebuild_parameter_with_state(data: Any, requires_grad: Any, backward
     """
     import torch._utils
 
-    if not (state is None or isinstance(state, dict)
-            or (isinstance(state, tuple) and len(state) == 2 and all(p is None or isinstance(p, dict) for p in state))):
+    if state is not None and attribute_dicts(state) is None:
         raise pickle.UnpicklingError(
             f"the file restores a parameter's attributes from a {type(state).__name__}, not a dict")
     check_build_keys(state)

@@ -48,6 +48,7 @@ from ._pickle_budget import (
     MemoryBudget,
     StructureCheck,
     array_bytes,
+    call_name,
     describe,
     manager_state_bytes,
     object_bytes,
@@ -199,30 +200,31 @@ _WEIGHTS_ONLY_EXTRAS: dict[str, list[Any]] = {"scvi": [], "esm": [argparse.Names
 _TRUE_VALUES = ("1", "y", "yes", "true")
 
 
+#: Allow-listed globals that resolve to a guarded stand-in (numpy's old and new module paths and
+#: Python 2's ``__builtin__`` are normalised first).
+_GUARDED: dict[tuple[str, str], Any] = {
+    ("builtins", "bytes"): guarded_bytes,
+    ("builtins", "bytearray"): guarded_bytearray,
+    ("numpy._core.multiarray", "_reconstruct"): guarded_reconstruct,
+    ("numpy._core.multiarray", "scalar"): numpy_scalar(),
+    ("numpy", "ndarray"): NdarrayStandIn,
+    ("pandas.core.indexes.range", "RangeIndex"): guarded_range_index,
+    ("pandas.core.indexes.base", "_new_Index"): guarded_new_index,
+    ("torch._utils", "_rebuild_parameter_with_state"): guarded_rebuild_parameter_with_state,
+    ("datetime", "date"): guarded_date,
+    ("datetime", "datetime"): guarded_datetime,
+    ("pandas._libs.internals", "_unpickle_block"): guarded_unpickle_block,
+    ("pandas.core.internals.blocks", "new_block"): guarded_new_block,
+    **dict.fromkeys(_LEGACY_PANDAS_INDEXES, pd.Index),
+}
+_MODULE_ALIASES = {"__builtin__": "builtins", "numpy.core.multiarray": "numpy._core.multiarray"}
+
+
 def _resolve(module: str, name: str) -> Any:
     """The object an allow-listed global stands for (guards and legacy mappings applied)."""
-    if name in ("bytes", "bytearray") and module in ("builtins", "__builtin__"):
-        return guarded_bytes if name == "bytes" else guarded_bytearray
-    if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        return guarded_reconstruct
-    if name == "scalar" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        return numpy_scalar()
-    if (module, name) == ("numpy", "ndarray"):
-        return NdarrayStandIn
-    if (module, name) in _LEGACY_PANDAS_INDEXES:
-        return pd.Index
-    if (module, name) == ("pandas.core.indexes.range", "RangeIndex"):
-        return guarded_range_index
-    if (module, name) == ("pandas.core.indexes.base", "_new_Index"):
-        return guarded_new_index
-    guarded = {("torch._utils", "_rebuild_parameter_with_state"): guarded_rebuild_parameter_with_state,
-               ("datetime", "date"): guarded_date, ("datetime", "datetime"): guarded_datetime,
-               ("pandas._libs.internals", "_unpickle_block"): guarded_unpickle_block,
-               ("pandas.core.internals.blocks", "new_block"): guarded_new_block}
-    if (module, name) in guarded:
-        return guarded[(module, name)]
-    if module == "__builtin__":
-        module = "builtins"
+    module = _MODULE_ALIASES.get(module, module)
+    if (module, name) in _GUARDED:
+        return _GUARDED[(module, name)]
     return getattr(__import__(module, fromlist=[name]), name)
 
 
@@ -259,9 +261,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def __init__(self, file: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(file, *args, **kwargs)
-        self._budget = MemoryBudget(stream_size(file))
+        size = stream_size(file)
+        self._budget = MemoryBudget(size)
         self._hashes = HashSpread()
-        self._structures = StructureCheck(stream_size(file))
+        self._structures = StructureCheck(size)
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.allowed:
@@ -307,15 +310,14 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 "containers are expanded (iterating an index or array could allocate without bound)")
         self._budget.check_call(function, args, _KNOWN_COSTS, new_object=new_object)
         if any(function is c for c in (str, _codecs.encode, guarded_bytes, guarded_bytearray)):
-            check_codec(getattr(function, "__name__", "?").removeprefix("guarded_"), args)
+            check_codec(call_name(function), args)
         keys = call_keys(function, args)
         if keys is not None:
             HashSpread.check(keys)
 
     def _charge_result(self, function: Any) -> None:
-        name = getattr(function, "__name__", "?").removeprefix("guarded_")
         result = self.stack[-1]
-        self._budget.charge(object_bytes(result), describe(result, f"the result of {name}"))
+        self._budget.charge(object_bytes(result), describe(result, f"the result of {call_name(function)}"))
 
     def load_reduce(self) -> None:
         args, function = self.stack[-1], self.stack[-2]
