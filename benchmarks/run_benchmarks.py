@@ -27,6 +27,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from _sections import sections
+from prior_diagnostics import task_facts
 
 import perturbscope
 from perturbscope.benchmark import (
@@ -137,8 +138,21 @@ def _value(summary: pd.DataFrame, task: str, group: str, model: str, metric: str
         return float("nan")
 
 
-def target_section(summary: pd.DataFrame) -> str:
-    """The issue's targets per task and group, every figure computed from ``summary``."""
+def load_diagnostics(out: Path) -> dict[str, dict]:
+    """``{task: task_facts}`` from ``prior_diagnostics.py``'s CSV under ``out``, where it has run."""
+    path = out / "prior_diagnostics.csv"
+    if not path.is_file():
+        return {}
+    table = pd.read_csv(path)
+    return {task: task_facts(block) for task, block in table.groupby("task", sort=False)}
+
+
+def target_section(summary: pd.DataFrame, diagnostics: dict[str, dict] | None = None) -> str:
+    """The issue's targets per task and group, every figure computed from ``summary``.
+
+    ``diagnostics`` (:func:`load_diagnostics`) turns the "why" list's general reasons into
+    figures for the tasks it covers.
+    """
     baselines = [m for m in MODELS if m not in SCOPEVI_MODELS]
     lines = [
         "## ScopeVI against the targets",
@@ -188,7 +202,8 @@ def target_section(summary: pd.DataFrame) -> str:
         met.append(ok_r and ok_l2 and ok_e and ok_c)
         better.append(strictly)
         facts.append({
-            "label": f"{task} {group}", "r_missed": not ok_r, "e_missed": not ok_e, "c_missed": not ok_c,
+            "label": f"{task} {group}", "task": task, "r_missed": not ok_r, "e_missed": not ok_e, "c_missed": not ok_c,
+            "energy": finite_e, "scopevi_l2": get("scopevi", "l2_top_expressed"), "best_l2": (best_l2, l2[best_l2]),
             "l2_ok": ok_l2,
             "tie": abs(get("scopevi", "pearson_delta_top_de") - r[best_r]) < 5e-4
             and abs(get("scopevi", "l2_top_expressed") - l2[best_l2]) < 5e-4,
@@ -218,28 +233,32 @@ def target_section(summary: pd.DataFrame) -> str:
     missed = [label for label, ok in zip(labels, met) if not ok]
     if missed:
         lines += ["Missed (a check fails): " + "; ".join(missed) + ".", ""]
-    lines += _why_lines(facts)
+    lines += _why_lines(facts, diagnostics or {})
     return "\n".join(lines)
 
 
-def _why_lines(facts: list[dict]) -> list[str]:
+def _why_lines(facts: list[dict], diagnostics: dict[str, dict]) -> list[str]:
     """What the runs show about the misses and the ties; each bullet only where it applies."""
+    def measured(rows, explain):
+        return "".join(f" {explain(f, diagnostics[f['task']])}" for f in rows if f["task"] in diagnostics)
+
+    r_missed = [f for f in facts if f["r_missed"]]
+    e_missed = [f for f in facts if f["e_missed"]]
+    c_missed = [f for f in facts if f["c_missed"]]
     bullets = [
-        ([f for f in facts if f["r_missed"]],
+        (r_missed,
          "- Pearson target missed on {}. Every blend is fitted on held-out *training* perturbations, and "
-         "there are few of them (a dozen training genes per Norman fold, about 20 Papalexi genes). Where "
-         "one estimator wins on the test genes, the blend fitted on the training folds spreads its weight "
-         "over the candidates that were close there, and nothing looks at the test split to correct it"
-         + ("; the shrinkage keeps L2 within its target there." if all(f["l2_ok"] for f in facts if f["r_missed"])
-            else ".")),
-        ([f for f in facts if f["e_missed"]],
+         "there are few of them (a dozen training genes per Norman fold, about 20 Papalexi genes), and "
+         "nothing looks at the test split to correct it"
+         + ("; the shrinkage keeps L2 within its target there." if all(f["l2_ok"] for f in r_missed) else ".")
+         + measured(r_missed, _ranking_reason)),
+        (e_missed,
          "- Energy-distance target missed on {}: the predicted cells are the control cells shifted by the "
-         "blend; a likely cause (not checked per split) is weight on candidates whose shifted cells are "
-         "further from the observed ones there than the best baseline's (the perturbed mean, no change)."),
-        ([f for f in facts if f["c_missed"]],
+         "blend." + (measured(e_missed, _energy_reason) or " Its cause was not checked per split.")),
+        (c_missed,
          "- `delta_correlation` above the best baseline's on {}: ScopeVI's predicted changes resemble each "
-         "other more than the best baseline's do; a likely cause (not checked per split) is weight on the "
-         "perturbed mean, which predicts one common change for every perturbation (`delta_correlation` 1)."),
+         "other more than the best baseline's do." + (measured(c_missed, _collapse_reason)
+                                                      or " Its cause was not checked per split.")),
         ([f for f in facts if f["tie"]],
          "- Level with the best baseline (same Pearson delta and L2 to 4 decimals) on {}: there the "
          "prior's blend is that baseline alone (additive for doubles of measured genes; for doubles "
@@ -259,8 +278,53 @@ def _why_lines(facts: list[dict]) -> list[str]:
     if not written:
         return []
     return ["Why, as far as the runs show (the blend behind each prediction is in "
-            "`model.effect_prior.weights_` and `crossfit_scores_`, the correction in "
-            "`model.correction_weights_` and `correction_scores_`):", *written, ""]
+            "`model.effect_prior.weights_`, `crossfit_scores_` and `crossfit_predictions_`, the correction in "
+            "`model.correction_weights_` and `correction_scores_`; figures from the training genes are from "
+            "the section on the unseen-gene misses below):", *written, ""]
+
+
+def _ranking_reason(fact: dict, d: dict) -> str:
+    """Why the blend's Pearson fell short on one task, from its prior diagnostics."""
+    means, cf_best, test_best = d["means"], d["cf_best"], d["test_best"]
+    if cf_best != test_best:
+        return (f"On {fact['task']} the training genes, on which the blend is chosen, rank `{cf_best}` first "
+                f"by cross-fitted Pearson ({means.loc[cf_best, 'crossfit_pearson']:.3f}; `{test_best}` "
+                f"{means.loc[test_best, 'crossfit_pearson']:.3f}), and the test genes rank `{test_best}` first "
+                f"({means.loc[test_best, 'test_pearson']:.3f}; `{cf_best}` {means.loc[cf_best, 'test_pearson']:.3f}); "
+                f"split by split, the two rankings put the same estimator first on {d['agree']} of {d['n']} splits.")
+    blend = means.loc["stacked", "crossfit_pearson"]
+    best_l2, value = fact["best_l2"]
+    return (f"On {fact['task']} the training and the test genes agree that `{cf_best}` is first by Pearson "
+            f"({means.loc[cf_best, 'crossfit_pearson']:.3f} on the training genes, {means.loc[cf_best, 'test_pearson']:.3f} "
+            f"on the test genes), but the "
+            f"blend scores {blend:.3f} on the training genes already: stacking fits it to the squared error "
+            f"over all genes (there it has {means.loc['stacked', 'crossfit_mse_all_genes']:.5f}, `{cf_best}` "
+            f"{means.loc[cf_best, 'crossfit_mse_all_genes']:.5f}), which trades Pearson delta for error; its "
+            f"L2 on the test genes is {fact['scopevi_l2']:.3f} against {value:.3f} for `{best_l2}`.")
+
+
+def _energy_reason(fact: dict, d: dict) -> str:
+    """What the diagnostics and the energy distances show on one task (consistent with, not proof of, a cause)."""
+    energy = fact["energy"]
+    if "no_change" not in energy:
+        return ""
+    best = min(energy, key=energy.get)
+    shrink = d["means"].loc["stacked", "weight"]
+    return (f"On {fact['task']} the blend's weights sum to {shrink:.2f} on average, the rest being no change, "
+            f"and no change is the baseline farthest from the observed cells there ({energy['no_change']:.3f}; "
+            f"`{best}` {energy[best]:.3f}): consistent with the shrinkage that keeps L2 low costing energy "
+            f"distance, not checked further.")
+
+
+def _collapse_reason(fact: dict, d: dict) -> str:
+    """Where the blend's mode collapse shows, from one task's diagnostics."""
+    means, best = d["means"], d["test_best"]
+    train_blend, train_best = means.loc["stacked", "crossfit_delta_correlation"], means.loc[best, "crossfit_delta_correlation"]
+    where = ("below it on the training genes, so the check fails on the test genes only"
+             if train_blend <= train_best else "above it on the training genes too")
+    return (f"On {fact['task']} the blend's `delta_correlation` is {train_blend:.2f} against {train_best:.2f} "
+            f"for `{best}`: {where} ({means.loc['stacked', 'test_delta_correlation']:.2f} against "
+            f"{means.loc[best, 'test_delta_correlation']:.2f} there).")
 
 
 def main() -> None:
@@ -454,7 +518,7 @@ the embedding baselines do not apply.
         + "\n\n"
     )
     if not args.no_scopevi:
-        header += target_section(pd.concat(summaries)) + "\n"
+        header += target_section(pd.concat(summaries), load_diagnostics(args.out)) + "\n"
     reused = [t for t in tasks if t not in run]
     if reused:
         header += (f"\nTasks {', '.join(reused)} were read back from their saved metrics "

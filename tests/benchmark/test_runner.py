@@ -189,12 +189,21 @@ def test_scopevi_kwargs_sections_are_checked():
 
 def test_the_benchmark_seed_is_the_effect_priors_seed_unless_the_model_kwargs_set_one():
     from perturbscope.benchmark import make_model
+    from perturbscope.effects import EffectPrior
     from perturbscope.benchmark._tasks import simulated_screen
 
     adata, embeddings = simulated_screen()
     train = {"train": {"max_epochs": 1}}
     seeded = make_model("scopevi", embeddings, seed=2, scopevi_kwargs=train).fit(adata, "perturbation")
     assert seeded.model_.init_params_["non_kwargs"]["prior_seed"] == 2
+    # the prior alone, fitted on the same cells with that seed, is the model's (what
+    # benchmarks/prior_diagnostics.py refits instead of retraining the VAE)
+    alone = EffectPrior(embeddings, seed=2).fit(adata, "perturbation", data_scale="counts")
+    fitted = seeded.model_.effect_prior  # the same up to float rounding (the model reads its registered copy)
+    assert {k: sorted(w) for k, w in alone.weights_.items()} == {k: sorted(w) for k, w in fitted.weights_.items()}
+    for kind, weights in alone.weights_.items():
+        assert weights == pytest.approx(fitted.weights_[kind], abs=1e-6), kind
+    pd.testing.assert_frame_equal(alone.crossfit_scores_, fitted.crossfit_scores_, atol=1e-6)
     fixed = make_model("scopevi", embeddings, seed=2,
                        scopevi_kwargs={**train, "model": {"prior_seed": 5}}).fit(adata, "perturbation")
     assert fixed.model_.init_params_["non_kwargs"]["prior_seed"] == 5

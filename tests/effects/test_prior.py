@@ -789,3 +789,35 @@ def test_a_prior_without_perturbed_cells_is_refused_by_name():
             "adata has no perturbed cells in 'perturbation' (only controls, 'control'); the prior needs measured "
             "perturbations to fit on.")):
         EffectPrior().fit(controls, "perturbation")
+
+
+# ---------------------------------------------------------------- the held-out predictions behind the scores
+def test_crossfit_predictions_reproduce_the_scores_and_the_blend():
+    adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=12, n_combinations=8, n_cell_types=1,
+                                     n_cells_per_condition=30, embedding_dim=8, seed=4)
+    prior = EffectPrior(emb).fit(adata, "perturbation")
+    table = prior.crossfit_predictions_["unseen_gene"]
+    assert table.index.names == ["estimator", "perturbation", "context"]
+    assert list(table.columns) == list(prior.means_.columns)
+    estimators = list(dict.fromkeys(table.index.get_level_values("estimator")))
+    assert estimators[-2:] == ["stacked", "observed"]
+    observed = table.loc["observed"]
+    assert len(observed) == prior.n_held_out_["unseen_gene"] == 12
+    # the observed rows are the training shifts of the held-out genes
+    np.testing.assert_allclose(observed.to_numpy(), prior.shifts_.loc[list(observed.index)].to_numpy())
+    scores = prior.crossfit_scores_.loc["unseen_gene"]
+    for name in estimators[:-1]:
+        predicted = table.loc[name].loc[observed.index].to_numpy()
+        pairs = np.array([top_change_scores(p, t) for p, t in zip(predicted, observed.to_numpy())])
+        assert pairs[:, 1].mean() == pytest.approx(scores[f"{name} (pearson)"], abs=1e-9), name
+        assert pairs[:, 0].mean() == pytest.approx(scores[f"{name} (mse)"], abs=1e-9), name
+    # the blend's rows are its weights times the candidates' rows
+    blend = sum(w * table.loc[name].to_numpy() for name, w in prior.weights_["unseen_gene"].items())
+    np.testing.assert_allclose(table.loc["stacked"].to_numpy(), blend, atol=1e-12)
+    # a prior rebuilt from its state keeps none (they are not saved), and says so by an empty dict
+    assert EffectPrior.from_state(prior.state(), emb).crossfit_predictions_ == {}
+    # the few-shot entry point returns its own, which the prior keeps when fit_few_shot runs
+    labels, contexts = adata.obs["perturbation"].astype(str).to_numpy(), np.full(adata.n_obs, "all")
+    few = prior.few_shot_blend(adata, labels, contexts, k=5)["held_out"]
+    assert set(few.index.get_level_values("estimator")) >= {"observed", "stacked", "perturbed_mean"}
+    assert "few_shot" not in prior.crossfit_predictions_

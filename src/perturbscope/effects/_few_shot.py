@@ -72,9 +72,10 @@ class FewShotMixin:
         """The ``"few_shot"`` blend cross-fitted at ``k`` cells, leaving the prior as it is.
 
         As :meth:`fit_few_shot` with ``k`` given, but returned instead of kept: a dict with
-        ``"weights"``, ``"n_held_out"``, ``"scores"`` and ``"quantiles"`` (``None`` for both
-        with fewer than :data:`MIN_HELD_OUT` held-out groups), or ``None`` where no group has
-        ``2 k`` cells to draw from.
+        ``"weights"``, ``"n_held_out"``, ``"scores"``, ``"quantiles"`` (``None`` for both
+        with fewer than :data:`MIN_HELD_OUT` held-out groups) and ``"held_out"`` (the held-out
+        predictions, as in ``crossfit_predictions_``), or ``None`` where no group has ``2 k``
+        cells to draw from.
 
         Examples
         --------
@@ -163,12 +164,12 @@ class FewShotMixin:
         means = self.means_.mul(old_counts.reindex(self.means_.index), axis=0).add(
             new_means.mul(new_counts.reindex(new_means.index), axis=0), fill_value=0
         ).div(counts, axis=0)
-        kept = (self.crossfit_scores_, dict(self.n_held_out_), dict(self.quantiles_))
+        kept = (self.crossfit_scores_, dict(self.n_held_out_), dict(self.quantiles_), dict(self.crossfit_predictions_))
         added = set(getattr(self, "added_groups_", set())) | {
             (p, c) for p, c in new_means.index if p != self.control_value_ and (p, c) not in self.means_.index}
         self.fit_means(means, self.control_value_, self.context_key_, self.delimiter_, counts=counts,
                        weights=self.weights_)
-        self.crossfit_scores_, self.n_held_out_, self.quantiles_ = kept
+        self.crossfit_scores_, self.n_held_out_, self.quantiles_, self.crossfit_predictions_ = kept
         self.added_groups_ = added
         return self
 
@@ -221,12 +222,13 @@ class FewShotMixin:
             observed_k, truth = drawn - control, rest - control
             for name in self._available("few_shot"):
                 predicted = self._few_shot_estimate(name, p, c, observed_k)
-                errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
+                errors, residuals, scales, truths, queries = out.setdefault(name, ([], [], [], [], []))
                 errors.append(top_change_scores(predicted, truth))
                 residuals.append(truth - predicted)
                 scales.append(1.0)
                 truths.append(truth)
-        return {name: (e, np.asarray(r), np.asarray(sc), np.asarray(t)) for name, (e, r, sc, t) in out.items()}
+                queries.append((p, c))
+        return {name: (e, np.asarray(r), np.asarray(sc), np.asarray(t), q) for name, (e, r, sc, t, q) in out.items()}
 
     def _group_counts(self) -> pd.Series:
         """Cells per perturbed training group.

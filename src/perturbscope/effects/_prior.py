@@ -59,7 +59,15 @@ from ._embedding_baselines import EmbeddingNeighborsBaseline, LinearBaseline
 from ._few_shot import FEW_SHOT_CELLS, MIN_HELD_OUT, FewShotMixin  # noqa: F401 (FEW_SHOT_CELLS: documented here)
 from ._interaction import InteractionBaseline
 from ._prior_state import PriorStateMixin
-from ._scoring import bagged_stack_weights, gene_scaled_quantiles, random_folds, top_change_scores
+from ._scoring import (
+    bagged_stack_weights,
+    describe_blend,
+    dominant_estimator,
+    gene_scaled_quantiles,
+    held_out_table,
+    random_folds,
+    top_change_scores,
+)
 
 KINDS = ("seen", "few_shot", "combination", "unseen_gene", "partial_combination", "unseen_context")
 #: Candidate estimators per kind, in order of preference on ties; the first is the fallback
@@ -124,6 +132,11 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
     crossfit_scores_
         Mean held-out Pearson and MSE (see :func:`top_change_scores`) per kind, for each
         candidate and for the blend (``"stacked"``).
+    crossfit_predictions_
+        ``{kind: DataFrame}``: the held-out predictions behind ``crossfit_scores_``, indexed by
+        (``estimator``, ``perturbation``, ``context``), the blend as ``"stacked"`` and the
+        observed shifts as ``"observed"``; only for kinds cross-fitted here (not saved with a
+        model).
     n_held_out_
         Held-out (perturbation, context) pairs per kind.
     quantiles_
@@ -251,12 +264,12 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         self._single_genes = {self._genes(p)[0] for p in self._seen if len(self._genes(p)) == 1}
         if given is not None:
             self.weights_ = {kind: dict(w) for kind, w in given.items()}
-            self.crossfit_scores_, self.n_held_out_, self.quantiles_ = None, {}, {}
+            self.crossfit_scores_, self.n_held_out_, self.quantiles_, self.crossfit_predictions_ = None, {}, {}, {}
             return self
         residuals = self._crossfit(means)
         self.crossfit_scores_ = pd.DataFrame(index=pd.Index([], name="kind"), dtype=float)
         self.weights_ = {"seen": {"observed": 1.0}}
-        self.n_held_out_, self.quantiles_ = {}, {}
+        self.n_held_out_, self.quantiles_, self.crossfit_predictions_ = {}, {}, {}
         # last: its gene-by-gene candidate answers genes by the unseen-gene and unseen-context blends
         for kind in [k for k in KINDS[1:] if k != "partial_combination"] + ["partial_combination"]:
             if kind == "partial_combination":
@@ -267,7 +280,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
     @property
     def choices_(self) -> dict[str, str]:
         """``{kind: estimator}``: the largest part of each kind's blend (see :attr:`weights_`)."""
-        return {kind: _dominant(weights) for kind, weights in self.weights_.items()}
+        return {kind: dominant_estimator(weights) for kind, weights in self.weights_.items()}
 
     def _choose(self, kind: str, per: dict) -> None:
         """Stack the candidates on their held-out predictions and calibrate the blend's intervals."""
@@ -276,12 +289,13 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         self.weights_[kind] = blend["weights"]
         if blend["quantiles"] is None:
             return
+        self.crossfit_predictions_[kind] = blend["held_out"]
         for column, value in blend["scores"].items():
             self.crossfit_scores_.loc[kind, column] = value
         self.quantiles_[kind] = blend["quantiles"]
 
     def _stacked_blend(self, kind: str, per: dict) -> dict:
-        """``{"weights", "n_held_out", "scores", "quantiles"}`` of ``kind``'s blend; changes nothing.
+        """``{"weights", "n_held_out", "scores", "quantiles", "held_out"}`` of ``kind``'s blend; changes nothing.
 
         With fewer than :data:`MIN_HELD_OUT` held-out queries the kind's first candidate
         answers alone, without scores or intervals (``None``).
@@ -302,7 +316,9 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             scores[f"{name} (pearson)"], scores[f"{name} (mse)"] = float(pearson), float(mse)
         scale = per[names[0]][2]
         return {"weights": {name: w for name, w in weights.items() if w > 0}, "n_held_out": n, "scores": scores,
-                "quantiles": gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels)}
+                "quantiles": gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels),
+                "held_out": held_out_table({**predictions, "stacked": stacked}, truth, per[names[0]][4],
+                                           self.means_.columns)}
 
     def _names(self, weights: dict[str, dict[str, float]] | None) -> list[str]:
         """The estimators to fit for ``weights`` (every candidate when ``None``)."""
@@ -383,8 +399,8 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         keep = [p == self.control_value_ or not leave_out(p, c) for p, c in means.index]
         return means[np.asarray(keep)]
 
-    def _score_folds(self, kind: str, folds) -> dict[str, tuple[list, np.ndarray, np.ndarray, np.ndarray]]:
-        out: dict[str, tuple[list, list, list, list]] = {}
+    def _score_folds(self, kind: str, folds) -> dict[str, tuple[list, np.ndarray, np.ndarray, np.ndarray, list]]:
+        out: dict[str, tuple[list, list, list, list, list]] = {}
         # fell back in a fold (the interaction estimator with too few doubles) or could not be fitted
         # there (an embedding estimator when no training gene of the fold has an embedding row)
         unvalidated = set()
@@ -401,7 +417,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             for name in self._available(kind):
                 if name in unvalidated:
                     continue  # an estimator that fell back in any fold is not scored at all
-                errors, residuals, scales, truths = out.setdefault(name, ([], [], [], []))
+                errors, residuals, scales, truths, queries = out.setdefault(name, ([], [], [], [], []))
                 for p, c in held:
                     truth = self.shifts_.loc[(p, c)].to_numpy()
                     predicted = self._held_out_prediction(name, fitted, p, c)
@@ -409,8 +425,9 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
                     residuals.append(truth - predicted)
                     scales.append(self._scale(kind, p, reference))
                     truths.append(truth)
-        return {name: (e, np.asarray(r), np.asarray(s), np.asarray(t))
-                for name, (e, r, s, t) in out.items() if name not in unvalidated}
+                    queries.append((p, c))
+        return {name: (e, np.asarray(r), np.asarray(s), np.asarray(t), q)
+                for name, (e, r, s, t, q) in out.items() if name not in unvalidated}
 
     def _held_out_prediction(self, name: str, fitted: dict[str, Baseline], p: str, c: str) -> np.ndarray:
         """A candidate's prediction of the held-out query ``p`` in ``c`` from the fold's estimators."""
@@ -526,7 +543,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
                 rows.append(sum((w * self._estimate(name, kind, p, str(context)) for name, w in weights.items()),
                                 np.zeros(len(self.shifts_.columns))))
                 kinds.append(kind)
-                names.append(_describe(weights))
+                names.append(describe_blend(weights))
         table = pd.DataFrame(np.vstack(rows), index=labels, columns=self.estimators_["additive"].var_names_)
         table.attrs = {"kinds": kinds, "estimators": names}
         return table
@@ -560,18 +577,6 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             q = self.quantiles_.get(kind, {}).get(level)
             rows.append(np.full(len(genes), np.nan) if q is None else q * self._scale(kind, p, reference))
         return pd.DataFrame(np.vstack(rows), index=list(map(str, perturbations)), columns=genes)
-
-
-def _describe(weights: dict[str, float]) -> str:
-    """``"linear"`` for a lone estimator at weight 1, else ``"0.61 linear + 0.13 perturbed_mean"``."""
-    lone = len(weights) == 1 and next(iter(weights.values())) == 1.0
-    return next(iter(weights)) if lone else " + ".join(f"{w:.2f} {n}" for n, w in weights.items()) or "no_change"
-
-
-def _dominant(weights: dict[str, float]) -> str:
-    """The estimator with the largest weight; ``"no_change"`` when every weight is 0."""
-    positive = {name: w for name, w in weights.items() if w > 0}
-    return max(positive, key=positive.get) if positive else "no_change"
 
 
 def _candidate(estimators: dict[str, Baseline], name: str, kind: str, perturbation: str, context: str) -> np.ndarray:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import nnls
 
 #: Genes per held-out perturbation on which candidates are scored: its most changed ones.
@@ -227,3 +228,63 @@ def random_folds(items: Sequence[str], n_folds: int, rng: np.random.Generator) -
     order = list(rng.permutation(len(items)))
     k = min(n_folds, len(items))
     return [[items[i] for i in order[f::k]] for f in range(k)]
+
+
+def held_out_table(
+    predictions: dict[str, np.ndarray], truth: np.ndarray, queries: Sequence[tuple[str, str]], genes: Sequence[str]
+) -> pd.DataFrame:
+    """Every candidate's held-out predictions, the blend's and the observed shifts, in one frame.
+
+    Parameters
+    ----------
+    predictions
+        ``{estimator: held-out predictions}``, each queries x genes (the blend under
+        ``"stacked"``).
+    truth
+        The held-out observed shifts, queries x genes.
+    queries
+        ``(perturbation, context)`` of each row.
+    genes
+        Column names.
+
+    Returns
+    -------
+    A DataFrame, genes as columns, indexed by (``estimator``, ``perturbation``, ``context``);
+    the observed shifts are estimator ``"observed"``.
+
+    Examples
+    --------
+    >>> table = held_out_table({"a": np.ones((1, 2))}, np.zeros((1, 2)), [("G1", "all")], ["x", "y"])
+    >>> table.index.tolist()
+    [('a', 'G1', 'all'), ('observed', 'G1', 'all')]
+    """
+    blocks = {**predictions, "observed": truth}
+    index = pd.MultiIndex.from_tuples(
+        [(name, p, c) for name in blocks for p, c in queries], names=["estimator", "perturbation", "context"]
+    )
+    return pd.DataFrame(np.vstack([np.asarray(v, dtype=float) for v in blocks.values()]), index=index,
+                        columns=pd.Index(list(genes)))
+
+
+def describe_blend(weights: dict[str, float]) -> str:
+    """``"linear"`` for a lone estimator at weight 1, else ``"0.61 linear + 0.13 perturbed_mean"``.
+
+    Examples
+    --------
+    >>> describe_blend({"linear": 0.614, "perturbed_mean": 0.13}), describe_blend({"additive": 1.0})
+    ('0.61 linear + 0.13 perturbed_mean', 'additive')
+    """
+    lone = len(weights) == 1 and next(iter(weights.values())) == 1.0
+    return next(iter(weights)) if lone else " + ".join(f"{w:.2f} {n}" for n, w in weights.items()) or "no_change"
+
+
+def dominant_estimator(weights: dict[str, float]) -> str:
+    """The estimator with the largest weight; ``"no_change"`` when every weight is 0.
+
+    Examples
+    --------
+    >>> dominant_estimator({"linear": 0.2, "embedding_nn": 0.5}), dominant_estimator({"linear": 0.0})
+    ('embedding_nn', 'no_change')
+    """
+    positive = {name: w for name, w in weights.items() if w > 0}
+    return max(positive, key=positive.get) if positive else "no_change"
