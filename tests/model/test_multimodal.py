@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import scvi
 
 import perturbscope as ps
-from perturbscope.data import log1p_expression
+from perturbscope.data import aggregate_prediction, log1p_expression
 from perturbscope.effects import NoChangeBaseline, PerturbedMeanBaseline, top_change_scores
 
 md.set_options(pull_on_update=False)
@@ -252,3 +252,21 @@ def test_docs_example_runs():
     namespace: dict = {}
     exec(compile(code, "docs/multimodal.md", "exec"), namespace)
     assert namespace["protein"].shape == (4, 12)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_streamed_mean_of_every_modality_is_the_mean_of_its_cells(study, residual):
+    """aggregate="mean" keeps running sums over chunks of anchors; the draws are those of the
+    cells predicted with the same seed and batch size, so the two agree to float rounding."""
+    controls, held = study["controls"][:40], study["held"][:3]
+    kwargs = {"n_samples": 2, "seed": 3, "batch_size": 7, "residual": residual}
+    mean = study["model"].predict(controls, held, aggregate="mean", **kwargs)
+    cells = study["model"].predict(controls, held, **kwargs)
+    for name in ("rna", "adt"):
+        expected = aggregate_prediction(cells[name], "cell_type")
+        assert list(mean[name].obs_names) == list(expected.obs_names), name
+        assert mean[name].obs["n_cells"].tolist() == [2 * 40] * 3, name
+        np.testing.assert_allclose(mean[name].X, expected.X, rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(mean[name].layers["log1p_norm"], expected.layers["log1p_norm"],
+                                   rtol=1e-5, atol=1e-5, err_msg=name)
+    assert any("_lower_80" in layer for layer in mean["adt"].layers) is residual

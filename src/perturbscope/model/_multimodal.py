@@ -37,7 +37,7 @@ from scvi import settings
 from .._constants import OUTPUT_KEYS, TARGET_SUM
 from ..data import (
     ALL_CONTEXTS,
-    aggregate_prediction,
+    PredictionMeans,
     check_count_data,
     check_var_names,
     log1p_expression,
@@ -251,10 +251,10 @@ class MultimodalMixin:
           :mod:`perturbscope.model._multimodal` for how they are composed. ``residual=False``
           decodes every modality from the VAE alone (no prior shift, no interval layers).
 
-        Memory: unlike RNA, whose ``aggregate="mean"`` is streamed, protein and ATAC predictions
-        are composed in memory, ``perturbations x n_samples x controls x features`` floats per
-        modality before they are averaged; for a large ATAC peak set predict a few perturbations
-        at a time.
+        Memory: with ``aggregate="mean"`` every modality is streamed over chunks of ``batch_size``
+        control cells, keeping only running sums per (perturbation, context), as RNA is; the
+        draws then depend on ``batch_size`` as well as ``seed``. Without it, the cells of every
+        modality are returned, ``perturbations x n_samples x controls x features`` floats each.
 
         Parameters
         ----------
@@ -364,60 +364,103 @@ class MultimodalMixin:
             )
         return matrix, library
 
-    @torch.inference_mode()
     def _predict_modality(self, key, data, rna, labels, rna_prediction, options) -> ad.AnnData:
+        """Modality ``key`` predicted from the anchors ``rna``, chunk by chunk of anchors.
+
+        As RNA's: with ``aggregate="mean"`` only running sums per (perturbation, context) are
+        kept, and with the prior the decoder's draws are made twice from the same seeded
+        generator, first for its mean change per context, which every cell's composition needs.
+        """
         name = self.modalities[key]
         matrix, library = self._modality_controls(key, data, name)
         gene_index = torch.as_tensor(self.encode_perturbations(labels))
-        seed = options["seed"] if options["seed"] is not None else (settings.seed or 0)
-        generator = torch.Generator().manual_seed(int(seed) + 1 + MODALITY_KEYS.index(key))
-        n_samples = options["n_samples"]
-        changes = np.empty((len(labels), n_samples, rna.n_obs, matrix.shape[1]), dtype=np.float32)
-        for cells, anchor_x, batch_index, cat_covs in self._anchor_batches(rna, options["batch_size"], progress=False):
-            for p in range(len(labels)):
-                genes = gene_index[p].expand(len(anchor_x), -1).to(anchor_x.device)
-                shape = (n_samples, len(anchor_x), self.module.n_latent)
-                noise = (torch.zeros(shape) if options["use_prior_mean"]
-                         else torch.randn(shape, generator=generator)).to(anchor_x.device)
-                change, _ = self.module.predicted_modality_change(
-                    key, anchor_x, genes, noise, batch_index, cat_covs, options["combination"]
-                )
-                changes[p, :, cells] = change.cpu().numpy()
-        start = log1p_expression(ad.AnnData(X=matrix), None, "counts").astype(np.float32)
+        contexts = self._control_contexts(rna, self._context_column)
         prior = self.modality_prior(key) if options["residual"] else None  # residual=False: the VAE alone
-        log1p_norm = self._compose_modality(prior, rna, labels, start, changes)
-        X = np.clip(np.expm1(log1p_norm), 0, None) * library[None, None, :, None] / TARGET_SUM
+
+        def draws():  # the same seeded draws, in the same order, on every call
+            return self._modality_chunks(key, rna, gene_index, options)
+
+        n_samples, n_features = options["n_samples"], matrix.shape[1]
+        anchor_contexts = contexts if contexts is not None else np.full(rna.n_obs, ALL_CONTEXTS)
+        terms = (None if prior is None
+                 else self._modality_terms(prior, labels, anchor_contexts, n_samples, n_features, draws()))
+        if options["aggregate"] == "mean":
+            means = PredictionMeans(labels, contexts, self._context_column, n_samples, n_features)
+        else:
+            means = None
+            X = np.empty((len(labels), n_samples, rna.n_obs, n_features), dtype=np.float32)
+            log1p_norm = np.empty_like(X)
+        anchors = None
+        for cells, p, change in draws():
+            if anchors is None or anchors[0] != cells:
+                anchors = (cells, log1p_expression(ad.AnnData(X=matrix[cells]), None, "counts").astype(np.float32))
+            normalised = self._compose_modality(terms, p, anchors, change)
+            expected = np.clip(np.expm1(normalised), 0, None) * library[cells][None, :, None] / TARGET_SUM
+            if means is not None:
+                means.add(p, cells, expected, normalised)
+            else:
+                X[p, :, cells], log1p_norm[p, :, cells] = expected, normalised
         provenance = {**rna_prediction.uns.get(OUTPUT_KEYS.PROVENANCE_UNS, {}), "modality": name,
                       "likelihood": "nb_mixture" if key == PROTEIN_KEY else "poisson",
                       "normalisation": "log1p of counts normalised to 1e4 per cell"}
         provenance.pop("mean_correction", None)
-        columns = [c for c in provenance.get("context_columns", []) if c in rna.obs]
-        n_features = matrix.shape[1]
-        prediction = prediction_anndata(labels, rna.obs[columns], X.reshape(-1, n_features),
-                                        log1p_norm.reshape(-1, n_features), data.var_names, n_samples, provenance)
-        if options["aggregate"] == "mean":
-            prediction = aggregate_prediction(prediction, self._context_column)
-            if prior is not None:
-                self._add_modality_intervals(key, prediction, options["interval_levels"])
+        if means is None:
+            columns = [c for c in provenance.get("context_columns", []) if c in rna.obs]
+            return prediction_anndata(labels, rna.obs[columns], X.reshape(-1, n_features),
+                                      log1p_norm.reshape(-1, n_features), data.var_names, n_samples, provenance)
+        prediction = means.to_anndata(data.var_names, provenance)
+        if prior is not None:
+            self._add_modality_intervals(key, prediction, options["interval_levels"])
         return prediction
 
-    def _compose_modality(self, prior, rna, labels, start, changes) -> np.ndarray:
-        """Anchor + prior shift + weighted cell-level response (see the module docstring)."""
-        if prior is None:  # the VAE-only design (or residual=False): anchor plus the decoder's change
-            return np.clip(start[None, None] + changes, 0, None)
-        column = self._context_column
-        contexts = (rna.obs[column].astype(str).to_numpy() if column is not None
-                    else np.full(rna.n_obs, ALL_CONTEXTS))
-        log1p_norm = np.empty_like(changes)
+    def _modality_chunks(self, key, rna, gene_index, options):
+        """Yield ``(cells, perturbation index, change)``: the decoder's change of modality ``key``.
+
+        ``change`` is ``(n_samples, cells, features)``; the draws come from one generator seeded
+        with the prediction's seed (offset per modality), so a second call yields the same numbers.
+        """
+        seed = options["seed"] if options["seed"] is not None else (settings.seed or 0)
+        generator = torch.Generator().manual_seed(int(seed) + 1 + MODALITY_KEYS.index(key))
+        n_samples = options["n_samples"]
+        for cells, anchor_x, batch_index, cat_covs in self._anchor_batches(rna, options["batch_size"], progress=False):
+            for p in range(len(gene_index)):
+                with torch.inference_mode():
+                    genes = gene_index[p].expand(len(anchor_x), -1).to(anchor_x.device)
+                    shape = (n_samples, len(anchor_x), self.module.n_latent)
+                    noise = (torch.zeros(shape) if options["use_prior_mean"]
+                             else torch.randn(shape, generator=generator)).to(anchor_x.device)
+                    change, _ = self.module.predicted_modality_change(
+                        key, anchor_x, genes, noise, batch_index, cat_covs, options["combination"]
+                    )
+                yield cells, p, change.cpu().numpy()
+
+    def _modality_terms(self, prior, labels, contexts, n_samples, n_features, changes) -> dict:
+        """The composition's terms per (perturbation, context), from one pass of ``changes``.
+
+        ``s`` (the modality prior's shift), ``m`` (the decoder's mean change over the context's
+        anchors) and ``g`` (the cell-term weight); ``contexts`` holds each anchor's context.
+        """
+        sums = PredictionMeans(labels, contexts, None, n_samples, n_features, n_layers=1)
+        for cells, p, change in changes:
+            sums.add(p, cells, change)
+        m = sums.means(0).astype(np.float32)
+        s = np.zeros(m.shape, dtype=np.float32)
+        g = np.zeros(m.shape[:2], dtype=np.float32)
         for p, label in enumerate(labels):
-            for context in pd.unique(contexts):
-                cells = contexts == context
+            for c, context in enumerate(sums.contexts):
                 shift = prior.predict_shifts([label], context)
-                weight = self._cell_term_weight(shift.attrs["kinds"][0])
-                mean_change = changes[p][:, cells].mean(axis=(0, 1))
-                log1p_norm[p][:, cells] = (start[cells][None] + shift.to_numpy()[0]
-                                           + weight * (changes[p][:, cells] - mean_change))
-        return log1p_norm
+                s[p, c] = shift.to_numpy()[0]
+                g[p, c] = self._cell_term_weight(shift.attrs["kinds"][0])
+        return {"s": s, "m": m, "g": g, "sums": sums}
+
+    def _compose_modality(self, terms, p: int, anchors, change: np.ndarray) -> np.ndarray:
+        """log1p-normalised anchors + prior shift + weighted cell-level response (module docstring)."""
+        cells, start = anchors
+        if terms is None:  # the VAE-only design (or residual=False): anchor plus the decoder's change
+            return np.clip(start[None] + change, 0, None)
+        k = terms["sums"].context_of(cells)
+        return (start[None] + terms["s"][p, k] + terms["g"][p, k][:, None] * (change - terms["m"][p, k])).astype(
+            np.float32)
 
     def _add_modality_intervals(self, key: str, aggregated: ad.AnnData, levels) -> None:
         """Interval layers of a mean prediction from the modality's prior (no correction to stretch to)."""
