@@ -354,3 +354,115 @@ def test_frames_series_and_categorical_dtypes_must_be_what_pandas_builds():
         restricted_pickle.loads(_dumps(dtype))
     good = pd.CategoricalDtype(["a", "b"], ordered=True)
     assert restricted_pickle.loads(pickle.dumps(good, protocol=2)) == good
+
+
+def test_structured_dtypes_cannot_hide_fields_outside_their_names():
+    from numpy.core.multiarray import _reconstruct
+
+    # a field outside `names` is served by name unchecked: an object field over the file's bytes
+    # (a crash on access) or a 4096-byte field over an 8-byte buffer (heap read)
+    for hidden in ({"b": (np.dtype("O"), 0)}, {"leak": (np.dtype("V4096"), 0)}):
+        dtype = _Rebuild(np.dtype, ("V8", False, True),
+                         (3, "|", None, ("a",), {"a": (np.dtype("<i8"), 0), **hidden}, 8, 1, 16))
+        array = _Rebuild(_reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), dtype, False, b"\x41" * 8))
+        with pytest.raises(pickle.UnpicklingError, match=(
+                r"^the file restores a structured dtype whose fields \['a', '" + next(iter(hidden)) + r"'\] differ "
+                r"from those its names describe \(\['a'\]\)$")):
+            restricted_pickle.loads(_dumps(array))
+    good = np.zeros(2, dtype=[("a", "<i8"), ("b", [("c", "<f4")])])
+    np.testing.assert_array_equal(restricted_pickle.loads(pickle.dumps(good, protocol=2)), good)
+
+
+def test_frame_blocks_must_hold_as_many_rows_as_their_columns_say():
+    columns = [f"c{i}" for i in range(200)]
+    for values in (np.ones((4, 200)), np.full((4, 200), "x", dtype=object)):
+        frame = pd.DataFrame(values, columns=columns)
+        frame._mgr.blocks[0].values = frame._mgr.blocks[0].values[:1].copy()  # 1 of 200 columns' values
+        # reindexing it read past the block (heap pointers as floats, or a crash for objects)
+        with pytest.raises(pickle.UnpicklingError, match=(
+                r"^the file restores an inconsistent pandas BlockManager \(ValueError: 'a block of 1 x 4 values")):
+            restricted_pickle.loads(pickle.dumps(frame, protocol=2))
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"], "c": [3, 4]})
+    pd.testing.assert_frame_equal(restricted_pickle.loads(pickle.dumps(frame, protocol=2)), frame)
+
+
+def test_pandas_objects_must_have_their_state_restored():
+    # NEWOBJ Categorical with no BUILD: 79 bytes, and copy() of the result crashed
+    data = (b"\x80\x02}q\x00X\x06\x00\x00\x00labelsq\x01" + _global("pandas.core.arrays.categorical", "Categorical")
+            + b")\x81s.")
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file builds a pandas Categorical without restoring its state; pandas pickles always restore it")):
+        restricted_pickle.loads(data)
+    # with their BUILD (pandas 1.x pickled categoricals so) they load
+    legacy = _Rebuild(pd.Categorical, (), {"_codes": np.array([0, 1, 0], dtype=np.int8),
+                                           "_categories": pd.Index(["a", "b"]), "_ordered": False}, True)
+    assert list(restricted_pickle.loads(_dumps(legacy))) == ["a", "b", "a"]
+    series = pd.Series([1.0, 2.0], index=["a", "b"])
+    pd.testing.assert_series_equal(restricted_pickle.loads(pickle.dumps(series, protocol=2)), series)
+
+
+def test_tensors_cannot_carry_backward_hooks(tmp_path):
+    import collections
+
+    import torch
+    import torch._utils
+
+    storage = torch.storage.TypedStorage(wrap_storage=torch.arange(4.0).untyped_storage(), dtype=torch.float32,
+                                         _internal=True)
+    tensor = _Rebuild(torch._utils._rebuild_tensor_v2, (storage, 0, torch.Size((4,)), (1,), True,
+                                                        collections.OrderedDict()))
+    parameter = _Rebuild(torch._utils._rebuild_parameter, (tensor, True, collections.OrderedDict([(0, torch.Size)])))
+    path = tmp_path / "hooks.pt"
+    torch.save({"p": parameter, "registry": collections.defaultdict(list)}, path)
+    with pytest.raises(ValueError, match=r"the file attaches backward hooks to a tensor \(callables it chose"):
+        load_model_file(path)
+
+
+def _zip_copy(source, target, compress=False, shared=None):
+    """Rewrite a torch zip: deflated records, or the record ``shared`` also listed under 3 more names."""
+    import struct
+    import zipfile
+
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w", method) as zout:
+        for info in zin.infolist():
+            zout.writestr(zipfile.ZipInfo(info.filename), zin.read(info.filename), compress_type=method)
+    if shared is None:
+        return
+    data = bytearray(target.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    count, size, offset = struct.unpack("<HII", data[end + 10:end + 20])
+    directory, entries, pos = bytes(data[offset:offset + size]), [], 0
+    while pos < len(directory):
+        lengths = struct.unpack("<HHH", directory[pos + 28:pos + 34])
+        entries.append(directory[pos:pos + 46 + sum(lengths)])
+        pos += 46 + sum(lengths)
+    name = next(e[46:46 + struct.unpack("<H", e[28:30])[0]] for e in entries if e[46:].startswith(shared.encode()))
+    extra = [next(e for e in entries if e[46:].startswith(name)).replace(name, name[:-1] + d) for d in (b"1", b"2", b"3")]
+    new_directory = b"".join(entries + extra)
+    tail = bytearray(data[end:end + 22])
+    tail[8:20] = struct.pack("<HHII", count + 3, count + 3, len(new_directory), offset)
+    target.write_bytes(bytes(data[:offset]) + new_directory + bytes(tail))
+
+
+def test_zip_records_must_be_stored_once_and_uncompressed(tmp_path):
+    import collections
+
+    import torch
+
+    source = tmp_path / "source.pt"
+    torch.save({"w": torch.zeros(1000, dtype=torch.uint8), "registry": collections.defaultdict(list)}, source)
+    prefix = __import__("zipfile").ZipFile(source).namelist()[0].split("/")[0]
+    # deflated: a 973 kB file declared (and torch allocated) 1.28 GB
+    compressed = tmp_path / "compressed.pt"
+    _zip_copy(source, compressed, compress=True)
+    with pytest.raises(ValueError, match=r"is compressed \(\d+ bytes expanding to \d+\); torch\.save stores records"):
+        load_model_file(compressed)
+    # one record's bytes listed under four names: each storage allocated again from the same bytes
+    shared = tmp_path / "shared.pt"
+    _zip_copy(source, shared, shared=f"{prefix}/data/0")
+    with pytest.raises(ValueError, match=rf"the file's zip records '{prefix}/data/0' and '{prefix}/data/1' share bytes"):
+        load_model_file(shared)
+    plain = tmp_path / "plain.pt"
+    _zip_copy(source, plain)
+    assert load_model_file(plain)["w"].shape == (1000,)

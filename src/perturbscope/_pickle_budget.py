@@ -326,3 +326,47 @@ class StructureCheck:
                 self._known[key] = (obj, nodes, depth)
         nodes, depth, _ = done[id(root)]
         return nodes, depth
+
+
+def check_zip_records(path: Any) -> None:
+    """Refuse a zip (torch) file whose records could add up to more bytes than the file has.
+
+    ``torch.save`` stores every record as it is (no compression), so a storage's bytes are in
+    the file. A compressed record, or records whose bytes overlap or are shared by several
+    names, would let a file of a few kB declare, and make torch allocate, gigabytes.
+
+    Raises
+    ------
+    pickle.UnpicklingError
+        On a compressed record, duplicate names, records that overlap or end past the file.
+    """
+    import os
+    import struct
+    import zipfile
+
+    size = os.path.getsize(path)
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        records = archive.infolist()
+        names = [record.filename for record in records]
+        if len(set(names)) != len(names):
+            raise pickle.UnpicklingError("the file's zip archive names a record twice")
+        spans = []
+        for record in records:
+            raw.seek(record.header_offset)
+            header = raw.read(30)
+            if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                raise pickle.UnpicklingError(f"the file's zip record {record.filename!r} has no local header")
+            (method,), (name_length, extra_length) = struct.unpack("<H", header[8:10]), struct.unpack("<HH", header[26:30])
+            if (record.compress_type, method) != (zipfile.ZIP_STORED, zipfile.ZIP_STORED) \
+                    or record.file_size != record.compress_size:
+                raise pickle.UnpicklingError(
+                    f"the file's zip record {record.filename!r} is compressed ({record.compress_size} bytes "
+                    f"expanding to {record.file_size}); torch.save stores records uncompressed")
+            spans.append((record.header_offset, record.header_offset + 30 + name_length + extra_length
+                           + record.compress_size, record.filename))
+    spans.sort()
+    for (_, end, name), (start, _, following) in zip(spans, spans[1:]):
+        if start < end:
+            raise pickle.UnpicklingError(f"the file's zip records {name!r} and {following!r} share bytes")
+    if spans and spans[-1][1] > size:
+        raise pickle.UnpicklingError(f"the file's zip record {spans[-1][2]!r} ends past the end of the file")

@@ -77,6 +77,17 @@ def check_dtype_state(dtype: np.dtype) -> None:
         raise pickle.UnpicklingError(
             f"the file restores dtype {brief(dtype)} with flags {dtype.flags} and item size {dtype.itemsize}, "
             f"where numpy's own are {expected.flags} and {expected.itemsize}")
+    # the state's fields may hold keys outside its names (hidden fields, or titles that alias
+    # another type), which numpy serves by name without bounds or type checks
+    fields, own = dict(dtype.fields or {}), dict(expected.fields or {})
+    if set(fields) != set(own) or any(fields[k][1:] != own[k][1:] or fields[k][0] != own[k][0] for k in fields):
+        raise pickle.UnpicklingError(
+            f"the file restores a structured dtype whose fields {brief(sorted(map(str, fields)))} differ from "
+            f"those its names describe ({brief(sorted(map(str, own)))})")
+    for field in fields.values():
+        check_dtype_state(field[0])
+    if dtype.subdtype is not None:
+        check_dtype_state(dtype.subdtype[0])
 
 
 def attribute_dicts(state: Any) -> list[dict] | None:
@@ -390,6 +401,13 @@ def _check_manager(manager: Any) -> None:
             raise ValueError(f"a frame of {len(manager.axes)} axes")
         manager._verify_integrity()
         manager._rebuild_blknos_and_blklocs()
+        for block in manager.blocks:  # pandas checks the columns' total, not each block's rows
+            values, n_rows = block.values, len(manager.axes[1])
+            items = values.shape[0] if isinstance(values, np.ndarray) else 1
+            length = values.shape[1] if isinstance(values, np.ndarray) else len(values)
+            if items != len(block.mgr_locs) or length != n_rows:
+                raise ValueError(f"a block of {items} x {length} values placed at {len(block.mgr_locs)} "
+                                 f"columns of {n_rows} rows")
     for block in manager.blocks:
         if isinstance(block.values, pd.Categorical):
             _check_categorical(block.values)
@@ -436,11 +454,12 @@ def check_pandas_object(obj: Any) -> None:
             f"{brief(str(err))})") from None
 
 
-def check_tensor_sizes(loaded: Any) -> None:
-    """Refuse tensors that address more elements than their storage holds (stride-0 expansions).
+def check_loaded_tensors(loaded: Any) -> None:
+    """Refuse tensors that address more elements than their storage holds, or carry hooks.
 
-    A 1.4 kB file can hold a tensor of 2^40 elements over one stored value, which any
-    reduction then walks for minutes; no model file saves such views.
+    A 1.4 kB file can hold a tensor of 2^40 elements over one stored value (a stride-0
+    expansion), which any reduction then walks for minutes; no model file saves such views.
+    Backward hooks would be callables the file chose, run by the next ``backward()``.
     """
     import torch
 
@@ -456,6 +475,10 @@ def check_tensor_sizes(loaded: Any) -> None:
                 raise pickle.UnpicklingError(
                     f"the file holds a tensor of {obj.numel()} elements over {stored} stored ones (an "
                     "expanded view); model files store every element")
+            if getattr(obj, "_backward_hooks", None):
+                raise pickle.UnpicklingError(
+                    "the file attaches backward hooks to a tensor (callables it chose, run by the next "
+                    "backward pass); model files hold none")
         elif isinstance(obj, dict):
             stack.extend(obj.values())
         elif isinstance(obj, list | tuple):

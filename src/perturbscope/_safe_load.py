@@ -35,6 +35,7 @@ import os
 import pickle
 import re
 import types
+import zipfile
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,7 @@ from ._pickle_budget import (
     StructureCheck,
     array_bytes,
     call_name,
+    check_zip_records,
     describe,
     manager_state_bytes,
     object_bytes,
@@ -65,8 +67,8 @@ from ._pickle_checks import (  # the caps are re-exported: the module docstring 
     check_build_keys,
     check_codec,
     check_dtype_state,
+    check_loaded_tensors,
     check_pandas_object,
-    check_tensor_sizes,
     guarded_bytearray,
     guarded_bytes,
     guarded_date,
@@ -81,22 +83,8 @@ from ._pickle_checks import (  # the caps are re-exported: the module docstring 
     reconstruct_bytes,
 )
 
-_BUILTIN_NAMES = (
-    "bool",
-    "bytearray",
-    "bytes",
-    "complex",
-    "dict",
-    "float",
-    "frozenset",
-    "int",
-    "list",
-    "object",
-    "set",
-    "slice",
-    "str",
-    "tuple",
-)
+_BUILTIN_NAMES = ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list", "object",
+                  "set", "slice", "str", "tuple")
 _CONTAINER_GLOBALS = frozenset(
     [(mod, name) for mod in ("builtins", "__builtin__") for name in _BUILTIN_NAMES]
     + [
@@ -119,18 +107,8 @@ _TORCH_GLOBALS = frozenset(
     ]
     + [
         ("torch", name)
-        for name in (
-            "float16",
-            "float32",
-            "float64",
-            "bfloat16",
-            "int8",
-            "int16",
-            "int32",
-            "int64",
-            "uint8",
-            "bool",
-        )
+        for name in ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
+                     "bool")
     ]
 )
 _NUMPY_GLOBALS = frozenset(
@@ -144,19 +122,8 @@ _NUMPY_GLOBALS = frozenset(
     ]
     + [
         ("numpy.dtypes", name)
-        for name in (
-            "BoolDType",
-            "Float16DType",
-            "Float32DType",
-            "Float64DType",
-            "Int8DType",
-            "Int32DType",
-            "Int64DType",
-            "UInt8DType",
-            "ObjectDType",
-            "StrDType",
-            "BytesDType",
-        )
+        for name in ("BoolDType", "Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int32DType",
+                     "Int64DType", "UInt8DType", "ObjectDType", "StrDType", "BytesDType")
     ]
 )
 _PANDAS_GLOBALS = frozenset(
@@ -217,6 +184,8 @@ _GUARDED: dict[tuple[str, str], Any] = {
     ("pandas.core.internals.blocks", "new_block"): guarded_new_block,
     **dict.fromkeys(_LEGACY_PANDAS_INDEXES, pd.Index),
 }
+#: Pandas types that ``NEWOBJ`` leaves empty until a ``BUILD`` restores their state.
+_STATE_FILLED = (pd.DataFrame, pd.Series, pd.Categorical, BaseBlockManager)
 _MODULE_ALIASES = {"__builtin__": "builtins", "numpy.core.multiarray": "numpy._core.multiarray"}
 
 
@@ -265,6 +234,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._budget = MemoryBudget(size)
         self._hashes = HashSpread()
         self._structures = StructureCheck(size)
+        self._unrestored: dict[int, Any] = {}  # pandas objects made by NEWOBJ, awaiting their BUILD
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.allowed:
@@ -294,6 +264,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             self._budget.charge(manager_state_bytes(self.stack[-1]), "a pandas block manager over long axes")
         check_build_keys(self.stack[-1])
         pickle._Unpickler.load_build(self)
+        self._unrestored.pop(id(target), None)
         check_pandas_object(target)
         if isinstance(target, np.dtype):
             self._structures.measure(target)  # its fields may share parts: descr would expand them
@@ -333,6 +304,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._check_call(cls, args, new_object=True)
         pickle._Unpickler.load_newobj(self)
         self._charge_result(cls)
+        self._await_state(self.stack[-1])
 
     dispatch[pickle.NEWOBJ[0]] = load_newobj
 
@@ -345,6 +317,15 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._check_call(cls, args, new_object=True)
         pickle._Unpickler.load_newobj_ex(self)
         self._charge_result(cls)
+        self._await_state(self.stack[-1])
+
+    def _await_state(self, built: Any) -> None:
+        """Note a frame, series, categorical or block manager that ``__new__`` left empty.
+
+        Only its ``BUILD`` makes it whole: left without one, using it crashes pandas.
+        """
+        if isinstance(built, _STATE_FILLED):
+            self._unrestored[id(built)] = built
 
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
 
@@ -409,6 +390,11 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.FROZENSET[0]] = load_frozenset
 
     def load_stop(self) -> None:
+        if self._unrestored:
+            kinds = sorted({type(obj).__name__ for obj in self._unrestored.values()})
+            raise pickle.UnpicklingError(
+                f"the file builds a pandas {', '.join(kinds)} without restoring its state; pandas "
+                "pickles always restore it, and an empty one crashes when used")
         if self.stack:  # what the caller gets may be hashed or printed
             self._structures.measure(self.stack[-1])
         pickle._Unpickler.load_stop(self)
@@ -514,6 +500,11 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
+    if zipfile.is_zipfile(path):
+        try:  # before torch reads it: torch allocates what a record declares
+            check_zip_records(path)
+        except (pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
     try:
         with torch.serialization.safe_globals(_WEIGHTS_ONLY_EXTRAS[allow]):
             loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -549,9 +540,9 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
 
 
 def _with_checked_tensors(path: Path, loaded: Any) -> Any:
-    """``loaded``, after refusing expanded tensors (:func:`check_tensor_sizes`) with a ValueError."""
+    """``loaded``, after refusing expanded tensors (:func:`check_loaded_tensors`) with a ValueError."""
     try:
-        check_tensor_sizes(loaded)
+        check_loaded_tensors(loaded)
     except pickle.UnpicklingError as err:
         raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
     return loaded
