@@ -189,8 +189,8 @@ def test_scopevi_kwargs_sections_are_checked():
 
 def test_the_benchmark_seed_is_the_effect_priors_seed_unless_the_model_kwargs_set_one():
     from perturbscope.benchmark import make_model
-    from perturbscope.effects import EffectPrior
     from perturbscope.benchmark._tasks import simulated_screen
+    from perturbscope.effects import EffectPrior
 
     adata, embeddings = simulated_screen()
     train = {"train": {"max_epochs": 1}}

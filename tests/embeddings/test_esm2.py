@@ -63,8 +63,11 @@ def test_deterministic_and_batching_invariant(tiny_esm2):
 def test_loaded_pair_and_bos_pooling_and_layer(tiny_esm2):
     path, model = tiny_esm2
     from_path = esm2_embeddings(SEQUENCES, model=path, progress_bar=False)
+    model.train()
     from_pair = esm2_embeddings(SEQUENCES, model=(model, model.alphabet), progress_bar=False)
     np.testing.assert_allclose(from_pair.to_numpy(), from_path.to_numpy(), atol=1e-6)
+    assert model.training  # the caller's model is handed back as it came (mode and device)
+    model.eval()
     assert from_pair.attrs["model"] == "ESM2"
 
     bos = esm2_embeddings(

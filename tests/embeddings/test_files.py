@@ -23,20 +23,21 @@ def table():
 
 
 @pytest.mark.parametrize(
-    "name", ["e.csv", "e.tsv", "e.tsv.gz", "e.txt", "e.parquet", "e.npz", "e.pt"]
+    "name", ["e.csv", "e.tsv", "e.tsv.gz", "e.txt", "e.parquet", "e.npz", "e.pt", "E.NPZ", "E.CSV"]
 )
 def test_round_trip(table, tmp_path, name):
     path = tmp_path / name
     write_gene_embeddings(table, path)
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # written where asked ("E.NPZ" became "E.NPZ.npz")
     back = read_gene_embeddings(path)
     assert list(back.index) == list(table.index)
     np.testing.assert_array_equal(back.to_numpy(), table.to_numpy())
-    if name != "e.pt":  # the DeSCOPE dict has no column names
+    if name.lower() != "e.pt":  # the DeSCOPE dict has no column names
         assert list(back.columns) == list(table.columns)
     else:
         assert list(back.columns) == ["dim_0", "dim_1", "dim_2"]
     assert back.attrs["path"] == str(path)
-    if name in ("e.parquet", "e.npz"):
+    if name.lower() in ("e.parquet", "e.npz"):
         assert {k: back.attrs[k] for k in table.attrs} == table.attrs
 
 

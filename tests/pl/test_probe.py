@@ -33,6 +33,19 @@ def test_gradient_field_draws_one_arrow_per_chosen_cell(field_adata):
     plt.close("all")
 
 
+def test_gradient_field_colours_string_and_boolean_columns_by_value(field_adata):
+    data = field_adata.copy()
+    data.obs["as_string"] = data.obs["state"].astype(str).astype("string")  # crashed in scatter(c=...)
+    data.obs.loc[data.obs_names[:5], "as_string"] = pd.NA
+    data.obs["flag"] = np.arange(data.n_obs) % 2 == 0
+    ax = gradient_field(data, "gene0", color="as_string", n_arrows=10)
+    labels = sorted(text.get_text() for text in ax.get_legend().get_texts())
+    assert labels == sorted(["NA", *map(str, data.obs["state"].astype(str).unique())])  # missing shown, not dropped
+    ax = gradient_field(data, "gene0", color="flag", n_arrows=10)
+    assert sorted(text.get_text() for text in ax.get_legend().get_texts()) == ["False", "True"]
+    plt.close("all")
+
+
 def test_gradient_field_errors(field_adata):
     with pytest.raises(
         ValueError,

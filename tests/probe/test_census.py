@@ -33,6 +33,18 @@ def test_query_is_mapped_reordered_and_zero_filled(census_layout, loaded):
         assert new.var.loc[ensembl.split(".")[0], "gene_symbol"] == symbol
 
 
+def test_backed_query_is_read_in_chunks_of_rows(census_layout, loaded, tmp_path):
+    folder, _, query = census_layout
+    path = tmp_path / "query.h5ad"
+    query.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")  # scipy could not convert its X ("dtype object")
+    with pytest.warns(UserWarning, match=r"6 of the model's 60 genes"):
+        model = load_census_scvi(folder, backed, gene_id_column="ensembl_id")
+    assert (sp.csr_matrix(model.adata.X) != sp.csr_matrix(loaded.adata.X)).nnz == 0
+    pd.testing.assert_frame_equal(model.adata.var, loaded.adata.var)
+    backed.file.close()
+
+
 def test_query_is_not_modified(census_layout):
     folder, _, query = census_layout
     before = query.copy()

@@ -31,6 +31,28 @@ def test_projection_follows_the_gradient():
     assert (flipped[:, 0] < 0).mean() > 0.95
 
 
+def test_projection_leaves_each_cell_out_of_its_neighbours_with_duplicate_latent_points():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(40, 3))
+    z[[10, 20]] = z[3]  # three identical latent points: sklearn may list another one first
+    embedding = rng.normal(size=(40, 2))
+    grad = rng.normal(size=(40, 3))
+    arrows = _project_onto_embedding(z, grad, embedding, n_neighbors=5, temperature=0.1)
+    # by hand: the 5 nearest others of each duplicate (the other two among them), softmax on cosines
+    for cell in (3, 10, 20):
+        distance = np.linalg.norm(z - z[cell], axis=1)
+        distance[cell] = np.inf
+        others = np.argsort(distance, kind="stable")[:5]
+        assert cell not in others
+        dz = z[others] - z[cell]
+        cos = dz @ grad[cell] / (np.linalg.norm(dz, axis=1) * np.linalg.norm(grad[cell]) + 1e-12)
+        weights = np.exp((cos - cos.max()) / 0.1)
+        weights /= weights.sum()
+        de = embedding[others] - embedding[cell]
+        de /= np.linalg.norm(de, axis=1, keepdims=True) + 1e-12
+        np.testing.assert_allclose(arrows[cell], (weights - 0.2) @ de, atol=1e-10)
+
+
 def test_gradient_field_errors(tiny_scvi):
     model, adata = tiny_scvi
     with pytest.raises(
@@ -110,12 +132,13 @@ def test_gradient_field_bad_inputs(tiny_scvi, kwargs, message):
         gradient_field(model, adata[:10].copy(), **args)
 
 
-def test_gradient_field_needs_two_cells_and_a_2d_basis(tiny_scvi):
+def test_gradient_field_needs_three_cells_and_a_2d_basis(tiny_scvi):
     model, adata = tiny_scvi
+    # two cells have one neighbour each, and every arrow was exactly zero
     with pytest.raises(ValueError, match=re.escape(
-        "adata has 1 cells; at least 2 are needed to project onto the embedding through latent neighbours"
+        "adata has 2 cells; at least 3 are needed to project onto the embedding through latent neighbours"
     )):
-        gradient_field(model, adata[:1].copy(), "gene2")
+        gradient_field(model, adata[:2].copy(), "gene2")
     sub = adata[:10].copy()
     sub.obsm["X_line"] = np.zeros((10, 1))
     with pytest.raises(ValueError, match=re.escape(

@@ -46,6 +46,23 @@ def test_ora_finds_the_enriched_set(ranked_scores):
     assert "tiny" not in set(table["pathway"])  # below min_size
 
 
+def test_ora_is_one_sided_so_a_depleted_set_is_not_significant(ranked_scores):
+    from scipy.stats import fisher_exact
+
+    scores, sets = ranked_scores
+    table = rank_pathways(scores, sets, method="ora", top_n=50).set_index("pathway")
+    # decoupler's own p-value is two-sided: "depleted" (no gene among the top 50) ranked as
+    # significant; over-representation gives it p = 1
+    assert table.loc["depleted", "n_hits"] == 0
+    assert table.loc["depleted", "pvalue"] == pytest.approx(1.0)
+    assert table.loc["depleted", "score"] < 0
+    for name in ("response", "random", "depleted"):
+        hits, size = table.loc[name, "n_hits"], table.loc[name, "n_genes"]
+        expected = fisher_exact([[hits, size - hits], [50 - hits, 600 - size - 50 + hits]], alternative="greater")[1]
+        assert table.loc[name, "pvalue"] == pytest.approx(expected, rel=1e-9), name
+    assert list(table.index[:1]) == ["response"]
+
+
 def test_gsea_orders_sets_by_direction(ranked_scores):
     scores, sets = ranked_scores
     table = rank_pathways(scores, sets, method="gsea", n_permutations=200).set_index("pathway")

@@ -474,11 +474,28 @@ def _model_key_without_loading(model: str | os.PathLike) -> str:
 def _embed(
     module, alphabet, sequences, layer, pooling, max_tokens, device, window, stride, progress_bar
 ):
-    """Pool each window of each sequence, then average windows per gene."""
-    import torch
+    """Pool each window of each sequence, then average windows per gene.
 
+    A model the caller passed in is left as it was found (its device and training mode).
+    """
     if not sequences:
         return {}
+    training = module.training
+    first = next(module.parameters(), None)
+    try:
+        return _embed_on_device(module, alphabet, sequences, layer, pooling, max_tokens, device, window, stride,
+                                progress_bar)
+    finally:
+        module.train(training)
+        if first is not None:
+            module.to(first.device)
+
+
+def _embed_on_device(
+    module, alphabet, sequences, layer, pooling, max_tokens, device, window, stride, progress_bar
+):
+    import torch
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module = module.eval().to(device)

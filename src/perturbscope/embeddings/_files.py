@@ -254,13 +254,14 @@ def write_gene_embeddings(df: pd.DataFrame, path: str | os.PathLike) -> None:
         out.attrs = attrs
         out.to_parquet(path)
     elif fmt == "npz":
-        np.savez(
-            path,
-            genes=df.index.to_numpy(dtype=str),
-            embeddings=df.to_numpy(),
-            columns=df.columns.to_numpy(dtype=str),
-            attrs=np.array(json.dumps(attrs)),
-        )
+        with open(path, "wb") as handle:  # a path would gain ".npz" unless it ends in lower case ".npz"
+            np.savez(
+                handle,
+                genes=df.index.to_numpy(dtype=str),
+                embeddings=df.to_numpy(),
+                columns=df.columns.to_numpy(dtype=str),
+                attrs=np.array(json.dumps(attrs)),
+            )
     else:
         import torch
 

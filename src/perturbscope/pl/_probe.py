@@ -91,9 +91,14 @@ def gradient_field(
         ax.scatter(xy[:, 0], xy[:, 1], s=6, c="lightgrey", linewidths=0)
     else:
         values = adata.obs[color]
-        if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
-            for name in pd.Categorical(values).categories:
-                mask = (values == name).to_numpy()
+        discrete = not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
+        if discrete:  # categorical, object, pandas string or boolean columns: one colour per value
+            labels = pd.Categorical(values)
+            missing = pd.isna(labels)
+            if missing.any():  # shown, not dropped
+                ax.scatter(xy[missing, 0], xy[missing, 1], s=6, linewidths=0, c="lightgrey", label="NA")
+            for name in labels.categories:
+                mask = np.asarray(labels == name)
                 ax.scatter(xy[mask, 0], xy[mask, 1], s=6, linewidths=0, label=str(name), alpha=0.6)
             ax.legend(markerscale=2, frameon=False, fontsize="small", loc="best")
         else:

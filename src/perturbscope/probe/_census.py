@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..data import is_out_of_core, iter_row_chunks
 from ..data._checks import preview as _preview
 from ._scvi_files import (
     COPIED_ATTRS,
@@ -141,7 +142,10 @@ def _map_genes(
         )
     src_cols = position.reindex(model_genes[matched]).to_numpy()
     dst_cols = np.flatnonzero(matched)
-    counts = sp.csr_matrix(source)[:, src_cols].tocoo()
+    # a backed matrix is read a chunk of rows at a time, only the model's columns kept
+    chunks = [sp.csr_matrix(rows)[:, src_cols] for _, rows in iter_row_chunks(source)] \
+        if is_out_of_core(source) else [sp.csr_matrix(source)[:, src_cols]]
+    counts = sp.vstack(chunks, format="csr").tocoo() if chunks else sp.coo_matrix((0, len(src_cols)))
     X = sp.csr_matrix(
         (counts.data.astype(np.float32), (counts.row, dst_cols[counts.col])),
         shape=(adata.n_obs, len(model_genes)),

@@ -86,7 +86,11 @@ def _project_onto_embedding(
     """scVelo-style projection of latent vectors onto an embedding through latent neighbours."""
     k = min(n_neighbors, z.shape[0] - 1)
     _, idx = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z)
-    idx = idx[:, 1:]
+    # drop each cell itself, wherever it is listed: with duplicate latent points another cell
+    # may come first (where it is not listed at all, the farthest neighbour goes)
+    own = idx == np.arange(len(z))[:, None]
+    own[~own.any(axis=1), -1] = True
+    idx = idx[~own].reshape(len(z), k)
     dz = z[idx] - z[:, None, :]  # (cells, k, latent)
     cos = np.einsum("ckl,cl->ck", dz, grad)
     cos /= np.linalg.norm(dz, axis=2) * np.linalg.norm(grad, axis=1, keepdims=True) + 1e-12
@@ -151,7 +155,7 @@ def gradient_field(
     ------
     ValueError
         If ``gene`` is not one gene name decoded by the model; ``basis`` is not in
-        ``adata.obsm`` or has fewer than 2 columns; ``adata`` has fewer than 2 cells or
+        ``adata.obsm`` or has fewer than 2 columns; ``adata`` has fewer than 3 cells or
         ``var_names`` other than the model's genes in the model's order; ``n_neighbors`` or
         ``batch_size`` is not a positive integer, or ``temperature <= 0``.
 
@@ -174,7 +178,8 @@ def gradient_field(
             f"adata.obsm[{basis!r}] must have at least 2 columns, got shape {embedding.shape}"
         )
     embedding = embedding[:, :2].astype(np.float64)
-    _check_cells(adata, 2, " to project onto the embedding through latent neighbours")
+    # two cells have one neighbour each, and every arrow would be exactly zero (p_ij - 1/k = 0)
+    _check_cells(adata, 3, " to project onto the embedding through latent neighbours")
     _check_var_names(model, adata)
     probe, adata_checked = _make_probe(model, adata, None, transform_batch, TARGET_SUM, batch_size)
     gene_index = _gene_indices(probe.gene_names, [gene])

@@ -132,8 +132,10 @@ def rank_pathways(
         A ``.gmt`` path, a ``.json`` path or a dict, flat ``{set: genes}`` or nested
         ``{collection: {set: genes}}`` (e.g. ``genesets/spectra_default_gene_sets.json``).
     method
-        ``"ora"``: over-representation of the ``top_n`` highest-scoring genes (Fisher's exact
-        test, scored genes as background; the score is the log odds ratio). ``"gsea"``:
+        ``"ora"``: over-representation of the ``top_n`` highest-scoring genes (one-sided
+        Fisher's exact test, the hypergeometric upper tail, with the scored genes as background;
+        the score is decoupler's log odds ratio). A set with fewer top genes than chance has a
+        large p-value. ``"gsea"``:
         decoupler's GSEA over the whole ranking (the score is the normalised enrichment score).
     top_n
         Genes counted as hits by ``"ora"``.
@@ -215,11 +217,16 @@ def rank_pathways(
             "n_genes": sizes.reindex(es.columns).to_numpy(),
         }
     )
-    from scipy.stats import false_discovery_control
+    from scipy.stats import false_discovery_control, hypergeom
 
-    out["padj"] = false_discovery_control(np.clip(out["pvalue"].to_numpy(), 0, 1), method="bh")
     if method == "ora":
         members = net.groupby("source")["target"].apply(set)
         out["n_hits"] = [len(members[p] & hits) for p in out["pathway"]]
+        # one-sided: decoupler's Fisher p-value is two-sided, so a set with no top genes at all
+        # would rank as significant
+        out["pvalue"] = hypergeom.sf(out["n_hits"] - 1, len(scores), out["n_genes"], top_n)
+    out["padj"] = false_discovery_control(np.clip(out["pvalue"].to_numpy(), 0, 1), method="bh")
+    if method == "ora":
+        out["n_hits"] = out.pop("n_hits")  # the last column, as documented
     out = out.sort_values(["pvalue", "score"], ascending=[True, False], ignore_index=True)
     return out
