@@ -27,7 +27,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from _sections import sections
-from prior_diagnostics import task_facts
+from prior_diagnostics import collapse_splits, task_facts
 
 import perturbscope
 from perturbscope.benchmark import (
@@ -139,12 +139,24 @@ def _value(summary: pd.DataFrame, task: str, group: str, model: str, metric: str
 
 
 def load_diagnostics(out: Path) -> dict[str, dict]:
-    """``{task: task_facts}`` from ``prior_diagnostics.py``'s CSV under ``out``, where it has run."""
+    """``{task: task_facts}`` from ``prior_diagnostics.py``'s CSV under ``out``, where it has run.
+
+    A task whose diagnosed splits are not the splits of its saved metrics (a stale CSV) is left
+    out, with a warning.
+    """
     path = out / "prior_diagnostics.csv"
     if not path.is_file():
         return {}
     table = pd.read_csv(path)
-    return {task: task_facts(block) for task, block in table.groupby("task", sort=False)}
+    facts = {}
+    for task, block in table.groupby("task", sort=False):
+        metrics = out / task / "metrics.csv"
+        splits = set(pd.read_csv(metrics, usecols=["split"])["split"]) if metrics.is_file() else set()
+        if set(block["split"]) != splits - {s for s in splits if not isinstance(s, str)}:
+            warnings.warn(f"{path} does not match {task}'s saved splits; rerun prior_diagnostics.py", stacklevel=2)
+            continue
+        facts[task] = task_facts(block)
+    return facts
 
 
 def target_section(summary: pd.DataFrame, diagnostics: dict[str, dict] | None = None) -> str:
@@ -204,6 +216,7 @@ def target_section(summary: pd.DataFrame, diagnostics: dict[str, dict] | None = 
         facts.append({
             "label": f"{task} {group}", "task": task, "r_missed": not ok_r, "e_missed": not ok_e, "c_missed": not ok_c,
             "energy": finite_e, "scopevi_l2": get("scopevi", "l2_top_expressed"), "best_l2": (best_l2, l2[best_l2]),
+            "best_r": best_r,
             "l2_ok": ok_l2,
             "tie": abs(get("scopevi", "pearson_delta_top_de") - r[best_r]) < 5e-4
             and abs(get("scopevi", "l2_top_expressed") - l2[best_l2]) < 5e-4,
@@ -240,7 +253,8 @@ def target_section(summary: pd.DataFrame, diagnostics: dict[str, dict] | None = 
 def _why_lines(facts: list[dict], diagnostics: dict[str, dict]) -> list[str]:
     """What the runs show about the misses and the ties; each bullet only where it applies."""
     def measured(rows, explain):
-        return "".join(f" {explain(f, diagnostics[f['task']])}" for f in rows if f["task"] in diagnostics)
+        reasons = [explain(f, diagnostics[f["task"]]) for f in rows if f["task"] in diagnostics]
+        return "".join(f" {reason}" for reason in reasons if reason)
 
     r_missed = [f for f in facts if f["r_missed"]]
     e_missed = [f for f in facts if f["e_missed"]]
@@ -284,47 +298,53 @@ def _why_lines(facts: list[dict], diagnostics: dict[str, dict]) -> list[str]:
 
 
 def _ranking_reason(fact: dict, d: dict) -> str:
-    """Why the blend's Pearson fell short on one task, from its prior diagnostics."""
+    """Why the blend's Pearson fell short on one task, from its prior diagnostics (means over splits)."""
     means, cf_best, test_best = d["means"], d["cf_best"], d["test_best"]
     if cf_best != test_best:
-        return (f"On {fact['task']} the training genes, on which the blend is chosen, rank `{cf_best}` first "
-                f"by cross-fitted Pearson ({means.loc[cf_best, 'crossfit_pearson']:.3f}; `{test_best}` "
-                f"{means.loc[test_best, 'crossfit_pearson']:.3f}), and the test genes rank `{test_best}` first "
-                f"({means.loc[test_best, 'test_pearson']:.3f}; `{cf_best}` {means.loc[cf_best, 'test_pearson']:.3f}); "
-                f"split by split, the two rankings put the same estimator first on {d['agree']} of {d['n']} splits.")
+        return (f"On {fact['task']} (means over splits) the training genes, on which the blend is chosen, rank "
+                f"`{cf_best}` first by cross-fitted Pearson ({means.loc[cf_best, 'crossfit_pearson']:.3f}; "
+                f"`{test_best}` {means.loc[test_best, 'crossfit_pearson']:.3f}), and the test genes rank "
+                f"`{test_best}` first ({means.loc[test_best, 'test_pearson']:.3f}; `{cf_best}` "
+                f"{means.loc[cf_best, 'test_pearson']:.3f}); split by split, the two rankings put the same "
+                f"estimator first on {d['agree']} of {d['n']} splits.")
     blend = means.loc["stacked", "crossfit_pearson"]
+    if blend >= means.loc[cf_best, "crossfit_pearson"]:
+        return ""
     best_l2, value = fact["best_l2"]
-    return (f"On {fact['task']} the training and the test genes agree that `{cf_best}` is first by Pearson "
-            f"({means.loc[cf_best, 'crossfit_pearson']:.3f} on the training genes, {means.loc[cf_best, 'test_pearson']:.3f} "
-            f"on the test genes), but the "
-            f"blend scores {blend:.3f} on the training genes already: stacking fits it to the squared error "
-            f"over all genes (there it has {means.loc['stacked', 'crossfit_mse_all_genes']:.5f}, `{cf_best}` "
-            f"{means.loc[cf_best, 'crossfit_mse_all_genes']:.5f}), which trades Pearson delta for error; its "
-            f"L2 on the test genes is {fact['scopevi_l2']:.3f} against {value:.3f} for `{best_l2}`.")
+    return (f"On {fact['task']} (means over splits) the training and the test genes agree that `{cf_best}` is "
+            f"first by Pearson ({means.loc[cf_best, 'crossfit_pearson']:.3f} on the training genes, "
+            f"{means.loc[cf_best, 'test_pearson']:.3f} on the test genes), and the blend scores {blend:.3f} on the "
+            f"training genes, although those figures are in-sample for it (its weights were fitted there): "
+            f"stacking fits it to the squared error over all genes (there it has "
+            f"{means.loc['stacked', 'crossfit_mse_all_genes']:.5f}, `{cf_best}` "
+            f"{means.loc[cf_best, 'crossfit_mse_all_genes']:.5f}), which trades Pearson delta for error; "
+            f"ScopeVI's L2 on the test genes is {fact['scopevi_l2']:.3f} against {value:.3f} for `{best_l2}`.")
 
 
 def _energy_reason(fact: dict, d: dict) -> str:
     """What the diagnostics and the energy distances show on one task (consistent with, not proof of, a cause)."""
     energy = fact["energy"]
-    if "no_change" not in energy:
+    if "no_change" not in energy or energy["no_change"] < max(energy.values()):
         return ""
-    best = min(energy, key=energy.get)
+    closest = min(energy, key=energy.get)
     shrink = d["means"].loc["stacked", "weight"]
     return (f"On {fact['task']} the blend's weights sum to {shrink:.2f} on average, the rest being no change, "
             f"and no change is the baseline farthest from the observed cells there ({energy['no_change']:.3f}; "
-            f"`{best}` {energy[best]:.3f}): consistent with the shrinkage that keeps L2 low costing energy "
-            f"distance, not checked further.")
+            f"closest `{closest}` {energy[closest]:.3f}): consistent with the shrinkage that keeps L2 low "
+            f"costing energy distance, not checked further.")
 
 
 def _collapse_reason(fact: dict, d: dict) -> str:
     """Where the blend's mode collapse shows, from one task's diagnostics."""
-    means, best = d["means"], d["test_best"]
-    train_blend, train_best = means.loc["stacked", "crossfit_delta_correlation"], means.loc[best, "crossfit_delta_correlation"]
-    where = ("below it on the training genes, so the check fails on the test genes only"
-             if train_blend <= train_best else "above it on the training genes too")
-    return (f"On {fact['task']} the blend's `delta_correlation` is {train_blend:.2f} against {train_best:.2f} "
-            f"for `{best}`: {where} ({means.loc['stacked', 'test_delta_correlation']:.2f} against "
-            f"{means.loc[best, 'test_delta_correlation']:.2f} there).")
+    means, best = d["means"], fact["best_r"]
+    if best not in means.index:
+        return ""
+    below, n = collapse_splits(d["block"], best)
+    return (f"On {fact['task']} (means over splits) the blend's `delta_correlation` on the training genes is "
+            f"{means.loc['stacked', 'crossfit_delta_correlation']:.2f} against "
+            f"{means.loc[best, 'crossfit_delta_correlation']:.2f} for `{best}`, and at or below it on {below} of "
+            f"{n} splits; on the test genes ScopeVI's is {means.loc['stacked', 'test_delta_correlation']:.2f} "
+            f"against {means.loc[best, 'test_delta_correlation']:.2f}.")
 
 
 def main() -> None:

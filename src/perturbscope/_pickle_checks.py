@@ -77,17 +77,30 @@ def check_dtype_state(dtype: np.dtype) -> None:
         raise pickle.UnpicklingError(
             f"the file restores dtype {brief(dtype)} with flags {dtype.flags} and item size {dtype.itemsize}, "
             f"where numpy's own are {expected.flags} and {expected.itemsize}")
-    # the state's fields may hold keys outside its names (hidden fields, or titles that alias
-    # another type), which numpy serves by name without bounds or type checks
-    fields, own = dict(dtype.fields or {}), dict(expected.fields or {})
-    if set(fields) != set(own) or any(fields[k][1:] != own[k][1:] or fields[k][0] != own[k][0] for k in fields):
-        raise pickle.UnpicklingError(
-            f"the file restores a structured dtype whose fields {brief(sorted(map(str, fields)))} differ from "
-            f"those its names describe ({brief(sorted(map(str, own)))})")
-    for field in fields.values():
+    _check_field_keys(dtype)
+    for field in (dtype.fields or {}).values():
         check_dtype_state(field[0])
     if dtype.subdtype is not None:
         check_dtype_state(dtype.subdtype[0])
+
+
+def _check_field_keys(dtype: np.dtype) -> None:
+    """Every key of a structured dtype's fields is one of its names or the title of one.
+
+    The pickled state may hold further keys (hidden fields, or a title that aliases another
+    type), which numpy serves by name without bounds or type checks. A title must lead to its
+    name's own field, and every field must lie inside the item.
+    """
+    fields, names = dict(dtype.fields or {}), list(dtype.names or ())
+    titles = {fields[name][2]: name for name in names if len(fields[name]) > 2 and fields[name][2] is not None}
+    stray = sorted(str(key) for key in fields if key not in names
+                   and not (key in titles and fields[key] == fields[titles[key]]))
+    outside = sorted(str(name) for name in names if fields[name][1] + fields[name][0].itemsize > dtype.itemsize
+                     or fields[name][1] < 0)
+    if stray or outside:
+        raise pickle.UnpicklingError(
+            f"the file restores a structured dtype with fields {brief(stray or outside)} "
+            + ("outside its names" if stray else "outside its item"))
 
 
 def attribute_dicts(state: Any) -> list[dict] | None:

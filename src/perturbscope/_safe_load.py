@@ -500,7 +500,7 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
-    if zipfile.is_zipfile(path):
+    if _starts_a_zip(path) and zipfile.is_zipfile(path):  # torch's own test is the first record's header
         try:  # before torch reads it: torch allocates what a record declares
             check_zip_records(path)
         except (pickle.UnpicklingError, zipfile.BadZipFile) as err:
@@ -537,6 +537,11 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
             f"({type(err).__name__}: {err})"
         ) from err
     return _with_checked_tensors(path, loaded)
+
+
+def _starts_a_zip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
 
 
 def _with_checked_tensors(path: Path, loaded: Any) -> Any:

@@ -134,3 +134,17 @@ def test_unseen_context_errors(small_screen):
         unseen_context_split(adata, "perturbation", "line", "type_0")
     with pytest.raises(ValueError, match="k must be >= 0"):
         unseen_context_split(adata, "perturbation", "cell_type", "type_0", k=-1)
+
+
+def test_integer_labels_and_an_integer_control_value():
+    import anndata as ad
+    import pandas as pd
+
+    from perturbscope.benchmark import unseen_single_split
+
+    labels = [0] * 6 + [1] * 3 + [2] * 3 + [3] * 3
+    adata = ad.AnnData(np.ones((15, 5)), obs=pd.DataFrame({"p": labels}, index=[f"c{i}" for i in range(15)]))
+    # the check compared 0 with the labels' strings and refused a control that is there
+    split = unseen_single_split(adata, "p", control_value=0, n_folds=3)
+    assert set(adata.obs.loc[split.control, "p"]) == {0}
+    assert 0 not in set(adata.obs.loc[split.test, "p"])

@@ -795,7 +795,8 @@ def test_a_prior_without_perturbed_cells_is_refused_by_name():
 def test_crossfit_predictions_reproduce_the_scores_and_the_blend():
     adata, emb = simulate_perturbseq(n_genes=40, n_perturbed_genes=12, n_combinations=8, n_cell_types=1,
                                      n_cells_per_condition=30, embedding_dim=8, seed=4)
-    prior = EffectPrior(emb).fit(adata, "perturbation")
+    assert EffectPrior(emb).fit(adata, "perturbation").crossfit_predictions_ == {}  # kept only when asked
+    prior = EffectPrior(emb, keep_crossfit_predictions=True).fit(adata, "perturbation")
     table = prior.crossfit_predictions_["unseen_gene"]
     assert table.index.names == ["estimator", "perturbation", "context"]
     assert list(table.columns) == list(prior.means_.columns)

@@ -144,3 +144,21 @@ def test_bad_gene_sets(tmp_path, ranked_scores):
         ValueError, match="gene_sets must be a GMT or JSON path or a dict, got list"
     ):
         rank_pathways(scores, [["G1"]])
+
+
+def test_ora_score_and_hits_come_from_the_same_genes_when_scores_tie():
+    genes = [f"G{i}" for i in range(100)]
+    scores = pd.Series(np.r_[np.ones(10), np.linspace(0.5, -1, 90)], index=genes)  # 10 tied at the top
+    sets = {"first_five": genes[:5], "next_five": genes[5:10], "filler": genes[50:60]}
+    table = rank_pathways(scores, sets, method="ora", top_n=5, min_size=3).set_index("pathway")
+    # the tie is broken once; whichever set gets the hits, its score, p-value and n_hits agree
+    assert sorted(table.loc[["first_five", "next_five"], "n_hits"]) == [0, 5]
+    # decoupler's score is the Haldane-corrected log odds ratio (0.5 added to every cell), by hand
+    # from the same hits: a = hits, b = set - hits, c = top_n - hits, d = the rest
+    for name in ("first_five", "next_five"):
+        a = table.loc[name, "n_hits"]
+        b, c = 5 - a, 5 - a
+        d = 100 - a - b - c
+        expected = np.log((a + 0.5) * (d + 0.5) / ((b + 0.5) * (c + 0.5)))
+        assert table.loc[name, "score"] == pytest.approx(expected, rel=1e-5), table
+        assert (table.loc[name, "pvalue"] < 1e-5) == (a == 5), table

@@ -37,7 +37,7 @@ def parse_perturbation(label: str, control_value: str = "control", delimiter: st
     >>> parse_perturbation("control")
     ()
     """
-    label = str(label)
+    label, control_value = str(label), str(control_value)  # labels are read as strings everywhere
     if label == control_value:
         return ()
     tokens = [token.strip() for token in label.split(delimiter)]
@@ -205,7 +205,7 @@ def check_control_present(labels: pd.Series, key: str, control_value: str) -> No
     >>> check_control_present(pd.Series(["control", "A"]), "perturbation", "control")
     """
     values = pd.unique(labels.astype(str))
-    if control_value not in set(values):
+    if str(control_value) not in set(values):  # labels are compared as strings, as is_control does
         shown = ", ".join(repr(v) for v in values[:10])
         more = f" (and {len(values) - 10} more)" if len(values) > 10 else ""
         raise ValueError(

@@ -72,10 +72,10 @@ class FewShotMixin:
         """The ``"few_shot"`` blend cross-fitted at ``k`` cells, leaving the prior as it is.
 
         As :meth:`fit_few_shot` with ``k`` given, but returned instead of kept: a dict with
-        ``"weights"``, ``"n_held_out"``, ``"scores"``, ``"quantiles"`` (``None`` for both
-        with fewer than :data:`MIN_HELD_OUT` held-out groups) and ``"held_out"`` (the held-out
-        predictions, as in ``crossfit_predictions_``), or ``None`` where no group has ``2 k``
-        cells to draw from.
+        ``"weights"``, ``"n_held_out"``, ``"scores"``, ``"quantiles"`` and ``"held_out"`` (the
+        held-out predictions, as in ``crossfit_predictions_``; all three ``None`` with fewer than
+        :data:`MIN_HELD_OUT` held-out groups), or ``None`` where no group has ``2 k`` cells to
+        draw from.
 
         Examples
         --------

@@ -62,6 +62,7 @@ from ._prior_state import PriorStateMixin
 from ._scoring import (
     bagged_stack_weights,
     describe_blend,
+    difficulty_scale,
     dominant_estimator,
     gene_scaled_quantiles,
     held_out_table,
@@ -121,6 +122,9 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         Coverage levels of the intervals.
     seed
         Seed of the fold assignment.
+    keep_crossfit_predictions
+        Keep the held-out predictions behind the cross-fitted scores (``crossfit_predictions_``;
+        candidates x held-out queries x genes per kind, so off by default).
 
     Attributes
     ----------
@@ -133,10 +137,11 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         Mean held-out Pearson and MSE (see :func:`top_change_scores`) per kind, for each
         candidate and for the blend (``"stacked"``).
     crossfit_predictions_
-        ``{kind: DataFrame}``: the held-out predictions behind ``crossfit_scores_``, indexed by
-        (``estimator``, ``perturbation``, ``context``), the blend as ``"stacked"`` and the
-        observed shifts as ``"observed"``; only for kinds cross-fitted here (not saved with a
-        model).
+        ``{kind: DataFrame}`` with ``keep_crossfit_predictions``: the held-out predictions behind
+        ``crossfit_scores_``, indexed by (``estimator``, ``perturbation``, ``context``), the blend
+        as ``"stacked"`` and the observed shifts as ``"observed"``; only for kinds cross-fitted
+        here (not saved with a model). The blend's rows use weights fitted on these same
+        predictions, so its scores are in-sample (optimistic), unlike the candidates'.
     n_held_out_
         Held-out (perturbation, context) pairs per kind.
     quantiles_
@@ -163,6 +168,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         levels: Sequence[float] = (0.8, 0.95),
         seed: int = 0,
         n_bootstrap: int = 50,
+        keep_crossfit_predictions: bool = False,
     ):
         if not isinstance(n_folds, int) or n_folds < 2:
             raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}.")
@@ -176,6 +182,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         self.n_bootstrap = n_bootstrap
         self.levels = tuple(float(lv) for lv in levels)
         self.seed = seed
+        self.keep_crossfit_predictions = keep_crossfit_predictions
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -289,7 +296,8 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         self.weights_[kind] = blend["weights"]
         if blend["quantiles"] is None:
             return
-        self.crossfit_predictions_[kind] = blend["held_out"]
+        if self.keep_crossfit_predictions:
+            self.crossfit_predictions_[kind] = blend["held_out"]
         for column, value in blend["scores"].items():
             self.crossfit_scores_.loc[kind, column] = value
         self.quantiles_[kind] = blend["quantiles"]
@@ -302,7 +310,8 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         """
         n = len(next(iter(per.values()))[0]) if per else 0
         if n < MIN_HELD_OUT:
-            return {"weights": {self._available(kind)[0]: 1.0}, "n_held_out": n, "scores": None, "quantiles": None}
+            return {"weights": {self._available(kind)[0]: 1.0}, "n_held_out": n, "scores": None, "quantiles": None,
+                    "held_out": None}
         names = [name for name in self._available(kind) if name in per]
         truth = next(iter(per.values()))[3]
         predictions = {name: truth - per[name][1] for name in names}
@@ -468,24 +477,11 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         return sorted(out)  # make_estimator builds no embedding_nn without embeddings
 
     def _scale(self, kind: str, perturbation: str, fitted: Baseline) -> float:
-        """Difficulty of a query: 0.5 + cosine distance of its least familiar unseen gene."""
+        """Difficulty of a query (:func:`difficulty_scale`); 1 for kinds without unseen genes."""
         if kind not in ("unseen_gene", "partial_combination") or self.gene_embeddings is None:
             return 1.0
-        seen = [p for p in fitted.seen_ if len(self._genes(p)) == 1]
-        reference = self.gene_embeddings.reindex([self._genes(p)[0] for p in seen]).dropna()
-        unseen = [g for g in self._genes(perturbation) if g not in set(reference.index)]
-        if reference.empty or not unseen:
-            return 1.0
-        distances = []
-        for gene in unseen:
-            if gene not in self.gene_embeddings.index:
-                distances.append(2.0)
-                continue
-            query = self.gene_embeddings.loc[gene].to_numpy()
-            norms = np.linalg.norm(reference.to_numpy(), axis=1) * np.linalg.norm(query)
-            cosine = reference.to_numpy() @ query / np.where(norms > 0, norms, 1.0)
-            distances.append(1.0 - float(cosine.max()))
-        return 0.5 + max(distances)
+        seen = [self._genes(p)[0] for p in fitted.seen_ if len(self._genes(p)) == 1]
+        return difficulty_scale(self.gene_embeddings, seen, self._genes(perturbation))
 
     # ------------------------------------------------------------------ prediction
     def kind(self, perturbation: str, context: str) -> str:

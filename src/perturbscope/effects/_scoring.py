@@ -288,3 +288,32 @@ def dominant_estimator(weights: dict[str, float]) -> str:
     """
     positive = {name: w for name, w in weights.items() if w > 0}
     return max(positive, key=positive.get) if positive else "no_change"
+
+
+def difficulty_scale(gene_embeddings: pd.DataFrame, seen: Sequence[str], genes: Sequence[str]) -> float:
+    """``0.5 +`` the cosine distance of the least familiar of ``genes`` to its nearest ``seen`` gene.
+
+    Genes among ``seen`` (or when none of ``seen`` has an embedding row) give 1; a gene without
+    an embedding row counts as distance 2. Residuals divided by it are normalised conformal
+    scores: a gene far from every training gene gets a wider interval.
+
+    Examples
+    --------
+    >>> emb = pd.DataFrame([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], index=["A", "B", "C"])
+    >>> round(difficulty_scale(emb, ["A"], ["B"]), 6), round(difficulty_scale(emb, ["A"], ["C"]), 6)
+    (1.5, 0.792893)
+    """
+    reference = gene_embeddings.reindex(list(seen)).dropna()
+    unseen = [g for g in genes if g not in set(reference.index)]
+    if reference.empty or not unseen:
+        return 1.0
+    distances = []
+    for gene in unseen:
+        if gene not in gene_embeddings.index:
+            distances.append(2.0)
+            continue
+        query = gene_embeddings.loc[gene].to_numpy()
+        norms = np.linalg.norm(reference.to_numpy(), axis=1) * np.linalg.norm(query)
+        cosine = reference.to_numpy() @ query / np.where(norms > 0, norms, 1.0)
+        distances.append(1.0 - float(cosine.max()))
+    return 0.5 + max(distances)

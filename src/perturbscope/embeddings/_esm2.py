@@ -482,13 +482,14 @@ def _embed(
         return {}
     training = module.training
     first = next(module.parameters(), None)
+    home = None if first is None else first.device  # the device itself: .to() moves parameters in place
     try:
         return _embed_on_device(module, alphabet, sequences, layer, pooling, max_tokens, device, window, stride,
                                 progress_bar)
     finally:
         module.train(training)
-        if first is not None:
-            module.to(first.device)
+        if home is not None:
+            module.to(home)
 
 
 def _embed_on_device(

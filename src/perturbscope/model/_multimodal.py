@@ -252,9 +252,9 @@ class MultimodalMixin:
           decodes every modality from the VAE alone (no prior shift, no interval layers).
 
         Memory: with ``aggregate="mean"`` every modality is streamed over chunks of ``batch_size``
-        control cells, keeping only running sums per (perturbation, context), as RNA is; the
-        draws then depend on ``batch_size`` as well as ``seed``. Without it, the cells of every
-        modality are returned, ``perturbations x n_samples x controls x features`` floats each.
+        control cells, keeping only running sums per (perturbation, context), as RNA is. Without
+        it, the cells of every modality are returned, ``perturbations x n_samples x controls x
+        features`` floats each. Either way the draws depend on ``seed`` and ``batch_size``.
 
         Parameters
         ----------

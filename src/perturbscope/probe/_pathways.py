@@ -198,9 +198,12 @@ def rank_pathways(
     data = pd.DataFrame([scores.to_numpy()], index=["scores"], columns=scores.index)
     dc_net = net[["source", "target"]]
     if method == "ora":
+        # ties broken once, by position: decoupler's selection and the hits counted here agree
+        ranks = scores.rank(method="first")
         n_up = len(scores) - top_n if _ora_selects_above_n_up() else top_n
-        es, pv = dc.mt.ora(data, dc_net, n_up=n_up, n_bg=len(scores), tmin=min_size, verbose=False)
-        hits = set(scores.sort_values(ascending=False).index[:top_n])
+        ranked = pd.DataFrame([ranks.to_numpy()], index=["scores"], columns=scores.index)
+        es, pv = dc.mt.ora(ranked, dc_net, n_up=n_up, n_bg=len(scores), tmin=min_size, verbose=False)
+        hits = set(ranks.index[ranks.to_numpy() > len(scores) - top_n])
     else:
         es, pv = dc.mt.gsea(
             data, dc_net, times=n_permutations, seed=seed, tmin=min_size, verbose=False
