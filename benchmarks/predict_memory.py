@@ -65,6 +65,18 @@ def child(folder: Path, n_perturbations: int, n_controls: int, batch_size: int, 
                       "process_peak_mb": _peak_mb(), "seconds": seconds, "rows": rows}))
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"10x1000,100x1000"`` as ``[(10, 1000), (100, 1000)]``."""
+    return [tuple(map(int, size.split("x"))) for size in text.split(",") if size]
+
+
+def run_child(script: str, folder: Path, p: int, n: int, batch_size: int, aggregate: str) -> dict:
+    """Run ``script --child`` in a fresh process and return the JSON line it prints."""
+    command = [sys.executable, script, "--child", str(folder), str(p), str(n), str(batch_size), aggregate]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10x1000,100x1000,100x10000",
@@ -79,8 +91,7 @@ def main() -> None:
         child(Path(folder), int(p), int(n), int(batch), None if aggregate == "none" else aggregate)
         return
 
-    sizes = [tuple(map(int, s.split("x"))) for s in args.sizes.split(",")]
-    to_disk = [tuple(map(int, s.split("x"))) for s in args.cells_to_disk.split(",") if s]
+    sizes, to_disk = parse_sizes(args.sizes), parse_sizes(args.cells_to_disk)
     n_controls = max(n for _, n in sizes + to_disk)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -105,10 +116,7 @@ def main() -> None:
         print(f"{'perturbations':>13} {'controls':>9} {'output':>13} {'process peak MB':>16} {'predict peak MB':>16} "
               f"{'predict adds':>13} {'cells would need':>17} {'seconds':>8}")
         for p, n, aggregate in runs:
-            command = [sys.executable, __file__, "--child", str(folder), str(p), str(n), str(args.batch_size),
-                       aggregate]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result = run_child(__file__, folder, p, n, args.batch_size, aggregate)
             in_memory = 8 * p * n * N_GENES / 2**20
             output = "mean" if aggregate == "mean" else "cells (h5ad)"
             print(f"{p:>13} {n:>9} {output:>13} {result['process_peak_mb']:>16.0f} {result['peak_mb']:>16.0f} "

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import mudata as md
 import numpy as np
 import scvi
 import torch
-from predict_memory import _peak_mb, _status_mb
+from predict_memory import _peak_mb, _status_mb, parse_sizes, run_child
 
 import perturbscope as ps
 
@@ -85,8 +83,7 @@ def main() -> None:
         folder, p, n, batch, aggregate = args.child
         child(Path(folder), int(p), int(n), int(batch), None if aggregate == "none" else aggregate)
         return
-    sizes = [tuple(map(int, s.split("x"))) for s in args.sizes.split(",")]
-    cells = [tuple(map(int, s.split("x"))) for s in args.cells.split(",") if s]
+    sizes, cells = parse_sizes(args.sizes), parse_sizes(args.cells)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         n_features = train(folder, max(n for _, n in sizes + cells), args.peaks)
@@ -94,10 +91,7 @@ def main() -> None:
         print(f"{'perturbations':>13} {'controls':>9} {'output':>7} {'process peak MB':>16} {'predict peak MB':>16} "
               f"{'predict adds MB':>16} {'cells hold MB':>14} {'seconds':>8}")
         for p, n, aggregate in [(p, n, "mean") for p, n in sizes] + [(p, n, "none") for p, n in cells]:
-            command = [sys.executable, __file__, "--child", str(folder), str(p), str(n), str(args.batch_size),
-                       aggregate]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result = run_child(__file__, folder, p, n, args.batch_size, aggregate)
             held = 8 * p * n * n_features / 2**20
             print(f"{p:>13} {n:>9} {'mean' if aggregate == 'mean' else 'cells':>7} "
                   f"{result['process_peak_mb']:>16.0f} {result['peak_mb']:>16.0f} "
