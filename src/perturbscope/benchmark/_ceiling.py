@@ -2,8 +2,11 @@
 
 Noise ceiling: the real cells of each perturbation are split at random into two halves, one
 half plays the prediction and the other the truth, and every metric of :func:`evaluate` is
-computed. No model can be expected to agree with the truth better than the data agrees with
-itself, so each score is read beside its ceiling. The top DE genes are chosen from the truth
+computed: how well a replicate of the same perturbation, at half the depth, agrees with the
+truth, the noise a prediction is read against. It is not an upper bound for a model that
+pools many perturbations: where single perturbations are weak or have few cells, the
+perturbed mean (estimated from every training perturbation) can agree with the truth better
+than a half of the perturbation's own cells does. The top DE genes are chosen from the truth
 half alone, as a model's are chosen from the truth alone: genes chosen from both halves are
 those where the two halves drifted together by chance, and on a perturbation without any
 effect they gave a Pearson delta of about 0.7 instead of about 0. With half the cells on each side the
