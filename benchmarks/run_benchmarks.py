@@ -140,6 +140,28 @@ def _value(summary: pd.DataFrame, task: str, group: str, model: str, metric: str
         return float("nan")
 
 
+def with_earlier_timings(line: str, earlier: str, models: set[str]) -> str:
+    """A runtime row, completed with the seconds of models whose rows an earlier run produced.
+
+    A task rerun with ``--reuse-models`` times only the models it ran; the reused models keep
+    the seconds of the run that produced their rows (``earlier``, the previous RESULTS.md row),
+    marked as such.
+    """
+    def seconds(row: str) -> dict[str, str]:
+        cells = [c.strip() for c in row.split("|")]
+        if len(cells) < 4 or not cells[3]:
+            return {}
+        return dict(part.rsplit(" ", 1) for part in cells[3].replace(" (earlier run)", "").split(", ") if " " in part)
+
+    now, then = seconds(line), seconds(earlier)
+    missing = [m for m in sorted(models) if m not in now and m in then]
+    if not missing:
+        return line
+    cells = line.split("|")
+    cells[3] = cells[3].rstrip() + ", " + ", ".join(f"{m} {then[m]} (earlier run)" for m in missing) + " "
+    return "|".join(cells)
+
+
 def load_diagnostics(out: Path) -> dict[str, dict]:
     """``{task: task_facts}`` from ``prior_diagnostics.py``'s CSV under ``out``, where it has run.
 
@@ -390,8 +412,9 @@ def main() -> None:
                                   na_values=[""])
             results["value"] = pd.to_numeric(results["value"])
             saved = args.out / task / "runtime.txt"
-            timings += ([saved.read_text().strip()] if saved.is_file()
-                        else [line for line in previous if line.startswith(f"| {task} |")][:1])
+            before = [line for line in previous if line.startswith(f"| {task} |")][:1]
+            timings += ([with_earlier_timings(saved.read_text().strip(), before[0] if before else "",
+                                              set(results["model"]))] if saved.is_file() else before)
         else:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
@@ -495,7 +518,7 @@ def main() -> None:
         "context by the unseen-context blend, as the prediction does (it had used the "
         "unseen-gene blend). The seeds change the splits, the few-shot cells, the ceiling's "
         "halving, the VAE's training and the effect prior's cross-fitting folds (`prior_seed` "
-        "is the benchmark seed; until this run it stayed 0 in every seed, which left the "
+        "is the benchmark seed; until the run of 2026-11-30 it stayed 0 in every seed, which left the "
         "folds' randomness out of the spread over seeds). One more consistency fix came after "
         "these runs, from a code review, not from results: an unseen-context query whose context "
         "has training perturbations of its own now weighs the other contexts' perturbed mean, "
@@ -545,6 +568,9 @@ the embedding baselines do not apply.
 {check}
 
 ## Runtime
+
+`minutes` is the task's latest run; a model marked "(earlier run)" was not rerun there (its rows
+come from the run that timed it, see the task's section).
 
 | task | minutes | mean seconds per fit + predict + score |
 |---|---|---|
