@@ -70,6 +70,12 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return [tuple(map(int, size.split("x"))) for size in text.split(",") if size]
 
 
+def child_arguments(values: list[str]) -> tuple:
+    """``--child FOLDER P N BATCH AGGREGATE`` as the arguments of ``child``."""
+    folder, p, n, batch, aggregate = values
+    return Path(folder), int(p), int(n), int(batch), None if aggregate == "none" else aggregate
+
+
 def run_child(script: str, folder: Path, p: int, n: int, batch_size: int, aggregate: str) -> dict:
     """Run ``script --child`` in a fresh process and return the JSON line it prints."""
     command = [sys.executable, script, "--child", str(folder), str(p), str(n), str(batch_size), aggregate]
@@ -87,8 +93,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        folder, p, n, batch, aggregate = args.child
-        child(Path(folder), int(p), int(n), int(batch), None if aggregate == "none" else aggregate)
+        child(*child_arguments(args.child))
         return
 
     sizes, to_disk = parse_sizes(args.sizes), parse_sizes(args.cells_to_disk)

@@ -25,7 +25,7 @@ import mudata as md
 import numpy as np
 import scvi
 import torch
-from predict_memory import _peak_mb, _status_mb, parse_sizes, run_child
+from predict_memory import _peak_mb, _status_mb, child_arguments, parse_sizes, run_child
 
 import perturbscope as ps
 
@@ -80,8 +80,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        folder, p, n, batch, aggregate = args.child
-        child(Path(folder), int(p), int(n), int(batch), None if aggregate == "none" else aggregate)
+        child(*child_arguments(args.child))
         return
     sizes, cells = parse_sizes(args.sizes), parse_sizes(args.cells)
     with tempfile.TemporaryDirectory() as tmp:
