@@ -315,7 +315,7 @@ def test_a_container_cannot_be_filled_after_it_was_used():
              + b"(K\x01K\x01\x85" + _global("numpy", "dtype") + _text("O") + b"\x85R\x89]" + _get(0) + b"atb")
     fill = _get(0) + b"(K\x01e"  # APPENDS onto the list the array already holds
     with pytest.raises(pickle.UnpicklingError, match=(
-            r"^the file applies APPENDS to a list it has already used; pickles fill a container before they use it$")):
+            r"^the file applies APPENDS to a list it has already used; pickles fill or restore an object before they use it$")):
         restricted_pickle.loads(b"\x80\x02" + empty_list + b"0" + array + fill + b"0.")
 
 
@@ -479,3 +479,80 @@ def test_zip_records_must_be_stored_once_and_uncompressed(tmp_path):
     plain = tmp_path / "plain.pt"
     _zip_copy(source, plain)
     assert load_model_file(plain)["w"].shape == (1000,)
+
+
+def _rebuilt_after_use(obj, target, state) -> bytes:
+    """``obj``'s pickle, then BUILD ``target`` (from the memo) with ``state``: a restore after use."""
+    import io
+
+    buffer = io.BytesIO()
+    pickler = pickle._Pickler(buffer, 2)
+    pickler.dump(obj)
+    buffer.seek(buffer.tell() - 1)
+    buffer.truncate()  # drop STOP
+    pickler.save(target)
+    pickler.save(state)
+    pickler.write(b"b0.")
+    return buffer.getvalue()
+
+
+def test_arrays_and_dtypes_cannot_be_restored_after_use():
+    # a series checked over 20,000 values, then its array rebuilt to one: reindex crashed
+    series = pd.Series(np.array(["x"] * 20_000, dtype=object))
+    values = series._mgr.blocks[0].values
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file applies BUILD to a ndarray it has already used; pickles fill or restore an object")):
+        restricted_pickle.loads(_rebuilt_after_use(series, values, (1, (1,), np.dtype("O"), False, ["y"])))
+    # an array's dtype rebuilt afterwards as an object field over its bytes: a read at 0x4141...
+    array = np.frombuffer(b"\x41" * 8, dtype="V8").copy()
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file applies BUILD to a VoidDType it has already used"):
+        restricted_pickle.loads(_rebuilt_after_use(array, array.dtype, np.dtype([("a", "O")]).__reduce__()[2]))
+    # an object array that holds itself (98 bytes): arithmetic recursed in C until it crashed
+    data = (b"\x80\x02" + _global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+            + b"K\x00\x85C\x01b\x87Rq\x00(K\x01K\x01\x85" + _global("numpy", "dtype")
+            + b"X\x01\x00\x00\x00O\x85R\x89]h\x00atb.")
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file applies BUILD to a ndarray it has already used"):
+        restricted_pickle.loads(data)
+    good = [np.arange(3.0), np.array(["a", None], dtype=object), np.zeros(2, dtype=[("x", "<f4")])]
+    for value, back in zip(good, restricted_pickle.loads(pickle.dumps(good, protocol=2))):
+        np.testing.assert_array_equal(value, back)
+
+
+def test_numpy_scalars_are_plain_and_exactly_one_item():
+    from numpy.core.multiarray import scalar
+
+    object_field = np.dtype([("a", "O")])
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file builds a numpy scalar of dtype .*only dtypes without object"):
+        restricted_pickle.loads(_dumps(_Rebuild(scalar, (object_field, np.zeros(0, dtype=object_field)))))
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file builds a numpy scalar of 8 bytes from 3"):
+        restricted_pickle.loads(_dumps(_Rebuild(scalar, (np.dtype("f8"), b"abc"))))
+    assert restricted_pickle.loads(pickle.dumps(np.float64(2.5), protocol=2)) == 2.5
+
+
+def test_weights_only_results_are_checked_too(tmp_path):
+    import argparse
+
+    import torch
+
+    # torch's weights-only loader accepts each of these; perturbscope walks its result
+    parameter = torch.nn.Parameter(torch.zeros(4))
+    parameter.__array_interface__ = {"shape": (4,), "typestr": "|O", "data": (0x41414141, False), "version": 3}
+    sparse = torch.sparse_coo_tensor(torch.tensor([[10**9, 5]]), torch.tensor([1.0, 2.0]), (4,), check_invariants=False)
+    cases = {
+        "dunder": ({"w": parameter}, r"the file sets the attributes \['__array_interface__'\]"),
+        "set": ({"w": {torch.zeros(1).expand(2**36)}}, r"a tensor of 68719476736 elements over 1 stored ones"),
+        "sparse": ({"w": [sparse]}, r"the file holds a torch\.sparse_coo tensor; model files hold dense tensors"),
+    }
+    for name, (payload, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(payload, path)
+        with pytest.raises(ValueError, match=message):
+            load_model_file(path)
+    namespace = argparse.Namespace(layers=2)
+    namespace.__eq__ = 1
+    path = tmp_path / "namespace.pt"
+    torch.save({"args": namespace, "w": torch.ones(1)}, path)
+    with pytest.raises(ValueError, match=r"the file sets the attributes \['__eq__'\]"):
+        load_model_file(path, allow="esm")
+    torch.save({"args": argparse.Namespace(layers=2), "w": torch.nn.Parameter(torch.ones(2))}, path)
+    assert load_model_file(path, allow="esm")["args"].layers == 2

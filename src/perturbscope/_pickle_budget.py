@@ -231,6 +231,8 @@ def _children(obj: Any) -> list | None:
     if isinstance(obj, np.dtype):
         parts = [] if obj.fields is None else [field[0] for field in obj.fields.values()]
         return parts + ([obj.subdtype[0]] if obj.subdtype is not None else []) or None
+    if isinstance(obj, np.ndarray) and obj.dtype.hasobject and obj.size:
+        return list(obj.ravel()) if obj.dtype.names is None else None
     return None
 
 
@@ -264,12 +266,13 @@ class StructureCheck:
         """Refuse filling a container after it was measured (passed to a call, restored, a key).
 
         Real pickles fill a container before they use it; filling it afterwards would grow a
-        structure that was measured small.
+        structure that was measured small. Arrays and dtypes are sealed the same way: restoring
+        one after an object that uses it was checked would change that object unchecked.
         """
         if self._sealed.get(id(container)) is container:
             raise pickle.UnpicklingError(
                 f"the file applies {opcode} to a {type(container).__name__} it has already used; "
-                "pickles fill a container before they use it")
+                "pickles fill or restore an object before they use it")
 
     def measure(self, root: Any) -> tuple[int, int]:
         """``(expanded nodes, nesting depth)`` of ``root``; refuses what is over the caps.
@@ -292,12 +295,16 @@ class StructureCheck:
             if known is not None and known[0] is obj:
                 done[key] = (known[1], known[2], False)
                 continue
+            if isinstance(obj, np.ndarray | np.dtype):  # used: restoring it again would change a user
+                self._sealed[key] = obj
             children = _children(obj)
             if children is None:
                 done[key] = (1, 0, False)
                 continue
             if not expanded:
                 if key in open_ids:  # a list that holds itself: repr prints [...]
+                    if isinstance(obj, np.ndarray):  # numpy's arithmetic recurses without end
+                        raise pickle.UnpicklingError("the file builds an object array that contains itself")
                     done[key] = (1, 0, True)
                     continue
                 open_ids.add(key)

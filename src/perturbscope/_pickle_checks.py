@@ -305,6 +305,21 @@ def guarded_new_index(cls: Any, d: Any) -> pd.Index:
     return _new_Index(cls, d)
 
 
+def guarded_scalar(dtype: Any, data: Any = None) -> Any:
+    """Numpy's ``scalar(dtype, data)``, for plain dtypes and exactly one item of bytes.
+
+    numpy reads an object field's pointer from ``data`` without checking its length (an object
+    field over an empty buffer crashed on ``repr``); numpy pickles only plain scalars this way.
+    """
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError(f"the file builds a numpy scalar of dtype {brief(dtype)}; only "
+                                     "dtypes without object fields are rebuilt from bytes")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError(f"the file builds a numpy scalar of {dtype.itemsize} bytes from "
+                                     f"{len(data) if isinstance(data, bytes) else type(data).__name__}")
+    return numpy_scalar()(dtype, data)
+
+
 def numpy_scalar() -> Any:
     """Return numpy's scalar rebuild (numpy 2 moved ``numpy.core`` to ``numpy._core``)."""
     try:
@@ -468,12 +483,18 @@ def check_pandas_object(obj: Any) -> None:
 
 
 def check_loaded_tensors(loaded: Any) -> None:
-    """Refuse tensors that address more elements than their storage holds, or carry hooks.
+    """Refuse odd tensors (expanded, sparse, hooked, with dunder attributes) and namespaces.
 
-    A 1.4 kB file can hold a tensor of 2^40 elements over one stored value (a stride-0
-    expansion), which any reduction then walks for minutes; no model file saves such views.
-    Backward hooks would be callables the file chose, run by the next ``backward()``.
+    Tensors may not address more elements than they store, carry backward hooks or dunder
+    attributes, or be other than dense; namespaces may not carry dunder attributes. A 1.4 kB file can hold a tensor of 2^40 elements over one stored value (a stride-0
+    expansion), which any reduction then walks for minutes; a sparse tensor's indices are not
+    validated on load (an index out of range wrote past the dense result); backward hooks would
+    be callables the file chose; ``__array_interface__`` makes numpy read an address the file
+    chose. torch's own weights-only loader accepts all of these, so its results are walked too:
+    dicts, lists, tuples, sets, namespaces and tensors' own attributes.
     """
+    import argparse
+
     import torch
 
     stack, seen = [loaded], set()
@@ -483,19 +504,32 @@ def check_loaded_tensors(loaded: Any) -> None:
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            stored = obj.untyped_storage().nbytes() // max(1, obj.element_size())
-            if obj.numel() > max(stored, 1):
-                raise pickle.UnpicklingError(
-                    f"the file holds a tensor of {obj.numel()} elements over {stored} stored ones (an "
-                    "expanded view); model files store every element")
-            if getattr(obj, "_backward_hooks", None):
-                raise pickle.UnpicklingError(
-                    "the file attaches backward hooks to a tensor (callables it chose, run by the next "
-                    "backward pass); model files hold none")
+            _check_tensor(obj)
+            stack.extend(vars(obj).values())
+        elif isinstance(obj, argparse.Namespace):
+            check_build_keys(vars(obj))
+            stack.extend(vars(obj).values())
         elif isinstance(obj, dict):
             stack.extend(obj.values())
-        elif isinstance(obj, list | tuple):
+        elif isinstance(obj, list | tuple | set | frozenset):
             stack.extend(obj)
+
+
+def _check_tensor(tensor: Any) -> None:
+    import torch
+
+    if tensor.layout != torch.strided:
+        raise pickle.UnpicklingError(f"the file holds a {tensor.layout} tensor; model files hold dense tensors")
+    stored = tensor.untyped_storage().nbytes() // max(1, tensor.element_size())
+    if tensor.numel() > max(stored, 1):
+        raise pickle.UnpicklingError(
+            f"the file holds a tensor of {tensor.numel()} elements over {stored} stored ones (an "
+            "expanded view); model files store every element")
+    if getattr(tensor, "_backward_hooks", None):
+        raise pickle.UnpicklingError(
+            "the file attaches backward hooks to a tensor (callables it chose, run by the next "
+            "backward pass); model files hold none")
+    check_build_keys(vars(tensor))
 
 
 def guarded_date(*args: Any) -> Any:

@@ -78,8 +78,8 @@ from ._pickle_checks import (  # the caps are re-exported: the module docstring 
     guarded_range_index,
     guarded_rebuild_parameter_with_state,
     guarded_reconstruct,
+    guarded_scalar,
     guarded_unpickle_block,
-    numpy_scalar,
     reconstruct_bytes,
 )
 
@@ -173,7 +173,7 @@ _GUARDED: dict[tuple[str, str], Any] = {
     ("builtins", "bytes"): guarded_bytes,
     ("builtins", "bytearray"): guarded_bytearray,
     ("numpy._core.multiarray", "_reconstruct"): guarded_reconstruct,
-    ("numpy._core.multiarray", "scalar"): numpy_scalar(),
+    ("numpy._core.multiarray", "scalar"): guarded_scalar,
     ("numpy", "ndarray"): NdarrayStandIn,
     ("pandas.core.indexes.range", "RangeIndex"): guarded_range_index,
     ("pandas.core.indexes.base", "_new_Index"): guarded_new_index,
@@ -208,7 +208,7 @@ _BUILD_TARGETS = (np.ndarray, np.dtype, pd.DataFrame, pd.Series, BaseBlockManage
 #: What a call allocates beyond copying its arguments, for the calls that allocate by size.
 _KNOWN_COSTS: dict[Any, Any] = {
     guarded_reconstruct: lambda args: reconstruct_bytes(*args) if len(args) == 3 else 0,
-    numpy_scalar(): lambda args: args[0].itemsize if args and isinstance(args[0], np.dtype) else 0,
+    guarded_scalar: lambda args: args[0].itemsize if args and isinstance(args[0], np.dtype) else 0,
 }
 
 
@@ -247,6 +247,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def load_build(self) -> None:
         target = self.stack[-2]
         self._structures.measure(self.stack[-1])
+        self._structures.check_unsealed(target, "BUILD")  # after: a state that holds its target seals it
         if isinstance(target, type | types.FunctionType | types.BuiltinFunctionType | types.ModuleType):
             raise pickle.UnpicklingError(
                 f"the file sets attributes of {target!r}, a class or function, which would change it "
