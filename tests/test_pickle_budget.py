@@ -556,3 +556,12 @@ def test_weights_only_results_are_checked_too(tmp_path):
         load_model_file(path, allow="esm")
     torch.save({"args": argparse.Namespace(layers=2), "w": torch.nn.Parameter(torch.ones(2))}, path)
     assert load_model_file(path, allow="esm")["args"].layers == 2
+
+
+def test_blocks_are_not_placed_at_negative_columns():
+    from pandas._libs.internals import _unpickle_block
+
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file places a pandas block at negative columns"):
+        restricted_pickle.loads(_dumps(_Rebuild(_unpickle_block, (np.ones((2, 3)), np.array([-1, 0]), 2))))
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"], "c": [1, 2]})
+    pd.testing.assert_frame_equal(restricted_pickle.loads(pickle.dumps(frame, protocol=2)), frame)

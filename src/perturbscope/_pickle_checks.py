@@ -359,6 +359,11 @@ def _check_block_args(values: Any, placement: Any) -> None:
         raise pickle.UnpicklingError(
             f"the file places a pandas block by a {type(placement).__name__}; pandas' own pickles use a "
             "slice or an integer array")
+    starts = [placement.start, placement.stop] if isinstance(placement, slice) else np.ravel(placement).tolist()
+    if any(isinstance(v, int) and v < 0 for v in starts) or (isinstance(placement, slice) and placement.step is not None
+                                                             and placement.step < 1):
+        raise pickle.UnpicklingError("the file places a pandas block at negative columns; pandas' own pickles "
+                                     "place blocks from column 0 up")
 
 
 def guarded_unpickle_block(values: Any, placement: Any, ndim: Any) -> Any:
