@@ -73,9 +73,9 @@ class FewShotMixin:
 
         As :meth:`fit_few_shot` with ``k`` given, but returned instead of kept: a dict with
         ``"weights"``, ``"n_held_out"``, ``"scores"``, ``"quantiles"`` and ``"held_out"`` (the
-        held-out predictions, as in ``crossfit_predictions_``; all three ``None`` with fewer than
-        :data:`MIN_HELD_OUT` held-out groups), or ``None`` where no group has ``2 k`` cells to
-        draw from.
+        held-out predictions, as in ``crossfit_predictions_``, only with
+        ``keep_crossfit_predictions``; all three ``None`` with fewer than :data:`MIN_HELD_OUT`
+        held-out groups), or ``None`` where no group has ``2 k`` cells to draw from.
 
         Examples
         --------

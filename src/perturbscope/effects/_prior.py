@@ -296,7 +296,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         self.weights_[kind] = blend["weights"]
         if blend["quantiles"] is None:
             return
-        if self.keep_crossfit_predictions:
+        if blend["held_out"] is not None:  # built only with keep_crossfit_predictions
             self.crossfit_predictions_[kind] = blend["held_out"]
         for column, value in blend["scores"].items():
             self.crossfit_scores_.loc[kind, column] = value
@@ -326,8 +326,8 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         scale = per[names[0]][2]
         return {"weights": {name: w for name, w in weights.items() if w > 0}, "n_held_out": n, "scores": scores,
                 "quantiles": gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels),
-                "held_out": held_out_table({**predictions, "stacked": stacked}, truth, per[names[0]][4],
-                                           self.means_.columns)}
+                "held_out": None if not self.keep_crossfit_predictions else held_out_table(
+                    {**predictions, "stacked": stacked}, truth, per[names[0]][4], self.means_.columns)}
 
     def _names(self, weights: dict[str, dict[str, float]] | None) -> list[str]:
         """The estimators to fit for ``weights`` (every candidate when ``None``)."""
