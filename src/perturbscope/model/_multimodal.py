@@ -46,6 +46,7 @@ from ..data import (
 from ..effects import EffectPrior
 from ..module import MultimodalScopeVAE
 from ..module._multimodal import ATAC_KEY, MODALITY_KEYS, PROTEIN_KEY
+from ._composition import compose_cells, composition_terms
 from ._effect_correction import Loader, few_shot_blends, prior_with_query_groups
 from ._multimodal_setup import check_modality_rows
 
@@ -383,7 +384,8 @@ class MultimodalMixin:
         n_samples, n_features = options["n_samples"], matrix.shape[1]
         anchor_contexts = contexts if contexts is not None else np.full(rna.n_obs, ALL_CONTEXTS)
         terms = (None if prior is None
-                 else self._modality_terms(prior, labels, anchor_contexts, n_samples, n_features, draws()))
+                 else composition_terms(prior, labels, anchor_contexts, n_samples, n_features, draws(),
+                                        self._cell_term_weight))
         if options["aggregate"] == "mean":
             means = PredictionMeans(labels, contexts, self._context_column, n_samples, n_features)
         else:
@@ -434,33 +436,12 @@ class MultimodalMixin:
                     )
                 yield cells, p, change.cpu().numpy()
 
-    def _modality_terms(self, prior, labels, contexts, n_samples, n_features, changes) -> dict:
-        """The composition's terms per (perturbation, context), from one pass of ``changes``.
-
-        ``s`` (the modality prior's shift), ``m`` (the decoder's mean change over the context's
-        anchors) and ``g`` (the cell-term weight); ``contexts`` holds each anchor's context.
-        """
-        sums = PredictionMeans(labels, contexts, None, n_samples, n_features, n_layers=1)
-        for cells, p, change in changes:
-            sums.add(p, cells, change)
-        m = sums.means(0).astype(np.float32)
-        s = np.zeros(m.shape, dtype=np.float32)
-        g = np.zeros(m.shape[:2], dtype=np.float32)
-        for p, label in enumerate(labels):
-            for c, context in enumerate(sums.contexts):
-                shift = prior.predict_shifts([label], context)
-                s[p, c] = shift.to_numpy()[0]
-                g[p, c] = self._cell_term_weight(shift.attrs["kinds"][0])
-        return {"s": s, "m": m, "g": g, "sums": sums}
-
     def _compose_modality(self, terms, p: int, anchors, change: np.ndarray) -> np.ndarray:
         """log1p-normalised anchors + prior shift + weighted cell-level response (module docstring)."""
         cells, start = anchors
         if terms is None:  # the VAE-only design (or residual=False): anchor plus the decoder's change
             return np.clip(start[None] + change, 0, None)
-        k = terms["sums"].context_of(cells)
-        return (start[None] + terms["s"][p, k] + terms["g"][p, k][:, None] * (change - terms["m"][p, k])).astype(
-            np.float32)
+        return compose_cells(terms, p, cells, start, change)
 
     def _add_modality_intervals(self, key: str, aggregated: ad.AnnData, levels) -> None:
         """Interval layers of a mean prediction from the modality's prior (no correction to stretch to)."""

@@ -38,6 +38,7 @@ from ..data import (
     prediction_anndata,
 )
 from ..module._scopevae import COUNT_LIKELIHOODS
+from ._composition import compose_cells, composition_terms
 from ._programs import PerturbationPrograms
 
 
@@ -264,33 +265,19 @@ class PredictionMixin:
                 yield cells, p, expression.cpu().numpy(), normalised.cpu().numpy()
 
     def _composition_terms(self, adata_control, perturbations, contexts, n_samples, changes) -> dict:
-        """The per-(perturbation, context) terms of the effect-prior composition, from one pass of ``changes``.
+        """The terms of the effect-prior composition (:func:`composition_terms`), from one pass of ``changes``.
 
-        ``s`` (the prior's shift), ``correction`` (``w_k (m - s)``), ``m`` (the VAE's mean change
-        over the context's anchors) and ``g`` (the cell-term weight) as arrays indexed
-        ``[perturbation, context]``; see :mod:`perturbscope.model._effect_correction`.
+        Adds ``mean_correction``, the correction ``w_k (m - s)`` per ``"perturbation|context"``.
         """
         contexts = np.full(adata_control.n_obs, ALL_CONTEXTS) if contexts is None else contexts
-        sums = PredictionMeans(perturbations, contexts, None, n_samples, adata_control.n_vars, n_layers=1)
-        for cells, p, change, _ in changes:
-            sums.add(p, cells, change)
-        m = sums.means(0).astype(np.float32)
-        prior = self.effect_prior
-        s = np.zeros(m.shape)
-        correction = np.zeros(m.shape)
-        g = np.zeros(m.shape[:2], dtype=np.float32)
-        for p, label in enumerate(perturbations):
-            for c, context in enumerate(sums.contexts):
-                shift = prior.predict_shifts([label], context)
-                kind = shift.attrs["kinds"][0]
-                s[p, c] = shift.to_numpy()[0]
-                correction[p, c] = self.correction_weights_.get(kind, 0.0) * (m[p, c] - s[p, c])
-                g[p, c] = self._cell_term_weight(kind)
-        position = {context: c for c, context in enumerate(sums.contexts)}
-        rows = {f"{label}|{context}": correction[p, position[context]]
+        terms = composition_terms(self.effect_prior, perturbations, contexts, n_samples, adata_control.n_vars,
+                                  ((cells, p, change) for cells, p, change, _ in changes),
+                                  self._cell_term_weight, self.correction_weights_)
+        position = {context: c for c, context in enumerate(terms["sums"].contexts)}
+        rows = {f"{label}|{context}": terms["correction"][p, position[context]]
                 for p, label in enumerate(perturbations) for context in pd.unique(contexts)}
-        return {"s": s, "correction": correction, "m": m, "g": g, "sums": sums,
-                "mean_correction": pd.DataFrame(rows, index=adata_control.var_names.copy()).T}
+        terms["mean_correction"] = pd.DataFrame(rows, index=adata_control.var_names.copy()).T
+        return terms
 
     def _anchor_expression(self, adata_control: ad.AnnData, cells: slice):
         """log1p-normalised expression and library size of the anchors ``cells``."""
@@ -301,10 +288,7 @@ class PredictionMixin:
     def _compose_cells(self, terms: dict, p: int, anchors, changes: np.ndarray):
         """``(X, log1p_norm)`` of anchors + prior + correction + cell term, ``(n_samples, cells, genes)``."""
         cells, start, library = anchors
-        k = terms["sums"].context_of(cells)
-        composed = (start[None] + terms["s"][p, k] + terms["correction"][p, k]
-                    + terms["g"][p, k][:, None] * (changes - terms["m"][p, k]))
-        log1p_norm = composed.astype(np.float32)
+        log1p_norm = compose_cells(terms, p, cells, start, changes)
         if self._data_scale == "log1p_norm":
             return log1p_norm, log1p_norm
         return np.clip(np.expm1(log1p_norm), 0, None) * library[None, :, None] / TARGET_SUM, log1p_norm
