@@ -421,6 +421,11 @@ def test_effect_prior_bad_arguments():
         EffectPrior(levels=(0.8, 1.0))
     with pytest.raises(ValueError, match=r"n_bootstrap must be an integer >= 0, got 1.5"):
         EffectPrior(n_bootstrap=1.5)
+    with pytest.raises(ValueError, match=r"^seed must be an integer, got '0'"):
+        EffectPrior(seed="0")
+    with pytest.raises(ValueError, match=r"^keep_crossfit_predictions must be True or False, got 'no'"):
+        EffectPrior(keep_crossfit_predictions="no")
+    assert EffectPrior(seed=np.int64(3), keep_crossfit_predictions=np.bool_(True)).seed == 3
 
 
 def test_add_groups_pools_cells_and_keeps_the_fitted_blends(two_context_prior):

@@ -177,12 +177,16 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             raise ValueError(f"levels must lie strictly between 0 and 1, got {bad}.")
         if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
             raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        if not isinstance(keep_crossfit_predictions, bool | np.bool_):
+            raise ValueError(f"keep_crossfit_predictions must be True or False, got {keep_crossfit_predictions!r}.")
         self.gene_embeddings = gene_embeddings
         self.n_folds = n_folds
         self.n_bootstrap = n_bootstrap
         self.levels = tuple(float(lv) for lv in levels)
-        self.seed = seed
-        self.keep_crossfit_predictions = keep_crossfit_predictions
+        self.seed = int(seed)
+        self.keep_crossfit_predictions = bool(keep_crossfit_predictions)
 
     # ------------------------------------------------------------------ fitting
     def fit(
