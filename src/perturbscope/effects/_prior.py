@@ -60,12 +60,15 @@ from ._few_shot import FEW_SHOT_CELLS, MIN_HELD_OUT, FewShotMixin  # noqa: F401 
 from ._interaction import InteractionBaseline
 from ._prior_state import PriorStateMixin
 from ._scoring import (
+    INTERVAL_SCALES,
     bagged_stack_weights,
+    candidate_shift,
     describe_blend,
     difficulty_scale,
     dominant_estimator,
     gene_scaled_quantiles,
     held_out_table,
+    predict_one_shift,
     random_folds,
     top_change_scores,
 )
@@ -125,6 +128,11 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
     keep_crossfit_predictions
         Keep the held-out predictions behind the cross-fitted scores (``crossfit_predictions_``;
         candidates x held-out queries x genes per kind, so off by default).
+    interval_scale
+        How each gene's held-out residuals are scaled before the pooled conformal quantile:
+        ``"leave_one_out"`` (each residual by the gene's other residuals) or ``"in_sample"``
+        (the rule before 2026-12, which undercovers with few held-out perturbations); see
+        :func:`gene_scaled_quantiles`.
 
     Attributes
     ----------
@@ -169,6 +177,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         seed: int = 0,
         n_bootstrap: int = 50,
         keep_crossfit_predictions: bool = False,
+        interval_scale: str = "leave_one_out",
     ):
         if not isinstance(n_folds, int) or n_folds < 2:
             raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}.")
@@ -181,12 +190,15 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
         if not isinstance(keep_crossfit_predictions, bool | np.bool_):
             raise ValueError(f"keep_crossfit_predictions must be True or False, got {keep_crossfit_predictions!r}.")
+        if interval_scale not in INTERVAL_SCALES:
+            raise ValueError(f"interval_scale must be one of {list(INTERVAL_SCALES)}, got {interval_scale!r}.")
         self.gene_embeddings = gene_embeddings
         self.n_folds = n_folds
         self.n_bootstrap = n_bootstrap
         self.levels = tuple(float(lv) for lv in levels)
         self.seed = int(seed)
         self.keep_crossfit_predictions = bool(keep_crossfit_predictions)
+        self.interval_scale = interval_scale
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -329,7 +341,8 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             scores[f"{name} (pearson)"], scores[f"{name} (mse)"] = float(pearson), float(mse)
         scale = per[names[0]][2]
         return {"weights": {name: w for name, w in weights.items() if w > 0}, "n_held_out": n, "scores": scores,
-                "quantiles": gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels),
+                "quantiles": gene_scaled_quantiles(np.abs(truth - stacked) / scale[:, None], self.levels,
+                                                   self.interval_scale),
                 "held_out": None if not self.keep_crossfit_predictions else held_out_table(
                     {**predictions, "stacked": stacked}, truth, per[names[0]][4], self.means_.columns)}
 
@@ -445,7 +458,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
     def _held_out_prediction(self, name: str, fitted: dict[str, Baseline], p: str, c: str) -> np.ndarray:
         """A candidate's prediction of the held-out query ``p`` in ``c`` from the fold's estimators."""
         if name != "gene_by_gene":
-            return _predict_one(fitted[name], p, c)
+            return predict_one_shift(fitted[name], p, c)
         return self._gene_by_gene(p, c, lambda gene: self._fold_single(fitted, gene, c))
 
     def _gene_by_gene(self, p: str, c: str, single) -> np.ndarray:
@@ -464,9 +477,9 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
         """
         observed = fitted["additive"]
         if (gene, c) in observed.shifts_.index:
-            return _predict_one(observed, gene, c)
+            return predict_one_shift(observed, gene, c)
         kind = "unseen_context" if gene in observed.seen_ else "unseen_gene"
-        return sum((w * _candidate(fitted, n, kind, gene, c) for n, w in self.weights_.get(kind, {}).items()),
+        return sum((w * candidate_shift(fitted, n, kind, gene, c) for n, w in self.weights_.get(kind, {}).items()),
                    np.zeros(len(observed.var_names_)))
 
     def _estimator_names(self, names, single_blends: Sequence[dict[str, float]]) -> list[str]:
@@ -554,7 +567,7 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             return self._few_shot_estimate(name, p, context, self.shifts_.loc[(p, context)].to_numpy())
         if name == "gene_by_gene":
             return self._gene_by_gene(p, context, lambda gene: self.predict_shifts([gene], context).to_numpy()[0])
-        return _candidate(self.estimators_, "additive" if name == "observed" else name, kind, p, context)
+        return candidate_shift(self.estimators_, "additive" if name == "observed" else name, kind, p, context)
 
     def half_widths(self, perturbations: Sequence[str], context: str, level: float) -> pd.DataFrame:
         """Half-width per gene of the ``level`` interval on each perturbation's mean shift.
@@ -578,21 +591,3 @@ class EffectPrior(FewShotMixin, PriorStateMixin):
             rows.append(np.full(len(genes), np.nan) if q is None else q * self._scale(kind, p, reference))
         return pd.DataFrame(np.vstack(rows), index=list(map(str, perturbations)), columns=genes)
 
-
-def _candidate(estimators: dict[str, Baseline], name: str, kind: str, perturbation: str, context: str) -> np.ndarray:
-    """Estimator ``name``'s shift for a ``kind`` query, as cross-fitting scored it.
-
-    For ``"unseen_context"``, whose folds hold contexts out: the other contexts' perturbed mean.
-    """
-    if name == "perturbed_mean" and kind == "unseen_context":
-        shifts = estimators[name].shifts_
-        others = shifts[shifts.index.get_level_values("context") != context]
-        return (others if len(others) else shifts).mean(axis=0).to_numpy()
-    return _predict_one(estimators[name], perturbation, context)
-
-
-def _predict_one(estimator: Baseline, perturbation: str, context: str) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        context_arg = None if estimator.context_key_ is None else context
-        return estimator.predict_shifts([perturbation], context_arg).to_numpy()[0]

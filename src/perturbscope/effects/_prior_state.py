@@ -30,7 +30,8 @@ class PriorStateMixin:
             "control_value": self.control_value_, "context_key": self.context_key_,
             "delimiter": self.delimiter_, "choices": dict(self.choices_), "levels": list(self.levels),
             "weights": {k: {n: float(w) for n, w in v.items()} for k, v in self.weights_.items()},
-            "n_folds": self.n_folds, "seed": self.seed, "n_bootstrap": self.n_bootstrap, "n_held_out": dict(self.n_held_out_),
+            "n_folds": self.n_folds, "seed": self.seed, "n_bootstrap": self.n_bootstrap,
+            "interval_scale": self.interval_scale, "n_held_out": dict(self.n_held_out_),
             "added_groups": sorted(getattr(self, "added_groups_", ())),
             "quantiles": {k: {float(lv): np.asarray(q) for lv, q in v.items()} for k, v in self.quantiles_.items()},
             "crossfit_scores": None if scores is None else {
@@ -55,7 +56,9 @@ class PriorStateMixin:
         True
         """
         prior = cls(gene_embeddings, n_folds=int(state["n_folds"]), levels=state["levels"], seed=int(state["seed"]),
-                    n_bootstrap=int(state.get("n_bootstrap", 0)))
+                    n_bootstrap=int(state.get("n_bootstrap", 0)),
+                    # the saved quantiles were computed by this rule; files from before it was kept used in-sample
+                    interval_scale=str(state.get("interval_scale", "in_sample")))
         index = pd.MultiIndex.from_arrays(
             [state["means_perturbation"], state["means_context"]], names=["perturbation", "context"]
         )
