@@ -486,7 +486,7 @@ def _rebuilt_after_use(obj, target, state) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    pickler = pickle._Pickler(buffer, 2)
+    pickler = _Pickler(buffer, 2)
     pickler.dump(obj)
     buffer.seek(buffer.tell() - 1)
     buffer.truncate()  # drop STOP
@@ -516,6 +516,20 @@ def test_arrays_and_dtypes_cannot_be_restored_after_use():
     good = [np.arange(3.0), np.array(["a", None], dtype=object), np.zeros(2, dtype=[("x", "<f4")])]
     for value, back in zip(good, restricted_pickle.loads(pickle.dumps(good, protocol=2))):
         np.testing.assert_array_equal(value, back)
+
+
+def test_categorical_dtypes_cannot_be_restored_after_use():
+    # a categorical checked against 2**16 categories, its dtype then restored to one category:
+    # codes outside the categories, and a segfault when the values were read
+    dtype = pd.CategoricalDtype(pd.RangeIndex(1 << 16))
+    categorical = _Rebuild(pd.Categorical, (), {"_codes": np.array([65_535, 3], dtype=np.int32), "_dtype": dtype},
+                           True)
+    back = restricted_pickle.loads(_dumps(categorical))  # used once, it loads
+    assert back.codes.tolist() == [65_535, 3] and len(back.categories) == 1 << 16
+    state = {"categories": pd.Index(["x"], dtype=object), "ordered": False}
+    with pytest.raises(pickle.UnpicklingError, match=(
+            r"^the file applies BUILD to a CategoricalDtype it has already used; pickles fill or restore")):
+        restricted_pickle.loads(_rebuilt_after_use(categorical, dtype, state))
 
 
 def test_numpy_scalars_are_plain_and_exactly_one_item():

@@ -72,11 +72,54 @@ def test_census_loader_refuses_a_malicious_model_pt(tmp_path, capfd):
     import anndata as ad
 
     query = ad.AnnData(np.ones((2, 2), dtype=np.float32))
-    with open(tmp_path / "model.pt", "wb") as handle:
-        pickle.dump(_PrintPayload(), handle)  # a bare pickle, as an attacker could also ship
+    torch.save({"model_state_dict": {}, "attr_dict": _PrintPayload()}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"refusing to load .*print"):
         load_census_scvi(tmp_path, query, gene_id_column="ensembl_id")
+    with open(tmp_path / "model.pt", "wb") as handle:
+        pickle.dump(_PrintPayload(), handle)  # a bare pickle, as an attacker could also ship
+    with pytest.raises(ValueError, match=r"refusing to load .*not in torch's zip format"):
+        load_census_scvi(tmp_path, query, gene_id_column="ensembl_id")
     assert "pwned" not in capfd.readouterr().out
+
+
+def _legacy_torch_file(numels: list[int]) -> bytes:
+    """torch's pre-1.6 format: storages declared at ``numels`` elements, none of them written."""
+    import collections
+    import io
+
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, tuple) and obj and obj[0] == "STORAGE":
+                return ("storage", torch.FloatStorage, obj[1], "cpu", obj[2], None)
+            return None
+
+    class Tensor:
+        def __init__(self, key, numel):
+            self.key, self.numel = key, numel
+
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2,
+                    (("STORAGE", self.key, self.numel), 0, (self.numel,), (1,), False, collections.OrderedDict()))
+
+    out = io.BytesIO()
+    sizes = {"short": 2, "int": 4, "long": 4}
+    for header in (MAGIC_NUMBER, PROTOCOL_VERSION, {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
+                                                     "type_sizes": sizes}):
+        pickle.dump(header, out, protocol=2)
+    Pickler(out, protocol=2).dump({f"w{i}": Tensor(str(i), n) for i, n in enumerate(numels)})
+    pickle.dump([], out, protocol=2)  # no storage is listed, so torch reads none of them
+    return out.getvalue()
+
+
+def test_legacy_torch_format_is_refused_before_torch_allocates(tmp_path):
+    """A 300-byte file in torch's old format declared a 3 GiB storage and got it, unfilled (stale heap)."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(_legacy_torch_file([3 << 28]))
+    assert path.stat().st_size < 400
+    with pytest.raises(ValueError, match=r"refusing to load .*not in torch's zip format \(torch.save's default"):
+        load_model_file(path)
 
 
 def test_plain_state_dict_loads_with_weights_only(tmp_path):

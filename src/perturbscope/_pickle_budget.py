@@ -248,6 +248,9 @@ class StructureCheck:
     ----------
     file_bytes
         Size of the pickle data.
+    sealed_types
+        Types whose objects, once used (measured as part of a call's arguments or a state), may
+        not be restored again (:meth:`check_unsealed`); lists, dicts and sets are always sealed.
 
     Examples
     --------
@@ -256,7 +259,8 @@ class StructureCheck:
     (6, 2)
     """
 
-    def __init__(self, file_bytes: int):
+    def __init__(self, file_bytes: int, sealed_types: tuple[type, ...] = (np.ndarray, np.dtype)):
+        self._sealed_types = sealed_types
         self.max_nodes = EXPANDED_NODES_FLOOR + max(0, int(file_bytes))
         self.visits_left = 64 * self.max_nodes
         self._known: dict[int, tuple[Any, int, int]] = {}  # id -> (object, nodes, depth)
@@ -266,8 +270,9 @@ class StructureCheck:
         """Refuse filling a container after it was measured (passed to a call, restored, a key).
 
         Real pickles fill a container before they use it; filling it afterwards would grow a
-        structure that was measured small. Arrays and dtypes are sealed the same way: restoring
-        one after an object that uses it was checked would change that object unchecked.
+        structure that was measured small. The ``sealed_types`` (arrays and dtypes; for the
+        loader, every type it restores) are sealed the same way: restoring one after an object
+        that uses it was checked would change that object unchecked.
         """
         if self._sealed.get(id(container)) is container:
             raise pickle.UnpicklingError(
@@ -295,7 +300,7 @@ class StructureCheck:
             if known is not None and known[0] is obj:
                 done[key] = (known[1], known[2], False)
                 continue
-            if isinstance(obj, np.ndarray | np.dtype):  # used: restoring it again would change a user
+            if isinstance(obj, self._sealed_types):  # used: restoring it again would change a user
                 self._sealed[key] = obj
             children = _children(obj)
             if children is None:

@@ -233,7 +233,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         size = stream_size(file)
         self._budget = MemoryBudget(size)
         self._hashes = HashSpread()
-        self._structures = StructureCheck(size)
+        self._structures = StructureCheck(size, sealed_types=_BUILD_TARGETS)
         self._unrestored: dict[int, Any] = {}  # pandas objects made by NEWOBJ, awaiting their BUILD
 
     def find_class(self, module: str, name: str) -> Any:
@@ -485,8 +485,8 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
         If ``path`` does not exist.
     ValueError
         If the file names a global outside the allow-list (e.g. a payload calling ``print`` or
-        ``os.system``), is not a readable torch file, or needs the restricted unpickler while
-        ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` forbids every load but torch's weights-only one.
+        ``os.system``), is not a readable torch file, is in torch's pre-1.6 (non-zip) format, or
+        needs the restricted unpickler while ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` forbids every load but torch's weights-only one.
 
     Examples
     --------
@@ -501,11 +501,17 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
-    if _starts_a_zip(path) and zipfile.is_zipfile(path):  # torch's own test is the first record's header
-        try:  # before torch reads it: torch allocates what a record declares
-            check_zip_records(path)
-        except (pickle.UnpicklingError, zipfile.BadZipFile) as err:
-            raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
+    if not (_starts_a_zip(path) and zipfile.is_zipfile(path)):  # torch's own test is the first record's header
+        raise ValueError(
+            f"refusing to load {str(path)!r}: it is not in torch's zip format (torch.save's default since "
+            "torch 1.6). The older format is refused because torch allocates each tensor's storage at the "
+            "size the file declares, and returns it unfilled, before reading any data; load it in a trusted "
+            "session and save it again with a current torch."
+        )
+    try:  # before torch reads it: torch allocates what a record declares
+        check_zip_records(path)
+    except (pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
     try:
         with torch.serialization.safe_globals(_WEIGHTS_ONLY_EXTRAS[allow]):
             loaded = torch.load(path, map_location="cpu", weights_only=True)
