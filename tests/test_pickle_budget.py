@@ -525,7 +525,8 @@ def test_categorical_dtypes_cannot_be_restored_after_use():
     categorical = _Rebuild(pd.Categorical, (), {"_codes": np.array([65_535, 3], dtype=np.int32), "_dtype": dtype},
                            True)
     back = restricted_pickle.loads(_dumps(categorical))  # used once, it loads
-    assert back.codes.tolist() == [65_535, 3] and len(back.categories) == 1 << 16
+    assert back.codes.tolist() == [65_535, 3]
+    assert len(back.categories) == 1 << 16
     state = {"categories": pd.Index(["x"], dtype=object), "ordered": False}
     with pytest.raises(pickle.UnpicklingError, match=(
             r"^the file applies BUILD to a CategoricalDtype it has already used; pickles fill or restore")):

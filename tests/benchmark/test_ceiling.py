@@ -63,3 +63,19 @@ def test_ceiling_by_hand_on_the_truth_halfs_de_genes():
         truth = half_b[half_b.obs["p"] == p].X.mean(axis=0) - control_mean
         expected = np.corrcoef(predicted[columns], truth[columns])[0, 1]
         assert table.loc[p, "pearson_delta_top_de"] == pytest.approx(expected, abs=1e-9), p
+
+
+def test_reference_and_ceiling_refuse_missing_labels():
+    """Missing labels were scored as a perturbation named "nan"."""
+    from perturbscope.benchmark import prepare_reference
+
+    rng = np.random.default_rng(0)
+    labels = pd.Series(["a"] * 8 + ["b"] * 8 + [np.nan] * 8, dtype=object)
+    observed = ad.AnnData(rng.random((24, 5)), obs=pd.DataFrame({"p": labels.to_numpy()},
+                                                                 index=[f"c{i}" for i in range(24)]))
+    control = ad.AnnData(rng.random((10, 5)))
+    message = r"^adata.obs\['p'\] \(perturbation_key\) has 8 missing labels \(first cells: \['c16', "
+    with pytest.raises(ValueError, match=message):
+        noise_ceiling(observed, control, "p", n_de=3, n_pcs=2)
+    with pytest.raises(ValueError, match=message):
+        prepare_reference(observed, control, "p", n_de=3, n_pcs=2)

@@ -148,3 +148,26 @@ def test_integer_labels_and_an_integer_control_value():
     split = unseen_single_split(adata, "p", control_value=0, n_folds=3)
     assert set(adata.obs.loc[split.control, "p"]) == {0}
     assert 0 not in set(adata.obs.loc[split.test, "p"])
+
+
+def test_splits_refuse_missing_labels_and_duplicated_cell_names(small_screen):
+    """A missing label became a held-out "unseen single" named "nan"; duplicated names broke adata[split.test]."""
+    adata, _ = small_screen
+    missing = adata.copy()
+    missing.obs["perturbation"] = missing.obs["perturbation"].astype(object)
+    missing.obs.iloc[-2:, missing.obs.columns.get_loc("perturbation")] = np.nan
+    message = (r"^adata.obs\['perturbation'\] \(perturbation_key\) has 2 missing labels "
+               rf"\(first cells: \['{missing.obs_names[-2]}', '{missing.obs_names[-1]}'\]\); label every cell.$")
+    for split in (lambda a: unseen_single_split(a, "perturbation"), lambda a: combo_split(a, "perturbation"),
+                  lambda a: unseen_context_split(a, "perturbation", "cell_type", "type_0")):
+        with pytest.raises(ValueError, match=message):
+            split(missing)
+    no_context = adata.copy()
+    no_context.obs["cell_type"] = no_context.obs["cell_type"].astype(object)
+    no_context.obs.iloc[0, no_context.obs.columns.get_loc("cell_type")] = None
+    with pytest.raises(ValueError, match=r"^adata.obs\['cell_type'\] \(context_key\) has 1 missing labels"):
+        unseen_context_split(no_context, "perturbation", "cell_type", "type_0")
+    lanes = adata.copy()
+    lanes.obs_names = [f"bc{i % (lanes.n_obs // 2)}" for i in range(lanes.n_obs)]  # two lanes, same barcodes
+    with pytest.raises(ValueError, match=r"^adata.obs_names has duplicates \['bc0', "):
+        unseen_single_split(lanes, "perturbation")

@@ -280,6 +280,34 @@ def test_embeddings_non_numeric_columns(screen, kind):
 
 
 # ---------------------------------------------------------------- predict arguments
+def test_every_method_taking_an_anndata_refuses_genes_in_another_order(trained):
+    """scvi-tools compares only the number of genes; reversed genes gave another latent (0.41 apart)."""
+    model, fresh, _, _, _ = trained
+    controls = _controls(fresh)
+    reversed_genes = controls[:, controls.var_names[::-1]].copy()
+    message = re.escape("adata.var_names differ from the model's 30 genes (0 missing, 0 extra: same genes in "
+                        "another order); subset and order it as adata[:, model.var_names].")
+    with pytest.raises(ValueError, match=message):
+        model.get_latent_representation(reversed_genes)
+    with pytest.raises(ValueError, match=message):
+        ps.tl.scopevi_latent(model, reversed_genes)
+    assert "X_scopevi" not in reversed_genes.obsm
+
+
+def test_inherited_methods_leave_an_unregistered_anndata_as_it_was(trained):
+    """``get_latent_representation`` registered the user's AnnData in place (``_scvi_*`` obs and uns keys)."""
+    model, fresh, _, _, _ = trained
+    controls = _controls(fresh)
+    before = (list(controls.obs.columns), sorted(controls.uns), sorted(controls.obsm))
+    latent = model.get_latent_representation(controls)
+    assert latent.shape == (controls.n_obs, 4)
+    assert (list(controls.obs.columns), sorted(controls.uns), sorted(controls.obsm)) == before
+    registered = model.adata[model.adata.obs["perturbation"] == CONTROL]
+    np.testing.assert_allclose(latent, model.get_latent_representation(model.adata, indices=np.flatnonzero(
+        (model.adata.obs["perturbation"] == CONTROL).to_numpy())), rtol=1e-5, atol=1e-6)
+    assert registered.n_obs == controls.n_obs
+
+
 def test_predict_bare_string(trained):
     model, fresh, *_ = trained
     with pytest.raises(TypeError, match=re.escape(

@@ -27,6 +27,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ..data import check_no_missing_labels
 from ._cell_eval_metrics import spearman_brown as _spearman_brown
 from ._metrics import evaluate, prepare_reference
 
@@ -98,6 +99,7 @@ def noise_ceiling(
             f"perturbation_key {perturbation_key!r} not in observed.obs; columns are "
             f"{list(observed.obs.columns)}."
         )
+    check_no_missing_labels(observed.obs, perturbation_key=perturbation_key)
     labels = observed.obs[perturbation_key].astype(str)
     counts = labels.value_counts()
     if (counts < 4).any():

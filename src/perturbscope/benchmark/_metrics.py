@@ -22,7 +22,7 @@ import pandas as pd
 from scipy import sparse
 
 from .._constants import OUTPUT_KEYS
-from ..data import pseudobulk
+from ..data import check_no_missing_labels, pseudobulk
 from ._cell_eval_metrics import ControlDE, de_overlap, discrimination_score, mae
 from ._distribution_metrics import energy_distance, histogram_kl, moment_errors
 
@@ -359,6 +359,7 @@ def prepare_reference(
     for name, cells in (("observed", observed), ("control", control)):
         if cells.n_obs == 0:
             raise ValueError(f"{name} has no cells; the reference needs held-out perturbed cells and control cells.")
+    check_no_missing_labels(observed.obs, perturbation_key=perturbation_key)
     labels = observed.obs[perturbation_key].astype(str)
     observed_X, control_X = _dense(observed.X), _dense(control.X)
     frame = ad.AnnData(

@@ -24,7 +24,9 @@ import pandas as pd
 
 from ..data import (
     check_control_present,
+    check_no_missing_labels,
     check_one_label_per_perturbation,
+    check_unique_names,
     is_control,
     parse_perturbation,
 )
@@ -78,6 +80,8 @@ def _labels(adata: ad.AnnData, perturbation_key: str, control_value: str, delimi
             f"perturbation_key {perturbation_key!r} not in adata.obs; "
             f"columns are {list(adata.obs.columns)}."
         )
+    check_unique_names(adata)  # a split is a set of obs_names: duplicates could not say which cells
+    check_no_missing_labels(adata.obs, perturbation_key=perturbation_key)
     labels = adata.obs[perturbation_key].astype(str)
     check_control_present(labels, perturbation_key, control_value)
     check_one_label_per_perturbation(labels, perturbation_key, control_value, delimiter)
@@ -298,6 +302,7 @@ def unseen_context_split(
         )
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}.")
+    check_no_missing_labels(adata.obs, context_key=context_key)
     contexts = adata.obs[context_key].astype(str)
     in_context = (contexts == str(context)).to_numpy()
     if not in_context.any():
