@@ -132,3 +132,30 @@ def test_missing_labels_are_not_a_group_called_nan():
     cells.obs["line"] = ["x", "x", np.nan, "x"]
     with pytest.raises(ValueError, match=re.escape("adata.obs['line'] (context_key) has 1 missing labels")):
         perturbation_shifts(cells, "p", context_key="line")
+
+
+def test_perturbation_shifts_refuse_non_finite_values_and_two_spellings_of_one_group():
+    """One NaN in a control cell made that gene NaN in every shift; "control " became a perturbation."""
+    import anndata as ad
+
+    import perturbscope as ps
+    from perturbscope.data import perturbation_shifts
+
+    X = np.array([[1.0, 2], [3, 2], [4, 6], [5, 7]])
+    labelled = pd.DataFrame({"p": ["control", "control", "A", "B"]}, index=list("abcd"))
+    for bad in (np.nan, np.inf):
+        cells = ad.AnnData(X.copy(), obs=labelled.copy())
+        cells.X[0, 0] = bad
+        message = r"^adata.X has NaN or infinite values in 1 entries; every value must be finite.$"
+        with pytest.raises(ValueError, match=message):
+            perturbation_shifts(cells, "p")
+        with pytest.raises(ValueError, match=message):
+            ps.tl.perturbation_effects(cells, perturbation_key="p")
+        assert "perturbation_effects" not in cells.uns
+    for spelled in (["control", "control ", "A", "B"], ["control", "control", "A", " A"]):
+        cells = ad.AnnData(X.copy(), obs=pd.DataFrame({"p": spelled}, index=list("abcd")))
+        with pytest.raises(ValueError, match=r"^adata.obs\['p'\] writes the same perturbation in more than one way"):
+            perturbation_shifts(cells, "p")
+    shifts, control = perturbation_shifts(ad.AnnData(X, obs=labelled), "p")
+    assert shifts.loc[("A", "all")].tolist() == [2.0, 4.0]
+    assert shifts.loc[("B", "all")].tolist() == [3.0, 5.0]

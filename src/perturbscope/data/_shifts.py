@@ -9,8 +9,8 @@ from __future__ import annotations
 import anndata as ad
 import pandas as pd
 
-from ._checks import check_no_missing_labels, preview
-from ._perturbations import check_control_present
+from ._checks import check_finite, check_no_missing_labels, preview
+from ._perturbations import check_control_present, check_one_label_per_perturbation
 from ._pseudobulk import pseudobulk
 
 #: The context label of data without a context column.
@@ -82,7 +82,10 @@ def perturbation_shifts(
     KeyError
         If a key is not in ``adata.obs`` or ``layer`` not in ``adata.layers``.
     ValueError
-        If the control label is absent, or some contexts have no control cells (named).
+        If the control label is absent, some contexts have no control cells (named), the
+        matrix holds NaN or infinite values, or one perturbation is written in two ways
+        (``"A+B"``/``"B+A"``, ``"control "``/``"control"``; see
+        :func:`check_one_label_per_perturbation`).
 
     Examples
     --------
@@ -99,6 +102,8 @@ def perturbation_shifts(
     check_no_missing_labels(adata.obs, perturbation_key=perturbation_key, context_key=context_key)
     labels = adata.obs[perturbation_key].astype(str)
     check_control_present(labels, perturbation_key, control_value)
+    check_one_label_per_perturbation(labels, perturbation_key, control_value)
+    check_finite(adata.X if layer is None else adata.layers[layer], layer)
     contexts = context_labels(adata, context_key)
     # a light AnnData over the same matrix: no copy of the expression, the input is left alone
     view = ad.AnnData(
