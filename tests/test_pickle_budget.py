@@ -556,7 +556,8 @@ def test_weights_only_results_are_checked_too(tmp_path):
     cases = {
         "dunder": ({"w": parameter}, r"the file sets the attributes \['__array_interface__'\]"),
         "set": ({"w": {torch.zeros(1).expand(2**36)}}, r"a tensor of 68719476736 elements over 1 stored ones"),
-        "sparse": ({"w": [sparse]}, r"the file holds a torch\.sparse_coo tensor; model files hold dense tensors"),
+        # refused before torch runs it: torch's sparse rebuild is not among those torch.save uses for dense tensors
+        "sparse": ({"w": [sparse]}, r"the file asks torch to call `torch\._utils\._rebuild_sparse_tensor`"),
     }
     for name, (payload, message) in cases.items():
         path = tmp_path / f"{name}.pt"
@@ -571,6 +572,36 @@ def test_weights_only_results_are_checked_too(tmp_path):
         load_model_file(path, allow="esm")
     torch.save({"args": argparse.Namespace(layers=2), "w": torch.nn.Parameter(torch.ones(2))}, path)
     assert load_model_file(path, allow="esm")["args"].layers == 2
+
+
+class _ConvertedWhileLoading:
+    """Pickles as torch's ``_rebuild_device_tensor_from_cpu_tensor`` over an expanded one-byte view."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __reduce__(self):
+        import torch
+
+        view = torch.zeros(1, dtype=torch.uint8).expand(self.n)
+        return (torch._utils._rebuild_device_tensor_from_cpu_tensor, (view, torch.float64, "cpu", False))
+
+
+def test_torch_rebuilds_that_compute_while_loading_are_refused_before_torch_runs_them(tmp_path, memory_headroom):
+    # a 1.6 kB file came back as a dense 1 GiB float64 tensor: the conversion ran inside torch's
+    # weights-only loader, so the expanded view was gone before any check could see it
+    import torch
+
+    path = tmp_path / "converted.pt"
+    torch.save({"w": _ConvertedWhileLoading(1 << 27)}, path)
+    assert path.stat().st_size < 4096
+    message = (r"the file asks torch to call `torch\._utils\._rebuild_device_tensor_from_cpu_tensor`, which builds "
+               r"or converts tensors while the file loads; perturbscope reads only the tensors torch\.save writes "
+               r"\(_rebuild_parameter, _rebuild_parameter_with_state, _rebuild_tensor, _rebuild_tensor_v2\)")
+    with memory_headroom(), pytest.raises(ValueError, match=message):
+        load_model_file(path)
+    torch.save({"w": torch.nn.Parameter(torch.ones(3)), "b": torch.arange(2)}, path)
+    assert load_model_file(path)["w"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_blocks_are_not_placed_at_negative_columns():

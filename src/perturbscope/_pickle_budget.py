@@ -382,3 +382,67 @@ def check_zip_records(path: Any) -> None:
             raise pickle.UnpicklingError(f"the file's zip records {name!r} and {following!r} share bytes")
     if spans and spans[-1][1] > size:
         raise pickle.UnpicklingError(f"the file's zip record {spans[-1][2]!r} ends past the end of the file")
+
+
+def check_zip_torch_rebuilds(path: Any, allowed: frozenset[tuple[str, str]]) -> None:
+    """Refuse a torch zip file whose pickles name a ``torch._utils`` function outside ``allowed``.
+
+    torch's weights-only loader allows every tensor rebuild function of ``torch._utils``, and
+    some compute while the file loads: ``_rebuild_device_tensor_from_cpu_tensor`` converts the
+    file's tensor, so a one-byte storage expanded to 2**27 elements came back as a dense 1 GiB
+    tensor before any check could see the expanded view. That loader reads globals only through
+    ``GLOBAL``, whose operand is the literal ``module name``, so scanning those opcodes finds
+    every function it could call.
+
+    Raises
+    ------
+    pickle.UnpicklingError
+        Naming the first such function, or a pickle record that cannot be parsed.
+    """
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        for record in archive.infolist():
+            if not record.filename.endswith(".pkl"):
+                continue
+            try:
+                for opcode, argument, _ in pickletools.genops(archive.read(record)):
+                    if opcode.name != "GLOBAL":
+                        continue
+                    module, _, name = str(argument).partition(" ")
+                    if module == "torch._utils" and (module, name) not in allowed:
+                        raise pickle.UnpicklingError(
+                            f"the file asks torch to call `{module}.{name}`, which builds or converts tensors while "
+                            "the file loads; perturbscope reads only the tensors torch.save writes "
+                            f"({', '.join(sorted(n for m, n in allowed if m == module))})")
+            except (ValueError, EOFError) as err:
+                raise pickle.UnpicklingError(f"the file's record {record.filename!r} is not a pickle ({err})") from err
+
+
+def check_torch_zip(path: Any, allowed_rebuilds: frozenset[tuple[str, str]]) -> None:
+    """Refuse a file torch would read unsafely: not a zip, or failing the two zip checks.
+
+    The checks are :func:`check_zip_records` and :func:`check_zip_torch_rebuilds`.
+
+    In torch's older (non-zip) format torch allocates each storage at the size the file declares,
+    and returns it unfilled, before reading any data: a 313-byte file got a 3 GiB storage of
+    stale heap memory.
+
+    Raises
+    ------
+    pickle.UnpicklingError
+        Saying which check refused it.
+    """
+    import zipfile
+
+    with open(path, "rb") as handle:
+        zipped = handle.read(4) == b"PK\x03\x04"  # torch's own test is the first record's header
+    if not (zipped and zipfile.is_zipfile(path)):
+        raise pickle.UnpicklingError(
+            "it is not in torch's zip format (torch.save's default since torch 1.6). In the older format torch "
+            "allocates each storage at the size the file declares, unfilled, before reading any data; load it "
+            "in a trusted session and save it again")
+    check_zip_records(path)
+    check_zip_torch_rebuilds(path, allowed_rebuilds)
+

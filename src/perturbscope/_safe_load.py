@@ -45,12 +45,13 @@ import pandas as pd
 import torch
 from pandas.core.internals.managers import BaseBlockManager
 
+from ._pickle_allow import _LEGACY_PANDAS_INDEXES, _WEIGHTS_ONLY_EXTRAS, ALLOW_LISTS, TORCH_GLOBALS
 from ._pickle_budget import (
     MemoryBudget,
     StructureCheck,
     array_bytes,
     call_name,
-    check_zip_records,
+    check_torch_zip,
     describe,
     manager_state_bytes,
     object_bytes,
@@ -83,86 +84,8 @@ from ._pickle_checks import (  # the caps are re-exported: the module docstring 
     reconstruct_bytes,
 )
 
-_BUILTIN_NAMES = ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list", "object",
-                  "set", "slice", "str", "tuple")
-_CONTAINER_GLOBALS = frozenset(
-    [(mod, name) for mod in ("builtins", "__builtin__") for name in _BUILTIN_NAMES]
-    + [
-        ("_codecs", "encode"),
-        ("collections", "OrderedDict"),
-        ("collections", "defaultdict"),
-        ("datetime", "datetime"),
-        ("datetime", "date"),
-        ("datetime", "timedelta"),
-    ]
-)
-_TORCH_GLOBALS = frozenset(
-    [
-        ("torch", "Size"),
-        ("torch", "device"),
-        ("torch._utils", "_rebuild_tensor"),
-        ("torch._utils", "_rebuild_tensor_v2"),
-        ("torch._utils", "_rebuild_parameter"),
-        ("torch._utils", "_rebuild_parameter_with_state"),
-    ]
-    + [
-        ("torch", name)
-        for name in ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
-                     "bool")
-    ]
-)
-_NUMPY_GLOBALS = frozenset(
-    [
-        ("numpy", "dtype"),
-        ("numpy", "ndarray"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-    ]
-    + [
-        ("numpy.dtypes", name)
-        for name in ("BoolDType", "Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int32DType",
-                     "Int64DType", "UInt8DType", "ObjectDType", "StrDType", "BytesDType")
-    ]
-)
-_PANDAS_GLOBALS = frozenset(
-    [
-        ("pandas._libs.internals", "_unpickle_block"),
-        ("pandas.core.internals.blocks", "new_block"),
-        ("pandas.core.internals.managers", "BlockManager"),
-        ("pandas.core.internals.managers", "SingleBlockManager"),
-        ("pandas.core.frame", "DataFrame"),
-        ("pandas.core.series", "Series"),
-        ("pandas.core.indexes.base", "Index"),
-        ("pandas.core.indexes.base", "_new_Index"),
-        ("pandas.core.indexes.range", "RangeIndex"),
-        ("pandas.core.arrays.categorical", "Categorical"),
-        ("pandas.core.arrays.categorical", "_reconstructor"),
-        ("pandas.core.dtypes.dtypes", "CategoricalDtype"),
-    ]
-)
-#: Classes pandas 1.x pickled that pandas 2 removed: each rebuilds as a plain ``pandas.Index``
-#: (``_new_Index(cls, {"data": ..., "name": ...})`` keeps the values' dtype).
-_LEGACY_PANDAS_INDEXES = frozenset(
-    ("pandas.core.indexes.numeric", name)
-    for name in ("Int64Index", "UInt64Index", "Float64Index", "NumericIndex", "IntegerIndex")
-)
-
-#: The allow-lists :func:`load_model_file` can use, by file kind.
-ALLOW_LISTS: dict[str, frozenset[tuple[str, str]]] = {
-    "scvi": _CONTAINER_GLOBALS
-    | _TORCH_GLOBALS
-    | _NUMPY_GLOBALS
-    | _PANDAS_GLOBALS
-    | _LEGACY_PANDAS_INDEXES,
-    "esm": _CONTAINER_GLOBALS | _TORCH_GLOBALS | {("argparse", "Namespace")},
-}
 # kept for code that imported it
 _ALLOWED_GLOBALS = ALLOW_LISTS["scvi"]
-
-# What ``torch.load(weights_only=True)`` may additionally build, by file kind.
-_WEIGHTS_ONLY_EXTRAS: dict[str, list[Any]] = {"scvi": [], "esm": [argparse.Namespace]}
 
 _TRUE_VALUES = ("1", "y", "yes", "true")
 
@@ -498,20 +421,7 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
     """
     if allow not in ALLOW_LISTS:
         raise ValueError(f"allow must be one of {sorted(ALLOW_LISTS)}, got {allow!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
-    if not (_starts_a_zip(path) and zipfile.is_zipfile(path)):  # torch's own test is the first record's header
-        raise ValueError(
-            f"refusing to load {str(path)!r}: it is not in torch's zip format (torch.save's default since "
-            "torch 1.6). The older format is refused because torch allocates each tensor's storage at the "
-            "size the file declares, and returns it unfilled, before reading any data; load it in a trusted "
-            "session and save it again with a current torch."
-        )
-    try:  # before torch reads it: torch allocates what a record declares
-        check_zip_records(path)
-    except (pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
+    path = _checked_torch_zip(path)
     try:
         with torch.serialization.safe_globals(_WEIGHTS_ONLY_EXTRAS[allow]):
             loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -546,9 +456,46 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
     return _with_checked_tensors(path, loaded)
 
 
-def _starts_a_zip(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"PK\x03\x04"
+def _checked_torch_zip(path: str | Path) -> Path:
+    """``path``, after :func:`check_torch_zip` (before torch reads it: torch allocates what a record declares)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
+    try:
+        check_torch_zip(path, TORCH_GLOBALS)
+    except (pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
+    return path
+
+
+def load_weights_file(path: str | Path) -> Any:
+    """Load a torch file of tensors and plain containers with torch's weights-only loader alone.
+
+    The checks of :func:`load_model_file` (the zip archive and its rebuild functions before
+    torch reads it, the loaded tensors after), without the restricted unpickler to fall back on:
+    for files that hold nothing else, such as gene-embedding dictionaries.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the checks refuse it or torch's weights-only loader cannot read it.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> path = Path(tempfile.mkdtemp()) / "table.pt"
+    >>> torch.save({"KLF1": torch.ones(2)}, path)
+    >>> load_weights_file(path)["KLF1"]
+    tensor([1., 1.])
+    """
+    path = _checked_torch_zip(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's own text advises unsafe loading; it is not repeated here
+        raise ValueError(f"{str(path)!r} is not a weights-only torch file ({type(err).__name__})") from None
+    return _with_checked_tensors(path, loaded)
 
 
 def _with_checked_tensors(path: Path, loaded: Any) -> Any:

@@ -588,9 +588,9 @@ def test_gene_by_gene_answers_each_gene_as_its_kind_in_cross_fitting_as_at_predi
     np.testing.assert_allclose(prior._estimate("gene_by_gene", "partial_combination", "G06+G07", "type_1"),
                                singles, rtol=0, atol=1e-10)
     # the rule matters here: G06 answered as an unseen gene would be another shift
-    from perturbscope.effects._prior import _predict_one
+    from perturbscope.effects._scoring import predict_one_shift
 
-    as_unseen = sum(w * _predict_one(prior.estimators_[n], "G06", "type_1") for n, w in prior.weights_["unseen_gene"].items())
+    as_unseen = sum(w * predict_one_shift(prior.estimators_[n], "G06", "type_1") for n, w in prior.weights_["unseen_gene"].items())
     assert np.abs(as_unseen - prior.predict_shifts(["G06"], "type_1").to_numpy()[0]).max() > 1e-3
 
 

@@ -13,7 +13,9 @@ Formats are chosen by file suffix:
 * ``.npz``: arrays ``genes`` (strings) and ``embeddings`` (genes x dims), plus the column names and
   the ``.attrs`` provenance as JSON;
 * ``.pt`` / ``.pth``: DeSCOPE's and the Virtual Cell Challenge's ``{gene: 1-D tensor}``
-  dictionary, read with ``torch.load(weights_only=True)`` so no code in the file can run.
+  dictionary, read with ``torch.load(weights_only=True)`` so no code in the file can run, after
+  the checks of :func:`perturbscope._safe_load.load_weights_file` (zip format, records, rebuild
+  functions; expanded tensors refused).
 """
 
 from __future__ import annotations
@@ -64,12 +66,14 @@ def _require_pyarrow() -> None:
 def _read_torch_dict(path: Path) -> pd.DataFrame:
     import torch
 
+    from .._safe_load import load_weights_file
+
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch's own text advises unsafe loading; it is not repeated here
+        data = load_weights_file(path)
+    except ValueError as error:
         raise ValueError(
             f"Could not read {str(path)!r} as a weights-only torch file holding {{gene: 1-D tensor}} "
-            f"({type(error).__name__}); perturbscope never unpickles other objects from an embedding "
+            f"({error}); perturbscope never unpickles other objects from an embedding "
             "file. Save the table as a dict of tensors, or as .csv, .parquet or .npz."
         ) from None
     if not isinstance(data, dict):
@@ -87,12 +91,6 @@ def _read_torch_dict(path: Path) -> pd.DataFrame:
         raise ValueError(
             f"{str(path)!r}: genes {_preview(not_1d)} do not hold 1-D tensors (shapes {shapes})."
         )
-    # a tensor may be a view (stride 0) whose declared size the file's storage does not hold:
-    # refuse one longer than its storage before stacking allocates it
-    oversized = [g for g, v in data.items() if v.numel() > v.untyped_storage().nbytes() // max(v.element_size(), 1)]
-    if oversized:
-        raise ValueError(f"{str(path)!r}: genes {_preview(oversized)} hold tensors larger than their stored data "
-                         "(expanded views); save each embedding as its own contiguous tensor.")
     lengths = {g: int(v.shape[0]) for g, v in data.items()}
     _check_ragged(lengths, str(path))
     genes = [str(g) for g in data]

@@ -1,0 +1,89 @@
+"""The allow-lists of :mod:`perturbscope._safe_load`: the globals a model file may name, by file kind.
+
+Data only (no code): the restricted unpickler resolves nothing outside these, and
+:func:`perturbscope._pickle_budget.check_torch_zip` admits only the ``torch._utils`` rebuild
+functions of :data:`TORCH_GLOBALS` in what torch's weights-only loader reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+_BUILTIN_NAMES = ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list", "object",
+                  "set", "slice", "str", "tuple")
+_CONTAINER_GLOBALS = frozenset(
+    [(mod, name) for mod in ("builtins", "__builtin__") for name in _BUILTIN_NAMES]
+    + [
+        ("_codecs", "encode"),
+        ("collections", "OrderedDict"),
+        ("collections", "defaultdict"),
+        ("datetime", "datetime"),
+        ("datetime", "date"),
+        ("datetime", "timedelta"),
+    ]
+)
+TORCH_GLOBALS = frozenset(
+    [
+        ("torch", "Size"),
+        ("torch", "device"),
+        ("torch._utils", "_rebuild_tensor"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("torch._utils", "_rebuild_parameter_with_state"),
+    ]
+    + [
+        ("torch", name)
+        for name in ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
+                     "bool")
+    ]
+)
+_NUMPY_GLOBALS = frozenset(
+    [
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+    ]
+    + [
+        ("numpy.dtypes", name)
+        for name in ("BoolDType", "Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int32DType",
+                     "Int64DType", "UInt8DType", "ObjectDType", "StrDType", "BytesDType")
+    ]
+)
+_PANDAS_GLOBALS = frozenset(
+    [
+        ("pandas._libs.internals", "_unpickle_block"),
+        ("pandas.core.internals.blocks", "new_block"),
+        ("pandas.core.internals.managers", "BlockManager"),
+        ("pandas.core.internals.managers", "SingleBlockManager"),
+        ("pandas.core.frame", "DataFrame"),
+        ("pandas.core.series", "Series"),
+        ("pandas.core.indexes.base", "Index"),
+        ("pandas.core.indexes.base", "_new_Index"),
+        ("pandas.core.indexes.range", "RangeIndex"),
+        ("pandas.core.arrays.categorical", "Categorical"),
+        ("pandas.core.arrays.categorical", "_reconstructor"),
+        ("pandas.core.dtypes.dtypes", "CategoricalDtype"),
+    ]
+)
+#: Classes pandas 1.x pickled that pandas 2 removed: each rebuilds as a plain ``pandas.Index``
+#: (``_new_Index(cls, {"data": ..., "name": ...})`` keeps the values' dtype).
+_LEGACY_PANDAS_INDEXES = frozenset(
+    ("pandas.core.indexes.numeric", name)
+    for name in ("Int64Index", "UInt64Index", "Float64Index", "NumericIndex", "IntegerIndex")
+)
+
+#: The allow-lists :func:`load_model_file` can use, by file kind.
+ALLOW_LISTS: dict[str, frozenset[tuple[str, str]]] = {
+    "scvi": _CONTAINER_GLOBALS
+    | TORCH_GLOBALS
+    | _NUMPY_GLOBALS
+    | _PANDAS_GLOBALS
+    | _LEGACY_PANDAS_INDEXES,
+    "esm": _CONTAINER_GLOBALS | TORCH_GLOBALS | {("argparse", "Namespace")},
+}
+# What ``torch.load(weights_only=True)`` may additionally build, by file kind.
+_WEIGHTS_ONLY_EXTRAS: dict[str, list[Any]] = {"scvi": [], "esm": [argparse.Namespace]}
