@@ -1,6 +1,7 @@
 """The restricted unpickler's memory budget: small files cannot build large objects."""
 
 import pickle
+import re
 import sys
 
 import numpy as np
@@ -556,8 +557,8 @@ def test_weights_only_results_are_checked_too(tmp_path):
     cases = {
         "dunder": ({"w": parameter}, r"the file sets the attributes \['__array_interface__'\]"),
         "set": ({"w": {torch.zeros(1).expand(2**36)}}, r"a tensor of 68719476736 elements over 1 stored ones"),
-        # refused before torch runs it: torch's sparse rebuild is not among those torch.save uses for dense tensors
-        "sparse": ({"w": [sparse]}, r"the file asks torch to call `torch\._utils\._rebuild_sparse_tensor`"),
+        # refused before torch runs it: model files need no sparse rebuild
+        "sparse": ({"w": [sparse]}, r"the file asks to call or build `torch\._utils\._rebuild_sparse_tensor`"),
     }
     for name, (payload, message) in cases.items():
         path = tmp_path / f"{name}.pt"
@@ -587,21 +588,62 @@ class _ConvertedWhileLoading:
         return (torch._utils._rebuild_device_tensor_from_cpu_tensor, (view, torch.float64, "cpu", False))
 
 
-def test_torch_rebuilds_that_compute_while_loading_are_refused_before_torch_runs_them(tmp_path, memory_headroom):
-    # a 1.6 kB file came back as a dense 1 GiB float64 tensor: the conversion ran inside torch's
-    # weights-only loader, so the expanded view was gone before any check could see it
+def _rewritten_zip(source, target, rename=None, edit=None) -> None:
+    """A copy of torch zip ``source`` with its pickle record renamed and/or its bytes edited."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            name, data = info.filename, zin.read(info.filename)
+            if name.endswith("/data.pkl"):
+                data = edit(data) if edit else data
+                name = rename(name) if rename else name
+            zout.writestr(zipfile.ZipInfo(name), data)
+
+
+def test_globals_that_compute_while_loading_are_refused_before_torch_runs_them(tmp_path, memory_headroom):
+    # torch's weights-only loader runs these: a 1.6 kB file came back as a dense 1 GiB float64
+    # tensor (the conversion ran inside torch, so the expanded view was gone before any check),
+    # and a 785-byte one as torch.DoubleTensor(n), unfilled memory holding heap pointers
+    import struct
+
     import torch
 
-    path = tmp_path / "converted.pt"
-    torch.save({"w": _ConvertedWhileLoading(1 << 27)}, path)
-    assert path.stat().st_size < 4096
-    message = (r"the file asks torch to call `torch\._utils\._rebuild_device_tensor_from_cpu_tensor`, which builds "
-               r"or converts tensors while the file loads; perturbscope reads only the tensors torch\.save writes "
-               r"\(_rebuild_parameter, _rebuild_parameter_with_state, _rebuild_tensor, _rebuild_tensor_v2\)")
-    with memory_headroom(), pytest.raises(ValueError, match=message):
-        load_model_file(path)
-    torch.save({"w": torch.nn.Parameter(torch.ones(3)), "b": torch.arange(2)}, path)
-    assert load_model_file(path)["w"].tolist() == [1.0, 1.0, 1.0]
+    from perturbscope._safe_load import load_weights_file
+
+    converted = tmp_path / "converted.pt"
+    torch.save({"w": _ConvertedWhileLoading(1 << 27)}, converted)
+    assert converted.stat().st_size < 4096
+    torch.save({"w": 0}, tmp_path / "zero.pt")
+    rebuild = "`torch._utils._rebuild_device_tensor_from_cpu_tensor`"
+    cases = {
+        "converted.pt": rebuild,
+        # the record name in capitals: torch's zip reader still finds it as data.pkl
+        "case.pt": (converted, {"rename": lambda name: name[:-8] + "DATA.PKL"}, rebuild),
+        # the global's name split elsewhere: torch joins module and name into the same key
+        "split.pt": (converted, {"edit": lambda data: data.replace(
+            b"ctorch._utils\n_rebuild_device_tensor_from_cpu_tensor\n",
+            b"ctorch\n_utils._rebuild_device_tensor_from_cpu_tensor\n")}, rebuild),
+        "legacy_constructor.pt": (tmp_path / "zero.pt", {"edit": lambda data: (
+            b"\x80\x02}X\x01\x00\x00\x00wctorch\nDoubleTensor\nJ" + struct.pack("<i", 1 << 27) + b"\x85Rs.")},
+            "`torch.DoubleTensor`"),
+    }
+    for name, case in cases.items():
+        if isinstance(case, tuple):
+            source, edits, named = case
+            _rewritten_zip(source, tmp_path / name, **edits)
+        else:
+            named = case
+        message = (rf"refusing to load .*{name}': the file asks to call or build {re.escape(named)}, which is not on "
+                   r"perturbscope's allow-list of globals such a file needs")
+        for load in (load_model_file, load_weights_file):
+            with memory_headroom(), pytest.raises(ValueError, match=message):
+                load(tmp_path / name)
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.nn.Parameter(torch.ones(3)), "b": torch.arange(2), "h": torch.ones(2, dtype=torch.bfloat16)},
+               plain)
+    assert load_weights_file(plain)["w"].tolist() == [1.0, 1.0, 1.0]
+    assert load_model_file(plain)["b"].tolist() == [0, 1]
 
 
 def test_blocks_are_not_placed_at_negative_columns():

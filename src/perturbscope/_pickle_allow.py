@@ -1,8 +1,8 @@
 """The allow-lists of :mod:`perturbscope._safe_load`: the globals a model file may name, by file kind.
 
 Data only (no code): the restricted unpickler resolves nothing outside these, and
-:func:`perturbscope._pickle_budget.check_torch_zip` admits only the ``torch._utils`` rebuild
-functions of :data:`TORCH_GLOBALS` in what torch's weights-only loader reads.
+:func:`perturbscope._pickle_budget.check_torch_zip` admits nothing else (:func:`zip_globals`,
+plus torch's storage types) in what torch's weights-only loader reads.
 """
 
 from __future__ import annotations
@@ -87,3 +87,28 @@ ALLOW_LISTS: dict[str, frozenset[tuple[str, str]]] = {
 }
 # What ``torch.load(weights_only=True)`` may additionally build, by file kind.
 _WEIGHTS_ONLY_EXTRAS: dict[str, list[Any]] = {"scvi": [], "esm": [argparse.Namespace]}
+
+#: What :func:`~perturbscope._safe_load.load_weights_file` reads: containers and dense tensors.
+WEIGHTS_GLOBALS = _CONTAINER_GLOBALS | TORCH_GLOBALS
+#: torch's storage types, named in each tensor's persistent id by ``torch.save``; torch's loaders
+#: map them to an inert ``StorageType`` (quantised storages are left out: their tensors are not).
+STORAGE_NAMES = frozenset(
+    f"torch.{dtype}Storage"
+    for dtype in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
+                  "ComplexFloat", "ComplexDouble", "Untyped", "Typed")
+)
+
+
+def zip_globals(kind: str) -> frozenset[str]:
+    """The ``"module.name"`` globals a torch zip file of ``kind`` may name, joined as torch joins them.
+
+    ``kind`` is an :data:`ALLOW_LISTS` key, or ``"weights"`` (:data:`WEIGHTS_GLOBALS`).
+
+    Examples
+    --------
+    >>> "torch._utils._rebuild_tensor_v2" in zip_globals("weights"), "torch.DoubleTensor" in zip_globals("scvi")
+    (True, False)
+    """
+    pairs = WEIGHTS_GLOBALS if kind == "weights" else ALLOW_LISTS[kind]
+    return frozenset(f"{module}.{name}" for module, name in pairs) | STORAGE_NAMES
+

@@ -360,7 +360,7 @@ def check_zip_records(path: Any) -> None:
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
         records = archive.infolist()
         names = [record.filename for record in records]
-        if len(set(names)) != len(names):
+        if len({name.casefold() for name in names}) != len(names):  # torch's zip reader ignores case
             raise pickle.UnpicklingError("the file's zip archive names a record twice")
         spans = []
         for record in records:
@@ -384,46 +384,48 @@ def check_zip_records(path: Any) -> None:
         raise pickle.UnpicklingError(f"the file's zip record {spans[-1][2]!r} ends past the end of the file")
 
 
-def check_zip_torch_rebuilds(path: Any, allowed: frozenset[tuple[str, str]]) -> None:
-    """Refuse a torch zip file whose pickles name a ``torch._utils`` function outside ``allowed``.
+def check_zip_globals(path: Any, allowed: frozenset[str]) -> None:
+    """Refuse a torch zip file whose pickle names a global outside ``allowed`` (``"module.name"``).
 
-    torch's weights-only loader allows every tensor rebuild function of ``torch._utils``, and
-    some compute while the file loads: ``_rebuild_device_tensor_from_cpu_tensor`` converts the
-    file's tensor, so a one-byte storage expanded to 2**27 elements came back as a dense 1 GiB
-    tensor before any check could see the expanded view. That loader reads globals only through
-    ``GLOBAL``, whose operand is the literal ``module name``, so scanning those opcodes finds
-    every function it could call.
+    torch's weights-only loader allows more than model files need, and some of it computes while
+    the file loads: ``torch._utils._rebuild_device_tensor_from_cpu_tensor`` turned a one-byte
+    expanded view into a dense 1 GiB tensor before any check could see the view, and the legacy
+    constructors (``torch.DoubleTensor(n)``) return unfilled memory. That loader resolves a global
+    only through ``GLOBAL``, by the joined ``f"{module}.{name}"``; the pickle scanned is the record
+    torch's own zip reader returns for ``data.pkl`` (it matches names without regard to case), so
+    what is checked is what torch would run. The restricted unpickler, torch's fallback here, has
+    its own allow-list of ``(module, name)`` pairs.
 
     Raises
     ------
     pickle.UnpicklingError
-        Naming the first such function, or a pickle record that cannot be parsed.
+        Naming the first such global, or when torch finds no ``data.pkl`` or it is not a pickle.
     """
     import pickletools
-    import zipfile
 
-    with zipfile.ZipFile(path) as archive:
-        for record in archive.infolist():
-            if not record.filename.endswith(".pkl"):
+    import torch
+
+    try:
+        data = torch._C.PyTorchFileReader(str(path)).get_record("data.pkl")
+    except RuntimeError as err:
+        raise pickle.UnpicklingError(f"torch finds no readable data.pkl in the file ({err})") from err
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name != "GLOBAL":
                 continue
-            try:
-                for opcode, argument, _ in pickletools.genops(archive.read(record)):
-                    if opcode.name != "GLOBAL":
-                        continue
-                    module, _, name = str(argument).partition(" ")
-                    if module == "torch._utils" and (module, name) not in allowed:
-                        raise pickle.UnpicklingError(
-                            f"the file asks torch to call `{module}.{name}`, which builds or converts tensors while "
-                            "the file loads; perturbscope reads only the tensors torch.save writes "
-                            f"({', '.join(sorted(n for m, n in allowed if m == module))})")
-            except (ValueError, EOFError) as err:
-                raise pickle.UnpicklingError(f"the file's record {record.filename!r} is not a pickle ({err})") from err
+            full_name = str(argument).replace(" ", ".", 1)  # pickletools joins the two lines with a space
+            if full_name not in allowed:
+                raise pickle.UnpicklingError(  # the restricted unpickler's words: one rule, two places it is applied
+                    f"the file asks to call or build `{full_name}`, which is not on perturbscope's allow-list of "
+                    "globals such a file needs")
+    except (ValueError, EOFError) as err:
+        raise pickle.UnpicklingError(f"the file's data.pkl is not a pickle ({err})") from err
 
 
-def check_torch_zip(path: Any, allowed_rebuilds: frozenset[tuple[str, str]]) -> None:
+def check_torch_zip(path: Any, allowed_globals: frozenset[str]) -> None:
     """Refuse a file torch would read unsafely: not a zip, or failing the two zip checks.
 
-    The checks are :func:`check_zip_records` and :func:`check_zip_torch_rebuilds`.
+    The checks are :func:`check_zip_records` and :func:`check_zip_globals`.
 
     In torch's older (non-zip) format torch allocates each storage at the size the file declares,
     and returns it unfilled, before reading any data: a 313-byte file got a 3 GiB storage of
@@ -444,5 +446,5 @@ def check_torch_zip(path: Any, allowed_rebuilds: frozenset[tuple[str, str]]) -> 
             "allocates each storage at the size the file declares, unfilled, before reading any data; load it "
             "in a trusted session and save it again")
     check_zip_records(path)
-    check_zip_torch_rebuilds(path, allowed_rebuilds)
+    check_zip_globals(path, allowed_globals)
 

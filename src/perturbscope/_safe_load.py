@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 from pandas.core.internals.managers import BaseBlockManager
 
-from ._pickle_allow import _LEGACY_PANDAS_INDEXES, _WEIGHTS_ONLY_EXTRAS, ALLOW_LISTS, TORCH_GLOBALS
+from ._pickle_allow import _LEGACY_PANDAS_INDEXES, _WEIGHTS_ONLY_EXTRAS, ALLOW_LISTS, zip_globals
 from ._pickle_budget import (
     MemoryBudget,
     StructureCheck,
@@ -421,7 +421,7 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
     """
     if allow not in ALLOW_LISTS:
         raise ValueError(f"allow must be one of {sorted(ALLOW_LISTS)}, got {allow!r}")
-    path = _checked_torch_zip(path)
+    path = _checked_torch_zip(path, allow)
     try:
         with torch.serialization.safe_globals(_WEIGHTS_ONLY_EXTRAS[allow]):
             loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -456,13 +456,13 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
     return _with_checked_tensors(path, loaded)
 
 
-def _checked_torch_zip(path: str | Path) -> Path:
+def _checked_torch_zip(path: str | Path, kind: str) -> Path:
     """``path``, after :func:`check_torch_zip` (before torch reads it: torch allocates what a record declares)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
     try:
-        check_torch_zip(path, TORCH_GLOBALS)
+        check_torch_zip(path, zip_globals(kind))
     except (pickle.UnpicklingError, zipfile.BadZipFile) as err:
         raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
     return path
@@ -490,7 +490,7 @@ def load_weights_file(path: str | Path) -> Any:
     >>> load_weights_file(path)["KLF1"]
     tensor([1., 1.])
     """
-    path = _checked_torch_zip(path)
+    path = _checked_torch_zip(path, "weights")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch's own text advises unsafe loading; it is not repeated here

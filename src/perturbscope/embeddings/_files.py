@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._safe_load import load_weights_file
 from ..data._checks import check_gene_embeddings
 from ..data._checks import preview as _preview
 
@@ -65,8 +66,6 @@ def _require_pyarrow() -> None:
 
 def _read_torch_dict(path: Path) -> pd.DataFrame:
     import torch
-
-    from .._safe_load import load_weights_file
 
     try:
         data = load_weights_file(path)
