@@ -150,6 +150,11 @@ def test_perturbation_effects_per_context_and_errors():
         tl.perturbation_effects(cells, key_added="")
     with pytest.raises(TypeError, match=r"^adata must be an AnnData, got DataFrame\.$"):
         tl.perturbation_effects(cells.obs)
+    barred = cells.copy()
+    barred.obs["line"] = ["L1|x", "L1|x", "L2", "L2"]  # "A|L1|x" could not be read back
+    with pytest.raises(ValueError, match=r"^labels \['L1\|x'\] contain '\|', which separates perturbation and context"):
+        tl.perturbation_effects(barred, context_key="line")
+    assert "perturbation_effects" not in barred.uns
 
 
 def test_call_interactions_stores_the_table():

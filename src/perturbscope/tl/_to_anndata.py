@@ -297,7 +297,8 @@ def perturbation_effects(
     KeyError
         If a key is not in ``adata.obs`` or ``layer`` is not in ``adata.layers``.
     ValueError
-        If ``adata`` is empty or the control label is absent.
+        If ``adata`` is empty, the control label is absent, a perturbation or context label
+        contains ``"|"`` (with ``context_key``), or as :func:`perturbscope.data.perturbation_shifts`.
 
     Examples
     --------
@@ -314,6 +315,10 @@ def perturbation_effects(
     if context_key is None:
         names = shifts.index.get_level_values(0).astype(str)
     else:
+        with_bar = sorted({str(v) for pair in shifts.index for v in pair if "|" in str(v)})
+        if with_bar:
+            raise ValueError(f"labels {with_bar[:5]} contain '|', which separates perturbation and context in the "
+                             "row names of uns[key_added]['shifts']; rename them.")
         names = [f"{p}|{c}" for p, c in shifts.index]
     shifts = pd.DataFrame(shifts.to_numpy(), index=pd.Index(names, name="perturbation"),
                           columns=shifts.columns.astype(str))
