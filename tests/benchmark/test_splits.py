@@ -171,3 +171,6 @@ def test_splits_refuse_missing_labels_and_duplicated_cell_names(small_screen):
     lanes.obs_names = [f"bc{i % (lanes.n_obs // 2)}" for i in range(lanes.n_obs)]  # two lanes, same barcodes
     with pytest.raises(ValueError, match=r"^adata.obs_names has duplicates \['bc0', "):
         unseen_single_split(lanes, "perturbation")
+    symbols = adata.copy()  # duplicated gene symbols are common in raw data; a split does not read genes
+    symbols.var_names = [symbols.var_names[0], *symbols.var_names[:-1]]
+    assert unseen_single_split(symbols, "perturbation").perturbations

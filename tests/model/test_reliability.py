@@ -294,20 +294,6 @@ def test_every_method_taking_an_anndata_refuses_genes_in_another_order(trained):
     assert "X_scopevi" not in reversed_genes.obsm
 
 
-def test_inherited_methods_leave_an_unregistered_anndata_as_it_was(trained):
-    """``get_latent_representation`` registered the user's AnnData in place (``_scvi_*`` obs and uns keys)."""
-    model, fresh, _, _, _ = trained
-    controls = _controls(fresh)
-    before = (list(controls.obs.columns), sorted(controls.uns), sorted(controls.obsm))
-    latent = model.get_latent_representation(controls)
-    assert latent.shape == (controls.n_obs, 4)
-    assert (list(controls.obs.columns), sorted(controls.uns), sorted(controls.obsm)) == before
-    registered = model.adata[model.adata.obs["perturbation"] == CONTROL]
-    np.testing.assert_allclose(latent, model.get_latent_representation(model.adata, indices=np.flatnonzero(
-        (model.adata.obs["perturbation"] == CONTROL).to_numpy())), rtol=1e-5, atol=1e-6)
-    assert registered.n_obs == controls.n_obs
-
-
 def test_predict_bare_string(trained):
     model, fresh, *_ = trained
     with pytest.raises(TypeError, match=re.escape(

@@ -80,7 +80,7 @@ def _labels(adata: ad.AnnData, perturbation_key: str, control_value: str, delimi
             f"perturbation_key {perturbation_key!r} not in adata.obs; "
             f"columns are {list(adata.obs.columns)}."
         )
-    check_unique_names(adata)  # a split is a set of obs_names: duplicates could not say which cells
+    check_unique_names(adata, axes=("obs_names",))  # a split is a set of obs_names: duplicates could not say which
     check_no_missing_labels(adata.obs, perturbation_key=perturbation_key)
     labels = adata.obs[perturbation_key].astype(str)
     check_control_present(labels, perturbation_key, control_value)

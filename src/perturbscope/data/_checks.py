@@ -260,8 +260,8 @@ def check_var_names(var_names: pd.Index, expected: pd.Index, where: str = "adata
     )
 
 
-def check_unique_names(adata, where: str = "adata") -> None:
-    """Raise a ``ValueError`` naming duplicated ``var_names`` or ``obs_names``.
+def check_unique_names(adata, where: str = "adata", axes: tuple[str, ...] = ("var_names", "obs_names")) -> None:
+    """Raise a ``ValueError`` naming duplicated ``var_names`` or ``obs_names`` (those of ``axes``).
 
     Examples
     --------
@@ -275,6 +275,8 @@ def check_unique_names(adata, where: str = "adata") -> None:
     ValueError: adata.var_names has duplicates ['g']; make them unique, e.g. with adata.var_names_make_unique().
     """
     for attr, fix in (("var_names", "var_names_make_unique"), ("obs_names", "obs_names_make_unique")):
+        if attr not in axes:
+            continue
         names = pd.Index(getattr(adata, attr))
         duplicated = names[names.duplicated()].unique()
         if len(duplicated):

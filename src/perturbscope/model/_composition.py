@@ -50,9 +50,9 @@ def composition_terms(
 
     Returns
     -------
-    ``{"s", "correction", "m", "g", "sums"}``: arrays indexed ``[perturbation, context]`` (the
-    contexts in the order of ``sums.contexts``) and the :class:`~perturbscope.data.PredictionMeans`
-    that averaged ``m``.
+    ``{"s", "correction", "m", "g", "sums"}``: float32 arrays indexed ``[perturbation, context]``
+    (the contexts in the order of ``sums.contexts``; ``correction`` is ``None`` without
+    ``correction_weights``) and the :class:`~perturbscope.data.PredictionMeans` that averaged ``m``.
 
     Examples
     --------
@@ -69,14 +69,14 @@ def composition_terms(
     >>> terms = composition_terms(prior, ["A"], np.array(["all", "all"]), 1, 2,
     ...                           [(slice(0, 2), 0, change)], lambda kind: 0.5, {"seen": 0.25})
     >>> terms["m"][0, 0], terms["s"][0, 0], terms["correction"][0, 0]
-    (array([2., 1.], dtype=float32), array([1., 0.]), array([0.25, 0.25]))
+    (array([2., 1.], dtype=float32), array([1., 0.], dtype=float32), array([0.25, 0.25], dtype=float32))
     """
     sums = PredictionMeans(list(labels), contexts, None, n_samples, n_features, n_layers=1)
     for cells, p, change in changes:
         sums.add(p, cells, change)
     m = sums.means(0).astype(np.float32)
-    s = np.zeros(m.shape)
-    correction = np.zeros(m.shape)
+    s = np.zeros(m.shape, dtype=np.float32)  # float32 throughout: a float64 term would double each chunk
+    correction = np.zeros(m.shape, dtype=np.float32)
     g = np.zeros(m.shape[:2], dtype=np.float32)
     weights = correction_weights or {}
     for p, label in enumerate(labels):
@@ -86,7 +86,8 @@ def composition_terms(
             s[p, c] = shift.to_numpy()[0]
             correction[p, c] = weights.get(kind, 0.0) * (m[p, c] - s[p, c])
             g[p, c] = cell_term_weight(kind)
-    return {"s": s, "correction": correction, "m": m, "g": g, "sums": sums}
+    return {"s": s, "correction": correction if correction_weights is not None else None, "m": m, "g": g,
+            "sums": sums}
 
 
 def compose_cells(terms: dict, p: int, cells: slice, start: np.ndarray, changes: np.ndarray) -> np.ndarray:
@@ -98,6 +99,8 @@ def compose_cells(terms: dict, p: int, cells: slice, start: np.ndarray, changes:
     predicted shift.
     """
     k = terms["sums"].context_of(cells)
-    composed = (start[None] + terms["s"][p, k] + terms["correction"][p, k]
-                + terms["g"][p, k][:, None] * (changes - terms["m"][p, k]))
-    return composed.astype(np.float32)
+    composed = start[None] + terms["s"][p, k]
+    if terms["correction"] is not None:
+        composed = composed + terms["correction"][p, k]
+    composed = composed + terms["g"][p, k][:, None] * (changes - terms["m"][p, k])
+    return composed.astype(np.float32, copy=False)

@@ -40,18 +40,15 @@ class ScviApiMixin:
     """``get_normalized_expression``, ``posterior_predictive_sample`` and ``differential_expression``."""
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
-        """scvi-tools' validation, for every method that takes an AnnData, and two checks of ours.
+        """scvi-tools' validation, for every method that takes an AnnData, plus a check of gene order.
 
-        The genes must be the model's, in its order (scvi-tools compares only their number), and
-        an AnnData not set up with this model is registered on a copy, so the user's ``obs`` and
-        ``uns`` gain no ``_scvi_*`` keys (``get_latent_representation`` and every other inherited
-        method go through here).
+        The genes must be the model's, in its order: scvi-tools compares only their number, so
+        reordered genes gave ``get_latent_representation`` another latent without an error. As in
+        scvi-tools, an AnnData not yet set up is registered in place (``_scvi_*`` keys in its
+        ``obs`` and ``uns``); this class's own methods register a copy instead (``_registered_adata``).
         """
-        if adata is None or getattr(self, "_adata_manager", None) is None:  # loaded without an AnnData
-            return super()._validate_anndata(adata, copy_if_view)
-        check_var_names(self._expression_modality(adata).var_names, self.var_names, "adata")
-        if self.get_anndata_manager(adata) is None:
-            adata = adata.to_memory() if getattr(adata, "isbacked", False) else adata.copy()
+        if adata is not None and getattr(self, "_adata_manager", None) is not None:  # None: loaded without cells
+            check_var_names(self._expression_modality(adata).var_names, self.var_names, "adata")
         return super()._validate_anndata(adata, copy_if_view)
 
     @torch.inference_mode()
@@ -134,7 +131,7 @@ class ScviApiMixin:
         _check_scale_likelihood(self, "get_normalized_expression")
         if library_size != "latent" and not (isinstance(library_size, int | float) and library_size > 0):
             raise ValueError(f"library_size must be a positive number or 'latent', got {library_size!r}.")
-        adata = self._validate_anndata(adata)
+        adata = _registered_adata(self, adata)
         genes = _gene_mask(adata, gene_list)
         key = "px_rate" if library_size == "latent" else "px_scale"
         draws = [out[key][..., genes].cpu().numpy()
@@ -188,7 +185,7 @@ class ScviApiMixin:
         KeyError
             If a perturbed gene is not in the embedding table.
         """
-        adata = self._validate_anndata(adata)
+        adata = _registered_adata(self, adata)
         genes = _gene_mask(adata, gene_list)
         seed = _seed(seed)
         samples = []
@@ -279,11 +276,11 @@ class ScviApiMixin:
         self.encode_perturbations([perturbation])  # unknown genes fail here, before any sampling
         if adata_control is None:
             controls = np.asarray(is_control(self.adata.obs[state["perturbation_key"]], control))
-            adata_control = self._validate_anndata(None)[controls]
+            adata_control = _registered_adata(self, None)[controls]
         if adata_control.n_obs == 0:
             raise ValueError("adata_control has no cells; pass at least one control cell.")
         self._check_only_controls(adata_control)
-        anchors = self._validate_anndata(adata_control)
+        anchors = _registered_adata(self, adata_control)
         n_cells = anchors.n_obs
         seed = _seed(seed)
         rng = np.random.default_rng(seed)
@@ -334,6 +331,13 @@ def _check_scale_likelihood(model, method: str) -> None:
 
 def _seed(seed: int | None) -> int:
     return int(seed if seed is not None else (settings.seed or 0))
+
+
+def _registered_adata(model, adata: ad.AnnData | None) -> ad.AnnData:
+    """``adata`` registered with ``model``: itself if it already is, else a registered copy."""
+    if adata is None or model.get_anndata_manager(adata) is not None:
+        return model._validate_anndata(adata)
+    return model._validate_anndata(adata.copy())
 
 
 def _gene_mask(adata: ad.AnnData, gene_list: Sequence[str] | None) -> np.ndarray | slice:

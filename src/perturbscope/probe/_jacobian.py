@@ -218,8 +218,6 @@ def _make_probe(
     param = next(model.module.parameters())
     if adata is not None:
         _check_cells(adata)
-        # registered once here: scvi-tools models register it in place, ScopeVI on a copy
-        adata = model._validate_anndata(adata)
     if z is None:
         z_array = _latent(model, adata, batch_size)
     else:
