@@ -158,4 +158,7 @@ def test_perturbation_shifts_refuse_non_finite_values_and_two_spellings_of_one_g
             perturbation_shifts(cells, "p")
     shifts, control = perturbation_shifts(ad.AnnData(X, obs=labelled), "p")
     assert shifts.loc[("A", "all")].tolist() == [2.0, 4.0]
+    numbered = ad.AnnData(X, obs=pd.DataFrame({"p": [0, 0, 5, 7]}, index=list("abcd")))
+    by_number, _ = perturbation_shifts(numbered, "p", control_value=0)  # an integer control was a KeyError
+    assert by_number.loc[("5", "all")].tolist() == [2.0, 4.0]
     assert shifts.loc[("B", "all")].tolist() == [3.0, 5.0]

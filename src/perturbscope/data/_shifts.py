@@ -53,6 +53,7 @@ def perturbation_shifts(
     control_value: str = "control",
     context_key: str | None = None,
     layer: str | None = None,
+    delimiter: str = "+",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Mean shift of every perturbation from the control mean of its context.
 
@@ -70,6 +71,9 @@ def perturbation_shifts(
         named :data:`ALL_CONTEXTS`.
     layer
         Layer to average; ``X`` when ``None``.
+    delimiter
+        Separator of the genes of a combination, for recognising one perturbation written in
+        two ways.
 
     Returns
     -------
@@ -102,7 +106,7 @@ def perturbation_shifts(
     check_no_missing_labels(adata.obs, perturbation_key=perturbation_key, context_key=context_key)
     labels = adata.obs[perturbation_key].astype(str)
     check_control_present(labels, perturbation_key, control_value)
-    check_one_label_per_perturbation(labels, perturbation_key, control_value)
+    check_one_label_per_perturbation(labels, perturbation_key, control_value, delimiter)
     check_finite(adata.X if layer is None else adata.layers[layer], layer)
     contexts = context_labels(adata, context_key)
     # a light AnnData over the same matrix: no copy of the expression, the input is left alone
@@ -145,6 +149,7 @@ def shifts_from_means(
     >>> shifts["g"].tolist()
     [2.0]
     """
+    control_value = str(control_value)  # labels are read as strings (an integer control 0 is "0")
     control = means.xs(control_value, level="perturbation")
     lacking = sorted(set(means.index.get_level_values("context")) - set(control.index))
     if lacking:

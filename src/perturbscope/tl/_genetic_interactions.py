@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ..data import check_one_label_per_perturbation, parse_perturbation, perturbation_shifts
+from ..data import parse_perturbation, perturbation_shifts
 from ..data._shifts import context_labels
 
 Method = Literal["ols", "theil_sen"]
@@ -400,9 +400,8 @@ def genetic_interactions(
         raise ValueError(f"unknown thresholds {unknown}; choose from {sorted(THRESHOLDS)}.")
     if method not in ("ols", "theil_sen"):
         raise ValueError(f"method must be 'ols' or 'theil_sen', got {method!r}.")
-    shifts, controls = perturbation_shifts(adata, perturbation_key, control_value, context_key, layer)
+    shifts, controls = perturbation_shifts(adata, perturbation_key, control_value, context_key, layer, delimiter)
     labels = adata.obs[perturbation_key].astype(str)
-    check_one_label_per_perturbation(labels, perturbation_key, control_value, delimiter)
     gene_to_single, to_fit = _resolve(labels, singles, doubles, control_value, delimiter)
     contexts = context_labels(adata, context_key)
     genes = shifts.columns
