@@ -545,8 +545,12 @@ def test_numpy_scalars_are_plain_and_exactly_one_item():
     assert restricted_pickle.loads(pickle.dumps(np.float64(2.5), protocol=2)) == 2.5
 
 
-def test_weights_only_results_are_checked_too(tmp_path):
+@pytest.mark.parametrize("forced_weights_only", [False, True])
+def test_weights_only_results_are_checked_too(tmp_path, monkeypatch, forced_weights_only):
     import argparse
+
+    if forced_weights_only:  # torch's weights-only loader reads the file; its result is checked all the same
+        monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
     import torch
 
@@ -644,6 +648,122 @@ def test_globals_that_compute_while_loading_are_refused_before_torch_runs_them(t
                plain)
     assert load_weights_file(plain)["w"].tolist() == [1.0, 1.0, 1.0]
     assert load_model_file(plain)["b"].tolist() == [0, 1]
+
+
+def _torch_file_with_pickle(target, data: bytes) -> None:
+    """A ``torch.save`` archive whose data.pkl is replaced by ``data``."""
+    import io
+    import zipfile
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"w": 0}, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            body = data if info.filename.endswith("/data.pkl") else source.read(info.filename)
+            out.writestr(zipfile.ZipInfo(info.filename), body)
+
+
+def test_torch_files_are_read_with_the_guards_of_the_restricted_unpickler(tmp_path):
+    # torch's weights-only loader, which read these first, has none of the guards: 851 bytes
+    # allocated 2 GiB, nested tuples crashed it (segfault), shared ones hashed 2**40 nodes, and
+    # a punycode call took 38 s
+    import struct
+
+    from perturbscope._safe_load import load_weights_file
+
+    text = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(2000)).encode()
+    cases = {
+        "bytearray": (b"\x80\x02}X\x01\x00\x00\x00w](" + (b"cbuiltins\nbytearray\nJ" + struct.pack("<i", 1 << 30)
+                                                           + b"\x85R") * 2 + b"es.",
+                      r"the file asks for `bytearray\(1073741824\)`, a zero-filled buffer of a given size"),
+        "nested": (b"\x80\x02}K\x00" + b"\x85" * 3000 + b"K\x00s.", r"the file builds a tuple of 102 nodes .* nested 101 deep"),
+        "shared": (b"\x80\x02}K\x00q\x00" + b"h\x00\x86q\x00" * 40 + b"K\x00s.",
+                   r"the file builds a tuple of \d+ nodes \(shared parts counted each time they occur\)"),
+        "punycode": (b"\x80\x02}X\x01\x00\x00\x00wc_codecs\nencode\nX" + struct.pack("<I", len(text)) + text
+                     + b"X\x08\x00\x00\x00punycode\x86Rs.", r"the file calls encode with the codec 'punycode'"),
+    }
+    for name, (data, message) in cases.items():
+        _torch_file_with_pickle(tmp_path / f"{name}.pt", data)
+        for load in (load_model_file, load_weights_file):
+            with pytest.raises(ValueError, match=rf"refusing to load .*{name}\.pt': {message}"):
+                load(tmp_path / f"{name}.pt")
+    # where the environment forces torch's loader, what it would call unguarded is refused by name
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+        for name, unguarded in (("bytearray", "builtins.bytearray"), ("punycode", "_codecs.encode")):
+            with pytest.raises(ValueError, match=rf"cannot load .*{name}\.pt': the file asks to call or build "
+                                                 rf"`{re.escape(unguarded)}`"):
+                load_weights_file(tmp_path / f"{name}.pt")
+
+
+def _two_directory_archive(target, n_bytes: int, copies: int) -> None:
+    """A torch archive with two central directories: torch's reader reads the one the end record
+    states (a deflated ``n_bytes`` storage under ``copies`` names), Python's the decoy just before
+    the end record, which it takes for a zip appended to other data (one empty record)."""
+    import io
+    import struct
+    import zipfile
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(4, dtype=torch.uint8)}, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+
+    def tensor(i):
+        return (f"X\x02\x00\x00\x00w{i}".encode() + b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage"
+                b"ctorch\nByteStorage\nX\x01\x00\x00\x00" + str(i).encode() + b"X\x03\x00\x00\x00cpuJ"
+                + struct.pack("<i", n_bytes) + b"tQK\x00J" + struct.pack("<i", n_bytes)
+                + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR")
+
+    data = b"\x80\x02}(" + b"".join(tensor(i) for i in range(copies)) + b"u."
+    built = io.BytesIO()
+    with zipfile.ZipFile(built, "w") as out:
+        for info in source.infolist():
+            if info.filename.endswith("/data.pkl"):
+                out.writestr(zipfile.ZipInfo(info.filename), data)
+            elif info.filename.endswith("/data/0"):
+                out.writestr(zipfile.ZipInfo(info.filename), bytes(n_bytes), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                out.writestr(zipfile.ZipInfo(info.filename), source.read(info.filename))
+    archive = built.getvalue()
+    end = archive.rfind(b"PK\x05\x06")
+    size, offset = struct.unpack("<II", archive[end + 12:end + 20])
+    directory, entries, position = archive[offset:offset + size], [], 0
+    while position < len(directory):
+        lengths = struct.unpack("<HHH", directory[position + 28:position + 34])
+        entries.append(directory[position:position + 46 + sum(lengths)])
+        position += 46 + sum(lengths)
+    first = next(e for e in entries if e[46:].split(b"\x00")[0].endswith(b"/data/0"))
+    prefix = first[46:46 + struct.unpack("<H", first[28:30])[0]].rsplit(b"/data/0", 1)[0]
+    entries += [first.replace(prefix + b"/data/0", prefix + f"/data/{i}".encode()) for i in range(1, copies)]
+    directory, body = b"".join(entries), archive[:offset]
+    local = b"PK\x03\x04" + struct.pack("<HHHHHIIIHH", 20, 0, 0, 0, 0, 0, 0, 0, 1, 0) + b"d"
+    shift = len(body) + len(directory) + len(local) - offset
+    decoy = (b"PK\x01\x02" + struct.pack("<HHHHHHIIIHHHHHII", 20, 20, 0, 0, 0, 0, 0, 0, 0, 1, 0, len(directory) - 47,
+                                          0, 0, 0, len(body) + len(directory) - shift) + b"d" + b" " * (len(directory) - 47))
+    tail = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(entries), len(entries), len(directory), offset, 0)
+    target.write_bytes(body + directory + local + decoy + tail)
+
+
+def test_zip_archives_with_a_second_central_directory_are_refused(tmp_path):
+    # Python's zipfile read the decoy (every record check passed); torch's reader read four names
+    # for one deflated 256 MiB record: 1 GiB from 263 kB
+    import zipfile
+
+    import torch
+
+    path = tmp_path / "two_directories.pt"
+    _two_directory_archive(path, 1 << 20, 4)
+    assert zipfile.ZipFile(path).namelist() == ["d"]
+    assert len(torch._C.PyTorchFileReader(str(path)).get_all_records()) > 4
+    with pytest.raises(ValueError, match=(
+            r"refusing to load .*two_directories\.pt': the file's zip central directory is not where its end record "
+            r"places it \(data before or inside the archive\); torch and Python would read different records")):
+        load_model_file(path)
 
 
 def test_blocks_are_not_placed_at_negative_columns():

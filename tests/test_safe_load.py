@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 import zipfile
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -141,12 +142,18 @@ def test_force_weights_only_env_gives_a_clear_error(census_layout, monkeypatch):
     with pytest.raises(ValueError, match="TORCH_FORCE_WEIGHTS_ONLY_LOAD=1") as info:
         load_model_file(folder / "model.pt")
     message = str(info.value)
-    assert re.search(
-        r"cannot load .*model\.pt': torch's weights-only loader refuses it \(it holds "
-        r"`[\w.]+`\), and the environment sets TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, which also "
-        r"blocks perturbscope's restricted unpickler",
+    assert re.search(  # refused before torch reads it: the scVI registry needs `_codecs.encode`
+        r"cannot load .*model\.pt': the file asks to call or build `_codecs\.encode`, which is not on "
+        r"perturbscope's allow-list .* The environment sets TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, so torch's "
+        r"weights-only loader would read it .* which also blocks perturbscope's restricted unpickler",
         message,
     )
+    numpy_only = folder.parent / "numpy.pt"  # nothing the scan refuses: torch's loader refuses the defaultdict
+    torch.save({"w": torch.ones(2), "registry": defaultdict(list)}, numpy_only)
+    with pytest.raises(ValueError, match=(
+            r"cannot load .*numpy\.pt': torch's weights-only loader refuses it \(it holds `[\w.]+`\), and the "
+            r"environment sets TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, which also blocks perturbscope's restricted unpickler")):
+        load_model_file(numpy_only)
     assert "weights_only=False" not in message
     assert "weights_only` set to `False" not in message
     # a plain state dict is still read by torch's weights-only loader

@@ -90,6 +90,9 @@ _WEIGHTS_ONLY_EXTRAS: dict[str, list[Any]] = {"scvi": [], "esm": [argparse.Names
 
 #: What :func:`~perturbscope._safe_load.load_weights_file` reads: containers and dense tensors.
 WEIGHTS_GLOBALS = _CONTAINER_GLOBALS | TORCH_GLOBALS
+#: Allow-listed callables that torch's weights-only loader calls without the restricted
+#: unpickler's guards (sizes, codecs); left out of what a file may name when that loader runs.
+UNGUARDED_IN_WEIGHTS_ONLY = frozenset({"builtins.bytearray", "__builtin__.bytearray", "_codecs.encode"})
 #: torch's storage types, named in each tensor's persistent id by ``torch.save``; torch's loaders
 #: map them to an inert ``StorageType`` (quantised storages are left out: their tensors are not).
 STORAGE_NAMES = frozenset(

@@ -358,6 +358,7 @@ def check_zip_records(path: Any) -> None:
 
     size = os.path.getsize(path)
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        _check_one_central_directory(archive, raw, path)
         records = archive.infolist()
         names = [record.filename for record in records]
         if len({name.casefold() for name in names}) != len(names):  # torch's zip reader ignores case
@@ -382,6 +383,32 @@ def check_zip_records(path: Any) -> None:
             raise pickle.UnpicklingError(f"the file's zip records {name!r} and {following!r} share bytes")
     if spans and spans[-1][1] > size:
         raise pickle.UnpicklingError(f"the file's zip record {spans[-1][2]!r} ends past the end of the file")
+
+
+def _check_one_central_directory(archive: Any, raw: Any, path: Any) -> None:
+    """Refuse an archive that Python's zipfile and torch's zip reader could read differently.
+
+    Python's zipfile takes a central directory that is not where the end record says to be a
+    zip appended to other data, and shifts every offset; torch's reader takes the stated offset.
+    A file with two central directories passed every record check on the first while torch read
+    deflated records, listed under several names, from the second (4 x 256 MiB from 263 kB).
+    """
+    import zipfile
+
+    import torch
+
+    end = zipfile._EndRecData(raw)  # the end record zipfile itself read (zip64 resolved)
+    if end is None or archive.start_dir != end[zipfile._ECD_OFFSET]:
+        raise pickle.UnpicklingError(
+            "the file's zip central directory is not where its end record places it (data before or inside the "
+            "archive); torch and Python would read different records")
+    names = sorted(record.filename.split("/", 1)[-1] for record in archive.infolist())
+    try:
+        torch_names = sorted(torch._C.PyTorchFileReader(str(path)).get_all_records())
+    except RuntimeError as err:
+        raise pickle.UnpicklingError(f"torch's zip reader cannot read the file ({err})") from err
+    if names != torch_names:
+        raise pickle.UnpicklingError("torch's zip reader lists other records than Python's")
 
 
 def check_zip_globals(path: Any, allowed: frozenset[str]) -> None:

@@ -6,8 +6,7 @@ therefore calls ``torch.load(weights_only=False)``, which runs whatever callable
 An ESM checkpoint holds an ``argparse.Namespace``, and fair-esm calls ``torch.load`` without
 ``weights_only`` (so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns it into a full unpickle).
 
-:func:`load_model_file` first tries ``torch.load(weights_only=True)`` (with ``Namespace`` allowed
-for ESM files) and otherwise unpickles through a restricted pickle module whose
+:func:`load_model_file` unpickles every file through a restricted pickle module whose
 ``Unpickler.find_class`` resolves only an allow-list of globals (:data:`ALLOW_LISTS`): plain
 containers, numpy arrays, pandas frames and indexes, tensor rebuilds, and for ESM files
 ``argparse.Namespace``. Anything else, such as ``builtins.print`` or ``os.system``, stops the load
@@ -23,7 +22,8 @@ refuse integer sizes, shapes over :data:`MAX_RECONSTRUCT_ELEMENTS` elements and 
 ``pandas.core.indexes.base._new_Index`` builds only ``Index`` (from a numpy array) and
 ``RangeIndex``. Every object the unpickler builds is charged to a memory budget that grows with
 the file's size (:mod:`perturbscope._pickle_budget`), so a small file cannot make the loader
-spend more than a few hundred MiB.
+spend more than a few hundred MiB. torch's own weights-only loader is not used for that reason
+(it has no such budget), except where ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` leaves no other.
 """
 
 from __future__ import annotations
@@ -45,7 +45,14 @@ import pandas as pd
 import torch
 from pandas.core.internals.managers import BaseBlockManager
 
-from ._pickle_allow import _LEGACY_PANDAS_INDEXES, _WEIGHTS_ONLY_EXTRAS, ALLOW_LISTS, zip_globals
+from ._pickle_allow import (
+    _LEGACY_PANDAS_INDEXES,
+    _WEIGHTS_ONLY_EXTRAS,
+    ALLOW_LISTS,
+    UNGUARDED_IN_WEIGHTS_ONLY,
+    WEIGHTS_GLOBALS,
+    zip_globals,
+)
 from ._pickle_budget import (
     MemoryBudget,
     StructureCheck,
@@ -351,7 +358,8 @@ def _make_pickle_module(kind: str) -> types.ModuleType:
     through the allow-list.
     """
     unpickler = type(
-        f"_RestrictedUnpickler_{kind}", (_RestrictedUnpickler,), {"allowed": ALLOW_LISTS[kind]}
+        f"_RestrictedUnpickler_{kind}", (_RestrictedUnpickler,),
+        {"allowed": WEIGHTS_GLOBALS if kind == "weights" else ALLOW_LISTS[kind]},
     )
     module = types.ModuleType(f"perturbscope_restricted_pickle_{kind}")
     module.Unpickler = unpickler  # type: ignore[attr-defined]
@@ -367,7 +375,8 @@ def _make_pickle_module(kind: str) -> types.ModuleType:
 #: the scVI allow-list. ``load``/``loads`` raise :class:`pickle.UnpicklingError` for a refused
 #: global and for any malformed stream (the original error is chained).
 restricted_pickle = _make_pickle_module("scvi")
-_PICKLE_MODULES = {"scvi": restricted_pickle, "esm": _make_pickle_module("esm")}
+_PICKLE_MODULES = {"scvi": restricted_pickle, "esm": _make_pickle_module("esm"),
+                   "weights": _make_pickle_module("weights")}
 
 
 def _env_flag(name: str) -> bool:
@@ -386,9 +395,11 @@ def _weights_only_reason(err: BaseException) -> str:
 def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") -> Any:
     """Load a torch file without running code from it.
 
-    Tries ``torch.load(weights_only=True)`` first; when the file holds objects that mode refuses
-    (an scVI registry does), loads it through a restricted pickle module that builds only the
-    globals on the ``allow`` list (:data:`ALLOW_LISTS`).
+    The archive is checked before torch reads it (:func:`check_torch_zip`: zip format, records,
+    the globals its pickle names), then read by ``torch.load`` through a restricted pickle module
+    that builds only the globals on the ``allow`` list (:data:`ALLOW_LISTS`) within a memory and
+    structure budget, and the tensors it returns are checked. Where ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+    is set, torch's weights-only loader reads it instead (without that budget).
 
     Parameters
     ----------
@@ -408,8 +419,9 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
         If ``path`` does not exist.
     ValueError
         If the file names a global outside the allow-list (e.g. a payload calling ``print`` or
-        ``os.system``), is not a readable torch file, is in torch's pre-1.6 (non-zip) format, or
-        needs the restricted unpickler while ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` forbids every load but torch's weights-only one.
+        ``os.system``), is not a readable torch file, is in torch's pre-1.6 (non-zip) format,
+        exceeds the budget, or needs the restricted unpickler while
+        ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` forbids every load but torch's weights-only one.
 
     Examples
     --------
@@ -421,66 +433,71 @@ def load_model_file(path: str | Path, allow: Literal["scvi", "esm"] = "scvi") ->
     """
     if allow not in ALLOW_LISTS:
         raise ValueError(f"allow must be one of {sorted(ALLOW_LISTS)}, got {allow!r}")
-    path = _checked_torch_zip(path, allow)
+    return _load_torch_file(path, allow)
+
+
+def _load_torch_file(path: str | Path, kind: str) -> Any:
+    """The checks before, the guarded unpickler of ``kind``, the tensor checks after.
+
+    torch's weights-only loader runs only where ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` forbids every
+    other: it has none of the restricted unpickler's guards (a 300 kB file of nested tuples
+    crashed it, an 851-byte one allocated 2 GiB through ``bytearray``).
+    """
+    weights_only = _env_flag("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    path = _checked_torch_zip(path, kind, weights_only)
     try:
-        with torch.serialization.safe_globals(_WEIGHTS_ONLY_EXTRAS[allow]):
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if weights_only:
+            with torch.serialization.safe_globals(_WEIGHTS_ONLY_EXTRAS.get(kind, [])):
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE_MODULES[kind])
     except pickle.UnpicklingError as err:
-        refused = _weights_only_reason(err)  # expected for scVI files; try the allow-list
-    except Exception as err:
-        raise ValueError(
-            f"{str(path)!r} is not a torch file that perturbscope can read "
-            f"({type(err).__name__}: {err})"
-        ) from err
-    else:
-        return _with_checked_tensors(path, loaded)
-    if _env_flag("TORCH_FORCE_WEIGHTS_ONLY_LOAD"):
-        raise ValueError(
-            f"cannot load {str(path)!r}: torch's weights-only loader refuses it ({refused}), and "
-            "the environment sets TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, which also blocks "
-            "perturbscope's restricted unpickler (an allow-list of plain data, numpy, pandas and "
-            "tensor globals that never runs code from the file). Unset "
-            "TORCH_FORCE_WEIGHTS_ONLY_LOAD to load it through that unpickler."
-        )
-    try:
-        loaded = torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=_PICKLE_MODULES[allow]
-        )
-    except pickle.UnpicklingError as err:
+        if weights_only:
+            raise ValueError(
+                f"cannot load {str(path)!r}: torch's weights-only loader refuses it ({_weights_only_reason(err)}), "
+                "and the environment sets TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, which also blocks perturbscope's "
+                "restricted unpickler (an allow-list of plain data, numpy, pandas and tensor globals that never "
+                "runs code from the file). Unset TORCH_FORCE_WEIGHTS_ONLY_LOAD to load it through that unpickler."
+            ) from None
         raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
     except Exception as err:
         raise ValueError(
-            f"{str(path)!r} is not a torch file that perturbscope can read "
-            f"({type(err).__name__}: {err})"
+            f"{str(path)!r} is not a torch file that perturbscope can read ({type(err).__name__}: {err})"
         ) from err
     return _with_checked_tensors(path, loaded)
 
 
-def _checked_torch_zip(path: str | Path, kind: str) -> Path:
+def _checked_torch_zip(path: str | Path, kind: str, weights_only: bool) -> Path:
     """``path``, after :func:`check_torch_zip` (before torch reads it: torch allocates what a record declares)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
+    allowed = zip_globals(kind) - UNGUARDED_IN_WEIGHTS_ONLY if weights_only else zip_globals(kind)
     try:
-        check_torch_zip(path, zip_globals(kind))
+        check_torch_zip(path, allowed)
     except (pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        if weights_only:
+            raise ValueError(
+                f"cannot load {str(path)!r}: {err}. The environment sets TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, so torch's "
+                "weights-only loader would read it (it calls `bytearray` and `_codecs.encode` without perturbscope's "
+                "guards), which also blocks perturbscope's restricted unpickler. Unset TORCH_FORCE_WEIGHTS_ONLY_LOAD "
+                "to load it through that unpickler.") from err
         raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
     return path
 
 
 def load_weights_file(path: str | Path) -> Any:
-    """Load a torch file of tensors and plain containers with torch's weights-only loader alone.
+    """Load a torch file of tensors and plain containers (no numpy, pandas or namespaces).
 
-    The checks of :func:`load_model_file` (the zip archive and its rebuild functions before
-    torch reads it, the loaded tensors after), without the restricted unpickler to fall back on:
-    for files that hold nothing else, such as gene-embedding dictionaries.
+    As :func:`load_model_file`, with the narrowest allow-list: for files that hold nothing
+    else, such as gene-embedding dictionaries.
 
     Raises
     ------
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
-        If the checks refuse it or torch's weights-only loader cannot read it.
+        If the checks refuse it or it is not a torch file.
 
     Examples
     --------
@@ -490,12 +507,7 @@ def load_weights_file(path: str | Path) -> Any:
     >>> load_weights_file(path)["KLF1"]
     tensor([1., 1.])
     """
-    path = _checked_torch_zip(path, "weights")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch's own text advises unsafe loading; it is not repeated here
-        raise ValueError(f"{str(path)!r} is not a weights-only torch file ({type(err).__name__})") from None
-    return _with_checked_tensors(path, loaded)
+    return _load_torch_file(path, "weights")
 
 
 def _with_checked_tensors(path: Path, loaded: Any) -> Any:

@@ -72,7 +72,7 @@ def test_pt_errors(tmp_path):
     with pytest.raises(ValueError, match="holds a list; expected a dict"):
         read_gene_embeddings(tmp_path / "l.pt")
     torch.save({"A": Arbitrary()}, tmp_path / "code.pt")
-    with pytest.raises(ValueError, match="Could not read .* as a weights-only torch file"):
+    with pytest.raises(ValueError, match="Could not read .* as a torch file holding"):
         read_gene_embeddings(tmp_path / "code.pt")
     torch.save({"A": torch.tensor([1.0, float("nan")])}, tmp_path / "nan.pt")
     with pytest.raises(ValueError, match=r"NaN or infinite values for genes \['A'\]"):

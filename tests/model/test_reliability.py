@@ -481,7 +481,7 @@ def test_read_pt_with_pickled_object(tmp_path):
     path = tmp_path / "emb.pt"
     torch.save({"G00": _MkdirPayload(marker)}, path)
     with pytest.raises(ValueError, match=re.escape(
-        f"Could not read {str(path)!r} as a weights-only torch file holding {{gene: 1-D tensor}}"
+        f"Could not read {str(path)!r} as a torch file holding {{gene: 1-D tensor}}"
     )) as info:
         read_gene_embeddings(path)
     assert "weights_only=False" not in str(info.value)

@@ -6,9 +6,8 @@ Design
   without ``weights_only`` (so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` makes them unpickle
   anything), and fair-esm's hub download uses ``weights_only=False``. We read the checkpoint and
   its ``-contact-regression.pt`` ourselves with :func:`perturbscope._safe_load.load_model_file`
-  (``torch.load(weights_only=True)`` with ``argparse.Namespace`` allowed, for the ``cfg``/``args``
-  of ESM checkpoints, falling back to an allow-list unpickler of containers, tensors and
-  ``Namespace``), then hand the dicts to ``esm.pretrained.load_model_and_alphabet_core``. A model
+  (an allow-list unpickler of containers, tensors and ``argparse.Namespace``, for the
+  ``cfg``/``args`` of ESM checkpoints), then hand the dicts to ``esm.pretrained.load_model_and_alphabet_core``. A model
   *name* is downloaded with ``torch.hub.download_url_to_file`` into fair-esm's cache folder and
   read the same way; downloading needs internet, and the error says so.
 * **Pooling.** ``"mean"`` averages the residue representations of the chosen layer, leaving out

@@ -13,9 +13,9 @@ Formats are chosen by file suffix:
 * ``.npz``: arrays ``genes`` (strings) and ``embeddings`` (genes x dims), plus the column names and
   the ``.attrs`` provenance as JSON;
 * ``.pt`` / ``.pth``: DeSCOPE's and the Virtual Cell Challenge's ``{gene: 1-D tensor}``
-  dictionary, read with ``torch.load(weights_only=True)`` so no code in the file can run, after
-  the checks of :func:`perturbscope._safe_load.load_weights_file` (zip format, records, rebuild
-  functions; expanded tensors refused).
+  dictionary, read with :func:`perturbscope._safe_load.load_weights_file` (an allow-list
+  unpickler of containers and tensors, after checks of the archive), so no code in the file can
+  run.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _read_torch_dict(path: Path) -> pd.DataFrame:
         data = load_weights_file(path)
     except ValueError as error:
         raise ValueError(
-            f"Could not read {str(path)!r} as a weights-only torch file holding {{gene: 1-D tensor}} "
+            f"Could not read {str(path)!r} as a torch file holding {{gene: 1-D tensor}} "
             f"({error}); perturbscope never unpickles other objects from an embedding "
             "file. Save the table as a dict of tensors, or as .csv, .parquet or .npz."
         ) from None

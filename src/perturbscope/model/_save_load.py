@@ -80,8 +80,8 @@ class SafeLoadMixin:
     ):
         """Load a saved model without trusting the file's pickled code.
 
-        The file is read with ``weights_only=True`` where possible, else with an unpickler that
-        allows only the numpy, pandas, container and tensor globals a saved model needs. The
+        The file is read with an unpickler that allows only the numpy, pandas, container and
+        tensor globals a saved model needs (:func:`perturbscope._safe_load.load_model_file`). The
         setup method it names must be ``setup_anndata`` or ``setup_mudata``, called with
         arguments that method takes.
 
