@@ -270,3 +270,19 @@ def test_streamed_mean_of_every_modality_is_the_mean_of_its_cells(study, residua
         np.testing.assert_allclose(mean[name].layers["log1p_norm"], expected.layers["log1p_norm"],
                                    rtol=1e-5, atol=1e-5, err_msg=name)
     assert any("_lower_80" in layer for layer in mean["adt"].layers) is residual
+
+
+def test_scvi_tools_methods_read_the_rna_modality_of_a_mudata(study):
+    """A MuData's own var_names hold every modality: the columns were 144 names for 120 genes."""
+    model, controls = study["model"], study["controls"]
+    genes = controls["rna"].var_names
+    rho = model.get_normalized_expression(controls, perturbation=study["held"][0])
+    assert list(rho.columns) == list(genes)
+    assert np.allclose(rho.sum(axis=1), 1.0, atol=1e-4)
+    picked = model.get_normalized_expression(controls, gene_list=[genes[3], genes[0]])
+    assert list(picked.columns) == [genes[0], genes[3]]
+    assert model.posterior_predictive_sample(controls[:20].copy()).shape == (20, len(genes))
+    table = model.differential_expression(study["held"][0], controls, n_samples_overall=200, seed=0)
+    assert sorted(table.index) == sorted(genes)
+    with pytest.raises(ValueError, match=r"^gene_list has genes not in the model: \['P000'\]"):
+        model.get_normalized_expression(controls, gene_list=["P000"])

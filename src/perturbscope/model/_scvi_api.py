@@ -132,7 +132,8 @@ class ScviApiMixin:
         if library_size != "latent" and not (isinstance(library_size, int | float) and library_size > 0):
             raise ValueError(f"library_size must be a positive number or 'latent', got {library_size!r}.")
         adata = _registered_adata(self, adata)
-        genes = _gene_mask(adata, gene_list)
+        var_names = self._expression_modality(adata).var_names  # a MuData's own var_names hold every modality
+        genes = _gene_mask(var_names, gene_list)
         key = "px_rate" if library_size == "latent" else "px_scale"
         draws = [out[key][..., genes].cpu().numpy()
                  for out in _generative_batches(self, adata, indices, perturbation, n_samples, batch_size, seed)]
@@ -146,7 +147,7 @@ class ScviApiMixin:
         if return_numpy:
             return values
         cells = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
-        return pd.DataFrame(values, index=cells.copy(), columns=adata.var_names[genes].copy())
+        return pd.DataFrame(values, index=cells.copy(), columns=var_names[genes].copy())
 
     @torch.inference_mode()
     def posterior_predictive_sample(
@@ -186,7 +187,7 @@ class ScviApiMixin:
             If a perturbed gene is not in the embedding table.
         """
         adata = _registered_adata(self, adata)
-        genes = _gene_mask(adata, gene_list)
+        genes = _gene_mask(self._expression_modality(adata).var_names, gene_list)
         seed = _seed(seed)
         samples = []
         with torch.random.fork_rng(devices=[]):  # the likelihood's draws, seeded without touching the global state
@@ -297,9 +298,10 @@ class ScviApiMixin:
             scales = scales.reshape(-1, scales.shape[-1])
             return scales[rng.choice(len(scales), n_samples_overall, replace=True)]
 
-        matrix = anchors.X if self._layer is None else anchors.layers[self._layer]
+        rna = self._expression_modality(anchors)
+        matrix = rna.X if self._layer is None else rna.layers[self._layer]
         pair = ad.AnnData(X=sparse.vstack([sparse.csr_matrix(matrix)] * 2).tocsr(),
-                          var=pd.DataFrame(index=anchors.var_names.copy()))
+                          var=pd.DataFrame(index=rna.var_names.copy()))
         manager = AnnDataManager(fields=[LayerField(SCVI_KEYS.X_KEY, None, is_count_data=False)])
         manager.register_fields(pair)
         first = np.arange(2 * n_cells) < n_cells
@@ -312,7 +314,7 @@ class ScviApiMixin:
             )
         finally:
             np.random.set_state(state_np)  # noqa: NPY002
-        table = pd.DataFrame(result, index=anchors.var_names.copy())
+        table = pd.DataFrame(result, index=rna.var_names.copy())
         table = table.sort_values("proba_de" if mode == "change" else "bayes_factor", ascending=False)
         if mode == "change":
             table[f"is_de_fdr_{fdr_target}"] = expected_fdr_calls(table["proba_de"], fdr_target)
@@ -340,13 +342,13 @@ def _registered_adata(model, adata: ad.AnnData | None) -> ad.AnnData:
     return model._validate_anndata(adata.copy())
 
 
-def _gene_mask(adata: ad.AnnData, gene_list: Sequence[str] | None) -> np.ndarray | slice:
+def _gene_mask(var_names: pd.Index, gene_list: Sequence[str] | None) -> np.ndarray | slice:
     if gene_list is None:
         return slice(None)
-    missing = sorted(set(gene_list) - set(adata.var_names))
+    missing = sorted(set(gene_list) - set(var_names))
     if missing:
         raise ValueError(f"gene_list has genes not in the model: {missing[:10]}.")
-    return np.flatnonzero(adata.var_names.isin(list(gene_list)))
+    return np.flatnonzero(var_names.isin(list(gene_list)))
 
 
 def _generative_batches(model, adata, indices, perturbation, n_samples, batch_size, seed):
