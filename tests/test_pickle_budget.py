@@ -766,6 +766,65 @@ def test_zip_archives_with_a_second_central_directory_are_refused(tmp_path):
         load_model_file(path)
 
 
+def _torch_file_with_records(target, data: bytes, records: dict[str, bytes]) -> None:
+    """A ``torch.save`` archive whose data.pkl is ``data``, with storage ``records`` beside it."""
+    import io
+    import zipfile
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"w": 0}, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            if info.filename.endswith("/data.pkl"):
+                out.writestr(zipfile.ZipInfo(info.filename), data)
+                for key, body in records.items():
+                    out.writestr(zipfile.ZipInfo(info.filename[:-8] + "data/" + key), body)
+            else:
+                out.writestr(zipfile.ZipInfo(info.filename), source.read(info.filename))
+
+
+def _unicode(value: bytes) -> bytes:
+    import struct
+
+    return b"X" + struct.pack("<I", len(value)) + value
+
+
+def _rebuilt_tensor(storage_global: bytes, n: int) -> bytes:
+    return (b"ctorch._utils\n_rebuild_tensor_v2\n((" + _unicode(b"storage") + storage_global + _unicode(b"0") + _unicode(b"cpu")
+            + b"K" + bytes([n]) + b"tQK\x00K" + bytes([n]) + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR")
+
+
+def test_storages_hooks_and_quantised_tensors_are_refused_where_torch_would_take_them(tmp_path):
+    import struct
+
+    from perturbscope._safe_load import load_weights_file
+
+    # a storage key shared exponentially (1 kB): torch hashed and formatted it, 24 s and 2.2 GiB,
+    # and quoted it in a 335 MB error message
+    shared = b"K\x00q\x00" + b"h\x00\x86q\x00" * 26
+    key = b"\x80\x02}" + _unicode(b"w") + b"(" + _unicode(b"storage") + b"ctorch\nFloatStorage\n" + shared + _unicode(b"cpu") + b"K\x01tQs."
+    _torch_file_with_records(tmp_path / "key.pt", key, {"0": bytes(4)})
+    with pytest.raises(ValueError, match=r"the file names a storage by a tuple .* that is not a short tuple of texts"):
+        load_weights_file(tmp_path / "key.pt")
+    # a parameter whose state installs a post-accumulate-grad hook (run by the next backward)
+    state = b"}(" + _unicode(b"_post_accumulate_grad_hooks") + b"}K\x00cdatetime\ntimedelta\nsu"
+    parameter = (b"ctorch._utils\n_rebuild_parameter_with_state\n(" + _rebuilt_tensor(b"ctorch\nFloatStorage\n", 2)
+                 + b"\x88ccollections\nOrderedDict\n)R" + state + b"tR")
+    _torch_file_with_records(tmp_path / "hook.pt", b"\x80\x02}" + _unicode(b"w") + parameter + b"s.",
+                             {"0": struct.pack("<2f", 1, 2)})
+    with pytest.raises(ValueError, match=r"the file sets the private attributes \['_post_accumulate_grad_hooks'\] on a"):
+        load_model_file(tmp_path / "hook.pt")
+    # a quantised storage named through STACK_GLOBAL (torch maps any "...Storage" to a storage type)
+    quantised = _rebuilt_tensor(_unicode(b"anything") + _unicode(b"QInt8Storage") + b"\x93", 4)
+    _torch_file_with_records(tmp_path / "quantised.pt", b"\x80\x02}" + _unicode(b"w") + quantised + b"s.",
+                             {"0": bytes(4)})
+    with pytest.raises(ValueError, match=r"the file's data.pkl uses the STACK_GLOBAL opcode; torch.save names globals"):
+        load_weights_file(tmp_path / "quantised.pt")
+
+
 def test_blocks_are_not_placed_at_negative_columns():
     from pandas._libs.internals import _unpickle_block
 

@@ -438,6 +438,10 @@ def check_zip_globals(path: Any, allowed: frozenset[str]) -> None:
         raise pickle.UnpicklingError(f"torch finds no readable data.pkl in the file ({err})") from err
     try:
         for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name in ("STACK_GLOBAL", "INST", "OBJ", "PERSID"):  # names this scan could not read
+                raise pickle.UnpicklingError(
+                    f"the file's data.pkl uses the {opcode.name} opcode; torch.save names globals with GLOBAL and "
+                    "storages with BINPERSID")
             if opcode.name != "GLOBAL":
                 continue
             full_name = str(argument).replace(" ", ".", 1)  # pickletools joins the two lines with a space

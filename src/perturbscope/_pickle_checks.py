@@ -347,6 +347,11 @@ def guarded_rebuild_parameter_with_state(data: Any, requires_grad: Any, backward
         raise pickle.UnpicklingError(
             f"the file restores a parameter's attributes from a {type(state).__name__}, not a dict")
     check_build_keys(state)
+    private = [key for part in attribute_dicts(state) or () for key in part if str(key).startswith("_")]
+    if private:  # e.g. _post_accumulate_grad_hooks, a property that registers the callables it is given
+        raise pickle.UnpicklingError(
+            f"the file sets the private attributes {brief(private[:5])} on a parameter; torch.save writes only "
+            "the attributes a user set")
     return torch._utils._rebuild_parameter_with_state(data, requires_grad, backward_hooks, state)
 
 
@@ -520,6 +525,26 @@ def check_loaded_tensors(loaded: Any) -> None:
             stack.extend(obj)
 
 
+#: Characters of one text in a persistent id (torch's keys are short numbers, its locations "cpu").
+MAX_PERSISTENT_TEXT = 256
+
+
+def check_persistent_id(pid: Any) -> None:
+    """Refuse a persistent id that is not what ``torch.save`` writes: a short tuple of plain values.
+
+    torch's loader hashes the id and formats its key into a record name and error messages, so a
+    tuple that shares its parts exponentially (1 kB of pickle) took 24 s and 2.2 GiB there, past
+    every other check. ``torch.save`` writes ``("storage", storage type, key, location, numel)``.
+    """
+    plain = isinstance(pid, tuple) and len(pid) <= 8 and all(
+        part is None or isinstance(part, bool | int) or type(part).__name__ == "StorageType"
+        or (isinstance(part, str) and len(part) <= MAX_PERSISTENT_TEXT) for part in pid)
+    if not plain:
+        raise pickle.UnpicklingError(
+            f"the file names a storage by a {type(pid).__name__} {brief(pid) if isinstance(pid, tuple) else ''} "
+            "that is not a short tuple of texts and numbers, as torch.save writes it")
+
+
 def _check_tensor(tensor: Any) -> None:
     import torch
 
@@ -530,7 +555,9 @@ def _check_tensor(tensor: Any) -> None:
         raise pickle.UnpicklingError(
             f"the file holds a tensor of {tensor.numel()} elements over {stored} stored ones (an "
             "expanded view); model files store every element")
-    if getattr(tensor, "_backward_hooks", None):
+    if tensor.is_quantized:
+        raise pickle.UnpicklingError("the file holds a quantised tensor; model files hold plain tensors")
+    if getattr(tensor, "_backward_hooks", None) or getattr(tensor, "_post_accumulate_grad_hooks", None):
         raise pickle.UnpicklingError(
             "the file attaches backward hooks to a tensor (callables it chose, run by the next "
             "backward pass); model files hold none")

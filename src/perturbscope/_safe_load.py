@@ -77,6 +77,7 @@ from ._pickle_checks import (  # the caps are re-exported: the module docstring 
     check_dtype_state,
     check_loaded_tensors,
     check_pandas_object,
+    check_persistent_id,
     guarded_bytearray,
     guarded_bytes,
     guarded_date,
@@ -332,6 +333,17 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.STOP[0]] = load_stop
 
+    def load_binpersid(self) -> None:
+        check_persistent_id(self.stack[-1])  # torch hashes and formats it; nothing else would measure it
+        pickle._Unpickler.load_binpersid(self)
+
+    dispatch[pickle.BINPERSID[0]] = load_binpersid
+
+    def load_persid(self) -> None:
+        raise pickle.UnpicklingError("the file names a persistent object by text (PERSID); torch.save never does")
+
+    dispatch[pickle.PERSID[0]] = load_persid
+
     def load_bytearray8(self) -> None:
         raise pickle.UnpicklingError(
             "the file holds a protocol-5 bytearray (whose declared size is allocated before it "
@@ -459,12 +471,18 @@ def _load_torch_file(path: str | Path, kind: str) -> Any:
                 "restricted unpickler (an allow-list of plain data, numpy, pandas and tensor globals that never "
                 "runs code from the file). Unset TORCH_FORCE_WEIGHTS_ONLY_LOAD to load it through that unpickler."
             ) from None
-        raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
+        raise ValueError(f"refusing to load {str(path)!r}: {_shortened(err)}") from err
     except Exception as err:
         raise ValueError(
-            f"{str(path)!r} is not a torch file that perturbscope can read ({type(err).__name__}: {err})"
+            f"{str(path)!r} is not a torch file that perturbscope can read ({type(err).__name__}: {_shortened(err)})"
         ) from err
     return _with_checked_tensors(path, loaded)
+
+
+def _shortened(err: BaseException, limit: int = 1000) -> str:
+    """``err``'s text, cut to ``limit`` characters: torch's can quote what the file holds at length."""
+    text = str(err)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def _checked_torch_zip(path: str | Path, kind: str, weights_only: bool) -> Path:
