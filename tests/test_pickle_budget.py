@@ -825,6 +825,34 @@ def test_storages_hooks_and_quantised_tensors_are_refused_where_torch_would_take
         load_weights_file(tmp_path / "quantised.pt")
 
 
+class _BytesOf:
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return (bytes, (self.value,))
+
+
+def test_tensors_are_checked_where_they_are_made(tmp_path):
+    # bytes(<expanded tensor>) iterated 3,000,000 views of one stored byte: 2.1 GiB from 1.6 kB;
+    # and an expanded tensor kept as a dict key, in a slice or in an object array was returned
+    import torch
+
+    from perturbscope._safe_load import load_weights_file
+
+    big = torch.zeros(1, dtype=torch.uint8).expand(3_000_000)
+    holder = np.empty(1, dtype=object)
+    holder[0] = big
+    cases = {"bytes": {"w": _BytesOf(big)}, "key": {big: "w"}, "slice": {"w": slice(big, None)}, "array": {"w": holder}}
+    for name, payload in cases.items():
+        torch.save(payload, tmp_path / f"{name}.pt")
+        load = load_model_file if name == "array" else load_weights_file
+        with pytest.raises(ValueError, match=r"the file holds a tensor of 3000000 elements over 1 stored ones"):
+            load(tmp_path / f"{name}.pt")
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file asks for `bytes` of a int64; pickles build it from"):
+        restricted_pickle.loads(pickle.dumps(_BytesOf(np.int64(3 << 30)), protocol=2))
+
+
 def test_blocks_are_not_placed_at_negative_columns():
     from pandas._libs.internals import _unpickle_block
 

@@ -228,6 +228,10 @@ def refuse_sizes(kind: type, *args: Any) -> Any:
             f"the file asks for `{kind.__name__}({args[0]})`, a zero-filled buffer of a given "
             "size, which no scvi-tools or ESM file needs"
         )
+    if args and not isinstance(args[0], str | bytes | bytearray | list | tuple):
+        # a tensor or numpy integer would be read as a size, or iterated element by element
+        raise pickle.UnpicklingError(
+            f"the file asks for `{kind.__name__}` of a {type(args[0]).__name__}; pickles build it from text or bytes")
     return kind(*args)
 
 
@@ -521,8 +525,13 @@ def check_loaded_tensors(loaded: Any) -> None:
             stack.extend(vars(obj).values())
         elif isinstance(obj, dict):
             stack.extend(obj.values())
+            stack.extend(obj.keys())
         elif isinstance(obj, list | tuple | set | frozenset):
             stack.extend(obj)
+        elif isinstance(obj, slice):
+            stack.extend((obj.start, obj.stop, obj.step))
+        elif isinstance(obj, np.ndarray) and obj.dtype.hasobject:
+            stack.extend(obj.ravel().tolist())
 
 
 #: Characters of one text in a persistent id (torch's keys are short numbers, its locations "cpu").

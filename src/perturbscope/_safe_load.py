@@ -227,6 +227,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._check_call(function, args)
         pickle._Unpickler.load_reduce(self)
         check_pandas_object(self.stack[-1])
+        if isinstance(self.stack[-1], torch.Tensor):  # where it is made: an expanded view is used by nothing
+            check_loaded_tensors(self.stack[-1])
         self._charge_result(function)
 
     dispatch[pickle.REDUCE[0]] = load_reduce
