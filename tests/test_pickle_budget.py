@@ -821,8 +821,24 @@ def test_storages_hooks_and_quantised_tensors_are_refused_where_torch_would_take
     quantised = _rebuilt_tensor(_unicode(b"anything") + _unicode(b"QInt8Storage") + b"\x93", 4)
     _torch_file_with_records(tmp_path / "quantised.pt", b"\x80\x02}" + _unicode(b"w") + quantised + b"s.",
                              {"0": bytes(4)})
-    with pytest.raises(ValueError, match=r"the file's data.pkl uses the STACK_GLOBAL opcode; torch.save names globals"):
+    with pytest.raises(ValueError, match=r"the file asks to call or build `anything\.QInt8Storage`, which is not on"):
         load_weights_file(tmp_path / "quantised.pt")
+
+
+def test_the_global_scan_reads_stack_globals_as_the_unpickler_would():
+    import pickle as pickle_module
+
+    from perturbscope._pickle_budget import named_globals
+
+    # protocol 4 names globals with STACK_GLOBAL over memoised texts: read, in order
+    data = pickle_module.dumps([pd.Index, pd.Index, np.dtype], protocol=4)
+    assert list(named_globals(data)) == ["pandas.core.indexes.base.Index", "numpy.dtype"]
+    # a name built from anything but texts is refused: the scan could not check it
+    hidden = b"\x80\x04" + _unicode(b"torch") + b"\x94" + b"N" + b"\x93."
+    with pytest.raises(pickle_module.UnpicklingError, match=r"^the file names a global \(STACK_GLOBAL\) by values that"):
+        list(named_globals(hidden))
+    with pytest.raises(pickle_module.UnpicklingError, match=r"^the file's pickle uses the INST opcode"):
+        list(named_globals(b"(ibuiltins\nprint\n."))
 
 
 class _BytesOf:

@@ -428,8 +428,6 @@ def check_zip_globals(path: Any, allowed: frozenset[str]) -> None:
     pickle.UnpicklingError
         Naming the first such global, or when torch finds no ``data.pkl`` or it is not a pickle.
     """
-    import pickletools
-
     import torch
 
     try:
@@ -437,20 +435,67 @@ def check_zip_globals(path: Any, allowed: frozenset[str]) -> None:
     except RuntimeError as err:
         raise pickle.UnpicklingError(f"torch finds no readable data.pkl in the file ({err})") from err
     try:
-        for opcode, argument, _ in pickletools.genops(data):
-            if opcode.name in ("STACK_GLOBAL", "INST", "OBJ", "PERSID"):  # names this scan could not read
-                raise pickle.UnpicklingError(
-                    f"the file's data.pkl uses the {opcode.name} opcode; torch.save names globals with GLOBAL and "
-                    "storages with BINPERSID")
-            if opcode.name != "GLOBAL":
-                continue
-            full_name = str(argument).replace(" ", ".", 1)  # pickletools joins the two lines with a space
+        for full_name in named_globals(data):
             if full_name not in allowed:
                 raise pickle.UnpicklingError(  # the restricted unpickler's words: one rule, two places it is applied
                     f"the file asks to call or build `{full_name}`, which is not on perturbscope's allow-list of "
                     "globals such a file needs")
     except (ValueError, EOFError) as err:
         raise pickle.UnpicklingError(f"the file's data.pkl is not a pickle ({err})") from err
+
+
+#: Opcodes that push one text: the names a ``STACK_GLOBAL`` reads.
+_TEXT_OPCODES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+                           "STRING"})
+_MEMO_OPCODES = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
+_GET_OPCODES = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+def named_globals(data: bytes):
+    """Yield every global a pickle names, as ``"module.name"``.
+
+    ``GLOBAL`` names it in its operand; ``STACK_GLOBAL`` (protocol 4 and later) takes the two texts
+    on top of the stack, which must come straight from text opcodes or from memo entries that
+    hold texts (as every pickler writes them), else the pickle is refused: a name this scan could
+    not read would be one it could not check. ``INST``, ``OBJ`` and ``PERSID`` (protocol 0) are
+    refused; ``torch.save`` never writes them.
+
+    Raises
+    ------
+    pickle.UnpicklingError
+        For a name this scan cannot read.
+
+    Examples
+    --------
+    >>> import pickle, collections
+    >>> list(named_globals(pickle.dumps(collections.OrderedDict(), protocol=4)))
+    ['collections.OrderedDict']
+    """
+    import pickletools
+
+    memo: dict[int, str | None] = {}
+    pushed: list[str | None] = []  # the values of the pushes since the last other opcode
+    for opcode, argument, _ in pickletools.genops(data):
+        name = opcode.name
+        if name in ("INST", "OBJ", "PERSID"):
+            raise pickle.UnpicklingError(f"the file's pickle uses the {name} opcode, which torch.save never writes")
+        if name == "GLOBAL":
+            yield str(argument).replace(" ", ".", 1)  # pickletools joins the two lines with a space
+        elif name == "STACK_GLOBAL":
+            if len(pushed) < 2 or pushed[-2] is None or pushed[-1] is None:
+                raise pickle.UnpicklingError("the file names a global (STACK_GLOBAL) by values that are not plain texts")
+            yield f"{pushed[-2]}.{pushed[-1]}"
+        if name in _MEMO_OPCODES:
+            memo[len(memo) if name == "MEMOIZE" else int(argument)] = pushed[-1] if pushed else None
+            continue
+        if name in ("FRAME", "PROTO"):  # leave the stack as it is
+            continue
+        if name in _TEXT_OPCODES:
+            pushed.append(str(argument))
+        elif name in _GET_OPCODES:
+            pushed.append(memo.get(int(argument)))
+        else:
+            pushed = []
 
 
 def check_torch_zip(path: Any, allowed_globals: frozenset[str]) -> None:
