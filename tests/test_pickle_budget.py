@@ -650,22 +650,6 @@ def test_globals_that_compute_while_loading_are_refused_before_torch_runs_them(t
     assert load_model_file(plain)["b"].tolist() == [0, 1]
 
 
-def _torch_file_with_pickle(target, data: bytes) -> None:
-    """A ``torch.save`` archive whose data.pkl is replaced by ``data``."""
-    import io
-    import zipfile
-
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save({"w": 0}, buffer)
-    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
-        for info in source.infolist():
-            body = data if info.filename.endswith("/data.pkl") else source.read(info.filename)
-            out.writestr(zipfile.ZipInfo(info.filename), body)
-
-
 def test_torch_files_are_read_with_the_guards_of_the_restricted_unpickler(tmp_path):
     # torch's weights-only loader, which read these first, has none of the guards: 851 bytes
     # allocated 2 GiB, nested tuples crashed it (segfault), shared ones hashed 2**40 nodes, and
@@ -686,7 +670,7 @@ def test_torch_files_are_read_with_the_guards_of_the_restricted_unpickler(tmp_pa
                      + b"X\x08\x00\x00\x00punycode\x86Rs.", r"the file calls encode with the codec 'punycode'"),
     }
     for name, (data, message) in cases.items():
-        _torch_file_with_pickle(tmp_path / f"{name}.pt", data)
+        _torch_file_with_records(tmp_path / f"{name}.pt", data, {})
         for load in (load_model_file, load_weights_file):
             with pytest.raises(ValueError, match=rf"refusing to load .*{name}\.pt': {message}"):
                 load(tmp_path / f"{name}.pt")
