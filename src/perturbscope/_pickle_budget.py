@@ -340,17 +340,20 @@ class StructureCheck:
         return nodes, depth
 
 
-def check_zip_records(path: Any) -> None:
+def check_zip_records(path: Any, torch_reader: Any) -> None:
     """Refuse a zip (torch) file whose records could add up to more bytes than the file has.
 
     ``torch.save`` stores every record as it is (no compression), so a storage's bytes are in
     the file. A compressed record, or records whose bytes overlap or are shared by several
     names, would let a file of a few kB declare, and make torch allocate, gigabytes.
+    ``torch_reader`` (torch's own zip reader over the file) must list the same records, read
+    from the same central directory.
 
     Raises
     ------
     pickle.UnpicklingError
-        On a compressed record, duplicate names, records that overlap or end past the file.
+        On a compressed record, duplicate names, records that overlap or end past the file, or
+        a central directory that Python and torch would read differently.
     """
     import os
     import struct
@@ -358,7 +361,7 @@ def check_zip_records(path: Any) -> None:
 
     size = os.path.getsize(path)
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-        _check_one_central_directory(archive, raw, path)
+        _check_one_central_directory(archive, raw, torch_reader)
         records = archive.infolist()
         names = [record.filename for record in records]
         if len({name.casefold() for name in names}) != len(names):  # torch's zip reader ignores case
@@ -385,7 +388,7 @@ def check_zip_records(path: Any) -> None:
         raise pickle.UnpicklingError(f"the file's zip record {spans[-1][2]!r} ends past the end of the file")
 
 
-def _check_one_central_directory(archive: Any, raw: Any, path: Any) -> None:
+def _check_one_central_directory(archive: Any, raw: Any, torch_reader: Any) -> None:
     """Refuse an archive that Python's zipfile and torch's zip reader could read differently.
 
     Python's zipfile takes a central directory that is not where the end record says to be a
@@ -395,43 +398,36 @@ def _check_one_central_directory(archive: Any, raw: Any, path: Any) -> None:
     """
     import zipfile
 
-    import torch
-
     end = zipfile._EndRecData(raw)  # the end record zipfile itself read (zip64 resolved)
     if end is None or archive.start_dir != end[zipfile._ECD_OFFSET]:
         raise pickle.UnpicklingError(
             "the file's zip central directory is not where its end record places it (data before or inside the "
             "archive); torch and Python would read different records")
     names = sorted(record.filename.split("/", 1)[-1] for record in archive.infolist())
-    try:
-        torch_names = sorted(torch._C.PyTorchFileReader(str(path)).get_all_records())
-    except RuntimeError as err:
-        raise pickle.UnpicklingError(f"torch's zip reader cannot read the file ({err})") from err
-    if names != torch_names:
+    if names != sorted(torch_reader.get_all_records()):
         raise pickle.UnpicklingError("torch's zip reader lists other records than Python's")
 
 
-def check_zip_globals(path: Any, allowed: frozenset[str]) -> None:
+def check_zip_globals(torch_reader: Any, allowed: frozenset[str]) -> None:
     """Refuse a torch zip file whose pickle names a global outside ``allowed`` (``"module.name"``).
 
     torch's weights-only loader allows more than model files need, and some of it computes while
     the file loads: ``torch._utils._rebuild_device_tensor_from_cpu_tensor`` turned a one-byte
     expanded view into a dense 1 GiB tensor before any check could see the view, and the legacy
-    constructors (``torch.DoubleTensor(n)``) return unfilled memory. That loader resolves a global
-    only through ``GLOBAL``, by the joined ``f"{module}.{name}"``; the pickle scanned is the record
-    torch's own zip reader returns for ``data.pkl`` (it matches names without regard to case), so
-    what is checked is what torch would run. The restricted unpickler, torch's fallback here, has
-    its own allow-list of ``(module, name)`` pairs.
+    constructors (``torch.DoubleTensor(n)``) return unfilled memory. Names are joined as that
+    loader joins them (``f"{module}.{name}"``, :func:`named_globals`), and the pickle scanned is
+    the record ``torch_reader`` (torch's own zip reader) returns for ``data.pkl`` (it matches names
+    without regard to case), so what is checked is what torch would run. The restricted
+    unpickler, which reads the file after this check, applies the same allow-list as
+    ``(module, name)`` pairs.
 
     Raises
     ------
     pickle.UnpicklingError
         Naming the first such global, or when torch finds no ``data.pkl`` or it is not a pickle.
     """
-    import torch
-
     try:
-        data = torch._C.PyTorchFileReader(str(path)).get_record("data.pkl")
+        data = torch_reader.get_record("data.pkl")
     except RuntimeError as err:
         raise pickle.UnpicklingError(f"torch finds no readable data.pkl in the file ({err})") from err
     try:
@@ -521,6 +517,12 @@ def check_torch_zip(path: Any, allowed_globals: frozenset[str]) -> None:
             "it is not in torch's zip format (torch.save's default since torch 1.6). In the older format torch "
             "allocates each storage at the size the file declares, unfilled, before reading any data; load it "
             "in a trusted session and save it again")
-    check_zip_records(path)
-    check_zip_globals(path, allowed_globals)
+    import torch
+
+    try:  # one reader for both checks: what torch itself will read
+        torch_reader = torch._C.PyTorchFileReader(str(path))
+    except RuntimeError as err:
+        raise pickle.UnpicklingError(f"torch's zip reader cannot read the file ({err})") from err
+    check_zip_records(path, torch_reader)
+    check_zip_globals(torch_reader, allowed_globals)
 

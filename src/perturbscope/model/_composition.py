@@ -76,18 +76,17 @@ def composition_terms(
         sums.add(p, cells, change)
     m = sums.means(0).astype(np.float32)
     s = np.zeros(m.shape, dtype=np.float32)  # float32 throughout: a float64 term would double each chunk
-    correction = np.zeros(m.shape, dtype=np.float32)
+    correction = None if correction_weights is None else np.zeros(m.shape, dtype=np.float32)
     g = np.zeros(m.shape[:2], dtype=np.float32)
-    weights = correction_weights or {}
     for p, label in enumerate(labels):
         for c, context in enumerate(sums.contexts):
             shift = prior.predict_shifts([label], context)
             kind = shift.attrs["kinds"][0]
             s[p, c] = shift.to_numpy()[0]
-            correction[p, c] = weights.get(kind, 0.0) * (m[p, c] - s[p, c])
+            if correction is not None:
+                correction[p, c] = correction_weights.get(kind, 0.0) * (m[p, c] - s[p, c])
             g[p, c] = cell_term_weight(kind)
-    return {"s": s, "correction": correction if correction_weights is not None else None, "m": m, "g": g,
-            "sums": sums}
+    return {"s": s, "correction": correction, "m": m, "g": g, "sums": sums}
 
 
 def compose_cells(terms: dict, p: int, cells: slice, start: np.ndarray, changes: np.ndarray) -> np.ndarray:
