@@ -145,9 +145,9 @@ def section(table: pd.DataFrame, seeds: int) -> str:
         "\n".join(lines),
         f"Mean over the task groups: cov80 {mean['cov80 in sample']:.2f} in sample, {mean['cov80 left out']:.2f} "
         f"left out; cov95 {mean['cov95 in sample']:.2f} in sample, {mean['cov95 left out']:.2f} left out.{shortfall} The "
-        "`cov80`/`cov95` columns of the targets table above are ScopeVI's and were computed with the in-sample "
-        "rule (those runs predate it); ScopeVI's intervals are the prior's, widened to reach its corrected "
-        "mean where a correction was kept.",
+        "`cov80`/`cov95` columns of the targets table above are ScopeVI's, with the default (left-out) rule; "
+        "ScopeVI's intervals are the prior's, widened to reach its corrected mean where a correction was kept, "
+        "so they can cover more than the prior's here.",
     ])
 
 

@@ -63,6 +63,11 @@ SCOPEVI_MODELS = ("scopevi", "scopevi_vae")
 REDEFINED_METRICS = ("discrimination_score", "de_overlap")
 
 
+def saved_on(path: Path) -> str:
+    """The UTC date a saved file was last written, as ``YYYY-MM-DD``."""
+    return time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
+
+
 def reuse_model_rows(results: pd.DataFrame, previous: Path, models: list[str]) -> tuple[pd.DataFrame, str]:
     """Add ``models``' rows from a task's previous ``metrics.csv`` (same seeds), and a note."""
     old = pd.read_csv(previous, keep_default_na=False, na_values=[""])
@@ -582,8 +587,9 @@ come from the run that timed it, see the task's section).
         header += target_section(pd.concat(summaries), load_diagnostics(args.out)) + "\n"
     reused = [t for t in tasks if t not in run]
     if reused:
+        written = ", ".join(f"{t} {saved_on(args.out / t / 'metrics.csv')}" for t in reused)
         header += (f"\nTasks {', '.join(reused)} were read back from their saved metrics "
-                   "(`--reuse-others`) rather than rerun.\n")
+                   f"(`--reuse-others`) rather than rerun here; the runs that wrote them finished on: {written}.\n")
     if not args.no_scopevi:
         header += ("The sections below that other scripts write were all rerun with the effect prior: "
                    "the variants, the genetic interactions, and the learning curves with the "
