@@ -162,3 +162,25 @@ def test_perturbation_shifts_refuse_non_finite_values_and_two_spellings_of_one_g
     by_number, _ = perturbation_shifts(numbered, "p", control_value=0)  # an integer control was a KeyError
     assert by_number.loc[("5", "all")].tolist() == [2.0, 4.0]
     assert shifts.loc[("B", "all")].tolist() == [3.0, 5.0]
+
+
+def test_perturbation_shifts_take_names_that_are_not_gene_combinations_and_other_delimiters():
+    """The two-spellings check parsed every label as genes: a cytokine "IL2+" was refused as an empty gene
+    name, and tl.perturbation_effects had no delimiter to pass."""
+    import anndata as ad
+
+    import perturbscope as ps
+    from perturbscope.data import perturbation_shifts
+
+    X = np.array([[1.0, 2], [3, 2], [4, 6], [5, 7], [9, 9]])
+    cells = ad.AnnData(X, obs=pd.DataFrame({"p": ["DMSO", "DMSO", "IL2+", "aCD3", "+/-"]}, index=list("abcde")))
+    shifts, _ = perturbation_shifts(cells, "p", control_value="DMSO")
+    assert shifts.loc[("IL2+", "all")].tolist() == [2.0, 4.0]
+    assert shifts.loc[("+/-", "all")].tolist() == [7.0, 7.0]
+    ps.tl.perturbation_effects(cells, perturbation_key="p", control_value="DMSO")
+    assert cells.uns["perturbation_effects"]["shifts"].loc["aCD3"].tolist() == [3.0, 5.0]
+    swapped = ad.AnnData(X[:4], obs=pd.DataFrame({"p": ["c", "c", "A_B", "B_A"]}, index=list("abcd")))
+    ps.tl.perturbation_effects(swapped, perturbation_key="p", control_value="c")  # "+" combinations: none here
+    with pytest.raises(ValueError, match=re.escape("adata.obs['p'] writes the same perturbation in more than one "
+                                                   "way: ['A_B', 'B_A']")):
+        ps.tl.perturbation_effects(swapped, perturbation_key="p", control_value="c", delimiter="_")

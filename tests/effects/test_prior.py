@@ -413,6 +413,21 @@ def test_leave_one_out_scale_keeps_the_coverage_with_few_held_out_rows(n_rows):
     assert 0.78 <= left_out[0.8] <= 0.83, left_out
 
 
+def test_genes_moved_by_one_row_do_not_widen_every_interval():
+    """Their left-out scale was the global floor: a score near 1e3, and with a quarter of such genes (4 rows)
+    the pooled 95% quantile made every other gene's half-width about 200 times wider."""
+    rng = np.random.default_rng(0)
+    residuals = np.abs(rng.normal(size=(4, 200)))
+    baseline = np.median(gene_scaled_quantiles(residuals, [0.95])[0.95][50:])
+    residuals[:, :50] = 0.0
+    residuals[rng.integers(0, 4, 50), np.arange(50)] = 0.5
+    widths = gene_scaled_quantiles(residuals, [0.95])[0.95]
+    assert np.median(widths[50:]) < 1.5 * baseline, (np.median(widths[50:]), baseline)
+    # hand-computed: a gene with residuals (0, 0, 3) scores 3 (= n) on its moved row, not 3 / floor
+    one_row = np.array([[0.0, 1.0], [0.0, 1.0], [3.0, 1.0]])
+    assert gene_scaled_quantiles(one_row, [0.99])[0.99][0] == pytest.approx(3.0 * np.sqrt(3.0))
+
+
 def test_interval_scale_is_checked_and_saved():
     with pytest.raises(ValueError, match=r"^interval_scale must be one of \['leave_one_out', 'in_sample'\], got 'loo'"):
         EffectPrior(interval_scale="loo")

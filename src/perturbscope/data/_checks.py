@@ -221,7 +221,7 @@ def check_controls_per_context(
         )
 
 
-def check_var_names(var_names: pd.Index, expected: pd.Index, where: str = "adata") -> None:
+def check_var_names(var_names: pd.Index, expected: pd.Index, where: str = "adata", features: str = "genes") -> None:
     """Raise a ``ValueError`` unless ``var_names`` are ``expected``, in the same order.
 
     Parameters
@@ -232,6 +232,9 @@ def check_var_names(var_names: pd.Index, expected: pd.Index, where: str = "adata
         The genes the model (or baseline) was trained on.
     where
         The name of the AnnData in the message.
+    features
+        What the names are, in the message: ``"genes"`` (the model's ``var_names``) or, for
+        another modality, e.g. ``"proteins"``.
 
     Raises
     ------
@@ -252,11 +255,12 @@ def check_var_names(var_names: pd.Index, expected: pd.Index, where: str = "adata
         return
     missing = expected.difference(given)
     extra = given.difference(expected)
-    how = ": same genes in another order" if not len(missing) and not len(extra) else ""
+    how = f": same {features} in another order" if not len(missing) and not len(extra) else ""
     first = f"; first missing: {list(missing[:5])}" if len(missing) else ""
+    like = f"{where}[:, model.var_names]" if features == "genes" else f"the model's {features} were in training"
     raise ValueError(
-        f"{where}.var_names differ from the model's {len(expected)} genes ({len(missing)} missing, "
-        f"{len(extra)} extra{how}{first}); subset and order it as {where}[:, model.var_names]."
+        f"{where}.var_names differ from the model's {len(expected)} {features} ({len(missing)} missing, "
+        f"{len(extra)} extra{how}{first}); subset and order it as {like}."
     )
 
 

@@ -10,7 +10,11 @@ import anndata as ad
 import pandas as pd
 
 from ._checks import check_finite, check_no_missing_labels, preview
-from ._perturbations import check_control_present, check_one_label_per_perturbation
+from ._perturbations import (
+    canonical_labels,
+    check_control_present,
+    check_one_label_per_perturbation,
+)
 from ._pseudobulk import pseudobulk
 
 #: The context label of data without a context column.
@@ -89,7 +93,8 @@ def perturbation_shifts(
         If the control label is absent, some contexts have no control cells (named), the
         matrix holds NaN or infinite values, or one perturbation is written in two ways
         (``"A+B"``/``"B+A"``, ``"control "``/``"control"``; see
-        :func:`check_one_label_per_perturbation`).
+        :func:`check_one_label_per_perturbation`). A label that is not genes joined by
+        ``delimiter`` (a cytokine ``"IL2+"``) is a name of its own, and is not compared.
 
     Examples
     --------
@@ -106,7 +111,8 @@ def perturbation_shifts(
     check_no_missing_labels(adata.obs, perturbation_key=perturbation_key, context_key=context_key)
     labels = adata.obs[perturbation_key].astype(str)
     check_control_present(labels, perturbation_key, control_value)
-    check_one_label_per_perturbation(labels, perturbation_key, control_value, delimiter)
+    check_one_label_per_perturbation(combination_labels(labels, control_value, delimiter), perturbation_key,
+                                     control_value, delimiter)
     check_finite(adata.X if layer is None else adata.layers[layer], layer)
     contexts = context_labels(adata, context_key)
     # a light AnnData over the same matrix: no copy of the expression, the input is left alone
@@ -120,6 +126,27 @@ def perturbation_shifts(
     )
     means = pseudobulk(view, ["perturbation", "context"])
     return shifts_from_means(means, control_value, context_key)
+
+
+def combination_labels(labels: pd.Series, control_value: str = "control", delimiter: str = "+") -> list[str]:
+    """The distinct labels that read as genes joined by ``delimiter``.
+
+    Others, such as a cytokine ``"IL2+"`` or ``"+/-"`` (an empty name between delimiters), are
+    names rather than combinations.
+
+    Examples
+    --------
+    >>> combination_labels(pd.Series(["control", "A+B", "IL2+", "A"]))
+    ['control', 'A+B', 'A']
+    """
+    readable = []
+    for label in pd.unique(pd.Series(labels, dtype=str)):
+        try:
+            canonical_labels([label], control_value, delimiter)
+        except ValueError:
+            continue
+        readable.append(label)
+    return readable
 
 
 def shifts_from_means(

@@ -191,7 +191,10 @@ def gene_scaled_quantiles(
     divides by the root mean square of all rows, the row itself included; no score can then
     exceed ``sqrt(n)`` and the intervals undercover with few rows (about 0.80 instead of 0.95
     with 3 held-out perturbations, 0.92 with 12, on Gaussian residuals;
-    ``benchmarks/interval_coverage.py``). It is kept to compare with.
+    ``benchmarks/interval_coverage.py``). It is kept to compare with. The left-out scale is
+    floored at ``sigma_g / sqrt(n)``, so no score exceeds ``n``: a gene whose other rows are all
+    zero (moved by one held-out perturbation only, as sparse peaks can be) would otherwise get a
+    near-infinite score and, through the pooled quantile, widen every gene's interval.
 
     Parameters
     ----------
@@ -231,7 +234,9 @@ def gene_scaled_quantiles(
     sigma = np.maximum(sigma, floor)
     if scale == "leave_one_out" and n > 1:
         others = np.sqrt(np.clip(squares[None] - residuals**2, 0, None) / (n - 1))
-        scores = residuals / np.maximum(others, floor)
+        # a gene moved by one row only has no other residual to scale it: floored at sigma / sqrt(n),
+        # every score is at most n, so such genes cannot widen every other gene's interval
+        scores = residuals / np.maximum(others, np.maximum(sigma / np.sqrt(n), floor))
     else:
         scores = residuals / sigma
     scores = scores.ravel()[:, None]

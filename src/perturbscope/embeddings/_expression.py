@@ -33,6 +33,7 @@ def expression_embeddings(
     layer: str | None = None,
     perturbations: Sequence[str] | None = None,
     context_key: str | None = None,
+    delimiter: str = "+",
 ) -> pd.DataFrame:
     """Gene embeddings from the PCA of pseudobulk perturbation effects (Ahlmann-Eltze et al. 2025).
 
@@ -54,6 +55,9 @@ def expression_embeddings(
         Optional ``adata.obs`` column (e.g. cell type): each perturbation is then compared with the
         control cells of its own context, and every (perturbation, context) pair is a column of
         ``Y``.
+    delimiter
+        Separator of the genes of a combination (``"A+B"`` and ``"B+A"`` are refused as one
+        perturbation written two ways).
 
     Returns
     -------
@@ -99,7 +103,7 @@ def expression_embeddings(
             f"adata.obs[{perturbation_key!r}] has no perturbation besides the control {control_value!r}."
         )
     subset = adata[labels.isin([*chosen, control_value]).to_numpy()]
-    effects, _ = perturbation_shifts(subset, perturbation_key, control_value, context_key, layer)
+    effects, _ = perturbation_shifts(subset, perturbation_key, control_value, context_key, layer, delimiter)
     n_profiles, n_genes = effects.shape
     if not isinstance(n_components, int | np.integer) or not 1 <= n_components <= min(
         n_profiles, n_genes

@@ -1,7 +1,8 @@
 """The perturbation field: perturbation labels registered as gene-embedding lookups.
 
 Labels are parsed into gene sets and stored as a padded integer matrix (``-1`` = no gene) of
-row indices into the gene-embedding table, in ``adata.obsm["_scopevi_perturbation_genes"]``.
+row indices into the gene-embedding table, in ``adata.obsm["_scopevi_perturbation_genes"]``
+(float32 on a MuData, whose views mudata cannot copy with integer ``obsm``).
 The table itself lives in the field's state registry, so it travels with a saved model and a
 gene that was never perturbed in training can still be looked up at prediction time.
 """
@@ -111,7 +112,10 @@ class PerturbationGenesField(BaseAnnDataField):
 
     def _write(self, adata: AnnData, vocabulary: pd.Index, width: int | None) -> np.ndarray:
         matrix = encode_gene_sets(self._cell_gene_sets(adata), vocabulary, width)
-        adata.obsm[self.attr_key] = matrix
+        # mudata cannot copy a view whose global obsm holds integers (it assigns NaN to an
+        # integer array while aligning), and scvi-tools copies views: a MuData gets float32
+        # indices, exact below 2**24 genes.
+        adata.obsm[self.attr_key] = matrix.astype(np.float32) if hasattr(adata, "mod") else matrix
         return matrix
 
     def register_field(self, adata: AnnData) -> dict:

@@ -45,7 +45,7 @@ from ..data import (
 )
 from ..effects import EffectPrior
 from ..module import MultimodalScopeVAE
-from ..module._multimodal import ATAC_KEY, MODALITY_KEYS, PROTEIN_KEY
+from ..module._multimodal import ATAC_KEY, MODALITY_KEYS, PROTEIN_KEY, modality_features
 from ._composition import compose_cells, composition_terms
 from ._effect_correction import Loader, few_shot_blends, prior_with_query_groups
 from ._multimodal_setup import check_modality_rows
@@ -347,7 +347,7 @@ class MultimodalMixin:
 
     def _modality_controls(self, key: str, data: ad.AnnData, name: str):
         """The anchors' counts of modality ``key``, checked, and their library sizes."""
-        check_var_names(data.var_names, self._modality_var_names(key), f"modality {name!r}")
+        check_var_names(data.var_names, self._modality_var_names(key), f"mdata[{name!r}]", modality_features(key))
         layer = self._modality_layer(key)
         if layer is not None and layer not in data.layers:
             raise KeyError(f"layer {layer!r} not found in modality {name!r}; layers are {list(data.layers)}.")

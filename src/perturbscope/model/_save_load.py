@@ -265,12 +265,13 @@ def _check_saved_genes(saved, adata, setup_args: dict) -> None:
         return
     # a MuData model: scvi-tools saves the features of every modality
     modalities = {"rna_layer": "rna", **(setup_args.get("modalities") or {})}
-    for name in modalities.values():
+    features = {"rna_layer": "genes", "protein_layer": "proteins", "atac_layer": "peaks"}
+    for arg, name in modalities.items():
         if not hasattr(adata, "mod") or name not in adata.mod:
             raise ValueError(f"the saved model was set up with modality {name!r}; pass a MuData that has it.")
         if name in saved:
             check_var_names(adata.mod[name].var_names, pd.Index(np.asarray(saved[name]).astype(str)),
-                            f"mdata[{name!r}]")
+                            f"mdata[{name!r}]", features.get(arg, "features"))
 
 
 def _init_kwargs(init_params: dict) -> dict:

@@ -264,7 +264,8 @@ class ScopeVI(MultimodalMixin, EffectCorrectionMixin, PredictionMixin, ScviApiMi
         ``uns["_scvi_uuid"]``, ``uns["_scvi_manager_uuid"]`` and, for covariates,
         ``obsm["_scvi_extra_categorical_covs"]``), setup writes
         ``obsm["_scopevi_perturbation_genes"]``: each cell's perturbed genes as row indices
-        into the embedding table, ``-1``-padded. Nothing else in ``adata`` changes.
+        into the embedding table, ``-1``-padded (integers; float32 on a MuData, since mudata
+        cannot copy a view holding integer ``obsm``). Nothing else in ``adata`` changes.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         # The embedding table travels in the perturbation field's state registry; keeping a second

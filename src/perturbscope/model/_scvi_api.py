@@ -33,6 +33,7 @@ from scvi.model.base import DifferentialComputation
 
 from .._constants import REGISTRY_KEYS
 from ..data import check_var_names, is_control
+from ..module._multimodal import modality_features
 from ..module._scopevae import COUNT_LIKELIHOODS
 
 
@@ -43,12 +44,18 @@ class ScviApiMixin:
         """scvi-tools' validation, for every method that takes an AnnData, plus a check of gene order.
 
         The genes must be the model's, in its order: scvi-tools compares only their number, so
-        reordered genes gave ``get_latent_representation`` another latent without an error. As in
+        reordered genes gave ``get_latent_representation`` another latent without an error. The
+        same holds for a MuData's other modalities (proteins, peaks). As in
         scvi-tools, an AnnData not yet set up is registered in place (``_scvi_*`` keys in its
         ``obs`` and ``uns``); this class's own methods register a copy instead (``_registered_adata``).
         """
         if adata is not None and getattr(self, "_adata_manager", None) is not None:  # None: loaded without cells
             check_var_names(self._expression_modality(adata).var_names, self.var_names, "adata")
+            if hasattr(adata, "mod"):  # the encoder reads the other modalities too
+                for key, name in self._extra_modalities().items():
+                    if name in adata.mod:  # a missing modality is scvi-tools' error to raise
+                        check_var_names(adata.mod[name].var_names, self._modality_var_names(key),
+                                        f"mdata[{name!r}]", modality_features(key))
         return super()._validate_anndata(adata, copy_if_view)
 
     @torch.inference_mode()

@@ -39,6 +39,17 @@ ATAC_KEY = SCVI_KEYS.ATAC_X_KEY
 MODALITY_KEYS = (PROTEIN_KEY, ATAC_KEY)
 
 
+def modality_features(key: str) -> str:
+    """What a modality's features are called in messages: ``"proteins"`` or ``"peaks"``.
+
+    Examples
+    --------
+    >>> modality_features(PROTEIN_KEY), modality_features(ATAC_KEY)
+    ('proteins', 'peaks')
+    """
+    return {PROTEIN_KEY: "proteins", ATAC_KEY: "peaks"}[key]
+
+
 class ProteinDecoder(nn.Module):
     """totalVI's protein likelihood: background/foreground negative-binomial mixture.
 

@@ -256,6 +256,7 @@ def perturbation_effects(
     layer: str | None = None,
     key_added: str = EFFECTS_KEY,
     copy: bool = False,
+    delimiter: str = "+",
 ) -> ad.AnnData | None:
     """Store each perturbation's mean shift from its context's controls in ``uns``.
 
@@ -278,6 +279,9 @@ def perturbation_effects(
         The ``uns`` key written.
     copy
         Return a modified copy instead of writing into ``adata``.
+    delimiter
+        Separator of the genes of a combination: ``"A+B"`` and ``"B+A"`` are refused as one
+        perturbation written two ways.
 
     Returns
     -------
@@ -311,7 +315,7 @@ def perturbation_effects(
     """
     _check_key("key_added", key_added)
     target = _target(adata, copy)
-    shifts, controls = perturbation_shifts(target, perturbation_key, control_value, context_key, layer)
+    shifts, controls = perturbation_shifts(target, perturbation_key, control_value, context_key, layer, delimiter)
     if context_key is None:
         names = shifts.index.get_level_values(0).astype(str)
     else:
