@@ -4,8 +4,9 @@ Each predicted cell is ``anchor + s + w (m - s) + g (change - m)`` on the log1p-
 scale (see :mod:`perturbscope.model._effect_correction`): ``s`` is the effect prior's shift of
 the (perturbation, context), ``m`` the decoder's mean change over the context's anchors, ``w``
 the validated correction weight and ``g`` the cell-term weight of the query's kind. Both
-:meth:`ScopeVI.predict` and :meth:`MultiModalScopeVI.predict` build their terms and cells
-here, so the two compose the same way.
+the RNA prediction (:mod:`perturbscope.model._prediction`) and, for a MuData model, the other
+modalities' (:mod:`perturbscope.model._multimodal`) build their terms and cells here, so the
+two compose the same way.
 """
 
 from __future__ import annotations

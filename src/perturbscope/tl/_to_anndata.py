@@ -107,7 +107,8 @@ def scopevi_latent(
     Notes
     -----
     Writes ``adata.obsm[key_added]`` (default ``"X_scopevi"``): ``(n_cells, n_latent)``, the mean
-    of each cell's basal-state posterior ``q(z | x)``. Use it like ``X_pca``:
+    of each cell's posterior ``q(z | x, p)``, encoded with its own registered perturbation ``p``
+    (a control cell's is its basal state). Use it like ``X_pca``:
     ``sc.pp.neighbors(adata, use_rep="X_scopevi")``.
 
     Raises
