@@ -63,6 +63,16 @@ SCOPEVI_MODELS = ("scopevi", "scopevi_vae")
 REDEFINED_METRICS = ("discrimination_score", "de_overlap")
 
 
+#: Differences below this are float rounding (ScopeVI's float32 cells against a baseline's float64 ones).
+FLOAT_NOISE = 1e-6
+
+
+def _slim_leads(better: list) -> str:
+    """A sentence naming the groups where ScopeVI's Pearson lead is below 0.001, or ``""``."""
+    slim = [f"{label} (+{lead:.4f})" for label, lead in filter(None, better) if lead < 1e-3]
+    return f" Of these, the Pearson delta lead is below 0.001 on {', '.join(slim)}." if slim else ""
+
+
 def saved_on(path: Path) -> str:
     """The UTC date a saved file was last written, as ``YYYY-MM-DD``."""
     return time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
@@ -239,9 +249,11 @@ def target_section(summary: pd.DataFrame, diagnostics: dict[str, dict] | None = 
         c = get("scopevi", "delta_correlation")
         reference_c = collapse.get(best_r, float("nan"))
         ok_c = bool(c <= reference_c + 1e-9) if np.isfinite(c) and np.isfinite(reference_c) else True
-        strictly = get("scopevi", "pearson_delta_top_de") > r[best_r] and get("scopevi", "l2_top_expressed") < l2[best_l2]
+        # ScopeVI's float32 cells can differ from the baseline they reproduce by 1e-9: not "better"
+        lead = get("scopevi", "pearson_delta_top_de") - r[best_r]
+        strictly = lead > FLOAT_NOISE and get("scopevi", "l2_top_expressed") < l2[best_l2] - FLOAT_NOISE
         met.append(ok_r and ok_l2 and ok_e and ok_c)
-        better.append(strictly)
+        better.append((f"{task} {group}", lead) if strictly else None)
         facts.append({
             "label": f"{task} {group}", "task": task, "r_missed": not ok_r, "e_missed": not ok_e, "c_missed": not ok_c,
             "energy": finite_e, "scopevi_l2": get("scopevi", "l2_top_expressed"), "best_l2": (best_l2, l2[best_l2]),
@@ -267,9 +279,10 @@ def target_section(summary: pd.DataFrame, diagnostics: dict[str, dict] | None = 
     lines += [
         "",
         f"All four checks hold on {sum(met)} of {rows} task groups; ScopeVI is strictly better than the "
-        f"best baseline on both Pearson delta and L2 on {sum(better)} of {rows} (the target: all, and at "
-        f"least half). The 80% intervals cover {mean_cov:.2f} of held-out perturbation x gene changes "
-        f"on average over the task groups with intervals (target 0.70 to 0.90).",
+        f"best baseline on both Pearson delta and L2 on {sum(b is not None for b in better)} of {rows} (the "
+        f"target: all, and at least half).{_slim_leads(better)} The 80% intervals cover {mean_cov:.2f} of "
+        "held-out perturbation x gene changes on average over the task groups with intervals (target 0.70 "
+        "to 0.90).",
         "",
     ]
     above = [f"{f['label']} ({f['best_r_value']:.3f} against {f['ceiling_r']:.3f})" for f in facts
