@@ -345,9 +345,13 @@ class MultimodalMixin:
             obs=mdata.obs.copy(), var=pd.DataFrame(index=rna.var_names.copy()),
         )
 
+    def _check_modality_order(self, key: str, data: ad.AnnData, name: str) -> None:
+        """Modality ``key`` (``data``, named ``name`` in the MuData) holds the model's features, in order."""
+        check_var_names(data.var_names, self._modality_var_names(key), f"mdata[{name!r}]", modality_features(key))
+
     def _modality_controls(self, key: str, data: ad.AnnData, name: str):
         """The anchors' counts of modality ``key``, checked, and their library sizes."""
-        check_var_names(data.var_names, self._modality_var_names(key), f"mdata[{name!r}]", modality_features(key))
+        self._check_modality_order(key, data, name)
         layer = self._modality_layer(key)
         if layer is not None and layer not in data.layers:
             raise KeyError(f"layer {layer!r} not found in modality {name!r}; layers are {list(data.layers)}.")

@@ -22,6 +22,8 @@ from scvi import REGISTRY_KEYS as SCVI_KEYS
 from .._safe_load import load_model_file
 from ..data import check_var_names
 from ..module._decoder import covariate_widths
+from ..module._multimodal import modality_features
+from ._multimodal_setup import MODALITY_ARGUMENTS
 
 #: The setup methods a saved file may name; anything else is refused.
 ALLOWED_SETUP_METHODS = ("setup_anndata", "setup_mudata")
@@ -265,13 +267,12 @@ def _check_saved_genes(saved, adata, setup_args: dict) -> None:
         return
     # a MuData model: scvi-tools saves the features of every modality
     modalities = {"rna_layer": "rna", **(setup_args.get("modalities") or {})}
-    features = {"rna_layer": "genes", "protein_layer": "proteins", "atac_layer": "peaks"}
     for arg, name in modalities.items():
         if not hasattr(adata, "mod") or name not in adata.mod:
             raise ValueError(f"the saved model was set up with modality {name!r}; pass a MuData that has it.")
         if name in saved:
             check_var_names(adata.mod[name].var_names, pd.Index(np.asarray(saved[name]).astype(str)),
-                            f"mdata[{name!r}]", features.get(arg, "features"))
+                            f"mdata[{name!r}]", modality_features(MODALITY_ARGUMENTS.get(arg)))
 
 
 def _init_kwargs(init_params: dict) -> dict:

@@ -33,7 +33,6 @@ from scvi.model.base import DifferentialComputation
 
 from .._constants import REGISTRY_KEYS
 from ..data import check_var_names, is_control
-from ..module._multimodal import modality_features
 from ..module._scopevae import COUNT_LIKELIHOODS
 
 
@@ -54,8 +53,7 @@ class ScviApiMixin:
             if hasattr(adata, "mod"):  # the encoder reads the other modalities too
                 for key, name in self._extra_modalities().items():
                     if name in adata.mod:  # a missing modality is scvi-tools' error to raise
-                        check_var_names(adata.mod[name].var_names, self._modality_var_names(key),
-                                        f"mdata[{name!r}]", modality_features(key))
+                        self._check_modality_order(key, adata.mod[name], name)
         return super()._validate_anndata(adata, copy_if_view)
 
     @torch.inference_mode()

@@ -39,15 +39,15 @@ ATAC_KEY = SCVI_KEYS.ATAC_X_KEY
 MODALITY_KEYS = (PROTEIN_KEY, ATAC_KEY)
 
 
-def modality_features(key: str) -> str:
-    """What a modality's features are called in messages: ``"proteins"`` or ``"peaks"``.
+def modality_features(key: str | None) -> str:
+    """What a modality's features are called in messages, by its registry key.
 
     Examples
     --------
-    >>> modality_features(PROTEIN_KEY), modality_features(ATAC_KEY)
-    ('proteins', 'peaks')
+    >>> modality_features(SCVI_KEYS.X_KEY), modality_features(PROTEIN_KEY), modality_features(ATAC_KEY)
+    ('genes', 'proteins', 'peaks')
     """
-    return {PROTEIN_KEY: "proteins", ATAC_KEY: "peaks"}[key]
+    return {SCVI_KEYS.X_KEY: "genes", PROTEIN_KEY: "proteins", ATAC_KEY: "peaks"}.get(key, "features")
 
 
 class ProteinDecoder(nn.Module):
