@@ -184,3 +184,8 @@ def test_perturbation_shifts_take_names_that_are_not_gene_combinations_and_other
     with pytest.raises(ValueError, match=re.escape("adata.obs['p'] writes the same perturbation in more than one "
                                                    "way: ['A_B', 'B_A']")):
         ps.tl.perturbation_effects(swapped, perturbation_key="p", control_value="c", delimiter="_")
+    before = swapped.uns["perturbation_effects"]["shifts"].copy()
+    for bad in ("", None):
+        with pytest.raises(ValueError, match=re.escape(f"delimiter must be a non-empty string such as '+', got {bad!r}.")):
+            ps.tl.perturbation_effects(swapped, perturbation_key="p", control_value="c", delimiter=bad)
+        assert swapped.uns["perturbation_effects"]["shifts"].equals(before)  # the earlier result, untouched

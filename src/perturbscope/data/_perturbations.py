@@ -8,6 +8,20 @@ import numpy as np
 import pandas as pd
 
 
+def check_delimiter(delimiter: object) -> None:
+    """Raise a ``ValueError`` unless ``delimiter`` is a non-empty string.
+
+    Examples
+    --------
+    >>> check_delimiter("")
+    Traceback (most recent call last):
+    ...
+    ValueError: delimiter must be a non-empty string such as '+', got ''.
+    """
+    if not isinstance(delimiter, str) or not delimiter:
+        raise ValueError(f"delimiter must be a non-empty string such as '+', got {delimiter!r}.")
+
+
 def parse_perturbation(label: str, control_value: str = "control", delimiter: str = "+") -> tuple[str, ...]:
     """Split one perturbation label into the tuple of perturbed genes.
 
@@ -28,7 +42,8 @@ def parse_perturbation(label: str, control_value: str = "control", delimiter: st
     Raises
     ------
     ValueError
-        If the label has an empty token (``"A++B"``, ``"+A"``).
+        If the label has an empty token (``"A++B"``, ``"+A"``), or ``delimiter`` is not a
+        non-empty string.
 
     Examples
     --------
@@ -37,6 +52,7 @@ def parse_perturbation(label: str, control_value: str = "control", delimiter: st
     >>> parse_perturbation("control")
     ()
     """
+    check_delimiter(delimiter)
     label, control_value = str(label), str(control_value)  # labels are read as strings everywhere
     if label == control_value:
         return ()

@@ -13,6 +13,7 @@ from ._checks import check_finite, check_no_missing_labels, preview
 from ._perturbations import (
     canonical_labels,
     check_control_present,
+    check_delimiter,
     check_one_label_per_perturbation,
 )
 from ._pseudobulk import pseudobulk
@@ -139,6 +140,7 @@ def combination_labels(labels: pd.Series, control_value: str = "control", delimi
     >>> combination_labels(pd.Series(["control", "A+B", "IL2+", "A"]))
     ['control', 'A+B', 'A']
     """
+    check_delimiter(delimiter)  # else every label would fail to parse, and none be compared
     readable = []
     for label in pd.unique(pd.Series(labels, dtype=str)):
         try:
