@@ -681,6 +681,11 @@ def test_torch_files_are_read_with_the_guards_of_the_restricted_unpickler(tmp_pa
             with pytest.raises(ValueError, match=rf"cannot load .*{name}\.pt': the file asks to call or build "
                                                  rf"`{re.escape(unguarded)}`"):
                 load_weights_file(tmp_path / f"{name}.pt")
+        # and so is what that loader would build unmeasured: nested or shared past the caps
+        for name, message in (("nested", r"can build structures nested 3001 deep; perturbscope allows 100 levels"),
+                              ("shared", r"can build a structure of \d+ nodes \(shared parts counted each time")):
+            with pytest.raises(ValueError, match=rf"cannot load .*{name}\.pt': the file's pickle {message}"):
+                load_weights_file(tmp_path / f"{name}.pt")
 
 
 def _two_directory_archive(target, n_bytes: int, copies: int) -> None:

@@ -455,7 +455,8 @@ def _load_torch_file(path: str | Path, kind: str) -> Any:
 
     torch's weights-only loader runs only where ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` forbids every
     other: it has none of the restricted unpickler's guards (a 300 kB file of nested tuples
-    crashed it, an 851-byte one allocated 2 GiB through ``bytearray``).
+    crashed it, an 851-byte one allocated 2 GiB through ``bytearray``), so on that path the
+    pre-load checks also bound its structures' depth and size from the pickle's opcodes.
     """
     weights_only = _env_flag("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     path = _checked_torch_zip(path, kind, weights_only)
@@ -494,13 +495,13 @@ def _checked_torch_zip(path: str | Path, kind: str, weights_only: bool) -> Path:
         raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
     allowed = zip_globals(kind) - UNGUARDED_IN_WEIGHTS_ONLY if weights_only else zip_globals(kind)
     try:
-        check_torch_zip(path, allowed)
+        check_torch_zip(path, allowed, bound_structures=weights_only)
     except (pickle.UnpicklingError, zipfile.BadZipFile) as err:
         if weights_only:
             raise ValueError(
                 f"cannot load {str(path)!r}: {err}. The environment sets TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, so torch's "
-                "weights-only loader would read it (it calls `bytearray` and `_codecs.encode` without perturbscope's "
-                "guards), which also blocks perturbscope's restricted unpickler. Unset TORCH_FORCE_WEIGHTS_ONLY_LOAD "
+                "weights-only loader would read it (it calls `bytearray` and `_codecs.encode` unchecked and measures no "
+                "structure it builds), which also blocks perturbscope's restricted unpickler. Unset TORCH_FORCE_WEIGHTS_ONLY_LOAD "
                 "to load it through that unpickler.") from err
         raise ValueError(f"refusing to load {str(path)!r}: {err}") from err
     return path
