@@ -47,9 +47,17 @@ def test_backed_query_is_read_in_chunks_of_rows(census_layout, loaded, tmp_path)
 
 def test_query_is_not_modified(census_layout):
     folder, _, query = census_layout
+    query = query.copy()
+    query.uns["params"] = {"n_neighbors": 15}
+    query.uns["vector"] = np.zeros(3)
     before = query.copy()
     with pytest.warns(UserWarning, match="zero-filled"):
-        load_census_scvi(folder, query, gene_id_column="ensembl_id", reference_batch=None)
+        model = load_census_scvi(folder, query, gene_id_column="ensembl_id", reference_batch=None)
+    # the model's copy holds no object of the query's: editing it leaves the query as it was
+    model.adata.uns["params"]["n_neighbors"] = 99
+    model.adata.uns["vector"][0] = 7.0
+    assert query.uns["params"] == {"n_neighbors": 15}
+    np.testing.assert_array_equal(query.uns["vector"], np.zeros(3))
     assert list(query.var_names) == list(before.var_names)
     assert list(query.obs.columns) == list(before.obs.columns)
     assert list(query.var.columns) == list(before.var.columns)

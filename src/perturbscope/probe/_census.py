@@ -28,6 +28,8 @@ code the file names):
 
 from __future__ import annotations
 
+import copy
+
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -158,7 +160,7 @@ def _map_genes(
         obs=adata.obs.copy(),
         var=var,
         obsm={k: v.copy() for k, v in adata.obsm.items()},  # sparse and DataFrame entries keep their type
-        uns=dict(adata.uns),
+        uns=copy.deepcopy(dict(adata.uns)),  # nested dicts and arrays too: the query stays the user's
     )
 
 

@@ -332,7 +332,9 @@ def decoder_jacobian(
         sum to zero. ``"rate"``: expected counts at the fixed ``library_size``.
     transform_batch
         Batch name, or list of names to average decoded expression over; ``None`` uses each
-        cell's own batch, or ``model.probe_reference_batches_`` for Census models.
+        cell's own batch; for a model from :func:`load_scvi_model` or :func:`load_census_scvi`
+        it uses ``model.probe_reference_batches_`` (their ``reference_batch``; by default every
+        training batch, averaged) and ignores the cells' registered batch.
     batch_size
         Cells per chunk; peak memory grows as ``batch_size * n_features * n_latent``.
     library_size
