@@ -108,7 +108,9 @@ def test_prediction_records_the_layer_it_read(screen):
     model = ps.ScopeVI(adata, n_latent=3, n_hidden=16)
     model.train(max_epochs=1, enable_progress_bar=False)
     controls = adata[adata.obs["perturbation"] == "control"]
-    assert model.predict(controls, ["G00"], aggregate="mean").uns["perturbscope"]["layer"] == "counts"
+    provenance = model.predict(controls, ["G00"], aggregate="mean").uns["perturbscope"]
+    assert provenance["layer"] == "counts"
+    assert provenance["perturbation_key"] == "perturbation"
 
 
 def test_normal_likelihood_accepts_log_normalised(screen):

@@ -63,6 +63,15 @@ def test_changes_are_from_the_rows_context_with_their_intervals_and_the_observed
     np.testing.assert_allclose([(s[0][1], s[1][1]) for s in segments], [(0.9, 1.1), (-1.5, -0.5), (0.2, 0.8)])
     markers = [line for line in right.get_lines() if line.get_marker() == "D"]
     np.testing.assert_allclose(markers[0].get_ydata(), [1.0, -1.0, 0.5])  # mean of o0, o1 minus 1
+    # observed cells hold their labels under the model's perturbation key, here "target"
+    prediction.uns["perturbscope"]["perturbation_key"] = "target"
+    with pytest.raises(KeyError, match=re.escape(
+            "observed.obs has no column 'target', the perturbation key the model was set up with")):
+        pl.prediction_intervals(prediction, control, row="A|x", observed=observed, show=False)
+    observed.obs = observed.obs.rename(columns={"perturbation": "target"})
+    _, right = pl.prediction_intervals(prediction, control, row="A|x", observed=observed, n_genes=3, show=False)
+    markers = [line for line in right.get_lines() if line.get_marker() == "D"]
+    np.testing.assert_allclose(markers[0].get_ydata(), [1.0, -1.0, 0.5])
     _, other = pl.prediction_intervals(prediction, control, row="A|y", n_genes=1, show=False)
     np.testing.assert_allclose(other.containers[0].lines[0].get_ydata(), [1.0])  # 3 - 2, context y
 

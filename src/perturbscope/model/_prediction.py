@@ -145,12 +145,18 @@ class PredictionMixin:
         * ``X``: expression on the training scale (expected counts at the control cell's library
           size for count likelihoods; log-normalised values for ``"normal"``);
         * ``layers["log1p_norm"]``: ``log1p`` of expression normalised to 1e4 counts (equal to
-          ``X`` for ``"normal"``, whose input is already log-normalised);
+          ``X`` for ``"normal"``, whose input is already log-normalised). In cell rows it is the
+          anchor's value plus the predicted change, not clamped: an entry can be negative where
+          the anchor measured 0 and the change is negative, so that its mean over cells is
+          exactly the predicted pseudobulk. ``X`` (count likelihoods) is that value mapped back
+          to counts and clipped at 0 per cell, so ``X`` rows are valid cells but their mean is
+          not the pseudobulk of ``log1p_norm``;
         * ``obs["perturbation"]``, ``obs["control_cell"]`` (the anchor's name), the control
           cells' context, batch and covariate columns, and ``obs["sample"]``;
           with ``aggregate="mean"``, ``obs["perturbation"]``, the context column and
           ``obs["n_cells"]``;
-        * ``uns["perturbscope"]``: the model, likelihood, layer read and embedding provenance; with the effect
+        * ``uns["perturbscope"]``: the model, likelihood, perturbation key and layer it was set up
+          with, and embedding provenance; with the effect
           prior also ``"mean_correction"``, the mean change the learned correction adds to the
           prior's shift (rows ``"perturbation|context"``, genes as columns);
         * with ``aggregate="mean"`` and the effect prior, ``layers["log1p_norm_lower_80"]`` and
@@ -443,6 +449,7 @@ class PredictionMixin:
         provenance = {
             "model": "ScopeVI",
             "gene_likelihood": self.module.gene_likelihood,
+            "perturbation_key": self._perturbation_state["perturbation_key"],  # where measured cells hold labels
             **({} if self._layer is None else {"layer": self._layer}),  # the layer read, for plots
             "context_columns": context_columns,
             "gene_embeddings": {str(k): str(v) for k, v in self._perturbation_state.get("provenance", {}).items()},

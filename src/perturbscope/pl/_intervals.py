@@ -41,10 +41,20 @@ def _cells_of_row(cells: ad.AnnData, prediction: ad.AnnData, row: str, label: st
             raise KeyError(f"{key}.obs has no column {column!r}, the context column of the prediction.")
         mask &= cells.obs[column].astype(str).to_numpy() == str(prediction.obs.loc[row, column])
     if label is not None:
-        mask &= cells.obs[OUTPUT_KEYS.PERTURBATION].astype(str).to_numpy() == label
+        label_key = _perturbation_key(prediction)
+        if label_key not in cells.obs:
+            raise KeyError(f"{key}.obs has no column {label_key!r}, the perturbation key the model was set up with "
+                           "(uns['perturbscope']['perturbation_key'] of the prediction).")
+        mask &= cells.obs[label_key].astype(str).to_numpy() == label
     if not mask.any():
         raise ValueError(f"{key} has no cells for prediction row {row!r}.")
     return cells[mask]
+
+
+def _perturbation_key(prediction: ad.AnnData) -> str:
+    """The ``obs`` column of measured cells that holds their labels: the model's perturbation key."""
+    provenance = prediction.uns.get(OUTPUT_KEYS.PROVENANCE_UNS, {})
+    return str(provenance.get("perturbation_key", OUTPUT_KEYS.PERTURBATION))
 
 
 def _mean_log1p(cells: ad.AnnData, prediction: ad.AnnData, key: str) -> np.ndarray:
@@ -96,8 +106,10 @@ def prediction_intervals(
         The prediction row (``obs_names``, ``"perturbation|context"``) of the right panel; the
         first row when ``None``.
     observed
-        Optional measured cells of the same genes and scale, with ``obs["perturbation"]`` and the
-        context column; the mean of those of ``row`` is drawn as the observed change.
+        Optional measured cells of the same genes and scale, with the context column and their
+        labels in the column the model was set up with (the prediction's
+        ``uns["perturbscope"]["perturbation_key"]``, ``"perturbation"`` when it has none); the
+        mean of those of ``row`` is drawn as the observed change.
     level
         Interval level in percent (a ``predict`` ``interval_levels`` entry times 100).
     n_genes
@@ -114,8 +126,9 @@ def prediction_intervals(
     Raises
     ------
     KeyError
-        If the interval layers are missing, ``row`` is not a prediction row, or a context column
-        or the model's layer is missing from ``control`` or ``observed``.
+        If the interval layers are missing, ``row`` is not a prediction row, a context column or
+        the model's layer is missing from ``control`` or ``observed``, or the perturbation key
+        from ``observed``.
     ValueError
         If ``control`` or ``observed`` have no cells for ``row`` or other genes (or another gene
         order) than the prediction, ``n_genes`` is below 1, or ``ax`` does not hold two Axes.

@@ -167,7 +167,9 @@ def predict_response(
         The layer written; ``f"scopevi_{perturbation}"`` when ``None``.
     output
         ``"log1p_norm"``: log1p of expression normalised to 1e4 counts (the prediction's
-        ``layers["log1p_norm"]``); ``"X"``: the model's training scale.
+        ``layers["log1p_norm"]``: the cell's value plus the predicted change, not clamped, so
+        it can be negative where the cell measured 0); ``"X"``: the model's training scale
+        (clipped at 0 for count likelihoods).
     seed
         Seed of the prior draws (``scvi.settings.seed`` when ``None``).
     batch_size
