@@ -214,3 +214,6 @@ def test_fit_and_predict_errors():
         model.predict(adata, [])
     with pytest.raises(ValueError, match=r"^perturbations holds labels more than once: \['A'\]; give each label once\.$"):
         model.predict(adata, ["A", "B", "A"])
+    with pytest.raises(ValueError, match=r"^perturbations writes one perturbation in more than one way: "
+                                         r"\[\['A', 'A\+control'\]\]; give each perturbation once\.$"):
+        model.predict(adata, ["A", "A+control"])

@@ -309,6 +309,12 @@ def test_predict_repeated_label(trained):
         "perturbations holds labels more than once: ['G00']; give each label once."
     )):
         model.predict(_controls(fresh), ["G00", "G01", "G00"])
+    # one perturbation under two names would be predicted twice
+    with pytest.raises(ValueError, match=re.escape(
+        "perturbations writes one perturbation in more than one way: [['G00+G01', 'G01+G00'], ['G02', "
+        "'G02+control']]; give each perturbation once."
+    )):
+        model.predict(_controls(fresh), ["G00+G01", "G01+G00", "G02", "G02+control"])
 
 
 def test_predict_zero_samples(trained):

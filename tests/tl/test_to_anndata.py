@@ -155,6 +155,13 @@ def test_perturbation_effects_per_context_and_errors():
     with pytest.raises(ValueError, match=r"^labels \['L1\|x'\] contain '\|', which separates perturbation and context"):
         tl.perturbation_effects(barred, context_key="line")
     assert "perturbation_effects" not in barred.uns
+    counts = cells.copy()
+    counts.layers["counts"] = counts.X * 20  # integers up to 280: raw counts, not log1p
+    with pytest.raises(ValueError, match=re.escape(
+            "adata.layers['counts'] looks like raw counts (integers up to 280), but tl.perturbation_effects "
+            "averages log1p-normalised expression; pass log1p-normalised expression")):
+        tl.perturbation_effects(counts, layer="counts")
+    assert "perturbation_effects" not in counts.uns
 
 
 def test_call_interactions_stores_the_table():

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ._perturbations import is_control
+from ._perturbations import canonical_labels, is_control
 from ._rows import is_out_of_core, iter_row_chunks
 
 
@@ -25,8 +25,12 @@ def preview(values, limit: int = 10) -> str:
     return f"[{shown}]{more}"
 
 
-def check_perturbation_labels(perturbations) -> list[str]:
+def check_perturbation_labels(perturbations, control_value: str | None = None, delimiter: str = "+") -> list[str]:
     """The labels to predict, as strings: a non-empty list, each label once.
+
+    With ``control_value``, also each perturbation once: ``"A+B"`` and ``"B+A"`` (or ``"A"``
+    and ``"A+control"``) are one perturbation (:func:`canonical_labels`), which would be
+    predicted twice under two names.
 
     Raises
     ------
@@ -43,6 +47,10 @@ def check_perturbation_labels(perturbations) -> list[str]:
     Traceback (most recent call last):
     ...
     ValueError: perturbations holds labels more than once: ['G00']; give each label once.
+    >>> check_perturbation_labels(["G01+G02", "G02+G01"], control_value="control")
+    Traceback (most recent call last):
+    ...
+    ValueError: perturbations writes one perturbation in more than one way: [['G01+G02', 'G02+G01']]; give each perturbation once.
     """
     if isinstance(perturbations, str):
         raise TypeError(
@@ -55,6 +63,15 @@ def check_perturbation_labels(perturbations) -> list[str]:
     repeated = index[index.duplicated()].unique()
     if len(repeated):
         raise ValueError(f"perturbations holds labels more than once: {preview(repeated)}; give each label once.")
+    if control_value is not None:
+        spellings: dict[str, list[str]] = {}
+        for label, key in zip(labels, canonical_labels(labels, control_value, delimiter), strict=True):
+            spellings.setdefault(key, []).append(label)
+        twice = [names for names in spellings.values() if len(names) > 1]
+        if twice:
+            more = f" (and {len(twice) - 3} more)" if len(twice) > 3 else ""
+            raise ValueError(f"perturbations writes one perturbation in more than one way: {twice[:3]}{more}; "
+                             "give each perturbation once.")
     return labels
 
 
@@ -456,11 +473,14 @@ def _n_not_finite(matrix) -> int:
     return int((~np.isfinite(values)).sum())
 
 
-def check_log_normalized(matrix, layer: str | None, limit: float = 30.0) -> None:
+_MODEL_EXPECTS_LOG = "the model was trained on log-normalised values (gene_likelihood='normal')"
+
+
+def check_log_normalized(matrix, layer: str | None, limit: float = 30.0, expects: str = _MODEL_EXPECTS_LOG) -> None:
     """Raise a ``ValueError`` if values meant to be log-normalised look like raw counts.
 
     log1p of counts normalised to 1e4 stays below about 10; integer values above ``limit``
-    are counts.
+    are counts. ``expects`` says, in the message, who needs log-normalised values.
 
     Examples
     --------
@@ -480,7 +500,6 @@ def check_log_normalized(matrix, layer: str | None, limit: float = 30.0) -> None
             integers = integers and bool(np.array_equal(values, np.round(values)))
     if largest > limit and integers:
         raise ValueError(
-            f"{describe_layer(layer)} looks like raw counts (integers up to {largest:.0f}), but the "
-            "model was trained on log-normalised values (gene_likelihood='normal'); pass log1p-normalised "
-            "expression, e.g. sc.pp.normalize_total(adata, 1e4); sc.pp.log1p(adata)."
+            f"{describe_layer(layer)} looks like raw counts (integers up to {largest:.0f}), but {expects}; "
+            "pass log1p-normalised expression, e.g. sc.pp.normalize_total(adata, 1e4); sc.pp.log1p(adata)."
         )

@@ -240,7 +240,7 @@ class Baseline:
                     "pass the context to predict in."
                 )
             context = ALL_CONTEXTS
-        labels = check_perturbation_labels(perturbations)  # answered by their canonical form ("A+control" is "A")
+        labels = check_perturbation_labels(perturbations, self.control_value_, self.delimiter_)  # answered by their canonical form
         keys = canonical_labels(labels, self.control_value_, self.delimiter_).tolist()
         before = set(self.fallbacks_)
         # the control label moves nothing, in every baseline
@@ -303,7 +303,7 @@ class Baseline:
         self._check_fitted()
         if aggregate not in (None, "mean"):
             raise ValueError(f"aggregate must be None or 'mean', got {aggregate!r}.")
-        perturbations = check_perturbation_labels(perturbations)
+        perturbations = check_perturbation_labels(perturbations, self.control_value_, self.delimiter_)
         check_var_names(adata_control.var_names, self.var_names_, "adata_control")
         if self.context_key_ is not None and self.context_key_ not in adata_control.obs.columns:
             raise KeyError(

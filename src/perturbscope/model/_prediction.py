@@ -154,7 +154,7 @@ class PredictionMixin:
         * ``obs["perturbation"]``, ``obs["control_cell"]`` (the anchor's name), the control
           cells' context, batch and covariate columns, and ``obs["sample"]``;
           with ``aggregate="mean"``, ``obs["perturbation"]``, the context column and
-          ``obs["n_cells"]``;
+          ``obs["n_cells"]`` (the cell rows averaged: anchors times ``n_samples``);
         * ``uns["perturbscope"]``: the model, likelihood, perturbation key and layer it was set up
           with, and embedding provenance; with the effect
           prior also ``"mean_correction"``, the mean change the learned correction adds to the
@@ -398,7 +398,7 @@ class PredictionMixin:
             adata_control = self._rna_controls(adata_control)
         if perturbations is None:
             perturbations = self.training_perturbations
-        perturbations = check_perturbation_labels(perturbations)
+        perturbations = check_perturbation_labels(perturbations, state["control_value"], state["combination_delimiter"])
         asked_controls = [p for p, c in zip(perturbations, canonical_labels(perturbations, state["control_value"],
                                                                               state["combination_delimiter"]))
                           if c == state["control_value"]]

@@ -33,7 +33,7 @@ import pandas as pd
 
 from .._constants import OUTPUT_KEYS, REGISTRY_KEYS
 from .._logging import SCVI_SETUP_LOGGER, logger, quiet_loggers
-from ..data import is_control, perturbation_shifts
+from ..data import check_log_normalized, is_control, perturbation_shifts
 from ..probe import axis_alignment_scores
 from ._genetic_interactions import Method, genetic_interactions
 
@@ -304,8 +304,9 @@ def perturbation_effects(
     KeyError
         If a key is not in ``adata.obs`` or ``layer`` is not in ``adata.layers``.
     ValueError
-        If ``adata`` is empty, the control label is absent, a perturbation or context label
-        contains ``"|"`` (with ``context_key``), or as :func:`perturbscope.data.perturbation_shifts`.
+        If ``adata`` is empty, its values look like raw counts (integers above 30), the control
+        label is absent, a perturbation or context label contains ``"|"`` (with ``context_key``),
+        or as :func:`perturbscope.data.perturbation_shifts`.
 
     Examples
     --------
@@ -318,6 +319,9 @@ def perturbation_effects(
     """
     _check_key("key_added", key_added)
     target = _target(adata, copy)
+    if layer is None or layer in target.layers:  # a missing layer: perturbation_shifts names it
+        check_log_normalized(target.X if layer is None else target.layers[layer], layer,
+                             expects="tl.perturbation_effects averages log1p-normalised expression")
     shifts, controls = perturbation_shifts(target, perturbation_key, control_value, context_key, layer, delimiter)
     if context_key is None:
         names = shifts.index.get_level_values(0).astype(str)
