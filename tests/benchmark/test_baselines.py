@@ -217,3 +217,7 @@ def test_fit_and_predict_errors():
     with pytest.raises(ValueError, match=r"^perturbations writes one perturbation in more than one way: "
                                          r"\[\['A', 'A\+control'\]\]; give each perturbation once\.$"):
         model.predict(adata, ["A", "A+control"])
+    twins = adata.copy()
+    twins.obs_names = [twins.obs_names[0]] * twins.n_obs
+    with pytest.raises(ValueError, match=r"^adata_control\.obs_names has duplicates"):
+        model.predict(twins, ["A"])

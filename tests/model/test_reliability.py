@@ -317,6 +317,17 @@ def test_predict_repeated_label(trained):
         model.predict(_controls(fresh), ["G00+G01", "G01+G00", "G02", "G02+control"])
 
 
+def test_predict_refuses_anchors_with_one_name(trained):
+    """obs["control_cell"] names each prediction's anchor: two anchors of one name could not be told apart."""
+    model, fresh, *_ = trained
+    controls = _controls(fresh).copy()
+    controls.obs_names = [controls.obs_names[0]] * 2 + list(controls.obs_names[2:])
+    with pytest.raises(ValueError, match=re.escape(
+            f"adata_control.obs_names has duplicates ['{controls.obs_names[0]}']; make them unique, e.g. with "
+            "adata_control.obs_names_make_unique().")):
+        model.predict(controls, ["G00"])
+
+
 def test_predict_zero_samples(trained):
     model, fresh, *_ = trained
     with pytest.raises(ValueError, match=r"^n_samples must be a positive integer, got 0\.$"):

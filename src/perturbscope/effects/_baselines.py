@@ -29,6 +29,7 @@ from ..data import (
     check_control_present,
     check_finite,
     check_perturbation_labels,
+    check_unique_names,
     check_var_names,
     log1p_expression,
     parse_perturbation,
@@ -312,6 +313,7 @@ class Baseline:
             )
         if adata_control.n_obs == 0:
             raise ValueError("adata_control has no cells; pass at least one control cell to shift.")
+        check_unique_names(adata_control, "adata_control", axes=("obs_names",))  # obs["control_cell"] names each
         check_no_missing_labels(adata_control.obs, context_key=self.context_key_)
         layer = getattr(self, "layer_", None)
         if layer is not None and layer not in adata_control.layers:

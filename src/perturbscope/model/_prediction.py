@@ -32,6 +32,7 @@ from ..data import (
     check_log_normalized,
     check_perturbation_labels,
     check_store_path,
+    check_unique_names,
     check_var_names,
     is_control,
     log1p_expression,
@@ -407,6 +408,7 @@ class PredictionMixin:
                              "anchors (their prediction is the anchors themselves); ask for perturbations.")
         if adata_control.n_obs == 0:
             raise ValueError("adata_control has no cells; pass at least one control cell to anchor the predictions.")
+        check_unique_names(adata_control, "adata_control", axes=("obs_names",))  # obs["control_cell"] names the anchor
         check_var_names(adata_control.var_names, self.var_names, "adata")
         self._check_only_controls(adata_control)
         matrix = _matrix_of(adata_control, self._layer)

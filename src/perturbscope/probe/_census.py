@@ -29,7 +29,6 @@ code the file names):
 from __future__ import annotations
 
 import copy
-
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
