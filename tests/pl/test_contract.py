@@ -187,6 +187,15 @@ def test_interaction_legend_explains_lines_and_markers():
                    "band 1.06 < mag < 1.77: neither synergy nor suppression"]
 
 
+def test_interaction_points_at_or_below_zero_are_drawn_whole():
+    table = _interactions()
+    table.loc[2, "coef_second"] = -0.075  # a suppressed second gene: its marker sat cut by the x axis
+    coefficients, _ = pl.genetic_interactions(table, show=False)
+    top = max(2.0, 2.0 * 1.1)
+    assert coefficients.get_ylim()[0] == pytest.approx(-0.075 - 0.04 * top)
+    assert coefficients.get_xlim()[0] == pytest.approx(-0.04 * top)
+
+
 def test_labels_do_not_overlap_and_are_limited():
     fig, ax = plt.subplots(figsize=(3, 3))
     ax.set(xlim=(0, 1), ylim=(0, 1))

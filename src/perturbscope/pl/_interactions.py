@@ -183,8 +183,9 @@ def genetic_interactions(
     fit.legend(handles=fit_keys, **below)
     fit.set_xlim(min(0.0, float(table["dcor"].min()) - 0.05), 1.05)
     fit.set_ylim(0, max(float(table["mag"].max()) * 1.25, high_mag * 1.3))
-    coefficients.set_xlim(min(0.0, float(table["coef_first"].min()) * 1.1), top)
-    coefficients.set_ylim(min(0.0, float(table["coef_second"].min()) * 1.1), top)
+    pad = 0.04 * top  # a point on or below 0 is drawn whole, not cut by the axis
+    coefficients.set_xlim(min(0.0, float(table["coef_first"].min())) - pad, top)
+    coefficients.set_ylim(min(0.0, float(table["coef_second"].min())) - pad, top)
     if label:
         distance = np.abs(table["mag"].to_numpy() - additive)
         _label_points(coefficients, table["coef_first"], table["coef_second"], table["double"],
