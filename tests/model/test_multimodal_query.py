@@ -84,6 +84,22 @@ def test_query_without_the_reference_modalities_is_refused(reference_and_query):
         ps.ScopeVI.load_query_data(only_rna, reference)
 
 
+def test_query_proteins_out_of_place_are_refused(reference_and_query):
+    """The query decodes proteins with the reference's weights and prior: a reordered or renamed
+    protein would have every prediction under another protein's name."""
+    reference, query = reference_and_query
+    reversed_adt = query.copy()
+    reversed_adt.mod["adt"] = reversed_adt["adt"][:, reversed_adt["adt"].var_names[::-1]].copy()
+    with pytest.raises(ValueError, match=re.escape(
+            "mdata['adt'].var_names differ from the model's 12 proteins (0 missing, 0 extra: same proteins in "
+            "another order)")):
+        ps.ScopeVI.load_query_data(reversed_adt, reference)
+    renamed = query.copy()
+    renamed["adt"].var_names = [f"other{i}" for i in range(renamed["adt"].n_vars)]
+    with pytest.raises(ValueError, match=r"mdata\['adt'\]\.var_names differ from the model's 12 proteins \(12 missing"):
+        ps.ScopeVI.load_query_data(renamed, reference)
+
+
 def test_query_contexts_without_measured_controls_are_left_out_of_that_modality(reference_and_query):
     """Query controls without a protein measurement (all-zero rows) leave no protein baseline in
     their context: that context's cells join the RNA prior only, with a warning."""

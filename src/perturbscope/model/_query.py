@@ -117,6 +117,7 @@ class QueryMixin:
             reference_model = cls._load_reference(reference_model, adata)
         check_var_names(reference_model._expression_modality(adata).var_names, reference_model.var_names,
                         "query")
+        _check_query_modalities(reference_model, adata)
         registry = deepcopy(reference_model.registry_)
         setup, setup_args = checked_setup(cls, registry, Path("the reference model"))
         _check_query_controls(adata.obs, setup_args)
@@ -152,3 +153,14 @@ class QueryMixin:
         model._prior_reference = None if reference_model.adata is adata else reference_model
         model.module.to(reference_model.device)
         return model
+
+
+def _check_query_modalities(reference_model, adata) -> None:
+    """A MuData query holds every extra modality of the reference with its features, in order.
+
+    The query decodes them with the reference's weights and keeps its protein and ATAC priors,
+    so a column out of place would give every prediction under another feature's name.
+    """
+    for key, name in reference_model._extra_modalities().items():
+        if hasattr(adata, "mod") and name in adata.mod:  # a missing one: the setup that follows names it
+            reference_model._check_modality_order(key, adata.mod[name], name)
