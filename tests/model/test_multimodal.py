@@ -243,6 +243,32 @@ def test_missing_protein_cells_train_and_atac_is_predicted():
     assert default["adt"].obs["n_cells"].sum() == n_measured
 
 
+def test_a_context_without_measured_protein_controls_is_left_out_of_the_protein_prior():
+    """All-zero protein rows mean "not measured": a context whose controls have none has no
+    protein baseline, so its cells leave the protein prior (with a warning) and training ends;
+    its perturbations are answered there as an unseen context."""
+    mdata, emb = ps.data.simulate_multimodal_perturbseq(
+        n_genes=40, n_perturbed_genes=6, n_combinations=2, n_proteins=8, n_cell_types=2,
+        n_cells_per_condition=8, embedding_dim=6, missing_protein_fraction=0.0, seed=2,
+    )
+    unmeasured = ((mdata.obs["cell_type"] == "type_1") & (mdata.obs["perturbation"] == "control")).to_numpy()
+    adt = mdata["adt"].X.toarray()
+    adt[unmeasured] = 0
+    mdata.mod["adt"].X = sp.csr_matrix(adt)
+    ps.ScopeVI.setup_mudata(mdata, "perturbation", gene_embeddings=emb, context_key="cell_type",
+                            modalities={"rna_layer": "rna", "protein_layer": "adt"})
+    model = ps.ScopeVI(mdata, n_latent=4, n_hidden=16)
+    with pytest.warns(UserWarning, match=re.escape(
+            "modality 'adt': contexts ['type_1'] of obs['cell_type'] have no measured control cells; their cells "
+            "are left out of that modality's effect prior.")):
+        model.train(max_epochs=1, enable_progress_bar=False)
+    assert model.effect_prior.kind("G00", "type_1") == "few_shot"  # RNA measured it (8 cells)
+    assert model.modality_prior("proteins").kind("G00", "type_1") == "unseen_context"
+    measured = ((mdata.obs["perturbation"] == "control") & (mdata.obs["cell_type"] == "type_0")).to_numpy()
+    prediction = model.predict(mdata[measured], ["G00"], aggregate="mean")
+    assert "log1p_norm_lower_80" in prediction["adt"].layers
+
+
 def test_docs_example_runs():
     from pathlib import Path
 

@@ -114,7 +114,8 @@ def test_query_contexts_without_measured_controls_are_left_out_of_that_modality(
         adt.layers[name][controls] = 0
     model = ps.ScopeVI.load_query_data(query, reference)
     with pytest.warns(UserWarning, match=re.escape(
-            "modality 'adt': contexts ['type_1'] have no measured control cells in the query; their cells "
+            "modality 'adt': contexts ['type_1'] of obs['cell_type'] have no measured control cells in the query; "
+            "their cells "
             "are left out of that modality's effect prior.")):
         model.train(max_epochs=1, enable_progress_bar=False)
     assert model.effect_prior.kind("G01", "type_1") == "few_shot"

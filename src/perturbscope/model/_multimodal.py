@@ -106,11 +106,14 @@ class MultimodalMixin:
             As for :meth:`perturbscope.model._effect_correction.EffectCorrectionMixin.train`:
             the RNA effect prior, the validated correction and the VAE are trained there.
         """
+        own_priors = self._extra_modalities() and not getattr(self, "inherited_prior_", False)
+        # before training: a modality without measured controls is refused, unmeasured contexts are named
+        data = {key: self._cells_in_measured_contexts(key, self._modality_training_data(key))
+                for key in self._extra_modalities()} if own_priors else {}
         result = super().train(max_epochs=max_epochs, batch_size=batch_size,
                                datasplitter_kwargs=datasplitter_kwargs, loader=loader, **kwargs)
         inherited = getattr(self, "reference_modality_states_", None)
-        if self._extra_modalities() and self.effect_prior is not None and not getattr(self, "inherited_prior_", False):
-            data = {key: self._modality_training_data(key) for key in self._extra_modalities()}
+        if own_priors and self.effect_prior is not None:
             priors = {key: self._fit_modality_prior(cells) for key, cells in data.items()}
             self.modality_prior_states_ = {key: prior.state() for key, prior in priors.items()}
             # few-shot blends for queries read from a folder, as for RNA (few_shot_blends_)
@@ -132,19 +135,33 @@ class MultimodalMixin:
     def _query_cells_with_controls(self, key: str, state: dict) -> ad.AnnData:
         """The query's cells measured in modality ``key``, in contexts with measured controls.
 
+        Measured in the query, or in the reference's prior ``state``.
+        """
+        control = self._perturbation_state["control_value"]
+        known = set(np.asarray(state["means_context"])[np.asarray(state["means_perturbation"]) == control])
+        return self._cells_in_measured_contexts(key, self._modality_training_data(key), known, query=True)
+
+    def _cells_in_measured_contexts(self, key: str, data: ad.AnnData, known=frozenset(), query: bool = False):
+        """``data`` (cells measured in modality ``key``) in contexts with measured control cells.
+
         A context whose controls have no measurement in the modality (all-zero rows) has no
         baseline to measure that modality's shifts from: its cells are left out of the
         modality's prior, with a warning, and its perturbations stay ``"unseen_context"`` there.
+        ``known`` contexts have such a baseline already (a reference's). Training needs one
+        measured control at least; a ``query`` without any keeps the reference's prior.
         """
-        data = self._modality_training_data(key)
         control = self._perturbation_state["control_value"]
         labels, contexts = data.obs["perturbation"].to_numpy(), data.obs["context"].to_numpy()
-        known = set(np.asarray(state["means_context"])[np.asarray(state["means_perturbation"]) == control])
-        keep = np.isin(contexts, list(set(contexts[labels == control]) | known))
+        keep = np.isin(contexts, list(set(contexts[labels == control]) | set(known)))
+        name, where = self.modalities.get(key, key), " in the query" if query else ""
+        if not keep.any() and not query:
+            raise ValueError(f"modality {name!r} has no measured control cell (every control's row is all zero): "
+                             "there is no baseline to measure its perturbations' shifts from.")
         if not keep.all():
-            warnings.warn(f"modality {self.modalities.get(key, key)!r}: contexts {sorted(set(contexts[~keep]))} "
-                          "have no measured control cells in the query; their cells are left out of that "
-                          "modality's effect prior.", UserWarning, stacklevel=3)
+            column = self._context_column or "context"
+            warnings.warn(f"modality {name!r}: contexts {sorted(set(contexts[~keep]))} of obs[{column!r}] have no "
+                          f"measured control cells{where}; their cells are left out of that modality's effect prior.",
+                          UserWarning, stacklevel=3)
         return data[keep]
 
     def _modality_training_data(self, key: str) -> ad.AnnData:
