@@ -178,3 +178,24 @@ def test_device_path_predicts_as_well_as_the_default_path():
     seed_noise = abs(default[0] - default[1])
     assert device > 0.5, (device, default)
     assert abs(device - np.mean(default)) <= max(3 * seed_noise, 0.05), (device, default)
+
+
+def test_sparse_protein_and_atac_batches_match_the_default_loader():
+    """The simulator and real ECCITE-seq store protein and ATAC as CSR; the device store holds them
+    densely, and its validation batches carry the same rows as the default loader's."""
+    import mudata as md
+
+    md.set_options(pull_on_update=False)
+    mdata, emb = ps.data.simulate_multimodal_perturbseq(
+        n_genes=30, n_perturbed_genes=4, n_combinations=1, n_proteins=6, n_peaks=8, n_cells_per_condition=6,
+        embedding_dim=4)
+    assert mdata["adt"].X.format == "csr"
+    ps.ScopeVI.setup_mudata(mdata, "perturbation", gene_embeddings=emb, context_key="cell_type",
+                            modalities={"rna_layer": "rna", "protein_layer": "adt", "atac_layer": "atac"})
+    model = ps.ScopeVI(mdata, n_latent=3, n_hidden=8, effect_prior=False)
+    device = DeviceDataSplitter(model.adata_manager, batch_size=16, shuffle_set_split=False, device="cpu")
+    device.setup()
+    val = list(device.val_dataloader())
+    for key, name in (("proteins", "adt"), ("atac", "atac")):
+        got = torch.cat([b[key] for b in val]).numpy()
+        np.testing.assert_array_equal(got, mdata[name].X[device.val_idx].toarray())

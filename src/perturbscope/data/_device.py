@@ -80,6 +80,13 @@ def format_bytes(n_bytes: float) -> str:
     return f"{int(n_bytes)} B"
 
 
+def _registered_width(value, n_obs: int) -> int:
+    """Columns of a registered field (a sparse protein or ATAC matrix too), held densely on the device."""
+    if sp.issparse(value) or (hasattr(value, "shape") and len(value.shape) == 2):
+        return int(value.shape[1])
+    return int(np.asarray(value).reshape(n_obs, -1).shape[1])
+
+
 def _expression_bytes(matrix, dense: bool) -> int:
     n_obs, n_vars = matrix.shape
     if dense:
@@ -328,7 +335,7 @@ class DeviceDataSplitter(DataSplitter):
         matrix = self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY)
         n_obs = self.adata_manager.adata.n_obs
         # Every other registered column (at most 8 bytes a value), the group positions and the bank.
-        widths = [np.asarray(self.adata_manager.get_from_registry(key)).reshape(n_obs, -1).shape[1]
+        widths = [_registered_width(self.adata_manager.get_from_registry(key), n_obs)
                   for key in self.adata_manager.data_registry if key != SCVI_KEYS.X_KEY]
         other = n_obs * 8 * (sum(widths) + 2)
         free = available_memory(device)
