@@ -269,6 +269,24 @@ def test_a_context_without_measured_protein_controls_is_left_out_of_the_protein_
     assert "log1p_norm_lower_80" in prediction["adt"].layers
 
 
+def test_a_backed_protein_modality_is_refused_with_the_fix(tmp_path):
+    """Only RNA is streamed: a MuData opened with backed=True must load its other modalities."""
+    mdata, emb = ps.data.simulate_multimodal_perturbseq(
+        n_genes=30, n_perturbed_genes=4, n_combinations=1, n_proteins=6, n_cell_types=1,
+        n_cells_per_condition=6, embedding_dim=4, missing_protein_fraction=0.0)
+    path = tmp_path / "screen.h5mu"
+    mdata.write(path)
+    backed = md.read_h5mu(path, backed=True)
+    modalities = {"rna_layer": "rna", "protein_layer": "adt"}
+    with pytest.raises(ValueError, match=re.escape(
+            f"modality 'adt' (protein_layer) is read from disk (the backed file {str(path)!r}); only the RNA "
+            "modality is streamed. Load it into memory and set up again: mdata.mod['adt'] = mdata['adt'].to_memory().")):
+        ps.ScopeVI.setup_mudata(backed, "perturbation", gene_embeddings=emb, modalities=modalities)
+    backed.mod["adt"] = backed["adt"].to_memory()  # the advice works: RNA stays on disk
+    ps.ScopeVI.setup_mudata(backed, "perturbation", gene_embeddings=emb, modalities=modalities)
+    ps.ScopeVI(backed, n_latent=3, n_hidden=8).train(max_epochs=1, enable_progress_bar=False)
+
+
 def test_docs_example_runs():
     from pathlib import Path
 

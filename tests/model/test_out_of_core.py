@@ -163,7 +163,8 @@ def test_loader_choices_are_checked_on_entry(screen):
                                              r"got 'disk'\.$"):
             model.train(max_epochs=1, loader="disk")
         with pytest.raises(ValueError, match=r"^loader='device' copies all the expression to the device, but the "
-                                             r"registered expression is out of core \(backed or SOMA\); use "
+                                             rf"registered expression is out of core \(the backed file "
+                                             rf"{re.escape(repr(str(path)))}\); use "
                                              r"loader='streamed', or load it with adata\.to_memory\(\) and set it up "
                                              r"again\.$"):
             model.train(max_epochs=1, loader="device")

@@ -53,6 +53,7 @@ from ..data import (
     is_control,
     is_out_of_core,
     log1p_expression,
+    out_of_core_source,
     streamed_pseudobulk,
 )
 from ..effects import KINDS, EffectPrior, pick, top_change_scores
@@ -155,9 +156,10 @@ class EffectCorrectionMixin:
         if loader not in LOADERS:
             raise ValueError(f"loader must be one of {list(LOADERS)}, got {loader!r}.")
         if loader == "device" and self._out_of_core:
+            source = out_of_core_source(self.adata_manager.adata, self.adata_manager.get_from_registry(SCVI_KEYS.X_KEY))
             raise ValueError(
                 "loader='device' copies all the expression to the device, but the registered expression "
-                "is out of core (backed or SOMA); use loader='streamed', or load it with adata.to_memory() "
+                f"is out of core ({source}); use loader='streamed', or load it with adata.to_memory() "
                 "and set it up again."
             )
         if loader == "streamed" or (loader == "auto" and self._out_of_core):

@@ -13,7 +13,7 @@ import numpy as np
 from scvi import REGISTRY_KEYS as SCVI_KEYS
 from scvi.data.fields import MuDataLayerField
 
-from ..data import check_count_data
+from ..data import check_count_data, is_out_of_core, out_of_core_source
 from ..module._multimodal import ATAC_KEY, PROTEIN_KEY
 
 #: ``modalities`` keys ScopeVI accepts, and the registry key each registers.
@@ -121,6 +121,11 @@ def check_modalities(mdata, modalities: dict | None, layers: dict[str, str | Non
             continue
         layer = layers.get(key)
         matrix = data.X if layer is None else data.layers[layer]
+        if is_out_of_core(matrix):
+            raise ValueError(
+                f"modality {name!r} ({key}) is read from disk ({out_of_core_source(data, matrix)}); only the RNA "
+                f"modality is streamed. Load it into memory and set up again: mdata.mod[{name!r}] = "
+                f"mdata[{name!r}].to_memory().")
         try:
             check_count_data(matrix, layer)
         except ValueError as error:
