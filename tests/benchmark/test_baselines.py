@@ -12,6 +12,7 @@ from perturbscope.benchmark import (
     PerturbedMeanBaseline,
 )
 from perturbscope.data import log1p_expression, pseudobulk
+from perturbscope.effects import EffectPrior
 
 
 def _toy():
@@ -198,6 +199,14 @@ def test_fit_and_predict_errors():
         _fit(NoChangeBaseline(), adata, context_key="line")
     with pytest.raises(ValueError, match="data_scale must be 'counts' or 'log1p_norm'"):
         NoChangeBaseline().fit(adata, "p", data_scale="log")
+    negative = adata.copy()
+    negative.X = np.asarray(negative.X, dtype=float)
+    negative.X[0, 0] = -3.0  # log1p of a negative normalised count: NaN shifts
+    with pytest.raises(ValueError, match=r"^adata\.X has negative values, but data_scale='counts' normalises counts "
+                                         r"per cell; pass counts, or data_scale='log1p_norm'"):
+        NoChangeBaseline().fit(negative, "p")
+    with pytest.raises(ValueError, match=r"^adata\.X has negative values"):
+        EffectPrior().fit(negative, "p")
     no_control_y = adata[~((adata.obs["ctx"] == "y") & (adata.obs["p"] == "control")).to_numpy()]
     with pytest.raises(
         ValueError, match=r"contexts \['y'\] in adata.obs\['ctx'\] have no 'control'"

@@ -194,6 +194,27 @@ def check_count_data(matrix, layer: str | None) -> None:
         )
 
 
+def check_non_negative(matrix, layer: str | None, needed_by: str) -> None:
+    """Raise a ``ValueError`` naming the layer if it has negative values (``needed_by`` says why not).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_non_negative(np.array([[1.0, -3.0]]), None, "data_scale='counts' normalises counts per cell")
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.X has negative values, but data_scale='counts' normalises counts per cell; pass counts, or data_scale='log1p_norm' for log-normalised input.
+    """
+    if is_out_of_core(matrix):
+        for _, rows in iter_row_chunks(matrix):
+            check_non_negative(rows, layer, needed_by)
+        return
+    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
+    if values.size and float(np.min(values)) < 0:
+        raise ValueError(f"{describe_layer(layer)} has negative values, but {needed_by}; pass counts, or "
+                         "data_scale='log1p_norm' for log-normalised input.")
+
+
 def check_controls_per_context(
     obs: pd.DataFrame, perturbation_key: str, control_value: str, group_keys: Sequence[str]
 ) -> None:

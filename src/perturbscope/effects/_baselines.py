@@ -37,7 +37,7 @@ from ..data import (
     pseudobulk,
     shifts_from_means,
 )
-from ..data._checks import check_no_missing_labels
+from ..data._checks import check_no_missing_labels, check_non_negative
 from ..data._pseudobulk import DataScale
 from ..data._shifts import check_obs_keys, context_labels
 
@@ -114,7 +114,10 @@ class Baseline:
         check_control_present(adata_train.obs[perturbation_key], perturbation_key, control_value)
         if layer is not None and layer not in adata_train.layers:
             raise KeyError(f"layer {layer!r} not in adata_train.layers; layers are {list(adata_train.layers)}.")
-        check_finite(adata_train.X if layer is None else adata_train.layers[layer], layer)
+        matrix = adata_train.X if layer is None else adata_train.layers[layer]
+        check_finite(matrix, layer)
+        if data_scale == "counts":  # a negative count would make NaN shifts
+            check_non_negative(matrix, layer, "data_scale='counts' normalises counts per cell")
         expression = ad.AnnData(
             log1p_expression(adata_train, layer, data_scale),
             obs=pd.DataFrame(
