@@ -114,6 +114,9 @@ def test_streamed_pseudobulk_of_a_hand_computed_example():
     np.testing.assert_allclose(means.loc["b"].to_numpy(), b)
     np.testing.assert_allclose(means.loc["a"].to_numpy(), np.log1p([5000.0, 5000.0]))
     assert counts.to_dict() == {"a": 1, "b": 2}
+    # as pseudobulk does: a cell without a label is an error, not a group called "nan"
+    with pytest.raises(ValueError, match=re.escape("obs has missing values in the groupby columns {'g': 1}")):
+        streamed_pseudobulk(matrix, pd.DataFrame({"g": ["b", None, "b"]}), ["g"], "counts", chunk_size=2)
 
 
 # ---------------------------------------------------------------- control bank

@@ -102,10 +102,7 @@ def pseudobulk(
         )
     if adata.n_obs == 0:
         raise ValueError("pseudobulk needs at least one cell; adata has none.")
-    unlabelled = {k: int(n) for k, n in adata.obs[keys].isna().sum().items() if n}
-    if unlabelled:  # astype(str) would make them a group called "nan"
-        raise ValueError(f"adata.obs has missing values in the groupby columns {unlabelled}; "
-                         "every cell needs its group (drop or label those cells).")
+    check_groups_labelled(adata.obs, keys)
     matrix = adata.X if layer is None else adata.layers[layer]
     if is_out_of_core(matrix):  # scanpy's aggregation needs the matrix in memory
         raise ValueError("pseudobulk needs the expression in memory, and this AnnData is backed; use "
@@ -168,3 +165,21 @@ def log1p_expression(
         raise ValueError(f"data_scale must be 'counts' or 'log1p_norm', got {data_scale!r}.")
     X = X.toarray() if sparse.issparse(X) else np.asarray(X)
     return X.astype(np.float64)
+
+
+def check_groups_labelled(obs: pd.DataFrame, keys: list[str], where: str = "adata.obs") -> None:
+    """Raise a ``ValueError`` counting the cells without a label in each ``keys`` column.
+
+    ``astype(str)`` would make them a group called ``"nan"``.
+
+    Examples
+    --------
+    >>> check_groups_labelled(pd.DataFrame({"g": ["x", None]}), ["g"])
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.obs has missing values in the groupby columns {'g': 1}; every cell needs its group (drop or label those cells).
+    """
+    unlabelled = {k: int(n) for k, n in obs[keys].isna().sum().items() if n}
+    if unlabelled:
+        raise ValueError(f"{where} has missing values in the groupby columns {unlabelled}; "
+                         "every cell needs its group (drop or label those cells).")

@@ -39,7 +39,7 @@ from scvi.dataloaders import DataSplitter
 from .._constants import REGISTRY_KEYS
 from ._control_bank import StreamedControlBank
 from ._pairing import control_mask, distributed_rank, registered_pairing_groups, registered_tensors
-from ._pseudobulk import DataScale, log1p_expression
+from ._pseudobulk import DataScale, check_groups_labelled, log1p_expression
 from ._rows import CHUNK_SIZE, iter_row_chunks, read_block, row_blocks
 
 #: Blocks of ``CHUNK_SIZE`` rows whose rows are shuffled together during training.
@@ -93,6 +93,7 @@ def streamed_pseudobulk(
     """
     if len(obs) != matrix.shape[0]:
         raise ValueError(f"obs has {len(obs)} rows but the matrix has {matrix.shape[0]} cells.")
+    check_groups_labelled(obs, list(groupby), "obs")
     labels = obs[list(groupby)].astype(str)
     codes, uniques = pd.MultiIndex.from_frame(labels).factorize(sort=True)
     sums = np.zeros((len(uniques), matrix.shape[1]), dtype=np.float64)
