@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -219,6 +221,12 @@ def test_predict_bad_inputs(trained):
     shifted.X = shifted.X * 0.5
     with pytest.raises(ValueError, match=r"adata.X has non-integer values"):
         model.predict(shifted, [embeddings.index[0]])
+    # an anchor without counts cannot be normalised: named on entry, whichever chunk it falls in
+    empty = controls.copy()
+    empty.X = empty.X.toarray() if hasattr(empty.X, "toarray") else empty.X.copy()
+    empty.X[7] = 0
+    with pytest.raises(ValueError, match=re.escape(f"adata.X has 1 cells without counts (['{empty.obs_names[7]}'])")):
+        model.predict(empty, [embeddings.index[0]], batch_size=5)
 
 
 def test_predict_unseen_context_zero_shot(trained):
