@@ -60,6 +60,19 @@ def test_setup_control_value_missing(screen):
         ps.ScopeVI.setup_anndata(adata, "perturbation", control_value="ctrl", gene_embeddings=embeddings)
 
 
+def test_setup_refuses_one_perturbation_under_two_labels(screen):
+    """"control " and "control", or "A+B" and "B+A", would train as one perturbation but be listed,
+    predicted and anchored as two."""
+    adata, embeddings = screen
+    labels = adata.obs["perturbation"].astype(str).to_numpy().copy()
+    labels[np.flatnonzero(labels == "control")[:3]] = "control "
+    adata.obs["perturbation"] = labels
+    with pytest.raises(ValueError, match=re.escape(
+            "adata.obs['perturbation'] writes the same perturbation in more than one way: ['control', 'control ']")):
+        ps.ScopeVI.setup_anndata(adata, "perturbation", gene_embeddings=embeddings)
+    assert "_scvi_uuid" not in adata.uns
+
+
 def test_setup_missing_perturbation_key(screen):
     adata, embeddings = screen
     with pytest.raises(KeyError, match="perturbation_key 'guide' not found in adata.obs"):

@@ -40,6 +40,7 @@ from ..data import (
     check_count_data,
     check_labels,
     check_log_normalized,
+    check_one_label_per_perturbation,
     check_unique_names,
     parse_perturbation,
 )
@@ -58,7 +59,7 @@ from ._training_plan import ScopeTrainingPlan
 
 def _check_setup(data, where: str, perturbation_key: str, control_value: str,
                  context_key: str | None, batch_key: str | None, transferred: bool,
-                 modalities: Sequence[str] = ()) -> None:
+                 modalities: Sequence[str] = (), delimiter: str = "+") -> None:
     """Setup-time checks; a transfer from a saved registry skips the label and control checks.
 
     Names must be unique within each registered modality of a MuData, not across them (a gene
@@ -78,6 +79,9 @@ def _check_setup(data, where: str, perturbation_key: str, control_value: str,
         return
     check_labels(obs, perturbation_key, control_value, context_key=context_key, batch_key=batch_key)
     check_control_present(obs[perturbation_key], perturbation_key, control_value)
+    # "A+B" and "B+A" (or "control " and "control") would train as one perturbation but be listed,
+    # predicted and anchored as two
+    check_one_label_per_perturbation(obs[perturbation_key], perturbation_key, control_value, delimiter)
     group_keys = [k for k in (context_key, batch_key) if k is not None]
     check_controls_per_context(obs, perturbation_key, control_value, group_keys)
 
@@ -272,7 +276,7 @@ class ScopeVI(MultimodalMixin, EffectCorrectionMixin, PredictionMixin, ScviApiMi
         # copy in the saved setup arguments would double the size of every saved model.
         setup_method_args.get("setup_args", {})["gene_embeddings"] = None
         _check_setup(adata, "adata.obs", perturbation_key, control_value, context_key,
-                         batch_key, transferred=kwargs.get("source_registry") is not None)
+                     batch_key, transferred=kwargs.get("source_registry") is not None, delimiter=combination_delimiter)
         anndata_fields = [
             LayerField(SCVI_KEYS.X_KEY, layer, is_count_data=False),
             PerturbationGenesField(perturbation_key, control_value, gene_embeddings, combination_delimiter),
@@ -356,7 +360,8 @@ categorical_covariate_keys, combination_delimiter
         modalities = check_modalities(mdata, modalities, layers)
         rna = modalities["rna_layer"]
         _check_setup(mdata, "mdata.obs", perturbation_key, control_value, context_key, batch_key,
-                     transferred=kwargs.get("source_registry") is not None, modalities=list(modalities.values()))
+                     transferred=kwargs.get("source_registry") is not None, modalities=list(modalities.values()),
+                     delimiter=combination_delimiter)
         fields = [
             MuDataLayerField(SCVI_KEYS.X_KEY, rna_layer, mod_key=rna, is_count_data=False, mod_required=True),
             MuDataPerturbationGenesField(perturbation_key, control_value, gene_embeddings,
