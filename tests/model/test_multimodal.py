@@ -181,8 +181,18 @@ def test_bad_prediction_inputs(study):
     counts = without.mod["adt"].X.toarray()
     counts[:3] = 0
     without.mod["adt"].X = sp.csr_matrix(counts)
-    with pytest.raises(ValueError, match=r"^3 of \d+ control cells have no counts in modality 'adt'"):
-        model.predict(without, ["G000"])
+    rna_passes = []
+    original = ps.model._prediction.PredictionMixin.predict
+
+    def counted(*args, **kwargs):
+        rna_passes.append(1)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:  # refused before the RNA pass, the long one
+        patch.setattr(ps.model._prediction.PredictionMixin, "predict", counted)
+        with pytest.raises(ValueError, match=r"^3 of \d+ control cells have no counts in modality 'adt'"):
+            model.predict(without, ["G000"])
+    assert rna_passes == []
     shuffled = controls.copy()
     shuffled.mod["adt"] = shuffled.mod["adt"][:, ::-1].copy()
     with pytest.raises(ValueError, match=re.escape("mdata['adt'].var_names differ from the model's 24 proteins (0 missing, 0 extra: same proteins in another order); subset and order it as the model's proteins were in training.")):

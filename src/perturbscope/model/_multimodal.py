@@ -310,11 +310,13 @@ class MultimodalMixin:
             )
         mdata = self._multimodal_controls(adata_control)
         rna = self._rna_controls(mdata)
+        # every modality's anchors are checked before the RNA pass, which is the long one
+        anchors = {key: self._modality_controls(key, mdata.mod[name], name) for key, name in extras.items()}
         rna_prediction = super().predict(rna, perturbations, **options)
         labels = [str(p) for p in (perturbations if perturbations is not None else self.training_perturbations)]
         predictions = {self.modalities[SCVI_KEYS.X_KEY]: rna_prediction}
         for key, name in extras.items():
-            predictions[name] = self._predict_modality(key, mdata.mod[name], rna, labels, rna_prediction, options)
+            predictions[name] = self._predict_modality(key, anchors[key], rna, labels, rna_prediction, options)
         return _as_mudata(predictions, rna_prediction.obs)
 
     def _multimodal_controls(self, data):
@@ -386,15 +388,18 @@ class MultimodalMixin:
             )
         return matrix, library
 
-    def _predict_modality(self, key, data, rna, labels, rna_prediction, options) -> ad.AnnData:
+    def _predict_modality(self, key, anchors, rna, labels, rna_prediction, options) -> ad.AnnData:
         """Modality ``key`` predicted from the anchors ``rna``, chunk by chunk of anchors.
+
+        ``anchors`` is :meth:`_modality_controls`' ``(counts, library sizes)`` of the same cells.
 
         As RNA's: with ``aggregate="mean"`` only running sums per (perturbation, context) are
         kept, and with the prior the decoder's draws are made twice from the same seeded
         generator, first for its mean change per context, which every cell's composition needs.
         """
         name = self.modalities[key]
-        matrix, library = self._modality_controls(key, data, name)
+        matrix, library = anchors
+        var_names = self._modality_var_names(key)  # the anchors' own, checked in _modality_controls
         gene_index = torch.as_tensor(self.encode_perturbations(labels))
         contexts = self._control_contexts(rna, self._context_column)
         prior = self.modality_prior(key) if options["residual"] else None  # residual=False: the VAE alone
@@ -430,8 +435,8 @@ class MultimodalMixin:
         if means is None:
             columns = [c for c in provenance.get("context_columns", []) if c in rna.obs]
             return prediction_anndata(labels, rna.obs[columns], X.reshape(-1, n_features),
-                                      log1p_norm.reshape(-1, n_features), data.var_names, n_samples, provenance)
-        prediction = means.to_anndata(data.var_names, provenance)
+                                      log1p_norm.reshape(-1, n_features), var_names, n_samples, provenance)
+        prediction = means.to_anndata(var_names, provenance)
         if prior is not None:
             self._add_modality_intervals(key, prediction, options["interval_levels"])
         return prediction
