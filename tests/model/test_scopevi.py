@@ -73,6 +73,14 @@ def test_setup_refuses_one_perturbation_under_two_labels(screen):
     assert "_scvi_uuid" not in adata.uns
 
 
+def test_setup_on_a_view_says_which_object_to_copy(screen):
+    adata, embeddings = screen
+    with pytest.raises(ValueError, match=re.escape(
+            "adata is a view of another AnnData; setup registers keys in it, so make it a copy first: "
+            "adata = adata.copy().")):
+        ps.ScopeVI.setup_anndata(adata[:50], "perturbation", gene_embeddings=embeddings)
+
+
 def test_setup_missing_perturbation_key(screen):
     adata, embeddings = screen
     with pytest.raises(KeyError, match="perturbation_key 'guide' not found in adata.obs"):

@@ -65,12 +65,16 @@ def _check_setup(data, where: str, perturbation_key: str, control_value: str,
     Names must be unique within each registered modality of a MuData, not across them (a gene
     and its protein often share a name).
     """
+    name = where.split(".")[0]
+    if getattr(data, "is_view", False):  # setup writes its keys into the object: a view has none of its own
+        raise ValueError(f"{name} is a view of another {type(data).__name__}; setup registers keys in it, so "
+                         f"make it a copy first: {name} = {name}.copy().")
     obs = data.obs
-    check_backing(data, where.split(".")[0])
-    for part, name in ([(data.mod[m], f"mdata[{m!r}]") for m in modalities] or [(data, where.split(".")[0])]):
-        check_unique_names(part, name)
+    check_backing(data, name)
+    for part, part_name in ([(data.mod[m], f"mdata[{m!r}]") for m in modalities] or [(data, name)]):
+        check_unique_names(part, part_name)
         if part.n_vars == 0:
-            raise ValueError(f"{name} has no genes (features); the model needs expression to learn from.")
+            raise ValueError(f"{part_name} has no genes (features); the model needs expression to learn from.")
     if perturbation_key not in obs.columns:
         raise KeyError(
             f"perturbation_key {perturbation_key!r} not found in {where}; columns are {list(obs.columns)}."
