@@ -244,7 +244,7 @@ class Baseline:
                     "pass the context to predict in."
                 )
             context = ALL_CONTEXTS
-        labels = check_perturbation_labels(perturbations, self.control_value_, self.delimiter_)  # answered by their canonical form
+        labels = check_perturbation_labels(perturbations)  # answered by their canonical form ("A+control" is "A")
         keys = canonical_labels(labels, self.control_value_, self.delimiter_).tolist()
         before = set(self.fallbacks_)
         # the control label moves nothing, in every baseline
