@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "perturbscope"
 MAX_LINES = 600
 #: Subpackage (or top-level module) -> layer; imports must go to the same or a lower layer.
 LAYERS = {
-    "_constants": 0, "_safe_load": 0, "_pickle_budget": 0, "_pickle_checks": 0, "_pickle_allow": 0, "_choices": 0, "_logging": 0, "data": 1, "module": 2, "embeddings": 2, "effects": 2, "model": 3,
+    "_constants": 0, "_safe_load": 0, "_pickle_budget": 0, "_pickle_nesting": 0, "_pickle_checks": 0, "_pickle_allow": 0, "_choices": 0, "_logging": 0, "data": 1, "module": 2, "embeddings": 2, "effects": 2, "model": 3,
     "benchmark": 4, "probe": 4, "tl": 5, "pl": 5, "_demo": 6, "cli": 6, "__main__": 7,
 }
 

@@ -107,7 +107,8 @@ _GENES = ["A", "B", "C", "Ä", "γ", "a b", "D"]
 _SETUP_OBS_COLUMNS = {"_scvi_batch", "_scvi_context"}
 
 
-_CLEAN_LABELS = st.sampled_from(["control", "A", "B", "A+B", "A + B", " A", "B+control", "Ä", "γ+A", "a b+D"])
+# one spelling per perturbation ("A" with " A", or "A+B" with "A + B", is refused at setup as a split refuses it)
+_CLEAN_LABELS = st.sampled_from(["control", "A", "B", "A + B", "C+control", "Ä", "γ+A", "a b+D"])
 
 
 @st.composite

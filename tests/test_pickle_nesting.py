@@ -27,12 +27,34 @@ def test_filling_after_use_still_counts():
         check_pickle_structure(data)
 
 
-def test_a_cycle_counts_once_per_object():
+def test_cycles_are_refused():
     a = []
-    b = [a]
+    b = [a, a]
     a.append(b)
-    depth, nodes = pickle_structure_bounds(pickle.dumps(a, protocol=4))
-    assert (depth, nodes) == (1, 2)
+    with pytest.raises(pickle.UnpicklingError, match=r"^the file's pickle builds objects that hold one another in "
+                                                     r"a cycle; torch's weights-only loader has no guard"):
+        pickle_structure_bounds(pickle.dumps(a, protocol=4))
+    itself = []
+    itself.append(itself)
+    with pytest.raises(pickle.UnpicklingError, match="in a cycle"):
+        check_pickle_structure(pickle.dumps(itself, protocol=4))
+
+
+def test_a_tensor_is_one_node_however_often_it_is_shared():
+    import io
+    import zipfile
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({i: torch.zeros(3) for i in range(3)} | {"shared": [torch.ones(2)] * 5000}, buffer)
+    archive = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    depth, nodes = pickle_structure_bounds(data)
+    # deepest: a rebuild call's arguments (a tuple holding the storage's key, itself a tuple)
+    assert depth == 3
+    # largest: the dict, its 4 keys, 3 tensors, the list and its 5,000 references to one tensor
+    assert nodes == 1 + 4 + 3 + (1 + 5000)
 
 
 def test_doubling_through_the_memo_is_refused():
@@ -51,6 +73,7 @@ def test_doubling_through_the_memo_is_refused():
     (b"\x80\x02Nt.", "TUPLE without a MARK"),
     (b"\x80\x02(\x85.", "TUPLE1 take a MARK as a value"),
     (b"\x80\x02K", "not a pickle"),
+    (b"\x80\x022.", "DUP on an empty stack"),
 ])
 def test_malformed_pickles_are_refused(data, message):
     with pytest.raises(pickle.UnpicklingError, match=message):

@@ -494,12 +494,14 @@ def named_globals(data: bytes):
             pushed = []
 
 
-def check_torch_zip(path: Any, allowed_globals: frozenset[str], bound_structures: bool = False) -> None:
+def check_torch_zip(path: Any, allowed_globals: frozenset[str]) -> Any:
     """Refuse a file torch would read unsafely: not a zip, or failing the two zip checks.
 
-    The checks are :func:`check_zip_records` and :func:`check_zip_globals`; with
-    ``bound_structures`` (for torch's weights-only loader, which measures nothing while it
-    builds), also :func:`~perturbscope._pickle_nesting.check_pickle_structure` on the pickle.
+    The checks are :func:`check_zip_records` and :func:`check_zip_globals`.
+
+    Returns
+    -------
+    torch's reader of the file (its ``data.pkl`` is what torch will unpickle).
 
     In torch's older (non-zip) format torch allocates each storage at the size the file declares,
     and returns it unfilled, before reading any data: a 313-byte file got a 3 GiB storage of
@@ -527,8 +529,5 @@ def check_torch_zip(path: Any, allowed_globals: frozenset[str], bound_structures
         raise pickle.UnpicklingError(f"torch's zip reader cannot read the file ({err})") from err
     check_zip_records(path, torch_reader)
     check_zip_globals(torch_reader, allowed_globals)
-    if bound_structures:
-        from ._pickle_nesting import check_pickle_structure
-
-        check_pickle_structure(torch_reader.get_record("data.pkl"))
+    return torch_reader
 

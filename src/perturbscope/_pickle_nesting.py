@@ -5,7 +5,10 @@ perturbscope's restricted unpickler measures every structure while it builds it
 ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` imposes, does not: a dict keyed by a tuple nested 300,000
 deep crashes the interpreter while that loader hashes the key, before any check after the load
 could run. :func:`check_pickle_structure` bounds, from the opcodes alone, what any object the
-pickle builds could hold, so such a file is refused before torch reads it.
+pickle builds could hold, so such a file is refused before torch reads it. Objects that hold one
+another in a cycle are refused too: that loader has no guard for walking them (a ring of 60
+lists, each holding the next twice, makes ``repr`` walk 2^59 nodes), and ``torch.save`` of
+tensors and plain containers never writes one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ _FILLING = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "B
 _MEMO_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
 _MEMO_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _MARK = object()
+_TEXT_OPCODES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+                           "STRING"})
+#: Calls whose result is a tensor (or parameter): a leaf, whatever its arguments (the storage
+#: key, sizes, strides); hashing, ``repr`` and comparison of a tensor walk none of them.
+_TENSOR_REBUILDS = "torch._utils._rebuild_"
 _NODES_CAP = 1 << 62  # counts above any cap stay this, not an ever larger Python int
 
 
@@ -39,6 +47,7 @@ def _containment_graph(data: bytes) -> tuple[int, list[int], list[int]]:
     """
     stack: list[Any] = []
     memo: dict[int, int] = {}
+    texts: dict[int, str] = {}  # object -> its value, for texts and the globals they name
     holders: list[int] = []
     held: list[int] = []
     n_objects = 0
@@ -55,6 +64,10 @@ def _containment_graph(data: bytes) -> tuple[int, list[int], list[int]]:
         if name == "MARK":
             stack.append(_MARK)
             continue
+        if name in _TEXT_OPCODES or name == "GLOBAL":
+            stack.append(new_object())
+            texts[stack[-1]] = str(argument).replace(" ", ".", 1) if name == "GLOBAL" else str(argument)
+            continue
         if name in _MEMO_PUT:
             if stack and stack[-1] is not _MARK:
                 memo[len(memo) if name == "MEMOIZE" else int(argument)] = stack[-1]
@@ -63,6 +76,8 @@ def _containment_graph(data: bytes) -> tuple[int, list[int], list[int]]:
             stack.append(memo[int(argument)] if int(argument) in memo else new_object())
             continue
         if name == "DUP":
+            if not stack or stack[-1] is _MARK:
+                raise pickle.UnpicklingError("the file's pickle has DUP on an empty stack")
             stack.append(stack[-1])
             continue
         popped = _pop_operands(stack, opcode)
@@ -74,8 +89,11 @@ def _containment_graph(data: bytes) -> tuple[int, list[int], list[int]]:
             held.extend(popped)
         elif opcode.stack_after:
             made = new_object()
-            holders.extend([made] * len(popped))
-            held.extend(popped)
+            if name == "STACK_GLOBAL":  # popped: the name, then the module
+                texts[made] = f"{texts.get(popped[1], '?')}.{texts.get(popped[0], '?')}"
+            elif not (name == "REDUCE" and texts.get(popped[1], "").startswith(_TENSOR_REBUILDS)):
+                holders.extend([made] * len(popped))
+                held.extend(popped)
             stack.append(made)
     return n_objects, holders, held
 
@@ -106,12 +124,16 @@ def pickle_structure_bounds(data: bytes) -> tuple[int, int]:
     """Upper bounds on the nesting depth and the expanded size of anything a pickle builds.
 
     Expanded size counts a shared part every time it occurs (what hashing, ``repr`` and
-    comparison walk). Objects that hold one another in a cycle count as one level of as many
-    objects as the cycle has.
+    comparison walk). A tensor (the result of a ``torch._utils._rebuild_*`` call) is one node.
 
     Returns
     -------
     ``(depth, expanded nodes)``: a leaf has depth 0, a container one more than its deepest part.
+
+    Raises
+    ------
+    pickle.UnpicklingError
+        If objects hold one another in a cycle (no finite bound), or the pickle is malformed.
 
     Examples
     --------
@@ -122,18 +144,18 @@ def pickle_structure_bounds(data: bytes) -> tuple[int, int]:
     n_objects, holders, held = _containment_graph(data)
     if n_objects == 0:
         return 0, 0
-    graph = sparse.csr_matrix((np.ones(len(held)), (holders, held)), shape=(n_objects, n_objects))
-    n_groups, group = csgraph.connected_components(graph, directed=True, connection="strong")
-    sizes = np.bincount(group, minlength=n_groups)
-    links = sparse.csr_matrix((np.ones(len(held)), (group[holders], group[held])), shape=(n_groups, n_groups))
-    links.setdiag(0)
-    links.eliminate_zeros()
+    links = sparse.csr_matrix((np.ones(len(held)), (holders, held)), shape=(n_objects, n_objects))
     links.sum_duplicates()
-    return _longest_and_largest(links, sizes)
+    n_groups, _ = csgraph.connected_components(links, directed=True, connection="strong")
+    if n_groups < n_objects or links.diagonal().any():
+        raise pickle.UnpicklingError(
+            "the file's pickle builds objects that hold one another in a cycle; torch's weights-only loader "
+            "has no guard for walking them, and torch.save of tensors and containers never writes one")
+    return _longest_and_largest(links)
 
 
-def _longest_and_largest(links: sparse.csr_matrix, sizes: np.ndarray) -> tuple[int, int]:
-    """Deepest and largest expansion over an acyclic graph of groups (``links``: holder -> held)."""
+def _longest_and_largest(links: sparse.csr_matrix) -> tuple[int, int]:
+    """Deepest and largest expansion over an acyclic graph of objects (``links``: holder -> held)."""
     n = links.shape[0]
     depth = np.full(n, -1, dtype=np.int64)
     nodes: list[int] = [0] * n
@@ -142,18 +164,18 @@ def _longest_and_largest(links: sparse.csr_matrix, sizes: np.ndarray) -> tuple[i
             continue
         walk = [(root, False)]
         while walk:
-            group, expanded = walk.pop()
-            if depth[group] >= 0:
+            node, expanded = walk.pop()
+            if depth[node] >= 0:
                 continue
-            parts = links.indices[links.indptr[group]: links.indptr[group + 1]]
+            parts = links.indices[links.indptr[node]: links.indptr[node + 1]]
             if not expanded:
-                walk.append((group, True))
+                walk.append((node, True))
                 walk.extend((int(p), False) for p in parts if depth[p] < 0)
                 continue
-            counts = links.data[links.indptr[group]: links.indptr[group + 1]]
-            depth[group] = (0 if not len(parts) else 1 + int(depth[parts].max())) + int(sizes[group]) - 1
-            total = int(sizes[group]) + sum(int(c) * nodes[int(p)] for p, c in zip(parts, counts, strict=True))
-            nodes[group] = min(total, _NODES_CAP)
+            counts = links.data[links.indptr[node]: links.indptr[node + 1]]
+            depth[node] = 0 if not len(parts) else 1 + int(depth[parts].max())
+            total = 1 + sum(int(c) * nodes[int(p)] for p, c in zip(parts, counts, strict=True))
+            nodes[node] = min(total, _NODES_CAP)
     return int(depth.max()), max(nodes)
 
 
@@ -182,7 +204,7 @@ def check_pickle_structure(data: bytes) -> None:
     """
     try:
         depth, nodes = pickle_structure_bounds(data)
-    except (ValueError, EOFError, KeyError) as err:
+    except (ValueError, EOFError, KeyError, IndexError) as err:
         raise pickle.UnpicklingError(f"the file's data.pkl is not a pickle ({err})") from err
     if depth > MAX_NESTING:
         raise pickle.UnpicklingError(

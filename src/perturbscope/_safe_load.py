@@ -91,6 +91,7 @@ from ._pickle_checks import (  # the caps are re-exported: the module docstring 
     guarded_unpickle_block,
     reconstruct_bytes,
 )
+from ._pickle_nesting import check_pickle_structure
 
 # kept for code that imported it
 _ALLOWED_GLOBALS = ALLOW_LISTS["scvi"]
@@ -495,7 +496,9 @@ def _checked_torch_zip(path: str | Path, kind: str, weights_only: bool) -> Path:
         raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
     allowed = zip_globals(kind) - UNGUARDED_IN_WEIGHTS_ONLY if weights_only else zip_globals(kind)
     try:
-        check_torch_zip(path, allowed, bound_structures=weights_only)
+        reader = check_torch_zip(path, allowed)
+        if weights_only:  # torch's weights-only loader measures nothing while it builds
+            check_pickle_structure(reader.get_record("data.pkl"))
     except (pickle.UnpicklingError, zipfile.BadZipFile) as err:
         if weights_only:
             raise ValueError(
