@@ -230,3 +230,4 @@ def test_fit_and_predict_errors():
     twins.obs_names = [twins.obs_names[0]] * twins.n_obs
     with pytest.raises(ValueError, match=r"^adata_control\.obs_names has duplicates"):
         model.predict(twins, ["A"])
+    assert model.predict(twins, ["A"], aggregate="mean").n_obs == 1

@@ -326,6 +326,8 @@ def test_predict_refuses_anchors_with_one_name(trained):
             f"adata_control.obs_names has duplicates ['{controls.obs_names[0]}']; make them unique, e.g. with "
             "adata_control.obs_names_make_unique().")):
         model.predict(controls, ["G00"])
+    # mean rows name no anchor: concatenated lanes that repeat barcodes still predict
+    assert model.predict(controls, ["G00"], aggregate="mean").n_obs == 2  # one row per cell type
 
 
 def test_predict_zero_samples(trained):

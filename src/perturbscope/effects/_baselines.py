@@ -316,7 +316,8 @@ class Baseline:
             )
         if adata_control.n_obs == 0:
             raise ValueError("adata_control has no cells; pass at least one control cell to shift.")
-        check_unique_names(adata_control, "adata_control", axes=("obs_names",))  # obs["control_cell"] names each
+        if aggregate is None:  # each cell row's obs["control_cell"] names its anchor
+            check_unique_names(adata_control, "adata_control", axes=("obs_names",))
         check_no_missing_labels(adata_control.obs, context_key=self.context_key_)
         layer = getattr(self, "layer_", None)
         if layer is not None and layer not in adata_control.layers:

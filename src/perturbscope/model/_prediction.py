@@ -189,6 +189,8 @@ class PredictionMixin:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
         out = None if out is None else check_store_path(out)
         adata_control, perturbations = self._prediction_inputs(adata_control, perturbations)
+        if aggregate is None:  # each cell row's obs["control_cell"] names its anchor
+            check_unique_names(adata_control, "adata_control", axes=("obs_names",))
         with_prior = self.effect_prior is not None and residual
         if with_prior and aggregate == "mean":
             self._check_interval_levels(interval_levels)  # before the prediction runs (and writes out=)
@@ -410,7 +412,6 @@ class PredictionMixin:
                              "anchors (their prediction is the anchors themselves); ask for perturbations.")
         if adata_control.n_obs == 0:
             raise ValueError("adata_control has no cells; pass at least one control cell to anchor the predictions.")
-        check_unique_names(adata_control, "adata_control", axes=("obs_names",))  # obs["control_cell"] names the anchor
         check_var_names(adata_control.var_names, self.var_names, "adata")
         self._check_only_controls(adata_control)
         matrix = _matrix_of(adata_control, self._layer)
