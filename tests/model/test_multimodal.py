@@ -7,6 +7,7 @@ same training perturbations; eight single genes are held out of training entirel
 from __future__ import annotations
 
 import re
+import warnings
 
 import anndata as ad
 import mudata as md
@@ -277,6 +278,13 @@ def test_a_context_without_measured_protein_controls_is_left_out_of_the_protein_
     measured = ((mdata.obs["perturbation"] == "control") & (mdata.obs["cell_type"] == "type_0")).to_numpy()
     prediction = model.predict(mdata[measured], ["G00"], aggregate="mean")
     assert "log1p_norm_lower_80" in prediction["adt"].layers
+    # without the effect prior there is no protein prior to leave anything out of, and no warning
+    adt[(mdata.obs["perturbation"] == "control").to_numpy()] = 0
+    mdata.mod["adt"].X = sp.csr_matrix(adt)
+    plain = ps.ScopeVI(mdata, n_latent=4, n_hidden=16, effect_prior=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        plain.train(max_epochs=1, enable_progress_bar=False)
 
 
 def test_a_backed_protein_modality_is_refused_with_the_fix(tmp_path):
