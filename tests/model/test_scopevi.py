@@ -328,6 +328,18 @@ def _reference_model_and_query(small_screen):
     return model, query, embeddings
 
 
+def test_load_query_data_refuses_one_perturbation_under_two_labels(small_screen):
+    model, query, embeddings = _reference_model_and_query(small_screen)
+    gene = embeddings.index[0]
+    labels = query.obs["perturbation"].astype(str).to_numpy().copy()
+    labels[np.flatnonzero(labels == gene)[:2]] = f"{gene}+control"
+    query.obs["perturbation"] = labels
+    with pytest.raises(ValueError, match=re.escape(
+            f"adata.obs['perturbation'] writes the same perturbation in more than one way: ['{gene}', "
+            f"'{gene}+control']")):
+        ps.ScopeVI.load_query_data(query, model)
+
+
 def test_load_query_data_freezes_embedding_path_and_decoder(small_screen):
     model, query, embeddings = _reference_model_and_query(small_screen)
     transfer = ps.ScopeVI.load_query_data(query, model, freeze_decoder=True)

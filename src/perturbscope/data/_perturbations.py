@@ -95,17 +95,19 @@ def canonical_labels(labels: Iterable[str], control_value: str = "control", deli
 
 
 def check_one_label_per_perturbation(labels: Iterable[str], key: str, control_value: str = "control",
-                                     delimiter: str = "+") -> None:
+                                     delimiter: str = "+", where: str = "adata") -> None:
     """Refuse labels that write one perturbation in two ways (``"A+B"``/``"B+A"``, ``"A"``/``"A+control"``).
 
     A split that holds out one spelling while the other stays in training would leak the
     perturbation into training, and an analysis that keys groups by their genes would keep one
     spelling's cells and drop the other's; rewrite the column with :func:`canonical_labels` first.
 
+    ``where`` names the object in the message (``"adata"``, ``"mdata"``).
+
     Raises
     ------
     ValueError
-        Naming ``key`` and the first such groups of labels.
+        Naming ``key`` and the first such groups of labels, with the rewrite that fixes them.
 
     Examples
     --------
@@ -114,6 +116,10 @@ def check_one_label_per_perturbation(labels: Iterable[str], key: str, control_va
     Traceback (most recent call last):
     ...
     ValueError: adata.obs['perturbation'] writes the same perturbation in more than one way: ['A+B', 'B+A']; one perturbation must have one label, e.g. adata.obs['perturbation'] = perturbscope.data.canonical_labels(adata.obs['perturbation']).
+    >>> check_one_label_per_perturbation(["KLF1", "KLF1_ctrl"], "guide", "ctrl", "_", where="mdata")
+    Traceback (most recent call last):
+    ...
+    ValueError: mdata.obs['guide'] writes the same perturbation in more than one way: ['KLF1', 'KLF1_ctrl']; one perturbation must have one label, e.g. mdata.obs['guide'] = perturbscope.data.canonical_labels(mdata.obs['guide'], control_value='ctrl', delimiter='_').
     """
     distinct = pd.unique(pd.Series(list(labels), dtype=str))
     canonical = pd.Series(canonical_labels(distinct, control_value, delimiter), index=distinct)
@@ -122,10 +128,12 @@ def check_one_label_per_perturbation(labels: Iterable[str], key: str, control_va
     if repeated:
         shown = "; ".join(str(names) for names in repeated[:3])
         more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""
+        options = "".join([f", control_value={control_value!r}" if control_value != "control" else "",
+                           f", delimiter={delimiter!r}" if delimiter != "+" else ""])
+        column = f"{where}.obs[{key!r}]"
         raise ValueError(
-            f"adata.obs[{key!r}] writes the same perturbation in more than one way: {shown}{more}; "
-            f"one perturbation must have one label, e.g. adata.obs[{key!r}] = "
-            f"perturbscope.data.canonical_labels(adata.obs[{key!r}])."
+            f"{column} writes the same perturbation in more than one way: {shown}{more}; one perturbation must "
+            f"have one label, e.g. {column} = perturbscope.data.canonical_labels({column}{options})."
         )
 
 

@@ -79,13 +79,13 @@ def _check_setup(data, where: str, perturbation_key: str, control_value: str,
         raise KeyError(
             f"perturbation_key {perturbation_key!r} not found in {where}; columns are {list(obs.columns)}."
         )
+    # "A+B" and "B+A" (or "control " and "control") would train as one perturbation but be listed,
+    # predicted and anchored as two; a query (a transferred registry) too
+    check_one_label_per_perturbation(obs[perturbation_key], perturbation_key, control_value, delimiter, name)
     if transferred:
         return
     check_labels(obs, perturbation_key, control_value, context_key=context_key, batch_key=batch_key)
     check_control_present(obs[perturbation_key], perturbation_key, control_value)
-    # "A+B" and "B+A" (or "control " and "control") would train as one perturbation but be listed,
-    # predicted and anchored as two
-    check_one_label_per_perturbation(obs[perturbation_key], perturbation_key, control_value, delimiter)
     group_keys = [k for k in (context_key, batch_key) if k is not None]
     check_controls_per_context(obs, perturbation_key, control_value, group_keys)
 
