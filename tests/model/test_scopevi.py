@@ -619,6 +619,14 @@ def test_setup_mudata_bad_input(small_screen):
         ps.ScopeVI.setup_mudata(mdata, "perturbation", gene_embeddings=embeddings)
     with pytest.raises(TypeError, match="setup_mudata needs a mudata.MuData, got AnnData"):
         ps.ScopeVI.setup_mudata(adata.copy(), "perturbation", gene_embeddings=embeddings)
+    md.set_options(pull_on_update=False)
+    viewed = md.MuData({"rna": adata.copy()})
+    viewed.obs["perturbation"] = adata.obs["perturbation"].to_numpy()
+    viewed.mod["rna"] = viewed["rna"][:, :50]
+    with pytest.raises(ValueError, match=re.escape(
+            "mdata['rna'] is a view of another AnnData; setup registers keys in it, so make it a copy first: "
+            "mdata.mod['rna'] = mdata['rna'].copy().")):
+        ps.ScopeVI.setup_mudata(viewed, "perturbation", gene_embeddings=embeddings)
 
 
 # ---------------------------------------------------------------- combinations and programmes

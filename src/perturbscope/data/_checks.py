@@ -432,8 +432,11 @@ def check_no_missing_labels(obs: pd.DataFrame, **keys: str | None) -> None:
             )
 
 
-def check_cells_have_counts(matrix, obs_names: pd.Index, layer: str | None) -> None:
+def check_cells_have_counts(matrix, obs_names: pd.Index, layer: str | None, counts_too: bool = False) -> None:
     """Raise a ``ValueError`` naming the cells whose counts sum to zero (they cannot be normalised).
+
+    With ``counts_too``, also :func:`check_count_data`, in the same pass over the rows (one read
+    of a backed matrix instead of two).
 
     Parameters
     ----------
@@ -458,8 +461,12 @@ def check_cells_have_counts(matrix, obs_names: pd.Index, layer: str | None) -> N
     ValueError: adata.X has 1 cells without counts (['b']); every cell needs at least one count (filter them, e.g. sc.pp.filter_cells(adata, min_counts=1)).
     """
     chunks = iter_row_chunks(matrix) if is_out_of_core(matrix) else [(0, matrix)]
-    empty = np.concatenate([start + np.flatnonzero(np.asarray(rows.sum(axis=1)).ravel() <= 0)
-                            for start, rows in chunks])
+    found = []
+    for start, rows in chunks:
+        if counts_too:
+            check_count_data(rows, layer)
+        found.append(start + np.flatnonzero(np.asarray(rows.sum(axis=1)).ravel() <= 0))
+    empty = np.concatenate(found)
     if len(empty):
         raise ValueError(
             f"{describe_layer(layer)} has {len(empty)} cells without counts ({[str(obs_names[i]) for i in empty[:10]]}); "

@@ -29,7 +29,6 @@ from ..data import (
     PredictionStore,
     canonical_labels,
     check_cells_have_counts,
-    check_count_data,
     check_log_normalized,
     check_perturbation_labels,
     check_store_path,
@@ -416,9 +415,8 @@ class PredictionMixin:
         self._check_only_controls(adata_control)
         matrix = _matrix_of(adata_control, self._layer)
         if self.module.gene_likelihood in COUNT_LIKELIHOODS:
-            check_count_data(matrix, self._layer)
             # an anchor is normalised by its library: one without counts is named here, not mid-way
-            check_cells_have_counts(matrix, adata_control.obs_names, self._layer)
+            check_cells_have_counts(matrix, adata_control.obs_names, self._layer, counts_too=True)
         else:
             check_log_normalized(matrix, self._layer)
         return adata_control, perturbations

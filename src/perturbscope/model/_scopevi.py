@@ -72,6 +72,9 @@ def _check_setup(data, where: str, perturbation_key: str, control_value: str,
     obs = data.obs
     check_backing(data, name)
     for part, part_name in ([(data.mod[m], f"mdata[{m!r}]") for m in modalities] or [(data, name)]):
+        if part is not data and getattr(part, "is_view", False):
+            raise ValueError(f"{part_name} is a view of another AnnData; setup registers keys in it, so make it a "
+                             f"copy first: mdata.mod[{part_name[6:-1]}] = {part_name}.copy().")
         check_unique_names(part, part_name)
         if part.n_vars == 0:
             raise ValueError(f"{part_name} has no genes (features); the model needs expression to learn from.")
