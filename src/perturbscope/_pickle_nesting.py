@@ -21,15 +21,17 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
-from ._pickle_budget import EXPANDED_NODES_FLOOR, MAX_NESTING
+from ._pickle_budget import (
+    _GET_OPCODES,
+    _MEMO_OPCODES,
+    _TEXT_OPCODES,
+    EXPANDED_NODES_FLOOR,
+    MAX_NESTING,
+)
 
 #: Opcodes that put the items they pop into the object left below them (which stays on the stack).
 _FILLING = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
-_MEMO_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
-_MEMO_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _MARK = object()
-_TEXT_OPCODES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
-                           "STRING"})
 #: Calls whose result is a tensor (or parameter): a leaf, whatever its arguments (the storage
 #: key, sizes, strides); hashing, ``repr`` and comparison of a tensor walk none of them.
 _TENSOR_REBUILDS = "torch._utils._rebuild_"
@@ -68,11 +70,11 @@ def _containment_graph(data: bytes) -> tuple[int, list[int], list[int]]:
             stack.append(new_object())
             texts[stack[-1]] = str(argument).replace(" ", ".", 1) if name == "GLOBAL" else str(argument)
             continue
-        if name in _MEMO_PUT:
+        if name in _MEMO_OPCODES:
             if stack and stack[-1] is not _MARK:
                 memo[len(memo) if name == "MEMOIZE" else int(argument)] = stack[-1]
             continue
-        if name in _MEMO_GET:
+        if name in _GET_OPCODES:
             stack.append(memo[int(argument)] if int(argument) in memo else new_object())
             continue
         if name == "DUP":

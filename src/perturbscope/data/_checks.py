@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ._perturbations import canonical_labels, is_control
+from ._perturbations import is_control, repeated_spellings
 from ._rows import is_out_of_core, iter_row_chunks
 
 
@@ -64,10 +64,7 @@ def check_perturbation_labels(perturbations, control_value: str | None = None, d
     if len(repeated):
         raise ValueError(f"perturbations holds labels more than once: {preview(repeated)}; give each label once.")
     if control_value is not None:
-        spellings: dict[str, list[str]] = {}
-        for label, key in zip(labels, canonical_labels(labels, control_value, delimiter), strict=True):
-            spellings.setdefault(key, []).append(label)
-        twice = [names for names in spellings.values() if len(names) > 1]
+        twice = repeated_spellings(labels, control_value, delimiter)
         if twice:
             more = f" (and {len(twice) - 3} more)" if len(twice) > 3 else ""
             raise ValueError(f"perturbations writes one perturbation in more than one way: {twice[:3]}{more}; "

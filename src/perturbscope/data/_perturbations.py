@@ -94,6 +94,20 @@ def canonical_labels(labels: Iterable[str], control_value: str = "control", deli
     return mapped[codes] if len(codes) else np.array([], dtype=str)
 
 
+def repeated_spellings(labels: Iterable[str], control_value: str = "control", delimiter: str = "+") -> list[list[str]]:
+    """Groups of distinct labels that write one perturbation (:func:`canonical_labels`), each sorted.
+
+    Examples
+    --------
+    >>> repeated_spellings(["B+A", "A", "A+B", "C", "A+control"])
+    [['A+B', 'B+A'], ['A', 'A+control']]
+    """
+    distinct = pd.unique(pd.Series(list(labels), dtype=str))
+    canonical = pd.Series(canonical_labels(distinct, control_value, delimiter), index=distinct)
+    spellings = canonical.groupby(canonical.to_numpy(), sort=False).apply(lambda group: sorted(group.index))
+    return [names for names in spellings if len(names) > 1]
+
+
 def check_one_label_per_perturbation(labels: Iterable[str], key: str, control_value: str = "control",
                                      delimiter: str = "+", where: str = "adata") -> None:
     """Refuse labels that write one perturbation in two ways (``"A+B"``/``"B+A"``, ``"A"``/``"A+control"``).
@@ -121,10 +135,7 @@ def check_one_label_per_perturbation(labels: Iterable[str], key: str, control_va
     ...
     ValueError: mdata.obs['guide'] writes the same perturbation in more than one way: ['KLF1', 'KLF1_ctrl']; one perturbation must have one label, e.g. mdata.obs['guide'] = perturbscope.data.canonical_labels(mdata.obs['guide'], control_value='ctrl', delimiter='_').
     """
-    distinct = pd.unique(pd.Series(list(labels), dtype=str))
-    canonical = pd.Series(canonical_labels(distinct, control_value, delimiter), index=distinct)
-    spellings = canonical.groupby(canonical.to_numpy(), sort=False).apply(lambda group: sorted(group.index))
-    repeated = [names for names in spellings if len(names) > 1]
+    repeated = repeated_spellings(labels, control_value, delimiter)
     if repeated:
         shown = "; ".join(str(names) for names in repeated[:3])
         more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""

@@ -170,7 +170,7 @@ class EffectCorrectionMixin:
         query = getattr(self, "inherited_prior_", False)
         if query:  # the VAE is fine-tuned, the reference's prior takes the query's cells
             self._add_query_groups_to_prior()
-        if query or not self.init_params_["non_kwargs"].get("effect_prior", True):
+        if query or not self._with_effect_prior:
             return UnsupervisedTrainingMixin.train(
                 self, max_epochs=max_epochs, batch_size=batch_size, datasplitter_kwargs=datasplitter_kwargs, **kwargs
             )
@@ -236,6 +236,11 @@ class EffectCorrectionMixin:
     def _has_perturbed_cells(self) -> bool:
         labels = self.adata.obs[self._perturbation_state["perturbation_key"]]
         return not is_control(labels, self._perturbation_state["control_value"]).all()
+
+    @property
+    def _with_effect_prior(self) -> bool:
+        """Whether the model was created with the effect prior (``ScopeVI(effect_prior=True)``)."""
+        return bool(self.init_params_["non_kwargs"].get("effect_prior", True))
 
     @property
     def _context_column(self) -> str | None:

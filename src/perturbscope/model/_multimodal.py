@@ -107,7 +107,7 @@ class MultimodalMixin:
             the RNA effect prior, the validated correction and the VAE are trained there.
         """
         own_priors = (self._extra_modalities() and not getattr(self, "inherited_prior_", False)
-                      and self.init_params_["non_kwargs"].get("effect_prior", True))
+                      and self._with_effect_prior)
         # before training: a modality without measured controls is refused, unmeasured contexts are named
         data = {key: self._cells_in_measured_contexts(key, self._modality_training_data(key))
                 for key in self._extra_modalities()} if own_priors else {}

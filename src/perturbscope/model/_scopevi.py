@@ -57,6 +57,13 @@ from ._scvi_api import ScviApiMixin
 from ._training_plan import ScopeTrainingPlan
 
 
+def _refuse_view(data, name: str, target: str) -> None:
+    """Setup writes its keys into the object, and a view has none of its own: name the copy to make."""
+    if getattr(data, "is_view", False):
+        raise ValueError(f"{name} is a view of another {type(data).__name__}; setup registers keys in it, so "
+                         f"make it a copy first: {target} = {name}.copy().")
+
+
 def _check_setup(data, where: str, perturbation_key: str, control_value: str,
                  context_key: str | None, batch_key: str | None, transferred: bool,
                  modalities: Sequence[str] = (), delimiter: str = "+") -> None:
@@ -66,15 +73,12 @@ def _check_setup(data, where: str, perturbation_key: str, control_value: str,
     and its protein often share a name).
     """
     name = where.split(".")[0]
-    if getattr(data, "is_view", False):  # setup writes its keys into the object: a view has none of its own
-        raise ValueError(f"{name} is a view of another {type(data).__name__}; setup registers keys in it, so "
-                         f"make it a copy first: {name} = {name}.copy().")
+    _refuse_view(data, name, name)
     obs = data.obs
     check_backing(data, name)
     for part, part_name in ([(data.mod[m], f"mdata[{m!r}]") for m in modalities] or [(data, name)]):
-        if part is not data and getattr(part, "is_view", False):
-            raise ValueError(f"{part_name} is a view of another AnnData; setup registers keys in it, so make it a "
-                             f"copy first: mdata.mod[{part_name[6:-1]}] = {part_name}.copy().")
+        if part is not data:
+            _refuse_view(part, part_name, f"mdata.mod[{part_name[6:-1]}]")
         check_unique_names(part, part_name)
         if part.n_vars == 0:
             raise ValueError(f"{part_name} has no genes (features); the model needs expression to learn from.")
